@@ -1,0 +1,48 @@
+package agent
+
+import (
+	"context"
+
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// onMessage runs on the transport's goroutine: decode and hand off, never
+// block.
+func (a *Agent) onMessage(topic string, payload []byte) {
+	if topic != proto.DeviceTopic(a.opts.DeviceID, proto.KindCmd) {
+		return
+	}
+	cmd, err := proto.DecodeCommand(payload)
+	if err != nil {
+		a.errors.Add(1)
+		a.log.Warn("malformed command dropped", "err", err)
+		return
+	}
+	select {
+	case a.cmds <- cmd:
+	default:
+		// The control plane re-sends commands that are not acknowledged.
+		a.log.Warn("command queue full, command dropped", "cmd", cmd.ID)
+	}
+}
+
+func (a *Agent) commandLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case cmd := <-a.cmds:
+			a.handle(ctx, cmd)
+		}
+	}
+}
+
+func (a *Agent) handle(ctx context.Context, cmd proto.Command) {
+	switch cmd.Kind {
+	case proto.CmdPing:
+		a.Emit(proto.Event{Kind: proto.EventAck, Cmd: cmd.ID, Code: "pong"})
+	default:
+		a.Emit(proto.Event{Kind: proto.EventAck, Cmd: cmd.ID, Severity: proto.SevWarning, Code: "unsupported",
+			Message: "command kind " + string(cmd.Kind) + " not supported by agent " + a.opts.Version})
+	}
+}

@@ -1,0 +1,193 @@
+package daemon
+
+import (
+	"bufio"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/hangarfleet/hangar/agent"
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// Config is the agent's configuration, from flags, environment and an
+// optional config file, in that order of precedence.
+type Config struct {
+	DeviceID          string
+	Hardware          string
+	Labels            map[string]string
+	Server            string
+	EnrollToken       string
+	StateDir          string
+	SampleInterval    time.Duration
+	BatchSize         int
+	HeartbeatInterval time.Duration
+	OutboxMaxBytes    int64
+	FlightInput       string
+	SysRoot           string
+	LogLevel          string
+	ShowVersion       bool
+}
+
+type labels map[string]string
+
+func (l labels) String() string { return "" }
+func (l labels) Set(s string) error {
+	m, err := proto.ParseSelector(s)
+	if err != nil {
+		return err
+	}
+	for k, v := range m {
+		l[k] = v
+	}
+	return proto.ValidateLabels(l)
+}
+
+// DefaultStateDir is where the agent keeps its state on a device.
+const DefaultStateDir = "/var/lib/hangar-agent"
+
+func envName(flagName string) string {
+	return "HANGAR_AGENT_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+func newFlagSet(c *Config, w io.Writer) (*flag.FlagSet, *string, *string) {
+	fs := flag.NewFlagSet("hangar-agent", flag.ContinueOnError)
+	fs.SetOutput(w)
+	host, _ := os.Hostname()
+	c.Labels = labels{}
+	fs.StringVar(&c.DeviceID, "device-id", sanitizeID(host), "device id: 1-64 characters from A-Z a-z 0-9 . _ - (defaults to the host name)")
+	fs.StringVar(&c.Hardware, "hardware", "", "hardware revision, matched against release manifests (e.g. rev-b)")
+	fs.Var(labels(c.Labels), "label", "label k=v reported to the control plane (repeat, or k=v,k2=v2)")
+	fs.StringVar(&c.Server, "server", "", "control plane URL, used to enroll (e.g. https://hangar.example.com)")
+	fs.StringVar(&c.EnrollToken, "enroll-token", "", "fleet enrollment token (prefer --enroll-token-file)")
+	tokenFile := fs.String("enroll-token-file", "", "file holding the fleet enrollment token")
+	fs.StringVar(&c.StateDir, "state-dir", DefaultStateDir, "state directory: credential, outbox, update state")
+	fs.DurationVar(&c.SampleInterval, "sample-interval", agent.DefaultSampleInterval, "time between telemetry samples")
+	fs.IntVar(&c.BatchSize, "batch-size", agent.DefaultBatchSize, "samples per telemetry message")
+	fs.DurationVar(&c.HeartbeatInterval, "heartbeat", agent.DefaultHeartbeatInterval, "state heartbeat interval")
+	fs.Int64Var(&c.OutboxMaxBytes, "outbox-max-bytes", 8<<20, "disk space for messages waiting for the link; oldest telemetry is dropped first")
+	fs.StringVar(&c.FlightInput, "flight-input", "unix:/run/hangar-agent/flight.sock",
+		"socket on which the flight stack sends battery, position and flight state (unix:PATH or udp:127.0.0.1:PORT; empty: none)")
+	fs.StringVar(&c.SysRoot, "sysroot", "/", "root of /proc and /sys for system sensors")
+	fs.StringVar(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
+	fs.BoolVar(&c.ShowVersion, "version", false, "print the version and exit")
+	config := fs.String("config", "", "config file: one 'flag = value' per line, # comments (env HANGAR_AGENT_CONFIG)")
+	return fs, tokenFile, config
+}
+
+// Usage is the text of --help.
+func Usage(w io.Writer) {
+	var c Config
+	fs, _, _ := newFlagSet(&c, w)
+	fmt.Fprintf(w, "hangar-agent %s: telemetry and signed updates for one drone\n\nUsage: hangar-agent [flags]\n\n", agent.BuildVersion)
+	fmt.Fprintln(w, "Every flag can also be set in the environment as HANGAR_AGENT_<FLAG> (e.g. HANGAR_AGENT_SERVER),")
+	fmt.Fprintln(w, "or in the config file. Flags win over the environment, which wins over the file.")
+	fmt.Fprintln(w)
+	fs.PrintDefaults()
+}
+
+// ParseConfig reads the configuration.
+func ParseConfig(args []string, getenv func(string) string, stderr io.Writer) (Config, error) {
+	var c Config
+	fs, tokenFile, config := newFlagSet(&c, io.Discard)
+	fs.Usage = func() {}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			Usage(stderr)
+		}
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	file := map[string][]string{}
+	path := *config
+	if path == "" {
+		path = getenv("HANGAR_AGENT_CONFIG")
+	}
+	if path != "" {
+		var err error
+		if file, err = readConfigFile(path); err != nil {
+			return c, err
+		}
+	}
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		if err != nil || set[f.Name] || f.Name == "config" {
+			return
+		}
+		var vals []string
+		if v := getenv(envName(f.Name)); v != "" {
+			vals = []string{v}
+		} else if vs, ok := file[f.Name]; ok {
+			vals = vs
+		}
+		for _, v := range vals {
+			if e := fs.Set(f.Name, v); e != nil {
+				err = fmt.Errorf("%s: %w", f.Name, e)
+			}
+		}
+	})
+	if err != nil {
+		return c, err
+	}
+	for name := range file {
+		if fs.Lookup(name) == nil {
+			return c, fmt.Errorf("config file %s: unknown setting %q", path, name)
+		}
+	}
+	if *tokenFile != "" && c.EnrollToken == "" {
+		b, err := os.ReadFile(*tokenFile)
+		if err != nil {
+			return c, fmt.Errorf("enroll token: %w", err)
+		}
+		c.EnrollToken = strings.TrimSpace(string(b))
+	}
+	return c, nil
+}
+
+func readConfigFile(path string) (map[string][]string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("config file: %w", err)
+	}
+	defer f.Close()
+	out := map[string][]string{}
+	sc := bufio.NewScanner(f)
+	n := 0
+	for sc.Scan() {
+		n++
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, v, ok := strings.Cut(line, "=")
+		if !ok {
+			return nil, fmt.Errorf("config file %s:%d: expected 'name = value'", path, n)
+		}
+		k = strings.TrimPrefix(strings.TrimSpace(k), "--")
+		out[k] = append(out[k], strings.Trim(strings.TrimSpace(v), `"`))
+	}
+	return out, sc.Err()
+}
+
+// sanitizeID turns a host name into a valid device id.
+func sanitizeID(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			b[i] = '-'
+		}
+	}
+	s = strings.TrimLeft(string(b), ".-")
+	if len(s) > proto.MaxDeviceIDLen {
+		s = s[:proto.MaxDeviceIDLen]
+	}
+	return s
+}

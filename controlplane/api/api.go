@@ -1,0 +1,248 @@
+// Package api is the control plane's REST API (under /api/v1), its
+// Prometheus endpoint and the dashboard's static files. Everything but
+// enrollment and /healthz needs the admin bearer token.
+package api
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/labstack/echo/v4"
+	"github.com/labstack/echo/v4/middleware"
+
+	"github.com/hangarfleet/hangar/controlplane/broker"
+	"github.com/hangarfleet/hangar/controlplane/metrics"
+	"github.com/hangarfleet/hangar/controlplane/store"
+)
+
+// Store is what the API reads and writes.
+type Store interface {
+	Enroll(ctx context.Context, e store.Enrollment) (store.Device, error)
+	Revoke(ctx context.Context, id string) error
+	Device(ctx context.Context, id string) (store.Device, error)
+	Devices(ctx context.Context, f store.DeviceFilter) ([]store.Device, error)
+	Telemetry(ctx context.Context, id string, from, to time.Time, limit int) ([]store.TelemetryRow, error)
+	Events(ctx context.Context, id string, after int64, limit int) ([]store.Event, error)
+	FleetHealth(ctx context.Context) (store.FleetHealth, error)
+	TokenHash(ctx context.Context, name string) ([]byte, error)
+	AddAudit(ctx context.Context, a store.Audit) (int64, error)
+	AuditLog(ctx context.Context, target string, limit int) ([]store.Audit, error)
+}
+
+// Token names in the store.
+const (
+	TokenAdmin  = "admin"
+	TokenEnroll = "enroll"
+)
+
+// Options configure the API.
+type Options struct {
+	Store   Store
+	Bus     broker.Bus
+	Metrics *metrics.Metrics
+	Logger  *slog.Logger
+	Now     func() time.Time
+	// MQTTURL returns the broker address handed to an enrolling device,
+	// given its request (the host it reached the API by).
+	MQTTURL func(r *http.Request) string
+	// Static serves the dashboard at /; nil serves nothing there.
+	Static http.Handler
+	// Version of the control plane, for /healthz.
+	Version string
+}
+
+// API is the HTTP handler.
+type API struct {
+	opts Options
+	log  *slog.Logger
+	e    *echo.Echo
+}
+
+// MaxBody caps request bodies (release uploads have their own limit).
+const MaxBody = 64 << 10
+
+// New builds the handler.
+func New(opts Options) *API {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.Metrics == nil {
+		opts.Metrics = metrics.New(nil)
+	}
+	a := &API{opts: opts, log: opts.Logger.With("component", "api")}
+	e := echo.New()
+	e.HideBanner, e.HidePort = true, true
+	e.HTTPErrorHandler = a.errorHandler
+	e.Use(middleware.Recover())
+	e.Use(middleware.BodyLimit(fmt.Sprint(MaxBody / 1024) + "K"))
+	e.GET("/healthz", a.healthz)
+	e.POST("/api/v1/enroll", a.enroll)
+	auth := a.requireAdmin
+	e.GET("/metrics", echo.WrapHandler(opts.Metrics.Handler()), auth)
+	g := e.Group("/api/v1", auth)
+	g.GET("/devices", a.listDevices)
+	g.POST("/devices", a.addDevice)
+	g.GET("/devices/:id", a.getDevice)
+	g.DELETE("/devices/:id", a.revokeDevice)
+	g.GET("/devices/:id/telemetry", a.telemetry)
+	g.GET("/devices/:id/events", a.deviceEvents)
+	g.GET("/events", a.events)
+	g.GET("/fleet/health", a.fleetHealth)
+	g.GET("/audit", a.audit)
+	if opts.Static != nil {
+		e.GET("/*", echo.WrapHandler(opts.Static))
+	}
+	a.e = e
+	return a
+}
+
+// Echo exposes the router so that other parts (releases, rollouts) can add
+// their routes under the same authentication.
+func (a *API) Echo() *echo.Echo { return a.e }
+
+// Admin is the middleware that requires the admin token.
+func (a *API) Admin() echo.MiddlewareFunc { return a.requireAdmin }
+
+func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) { a.e.ServeHTTP(w, r) }
+
+// Error is the JSON body of every error response.
+type Error struct {
+	Error string `json:"error"`
+}
+
+func (a *API) errorHandler(err error, c echo.Context) {
+	if c.Response().Committed {
+		return
+	}
+	code := http.StatusInternalServerError
+	msg := "internal error"
+	var he *echo.HTTPError
+	switch {
+	case errors.As(err, &he):
+		code = he.Code
+		msg = fmt.Sprint(he.Message)
+		if he.Internal != nil && code >= 500 {
+			a.log.Error("request failed", "method", c.Request().Method, "path", c.Path(), "err", he.Internal)
+		}
+	case errors.Is(err, store.ErrNotFound):
+		code, msg = http.StatusNotFound, err.Error()
+	default:
+		a.log.Error("request failed", "method", c.Request().Method, "path", c.Path(), "err", err)
+	}
+	if code == http.StatusRequestEntityTooLarge {
+		msg = fmt.Sprintf("request body larger than %d bytes", MaxBody)
+	}
+	if c.Request().Method == http.MethodHead {
+		_ = c.NoContent(code)
+		return
+	}
+	_ = c.JSON(code, Error{Error: msg})
+}
+
+func badRequest(format string, args ...any) error {
+	return echo.NewHTTPError(http.StatusBadRequest, fmt.Sprintf(format, args...))
+}
+
+// bearer returns the token of an Authorization: Bearer header.
+func bearer(r *http.Request) string {
+	h := r.Header.Get("Authorization")
+	if len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
+		return strings.TrimSpace(h[7:])
+	}
+	return ""
+}
+
+func (a *API) checkToken(ctx context.Context, name, token string) bool {
+	if token == "" {
+		return false
+	}
+	hash, err := a.opts.Store.TokenHash(ctx, name)
+	if err != nil {
+		return false
+	}
+	return broker.CheckPassword(hash, token)
+}
+
+func (a *API) requireAdmin(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		tok := bearer(c.Request())
+		if tok == "" {
+			c.Response().Header().Set("WWW-Authenticate", `Bearer realm="hangar"`)
+			return echo.NewHTTPError(http.StatusUnauthorized, "missing bearer token")
+		}
+		if !a.checkToken(c.Request().Context(), TokenAdmin, tok) {
+			c.Response().Header().Set("WWW-Authenticate", `Bearer realm="hangar", error="invalid_token"`)
+			return echo.NewHTTPError(http.StatusUnauthorized, "invalid token")
+		}
+		return next(c)
+	}
+}
+
+// decodeJSON reads a JSON body strictly: unknown fields and trailing data
+// are errors, so that a typo in a field name is not silently ignored.
+func decodeJSON(c echo.Context, v any) error {
+	ct := c.Request().Header.Get("Content-Type")
+	if ct != "" && !strings.HasPrefix(ct, "application/json") {
+		return echo.NewHTTPError(http.StatusUnsupportedMediaType, "body must be application/json")
+	}
+	dec := json.NewDecoder(c.Request().Body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) || strings.Contains(err.Error(), "too large") {
+			return echo.NewHTTPError(http.StatusRequestEntityTooLarge)
+		}
+		if errors.Is(err, io.EOF) {
+			return badRequest("empty body")
+		}
+		return badRequest("invalid JSON body: %v", err)
+	}
+	if dec.More() {
+		return badRequest("invalid JSON body: data after the object")
+	}
+	return nil
+}
+
+// NewSecret returns a random 256-bit token with a readable prefix.
+func NewSecret(prefix string) string {
+	var b [32]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic(err) // crypto/rand does not fail on Linux
+	}
+	return prefix + base64.RawURLEncoding.EncodeToString(b[:])
+}
+
+func (a *API) healthz(c echo.Context) error {
+	return c.JSON(http.StatusOK, map[string]string{"status": "ok", "version": a.opts.Version})
+}
+
+func (a *API) actor(c echo.Context) string {
+	if u := c.Request().Header.Get("X-Hangar-Actor"); u != "" && len(u) < 64 {
+		return "admin:" + u
+	}
+	return "admin"
+}
+
+func (a *API) audit(c echo.Context) error {
+	limit, err := intParam(c, "limit", 100, 1, 10000)
+	if err != nil {
+		return err
+	}
+	entries, err := a.opts.Store.AuditLog(c.Request().Context(), c.QueryParam("target"), limit)
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, entries)
+}

@@ -1,0 +1,294 @@
+package api
+
+import (
+	"errors"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/labstack/echo/v4"
+
+	"github.com/hangarfleet/hangar/controlplane/broker"
+	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// EnrollRequest is the body of POST /api/v1/enroll.
+type EnrollRequest struct {
+	Token    string            `json:"enroll_token,omitempty"` // or Authorization: Bearer
+	DeviceID string            `json:"device_id"`
+	Hardware string            `json:"hardware"`
+	Labels   map[string]string `json:"labels,omitempty"`
+	Version  string            `json:"version,omitempty"`
+}
+
+// Credential is what an enrolled or pre-provisioned device needs to connect.
+type Credential struct {
+	DeviceID    string `json:"device_id"`
+	MQTTURL     string `json:"mqtt_url"`
+	Username    string `json:"username"`
+	Password    string `json:"password"`
+	TopicPrefix string `json:"topic_prefix"`
+}
+
+func (a *API) enroll(c echo.Context) error {
+	var req EnrollRequest
+	if err := decodeJSON(c, &req); err != nil {
+		a.opts.Metrics.Enrollments.WithLabelValues("bad_request").Inc()
+		return err
+	}
+	tok := req.Token
+	if tok == "" {
+		tok = bearer(c.Request())
+	}
+	if !a.checkToken(c.Request().Context(), TokenEnroll, tok) {
+		a.opts.Metrics.Enrollments.WithLabelValues("bad_token").Inc()
+		a.log.Warn("enrollment refused: bad token", "device", req.DeviceID, "remote", c.RealIP())
+		return echo.NewHTTPError(http.StatusUnauthorized, "invalid enrollment token")
+	}
+	cred, err := a.issue(c, req.DeviceID, req.Hardware, req.Labels, false)
+	if errors.Is(err, store.ErrRevoked) {
+		a.opts.Metrics.Enrollments.WithLabelValues("revoked").Inc()
+		return echo.NewHTTPError(http.StatusForbidden, "device "+req.DeviceID+" is revoked; an operator must add it again")
+	}
+	if err != nil {
+		a.opts.Metrics.Enrollments.WithLabelValues("error").Inc()
+		return err
+	}
+	a.opts.Metrics.Enrollments.WithLabelValues("ok").Inc()
+	a.log.Info("device enrolled", "device", req.DeviceID, "hardware", req.Hardware)
+	return c.JSON(http.StatusOK, cred)
+}
+
+// issue validates and stores a new credential for a device and hands it to
+// the broker.
+func (a *API) issue(c echo.Context, id, hardware string, labels map[string]string, operator bool) (Credential, error) {
+	if err := proto.ValidateDeviceID(id); err != nil {
+		return Credential{}, badRequest("%v", err)
+	}
+	if err := proto.ValidateLabels(labels); err != nil {
+		return Credential{}, badRequest("%v", err)
+	}
+	if len(hardware) > proto.MaxLabelValueLen {
+		return Credential{}, badRequest("hardware longer than %d characters", proto.MaxLabelValueLen)
+	}
+	password := NewSecret("hgd_")
+	ctx := c.Request().Context()
+	if _, err := a.opts.Store.Enroll(ctx, store.Enrollment{
+		ID: id, Hardware: hardware, Labels: labels, Operator: operator,
+		CredHash: broker.HashPassword(password), Now: a.opts.Now(),
+	}); err != nil {
+		return Credential{}, err
+	}
+	if err := a.opts.Bus.Provision(ctx, id, password); err != nil {
+		return Credential{}, echo.NewHTTPError(http.StatusBadGateway, "broker refused the device account").SetInternal(err)
+	}
+	actor := "device:" + id
+	action := "device.enroll"
+	if operator {
+		actor, action = a.actor(c), "device.add"
+	}
+	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: actor, Action: action, Target: id})
+	return Credential{
+		DeviceID: id, MQTTURL: a.opts.MQTTURL(c.Request()), Username: id, Password: password,
+		TopicPrefix: proto.TopicPrefix + "/dev/" + id,
+	}, nil
+}
+
+// AddDeviceRequest is the body of POST /api/v1/devices.
+type AddDeviceRequest struct {
+	ID       string            `json:"id"`
+	Hardware string            `json:"hardware,omitempty"`
+	Labels   map[string]string `json:"labels,omitempty"`
+}
+
+func (a *API) addDevice(c echo.Context) error {
+	var req AddDeviceRequest
+	if err := decodeJSON(c, &req); err != nil {
+		return err
+	}
+	cred, err := a.issue(c, req.ID, req.Hardware, req.Labels, true)
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusCreated, cred)
+}
+
+func (a *API) listDevices(c echo.Context) error {
+	f := store.DeviceFilter{}
+	sel, err := proto.ParseSelector(c.QueryParam("selector"))
+	if err != nil {
+		return badRequest("selector: %v", err)
+	}
+	f.Labels = sel
+	for _, l := range c.QueryParams()["label"] {
+		one, err := proto.ParseSelector(l)
+		if err != nil {
+			return badRequest("label: %v", err)
+		}
+		for k, v := range one {
+			f.Labels[k] = v
+		}
+	}
+	if s := c.QueryParam("online"); s != "" {
+		on, err := strconv.ParseBool(s)
+		if err != nil {
+			return badRequest("online must be true or false, not %q", s)
+		}
+		f.Online = &on
+	}
+	f.Version = c.QueryParam("version")
+	if f.Limit, err = intParam(c, "limit", 0, 0, 1_000_000); err != nil {
+		return err
+	}
+	ds, err := a.opts.Store.Devices(c.Request().Context(), f)
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, ds)
+}
+
+func (a *API) deviceID(c echo.Context) (string, error) {
+	id := c.Param("id")
+	if err := proto.ValidateDeviceID(id); err != nil {
+		return "", badRequest("%v", err)
+	}
+	return id, nil
+}
+
+func (a *API) getDevice(c echo.Context) error {
+	id, err := a.deviceID(c)
+	if err != nil {
+		return err
+	}
+	d, err := a.opts.Store.Device(c.Request().Context(), id)
+	if err != nil {
+		return notFound(err, "device "+id)
+	}
+	return c.JSON(http.StatusOK, d)
+}
+
+func notFound(err error, what string) error {
+	if errors.Is(err, store.ErrNotFound) {
+		return echo.NewHTTPError(http.StatusNotFound, what+" not found")
+	}
+	return err
+}
+
+func (a *API) revokeDevice(c echo.Context) error {
+	id, err := a.deviceID(c)
+	if err != nil {
+		return err
+	}
+	ctx := c.Request().Context()
+	if err := a.opts.Store.Revoke(ctx, id); err != nil {
+		return notFound(err, "device "+id)
+	}
+	if err := a.opts.Bus.Revoke(ctx, id); err != nil {
+		a.log.Error("broker revoke failed", "device", id, "err", err)
+		return echo.NewHTTPError(http.StatusBadGateway, "device revoked in the store, but the broker did not remove its account; retry").SetInternal(err)
+	}
+	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: a.actor(c), Action: "device.revoke", Target: id, Reason: c.QueryParam("reason")})
+	a.log.Info("device revoked", "device", id)
+	return c.NoContent(http.StatusNoContent)
+}
+
+func intParam(c echo.Context, name string, def, lo, hi int) (int, error) {
+	s := c.QueryParam(name)
+	if s == "" {
+		return def, nil
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < lo || n > hi {
+		return 0, badRequest("%s must be an integer from %d to %d, not %q", name, lo, hi, s)
+	}
+	return n, nil
+}
+
+func timeParam(c echo.Context, name string, def time.Time) (time.Time, error) {
+	s := c.QueryParam(name)
+	if s == "" {
+		return def, nil
+	}
+	if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
+		return t, nil
+	}
+	if d, err := time.ParseDuration(s); err == nil && d < 0 {
+		return time.Now().Add(d), nil
+	}
+	return time.Time{}, badRequest("%s must be an RFC 3339 time or a negative duration such as -1h, not %q", name, s)
+}
+
+// TelemetryResponse is the body of GET /devices/:id/telemetry.
+type TelemetryResponse struct {
+	Device  string          `json:"device"`
+	From    time.Time       `json:"from"`
+	To      time.Time       `json:"to"`
+	Samples []proto.Reading `json:"samples"`
+}
+
+func (a *API) telemetry(c echo.Context) error {
+	id, err := a.deviceID(c)
+	if err != nil {
+		return err
+	}
+	now := a.opts.Now()
+	to, err := timeParam(c, "to", now)
+	if err != nil {
+		return err
+	}
+	from, err := timeParam(c, "from", to.Add(-time.Hour))
+	if err != nil {
+		return err
+	}
+	if !from.Before(to) {
+		return badRequest("from must be before to")
+	}
+	limit, err := intParam(c, "limit", 1000, 1, 100_000)
+	if err != nil {
+		return err
+	}
+	rows, err := a.opts.Store.Telemetry(c.Request().Context(), id, from, to, limit)
+	if err != nil {
+		return notFound(err, "device "+id)
+	}
+	out := TelemetryResponse{Device: id, From: from.UTC(), To: to.UTC(), Samples: make([]proto.Reading, len(rows))}
+	for i := range rows {
+		out.Samples[i] = rows[i].Sample.Reading(rows[i].Base)
+	}
+	return c.JSON(http.StatusOK, out)
+}
+
+func (a *API) deviceEvents(c echo.Context) error {
+	id, err := a.deviceID(c)
+	if err != nil {
+		return err
+	}
+	return a.listEvents(c, id)
+}
+
+func (a *API) events(c echo.Context) error { return a.listEvents(c, "") }
+
+func (a *API) listEvents(c echo.Context, id string) error {
+	after, err := intParam(c, "after", 0, 0, 1<<62)
+	if err != nil {
+		return err
+	}
+	limit, err := intParam(c, "limit", 100, 1, 10_000)
+	if err != nil {
+		return err
+	}
+	evs, err := a.opts.Store.Events(c.Request().Context(), id, int64(after), limit)
+	if err != nil {
+		return notFound(err, "device "+id)
+	}
+	return c.JSON(http.StatusOK, evs)
+}
+
+func (a *API) fleetHealth(c echo.Context) error {
+	h, err := a.opts.Store.FleetHealth(c.Request().Context())
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, h)
+}

@@ -1,0 +1,81 @@
+// Package broker connects the control plane to devices over MQTT: an
+// embedded mochi-mqtt broker that authenticates devices against the store
+// and enforces per-device topic ACLs, or an external broker (Mosquitto with
+// its dynamic security plugin) reached through paho.
+//
+// Both give the same guarantee to ingest: a device's QoS1 publish is
+// acknowledged only after the Handler returned nil, that is after the
+// message is durably stored. A Handler error leaves the message
+// unacknowledged, so the device sends it again.
+package broker
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"errors"
+	"time"
+
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// Message is a publish from a device on one of its own topics.
+type Message struct {
+	Device   string
+	Kind     proto.Kind
+	Payload  []byte
+	Received time.Time
+}
+
+// Handler processes a device message. It returns once the message is
+// durably handled; an error means it was not and must be redelivered.
+type Handler func(ctx context.Context, m Message) error
+
+// Bus is what the control plane needs from MQTT, whichever broker runs it.
+type Bus interface {
+	// Start begins delivering device messages to h.
+	Start(ctx context.Context, h Handler) error
+	// Publish sends a QoS1 message to a device topic (commands).
+	Publish(ctx context.Context, device string, kind proto.Kind, payload []byte) error
+	// Provision gives a device access with the given password.
+	Provision(ctx context.Context, device, password string) error
+	// Revoke removes a device's access and disconnects it.
+	Revoke(ctx context.Context, device string) error
+	// Connected reports how many devices are connected, or -1 if unknown.
+	Connected() int
+	Close() error
+}
+
+// ErrClosed is returned after Close.
+var ErrClosed = errors.New("broker closed")
+
+// HashPassword is how device MQTT passwords are stored. They are 256-bit
+// random values made by the control plane, so a fast hash is enough: there
+// is nothing to brute-force, and a reconnect storm of thousands of devices
+// must not cost a bcrypt each.
+func HashPassword(password string) []byte {
+	h := sha256.Sum256([]byte(password))
+	return h[:]
+}
+
+// CheckPassword compares in constant time.
+func CheckPassword(hash []byte, password string) bool {
+	return subtle.ConstantTimeCompare(hash, HashPassword(password)) == 1
+}
+
+// DeviceMayPublish reports whether device may publish on topic: only to the
+// state, telemetry and event topics of its own subtree.
+func DeviceMayPublish(device, topic string) bool {
+	for _, k := range proto.DeviceKinds {
+		if topic == proto.DeviceTopic(device, k) {
+			return true
+		}
+	}
+	return false
+}
+
+// DeviceMaySubscribe reports whether device may subscribe to filter: only
+// its own command topic, and never through a wildcard.
+func DeviceMaySubscribe(device, filter string) bool {
+	return filter == proto.DeviceTopic(device, proto.KindCmd)
+}

@@ -1,0 +1,356 @@
+package broker
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/hangarfleet/hangar/controlplane/metrics"
+	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// Credentials looks up a device's password hash; store.ErrNotFound or
+// store.ErrRevoked when it may not connect.
+type Credentials interface {
+	Credential(ctx context.Context, id string) ([]byte, error)
+}
+
+// Defaults of EmbeddedOptions.
+const (
+	DefaultMQTTAddr = ":1883"
+	// DefaultMaxPacket leaves room for the topic and MQTT headers around the
+	// largest message proto accepts.
+	DefaultMaxPacket = proto.MaxMessageSize + 4<<10
+)
+
+// EmbeddedOptions configure the embedded broker.
+type EmbeddedOptions struct {
+	Addr        string // listen address; DefaultMQTTAddr when empty
+	Listener    net.Listener
+	Credentials Credentials
+	Metrics     *metrics.Metrics
+	Logger      *slog.Logger
+	// ConnectRate caps accepted connections per second (0: no cap). It
+	// smooths a reconnect storm after a restart.
+	ConnectRate int
+	// MaxClients caps concurrent connections (0: no cap).
+	MaxClients int64
+}
+
+// Embedded is an in-process mochi-mqtt broker.
+type Embedded struct {
+	opts   EmbeddedOptions
+	srv    *mqtt.Server
+	ln     *listener
+	log    *slog.Logger
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	mu      sync.RWMutex
+	handler Handler
+	closed  atomic.Bool
+}
+
+var _ Bus = (*Embedded)(nil)
+
+// NewEmbedded creates the broker and opens its listener; Start serves.
+func NewEmbedded(opts EmbeddedOptions) (*Embedded, error) {
+	if opts.Credentials == nil {
+		return nil, errors.New("embedded broker: no credential store")
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Metrics == nil {
+		opts.Metrics = metrics.New(nil)
+	}
+	ln := opts.Listener
+	if ln == nil {
+		addr := opts.Addr
+		if addr == "" {
+			addr = DefaultMQTTAddr
+		}
+		var err error
+		ln, err = net.Listen("tcp", addr)
+		if err != nil {
+			return nil, fmt.Errorf("embedded broker: %w", err)
+		}
+	}
+	caps := mqtt.NewDefaultServerCapabilities()
+	caps.MaximumPacketSize = DefaultMaxPacket
+	caps.RetainAvailable = 0
+	caps.MaximumSessionExpiryInterval = 3600
+	caps.MaximumMessageExpiryInterval = 3600
+	if opts.MaxClients > 0 {
+		caps.MaximumClients = opts.MaxClients
+	}
+	log := opts.Logger.With("component", "broker")
+	srv := mqtt.New(&mqtt.Options{
+		Capabilities:           caps,
+		InlineClient:           true,
+		// mochi logs every listener and hook at Info; keep its Warn and up.
+		Logger:                 slog.New(minLevel{log.With("lib", "mochi").Handler(), slog.LevelWarn}),
+		SysTopicResendInterval: 60,
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	e := &Embedded{opts: opts, srv: srv, log: log, ctx: ctx, cancel: cancel}
+	if err := srv.AddHook(&hook{e: e}, nil); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("embedded broker: %w", err)
+	}
+	e.ln = &listener{ln: ln, log: log, rate: opts.ConnectRate}
+	if err := srv.AddListener(e.ln); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("embedded broker: %w", err)
+	}
+	return e, nil
+}
+
+// Addr is the broker's listening address.
+func (e *Embedded) Addr() net.Addr { return e.ln.ln.Addr() }
+
+// Start serves MQTT and delivers device messages to h.
+func (e *Embedded) Start(ctx context.Context, h Handler) error {
+	e.mu.Lock()
+	e.handler = h
+	e.mu.Unlock()
+	if err := e.srv.Serve(); err != nil {
+		return fmt.Errorf("embedded broker: %w", err)
+	}
+	e.log.Info("MQTT broker listening", "addr", e.Addr().String())
+	return nil
+}
+
+// Publish sends a QoS1 message to a device topic.
+func (e *Embedded) Publish(ctx context.Context, device string, kind proto.Kind, payload []byte) error {
+	if e.closed.Load() {
+		return ErrClosed
+	}
+	return e.srv.Publish(proto.DeviceTopic(device, kind), payload, false, 1)
+}
+
+// Provision is a no-op: the embedded broker reads credentials from the
+// store at every connection.
+func (e *Embedded) Provision(ctx context.Context, device, password string) error { return nil }
+
+// Revoke disconnects the device; the store already refuses its credential.
+func (e *Embedded) Revoke(ctx context.Context, device string) error {
+	if cl, ok := e.srv.Clients.Get(device); ok && !cl.Net.Inline {
+		_ = e.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
+		e.log.Info("disconnected revoked device", "device", device)
+	}
+	return nil
+}
+
+// Connected reports the connected client count.
+func (e *Embedded) Connected() int { return int(atomic.LoadInt64(&e.srv.Info.ClientsConnected)) }
+
+// Close stops the broker and disconnects every client.
+func (e *Embedded) Close() error {
+	if e.closed.Swap(true) {
+		return nil
+	}
+	e.cancel()
+	return e.srv.Close()
+}
+
+// hook authenticates connections, enforces ACLs and hands device publishes
+// to the handler before they are acknowledged.
+type hook struct {
+	mqtt.HookBase
+	e *Embedded
+}
+
+func (h *hook) ID() string { return "hangar" }
+
+func (h *hook) Provides(b byte) bool {
+	return bytes.Contains([]byte{
+		mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnPublish, mqtt.OnWillSent,
+	}, []byte{b})
+}
+
+func (h *hook) refuse(cl *mqtt.Client, reason string) bool {
+	h.e.opts.Metrics.AuthFailures.WithLabelValues(reason).Inc()
+	h.e.log.Debug("refused connection", "client", truncate(cl.ID), "remote", cl.Net.Remote, "reason", reason)
+	return false
+}
+
+func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	id := cl.ID
+	if err := proto.ValidateDeviceID(id); err != nil {
+		return h.refuse(cl, "bad_client_id")
+	}
+	if string(pk.Connect.Username) != id {
+		return h.refuse(cl, "username_mismatch")
+	}
+	if pk.Connect.WillFlag && pk.Connect.WillTopic != proto.DeviceTopic(id, proto.KindState) {
+		return h.refuse(cl, "bad_will_topic")
+	}
+	ctx, cancel := context.WithTimeout(h.e.ctx, 5*time.Second)
+	defer cancel()
+	hash, err := h.e.opts.Credentials.Credential(ctx, id)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		return h.refuse(cl, "unknown_device")
+	case errors.Is(err, store.ErrRevoked):
+		return h.refuse(cl, "revoked")
+	case err != nil:
+		h.e.log.Error("credential lookup failed", "device", id, "err", err)
+		return h.refuse(cl, "store_error")
+	}
+	if !CheckPassword(hash, string(pk.Connect.Password)) {
+		return h.refuse(cl, "bad_password")
+	}
+	return true
+}
+
+func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
+	if cl.Net.Inline {
+		return true
+	}
+	var ok bool
+	if write {
+		ok = DeviceMayPublish(cl.ID, topic)
+	} else {
+		ok = DeviceMaySubscribe(cl.ID, topic)
+	}
+	if !ok {
+		access := "subscribe"
+		if write {
+			access = "publish"
+		}
+		h.e.opts.Metrics.ACLDenials.WithLabelValues(access).Inc()
+		h.e.log.Warn("ACL denied", "device", cl.ID, "access", access, "topic", truncate(topic))
+	}
+	return ok
+}
+
+func (h *hook) deliver(cl *mqtt.Client, topic string, payload []byte) error {
+	id, kind, err := proto.ParseTopic(topic)
+	if err != nil || id != cl.ID || kind == proto.KindCmd {
+		return nil // the ACL check has already refused it
+	}
+	h.e.mu.RLock()
+	handler := h.e.handler
+	h.e.mu.RUnlock()
+	if handler == nil {
+		return errors.New("no handler")
+	}
+	return handler(h.e.ctx, Message{Device: id, Kind: kind, Payload: payload, Received: time.Now()})
+}
+
+func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if cl.Net.Inline {
+		return pk, nil
+	}
+	if err := h.deliver(cl, pk.TopicName, pk.Payload); err != nil {
+		// Not stored: drop the connection without acknowledging, so that
+		// the device keeps the message and sends it again.
+		if !h.e.closed.Load() {
+			h.e.log.Warn("message not stored, disconnecting device", "device", cl.ID, "err", err)
+		}
+		cl.Stop(err)
+		return pk, packets.ErrRejectPacket
+	}
+	return pk, nil
+}
+
+func (h *hook) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
+	if cl.Net.Inline {
+		return
+	}
+	if err := h.deliver(cl, pk.TopicName, pk.Payload); err != nil && !h.e.closed.Load() {
+		h.e.log.Warn("last will not stored", "device", cl.ID, "err", err)
+	}
+}
+
+func truncate(s string) string {
+	if len(s) > 80 {
+		return s[:80] + "..."
+	}
+	return s
+}
+
+// listener is a mochi listener over a net.Listener we opened (so that the
+// port is known before serving), with an optional accept-rate cap.
+type listener struct {
+	ln   net.Listener
+	log  *slog.Logger
+	rate int
+	wg   sync.WaitGroup
+	end  atomic.Bool
+}
+
+func (l *listener) ID() string              { return "tcp" }
+func (l *listener) Address() string         { return l.ln.Addr().String() }
+func (l *listener) Protocol() string        { return "tcp" }
+func (l *listener) Init(*slog.Logger) error { return nil }
+
+func (l *listener) Serve(establish listeners.EstablishFn) {
+	var interval time.Duration
+	if l.rate > 0 {
+		interval = time.Second / time.Duration(l.rate)
+	}
+	next := time.Now()
+	for {
+		conn, err := l.ln.Accept()
+		if err != nil {
+			if !l.end.Load() {
+				l.log.Error("accept failed", "err", err)
+			}
+			return
+		}
+		if interval > 0 {
+			// Pace accepted connections: excess clients wait in the
+			// kernel's accept queue instead of all authenticating at once.
+			if d := time.Until(next); d > 0 {
+				time.Sleep(d)
+			}
+			next = maxTime(next, time.Now()).Add(interval)
+		}
+		go func() {
+			if err := establish(l.ID(), conn); err != nil {
+				l.log.Debug("connection ended", "remote", conn.RemoteAddr().String(), "err", err)
+			}
+		}()
+	}
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
+func (l *listener) Close(closeClients listeners.CloseFn) {
+	if l.end.Swap(true) {
+		return
+	}
+	l.ln.Close()
+	closeClients(l.ID())
+}
+
+// minLevel drops records below a level.
+type minLevel struct {
+	slog.Handler
+	min slog.Level
+}
+
+func (m minLevel) Enabled(ctx context.Context, l slog.Level) bool {
+	return l >= m.min && m.Handler.Enabled(ctx, l)
+}
+
+func (m minLevel) WithAttrs(as []slog.Attr) slog.Handler { return minLevel{m.Handler.WithAttrs(as), m.min} }
+func (m minLevel) WithGroup(n string) slog.Handler       { return minLevel{m.Handler.WithGroup(n), m.min} }

@@ -1,0 +1,152 @@
+// Package cli is the hangar command: the control-plane server ("hangar
+// serve") and the operator commands that talk to its REST API.
+package cli
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// Version is set at build time with -ldflags "-X".
+var Version = "dev"
+
+// Env is the process environment the command runs in; tests replace it.
+type Env struct {
+	Stdout, Stderr io.Writer
+	Getenv         func(string) string
+}
+
+// ErrUsage marks errors in how the command was called (exit status 2).
+var ErrUsage = errors.New("usage")
+
+type command struct {
+	name, args, help string
+	run              func(ctx context.Context, g *globals, args []string) error
+}
+
+func commands() []command {
+	return []command{
+		{"serve", "[flags]", "run the control plane (embedded MQTT broker and SQLite by default)", runServe},
+		{"device", "ls|show|add|rm ...", "list, inspect, pre-provision and revoke devices", runDevice},
+		{"events", "[--device ID]", "show recent device events", runEvents},
+		{"health", "", "show the fleet health summary", runHealth},
+		{"audit", "[--target ID]", "show who did what, when and why", runAudit},
+		{"version", "", "print the version", func(_ context.Context, g *globals, _ []string) error {
+			fmt.Fprintln(g.env.Stdout, Version)
+			return nil
+		}},
+	}
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintf(w, "hangar %s: control plane and operator CLI for drone fleets\n\nUsage: hangar COMMAND [flags]\n\nCommands:\n", Version)
+	for _, c := range commands() {
+		fmt.Fprintf(w, "  %-8s %-28s %s\n", c.name, c.args, c.help)
+	}
+	fmt.Fprintf(w, "\nOperator commands take --server URL (or HANGAR_SERVER, default %s), --token (or HANGAR_TOKEN,\n"+
+		"or the file given by --token-file, default %s) and -o table|json.\nRun 'hangar COMMAND -h' for a command's flags.\n", defaultServer, defaultTokenFile)
+}
+
+// Run executes the command line args (without the program name).
+func Run(ctx context.Context, args []string, env Env) error {
+	if env.Stdout == nil {
+		env.Stdout = os.Stdout
+	}
+	if env.Stderr == nil {
+		env.Stderr = os.Stderr
+	}
+	if env.Getenv == nil {
+		env.Getenv = os.Getenv
+	}
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		usage(env.Stdout)
+		if len(args) == 0 {
+			return fmt.Errorf("%w: no command", ErrUsage)
+		}
+		return nil
+	}
+	if args[0] == "--version" {
+		fmt.Fprintln(env.Stdout, Version)
+		return nil
+	}
+	for _, c := range commands() {
+		if c.name == args[0] {
+			return c.run(ctx, &globals{env: env}, args[1:])
+		}
+	}
+	usage(env.Stderr)
+	return fmt.Errorf("%w: unknown command %q", ErrUsage, args[0])
+}
+
+const (
+	defaultServer    = "http://127.0.0.1:8080"
+	defaultTokenFile = "data/admin.token"
+)
+
+// globals are the flags every operator command takes.
+type globals struct {
+	env       Env
+	server    string
+	token     string
+	tokenFile string
+	output    string
+}
+
+func (g *globals) register(fs *flag.FlagSet) {
+	def := g.env.Getenv("HANGAR_SERVER")
+	if def == "" {
+		def = defaultServer
+	}
+	fs.StringVar(&g.server, "server", def, "control plane URL (env HANGAR_SERVER)")
+	fs.StringVar(&g.token, "token", g.env.Getenv("HANGAR_TOKEN"), "admin API token (env HANGAR_TOKEN)")
+	fs.StringVar(&g.tokenFile, "token-file", defaultTokenFile, "file holding the admin token, used when --token is not given")
+	fs.StringVar(&g.output, "o", "table", "output format: table or json")
+}
+
+// newFlags returns a flag set that reports errors instead of exiting.
+func (g *globals) newFlags(name string) *flag.FlagSet {
+	fs := flag.NewFlagSet("hangar "+name, flag.ContinueOnError)
+	fs.SetOutput(g.env.Stderr)
+	return fs
+}
+
+// parse parses flags that may come before or after positional arguments.
+func parse(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, err
+			}
+			return nil, fmt.Errorf("%w: %v", ErrUsage, err)
+		}
+		args = fs.Args()
+		if len(args) == 0 {
+			return pos, nil
+		}
+		pos = append(pos, args[0])
+		args = args[1:]
+	}
+}
+
+func (g *globals) client() (*Client, error) {
+	if g.output != "table" && g.output != "json" {
+		return nil, fmt.Errorf("%w: -o must be table or json, not %q", ErrUsage, g.output)
+	}
+	tok := g.token
+	if tok == "" {
+		b, err := os.ReadFile(g.tokenFile)
+		if err != nil {
+			return nil, fmt.Errorf("no admin token: give --token, set HANGAR_TOKEN, or point --token-file at the server's %s (%v)",
+				filepath.Base(defaultTokenFile), err)
+		}
+		tok = strings.TrimSpace(string(b))
+	}
+	return NewClient(g.server, tok), nil
+}

@@ -1,0 +1,376 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/hangarfleet/hangar/controlplane/api"
+	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/proto"
+)
+
+func runDevice(ctx context.Context, g *globals, args []string) error {
+	sub := ""
+	if len(args) > 0 {
+		sub, args = args[0], args[1:]
+	}
+	switch sub {
+	case "ls", "list":
+		return deviceList(ctx, g, args)
+	case "show":
+		return deviceShow(ctx, g, args)
+	case "add":
+		return deviceAdd(ctx, g, args)
+	case "rm", "revoke":
+		return deviceRemove(ctx, g, args)
+	}
+	fmt.Fprintln(g.env.Stderr, "Usage: hangar device ls|show ID|add ID|rm ID [flags]")
+	return fmt.Errorf("%w: unknown device command %q", ErrUsage, sub)
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func labelString(m map[string]string) string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	parts := make([]string, len(keys))
+	for i, k := range keys {
+		parts[i] = k + "=" + m[k]
+	}
+	return strings.Join(parts, ",")
+}
+
+func ago(t *time.Time) string {
+	if t == nil {
+		return "never"
+	}
+	d := time.Since(*t).Round(time.Second)
+	if d < 0 {
+		d = 0
+	}
+	return d.String() + " ago"
+}
+
+func onlineString(d store.Device) string {
+	switch {
+	case d.Revoked:
+		return "revoked"
+	case d.Online:
+		return "online"
+	}
+	return "offline"
+}
+
+func deviceList(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("device ls")
+	g.register(fs)
+	selector := fs.String("selector", "", "only devices with these labels, e.g. hw=rev-b,base=zurich")
+	online := fs.String("online", "", "only online (true) or offline (false) devices")
+	version := fs.String("version", "", "only devices running this agent version")
+	if _, err := parse(fs, args); err != nil {
+		return err
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	q := url.Values{}
+	if *selector != "" {
+		q.Set("selector", *selector)
+	}
+	if *online != "" {
+		q.Set("online", *online)
+	}
+	if *version != "" {
+		q.Set("version", *version)
+	}
+	var ds []store.Device
+	if err := c.Do(ctx, http.MethodGet, "/api/v1/devices", q, nil, &ds); err != nil {
+		return err
+	}
+	if g.output == "json" {
+		return printJSON(g.env.Stdout, ds)
+	}
+	tw := tabwriter.NewWriter(g.env.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tSTATUS\tVERSION\tHARDWARE\tBATTERY\tFLIGHT\tLAST SEEN\tLABELS")
+	for _, d := range ds {
+		batt, flight := "-", "-"
+		if d.Latest != nil {
+			if d.Latest.BatteryPct != nil {
+				batt = fmt.Sprintf("%.0f%%", *d.Latest.BatteryPct)
+			}
+			flight = d.Latest.Flight
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.ID, onlineString(d), dash(d.Version), dash(d.Hardware),
+			batt, flight, ago(d.LastSeen), labelString(d.Labels))
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintf(g.env.Stderr, "%d device%s\n", len(ds), plural(len(ds)))
+	return nil
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func oneID(fs *flag.FlagSet, args []string, what string) (string, error) {
+	pos, err := parse(fs, args)
+	if err != nil {
+		return "", err
+	}
+	if len(pos) != 1 {
+		return "", fmt.Errorf("%w: %s takes exactly one device id", ErrUsage, what)
+	}
+	if err := proto.ValidateDeviceID(pos[0]); err != nil {
+		return "", fmt.Errorf("%w: %v", ErrUsage, err)
+	}
+	return pos[0], nil
+}
+
+func deviceShow(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("device show")
+	g.register(fs)
+	id, err := oneID(fs, args, "device show")
+	if err != nil {
+		return err
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	var d store.Device
+	if err := c.Do(ctx, http.MethodGet, "/api/v1/devices/"+id, nil, nil, &d); err != nil {
+		return err
+	}
+	if g.output == "json" {
+		return printJSON(g.env.Stdout, d)
+	}
+	tw := tabwriter.NewWriter(g.env.Stdout, 0, 4, 2, ' ', 0)
+	row := func(k, v string) { fmt.Fprintf(tw, "%s:\t%s\n", k, v) }
+	row("id", d.ID)
+	row("status", onlineString(d))
+	row("version", dash(d.Version))
+	row("hardware", dash(d.Hardware))
+	row("labels", labelString(d.Labels))
+	row("last seen", ago(d.LastSeen))
+	row("boot epoch", fmt.Sprint(d.Boot))
+	row("dropped samples", fmt.Sprint(d.Dropped))
+	if l := d.Latest; l != nil {
+		if l.BatteryPct != nil {
+			row("battery", fmt.Sprintf("%.0f%%", *l.BatteryPct))
+		}
+		row("flight", l.Flight)
+		if l.Lat != nil {
+			row("position", fmt.Sprintf("%.6f, %.6f, %.1f m", *l.Lat, *l.Lon, *l.AltM))
+		}
+		row("errors", fmt.Sprint(l.Errors))
+		row("reboots", fmt.Sprint(l.Reboots))
+	}
+	return tw.Flush()
+}
+
+func deviceAdd(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("device add")
+	g.register(fs)
+	var labels labelFlag
+	fs.Var(&labels, "label", "label k=v (repeat, or k=v,k2=v2)")
+	hardware := fs.String("hardware", "", "hardware revision")
+	id, err := oneID(fs, args, "device add")
+	if err != nil {
+		return err
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	var cred api.Credential
+	if err := c.Do(ctx, http.MethodPost, "/api/v1/devices", nil, api.AddDeviceRequest{ID: id, Hardware: *hardware, Labels: labels.m}, &cred); err != nil {
+		return err
+	}
+	if g.output == "json" {
+		return printJSON(g.env.Stdout, cred)
+	}
+	fmt.Fprintf(g.env.Stdout, "device %s added. Its MQTT credential (shown once):\n  broker:   %s\n  username: %s\n  password: %s\n",
+		id, cred.MQTTURL, cred.Username, cred.Password)
+	return nil
+}
+
+func deviceRemove(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("device rm")
+	g.register(fs)
+	reason := fs.String("reason", "", "why (recorded in the audit log)")
+	id, err := oneID(fs, args, "device rm")
+	if err != nil {
+		return err
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	q := url.Values{}
+	if *reason != "" {
+		q.Set("reason", *reason)
+	}
+	if err := c.Do(ctx, http.MethodDelete, "/api/v1/devices/"+id, q, nil, nil); err != nil {
+		return err
+	}
+	fmt.Fprintf(g.env.Stdout, "device %s revoked and disconnected\n", id)
+	return nil
+}
+
+// labelFlag collects k=v labels from repeated flags.
+type labelFlag struct{ m map[string]string }
+
+func (l *labelFlag) String() string { return labelString(l.m) }
+
+func (l *labelFlag) Set(s string) error {
+	parsed, err := proto.ParseSelector(s)
+	if err != nil {
+		return err
+	}
+	if l.m == nil {
+		l.m = map[string]string{}
+	}
+	for k, v := range parsed {
+		l.m[k] = v
+	}
+	return proto.ValidateLabels(l.m)
+}
+
+func runEvents(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("events")
+	g.register(fs)
+	device := fs.String("device", "", "only this device")
+	limit := fs.Int("limit", 50, "how many")
+	if _, err := parse(fs, args); err != nil {
+		return err
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	path := "/api/v1/events"
+	if *device != "" {
+		path = "/api/v1/devices/" + url.PathEscape(*device) + "/events"
+	}
+	var evs []store.Event
+	if err := c.Do(ctx, http.MethodGet, path, url.Values{"limit": {fmt.Sprint(*limit)}}, nil, &evs); err != nil {
+		return err
+	}
+	if g.output == "json" {
+		return printJSON(g.env.Stdout, evs)
+	}
+	tw := tabwriter.NewWriter(g.env.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "TIME\tDEVICE\tKIND\tSEVERITY\tWHAT")
+	for _, e := range evs {
+		what := e.Message
+		if what == "" {
+			what = e.Code
+		}
+		if u := e.Update; u != nil {
+			what = fmt.Sprintf("%s %s: %s", u.Target, u.Version, u.State)
+			if u.Reason != "" {
+				what += " (" + u.Reason + ")"
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", e.Time.Local().Format(time.DateTime), e.Device, e.Kind, e.Severity, what)
+	}
+	return tw.Flush()
+}
+
+func runHealth(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("health")
+	g.register(fs)
+	if _, err := parse(fs, args); err != nil {
+		return err
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	var h store.FleetHealth
+	if err := c.Do(ctx, http.MethodGet, "/api/v1/fleet/health", nil, nil, &h); err != nil {
+		return err
+	}
+	if g.output == "json" {
+		return printJSON(g.env.Stdout, h)
+	}
+	w := g.env.Stdout
+	fmt.Fprintf(w, "devices: %d  online: %d  flying: %d  low battery: %d  revoked: %d\n", h.Devices, h.Online, h.Flying, h.LowBatt, h.Revoked)
+	vs := make([]string, 0, len(h.Versions))
+	for v, n := range h.Versions {
+		vs = append(vs, fmt.Sprintf("%s=%d", v, n))
+	}
+	sort.Strings(vs)
+	fmt.Fprintf(w, "versions: %s\n", strings.Join(vs, " "))
+	for _, hist := range []struct {
+		name string
+		h    store.Histogram
+	}{{"battery %", h.Battery}, {"errors", h.Errors}} {
+		parts := make([]string, len(hist.h))
+		for i, b := range hist.h {
+			parts[i] = fmt.Sprintf("%s:%d", b.Label, b.Count)
+		}
+		fmt.Fprintf(w, "%s: %s\n", hist.name, strings.Join(parts, " "))
+	}
+	return nil
+}
+
+func runAudit(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("audit")
+	g.register(fs)
+	target := fs.String("target", "", "only entries about this device or rollout")
+	limit := fs.Int("limit", 50, "how many")
+	if _, err := parse(fs, args); err != nil {
+		return err
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	q := url.Values{"limit": {fmt.Sprint(*limit)}}
+	if *target != "" {
+		q.Set("target", *target)
+	}
+	var entries []store.Audit
+	if err := c.Do(ctx, http.MethodGet, "/api/v1/audit", q, nil, &entries); err != nil {
+		return err
+	}
+	if g.output == "json" {
+		return printJSON(g.env.Stdout, entries)
+	}
+	tw := tabwriter.NewWriter(g.env.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "TIME\tACTOR\tACTION\tTARGET\tREASON")
+	for _, a := range entries {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", a.Time.Local().Format(time.DateTime), a.Actor, a.Action, a.Target, a.Reason)
+	}
+	return tw.Flush()
+}
+
+func plural(n int) string {
+	if n == 1 {
+		return ""
+	}
+	return "s"
+}

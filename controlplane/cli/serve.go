@@ -1,0 +1,86 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/hangarfleet/hangar/controlplane/server"
+)
+
+func runServe(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("serve")
+	var o server.Options
+	fs.StringVar(&o.DataDir, "data", envOr(g, "HANGAR_DATA", server.DefaultDataDir), "data directory: SQLite database and token files (env HANGAR_DATA)")
+	fs.StringVar(&o.HTTPAddr, "http", envOr(g, "HANGAR_HTTP", server.DefaultHTTPAddr), "REST API and dashboard listen address (env HANGAR_HTTP)")
+	fs.StringVar(&o.MQTTAddr, "mqtt", envOr(g, "HANGAR_MQTT", server.DefaultMQTTAddr), "embedded MQTT broker listen address (env HANGAR_MQTT)")
+	fs.StringVar(&o.BrokerURL, "broker", g.env.Getenv("HANGAR_BROKER"), "use this external MQTT broker (tcp://host:port) instead of the embedded one (env HANGAR_BROKER)")
+	fs.StringVar(&o.BrokerUser, "broker-user", envOr(g, "HANGAR_BROKER_USER", "hangar-admin"), "control plane's account on the external broker")
+	brokerPassFile := fs.String("broker-password-file", g.env.Getenv("HANGAR_BROKER_PASSWORD_FILE"), "file holding that account's password (or env HANGAR_BROKER_PASSWORD)")
+	fs.StringVar(&o.MQTTAdvertise, "mqtt-advertise", g.env.Getenv("HANGAR_MQTT_ADVERTISE"), "broker URL handed to devices at enrollment (default: derived)")
+	fs.DurationVar(&o.Retention, "retention", server.DefaultRetention, "how long telemetry and device events are kept")
+	fs.DurationVar(&o.OnlineTimeout, "online-timeout", 90*time.Second, "a device silent this long is shown offline")
+	fs.IntVar(&o.ConnectRate, "connect-rate", 0, "cap on MQTT connections accepted per second by the embedded broker (0: none)")
+	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	if _, err := parse(fs, args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		return fmt.Errorf("%w: --log-level: %v", ErrUsage, err)
+	}
+	o.Logger = slog.New(slog.NewTextHandler(g.env.Stderr, &slog.HandlerOptions{Level: level}))
+	o.Version = Version
+	if o.BrokerURL != "" {
+		o.BrokerPassword = g.env.Getenv("HANGAR_BROKER_PASSWORD")
+		if *brokerPassFile != "" {
+			b, err := os.ReadFile(*brokerPassFile)
+			if err != nil {
+				return fmt.Errorf("broker password: %w", err)
+			}
+			o.BrokerPassword = string(trimNL(b))
+		}
+	}
+	srv, err := server.New(o)
+	if err != nil {
+		return err
+	}
+	w := g.env.Stdout
+	fmt.Fprintf(w, "hangar %s control plane\n", Version)
+	fmt.Fprintf(w, "  dashboard and API: %s\n", srv.URL())
+	if a := srv.MQTTAddr(); a != "" {
+		fmt.Fprintf(w, "  MQTT broker:       %s (embedded)\n", a)
+	} else {
+		fmt.Fprintf(w, "  MQTT broker:       %s (external)\n", o.BrokerURL)
+	}
+	abs, _ := filepath.Abs(o.DataDir)
+	fmt.Fprintf(w, "  data:              %s\n", abs)
+	fmt.Fprintf(w, "  admin token:       %s\n", filepath.Join(abs, server.AdminTokenFile))
+	fmt.Fprintf(w, "  enrollment token:  %s\n", filepath.Join(abs, server.EnrollTokenFile))
+	if srv.AdminToken != "" {
+		fmt.Fprintln(w, "  (tokens created now; keep them secret, the files are readable only by you)")
+	}
+	return srv.Run(ctx)
+}
+
+func envOr(g *globals, key, def string) string {
+	if v := g.env.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}
+
+func trimNL(b []byte) []byte {
+	for len(b) > 0 && (b[len(b)-1] == '\n' || b[len(b)-1] == '\r' || b[len(b)-1] == ' ') {
+		b = b[:len(b)-1]
+	}
+	return b
+}

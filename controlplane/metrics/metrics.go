@@ -1,0 +1,97 @@
+// Package metrics holds the control plane's Prometheus collectors. Each
+// server owns its registry, so several control planes can run in one
+// process (tests, the simulator).
+package metrics
+
+import (
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Metrics are the control plane's collectors.
+type Metrics struct {
+	Registry *prometheus.Registry
+
+	Messages       *prometheus.CounterVec // device messages received, by kind
+	Samples        prometheus.Counter
+	Duplicates     prometheus.Counter
+	UnknownDevice  prometheus.Counter
+	DecodeErrors   *prometheus.CounterVec // malformed messages, by kind
+	AgentDropped   prometheus.Counter     // samples the agents' outboxes dropped, as they report
+	StoreLatency   prometheus.Histogram   // one group write to SQLite
+	GroupSize      prometheus.Histogram   // messages per group write
+	StoreErrors    prometheus.Counter
+	AuthFailures   *prometheus.CounterVec // refused MQTT connections, by reason
+	ACLDenials     *prometheus.CounterVec // refused publish/subscribe, by access
+	Enrollments    *prometheus.CounterVec // by result
+	CommandsSent   prometheus.Counter
+	ConnectedGauge prometheus.GaugeFunc
+}
+
+// New creates the collectors in a fresh registry. connected reports the
+// number of devices connected to the broker (nil when unknown).
+func New(connected func() float64) *Metrics {
+	r := prometheus.NewRegistry()
+	r.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m := &Metrics{
+		Registry: r,
+		Messages: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_ingest_messages_total", Help: "Device messages received, by kind.",
+		}, []string{"kind"}),
+		Samples: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "hangar_ingest_samples_total", Help: "Telemetry samples stored.",
+		}),
+		Duplicates: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "hangar_ingest_duplicates_total", Help: "Messages dropped because they were already stored (QoS1 redeliveries).",
+		}),
+		UnknownDevice: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "hangar_ingest_unknown_device_total", Help: "Messages from devices the store does not know or has revoked.",
+		}),
+		DecodeErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_ingest_decode_errors_total", Help: "Malformed device messages, by kind.",
+		}, []string{"kind"}),
+		AgentDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "hangar_agent_dropped_samples_total", Help: "Samples dropped by full agent outboxes, as reported by agents.",
+		}),
+		StoreLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "hangar_store_write_seconds", Help: "Time to write one group of device messages to the store.",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5},
+		}),
+		GroupSize: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "hangar_store_group_messages", Help: "Device messages per group write.",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 12),
+		}),
+		StoreErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "hangar_store_errors_total", Help: "Failed group writes (the messages were not acknowledged).",
+		}),
+		AuthFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_mqtt_auth_failures_total", Help: "Refused MQTT connections, by reason.",
+		}, []string{"reason"}),
+		ACLDenials: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_mqtt_acl_denials_total", Help: "Refused publishes and subscriptions, by access.",
+		}, []string{"access"}),
+		Enrollments: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_enrollments_total", Help: "Enrollment requests, by result.",
+		}, []string{"result"}),
+		CommandsSent: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "hangar_commands_sent_total", Help: "Commands published to devices.",
+		}),
+	}
+	r.MustRegister(m.Messages, m.Samples, m.Duplicates, m.UnknownDevice, m.DecodeErrors, m.AgentDropped,
+		m.StoreLatency, m.GroupSize, m.StoreErrors, m.AuthFailures, m.ACLDenials, m.Enrollments, m.CommandsSent)
+	if connected != nil {
+		m.ConnectedGauge = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "hangar_mqtt_connected_clients", Help: "Clients connected to the embedded broker.",
+		}, connected)
+		r.MustRegister(m.ConnectedGauge)
+	}
+	return m
+}
+
+// Handler serves the registry in the Prometheus text format.
+func (m *Metrics) Handler() http.Handler {
+	return promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{Registry: m.Registry})
+}

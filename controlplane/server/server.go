@@ -1,0 +1,327 @@
+// Package server assembles the control plane: store, broker, ingest, API
+// and dashboard, with their background loops, from one Options value.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hangarfleet/hangar/controlplane/api"
+	"github.com/hangarfleet/hangar/controlplane/broker"
+	"github.com/hangarfleet/hangar/controlplane/ingest"
+	"github.com/hangarfleet/hangar/controlplane/metrics"
+	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
+	"github.com/hangarfleet/hangar/controlplane/web"
+)
+
+// Defaults of Options.
+const (
+	DefaultDataDir   = "data"
+	DefaultHTTPAddr  = ":8080"
+	DefaultMQTTAddr  = ":1883"
+	DefaultRetention = 30 * 24 * time.Hour
+	// Token files written on first start.
+	AdminTokenFile  = "admin.token"
+	EnrollTokenFile = "enroll.token"
+	DBFile          = "hangar.db"
+)
+
+// Options configure a control plane.
+type Options struct {
+	DataDir  string
+	HTTPAddr string
+	MQTTAddr string
+	// BrokerURL selects an external broker (tcp://host:port); empty runs
+	// the embedded one.
+	BrokerURL string
+	// BrokerUser and BrokerPassword are the control plane's own account on
+	// an external broker; it needs the dynamic-security admin role.
+	BrokerUser, BrokerPassword string
+	// MQTTAdvertise is the broker URL given to devices at enrollment. When
+	// empty it is derived: the external broker URL, or the host the device
+	// used to reach the API with the embedded broker's port.
+	MQTTAdvertise string
+	// Retention is how long telemetry and device events are kept.
+	Retention     time.Duration
+	OnlineTimeout time.Duration
+	// ConnectRate caps MQTT connections accepted per second (embedded).
+	ConnectRate int
+	Version     string
+	Logger      *slog.Logger
+	// Listeners for tests; when set, HTTPAddr/MQTTAddr are ignored.
+	HTTPListener, MQTTListener net.Listener
+}
+
+// Server is a running control plane.
+type Server struct {
+	opts    Options
+	log     *slog.Logger
+	db      *sqlite.DB
+	bus     broker.Bus
+	ingest  *ingest.Ingester
+	api     *api.API
+	metrics *metrics.Metrics
+	httpLn  net.Listener
+	http    *http.Server
+	mqttURL string
+
+	// AdminToken and EnrollToken are set when this start created them.
+	AdminToken, EnrollToken string
+}
+
+// New opens the data directory and prepares every part; Run starts them.
+func New(opts Options) (*Server, error) {
+	if opts.DataDir == "" {
+		opts.DataDir = DefaultDataDir
+	}
+	if opts.HTTPAddr == "" {
+		opts.HTTPAddr = DefaultHTTPAddr
+	}
+	if opts.MQTTAddr == "" {
+		opts.MQTTAddr = DefaultMQTTAddr
+	}
+	if opts.Retention == 0 {
+		opts.Retention = DefaultRetention
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{opts: opts, log: opts.Logger}
+	ok := false
+	defer func() {
+		if !ok {
+			s.closeAll()
+		}
+	}()
+	if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("data dir: %w", err)
+	}
+	db, err := sqlite.Open(filepath.Join(opts.DataDir, DBFile), sqlite.Options{OnlineTimeout: opts.OnlineTimeout})
+	if err != nil {
+		return nil, err
+	}
+	s.db = db
+	if err := s.initTokens(); err != nil {
+		return nil, err
+	}
+	s.metrics = metrics.New(func() float64 {
+		if s.bus == nil {
+			return 0
+		}
+		return float64(s.bus.Connected())
+	})
+	if opts.BrokerURL == "" {
+		e, err := broker.NewEmbedded(broker.EmbeddedOptions{
+			Addr: opts.MQTTAddr, Listener: opts.MQTTListener, Credentials: db, Metrics: s.metrics,
+			Logger: opts.Logger, ConnectRate: opts.ConnectRate,
+		})
+		if err != nil {
+			return nil, err
+		}
+		s.bus = e
+		_, port, _ := net.SplitHostPort(e.Addr().String())
+		s.mqttURL = "tcp://{host}:" + port
+		// Nobody is connected to a broker that has just started.
+		if err := db.MarkAllOffline(context.Background()); err != nil {
+			return nil, err
+		}
+	} else {
+		x, err := broker.NewExternal(broker.ExternalOptions{
+			URL: opts.BrokerURL, Username: opts.BrokerUser, Password: opts.BrokerPassword,
+			Metrics: s.metrics, Logger: opts.Logger,
+		})
+		if err != nil {
+			return nil, err
+		}
+		s.bus = x
+		s.mqttURL = opts.BrokerURL
+	}
+	if opts.MQTTAdvertise != "" {
+		s.mqttURL = opts.MQTTAdvertise
+	}
+	s.ingest = ingest.New(db, ingest.Options{Metrics: s.metrics, Logger: opts.Logger})
+	s.api = api.New(api.Options{
+		Store: db, Bus: s.bus, Metrics: s.metrics, Logger: opts.Logger, Version: opts.Version,
+		MQTTURL: s.advertisedMQTT, Static: web.Handler(),
+	})
+	s.httpLn = opts.HTTPListener
+	if s.httpLn == nil {
+		if s.httpLn, err = net.Listen("tcp", opts.HTTPAddr); err != nil {
+			return nil, fmt.Errorf("http: %w", err)
+		}
+	}
+	s.http = &http.Server{Handler: s.api, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
+	ok = true
+	return s, nil
+}
+
+// advertisedMQTT fills the host the device reached the API by into the
+// embedded broker's URL.
+func (s *Server) advertisedMQTT(r *http.Request) string {
+	if !strings.Contains(s.mqttURL, "{host}") {
+		return s.mqttURL
+	}
+	host := r.Host
+	if h, _, err := net.SplitHostPort(r.Host); err == nil {
+		host = h
+	}
+	if strings.Contains(host, ":") {
+		host = "[" + host + "]"
+	}
+	return strings.Replace(s.mqttURL, "{host}", host, 1)
+}
+
+func (s *Server) initTokens() error {
+	ctx := context.Background()
+	for _, t := range []struct {
+		name, file, prefix string
+		dst                *string
+	}{
+		{api.TokenAdmin, AdminTokenFile, "hga_", &s.AdminToken},
+		{api.TokenEnroll, EnrollTokenFile, "hge_", &s.EnrollToken},
+	} {
+		if _, err := s.db.TokenHash(ctx, t.name); err == nil {
+			continue
+		} else if !errors.Is(err, store.ErrNotFound) {
+			return err
+		}
+		tok := api.NewSecret(t.prefix)
+		path := filepath.Join(s.opts.DataDir, t.file)
+		if err := writeSecret(path, tok); err != nil {
+			return err
+		}
+		if err := s.db.SetToken(ctx, t.name, broker.HashPassword(tok), time.Now()); err != nil {
+			return err
+		}
+		*t.dst = tok
+		s.log.Info("created token", "token", t.name, "file", path)
+	}
+	return nil
+}
+
+func writeSecret(path, secret string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	_, err = f.WriteString(secret + "\n")
+	if err2 := f.Sync(); err == nil {
+		err = err2
+	}
+	if err2 := f.Close(); err == nil {
+		err = err2
+	}
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return os.Chmod(path, 0o600)
+}
+
+// URL is the base URL of the API.
+func (s *Server) URL() string {
+	addr := s.httpLn.Addr().(*net.TCPAddr)
+	host := addr.IP.String()
+	if addr.IP.IsUnspecified() {
+		host = "127.0.0.1"
+	}
+	return (&url.URL{Scheme: "http", Host: net.JoinHostPort(host, fmt.Sprint(addr.Port))}).String()
+}
+
+// MQTTAddr is the embedded broker's address, or "" with an external broker.
+func (s *Server) MQTTAddr() string {
+	if e, ok := s.bus.(*broker.Embedded); ok {
+		return e.Addr().String()
+	}
+	return ""
+}
+
+// Store exposes the store (tests, simulator).
+func (s *Server) Store() *sqlite.DB { return s.db }
+
+// Bus exposes the broker.
+func (s *Server) Bus() broker.Bus { return s.bus }
+
+// Metrics exposes the collectors.
+func (s *Server) Metrics() *metrics.Metrics { return s.metrics }
+
+// Run serves until ctx is done, then shuts everything down.
+func (s *Server) Run(ctx context.Context) error {
+	defer s.closeAll()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	// Ingest outlives the broker at shutdown, so that messages already
+	// handed over are stored; those still arriving stay unacknowledged.
+	ingestCtx, stopIngest := context.WithCancel(context.Background())
+	defer stopIngest()
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); s.ingest.Run(ingestCtx) }()
+	if err := s.bus.Start(ctx, s.ingest.Handle); err != nil {
+		stopIngest()
+		wg.Wait()
+		return err
+	}
+	errc := make(chan error, 1)
+	go func() {
+		if err := s.http.Serve(s.httpLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- fmt.Errorf("http: %w", err)
+		}
+	}()
+	wg.Add(1)
+	go func() { defer wg.Done(); s.retention(ctx) }()
+	s.log.Info("control plane running", "api", s.URL(), "mqtt", s.mqttURL, "data", s.opts.DataDir)
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	shutdown, cancelShutdown := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancelShutdown()
+	_ = s.http.Shutdown(shutdown)
+	_ = s.bus.Close()
+	cancel()
+	stopIngest()
+	wg.Wait()
+	return err
+}
+
+func (s *Server) retention(ctx context.Context) {
+	t := time.NewTicker(time.Hour)
+	defer t.Stop()
+	for {
+		n, err := s.db.PruneTelemetry(ctx, time.Now().Add(-s.opts.Retention))
+		if err != nil && ctx.Err() == nil {
+			s.log.Error("telemetry retention failed", "err", err)
+		} else if n > 0 {
+			s.log.Info("telemetry retention", "deleted_samples", n, "horizon", s.opts.Retention)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (s *Server) closeAll() {
+	if s.bus != nil {
+		_ = s.bus.Close()
+	}
+	if s.httpLn != nil {
+		_ = s.httpLn.Close()
+	}
+	if s.db != nil {
+		_ = s.db.Close()
+	}
+}

@@ -1,0 +1,224 @@
+package sqlite
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/proto"
+)
+
+func (db *DB) num(ctx context.Context, id string) (int64, error) {
+	var n int64
+	err := db.r.QueryRowContext(ctx, `SELECT num FROM devices WHERE id = ?`, id).Scan(&n)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, store.ErrNotFound
+	}
+	return n, err
+}
+
+// Telemetry returns the samples of device id taken in [from, to), oldest
+// first, at most limit of them.
+func (db *DB) Telemetry(ctx context.Context, id string, from, to time.Time, limit int) ([]store.TelemetryRow, error) {
+	num, err := db.num(ctx, id)
+	if err != nil {
+		return nil, fmt.Errorf("telemetry %s: %w", id, err)
+	}
+	rows, err := db.r.QueryContext(ctx, `SELECT ts, boot, seq, battery, voltage, temp, cpu, mem, lat, lon, alt, fix,
+		flight, link, errors, reboots, uptime, ext FROM telemetry WHERE dev = ? AND ts >= ? AND ts < ? ORDER BY ts, seq LIMIT ?`,
+		num, ms(from), ms(to), limit)
+	if err != nil {
+		return nil, fmt.Errorf("telemetry %s: %w", id, err)
+	}
+	defer rows.Close()
+	out := []store.TelemetryRow{}
+	for rows.Next() {
+		var (
+			r               store.TelemetryRow
+			bat, volt, temp sql.NullInt64
+			lat, lon, alt   sql.NullInt64
+			ext             []byte
+			s               = &r.Sample
+		)
+		if err := rows.Scan(&r.Base, &r.Boot, &r.Seq, &bat, &volt, &temp, &s.CPU, &s.Mem, &lat, &lon, &alt, &s.Fix,
+			&s.Flight, &s.Link, &s.Errors, &s.Reboots, &s.Uptime, &ext); err != nil {
+			return nil, fmt.Errorf("telemetry %s: %w", id, err)
+		}
+		if bat.Valid {
+			v := uint8(bat.Int64)
+			s.Battery = &v
+		}
+		if temp.Valid {
+			v := int16(temp.Int64)
+			s.Temp = &v
+		}
+		s.Voltage = uint16(volt.Int64)
+		s.Lat, s.Lon, s.Alt = int32(lat.Int64), int32(lon.Int64), int32(alt.Int64)
+		if len(ext) > 0 {
+			_ = proto.Unmarshal(ext, &s.Ext)
+		}
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// Events returns events of device id (all devices when id is empty) with an
+// id above after, oldest first.
+func (db *DB) Events(ctx context.Context, id string, after int64, limit int) ([]store.Event, error) {
+	q := `SELECT e.id, d.id, e.boot, e.seq, e.ts, e.received, e.kind, e.severity, e.code, e.message, e.cmd, e.body
+		FROM events e JOIN devices d ON d.num = e.dev WHERE e.id > ?`
+	args := []any{after}
+	if id != "" {
+		num, err := db.num(ctx, id)
+		if err != nil {
+			return nil, fmt.Errorf("events %s: %w", id, err)
+		}
+		q += ` AND e.dev = ?`
+		args = append(args, num)
+	}
+	q += ` ORDER BY e.id LIMIT ?`
+	args = append(args, limit)
+	rows, err := db.r.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("events: %w", err)
+	}
+	defer rows.Close()
+	out := []store.Event{}
+	for rows.Next() {
+		var (
+			e            store.Event
+			ts, received int64
+			kind, sev    uint8
+			body         []byte
+		)
+		if err := rows.Scan(&e.ID, &e.Device, &e.Boot, &e.Seq, &ts, &received, &kind, &sev, &e.Code, &e.Message, &e.Cmd, &body); err != nil {
+			return nil, fmt.Errorf("events: %w", err)
+		}
+		e.Time, e.Received = time.UnixMilli(ts).UTC(), time.UnixMilli(received).UTC()
+		e.Kind, e.Severity = proto.EventKind(kind).String(), proto.Severity(sev).String()
+		if len(body) > 0 {
+			var b eventBody
+			if json.Unmarshal(body, &b) == nil {
+				e.Update, e.Attrs = b.Update, b.Attrs
+			}
+		}
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}
+
+// AddAudit records something the control plane or an operator did.
+func (db *DB) AddAudit(ctx context.Context, a store.Audit) (int64, error) {
+	attrs, _ := json.Marshal(orEmpty(a.Attrs))
+	r, err := db.w.ExecContext(ctx, `INSERT INTO audit (ts, actor, action, target, reason, attrs) VALUES (?, ?, ?, ?, ?, ?)`,
+		ms(a.Time), a.Actor, a.Action, a.Target, a.Reason, string(attrs))
+	if err != nil {
+		return 0, fmt.Errorf("audit %s: %w", a.Action, err)
+	}
+	return r.LastInsertId()
+}
+
+// AuditLog returns audit entries about target (all when empty), newest first.
+func (db *DB) AuditLog(ctx context.Context, target string, limit int) ([]store.Audit, error) {
+	q := `SELECT id, ts, actor, action, target, reason, attrs FROM audit`
+	var args []any
+	if target != "" {
+		q += ` WHERE target = ?`
+		args = append(args, target)
+	}
+	q += ` ORDER BY id DESC LIMIT ?`
+	args = append(args, limit)
+	rows, err := db.r.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, fmt.Errorf("audit log: %w", err)
+	}
+	defer rows.Close()
+	out := []store.Audit{}
+	for rows.Next() {
+		var a store.Audit
+		var ts int64
+		var attrs string
+		if err := rows.Scan(&a.ID, &ts, &a.Actor, &a.Action, &a.Target, &a.Reason, &attrs); err != nil {
+			return nil, fmt.Errorf("audit log: %w", err)
+		}
+		a.Time = time.UnixMilli(ts).UTC()
+		_ = json.Unmarshal([]byte(attrs), &a.Attrs)
+		out = append(out, a)
+	}
+	return out, rows.Err()
+}
+
+// FleetHealth summarises the fleet from each device's latest sample.
+func (db *DB) FleetHealth(ctx context.Context) (store.FleetHealth, error) {
+	now := db.opts.Now()
+	h := store.FleetHealth{Versions: map[string]int{}, Time: now.UTC()}
+	rows, err := db.r.QueryContext(ctx, `SELECT version, revoked, connected, last_seen, sample FROM devices`)
+	if err != nil {
+		return h, fmt.Errorf("fleet health: %w", err)
+	}
+	defer rows.Close()
+	battEdges := []int{20, 40, 60, 80, 101}
+	battLabels := []string{"0-19", "20-39", "40-59", "60-79", "80-100"}
+	battCounts := make([]int, len(battEdges))
+	errEdges := []uint32{1, 10, 100, 1 << 31}
+	errLabels := []string{"0", "1-9", "10-99", "100+"}
+	errCounts := make([]int, len(errEdges))
+	cutoff := ms(db.onlineCutoff())
+	for rows.Next() {
+		var (
+			version   string
+			revoked   bool
+			connected bool
+			last      sql.NullInt64
+			sample    []byte
+		)
+		if err := rows.Scan(&version, &revoked, &connected, &last, &sample); err != nil {
+			return h, fmt.Errorf("fleet health: %w", err)
+		}
+		h.Devices++
+		if revoked {
+			h.Revoked++
+			continue
+		}
+		if version == "" {
+			version = "unknown"
+		}
+		h.Versions[version]++
+		if !connected || !last.Valid || last.Int64 < cutoff {
+			continue
+		}
+		h.Online++
+		var s proto.Sample
+		if sample == nil || proto.Unmarshal(sample, &s) != nil {
+			continue
+		}
+		if s.Flight == proto.FlightFlying {
+			h.Flying++
+		}
+		if s.Battery != nil {
+			b := int(*s.Battery)
+			if b < 20 {
+				h.LowBatt++
+			}
+			battCounts[sort.SearchInts(battEdges, b+1)]++
+		}
+		for i, e := range errEdges {
+			if s.Errors < e {
+				errCounts[i]++
+				break
+			}
+		}
+	}
+	for i := range battLabels {
+		h.Battery = append(h.Battery, store.Bucket{Label: battLabels[i], Count: battCounts[i]})
+	}
+	for i := range errLabels {
+		h.Errors = append(h.Errors, store.Bucket{Label: errLabels[i], Count: errCounts[i]})
+	}
+	return h, rows.Err()
+}

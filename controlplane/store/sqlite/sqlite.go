@@ -1,0 +1,227 @@
+// Package sqlite is the control plane's default store: one SQLite file in
+// WAL mode. Writes go through a single connection (SQLite has one writer);
+// reads use a pool of read-only connections that WAL lets run beside it.
+package sqlite
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	_ "github.com/mattn/go-sqlite3" // registers the "sqlite3" driver
+)
+
+// DefaultOnlineTimeout is how long a device stays online after its last
+// message when no last will says otherwise.
+const DefaultOnlineTimeout = 90 * time.Second
+
+// Options tune the store. Zero values mean the defaults.
+type Options struct {
+	// OnlineTimeout: a connected device that sent nothing for this long is
+	// reported offline (the heartbeat timeout).
+	OnlineTimeout time.Duration
+	// Now is the clock; time.Now when nil.
+	Now func() time.Time
+}
+
+// DB is the SQLite store.
+type DB struct {
+	opts Options
+	path string
+	w    *sql.DB // one connection: every write
+	r    *sql.DB // read-only pool
+
+	mu      sync.Mutex       // guards devNums
+	devNums map[string]int64 // device id -> row number, for ingest
+}
+
+// Open opens (creating if needed) the database at path and migrates it to
+// the current schema.
+func Open(path string, opts Options) (*DB, error) {
+	if opts.OnlineTimeout <= 0 {
+		opts.OnlineTimeout = DefaultOnlineTimeout
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("open store: %w", err)
+	}
+	// The database holds credential hashes: create it private. SQLite gives
+	// its -wal and -shm files the same mode.
+	if f, err := os.OpenFile(path, os.O_RDONLY|os.O_CREATE, 0o600); err == nil {
+		f.Close()
+	}
+	dsn := func(extra string) string {
+		q := url.Values{}
+		q.Set("_journal_mode", "WAL")
+		q.Set("_synchronous", "NORMAL")
+		q.Set("_busy_timeout", "10000")
+		q.Set("_foreign_keys", "on")
+		q.Set("_txlock", "immediate")
+		return "file:" + path + "?" + q.Encode() + extra
+	}
+	w, err := sql.Open("sqlite3", dsn(""))
+	if err != nil {
+		return nil, fmt.Errorf("open store: %w", err)
+	}
+	w.SetMaxOpenConns(1)
+	w.SetConnMaxLifetime(0)
+	w.SetConnMaxIdleTime(0)
+	if err := w.Ping(); err != nil {
+		w.Close()
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	db := &DB{opts: opts, path: path, w: w, devNums: map[string]int64{}}
+	if err := db.migrate(context.Background()); err != nil {
+		w.Close()
+		return nil, err
+	}
+	r, err := sql.Open("sqlite3", dsn("&mode=ro&_query_only=1"))
+	if err != nil {
+		w.Close()
+		return nil, fmt.Errorf("open store: %w", err)
+	}
+	r.SetMaxOpenConns(4)
+	db.r = r
+	return db, nil
+}
+
+// Close closes the database.
+func (db *DB) Close() error {
+	return errors.Join(db.r.Close(), db.w.Close())
+}
+
+// Path is the file the store lives in.
+func (db *DB) Path() string { return db.path }
+
+// migrations are applied in order; PRAGMA user_version records how many ran.
+var migrations = []string{
+	`CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+	CREATE TABLE tokens (name TEXT PRIMARY KEY, hash BLOB NOT NULL, created INTEGER NOT NULL);
+	CREATE TABLE devices (
+		num INTEGER PRIMARY KEY,
+		id TEXT NOT NULL UNIQUE,
+		hardware TEXT NOT NULL DEFAULT '',
+		arch TEXT NOT NULL DEFAULT '',
+		version TEXT NOT NULL DEFAULT '',
+		release INTEGER NOT NULL DEFAULT 0,
+		labels TEXT NOT NULL DEFAULT '{}',
+		op_labels TEXT NOT NULL DEFAULT '{}',
+		payloads TEXT NOT NULL DEFAULT '{}',
+		cred_hash BLOB,
+		revoked INTEGER NOT NULL DEFAULT 0,
+		enrolled_at INTEGER,
+		first_seen INTEGER,
+		last_seen INTEGER,
+		connected INTEGER NOT NULL DEFAULT 0,
+		boot INTEGER NOT NULL DEFAULT 0,
+		conn INTEGER NOT NULL DEFAULT 0,
+		proto INTEGER NOT NULL DEFAULT 0,
+		dropped INTEGER NOT NULL DEFAULT 0,
+		sample_ts INTEGER,
+		sample BLOB
+	);
+	CREATE INDEX devices_version ON devices(version);
+	CREATE TABLE batches (
+		dev INTEGER NOT NULL,
+		boot INTEGER NOT NULL,
+		seq INTEGER NOT NULL,
+		received INTEGER NOT NULL,
+		PRIMARY KEY (dev, boot, seq)
+	) WITHOUT ROWID;
+	CREATE TABLE telemetry (
+		dev INTEGER NOT NULL,
+		ts INTEGER NOT NULL,
+		boot INTEGER NOT NULL,
+		seq INTEGER NOT NULL,
+		battery INTEGER,
+		voltage INTEGER,
+		temp INTEGER,
+		cpu INTEGER NOT NULL,
+		mem INTEGER NOT NULL,
+		lat INTEGER,
+		lon INTEGER,
+		alt INTEGER,
+		fix INTEGER NOT NULL,
+		flight INTEGER NOT NULL,
+		link INTEGER NOT NULL,
+		errors INTEGER NOT NULL,
+		reboots INTEGER NOT NULL,
+		uptime INTEGER NOT NULL,
+		ext BLOB
+	);
+	CREATE INDEX telemetry_dev_ts ON telemetry(dev, ts);
+	CREATE TABLE events (
+		id INTEGER PRIMARY KEY,
+		dev INTEGER NOT NULL,
+		boot INTEGER NOT NULL,
+		seq INTEGER NOT NULL,
+		ts INTEGER NOT NULL,
+		received INTEGER NOT NULL,
+		kind INTEGER NOT NULL,
+		severity INTEGER NOT NULL,
+		code TEXT NOT NULL,
+		message TEXT NOT NULL,
+		cmd TEXT NOT NULL,
+		body BLOB,
+		UNIQUE (dev, boot, seq)
+	);
+	CREATE INDEX events_dev ON events(dev, id);
+	CREATE TABLE audit (
+		id INTEGER PRIMARY KEY,
+		ts INTEGER NOT NULL,
+		actor TEXT NOT NULL,
+		action TEXT NOT NULL,
+		target TEXT NOT NULL,
+		reason TEXT NOT NULL,
+		attrs TEXT NOT NULL DEFAULT '{}'
+	);
+	CREATE INDEX audit_target ON audit(target, id);`,
+}
+
+func (db *DB) migrate(ctx context.Context) error {
+	var v int
+	if err := db.w.QueryRowContext(ctx, "PRAGMA user_version").Scan(&v); err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	if v > len(migrations) {
+		return fmt.Errorf("migrate: database schema %d is newer than this build (%d)", v, len(migrations))
+	}
+	for i := v; i < len(migrations); i++ {
+		tx, err := db.w.BeginTx(ctx, nil)
+		if err != nil {
+			return fmt.Errorf("migrate: %w", err)
+		}
+		if _, err := tx.ExecContext(ctx, migrations[i]); err != nil {
+			tx.Rollback()
+			return fmt.Errorf("migrate to %d: %w", i+1, err)
+		}
+		if _, err := tx.ExecContext(ctx, fmt.Sprintf("PRAGMA user_version = %d", i+1)); err != nil {
+			tx.Rollback()
+			return fmt.Errorf("migrate to %d: %w", i+1, err)
+		}
+		if err := tx.Commit(); err != nil {
+			return fmt.Errorf("migrate to %d: %w", i+1, err)
+		}
+	}
+	return nil
+}
+
+func ms(t time.Time) int64 { return t.UnixMilli() }
+
+func fromMS(v sql.NullInt64) *time.Time {
+	if !v.Valid {
+		return nil
+	}
+	t := time.UnixMilli(v.Int64).UTC()
+	return &t
+}
+
+func (db *DB) onlineCutoff() time.Time { return db.opts.Now().Add(-db.opts.OnlineTimeout) }

@@ -1,0 +1,90 @@
+"use strict";
+// The dashboard reads the REST API with the admin token kept in local storage.
+const $ = (s) => document.querySelector(s);
+let token = localStorage.getItem("hangar-token") || "";
+
+async function api(path) {
+  const r = await fetch(path, { headers: { Authorization: "Bearer " + token } });
+  if (r.status === 401) { showLogin("The token was refused."); throw new Error("unauthorized"); }
+  if (!r.ok) { throw new Error((await r.json().catch(() => ({}))).error || r.statusText); }
+  return r.json();
+}
+
+function el(tag, text, cls) { const e = document.createElement(tag); if (text !== undefined) e.textContent = text; if (cls) e.className = cls; return e; }
+
+function bars(target, entries) {
+  const box = $(target); box.replaceChildren();
+  const max = Math.max(1, ...entries.map((e) => e[1]));
+  for (const [label, n] of entries) {
+    const row = el("div"); row.append(el("span", label, "l"));
+    const b = el("span", "", "b"); b.style.width = (n / max) * 60 + "%"; row.append(b, el("span", String(n)));
+    box.append(row);
+  }
+}
+
+function ago(t) {
+  if (!t) return "never";
+  const s = Math.round((Date.now() - new Date(t)) / 1000);
+  if (s < 60) return s + " s ago"; if (s < 3600) return Math.round(s / 60) + " min ago";
+  return Math.round(s / 3600) + " h ago";
+}
+
+async function refreshFleet() {
+  const h = await api("/api/v1/fleet/health");
+  $("#c-online").textContent = h.online; $("#c-devices").textContent = h.devices;
+  $("#c-flying").textContent = h.flying; $("#c-lowbatt").textContent = h.low_battery; $("#c-revoked").textContent = h.revoked;
+  bars("#versions", Object.entries(h.versions).sort((a, b) => b[1] - a[1]));
+  bars("#battery", h.battery.map((b) => [b.label + "%", b.count]));
+  bars("#errors", h.errors.map((b) => [b.label, b.count]));
+  const sel = $("#filter").value.trim();
+  const devs = await api("/api/v1/devices?limit=500" + (sel ? "&selector=" + encodeURIComponent(sel) : ""));
+  const body = $("#devices tbody"); body.replaceChildren();
+  for (const d of devs) {
+    const tr = el("tr");
+    const lat = d.latest || {};
+    tr.append(el("td", d.id), el("td", d.revoked ? "revoked" : d.online ? "online" : "offline", d.online ? "on" : "off"),
+      el("td", d.version || "–"), el("td", d.hardware || "–"),
+      el("td", Object.entries(d.labels || {}).map(([k, v]) => k + "=" + v).join(" ")),
+      el("td", lat.battery_pct != null ? lat.battery_pct + "%" : "–"), el("td", lat.flight_state || "–"),
+      el("td", lat.errors != null ? String(lat.errors) : "–"), el("td", ago(d.last_seen)));
+    body.append(tr);
+  }
+}
+
+async function refreshEvents() {
+  const evs = await api("/api/v1/events?limit=200&after=0");
+  const body = $("#event-table tbody"); body.replaceChildren();
+  for (const e of evs.reverse()) {
+    const what = e.update ? `${e.update.target} ${e.update.version}: ${e.update.state}${e.update.reason ? " (" + e.update.reason + ")" : ""}` : (e.message || e.code);
+    const tr = el("tr");
+    tr.append(el("td", new Date(e.time).toLocaleString()), el("td", e.device), el("td", e.kind), el("td", e.severity, "sev-" + e.severity), el("td", what));
+    body.append(tr);
+  }
+}
+
+function currentTab() { return (location.hash || "#fleet").slice(1); }
+
+async function refresh() {
+  if (!token) return showLogin("");
+  const tab = currentTab();
+  for (const s of ["fleet", "events"]) $("#" + s).hidden = s !== tab;
+  for (const a of document.querySelectorAll(".tab")) a.classList.toggle("active", a.dataset.tab === tab);
+  $("#login").hidden = true;
+  try {
+    if (tab === "events") await refreshEvents(); else await refreshFleet();
+    $("#status").textContent = "updated " + new Date().toLocaleTimeString();
+  } catch (e) { $("#status").textContent = "error: " + e.message; }
+}
+
+function showLogin(msg) {
+  for (const s of ["fleet", "events"]) $("#" + s).hidden = true;
+  $("#login").hidden = false; $("#login-error").textContent = msg;
+}
+
+$("#login-form").addEventListener("submit", (ev) => {
+  ev.preventDefault(); token = $("#token").value.trim(); localStorage.setItem("hangar-token", token); refresh();
+});
+window.addEventListener("hashchange", refresh);
+$("#filter").addEventListener("change", refresh);
+refresh();
+setInterval(refresh, 5000);

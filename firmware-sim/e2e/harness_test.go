@@ -1,0 +1,160 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hangarfleet/hangar/controlplane/server"
+	"github.com/hangarfleet/hangar/firmware-sim/sim"
+)
+
+func testLogger(t testing.TB) *slog.Logger {
+	if os.Getenv("HANGAR_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+func listen(t testing.TB) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ln
+}
+
+// controlPlane is a running control plane for a test.
+type controlPlane struct {
+	*server.Server
+	dataDir string
+	cancel  context.CancelFunc
+	done    chan error
+}
+
+// startControlPlane starts a control plane on free loopback ports. With a
+// dataDir from an earlier run it restarts that control plane.
+func startControlPlane(t testing.TB, opts server.Options) *controlPlane {
+	t.Helper()
+	if opts.DataDir == "" {
+		opts.DataDir = t.TempDir()
+	}
+	if opts.HTTPListener == nil {
+		opts.HTTPListener = listen(t)
+	}
+	if opts.MQTTListener == nil && opts.BrokerURL == "" {
+		opts.MQTTListener = listen(t)
+	}
+	if opts.Logger == nil {
+		opts.Logger = testLogger(t)
+	}
+	srv, err := server.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cp := &controlPlane{Server: srv, dataDir: opts.DataDir, cancel: cancel, done: make(chan error, 1)}
+	go func() { cp.done <- srv.Run(ctx) }()
+	t.Cleanup(cp.stop)
+	return cp
+}
+
+func (cp *controlPlane) stop() {
+	cp.cancel()
+	<-cp.done
+	cp.done <- nil // later stops return at once
+}
+
+func (cp *controlPlane) enrollToken(t testing.TB) string {
+	b, err := os.ReadFile(cp.dataDir + "/" + server.EnrollTokenFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+func (cp *controlPlane) adminToken(t testing.TB) string {
+	b, err := os.ReadFile(cp.dataDir + "/" + server.AdminTokenFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// testFleet is a simulated fleet running for a test.
+type testFleet struct {
+	*sim.Fleet
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+func newTestFleet(t testing.TB, cp *controlPlane, n int, tweak func(*sim.FleetOptions)) *testFleet {
+	t.Helper()
+	opts := sim.FleetOptions{
+		ServerURL: cp.URL(), EnrollToken: cp.enrollToken(t), Devices: n, StateRoot: t.TempDir(),
+		SampleInterval: 100 * time.Millisecond, BatchSize: 5, HeartbeatInterval: 5 * time.Second,
+		BackoffMin: 50 * time.Millisecond, BackoffMax: time.Second, Logger: testLogger(t), Seed: 1,
+	}
+	if tweak != nil {
+		tweak(&opts)
+	}
+	f, err := sim.NewFleet(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	tf := &testFleet{Fleet: f, cancel: cancel}
+	tf.wg.Add(1)
+	go func() {
+		defer tf.wg.Done()
+		if err := f.Run(ctx); err != nil {
+			t.Error(err)
+		}
+	}()
+	t.Cleanup(tf.stop)
+	return tf
+}
+
+func (f *testFleet) stop() {
+	f.cancel()
+	f.wg.Wait()
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t testing.TB, timeout time.Duration, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	last := ""
+	for {
+		ok, status := cond()
+		if ok {
+			return
+		}
+		if status != last {
+			last = status
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s (last: %s)", timeout, what, last)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func count[T any](xs []T, f func(T) bool) int {
+	n := 0
+	for _, x := range xs {
+		if f(x) {
+			n++
+		}
+	}
+	return n
+}
+
+var _ = fmt.Sprint

@@ -1,0 +1,60 @@
+package proto_test
+
+import (
+	"reflect"
+	"testing"
+
+	"github.com/hangarfleet/hangar/proto"
+	"github.com/hangarfleet/hangar/proto/prototest"
+)
+
+// fuzzRoundTrip checks that decode never panics, and that whatever decodes
+// re-encodes and decodes to the same value.
+func fuzzRoundTrip[T any](f *testing.F, seeds []T, decode func([]byte) (T, error)) {
+	for _, s := range seeds {
+		b, err := proto.Marshal(&s)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		v, err := decode(data)
+		if err != nil {
+			return
+		}
+		enc, err := proto.Marshal(&v)
+		if err != nil {
+			t.Fatalf("decoded value does not encode: %v", err)
+		}
+		again, err := decode(enc)
+		if err != nil {
+			t.Fatalf("re-encoded value does not decode: %v", err)
+		}
+		if !reflect.DeepEqual(v, again) {
+			t.Fatalf("round trip changed the value:\n%+v\n%+v", v, again)
+		}
+	})
+}
+
+func FuzzDecodeBatch(f *testing.F) {
+	b := prototest.Batch(9, 3)
+	b.Samples[0].Ext = map[string]float64{"x": 1.5}
+	fuzzRoundTrip(f, []proto.Batch{prototest.Batch(1, 1), b}, proto.DecodeBatch)
+}
+
+func FuzzDecodeState(f *testing.F) {
+	fuzzRoundTrip(f, []proto.State{prototest.State(), prototest.Will()}, proto.DecodeState)
+}
+
+func FuzzDecodeEvent(f *testing.F) {
+	fuzzRoundTrip(f, []proto.Event{prototest.AlertEvent(), prototest.UpdateEvent()}, proto.DecodeEvent)
+}
+
+func FuzzDecodeCommand(f *testing.F) {
+	fuzzRoundTrip(f, []proto.Command{prototest.PingCommand(), prototest.UpdateCommand()}, proto.DecodeCommand)
+}
+
+func FuzzDecodeFlightInput(f *testing.F) {
+	fuzzRoundTrip(f, []proto.FlightInput{prototest.FlightInput()}, proto.DecodeFlightInput)
+}

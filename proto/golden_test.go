@@ -1,0 +1,80 @@
+package proto_test
+
+import (
+	"encoding/hex"
+	"flag"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/hangarfleet/hangar/proto"
+	"github.com/hangarfleet/hangar/proto/prototest"
+)
+
+var update = flag.Bool("update", false, "rewrite golden files in testdata/golden")
+
+// goldens lists one fixture per message shape. Each is checked both ways:
+// encoding the fixture gives the committed bytes, and decoding the committed
+// bytes gives the fixture.
+func goldens() []struct {
+	name string
+	msg  any
+	new  func() any
+} {
+	batch := prototest.Batch(5, 2)
+	batch.Samples[1].Ext = map[string]float64{"rssi_dbm": -71.5, "motor_temp_c": 48}
+	batch.Dropped = 3
+	state, will, alert, upd := prototest.State(), prototest.Will(), prototest.AlertEvent(), prototest.UpdateEvent()
+	ping, cmd, fi := prototest.PingCommand(), prototest.UpdateCommand(), prototest.FlightInput()
+	return []struct {
+		name string
+		msg  any
+		new  func() any
+	}{
+		{"state_hello", &state, func() any { return new(proto.State) }},
+		{"state_will", &will, func() any { return new(proto.State) }},
+		{"batch", &batch, func() any { return new(proto.Batch) }},
+		{"event_alert", &alert, func() any { return new(proto.Event) }},
+		{"event_update", &upd, func() any { return new(proto.Event) }},
+		{"command_ping", &ping, func() any { return new(proto.Command) }},
+		{"command_update", &cmd, func() any { return new(proto.Command) }},
+		{"flight_input", &fi, func() any { return new(proto.FlightInput) }},
+	}
+}
+
+func TestGolden(t *testing.T) {
+	for _, g := range goldens() {
+		t.Run(g.name, func(t *testing.T) {
+			path := filepath.Join("testdata", "golden", g.name+".hex")
+			got, err := proto.Marshal(g.msg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if *update {
+				if err := os.WriteFile(path, []byte(hex.EncodeToString(got)+"\n"), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			raw, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("%v (run go test ./proto -run TestGolden -update to create it)", err)
+			}
+			want, err := hex.DecodeString(strings.TrimSpace(string(raw)))
+			if err != nil {
+				t.Fatalf("%s: %v", path, err)
+			}
+			if !reflect.DeepEqual(got, want) {
+				t.Errorf("encoding changed:\n got %x\nwant %x", got, want)
+			}
+			dec := g.new()
+			if err := proto.Unmarshal(want, dec); err != nil {
+				t.Fatalf("decode golden: %v", err)
+			}
+			if !reflect.DeepEqual(dec, g.msg) {
+				t.Errorf("decoded golden differs:\n got %+v\nwant %+v", dec, g.msg)
+			}
+		})
+	}
+}

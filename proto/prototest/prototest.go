@@ -1,0 +1,108 @@
+// Package prototest provides fixture messages for tests of the wire contract
+// and of everything that speaks it.
+package prototest
+
+import "github.com/hangarfleet/hangar/proto"
+
+// Base is the fixed time of fixtures: 2026-11-25T12:00:00Z in unix ms.
+const Base int64 = 1795780800000
+
+func u8(v uint8) *uint8  { return &v }
+func i16(v int16) *int16 { return &v }
+
+// Sample returns a typical in-flight reading over Zurich.
+func Sample() proto.Sample {
+	return proto.Sample{
+		T:       1000,
+		Battery: u8(87),
+		Voltage: 16420,
+		Temp:    i16(452),
+		CPU:     231,
+		Mem:     418,
+		Lat:     473769000,
+		Lon:     85417000,
+		Alt:     4321,
+		Fix:     3,
+		Flight:  proto.FlightFlying,
+		Link:    92,
+		Errors:  3,
+		Reboots: 1,
+		Uptime:  86400,
+	}
+}
+
+// Batch returns a batch of n samples one second apart.
+func Batch(seq uint64, n int) proto.Batch {
+	b := proto.Batch{Boot: 1795780000, Seq: seq, Base: Base}
+	for i := range n {
+		s := Sample()
+		s.T = uint32(i * 1000)
+		b.Samples = append(b.Samples, s)
+	}
+	return b
+}
+
+// State returns the hello of a rev-b drone at base zurich.
+func State() proto.State {
+	return proto.State{
+		Proto:    proto.ProtocolVersion,
+		Online:   true,
+		Boot:     1795780000,
+		Conn:     7,
+		Time:     Base,
+		Hardware: "rev-b",
+		Arch:     "arm64",
+		Version:  "1.4.2",
+		Labels:   map[string]string{"base": "zurich", "hw": "rev-b"},
+		Release:  12,
+	}
+}
+
+// Will returns the last will matching State.
+func Will() proto.State {
+	return proto.State{Proto: proto.ProtocolVersion, Online: false, Boot: 1795780000, Conn: 7}
+}
+
+// AlertEvent returns a low-battery alert.
+func AlertEvent() proto.Event {
+	return proto.Event{
+		Boot: 1795780000, Seq: 42, Time: Base, Kind: proto.EventAlert, Severity: proto.SevWarning,
+		Code: "battery_low", Message: "battery at 18%", Attrs: map[string]string{"battery_pct": "18"},
+	}
+}
+
+// UpdateEvent returns an update progress report.
+func UpdateEvent() proto.Event {
+	return proto.Event{
+		Boot: 1795780000, Seq: 43, Time: Base, Kind: proto.EventUpdate,
+		Update: &proto.UpdateReport{
+			Target: "agent", Version: "1.5.0", Counter: 13, State: proto.UpdateDownloading,
+			Progress: 1 << 20, Size: 6 << 20, Rollout: "r-1",
+		},
+	}
+}
+
+// PingCommand returns a ping.
+func PingCommand() proto.Command {
+	return proto.Command{ID: "c-1", Kind: proto.CmdPing, Issued: Base}
+}
+
+// UpdateCommand returns an update offer with placeholder signed blobs.
+func UpdateCommand() proto.Command {
+	return proto.Command{
+		ID: "c-2", Kind: proto.CmdUpdate, Issued: Base, Rollout: "r-1",
+		Update: &proto.UpdateOffer{
+			Manifest: []byte{0xd2, 0x84, 0x40, 0xa0, 0xf6, 0x40},
+			Keys:     []byte{0xd2, 0x84, 0x40, 0xa0, 0xf6, 0x40},
+			URL:      "/api/v1/releases/1.5.0/artifact",
+		},
+	}
+}
+
+// FlightInput returns what a flight stack sends while flying.
+func FlightInput() proto.FlightInput {
+	return proto.FlightInput{
+		Battery: u8(64), Voltage: 15800, Lat: 473769000, Lon: 85417000, Alt: 12000,
+		Fix: 3, Flight: proto.FlightFlying, Link: u8(80),
+	}
+}

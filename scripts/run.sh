@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs the control plane with its defaults (embedded MQTT broker, SQLite in
+# ./data) and a simulated fleet against it. Ctrl-C stops both.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${HANGAR_DATA:-data}
+HTTP=${HANGAR_HTTP:-127.0.0.1:8080}
+MQTT=${HANGAR_MQTT:-127.0.0.1:1883}
+DEVICES=${SIM_DEVICES:-100}
+
+pids=()
+cleanup() {
+	trap - INT TERM EXIT
+	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	wait 2>/dev/null || true
+}
+trap cleanup INT TERM EXIT
+
+./bin/hangar serve --data "$DATA" --http "$HTTP" --mqtt "$MQTT" &
+pids+=($!)
+
+for _ in $(seq 1 100); do
+	if curl -fsS "http://$HTTP/healthz" >/dev/null 2>&1 && [ -s "$DATA/enroll.token" ]; then break; fi
+	if ! kill -0 "${pids[0]}" 2>/dev/null; then echo "run.sh: the control plane did not start" >&2; exit 1; fi
+	sleep 0.1
+done
+
+./bin/hangar-sim --server "http://$HTTP" --enroll-token "$DATA/enroll.token" --devices "$DEVICES" &
+pids+=($!)
+
+cat <<EOT
+
+  hangar is running.
+    dashboard and API:  http://$HTTP/   (sign in with the admin token)
+    admin token:        $(cd "$DATA" && pwd)/admin.token
+    CLI:                ./bin/hangar device ls --token-file $DATA/admin.token
+    simulated drones:   $DEVICES
+  Ctrl-C stops everything; the database stays in $DATA/.
+
+EOT
+wait -n "${pids[@]}"
