@@ -373,3 +373,6 @@ func (a *Agent) state(online bool, conn uint64) proto.State {
 	}
 	return s
 }
+
+// LastSeq is the sequence number of the last message this run queued.
+func (a *Agent) LastSeq() uint64 { return a.seq.Load() }

@@ -104,7 +104,11 @@ type lane struct {
 	segs []*segment // by first index
 	// w is the newest segment, open for appending; nil when the next Append
 	// must start a new segment (none yet, or it cannot be trusted).
-	w     *os.File
+	w *os.File
+	// r is open on rseg, the segment Peek read last: the sender reads the
+	// oldest segment over and over until it is all acknowledged.
+	r     *os.File
+	rseg  *segment
 	next  uint64 // index of the next Append
 	floor uint64 // every existing record below it is acknowledged or dropped
 	done  spans  // acknowledged or lost indexes above floor
@@ -115,6 +119,13 @@ type lane struct {
 // segFor returns the position of the first segment ending after index i.
 func (ls *lane) segFor(i uint64) int {
 	return sort.Search(len(ls.segs), func(k int) bool { return ls.segs[k].end() > i })
+}
+
+func (ls *lane) closeReader() {
+	if ls.r != nil {
+		_ = ls.r.Close()
+	}
+	ls.r, ls.rseg = nil, nil
 }
 
 func (ls *lane) newest() *segment {
@@ -438,6 +449,9 @@ func (o *Outbox) removeResolved(ls *lane) error {
 	keep := ls.segs[:0]
 	for i, s := range ls.segs {
 		if i < len(ls.segs)-1 && s.end() <= ls.floor {
+			if s == ls.rseg {
+				ls.closeReader()
+			}
 			err := os.Remove(filepath.Join(o.dir, segName(ls.id, s.first)))
 			if err == nil || errors.Is(err, fs.ErrNotExist) {
 				o.total -= s.size
@@ -489,14 +503,19 @@ func (o *Outbox) Peek(max int) ([]Record, error) {
 func (o *Outbox) readSegment(ls *lane, k int, out []Record, max int) ([]Record, error) {
 	s := ls.segs[k]
 	name := segName(ls.id, s.first)
-	var r io.ReaderAt = ls.w
-	if k != len(ls.segs)-1 || ls.w == nil {
+	var r io.ReaderAt
+	switch {
+	case k == len(ls.segs)-1 && ls.w != nil:
+		r = ls.w
+	case ls.rseg == s:
+		r = ls.r
+	default:
 		f, err := os.Open(filepath.Join(o.dir, name))
 		if err != nil {
 			return out, err
 		}
-		defer f.Close()
-		r = f
+		ls.closeReader()
+		ls.r, ls.rseg, r = f, s, f
 	}
 	pos, off := uint64(0), int64(segHeaderSize)
 	if s.hintOff > 0 && s.hintPos < s.count && s.first+s.hintPos <= ls.floor {
@@ -673,10 +692,14 @@ func (o *Outbox) Close() error {
 func (o *Outbox) closeFiles() error {
 	var errs []error
 	for _, ls := range o.lanes {
-		if ls != nil && ls.w != nil {
+		if ls == nil {
+			continue
+		}
+		if ls.w != nil {
 			errs = append(errs, ls.w.Close())
 			ls.w = nil
 		}
+		ls.closeReader()
 	}
 	if o.st != nil {
 		errs = append(errs, o.st.close())

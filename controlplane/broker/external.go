@@ -78,7 +78,7 @@ type ExternalOptions struct {
 	Logger               *slog.Logger
 }
 
-// Validate checks the options, after defaults are filled in.
+// Validate checks the options; empty fields that have a default are fine.
 func (o *ExternalOptions) Validate() error {
 	if o.URL == "" {
 		return errors.New("no broker URL")
@@ -93,13 +93,10 @@ func (o *ExternalOptions) Validate() error {
 	if o.Username == "" {
 		return errors.New("no broker username: the control plane needs its own account")
 	}
-	if o.ClientID == "" {
-		return errors.New("no client id")
-	}
 	if o.Shared != "" && strings.ContainsAny(o.Shared, "/+#\x00") {
 		return fmt.Errorf("shared subscription group %q: must not contain '/', '+', '#' or NUL", o.Shared)
 	}
-	if !strings.HasPrefix(o.DynsecTopic, "$CONTROL/") || strings.ContainsAny(o.DynsecTopic, "+#") {
+	if o.DynsecTopic != "" && (!strings.HasPrefix(o.DynsecTopic, "$CONTROL/") || strings.ContainsAny(o.DynsecTopic, "+#")) {
 		return fmt.Errorf("dynamic security topic %q: want a $CONTROL/... topic without wildcards", o.DynsecTopic)
 	}
 	return nil
@@ -373,10 +370,10 @@ func (e *External) Publish(ctx context.Context, device string, kind proto.Kind, 
 	if e.isClosed() {
 		return ErrClosed
 	}
-	if err := proto.ValidateDeviceID(device); err != nil {
+	topic := proto.DeviceTopic(device, kind)
+	if _, _, err := proto.ParseTopic(topic); err != nil {
 		return fmt.Errorf("publish: %w", err)
 	}
-	topic := proto.DeviceTopic(device, kind)
 	if err := wait(ctx, e.client.Publish(topic, 1, false, payload)); err != nil {
 		return fmt.Errorf("publish %s: %w", topic, err)
 	}
@@ -648,9 +645,12 @@ func (e *External) subscribe(ctx context.Context, filters []string) error {
 	if err := wait(ctx, t); err != nil {
 		return err
 	}
+	// SubscribeMultiple keys the result by the filters as sent ($share
+	// prefix included; Subscribe would strip it).
+	res := t.(*paho.SubscribeToken).Result()
 	var refused []string
-	for f, code := range t.(*paho.SubscribeToken).Result() {
-		if code == 0x80 {
+	for _, f := range filters {
+		if code, ok := res[f]; !ok || code == 0x80 {
 			refused = append(refused, f)
 		}
 	}

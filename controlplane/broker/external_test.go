@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/hangarfleet/hangar/controlplane/broker"
 	"github.com/hangarfleet/hangar/controlplane/broker/mosquittotest"
@@ -200,9 +202,15 @@ func publish(t testing.TB, c paho.Client, topic, payload string) {
 // subscribe returns the SUBACK return code (0x80: refused).
 func subscribe(t testing.TB, c paho.Client, filter string, h paho.MessageHandler) byte {
 	t.Helper()
-	tok := c.Subscribe(filter, 1, h)
+	// Not Subscribe: it keys its result by the filter without a $share
+	// prefix, and a lookup of the full filter would read 0, "granted".
+	tok := c.SubscribeMultiple(map[string]byte{filter: 1}, h)
 	mustWait(t, tok)
-	return tok.(*paho.SubscribeToken).Result()[filter]
+	rc, ok := tok.(*paho.SubscribeToken).Result()[filter]
+	if !ok {
+		t.Fatalf("subscribe %q: no return code in %v", filter, tok.(*paho.SubscribeToken).Result())
+	}
+	return rc
 }
 
 func provision(t testing.TB, x *broker.External, id, password string) {
@@ -425,8 +433,9 @@ func TestExternalQueuedWhileAway(t *testing.T) {
 		publish(t, d, proto.DeviceTopic("drone-1", proto.KindTelemetry), fmt.Sprint("q", i))
 	}
 	startExternal(t, m, rec.handle)
-	for i := range 5 {
-		rec.waitPayload(t, fmt.Sprint("q", i))
+	want := map[string]bool{"q0": true, "q1": true, "q2": true, "q3": true, "q4": true}
+	for len(want) > 0 {
+		delete(want, string(rec.next(t).Payload))
 	}
 }
 
@@ -447,6 +456,9 @@ func TestExternalPublishReachesDevice(t *testing.T) {
 
 	if err := x.Publish(t.Context(), "+", proto.KindCmd, nil); err == nil {
 		t.Error("Publish to device \"+\" succeeded")
+	}
+	if err := x.Publish(t.Context(), "drone-1", "cmd/#", nil); err == nil {
+		t.Error("Publish to kind \"cmd/#\" succeeded")
 	}
 }
 
@@ -789,7 +801,7 @@ func TestExternalOptionsValidate(t *testing.T) {
 		{"no url", func(o *broker.ExternalOptions) { o.URL = "" }, false},
 		{"no scheme", func(o *broker.ExternalOptions) { o.URL = "127.0.0.1:1883" }, false},
 		{"no user", func(o *broker.ExternalOptions) { o.Username = "" }, false},
-		{"no client id", func(o *broker.ExternalOptions) { o.ClientID = "" }, false},
+		{"defaults", func(o *broker.ExternalOptions) { o.ClientID, o.DynsecTopic = "", "" }, true},
 		{"shared with slash", func(o *broker.ExternalOptions) { o.Shared = "a/b" }, false},
 		{"shared with wildcard", func(o *broker.ExternalOptions) { o.Shared = "+" }, false},
 		{"dynsec topic wildcard", func(o *broker.ExternalOptions) { o.DynsecTopic = "$CONTROL/#" }, false},
@@ -835,5 +847,76 @@ func TestDeviceACLsMatchEmbedded(t *testing.T) {
 		if strings.ContainsAny(a.Topic, "+#%") || a.Type == broker.ACLSubscribePattern || !a.Allow {
 			t.Errorf("device ACL %+v: want only literal allows", a)
 		}
+	}
+}
+
+// rawConnect sends a CONNECT with a will by hand and returns the open
+// connection and the CONNACK return code; closing the connection without
+// DISCONNECT makes the broker publish the will.
+func rawConnect(t testing.TB, m *mosquittotest.Mosquitto, id, password, willTopic, will string) (net.Conn, byte) {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", m.Addr(), wait)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	cp := packets.NewControlPacket(packets.Connect).(*packets.ConnectPacket)
+	cp.ProtocolName, cp.ProtocolVersion = "MQTT", 4
+	cp.CleanSession = true
+	cp.Keepalive = 30
+	cp.ClientIdentifier = id
+	cp.UsernameFlag, cp.Username = true, id
+	cp.PasswordFlag, cp.Password = true, []byte(password)
+	cp.WillFlag, cp.WillQos, cp.WillTopic, cp.WillMessage = true, 1, willTopic, []byte(will)
+	conn.SetDeadline(time.Now().Add(wait))
+	if err := cp.Write(conn); err != nil {
+		t.Fatal(err)
+	}
+	p, err := packets.ReadPacket(conn)
+	if err != nil {
+		t.Fatalf("read CONNACK: %v", err)
+	}
+	ack, ok := p.(*packets.ConnackPacket)
+	if !ok {
+		t.Fatalf("got %T, want CONNACK", p)
+	}
+	conn.SetDeadline(time.Time{})
+	return conn, ack.ReturnCode
+}
+
+// A device's last will goes through the same ACL as its publishes.
+// Mosquitto 2.0.11 accepts any will topic at CONNECT and checks it when it
+// sends the will, dropping it silently when denied. Takeovers make the
+// order deterministic: a connection that takes over a client id sends the
+// old connection's will before its own CONNACK.
+func TestExternalDeviceWill(t *testing.T) {
+	m := mosquittotest.Start(t)
+	rec := newRecorder()
+	x := startExternal(t, m, rec.handle)
+	provision(t, x, "drone-1", "pw-1")
+	provision(t, x, "drone-2", "pw-2")
+	obs := observer(t, m)
+	state1, state2 := proto.DeviceTopic("drone-1", proto.KindState), proto.DeviceTopic("drone-2", proto.KindState)
+
+	for i, will := range []struct{ topic, payload string }{
+		{state1, "will-0"},    // sent when the next connection takes over
+		{state2, "forged"},    // denied at the next takeover
+		{state1, "will-last"}, // sent when the connection drops
+	} {
+		c, rc := rawConnect(t, m, "drone-1", "pw-1", will.topic, will.payload)
+		if rc != 0 {
+			t.Fatalf("connection %d: CONNACK return code %d", i, rc)
+		}
+		if i == 2 {
+			c.Close() // without DISCONNECT
+		}
+	}
+	before := obs.waitFor(t, state1+" will-last")
+	if want := []string{state1 + " will-0"}; !slices.Equal(before, want) {
+		t.Fatalf("wills before the last one: %q, want %q", before, want)
+	}
+	msg := rec.waitPayload(t, "will-last")
+	if msg.Device != "drone-1" || msg.Kind != proto.KindState {
+		t.Fatalf("handler got %+v", msg)
 	}
 }

@@ -143,7 +143,7 @@ func waitFor(t testing.TB, timeout time.Duration, what string, cond func() (bool
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out after %v waiting for %s (last: %s)", timeout, what, last)
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 
@@ -158,3 +158,16 @@ func count[T any](xs []T, f func(T) bool) int {
 }
 
 var _ = fmt.Sprint
+
+// netListen listens again on an address a stopped control plane used.
+func netListen(addr string) (net.Listener, error) {
+	var err error
+	for range 50 {
+		var ln net.Listener
+		if ln, err = net.Listen("tcp", addr); err == nil {
+			return ln, nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return nil, err
+}

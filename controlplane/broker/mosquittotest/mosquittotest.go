@@ -200,6 +200,8 @@ persistence_file mosquitto.db
 max_inflight_messages 100
 max_queued_messages 10000
 set_tcp_nodelay true
+# As the embedded broker: device messages are events, not state to keep.
+retain_available false
 plugin %s
 plugin_opt_config_file %s
 log_dest file %s

@@ -1,0 +1,269 @@
+package broker_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/hangarfleet/hangar/controlplane/broker"
+	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// fakeCreds is a credential store with function-free fixed contents.
+type fakeCreds map[string]string // id -> password; "" means revoked
+
+func (f fakeCreds) Credential(_ context.Context, id string) ([]byte, error) {
+	p, ok := f[id]
+	if !ok {
+		return nil, store.ErrNotFound
+	}
+	if p == "" {
+		return nil, store.ErrRevoked
+	}
+	return broker.HashPassword(p), nil
+}
+
+var _ broker.Credentials = fakeCreds(nil)
+
+type recvEmb struct {
+	mu   sync.Mutex
+	msgs []broker.Message
+}
+
+func (r *recvEmb) handler(ctx context.Context, m broker.Message) error {
+	r.mu.Lock()
+	r.msgs = append(r.msgs, m)
+	r.mu.Unlock()
+	return nil
+}
+
+func (r *recvEmb) topics() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []string
+	for _, m := range r.msgs {
+		out = append(out, m.Device+"/"+string(m.Kind)+":"+string(m.Payload))
+	}
+	return out
+}
+
+func startEmbedded(t *testing.T, creds fakeCreds, h broker.Handler) *broker.Embedded {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := broker.NewEmbedded(broker.EmbeddedOptions{Listener: ln, Credentials: creds})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Start(t.Context(), h); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	return e
+}
+
+func dialEmb(t *testing.T, addr, clientID, user, pass string) (paho.Client, error) {
+	t.Helper()
+	o := paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID(clientID).SetUsername(user).SetPassword(pass).
+		SetAutoReconnect(false).SetConnectTimeout(5 * time.Second).SetCleanSession(true)
+	c := paho.NewClient(o)
+	tok := c.Connect()
+	if !tok.WaitTimeout(10 * time.Second) {
+		return nil, fmt.Errorf("connect timed out")
+	}
+	if err := tok.Error(); err != nil {
+		return nil, err
+	}
+	t.Cleanup(func() { c.Disconnect(0) })
+	return c, nil
+}
+
+func subscribeEmb(t *testing.T, c paho.Client, filter string, got chan<- string) byte {
+	t.Helper()
+	tok := c.Subscribe(filter, 1, func(_ paho.Client, m paho.Message) {
+		select {
+		case got <- m.Topic() + ":" + string(m.Payload()):
+		default:
+		}
+	})
+	if !tok.WaitTimeout(5 * time.Second) {
+		t.Fatalf("subscribe %q timed out", filter)
+	}
+	if tok.Error() != nil {
+		return 0x80
+	}
+	return tok.(*paho.SubscribeToken).Result()[filter]
+}
+
+// TestEmbeddedConnectRefusals: only a device's own id, with its own
+// password, may connect.
+func TestEmbeddedConnectRefusals(t *testing.T) {
+	creds := fakeCreds{"d1": "pw1", "d2": "pw2", "gone": ""}
+	e := startEmbedded(t, creds, (&recvEmb{}).handler)
+	addr := e.Addr().String()
+	long := strings.Repeat("x", 64<<10)
+	cases := []struct{ name, client, user, pass string }{
+		{"wrong password", "d1", "d1", "nope"},
+		{"client id of another device", "d2", "d1", "pw1"},
+		{"username of another device", "d1", "d2", "pw2"},
+		{"empty client id", "", "d1", "pw1"},
+		{"client id #", "#", "#", "pw1"},
+		{"client id +", "+", "+", "pw1"},
+		{"client id with slash", "a/b", "a/b", "pw1"},
+		{"64 KiB client id", long, long, "pw1"},
+		{"unknown device", "d9", "d9", "pw1"},
+		{"revoked device", "gone", "gone", "x"},
+		{"no credentials", "d1", "", ""},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			if _, err := dialEmb(t, addr, c.client, c.user, c.pass); err == nil {
+				t.Fatal("connection accepted")
+			}
+		})
+	}
+	if _, err := dialEmb(t, addr, "d1", "d1", "pw1"); err != nil {
+		t.Fatalf("good credential refused: %v", err)
+	}
+}
+
+// TestEmbeddedACL: a device publishes and subscribes only in its own
+// subtree; everything else is refused and never reaches anyone.
+func TestEmbeddedACL(t *testing.T) {
+	creds := fakeCreds{"d1": "pw1", "d2": "pw2"}
+	var rec recvEmb
+	e := startEmbedded(t, creds, rec.handler)
+	addr := e.Addr().String()
+	d1, err := dialEmb(t, addr, "d1", "d1", "pw1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2, err := dialEmb(t, addr, "d2", "d2", "pw2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan string, 10)
+	if code := subscribeEmb(t, d2, proto.DeviceTopic("d2", proto.KindCmd), got); code != 1 {
+		t.Fatalf("own cmd topic: SUBACK %#x", code)
+	}
+	for _, filter := range []string{"#", "+/+/+/+/+", "hangar/v1/dev/+/cmd", "hangar/v1/dev/d1/cmd", "hangar/v1/dev/d2/+",
+		"hangar/v1/dev/d2/telemetry", "hangar/v1/dev/d2/#", "$SYS/#", "hangar/#"} {
+		if code := subscribeEmb(t, d2, filter, got); code != 0x80 {
+			t.Errorf("subscribe %q: SUBACK %#x, want refusal 0x80", filter, code)
+		}
+	}
+	// d1 publishes in its own subtree: delivered. Into d2's subtree or
+	// outside: refused (MQTT 3.1.1 has no negative PUBACK, so the broker
+	// drops the connection) and never delivered.
+	if tok := d1.Publish(proto.DeviceTopic("d1", proto.KindTelemetry), 1, false, "ok"); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("own publish: %v", tok.Error())
+	}
+	for _, topic := range []string{
+		proto.DeviceTopic("d2", proto.KindCmd), proto.DeviceTopic("d2", proto.KindTelemetry), "hangar/v1/dev/d1/cmd",
+		"hangar/v1/dev/d1/other", "elsewhere", "$SYS/x",
+	} {
+		c, err := dialEmb(t, addr, "d1", "d1", "pw1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		tok := c.Publish(topic, 1, false, "forged")
+		// Refused: the broker closes the connection (or, for $-topics,
+		// drops the publish without acknowledging it).
+		if tok.WaitTimeout(2*time.Second) && tok.Error() == nil {
+			t.Errorf("publish to %q acknowledged", topic)
+		}
+		if !strings.HasPrefix(topic, "$") {
+			waitClosedEmb(t, c)
+		}
+	}
+	select {
+	case m := <-got:
+		t.Fatalf("d2 recvEmb forged message %q", m)
+	default:
+	}
+	want := []string{"d1/telemetry:ok"}
+	if got := rec.topics(); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("control plane recvEmb %v, want %v", got, want)
+	}
+}
+
+func waitClosedEmb(t *testing.T, c paho.Client) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for c.IsConnectionOpen() {
+		if time.Now().After(deadline) {
+			t.Fatal("a refused publish did not close the connection")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestEmbeddedAckAfterStore: a publish is acknowledged only once the
+// handler has returned; a handler error leaves it unacknowledged.
+func TestEmbeddedAckAfterStore(t *testing.T) {
+	release := make(chan struct{})
+	var calls sync.WaitGroup
+	calls.Add(1)
+	fail := true
+	var mu sync.Mutex
+	h := func(ctx context.Context, m broker.Message) error {
+		mu.Lock()
+		f := fail
+		fail = false
+		mu.Unlock()
+		if f {
+			return fmt.Errorf("disk full")
+		}
+		calls.Done()
+		<-release
+		return nil
+	}
+	e := startEmbedded(t, fakeCreds{"d1": "pw1"}, h)
+	c, err := dialEmb(t, e.Addr().String(), "d1", "d1", "pw1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok := c.Publish(proto.DeviceTopic("d1", proto.KindTelemetry), 1, false, "x")
+	tok.WaitTimeout(5 * time.Second)
+	if tok.Error() == nil {
+		t.Fatal("publish acknowledged although the handler failed")
+	}
+	c, err = dialEmb(t, e.Addr().String(), "d1", "d1", "pw1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok = c.Publish(proto.DeviceTopic("d1", proto.KindTelemetry), 1, false, "x")
+	calls.Wait() // the handler holds the message
+	if tok.WaitTimeout(200 * time.Millisecond) {
+		t.Fatal("publish acknowledged before the handler returned")
+	}
+	close(release)
+	if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("publish not acknowledged after the handler returned: %v", tok.Error())
+	}
+}
+
+// TestEmbeddedRevokeDisconnects: Revoke drops a connected device.
+func TestEmbeddedRevokeDisconnects(t *testing.T) {
+	e := startEmbedded(t, fakeCreds{"d1": "pw1"}, (&recvEmb{}).handler)
+	c, err := dialEmb(t, e.Addr().String(), "d1", "d1", "pw1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.Connected() != 1 {
+		t.Fatalf("connected = %d", e.Connected())
+	}
+	if err := e.Revoke(t.Context(), "d1"); err != nil {
+		t.Fatal(err)
+	}
+	waitClosedEmb(t, c)
+}
