@@ -43,16 +43,16 @@ func ParseFlightState(s string) (FlightState, bool) {
 // and on a clean shutdown. Conn identifies one connection so that the last
 // will of a connection that was taken over by a newer one can be ignored.
 type State struct {
-	Proto    uint16            `cbor:"0,keyasint"`           // ProtocolVersion of the sender
-	Online   bool              `cbor:"1,keyasint"`           // false in the last will and goodbye
-	Boot     uint64            `cbor:"2,keyasint"`           // boot epoch of the agent process
-	Conn     uint64            `cbor:"3,keyasint"`           // connection nonce, new for every MQTT connection
-	Time     int64             `cbor:"4,keyasint,omitempty"` // unix milliseconds, device clock
-	Hardware string            `cbor:"5,keyasint,omitempty"` // hardware revision, e.g. "rev-b"
-	Arch     string            `cbor:"6,keyasint,omitempty"` // GOARCH of the agent binary
-	Version  string            `cbor:"7,keyasint,omitempty"` // agent version (semver)
-	Labels   map[string]string `cbor:"8,keyasint,omitempty"` // labels the device reports for itself
-	Release  uint64            `cbor:"9,keyasint,omitempty"` // counter of the installed agent release
+	Proto    uint16            `cbor:"0,keyasint"`            // ProtocolVersion of the sender
+	Online   bool              `cbor:"1,keyasint"`            // false in the last will and goodbye
+	Boot     uint64            `cbor:"2,keyasint"`            // boot epoch of the agent process
+	Conn     uint64            `cbor:"3,keyasint"`            // connection nonce, new for every MQTT connection
+	Time     int64             `cbor:"4,keyasint,omitempty"`  // unix milliseconds, device clock
+	Hardware string            `cbor:"5,keyasint,omitempty"`  // hardware revision, e.g. "rev-b"
+	Arch     string            `cbor:"6,keyasint,omitempty"`  // GOARCH of the agent binary
+	Version  string            `cbor:"7,keyasint,omitempty"`  // agent version (semver)
+	Labels   map[string]string `cbor:"8,keyasint,omitempty"`  // labels the device reports for itself
+	Release  uint64            `cbor:"9,keyasint,omitempty"`  // counter of the installed agent release
 	Payloads map[string]string `cbor:"10,keyasint,omitempty"` // installed versions of non-agent payloads
 }
 

@@ -86,7 +86,7 @@ func New(opts Options) *API {
 	e.HideBanner, e.HidePort = true, true
 	e.HTTPErrorHandler = a.errorHandler
 	e.Use(middleware.Recover())
-	e.Use(middleware.BodyLimit(fmt.Sprint(MaxBody / 1024) + "K"))
+	e.Use(middleware.BodyLimit(fmt.Sprint(MaxBody/1024) + "K"))
 	e.GET("/healthz", a.healthz)
 	e.POST("/api/v1/enroll", a.enroll)
 	auth := a.requireAdmin

@@ -97,8 +97,8 @@ func NewEmbedded(opts EmbeddedOptions) (*Embedded, error) {
 	}
 	log := opts.Logger.With("component", "broker")
 	srv := mqtt.New(&mqtt.Options{
-		Capabilities:           caps,
-		InlineClient:           true,
+		Capabilities: caps,
+		InlineClient: true,
 		// mochi logs every listener and hook at Info; keep its Warn and up.
 		Logger:                 slog.New(minLevel{log.With("lib", "mochi").Handler(), slog.LevelWarn}),
 		SysTopicResendInterval: 60,
@@ -352,5 +352,7 @@ func (m minLevel) Enabled(ctx context.Context, l slog.Level) bool {
 	return l >= m.min && m.Handler.Enabled(ctx, l)
 }
 
-func (m minLevel) WithAttrs(as []slog.Attr) slog.Handler { return minLevel{m.Handler.WithAttrs(as), m.min} }
-func (m minLevel) WithGroup(n string) slog.Handler       { return minLevel{m.Handler.WithGroup(n), m.min} }
+func (m minLevel) WithAttrs(as []slog.Attr) slog.Handler {
+	return minLevel{m.Handler.WithAttrs(as), m.min}
+}
+func (m minLevel) WithGroup(n string) slog.Handler { return minLevel{m.Handler.WithGroup(n), m.min} }
