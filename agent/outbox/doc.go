@@ -29,23 +29,23 @@
 // Because the CRC covers the record's index, a frame copied to the wrong
 // place, a stale block or a run of zeros never passes as a record; the
 // position lets Open find the intact frames after a corrupt one, whichever
-// field the corruption hit. A segment
-// is appended to until the next frame would take it past Options.SegmentBytes
-// (a record bigger than that gets a segment of its own); then a new one is
-// created.
+// field the corruption hit. A segment is appended to until the next frame
+// would take it past Options.SegmentBytes (a bigger record gets a segment of
+// its own); then a new one is started. A record may be up to
+// Options.MaxRecordBytes, MaxBytes/2 less 32 bytes, so that one record never
+// pushes out more than half the outbox.
 //
-// The state slots "state-0" and "state-1" hold the ack position of each lane
-// (the lowest index not yet acknowledged or dropped, plus up to 1024 ranges
-// acknowledged out of order above it), the next index of each lane and the
-// count of drops not yet taken by TakeDropped, with a sequence number and a
-// CRC-32C. Open uses the valid slot with the highest sequence number. Ack
-// progress is written without fsync to the slot that does not hold the last
+// The state slots "state-0" and "state-1" hold, with a sequence number and a
+// CRC-32C, the ack position of each lane (the lowest index not yet
+// acknowledged or dropped, plus up to 1024 ranges acknowledged out of order
+// above it), the next index of each lane, and the count of drops not yet
+// taken by TakeDropped. Open uses the valid slot with the highest sequence
+// number. Writes without fsync go to the slot that does not hold the last
 // fsynced state, so a write torn by a power cut never destroys that state.
 //
-// A lane always keeps its newest segment file, even once every record in it
-// is acknowledged or dropped, because its name carries the index the next
-// Append will use; this is what keeps indexes from being reused when the
-// state slots lag.
+// A lane keeps its newest segment file even once every record in it is
+// acknowledged or dropped: its name carries the index the next Append will
+// use, which keeps indexes from being reused when the state slots lag.
 //
 // # Durability and repeats
 //
@@ -57,27 +57,30 @@
 // skipped all the same, because a record damaged after it was written (and
 // maybe sent) looks the same.
 //
-// Acks are never lost to a process crash: every Ack writes the state slot
-// before returning, and the kernel keeps that write even if the process dies.
-// After a clean Close nothing acknowledged is returned again. What Peek can
-// return again after a restart, although it was acknowledged, is:
+// Every Ack writes the state slot, without fsync, before it returns. What
+// Peek may return again after a restart although it was acknowledged (the
+// receiver drops it by ID) is therefore:
 //
-//   - after a power cut or kernel crash: records acknowledged since the last
-//     state write the kernel flushed to disk (the state is fsynced only on
-//     Close, on Open and when records are dropped; Linux flushes dirty pages
-//     within about 30 seconds by default). A segment file deleted because all
-//     its records were acknowledged may also come back, with the same effect;
-//   - records acknowledged out of order, above the ack position, beyond the
-//     first 1024 acknowledged ranges of a lane (not persisted);
+//   - after Close or a process crash: nothing, except records acknowledged
+//     out of order, above a lane's ack position, beyond its first 1024 such
+//     ranges, which are kept in memory only;
+//   - after a power cut or kernel crash, also: records acknowledged since the
+//     last state write that reached the disk. The state is fsynced by Open,
+//     Close and every drop; other writes reach the disk when the kernel
+//     flushes them, within about 30 seconds on a default Linux. A segment
+//     file deleted because all its records were acknowledged may come back
+//     too, with the same effect;
 //   - every record still on disk, if both state slots are lost or corrupt.
 //
-// No record is ever skipped: the state only ever records indexes that were
-// acknowledged or dropped. With Options.NoSync nothing is fsynced: a process
+// No record is ever skipped: the state only ever marks indexes that were
+// acknowledged, dropped or never used. With Options.NoSync nothing is fsynced: a process
 // crash is still safe, a power cut may lose or repeat anything.
 //
 // # Bound and drops
 //
-// The segment files never take more than Options.MaxBytes together. When an
+// The segment files never take more than Options.MaxBytes together (except
+// for an instant inside an Append that drops a lane's newest segment: its
+// empty successor, 20 bytes, is created before it is deleted). When an
 // Append would go past it, whole segments are dropped, oldest first, all
 // telemetry before any event: the newest telemetry segment, even the one being
 // written, goes before the oldest event segment. Dropping is the only way the

@@ -175,6 +175,10 @@ func (ls *lane) pending() uint64 {
 	return n
 }
 
+// maxScratch is the capacity of Append's scratch buffer that is kept between
+// calls: enough for any usual record.
+const maxScratch = 16 << 10
+
 // Outbox is an on-disk, bounded, two-lane queue of records. It is safe for
 // concurrent use.
 type Outbox struct {
@@ -217,11 +221,11 @@ func Open(dir string, opts Options) (*Outbox, error) {
 		log:       opts.Logger.With("component", "outbox"),
 		notify:    make(chan struct{}, 1),
 		dirf:      dirf,
-		frame:     make([]byte, segHeaderSize, 4<<10),
+		frame:     make([]byte, segHeaderSize, maxScratch),
 		rd:        bufio.NewReaderSize(nil, 32<<10),
 	}
 	if err := o.load(); err != nil {
-		o.closeFiles()
+		_ = o.closeFiles()
 		return nil, fmt.Errorf("open outbox %s: %w", dir, err)
 	}
 	return o, nil
@@ -248,6 +252,10 @@ func (o *Outbox) Append(l Lane, rec []byte) error {
 	defer o.mu.Unlock()
 	if o.closed {
 		return ErrClosed
+	}
+	if cap(o.frame) > maxScratch {
+		// A rare big record must not pin its size in memory.
+		defer func() { o.frame = make([]byte, segHeaderSize, maxScratch) }()
 	}
 	ls := o.lanes[l]
 	f := int64(frameHeaderSize + len(rec))

@@ -63,7 +63,11 @@ type ExternalOptions struct {
 	ClientID string
 	// Shared, when set, subscribes through the shared subscription group
 	// $share/<Shared>/...: replicas with the same group (and distinct
-	// ClientIDs) split the device messages between them.
+	// ClientIDs) split the device messages between them. Mosquitto 2.0
+	// goes on dealing messages to the session of a replica that is down,
+	// where they wait for it to return: a replica removed for good must
+	// have its session removed too (persistent_client_expiration, or one
+	// clean-session connection with its client id).
 	Shared string
 	// DynsecTopic is the dynamic security plugin's command topic;
 	// DefaultDynsecTopic when empty.
@@ -144,6 +148,12 @@ func (o *ExternalOptions) setDefaults() {
 // connection drops, retries stop: paho drops acknowledgements made for an
 // earlier connection, and the broker resends the message on the new one.
 //
+// Unlike the embedded broker, the broker acknowledges a device's publish
+// when it has queued the message, not when the control plane has stored
+// it: past that point the message is only as durable as the broker's
+// persistence (persistence true, a short autosave_interval), and the queue
+// is bounded by max_queued_messages.
+//
 // Accounts. Provision and Revoke drive the dynamic security plugin; see
 // Provision for the layout of the accounts.
 type External struct {
@@ -181,9 +191,10 @@ type External struct {
 
 var _ Bus = (*External)(nil)
 
-// NewExternal creates the client and starts connecting in the background;
-// Provision and Publish wait for the connection, Start also subscribes to
-// the device topics.
+// NewExternal creates the client and starts connecting in the background,
+// retrying until Close. Provision and Revoke wait for the connection,
+// Publish is queued while there is none, and Start subscribes to the device
+// topics.
 func NewExternal(opts ExternalOptions) (*External, error) {
 	opts.setDefaults()
 	if err := opts.Validate(); err != nil {

@@ -31,7 +31,7 @@ type Device struct {
 	Revoked    bool              `json:"revoked,omitempty"`
 	EnrolledAt *time.Time        `json:"enrolled_at,omitempty"`
 	FirstSeen  *time.Time        `json:"first_seen,omitempty"`
-	LastSeen   *time.Time        `json:"last_seen,omitempty"`
+	LastSeen   *time.Time        `json:"last_seen"`
 	Boot       uint64            `json:"boot_epoch,omitempty"`
 	Proto      uint16            `json:"protocol,omitempty"`
 	Payloads   map[string]string `json:"payloads,omitempty"`

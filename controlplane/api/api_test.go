@@ -1,0 +1,239 @@
+package api_test
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hangarfleet/hangar/controlplane/api"
+	"github.com/hangarfleet/hangar/controlplane/broker"
+	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// fakeBus records what the API asks of the broker.
+type fakeBus struct {
+	mu          sync.Mutex
+	provisioned map[string]string
+	revoked     []string
+	published   []string
+}
+
+var _ broker.Bus = (*fakeBus)(nil)
+
+func (f *fakeBus) Start(context.Context, broker.Handler) error { return nil }
+func (f *fakeBus) Publish(_ context.Context, d string, k proto.Kind, _ []byte) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.published = append(f.published, d+"/"+string(k))
+	return nil
+}
+func (f *fakeBus) Provision(_ context.Context, d, p string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.provisioned == nil {
+		f.provisioned = map[string]string{}
+	}
+	f.provisioned[d] = p
+	return nil
+}
+func (f *fakeBus) Revoke(_ context.Context, d string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.revoked = append(f.revoked, d)
+	return nil
+}
+func (f *fakeBus) Connected() int { return 0 }
+func (f *fakeBus) Close() error   { return nil }
+
+type env struct {
+	srv    *httptest.Server
+	db     *sqlite.DB
+	bus    *fakeBus
+	admin  string
+	enroll string
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	db, err := sqlite.Open(filepath.Join(t.TempDir(), "h.db"), sqlite.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	e := &env{db: db, bus: &fakeBus{}, admin: api.NewSecret("hga_"), enroll: api.NewSecret("hge_")}
+	ctx := context.Background()
+	db.SetToken(ctx, api.TokenAdmin, broker.HashPassword(e.admin), time.Now())
+	db.SetToken(ctx, api.TokenEnroll, broker.HashPassword(e.enroll), time.Now())
+	a := api.New(api.Options{Store: db, Bus: e.bus, MQTTURL: func(*http.Request) string { return "tcp://broker:1883" }})
+	e.srv = httptest.NewServer(a)
+	t.Cleanup(e.srv.Close)
+	return e
+}
+
+func (e *env) do(t *testing.T, method, path, token, body string, hdr ...string) (int, string) {
+	t.Helper()
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, _ := http.NewRequest(method, e.srv.URL+path, rd)
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func TestEnrollAndDevices(t *testing.T) {
+	e := newEnv(t)
+	code, body := e.do(t, "POST", "/api/v1/enroll", "", `{"enroll_token":"`+e.enroll+`","device_id":"d1","hardware":"rev-b","labels":{"base":"zurich"}}`)
+	if code != 200 {
+		t.Fatalf("enroll: %d %s", code, body)
+	}
+	var cred api.Credential
+	json.Unmarshal([]byte(body), &cred)
+	if cred.Username != "d1" || cred.MQTTURL != "tcp://broker:1883" || !strings.HasPrefix(cred.Password, "hgd_") {
+		t.Fatalf("credential %+v", cred)
+	}
+	if e.bus.provisioned["d1"] != cred.Password {
+		t.Fatal("broker not given the new password")
+	}
+	// The stored hash matches the password handed out, and nothing else.
+	h, err := e.db.Credential(context.Background(), "d1")
+	if err != nil || !broker.CheckPassword(h, cred.Password) || broker.CheckPassword(h, "x") {
+		t.Fatalf("stored credential: %v", err)
+	}
+	// The token may come as a bearer header too.
+	if code, body := e.do(t, "POST", "/api/v1/enroll", e.enroll, `{"device_id":"d2"}`); code != 200 {
+		t.Fatalf("enroll with bearer: %d %s", code, body)
+	}
+	code, body = e.do(t, "GET", "/api/v1/devices?selector=base=zurich", e.admin, "")
+	if code != 200 || !strings.Contains(body, `"id":"d1"`) || strings.Contains(body, `"id":"d2"`) {
+		t.Fatalf("list: %d %s", code, body)
+	}
+	var list []map[string]any
+	json.Unmarshal([]byte(body), &list)
+	for _, k := range []string{"id", "online", "version", "labels", "last_seen", "hardware"} {
+		if _, ok := list[0][k]; !ok && k != "last_seen" {
+			t.Errorf("device JSON lacks %q: %s", k, body)
+		}
+	}
+	if code, _ := e.do(t, "DELETE", "/api/v1/devices/d1?reason=lost", e.admin, ""); code != 204 {
+		t.Fatalf("revoke: %d", code)
+	}
+	if len(e.bus.revoked) != 1 {
+		t.Fatal("broker not told to revoke")
+	}
+	code, body = e.do(t, "POST", "/api/v1/enroll", "", `{"enroll_token":"`+e.enroll+`","device_id":"d1"}`)
+	if code != 403 {
+		t.Fatalf("enroll of revoked device: %d %s", code, body)
+	}
+	// An operator can add it back; the new credential works.
+	code, body = e.do(t, "POST", "/api/v1/devices", e.admin, `{"id":"d1","labels":{"hw":"rev-c"}}`, "X-Hangar-Actor", "alice")
+	if code != 201 {
+		t.Fatalf("add: %d %s", code, body)
+	}
+	code, body = e.do(t, "GET", "/api/v1/audit?target=d1", e.admin, "")
+	if code != 200 || !strings.Contains(body, `"action":"device.revoke"`) || !strings.Contains(body, `"reason":"lost"`) ||
+		!strings.Contains(body, `"actor":"admin:alice"`) {
+		t.Fatalf("audit: %d %s", code, body)
+	}
+}
+
+// TestBadInput: every bad request gets a JSON error with the right status
+// and changes nothing.
+func TestBadInput(t *testing.T) {
+	e := newEnv(t)
+	enroll := func(body string) string { return body }
+	cases := []struct {
+		name, method, path, token, body string
+		code                            int
+		msg                             string
+	}{
+		{"no token", "GET", "/api/v1/devices", "", "", 401, "missing bearer token"},
+		{"wrong token", "GET", "/api/v1/devices", "hga_wrong", "", 401, "invalid token"},
+		{"enroll token is not admin", "GET", "/api/v1/devices", e.enroll, "", 401, "invalid token"},
+		{"metrics need the token", "GET", "/metrics", "", "", 401, "missing bearer token"},
+		{"enroll bad token", "POST", "/api/v1/enroll", "", `{"enroll_token":"x","device_id":"d1"}`, 401, "invalid enrollment token"},
+		{"enroll admin token", "POST", "/api/v1/enroll", e.admin, `{"device_id":"d1"}`, 401, "invalid enrollment token"},
+		{"enroll malformed JSON", "POST", "/api/v1/enroll", e.enroll, `{"device_id":`, 400, "invalid JSON body"},
+		{"enroll unknown field", "POST", "/api/v1/enroll", e.enroll, `{"device_id":"d1","hardwear":"x"}`, 400, "unknown field"},
+		{"enroll wrong type", "POST", "/api/v1/enroll", e.enroll, `{"device_id":7}`, 400, "invalid JSON body"},
+		{"enroll trailing data", "POST", "/api/v1/enroll", e.enroll, `{"device_id":"d1"} {}`, 400, "data after"},
+		{"enroll bad id", "POST", "/api/v1/enroll", e.enroll, enroll(`{"device_id":"a/b"}`), 400, "invalid device id"},
+		{"enroll wildcard id", "POST", "/api/v1/enroll", e.enroll, enroll(`{"device_id":"#"}`), 400, "invalid device id"},
+		{"enroll bad label", "POST", "/api/v1/enroll", e.enroll, enroll(`{"device_id":"d1","labels":{"a b":"c"}}`), 400, "invalid label"},
+		{"enroll empty body", "POST", "/api/v1/enroll", e.enroll, "", 400, "empty body"},
+		{"enroll huge body", "POST", "/api/v1/enroll", e.enroll, `{"device_id":"` + strings.Repeat("x", 100<<10) + `"}`, 413, "larger than"},
+		{"device bad id", "GET", "/api/v1/devices/a..b%2Fc", e.admin, "", 400, "invalid device id"},
+		{"device unknown", "GET", "/api/v1/devices/nope", e.admin, "", 404, "not found"},
+		{"revoke unknown", "DELETE", "/api/v1/devices/nope", e.admin, "", 404, "not found"},
+		{"telemetry unknown", "GET", "/api/v1/devices/nope/telemetry", e.admin, "", 404, "not found"},
+		{"telemetry bad from", "GET", "/api/v1/devices/nope/telemetry?from=yesterday", e.admin, "", 400, "RFC 3339"},
+		{"telemetry bad limit", "GET", "/api/v1/devices/nope/telemetry?limit=-1", e.admin, "", 400, "limit must be"},
+		{"list bad online", "GET", "/api/v1/devices?online=maybe", e.admin, "", 400, "online must be"},
+		{"list bad selector", "GET", "/api/v1/devices?selector=hw", e.admin, "", 400, "not key=value"},
+		{"add bad JSON", "POST", "/api/v1/devices", e.admin, `[]`, 400, "invalid JSON body"},
+		{"add no id", "POST", "/api/v1/devices", e.admin, `{}`, 400, "invalid device id"},
+		{"unknown route", "GET", "/api/v1/nothing", e.admin, "", 404, "Not Found"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			code, body := e.do(t, c.method, c.path, c.token, c.body)
+			if code != c.code {
+				t.Fatalf("status %d, want %d: %s", code, c.code, body)
+			}
+			var eb api.Error
+			if err := json.Unmarshal([]byte(body), &eb); err != nil || !strings.Contains(eb.Error, c.msg) {
+				t.Fatalf("error body %q, want a JSON error containing %q", body, c.msg)
+			}
+		})
+	}
+	if ds, _ := e.db.Devices(context.Background(), store.DeviceFilter{}); len(ds) != 0 {
+		t.Fatalf("bad requests created %d devices", len(ds))
+	}
+	// A wrong content type is refused.
+	req, _ := http.NewRequest("POST", e.srv.URL+"/api/v1/enroll", strings.NewReader("device_id=d1"))
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("Authorization", "Bearer "+e.enroll)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 415 {
+		t.Fatalf("form body: %d", resp.StatusCode)
+	}
+}
+
+func TestHealthzAndMetrics(t *testing.T) {
+	e := newEnv(t)
+	if code, body := e.do(t, "GET", "/healthz", "", ""); code != 200 || !strings.Contains(body, "ok") {
+		t.Fatalf("healthz %d %s", code, body)
+	}
+	e.do(t, "POST", "/api/v1/enroll", "", `{"enroll_token":"bad","device_id":"d1"}`)
+	code, body := e.do(t, "GET", "/metrics", e.admin, "")
+	if code != 200 || !strings.Contains(body, `hangar_enrollments_total{result="bad_token"} 1`) {
+		t.Fatalf("metrics %d:\n%s", code, body)
+	}
+}
