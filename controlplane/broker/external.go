@@ -15,6 +15,7 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/proto"
@@ -35,6 +36,8 @@ const (
 	// has no deadline. The plugin drops commands from an account without
 	// the right to send them, so no answer must not mean waiting forever.
 	DefaultDynsecTimeout = 10 * time.Second
+	// DefaultPublishTimeout bounds a Publish whose context has no deadline.
+	DefaultPublishTimeout = 30 * time.Second
 	// DefaultStartTimeout bounds how long Start waits for the first
 	// connection and subscription.
 	DefaultStartTimeout = 30 * time.Second
@@ -228,6 +231,7 @@ func NewExternal(opts ExternalOptions) (*External, error) {
 		SetTLSConfig(opts.TLSConfig).
 		SetProtocolVersion(4). // MQTT 3.1.1
 		SetCleanSession(false).
+		SetStore(nullStore{}).
 		SetResumeSubs(false). // subscriptions are made again at every connection
 		SetOrderMatters(false).
 		SetAutoAckDisabled(true).
@@ -376,7 +380,9 @@ func (e *External) Start(ctx context.Context, h Handler) error {
 }
 
 // Publish sends a QoS1 message to a device topic and waits for the broker's
-// acknowledgement. If ctx ends first the message may still be sent.
+// acknowledgement, or for ctx (DefaultPublishTimeout if it has no
+// deadline). On error the message may or may not have reached the broker;
+// it is not sent again (see nullStore): the caller retries.
 func (e *External) Publish(ctx context.Context, device string, kind proto.Kind, payload []byte) error {
 	if e.isClosed() {
 		return ErrClosed
@@ -385,11 +391,47 @@ func (e *External) Publish(ctx context.Context, device string, kind proto.Kind, 
 	if _, _, err := proto.ParseTopic(topic); err != nil {
 		return fmt.Errorf("publish: %w", err)
 	}
-	if err := wait(ctx, e.client.Publish(topic, 1, false, payload)); err != nil {
+	if err := e.publish(ctx, topic, payload); err != nil {
 		return fmt.Errorf("publish %s: %w", topic, err)
 	}
 	return nil
 }
+
+// publish publishes at QoS1 on a live connection. paho would only store
+// a message published while it is reconnecting, for a resend that
+// nullStore disables, so wait for the connection first.
+func (e *External) publish(ctx context.Context, topic string, payload []byte) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, DefaultPublishTimeout)
+		defer cancel()
+	}
+	if _, err := e.waitUp(ctx); err != nil {
+		return err
+	}
+	return wait(ctx, e.client.Publish(topic, 1, false, payload))
+}
+
+// nullStore is a paho.Store that keeps nothing, so paho never resends our
+// publishes after a reconnect. A resent dynamic security command could undo
+// a later one (a createClient replayed after the Revoke that followed it),
+// and a resent command would reach a device after the caller gave up on it.
+// It also keeps clear of a race in paho v1.5.1, whose resume() walks the
+// store on a new connection while publishes already go out on it (a data
+// race on the DUP flag, then "close of closed channel" in claimID).
+//
+// The price: the token of a publish in flight when the connection drops
+// never completes (its message id stays taken), so every wait on a token
+// is bounded by a context.
+type nullStore struct{}
+
+func (nullStore) Open()                             {}
+func (nullStore) Put(string, packets.ControlPacket) {}
+func (nullStore) Get(string) packets.ControlPacket  { return nil }
+func (nullStore) All() []string                     { return nil }
+func (nullStore) Del(string)                        {}
+func (nullStore) Close()                            {}
+func (nullStore) Reset()                            {}
 
 // Provision creates or updates the broker account of a device through the
 // dynamic security plugin: username and client id are the device id (so a
@@ -417,7 +459,8 @@ func (e *External) Provision(ctx context.Context, device, password string) error
 		return errors.New("provision: empty password")
 	}
 	if device == e.opts.ClientID || device == e.opts.Username {
-		// Its client id would take over the control plane's session.
+		// Never a device: with this client id it would take over the
+		// control plane's session.
 		return fmt.Errorf("provision %s: %w", device, ErrForeignAccount)
 	}
 	defer e.locks.lock(device)()
@@ -857,9 +900,6 @@ func (e *External) dynsec(ctx context.Context, cmds ...dynsecCommand) ([]dynsecR
 		ctx, cancel = context.WithTimeout(ctx, DefaultDynsecTimeout)
 		defer cancel()
 	}
-	if _, err := e.waitUp(ctx); err != nil {
-		return nil, err
-	}
 	corr := fmt.Sprintf("hangar-%s-%d", e.corrPrefix, e.seq.Add(1))
 	names := make([]string, len(cmds))
 	for i, c := range cmds {
@@ -879,7 +919,7 @@ func (e *External) dynsec(ctx context.Context, cmds ...dynsecCommand) ([]dynsecR
 		delete(e.calls, corr)
 		e.callsMu.Unlock()
 	}()
-	if err := wait(ctx, e.client.Publish(e.opts.DynsecTopic, 1, false, b)); err != nil {
+	if err := e.publish(ctx, e.opts.DynsecTopic, b); err != nil {
 		return nil, fmt.Errorf("dynamic security %s: %w", strings.Join(names, "+"), err)
 	}
 	select {

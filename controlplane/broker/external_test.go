@@ -15,9 +15,12 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/eclipse/paho.mqtt.golang/packets"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/hangarfleet/hangar/controlplane/broker"
 	"github.com/hangarfleet/hangar/controlplane/broker/mosquittotest"
+	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -712,29 +715,112 @@ func TestExternalRevoke(t *testing.T) {
 	rec.waitPayload(t, "back")
 }
 
-// Device ids share the broker's namespace of usernames: a device must not
-// be able to take over, or revoke, the control plane's own account.
+// adminCommand sends a dynamic security command as the admin, the way an
+// operator's mosquitto_ctrl would, and fails the test on an error answer.
+func adminCommand(t testing.TB, m *mosquittotest.Mosquitto, command string) {
+	t.Helper()
+	c, err := dial(m, clientOpts{clientID: "operator", username: m.AdminUser, password: m.AdminPassword, clean: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Disconnect(0)
+	in := newInbox()
+	subscribe(t, c, broker.DefaultDynsecTopic+"/response", in.handler)
+	publish(t, c, broker.DefaultDynsecTopic, `{"commands":[`+command+`]}`)
+	select {
+	case r := <-in.ch:
+		if strings.Contains(r, `"error"`) {
+			t.Fatalf("dynamic security: %s", r)
+		}
+	case <-time.After(wait):
+		t.Fatal("no dynamic security response")
+	}
+}
+
+// Device ids share the broker's namespace of usernames: Provision and
+// Revoke must leave alone the accounts they did not make, the control
+// plane's own first.
 func TestExternalForeignAccounts(t *testing.T) {
 	m := mosquittotest.Start(t)
 	x := startExternal(t, m, newRecorder().handle)
-	if proto.ValidateDeviceID(m.AdminUser) != nil {
-		t.Fatalf("test needs an admin user that is a valid device id, not %q", m.AdminUser)
+	adminCommand(t, m, `{"command":"createClient","username":"other-app","password":"secret"}`)
+	for _, id := range []string{m.AdminUser, "other-app"} {
+		if proto.ValidateDeviceID(id) != nil {
+			t.Fatalf("test needs accounts named like devices, not %q", id)
+		}
+		if err := x.Provision(t.Context(), id, "taken"); !errors.Is(err, broker.ErrForeignAccount) {
+			t.Errorf("Provision(%q) = %v, want ErrForeignAccount", id, err)
+		}
+		if err := x.Revoke(t.Context(), id); !errors.Is(err, broker.ErrForeignAccount) {
+			t.Errorf("Revoke(%q) = %v, want ErrForeignAccount", id, err)
+		}
 	}
-	if err := x.Provision(t.Context(), m.AdminUser, "taken"); !errors.Is(err, broker.ErrForeignAccount) {
-		t.Errorf("Provision(%q) = %v, want ErrForeignAccount", m.AdminUser, err)
+	if err := x.Provision(t.Context(), broker.DefaultExternalClientID, "taken"); err == nil {
+		t.Errorf("Provision(%q) succeeded", broker.DefaultExternalClientID)
 	}
-	if err := x.Revoke(t.Context(), m.AdminUser); !errors.Is(err, broker.ErrForeignAccount) {
-		t.Errorf("Revoke(%q) = %v, want ErrForeignAccount", m.AdminUser, err)
+	for _, acct := range [][2]string{{m.AdminUser, m.AdminPassword}, {"other-app", "secret"}} {
+		c, err := dial(m, clientOpts{clientID: "check", username: acct[0], password: acct[1], clean: true})
+		if err != nil {
+			t.Fatalf("account %s damaged: %v", acct[0], err)
+		}
+		c.Disconnect(0)
 	}
-	c, err := dial(m, clientOpts{clientID: "check", username: m.AdminUser, password: m.AdminPassword, clean: true})
-	if err != nil {
-		t.Fatalf("admin account damaged: %v", err)
-	}
-	c.Disconnect(0)
 	for _, id := range []string{"", "a/b", "+", "#", strings.Repeat("x", 65)} {
 		if err := x.Provision(t.Context(), id, "pw"); err == nil {
 			t.Errorf("Provision(%q) succeeded", id)
 		}
+	}
+}
+
+func counter(t testing.TB, c prometheus.Counter) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
+}
+
+// Only an account with more rights than a device can publish on a topic
+// that matches the subscriptions but not the device layout; such messages
+// are counted and dropped, and acknowledged so that they do not come back.
+func TestExternalDropsForeignTopics(t *testing.T) {
+	m := mosquittotest.Start(t)
+	adminCommand(t, m, `{"command":"createRole","rolename":"rogue","acls":[`+
+		`{"acltype":"publishClientSend","topic":"hangar/v1/dev/+/state","allow":true}]},`+
+		`{"command":"createClient","username":"rogue","password":"secret","roles":[{"rolename":"rogue"}]}`)
+	met := metrics.New(nil)
+	rec := newRecorder()
+	x := startExternal(t, m, rec.handle, func(o *broker.ExternalOptions) { o.Metrics = met })
+	c, err := dial(m, clientOpts{clientID: "rogue", username: "rogue", password: "secret", clean: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Disconnect(0)
+	publish(t, c, "hangar/v1/dev/bad$id/state", "bad id")
+	publish(t, c, "hangar/v1/dev/"+strings.Repeat("x", 65)+"/state", "long id")
+	publish(t, c, proto.DeviceTopic("drone-9", proto.KindState), "marker")
+	rec.waitPayload(t, "marker")
+	drops := met.DecodeErrors.WithLabelValues("topic")
+	deadline := time.Now().Add(wait)
+	for counter(t, drops) != 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%v topic drops counted, want 2", counter(t, drops))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := payloads(rec.messages()); len(got) != 1 {
+		t.Fatalf("handler got %q", got)
+	}
+
+	x.Close()
+	rec2 := newRecorder()
+	startExternal(t, m, rec2.handle)
+	publish(t, c, proto.DeviceTopic("drone-9", proto.KindState), "marker-2")
+	rec2.waitPayload(t, "marker-2")
+	time.Sleep(negative)
+	if got := counter(t, drops); got != 2 {
+		t.Fatalf("dropped messages delivered again: %v drops", got)
 	}
 }
 

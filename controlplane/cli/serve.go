@@ -6,6 +6,9 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
+	_ "net/http/pprof" // for --pprof
 	"os"
 	"path/filepath"
 	"time"
@@ -27,6 +30,7 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	fs.DurationVar(&o.OnlineTimeout, "online-timeout", 90*time.Second, "a device silent this long is shown offline")
 	fs.IntVar(&o.ConnectRate, "connect-rate", 0, "cap on MQTT connections accepted per second by the embedded broker (0: none)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	pprofAddr := fs.String("pprof", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6060; off when empty")
 	if _, err := parse(fs, args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
@@ -48,6 +52,14 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 			}
 			o.BrokerPassword = string(trimNL(b))
 		}
+	}
+	if *pprofAddr != "" {
+		ln, err := net.Listen("tcp", *pprofAddr)
+		if err != nil {
+			return fmt.Errorf("pprof: %w", err)
+		}
+		go http.Serve(ln, http.DefaultServeMux) // net/http/pprof registers there
+		defer ln.Close()
 	}
 	srv, err := server.New(o)
 	if err != nil {

@@ -134,16 +134,30 @@ func (in *Ingester) logDecodeError(m broker.Message, err error) {
 	in.log.Warn("malformed device message dropped", "device", m.Device, "kind", string(m.Kind), "bytes", len(m.Payload), "err", err)
 }
 
+// flusher is implemented by stores that write device rows behind.
+type flusher interface {
+	FlushSeen(ctx context.Context) error
+}
+
 // Run writes queued messages until ctx is done.
 func (in *Ingester) Run(ctx context.Context) {
 	group := make([]job, 0, in.opts.MaxGroup)
 	items := make([]store.IngestItem, 0, in.opts.MaxGroup)
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
 	for {
 		group, items = group[:0], items[:0]
 		select {
 		case <-ctx.Done():
 			in.drain(ctx.Err())
 			return
+		case <-tick.C:
+			if f, ok := in.st.(flusher); ok {
+				if err := f.FlushSeen(ctx); err != nil && ctx.Err() == nil {
+					in.log.Error("device rows not written", "err", err)
+				}
+			}
+			continue
 		case j := <-in.q:
 			group = append(group, j)
 		}
@@ -174,11 +188,17 @@ func (in *Ingester) write(ctx context.Context, group []job, items []store.Ingest
 		in.log.Error("store write failed; messages stay unacknowledged", "messages", len(items), "err", err)
 	} else {
 		m := in.opts.Metrics
+		now := time.Now().UnixMilli()
 		m.Samples.Add(float64(res.Samples))
 		m.Duplicates.Add(float64(res.Duplicates))
 		m.UnknownDevice.Add(float64(res.Unknown))
 		for i := range items {
 			it := &items[i]
+			if it.Kind == store.IngestBatch {
+				if d := now - it.Batch.Base; d >= 0 {
+					m.IngestDelay.Observe(float64(d) / 1000)
+				}
+			}
 			switch {
 			case it.Kind == store.IngestBatch && it.Batch.Dropped > 0:
 				m.AgentDropped.Add(float64(it.Batch.Dropped))

@@ -24,6 +24,7 @@ type Metrics struct {
 	StoreLatency   prometheus.Histogram   // one group write to SQLite
 	GroupSize      prometheus.Histogram   // messages per group write
 	StoreErrors    prometheus.Counter
+	IngestDelay    prometheus.Histogram   // from a batch's first sample to its storage
 	AuthFailures   *prometheus.CounterVec // refused MQTT connections, by reason
 	ACLDenials     *prometheus.CounterVec // refused publish/subscribe, by access
 	Enrollments    *prometheus.CounterVec // by result
@@ -64,6 +65,11 @@ func New(connected func() float64) *Metrics {
 			Name: "hangar_store_group_messages", Help: "Device messages per group write.",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 12),
 		}),
+		IngestDelay: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "hangar_ingest_delay_seconds",
+			Help:    "Time from a telemetry batch's first sample (device clock) to its storage: batching, outbox, transport and store.",
+			Buckets: []float64{.001, .002, .005, .01, .015, .02, .03, .05, .075, .1, .15, .2, .25, .3, .4, .5, .75, 1, 2, 5, 10, 30, 60, 300},
+		}),
 		StoreErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "hangar_store_errors_total", Help: "Failed group writes (the messages were not acknowledged).",
 		}),
@@ -81,7 +87,7 @@ func New(connected func() float64) *Metrics {
 		}),
 	}
 	r.MustRegister(m.Messages, m.Samples, m.Duplicates, m.UnknownDevice, m.DecodeErrors, m.AgentDropped,
-		m.StoreLatency, m.GroupSize, m.StoreErrors, m.AuthFailures, m.ACLDenials, m.Enrollments, m.CommandsSent)
+		m.StoreLatency, m.GroupSize, m.StoreErrors, m.IngestDelay, m.AuthFailures, m.ACLDenials, m.Enrollments, m.CommandsSent)
 	if connected != nil {
 		m.ConnectedGauge = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "hangar_mqtt_connected_clients", Help: "Clients connected to the embedded broker.",

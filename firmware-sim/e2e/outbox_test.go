@@ -47,7 +47,7 @@ func storedSeqs(t testing.TB, dataDir, device string) (seqs map[uint64][]uint64,
 			f(boot, seq, n)
 		}
 	}
-	q(`SELECT b.boot, b.seq, 1 FROM batches b JOIN devices d ON d.num = b.dev WHERE d.id = ?`, func(b, s uint64, _ int) { seqs[b] = append(seqs[b], s) })
+	q(`SELECT DISTINCT t.boot, t.seq, 1 FROM telemetry t JOIN devices d ON d.num = t.dev WHERE d.id = ?`, func(b, s uint64, _ int) { seqs[b] = append(seqs[b], s) })
 	q(`SELECT e.boot, e.seq, 1 FROM events e JOIN devices d ON d.num = e.dev WHERE d.id = ?`, func(b, s uint64, _ int) { seqs[b] = append(seqs[b], s) })
 	q(`SELECT t.boot, t.seq, count(*) FROM telemetry t JOIN devices d ON d.num = t.dev WHERE d.id = ? GROUP BY t.boot, t.seq`,
 		func(b, s uint64, n int) { rowsPerBatch[[2]uint64{b, s}] = n })

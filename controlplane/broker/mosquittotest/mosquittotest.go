@@ -233,7 +233,7 @@ type dynsecRole struct {
 	ACLs     []broker.DynsecACL `json:"acls"`
 }
 
-// dynsecIterations is what Mosquitto 2.0.11 itself uses for new clients.
+// dynsecIterations is what `mosquitto_ctrl dynsec init` writes on 2.0.11.
 const dynsecIterations = 101
 
 // hashPassword hashes a password as the dynamic security plugin does:
@@ -292,6 +292,7 @@ func (m *Mosquitto) start() error {
 	cmd := exec.Command(m.bin, "-c", filepath.Join(m.Dir, "mosquitto.conf"))
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.Dir = m.Dir
+	dieWithParent(cmd)
 	if err := cmd.Start(); err != nil {
 		return err
 	}

@@ -34,45 +34,185 @@ func (db *DB) WriteIngest(ctx context.Context, items []store.IngestItem) (store.
 	}
 	defer tx.Rollback()
 	w := ingestTx{db: db, tx: tx, seen: map[string]*devSeen{}}
-	defer w.close()
+	committed := false
+	defer func() { w.endMarks(committed) }()
 	for i := range items {
 		if err := w.apply(ctx, &items[i], &res); err != nil {
 			return store.IngestResult{}, fmt.Errorf("ingest %s: %w", items[i].Device, err)
 		}
 	}
-	if err := w.flushSeen(ctx); err != nil {
+	if err := w.writeMarks(ctx); err != nil {
+		return store.IngestResult{}, fmt.Errorf("ingest: %w", err)
+	}
+	db.seenMu.Lock()
+	defer db.seenMu.Unlock()
+	for _, s := range w.seen {
+		db.mergeSeen(s)
+	}
+	flushed, err := db.flushSeenLocked(ctx, tx, false)
+	if err != nil {
 		return store.IngestResult{}, fmt.Errorf("ingest: %w", err)
 	}
 	if err := tx.Commit(); err != nil {
 		return store.IngestResult{}, fmt.Errorf("ingest commit: %w", err)
 	}
+	committed = true
+	db.forgetSeenLocked(flushed)
 	return res, nil
 }
 
-type ingestTx struct {
-	db                            *DB
-	tx                            *sql.Tx
-	seen                          map[string]*devSeen
-	batchStmt, sampleStmt, evStmt *sql.Stmt
-}
-
-func (w *ingestTx) close() {
-	for _, s := range []*sql.Stmt{w.batchStmt, w.sampleStmt, w.evStmt} {
-		if s != nil {
-			s.Close()
-		}
+// mergeSeen folds what one group saw of a device into what is waiting to
+// be written to its row.
+func (db *DB) mergeSeen(s *devSeen) {
+	p := db.pending[s.num]
+	if p == nil {
+		db.pending[s.num] = s
+		return
+	}
+	p.last = max(p.last, s.last)
+	p.dropped += s.dropped
+	if s.sample != nil && (p.sample == nil || s.sampleTS >= p.sampleTS) {
+		p.sample, p.sampleTS = s.sample, s.sampleTS
 	}
 }
 
-func (w *ingestTx) stmt(ctx context.Context, p **sql.Stmt, q string) (*sql.Stmt, error) {
-	if *p == nil {
-		s, err := w.tx.PrepareContext(ctx, q)
-		if err != nil {
+// flushSeenLocked writes the device rows that are due: a device row
+// (last seen, latest sample) is rewritten at most once per
+// SeenFlushInterval, not for every message, because at thousands of
+// messages a second these updates would cost more than the telemetry
+// itself. Drop counts are written at once. It returns the devices written.
+func (db *DB) flushSeenLocked(ctx context.Context, tx *sql.Tx, all bool) ([]int64, error) {
+	now := time.Now()
+	st := tx.StmtContext(ctx, db.seenStmt)
+	var done []int64
+	for num, s := range db.pending {
+		if !all && s.dropped == 0 && now.Sub(db.flushedAt[num]) < db.opts.SeenFlushInterval {
+			continue
+		}
+		var sample []byte
+		var sampleTS any
+		if s.sample != nil {
+			sample, _ = proto.Marshal(s.sample)
+			sampleTS = s.sampleTS
+		}
+		if _, err := st.ExecContext(ctx, s.last, s.dropped, sampleTS, sample, num); err != nil {
 			return nil, err
 		}
-		*p = s
+		done = append(done, num)
 	}
-	return *p, nil
+	return done, nil
+}
+
+func (db *DB) forgetSeenLocked(nums []int64) {
+	now := time.Now()
+	for _, n := range nums {
+		delete(db.pending, n)
+		db.flushedAt[n] = now
+	}
+}
+
+// FlushSeen writes every pending device row now.
+func (db *DB) FlushSeen(ctx context.Context) error {
+	db.seenMu.Lock()
+	defer db.seenMu.Unlock()
+	if len(db.pending) == 0 {
+		return nil
+	}
+	tx, err := db.w.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("flush devices: %w", err)
+	}
+	defer tx.Rollback()
+	done, err := db.flushSeenLocked(ctx, tx, true)
+	if err != nil {
+		return fmt.Errorf("flush devices: %w", err)
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("flush devices: %w", err)
+	}
+	db.forgetSeenLocked(done)
+	return nil
+}
+
+type ingestTx struct {
+	db   *DB
+	tx   *sql.Tx
+	seen map[string]*devSeen
+	// statements prepared once on the writer connection, bound to tx
+	sample, event, hwm *sql.Stmt
+	marks              []*streamMark // marks changed in this transaction
+}
+
+// streamKey names a device's sequence of one message kind in one boot.
+type streamKey struct {
+	dev  int64
+	boot uint64
+	kind uint8
+}
+
+// streamMark is the highest sequence stored for a streamKey.
+type streamMark struct {
+	key   streamKey
+	hwm   uint64
+	dirty bool
+	used  time.Time
+	prev  uint64 // hwm before this transaction, restored on rollback
+	inTx  bool
+}
+
+// mark returns the cached high-water mark of k, loading it from the
+// streams table on a miss.
+func (w *ingestTx) mark(ctx context.Context, k streamKey) (*streamMark, error) {
+	w.db.hwmMu.Lock()
+	m := w.db.hwm[k]
+	w.db.hwmMu.Unlock()
+	if m == nil {
+		m = &streamMark{key: k}
+		err := w.stmt(ctx, &w.hwm, w.db.hwmStmt).QueryRowContext(ctx, k.dev, k.boot, k.kind).Scan(&m.hwm)
+		if err != nil && !errors.Is(err, sql.ErrNoRows) {
+			return nil, err
+		}
+		w.db.hwmMu.Lock()
+		w.db.hwm[k] = m
+		w.db.hwmMu.Unlock()
+	}
+	if !m.inTx {
+		m.inTx, m.prev = true, m.hwm
+		w.marks = append(w.marks, m)
+	}
+	return m, nil
+}
+
+// writeMarks stores the marks this transaction moved.
+func (w *ingestTx) writeMarks(ctx context.Context) error {
+	st := w.tx.StmtContext(ctx, w.db.streamStmt)
+	for _, m := range w.marks {
+		if m.dirty {
+			if _, err := st.ExecContext(ctx, m.key.dev, m.key.boot, m.key.kind, m.hwm, ms(m.used)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// endMarks settles the cached marks once the transaction is over: kept on
+// commit, restored on rollback.
+func (w *ingestTx) endMarks(committed bool) {
+	for _, m := range w.marks {
+		if !committed {
+			m.hwm = m.prev
+		}
+		m.inTx, m.dirty = false, false
+	}
+}
+
+// stmt binds a statement prepared at Open to this transaction, once.
+func (w *ingestTx) stmt(ctx context.Context, p **sql.Stmt, prepared *sql.Stmt) *sql.Stmt {
+	if *p == nil {
+		*p = w.tx.StmtContext(ctx, prepared)
+	}
+	return *p
 }
 
 // devNum resolves a device id to its row number, caching hits. It returns 0
@@ -152,23 +292,16 @@ func (w *ingestTx) applyState(ctx context.Context, num int64, it *store.IngestIt
 
 func (w *ingestTx) applyBatch(ctx context.Context, num int64, it *store.IngestItem, seen *devSeen, res *store.IngestResult) error {
 	b := it.Batch
-	bs, err := w.stmt(ctx, &w.batchStmt, `INSERT OR IGNORE INTO batches (dev, boot, seq, received) VALUES (?, ?, ?, ?)`)
+	mark, err := w.mark(ctx, streamKey{num, b.Boot, uint8(store.IngestBatch)})
 	if err != nil {
 		return err
 	}
-	r, err := bs.ExecContext(ctx, num, b.Boot, b.Seq, ms(it.Received))
-	if err != nil {
-		return err
-	}
-	if n, _ := r.RowsAffected(); n == 0 {
+	if b.Seq <= mark.hwm {
 		res.Duplicates++
 		return nil
 	}
-	ss, err := w.stmt(ctx, &w.sampleStmt, `INSERT INTO telemetry (dev, ts, boot, seq, battery, voltage, temp, cpu, mem,
-		lat, lon, alt, fix, flight, link, errors, reboots, uptime, ext) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
-	if err != nil {
-		return err
-	}
+	mark.hwm, mark.dirty, mark.used = b.Seq, true, it.Received
+	ss := w.stmt(ctx, &w.sample, w.db.sampleStmt)
 	for i := range b.Samples {
 		s := &b.Samples[i]
 		ts := b.Base + int64(s.T)
@@ -189,7 +322,7 @@ func (w *ingestTx) applyBatch(ctx context.Context, num int64, it *store.IngestIt
 		if len(s.Ext) > 0 {
 			ext, _ = proto.Marshal(s.Ext)
 		}
-		if _, err := ss.ExecContext(ctx, num, ts, b.Boot, b.Seq, bat, volt, temp, s.CPU, s.Mem, lat, lon, alt,
+		if _, err := ss.ExecContext(ctx, num, ts, b.Boot, b.Seq, i, bat, volt, temp, s.CPU, s.Mem, lat, lon, alt,
 			s.Fix, s.Flight, s.Link, s.Errors, s.Reboots, s.Uptime, ext); err != nil {
 			return err
 		}
@@ -204,12 +337,9 @@ func (w *ingestTx) applyBatch(ctx context.Context, num int64, it *store.IngestIt
 
 func (w *ingestTx) applyEvent(ctx context.Context, num int64, it *store.IngestItem, res *store.IngestResult) error {
 	e := it.Event
-	st, err := w.stmt(ctx, &w.evStmt, `INSERT OR IGNORE INTO events (dev, boot, seq, ts, received, kind, severity, code, message, cmd, body)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
-	if err != nil {
-		return err
-	}
+	st := w.stmt(ctx, &w.event, w.db.eventStmt)
 	var body []byte
+	var err error
 	if e.Update != nil || len(e.Attrs) > 0 {
 		body, err = json.Marshal(eventBody{Update: e.Update, Attrs: e.Attrs})
 		if err != nil {
@@ -233,29 +363,6 @@ type eventBody struct {
 	Attrs  map[string]string   `json:"attrs,omitempty"`
 }
 
-func (w *ingestTx) flushSeen(ctx context.Context) error {
-	for _, s := range w.seen {
-		var sample []byte
-		var sampleTS any
-		if s.sample != nil {
-			sample, _ = proto.Marshal(s.sample)
-			sampleTS = s.sampleTS
-		}
-		_, err := w.tx.ExecContext(ctx, `UPDATE devices SET
-			last_seen = max(coalesce(last_seen, 0), ?1),
-			first_seen = coalesce(first_seen, ?1),
-			dropped = dropped + ?2,
-			sample = CASE WHEN ?3 IS NOT NULL AND ?3 >= coalesce(sample_ts, 0) THEN ?4 ELSE sample END,
-			sample_ts = CASE WHEN ?3 IS NOT NULL AND ?3 >= coalesce(sample_ts, 0) THEN ?3 ELSE sample_ts END
-			WHERE num = ?5`,
-			s.last, s.dropped, sampleTS, sample, s.num)
-		if err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
 // PruneTelemetry deletes samples, batch records and events older than
 // cutoff, one device per transaction so that ingest is never held up for
 // long, and returns how many samples it removed.
@@ -276,6 +383,13 @@ func (db *DB) PruneTelemetry(ctx context.Context, cutoff time.Time) (int64, erro
 	rows.Close()
 	c := ms(cutoff)
 	var total int64
+	db.hwmMu.Lock()
+	for k, m := range db.hwm {
+		if m.used.Before(cutoff) {
+			delete(db.hwm, k)
+		}
+	}
+	db.hwmMu.Unlock()
 	for _, num := range nums {
 		if err := ctx.Err(); err != nil {
 			return total, err
@@ -286,7 +400,7 @@ func (db *DB) PruneTelemetry(ctx context.Context, cutoff time.Time) (int64, erro
 		}
 		n, _ := r.RowsAffected()
 		total += n
-		if _, err := db.w.ExecContext(ctx, `DELETE FROM batches WHERE dev = ? AND received < ?`, num, c); err != nil {
+		if _, err := db.w.ExecContext(ctx, `DELETE FROM streams WHERE dev = ? AND updated < ?`, num, c); err != nil {
 			return total, fmt.Errorf("prune: %w", err)
 		}
 		if _, err := db.w.ExecContext(ctx, `DELETE FROM events WHERE dev = ? AND received < ?`, num, c); err != nil {

@@ -28,6 +28,14 @@ type Options struct {
 	OnlineTimeout time.Duration
 	// Now is the clock; time.Now when nil.
 	Now func() time.Time
+	// SeenFlushInterval is how often at most a device's row (last seen,
+	// latest sample) is rewritten while it streams (default 1 s; negative
+	// writes it with every message).
+	SeenFlushInterval time.Duration
+	// CheckpointInterval is how often a background connection copies the
+	// WAL into the database, instead of the writer doing it in the middle
+	// of an ingest commit (default 1 s).
+	CheckpointInterval time.Duration
 }
 
 // DB is the SQLite store.
@@ -39,6 +47,19 @@ type DB struct {
 
 	mu      sync.Mutex       // guards devNums
 	devNums map[string]int64 // device id -> row number, for ingest
+
+	streamStmt, hwmStmt, sampleStmt, eventStmt, seenStmt *sql.Stmt
+
+	seenMu    sync.Mutex
+	pending   map[int64]*devSeen  // device row updates not yet written
+	flushedAt map[int64]time.Time // when each device row was last written
+
+	hwmMu sync.Mutex
+	hwm   map[streamKey]*streamMark // batch high-water marks, cached
+
+	ckpt     *sql.DB
+	stopCkpt chan struct{}
+	ckptDone chan struct{}
 }
 
 // Open opens (creating if needed) the database at path and migrates it to
@@ -49,6 +70,12 @@ func Open(path string, opts Options) (*DB, error) {
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
+	}
+	if opts.SeenFlushInterval == 0 {
+		opts.SeenFlushInterval = time.Second
+	}
+	if opts.CheckpointInterval <= 0 {
+		opts.CheckpointInterval = time.Second
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("open store: %w", err)
@@ -65,6 +92,7 @@ func Open(path string, opts Options) (*DB, error) {
 		q.Set("_busy_timeout", "10000")
 		q.Set("_foreign_keys", "on")
 		q.Set("_txlock", "immediate")
+		q.Set("_cache_size", "-32000") // 32 MB of page cache per connection
 		return "file:" + path + "?" + q.Encode() + extra
 	}
 	w, err := sql.Open("sqlite3", dsn(""))
@@ -78,8 +106,13 @@ func Open(path string, opts Options) (*DB, error) {
 		w.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
-	db := &DB{opts: opts, path: path, w: w, devNums: map[string]int64{}}
+	db := &DB{opts: opts, path: path, w: w, devNums: map[string]int64{},
+		pending: map[int64]*devSeen{}, flushedAt: map[int64]time.Time{}, hwm: map[streamKey]*streamMark{}}
 	if err := db.migrate(context.Background()); err != nil {
+		w.Close()
+		return nil, err
+	}
+	if err := db.prepare(); err != nil {
 		w.Close()
 		return nil, err
 	}
@@ -90,12 +123,87 @@ func Open(path string, opts Options) (*DB, error) {
 	}
 	r.SetMaxOpenConns(4)
 	db.r = r
+	// The writer never checkpoints; a second connection does, off the
+	// ingest path.
+	if _, err := w.Exec(`PRAGMA wal_autocheckpoint = 0`); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open store: %w", err)
+	}
+	if db.ckpt, err = sql.Open("sqlite3", dsn("")); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open store: %w", err)
+	}
+	db.ckpt.SetMaxOpenConns(1)
+	db.stopCkpt, db.ckptDone = make(chan struct{}), make(chan struct{})
+	go db.checkpointLoop()
 	return db, nil
 }
 
-// Close closes the database.
+func (db *DB) prepare() error {
+	for _, p := range []struct {
+		dst **sql.Stmt
+		q   string
+	}{
+		{&db.streamStmt, `INSERT INTO streams (dev, boot, kind, hwm, updated) VALUES (?, ?, ?, ?, ?)
+			ON CONFLICT (dev, boot, kind) DO UPDATE SET hwm = max(hwm, excluded.hwm), updated = excluded.updated`},
+		{&db.hwmStmt, `SELECT hwm FROM streams WHERE dev = ? AND boot = ? AND kind = ?`},
+		{&db.sampleStmt, `INSERT OR IGNORE INTO telemetry (dev, ts, boot, seq, idx, battery, voltage, temp, cpu, mem,
+			lat, lon, alt, fix, flight, link, errors, reboots, uptime, ext) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`},
+		{&db.eventStmt, `INSERT OR IGNORE INTO events (dev, boot, seq, ts, received, kind, severity, code, message, cmd, body)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`},
+		{&db.seenStmt, `UPDATE devices SET
+			last_seen = max(coalesce(last_seen, 0), ?1),
+			first_seen = coalesce(first_seen, ?1),
+			dropped = dropped + ?2,
+			sample = CASE WHEN ?3 IS NOT NULL AND ?3 >= coalesce(sample_ts, 0) THEN ?4 ELSE sample END,
+			sample_ts = CASE WHEN ?3 IS NOT NULL AND ?3 >= coalesce(sample_ts, 0) THEN ?3 ELSE sample_ts END
+			WHERE num = ?5`},
+	} {
+		s, err := db.w.Prepare(p.q)
+		if err != nil {
+			return fmt.Errorf("prepare: %w", err)
+		}
+		*p.dst = s
+	}
+	return nil
+}
+
+func (db *DB) checkpointLoop() {
+	defer close(db.ckptDone)
+	t := time.NewTicker(db.opts.CheckpointInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-db.stopCkpt:
+			return
+		case <-t.C:
+			// PASSIVE never blocks the writer; a busy reader just makes
+			// it copy less this time.
+			_, _ = db.ckpt.Exec(`PRAGMA wal_checkpoint(PASSIVE)`)
+		}
+	}
+}
+
+// Close writes pending device rows, checkpoints and closes the database.
 func (db *DB) Close() error {
-	return errors.Join(db.r.Close(), db.w.Close())
+	var errs []error
+	if db.stopCkpt != nil {
+		close(db.stopCkpt)
+		<-db.ckptDone
+		errs = append(errs, db.FlushSeen(context.Background()))
+		_, err := db.ckpt.Exec(`PRAGMA wal_checkpoint(TRUNCATE)`)
+		errs = append(errs, err, db.ckpt.Close())
+	}
+	for _, s := range []*sql.Stmt{db.streamStmt, db.hwmStmt, db.sampleStmt, db.eventStmt, db.seenStmt} {
+		if s != nil {
+			s.Close()
+		}
+	}
+	if db.r != nil {
+		errs = append(errs, db.r.Close())
+	}
+	errs = append(errs, db.w.Close())
+	return errors.Join(errs...)
 }
 
 // Path is the file the store lives in.
@@ -129,18 +237,25 @@ var migrations = []string{
 		sample BLOB
 	);
 	CREATE INDEX devices_version ON devices(version);
-	CREATE TABLE batches (
+	-- Per device, boot epoch and message kind: the highest sequence stored.
+	-- A device sends each kind in sequence order, so anything at or below
+	-- it is a QoS1 redelivery.
+	CREATE TABLE streams (
 		dev INTEGER NOT NULL,
 		boot INTEGER NOT NULL,
-		seq INTEGER NOT NULL,
-		received INTEGER NOT NULL,
-		PRIMARY KEY (dev, boot, seq)
+		kind INTEGER NOT NULL,
+		hwm INTEGER NOT NULL,
+		updated INTEGER NOT NULL,
+		PRIMARY KEY (dev, boot, kind)
 	) WITHOUT ROWID;
+	-- Clustered by device and time: one B-tree insert per sample, and a
+	-- device's time range is one contiguous scan.
 	CREATE TABLE telemetry (
 		dev INTEGER NOT NULL,
 		ts INTEGER NOT NULL,
 		boot INTEGER NOT NULL,
 		seq INTEGER NOT NULL,
+		idx INTEGER NOT NULL,
 		battery INTEGER,
 		voltage INTEGER,
 		temp INTEGER,
@@ -155,9 +270,9 @@ var migrations = []string{
 		errors INTEGER NOT NULL,
 		reboots INTEGER NOT NULL,
 		uptime INTEGER NOT NULL,
-		ext BLOB
-	);
-	CREATE INDEX telemetry_dev_ts ON telemetry(dev, ts);
+		ext BLOB,
+		PRIMARY KEY (dev, ts, boot, seq, idx)
+	) WITHOUT ROWID;
 	CREATE TABLE events (
 		id INTEGER PRIMARY KEY,
 		dev INTEGER NOT NULL,

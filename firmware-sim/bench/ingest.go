@@ -1,0 +1,467 @@
+// Package bench measures hangar: ingest throughput and latency with real
+// MQTT connections into a real control-plane process, side by side for the
+// embedded broker and Mosquitto.
+package bench
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// IngestOptions describe one ingest run.
+type IngestOptions struct {
+	Hangar    string        // path of the hangar binary
+	Devices   int           // simulated drones, each with its own connection
+	Rate      float64       // messages per second per drone
+	Warmup    time.Duration // load before measuring
+	Duration  time.Duration // measured load
+	Broker    string        // "embedded" or "mosquitto"
+	Inflight  int           // QoS1 messages awaiting PUBACK per connection
+	Samples   int           // samples per message
+	LogWriter io.Writer     // the control plane's log (nil: discarded)
+	ServeArgs []string      // extra flags for hangar serve
+}
+
+// IngestResult is what one run measured.
+type IngestResult struct {
+	Broker         string  `json:"broker"`
+	Devices        int     `json:"devices"`
+	Connected      int     `json:"connected"`
+	OfferedRate    float64 `json:"offered_msgs_per_s"`
+	Sent           int64   `json:"sent"`
+	Acked          int64   `json:"acked"`
+	Throttled      int64   `json:"throttled"` // sends skipped: the in-flight window was full
+	Stored         int64   `json:"stored"`
+	Lost           int64   `json:"lost"` // acked by the broker but never stored
+	Rate           float64 `json:"stored_msgs_per_s"`
+	AckP50         float64 `json:"puback_ms_p50"`
+	AckP99         float64 `json:"puback_ms_p99"`
+	LagP50         float64 `json:"commit_ms_p50"` // publish to SQLite commit (histogram interpolation)
+	LagP99         float64 `json:"commit_ms_p99"`
+	ServerRSSMB    float64 `json:"server_rss_mb"`
+	BrokerRSSMB    float64 `json:"broker_rss_mb,omitempty"`
+	RSSPerConnKB   float64 `json:"rss_per_connection_kb"`
+	ConnectSeconds float64 `json:"connect_seconds"`
+	GroupSize      float64 `json:"messages_per_commit"`
+	CommitMS       float64 `json:"store_write_ms"` // mean time of one group write
+	ServerCPU      float64 `json:"server_cpu_cores"`
+}
+
+type proc struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+func start(name string, args []string, env []string, logw io.Writer) (*proc, error) {
+	cmd := exec.Command(name, args...)
+	cmd.Env = append(os.Environ(), env...)
+	if logw == nil {
+		logw = io.Discard
+	}
+	cmd.Stdout, cmd.Stderr = logw, logw
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	p := &proc{cmd: cmd, done: make(chan struct{})}
+	go func() { cmd.Wait(); close(p.done) }()
+	return p, nil
+}
+
+func (p *proc) stop() {
+	p.cmd.Process.Signal(os.Interrupt)
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+func rssMB(pid int) float64 {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+			kb, _ := strconv.ParseFloat(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 64)
+			return kb / 1024
+		}
+	}
+	return 0
+}
+
+// FreePort returns a free loopback TCP port.
+func FreePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+func waitHTTP(url string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if resp, err := http.Get(url); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return nil
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("%s not up after %v", url, timeout)
+}
+
+// controlPlane is a hangar serve child process.
+type controlPlane struct {
+	*proc
+	url, admin, enroll string
+}
+
+func startControlPlane(bin, dir string, extra []string, env []string, logw io.Writer) (*controlPlane, error) {
+	port, err := FreePort()
+	if err != nil {
+		return nil, err
+	}
+	args := append([]string{"serve", "--data", dir, "--http", fmt.Sprintf("127.0.0.1:%d", port), "--log-level", "warn"}, extra...)
+	p, err := start(bin, args, env, logw)
+	if err != nil {
+		return nil, err
+	}
+	cp := &controlPlane{proc: p, url: fmt.Sprintf("http://127.0.0.1:%d", port)}
+	if err := waitHTTP(cp.url+"/healthz", 30*time.Second); err != nil {
+		p.stop()
+		return nil, err
+	}
+	for _, t := range []struct {
+		file string
+		dst  *string
+	}{{"admin.token", &cp.admin}, {"enroll.token", &cp.enroll}} {
+		b, err := os.ReadFile(filepath.Join(dir, t.file))
+		if err != nil {
+			p.stop()
+			return nil, err
+		}
+		*t.dst = strings.TrimSpace(string(b))
+	}
+	return cp, nil
+}
+
+type credential struct {
+	MQTTURL  string `json:"mqtt_url"`
+	Username string `json:"username"`
+	Password string `json:"password"`
+}
+
+func (cp *controlPlane) enrollAll(ctx context.Context, prefix string, n int) ([]credential, error) {
+	creds := make([]credential, n)
+	var next atomic.Int64
+	var firstErr error
+	var once sync.Once
+	var wg sync.WaitGroup
+	client := &http.Client{Timeout: 60 * time.Second}
+	for range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= n || ctx.Err() != nil {
+					return
+				}
+				body, _ := json.Marshal(map[string]any{"enroll_token": cp.enroll, "device_id": fmt.Sprintf("%s%05d", prefix, i), "hardware": "rev-b"})
+				resp, err := client.Post(cp.url+"/api/v1/enroll", "application/json", bytes.NewReader(body))
+				if err == nil {
+					if resp.StatusCode != 200 {
+						b, _ := io.ReadAll(resp.Body)
+						err = fmt.Errorf("enroll: HTTP %d: %s", resp.StatusCode, b)
+					} else {
+						err = json.NewDecoder(resp.Body).Decode(&creds[i])
+					}
+					resp.Body.Close()
+				}
+				if err != nil {
+					once.Do(func() { firstErr = err })
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return creds, firstErr
+}
+
+// scrape reads counters and one histogram from /metrics.
+func (cp *controlPlane) scrape() (map[string]float64, []bucket, error) {
+	req, _ := http.NewRequest("GET", cp.url+"/metrics", nil)
+	req.Header.Set("Authorization", "Bearer "+cp.admin)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer resp.Body.Close()
+	vals := map[string]float64{}
+	var hist []bucket
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if strings.HasPrefix(line, "#") {
+			continue
+		}
+		name, val, ok := strings.Cut(line, " ")
+		if !ok {
+			continue
+		}
+		v, _ := strconv.ParseFloat(val, 64)
+		if le, ok := strings.CutPrefix(name, `hangar_ingest_delay_seconds_bucket{le="`); ok {
+			ub, _ := strconv.ParseFloat(strings.TrimSuffix(le, `"}`), 64)
+			if strings.HasPrefix(le, "+Inf") {
+				ub = 1e9
+			}
+			hist = append(hist, bucket{ub, v})
+			continue
+		}
+		vals[name] = v
+	}
+	return vals, hist, sc.Err()
+}
+
+type bucket struct{ le, count float64 }
+
+// quantile interpolates linearly within the histogram bucket holding q.
+func quantile(after, before []bucket, q float64) float64 {
+	if len(after) == 0 || len(after) != len(before) {
+		return 0
+	}
+	total := after[len(after)-1].count - before[len(before)-1].count
+	if total <= 0 {
+		return 0
+	}
+	rank := q * total
+	prevLE, prevCount := 0.0, 0.0
+	for i := range after {
+		c := after[i].count - before[i].count
+		if c >= rank {
+			if c == prevCount {
+				return after[i].le
+			}
+			return prevLE + (after[i].le-prevLE)*(rank-prevCount)/(c-prevCount)
+		}
+		prevLE, prevCount = after[i].le, c
+	}
+	return after[len(after)-1].le
+}
+
+func percentile(xs []float64, q float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	sort.Float64s(xs)
+	return xs[min(len(xs)-1, int(q*float64(len(xs))))]
+}
+
+// RunIngest measures one broker setup.
+func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
+	res := IngestResult{Broker: o.Broker, Devices: o.Devices, OfferedRate: o.Rate * float64(o.Devices)}
+	if o.Inflight == 0 {
+		o.Inflight = 64
+	}
+	if o.Samples == 0 {
+		o.Samples = 1
+	}
+	dir, err := os.MkdirTemp("", "hangar-bench-")
+	if err != nil {
+		return res, err
+	}
+	defer os.RemoveAll(dir)
+	var extra, env []string
+	var mosq *Mosquitto
+	if o.Broker == "mosquitto" {
+		mosq, err = StartMosquitto(filepath.Join(dir, "mosquitto"), o.LogWriter)
+		if err != nil {
+			return res, err
+		}
+		defer mosq.Stop()
+		extra = append(extra, "--broker", mosq.URL(), "--broker-user", mosq.AdminUser)
+		env = append(env, "HANGAR_BROKER_PASSWORD="+mosq.AdminPassword)
+	} else {
+		port, err := FreePort()
+		if err != nil {
+			return res, err
+		}
+		extra = append(extra, "--mqtt", fmt.Sprintf("127.0.0.1:%d", port))
+	}
+	extra = append(extra, o.ServeArgs...)
+	cp, err := startControlPlane(o.Hangar, filepath.Join(dir, "data"), extra, env, o.LogWriter)
+	if err != nil {
+		return res, fmt.Errorf("control plane: %w", err)
+	}
+	defer cp.stop()
+	creds, err := cp.enrollAll(ctx, "bench-", o.Devices)
+	if err != nil {
+		return res, err
+	}
+	var acked atomic.Int64
+	var latMu sync.Mutex
+	var lats []float64
+	measuring := atomic.Bool{}
+	onAck := func(d time.Duration) {
+		if measuring.Load() {
+			acked.Add(1)
+			latMu.Lock()
+			lats = append(lats, float64(d.Microseconds())/1000)
+			latMu.Unlock()
+		}
+	}
+	baseRSS := rssMB(cp.cmd.Process.Pid)
+	conns := make([]*loadConn, len(creds))
+	t0 := time.Now()
+	for i, c := range creds {
+		addr := strings.TrimPrefix(c.MQTTURL, "tcp://")
+		conns[i], err = dialMQTT(addr, c.Username, c.Username, c.Password, 60*time.Second, onAck)
+		if err != nil {
+			return res, fmt.Errorf("connect %s: %w", c.Username, err)
+		}
+	}
+	res.ConnectSeconds = time.Since(t0).Seconds()
+	res.Connected = len(conns)
+	defer func() {
+		for _, c := range conns {
+			c.close()
+		}
+	}()
+	// One pacing goroutine per connection, phases spread over the period.
+	var sent, throttled atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	period := time.Duration(float64(time.Second) / o.Rate)
+	boot := uint64(time.Now().Unix())
+	for i, c := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			topic := proto.DeviceTopic(creds[i].Username, proto.KindTelemetry)
+			time.Sleep(time.Duration(int64(period) * int64(i) / int64(len(conns))))
+			t := time.NewTicker(period)
+			defer t.Stop()
+			var seq uint64
+			sample := proto.Sample{CPU: 200, Mem: 300, Flight: proto.FlightLanded}
+			lastPing := time.Now()
+			for {
+				select {
+				case <-stop:
+					return
+				case now := <-t.C:
+					seq++
+					b := proto.Batch{Boot: boot, Seq: seq, Base: now.UnixMilli()}
+					for range o.Samples {
+						b.Samples = append(b.Samples, sample)
+					}
+					payload, _ := proto.Marshal(&b)
+					err := c.publish(topic, payload, o.Inflight)
+					switch {
+					case errors.Is(err, errInflight):
+						throttled.Add(1)
+						seq--
+					case err != nil:
+						return
+					case measuring.Load():
+						sent.Add(1)
+					}
+					if now.Sub(lastPing) > 30*time.Second {
+						c.pingreq()
+						lastPing = now
+					}
+				}
+			}
+		}()
+	}
+	if !sleepCtx(ctx, o.Warmup) {
+		close(stop)
+		wg.Wait()
+		return res, ctx.Err()
+	}
+	before, hBefore, err := cp.scrape()
+	if err != nil {
+		return res, err
+	}
+	measuring.Store(true)
+	tm := time.Now()
+	sleepCtx(ctx, o.Duration)
+	measuring.Store(false)
+	elapsed := time.Since(tm).Seconds()
+	close(stop)
+	wg.Wait()
+	// Let in-flight messages finish before reading the store's counters.
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		n := 0
+		for _, c := range conns {
+			n += c.inflight()
+		}
+		if n == 0 {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	time.Sleep(500 * time.Millisecond) // Mosquitto acks before hangar stores
+	res.ServerRSSMB = rssMB(cp.cmd.Process.Pid)
+	if mosq != nil {
+		res.BrokerRSSMB = rssMB(mosq.Pid())
+	}
+	res.RSSPerConnKB = (res.ServerRSSMB + res.BrokerRSSMB - baseRSS) * 1024 / float64(len(conns))
+	after, hAfter, err := cp.scrape()
+	if err != nil {
+		return res, err
+	}
+	res.Sent, res.Acked, res.Throttled = sent.Load(), acked.Load(), throttled.Load()
+	// Messages acked during the measurement were sent during or just
+	// before it; the store's counter covers the same interval plus the
+	// drain, so stored >= acked when nothing is lost.
+	res.Stored = int64((after["hangar_ingest_samples_total"] - before["hangar_ingest_samples_total"]) / float64(o.Samples))
+	res.Lost = max(0, res.Sent-res.Stored)
+	res.Rate = float64(res.Stored) / elapsed
+	res.AckP50, res.AckP99 = percentile(lats, 0.5), percentile(lats, 0.99)
+	d := func(k string) float64 { return after[k] - before[k] }
+	if n := d("hangar_store_group_messages_count"); n > 0 {
+		res.GroupSize = d("hangar_store_group_messages_sum") / n
+		res.CommitMS = d("hangar_store_write_seconds_sum") / d("hangar_store_write_seconds_count") * 1000
+	}
+	res.ServerCPU = d("process_cpu_seconds_total") / elapsed
+	res.LagP50, res.LagP99 = quantile(hAfter, hBefore, 0.5)*1000, quantile(hAfter, hBefore, 0.99)*1000
+	return res, nil
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
