@@ -329,8 +329,9 @@ func (a *Agent) sampleLoop(ctx context.Context) {
 				batch.Base = now.UnixMilli()
 			}
 			off := now.UnixMilli() - batch.Base
-			if off < 0 || off > 1<<31 {
-				// The clock stepped: start a new batch at the new time.
+			if off < 0 || off > proto.MaxBatchSpan.Milliseconds() {
+				// The clock stepped, or sampling is slow: start a new
+				// batch at the new time.
 				flush()
 				batch.Base, off = now.UnixMilli(), 0
 			}

@@ -3,6 +3,7 @@ package proto
 import (
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/fxamacker/cbor/v2"
 )
@@ -19,6 +20,9 @@ const (
 	MaxMapPairs = 128
 	// MaxNesting caps the nesting depth of arrays and maps.
 	MaxNesting = 8
+	// MaxBatchSpan caps the time between a batch's start and its last
+	// sample, so that the control plane can find a time range quickly.
+	MaxBatchSpan = time.Hour
 )
 
 var (
@@ -149,6 +153,9 @@ func (b *Batch) Validate() error {
 		return errors.New("no samples")
 	}
 	for i := range b.Samples {
+		if b.Samples[i].T > uint32(MaxBatchSpan.Milliseconds()) {
+			return fmt.Errorf("sample %d is %d ms after the batch start, more than %v", i, b.Samples[i].T, MaxBatchSpan)
+		}
 		if err := b.Samples[i].Validate(); err != nil {
 			return fmt.Errorf("sample %d: %w", i, err)
 		}

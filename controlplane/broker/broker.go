@@ -27,9 +27,26 @@ type Message struct {
 	Received time.Time
 }
 
-// Handler processes a device message. It returns once the message is
-// durably handled; an error means it was not and must be redelivered.
-type Handler func(ctx context.Context, m Message) error
+// Handler takes a device message and calls done exactly once: with nil
+// when the message is durably handled, or with an error when it could not
+// be (it is then not acknowledged, and the device sends it again). done may
+// run before Handler returns or later from another goroutine. A Handler is
+// called in the order messages arrive from one device, and should only
+// queue the message: devices keep several messages in flight, and waiting
+// for storage here would make each device wait for one commit per message.
+type Handler func(ctx context.Context, m Message, done func(error))
+
+// CallSync calls h and waits for its done.
+func CallSync(ctx context.Context, h Handler, m Message) error {
+	ch := make(chan error, 1)
+	h(ctx, m, func(err error) { ch <- err })
+	select {
+	case err := <-ch:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
 
 // Bus is what the control plane needs from MQTT, whichever broker runs it.
 type Bus interface {

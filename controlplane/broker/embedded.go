@@ -60,6 +60,7 @@ type Embedded struct {
 	mu      sync.RWMutex
 	handler Handler
 	closed  atomic.Bool
+	ackers  sync.Map // *mqtt.Client -> *acker
 }
 
 var _ Bus = (*Embedded)(nil)
@@ -89,6 +90,9 @@ func NewEmbedded(opts EmbeddedOptions) (*Embedded, error) {
 	}
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = DefaultMaxPacket
+	// Devices receive little (commands): a short outbound queue per
+	// connection instead of mochi's 8192 entries saves 64 KB each.
+	caps.MaximumClientWritesPending = 128
 	caps.RetainAvailable = 0
 	caps.MaximumSessionExpiryInterval = 3600
 	caps.MaximumMessageExpiryInterval = 3600
@@ -176,7 +180,7 @@ func (h *hook) ID() string { return "hangar" }
 
 func (h *hook) Provides(b byte) bool {
 	return bytes.Contains([]byte{
-		mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnPublish, mqtt.OnWillSent,
+		mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnPublish, mqtt.OnWillSent, mqtt.OnDisconnect,
 	}, []byte{b})
 }
 
@@ -236,43 +240,172 @@ func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	return ok
 }
 
-func (h *hook) deliver(cl *mqtt.Client, topic string, payload []byte) error {
+func (h *hook) message(cl *mqtt.Client, topic string, payload []byte) (Message, Handler, bool) {
 	id, kind, err := proto.ParseTopic(topic)
 	if err != nil || id != cl.ID || kind == proto.KindCmd {
-		return nil // the ACL check has already refused it
+		return Message{}, nil, false // the ACL check has already refused it
 	}
 	h.e.mu.RLock()
 	handler := h.e.handler
 	h.e.mu.RUnlock()
-	if handler == nil {
-		return errors.New("no handler")
-	}
-	return handler(h.e.ctx, Message{Device: id, Kind: kind, Payload: payload, Received: time.Now()})
+	return Message{Device: id, Kind: kind, Payload: payload, Received: time.Now()}, handler, handler != nil
 }
 
+// OnPublish hands a device's publish to the handler and takes over its
+// acknowledgement from mochi: the PUBACK is written by the client's acker
+// once the message is stored, so a device can keep several messages in
+// flight while the store commits them in groups.
 func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if cl.Net.Inline {
 		return pk, nil
 	}
-	if err := h.deliver(cl, pk.TopicName, pk.Payload); err != nil {
-		// Not stored: drop the connection without acknowledging, so that
-		// the device keeps the message and sends it again.
-		if !h.e.closed.Load() {
-			h.e.log.Warn("message not stored, disconnecting device", "device", cl.ID, "err", err)
-		}
-		cl.Stop(err)
+	msg, handler, ok := h.message(cl, pk.TopicName, pk.Payload)
+	if !ok {
 		return pk, packets.ErrRejectPacket
 	}
-	return pk, nil
+	if pk.FixedHeader.Qos == 0 {
+		handler(h.e.ctx, msg, func(error) {})
+		return pk, packets.ErrRejectPacket
+	}
+	a := h.e.acker(cl)
+	if !a.reserve() {
+		h.e.log.Warn("device has too many unacknowledged messages, disconnecting", "device", cl.ID, "limit", maxUnacked)
+		cl.Stop(packets.ErrReceiveMaximum)
+		return pk, packets.ErrRejectPacket
+	}
+	id := pk.PacketID
+	handler(h.e.ctx, msg, func(err error) { a.done(id, err) })
+	return pk, packets.ErrRejectPacket
 }
 
 func (h *hook) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 	if cl.Net.Inline {
 		return
 	}
-	if err := h.deliver(cl, pk.TopicName, pk.Payload); err != nil && !h.e.closed.Load() {
-		h.e.log.Warn("last will not stored", "device", cl.ID, "err", err)
+	msg, handler, ok := h.message(cl, pk.TopicName, pk.Payload)
+	if !ok {
+		return
 	}
+	handler(h.e.ctx, msg, func(err error) {
+		if err != nil && !h.e.closed.Load() {
+			h.e.log.Warn("last will not stored", "device", cl.ID, "err", err)
+		}
+	})
+}
+
+func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	h.e.ackers.Delete(cl)
+}
+
+// maxUnacked bounds the messages of one connection waiting for storage; a
+// device that sends more without reading its PUBACKs is disconnected.
+const maxUnacked = 1024
+
+// ackWriteTimeout bounds how long a PUBACK write may block on a device that
+// does not read.
+const ackWriteTimeout = 10 * time.Second
+
+// acker writes one connection's PUBACKs in the order its messages arrived,
+// from a goroutine that exists only while acknowledgements are pending, so
+// that a device that stops reading blocks nobody but itself.
+type acker struct {
+	e           *Embedded
+	cl          *mqtt.Client
+	mu          sync.Mutex
+	pending     []ackItem
+	running     bool
+	outstanding int
+}
+
+type ackItem struct {
+	id  uint16
+	err error
+}
+
+func (e *Embedded) acker(cl *mqtt.Client) *acker {
+	if a, ok := e.ackers.Load(cl); ok {
+		return a.(*acker)
+	}
+	a, _ := e.ackers.LoadOrStore(cl, &acker{e: e, cl: cl})
+	return a.(*acker)
+}
+
+func (a *acker) reserve() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.outstanding >= maxUnacked {
+		return false
+	}
+	a.outstanding++
+	return true
+}
+
+func (a *acker) done(id uint16, err error) {
+	a.mu.Lock()
+	a.pending = append(a.pending, ackItem{id, err})
+	start := !a.running
+	a.running = true
+	a.mu.Unlock()
+	if start {
+		go a.run()
+	}
+}
+
+func (a *acker) run() {
+	for {
+		a.mu.Lock()
+		batch := a.pending
+		a.pending = nil
+		a.outstanding -= len(batch)
+		if len(batch) == 0 {
+			a.running = false
+			a.mu.Unlock()
+			return
+		}
+		a.mu.Unlock()
+		if a.cl.Closed() {
+			continue
+		}
+		// All PUBACKs due go out in one write: a device streaming many
+		// messages costs one system call per commit, not per message.
+		buf := make([]byte, 0, 4*len(batch))
+		var failed error
+		for _, it := range batch {
+			if it.err != nil {
+				failed = it.err
+				break
+			}
+			buf = append(buf, packets.Puback<<4, 2, byte(it.id>>8), byte(it.id))
+		}
+		if len(buf) > 0 {
+			if err := a.write(buf); err != nil {
+				a.cl.Stop(err)
+				continue
+			}
+		}
+		if failed != nil {
+			// Not stored: drop the connection without acknowledging, so
+			// that the device keeps the message and sends it again.
+			// Later messages of this connection are not acknowledged
+			// either.
+			if !a.e.closed.Load() {
+				a.e.log.Warn("message not stored, disconnecting device", "device", a.cl.ID, "err", failed)
+			}
+			a.cl.Stop(failed)
+		}
+	}
+}
+
+// write sends raw PUBACK packets. It takes the client's lock, as mochi does
+// for every write, so that packets never interleave on the wire.
+func (a *acker) write(buf []byte) error {
+	a.cl.Lock()
+	defer a.cl.Unlock()
+	conn := a.cl.Net.Conn
+	_ = conn.SetWriteDeadline(time.Now().Add(ackWriteTimeout))
+	_, err := conn.Write(buf)
+	_ = conn.SetWriteDeadline(time.Time{})
+	return err
 }
 
 func truncate(s string) string {

@@ -54,7 +54,7 @@ func (r *recvEmb) topics() []string {
 	return out
 }
 
-func startEmbedded(t *testing.T, creds fakeCreds, h broker.Handler) *broker.Embedded {
+func startEmbedded(t *testing.T, creds fakeCreds, h syncHandler) *broker.Embedded {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -64,7 +64,7 @@ func startEmbedded(t *testing.T, creds fakeCreds, h broker.Handler) *broker.Embe
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := e.Start(t.Context(), h); err != nil {
+	if err := e.Start(t.Context(), h.async); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { e.Close() })

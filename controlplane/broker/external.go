@@ -800,7 +800,7 @@ func (e *External) onMessage(_ paho.Client, m paho.Message) {
 	msg := Message{Device: id, Kind: kind, Payload: m.Payload(), Received: time.Now()}
 	backoff := handlerRetryMin
 	for attempt := 1; ; attempt++ {
-		err := h(e.ctx, msg)
+		err := CallSync(e.ctx, h, msg)
 		if err == nil {
 			m.Ack()
 			return

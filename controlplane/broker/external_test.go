@@ -75,14 +75,19 @@ func newExternal(t testing.TB, m *mosquittotest.Mosquitto, edit ...func(*broker.
 	return x
 }
 
-func startExternal(t testing.TB, m *mosquittotest.Mosquitto, h broker.Handler, edit ...func(*broker.ExternalOptions)) *broker.External {
+func startExternal(t testing.TB, m *mosquittotest.Mosquitto, h syncHandler, edit ...func(*broker.ExternalOptions)) *broker.External {
 	t.Helper()
 	x := newExternal(t, m, edit...)
-	if err := x.Start(t.Context(), h); err != nil {
+	if err := x.Start(t.Context(), h.async); err != nil {
 		t.Fatal(err)
 	}
 	return x
 }
+
+// syncHandler is a handler that returns when it is done.
+type syncHandler func(ctx context.Context, m broker.Message) error
+
+func (h syncHandler) async(ctx context.Context, m broker.Message, done func(error)) { done(h(ctx, m)) }
 
 // recorder is a handler that keeps what it got.
 type recorder struct {
@@ -471,7 +476,7 @@ func TestExternalShared(t *testing.T) {
 	var mu sync.Mutex
 	by := map[string][]string{}
 	all := make(chan string, 100)
-	handler := func(name string) broker.Handler {
+	handler := func(name string) syncHandler {
 		return func(_ context.Context, msg broker.Message) error {
 			mu.Lock()
 			by[name] = append(by[name], string(msg.Payload))
@@ -881,7 +886,7 @@ func TestExternalStartFailsWithBadCredentials(t *testing.T) {
 		o.Password = "wrong"
 		o.StartTimeout = 2 * time.Second
 	})
-	err := x.Start(t.Context(), newRecorder().handle)
+	err := x.Start(t.Context(), syncHandler(newRecorder().handle).async)
 	if err == nil {
 		t.Fatal("Start succeeded with a wrong password")
 	}

@@ -27,16 +27,20 @@ type Store interface {
 
 // Defaults of Options.
 const (
-	DefaultMaxGroup = 1024
-	DefaultQueue    = 8192
+	DefaultMaxGroup  = 8192
+	DefaultQueue     = 8192
+	DefaultGroupWait = 10 * time.Millisecond
 )
 
 // Options tune the ingester.
 type Options struct {
 	MaxGroup int // messages per transaction at most
-	Queue    int // messages waiting for the writer at most; publishers block beyond
-	Metrics  *metrics.Metrics
-	Logger   *slog.Logger
+	// GroupWait is how long the writer gathers messages before a commit
+	// (default DefaultGroupWait).
+	GroupWait time.Duration
+	Queue     int // messages waiting for the writer at most; publishers block beyond
+	Metrics   *metrics.Metrics
+	Logger    *slog.Logger
 	// OnEvent, when set, is called after an event is stored (the rollout
 	// engine listens for update reports). It must not block.
 	OnEvent func(device string, e *proto.Event)
@@ -46,7 +50,8 @@ type Options struct {
 
 type job struct {
 	item store.IngestItem
-	done chan error
+	skip bool // malformed: nothing to store, but acknowledged in order
+	done func(error)
 }
 
 // Ingester decodes and stores device messages.
@@ -65,6 +70,9 @@ func New(st Store, opts Options) *Ingester {
 	if opts.MaxGroup <= 0 {
 		opts.MaxGroup = DefaultMaxGroup
 	}
+	if opts.GroupWait <= 0 {
+		opts.GroupWait = DefaultGroupWait
+	}
 	if opts.Queue <= 0 {
 		opts.Queue = DefaultQueue
 	}
@@ -80,11 +88,13 @@ func New(st Store, opts Options) *Ingester {
 // ErrStopped is returned by Handle when the ingester is not running.
 var ErrStopped = errors.New("ingest stopped")
 
-// Handle decodes one device message and waits until it is stored. A
-// malformed message is counted, logged and dropped (returning nil: sending
-// it again would not help); a storage failure returns an error so that the
-// message is not acknowledged.
-func (in *Ingester) Handle(ctx context.Context, m broker.Message) error {
+// Handle decodes one device message and queues it for storage; done is
+// called from the writer once the message's group is committed (nil) or
+// failed. A malformed message is counted, logged and acknowledged (sending
+// it again would not help), in its place in the queue so that a device's
+// acknowledgements keep their order. Handle blocks only while the queue is
+// full.
+func (in *Ingester) Handle(ctx context.Context, m broker.Message, done func(error)) {
 	item := store.IngestItem{Device: m.Device, Received: m.Received}
 	var err error
 	switch m.Kind {
@@ -95,7 +105,7 @@ func (in *Ingester) Handle(ctx context.Context, m broker.Message) error {
 	case proto.KindTelemetry:
 		var b proto.Batch
 		b, err = proto.DecodeBatch(m.Payload)
-		item.Kind, item.Batch = store.IngestBatch, &b
+		item.Kind, item.Batch, item.Raw = store.IngestBatch, &b, m.Payload
 	case proto.KindEvent:
 		var e proto.Event
 		e, err = proto.DecodeEvent(m.Payload)
@@ -104,22 +114,16 @@ func (in *Ingester) Handle(ctx context.Context, m broker.Message) error {
 		err = fmt.Errorf("%w: kind %q is not a device message", proto.ErrMalformed, m.Kind)
 	}
 	in.opts.Metrics.Messages.WithLabelValues(string(m.Kind)).Inc()
+	j := job{item: item, done: done}
 	if err != nil {
 		in.opts.Metrics.DecodeErrors.WithLabelValues(string(m.Kind)).Inc()
 		in.logDecodeError(m, err)
-		return nil
+		j.skip = true
 	}
-	j := job{item: item, done: make(chan error, 1)}
 	select {
 	case in.q <- j:
 	case <-ctx.Done():
-		return ctx.Err()
-	}
-	select {
-	case err := <-j.done:
-		return err
-	case <-ctx.Done():
-		return ctx.Err()
+		done(ctx.Err())
 	}
 }
 
@@ -137,6 +141,12 @@ func (in *Ingester) logDecodeError(m broker.Message, err error) {
 // flusher is implemented by stores that write device rows behind.
 type flusher interface {
 	FlushSeen(ctx context.Context) error
+}
+
+// compactor is implemented by stores that stage telemetry and move it in
+// bulk; the writer runs the move between group writes.
+type compactor interface {
+	CompactDue(ctx context.Context) error
 }
 
 // Run writes queued messages until ctx is done.
@@ -161,24 +171,41 @@ func (in *Ingester) Run(ctx context.Context) {
 		case j := <-in.q:
 			group = append(group, j)
 		}
-		// Take whatever else is already waiting: the group grows with load.
+		// Gather for a few milliseconds: a commit costs about the same
+		// for one message as for thousands, and a device's acknowledgement
+		// waits for it anyway.
+		gather := time.NewTimer(in.opts.GroupWait)
 	fill:
 		for len(group) < in.opts.MaxGroup {
 			select {
 			case j := <-in.q:
 				group = append(group, j)
-			default:
+			case <-gather.C:
 				break fill
 			}
 		}
+		gather.Stop()
 		for _, j := range group {
-			items = append(items, j.item)
+			if !j.skip {
+				items = append(items, j.item)
+			}
 		}
 		in.write(ctx, group, items)
+		if c, ok := in.st.(compactor); ok {
+			if err := c.CompactDue(ctx); err != nil && ctx.Err() == nil {
+				in.log.Error("telemetry compaction failed", "err", err)
+			}
+		}
 	}
 }
 
 func (in *Ingester) write(ctx context.Context, group []job, items []store.IngestItem) {
+	if len(items) == 0 {
+		for _, j := range group {
+			j.done(nil)
+		}
+		return
+	}
 	start := time.Now()
 	res, err := in.st.WriteIngest(ctx, items)
 	in.opts.Metrics.StoreLatency.Observe(time.Since(start).Seconds())
@@ -210,7 +237,11 @@ func (in *Ingester) write(ctx context.Context, group []job, items []store.Ingest
 		}
 	}
 	for _, j := range group {
-		j.done <- err
+		if j.skip {
+			j.done(nil)
+		} else {
+			j.done(err)
+		}
 	}
 }
 
@@ -218,7 +249,7 @@ func (in *Ingester) drain(err error) {
 	for {
 		select {
 		case j := <-in.q:
-			j.done <- err
+			j.done(err)
 		default:
 			return
 		}

@@ -96,6 +96,7 @@ type IngestItem struct {
 	Batch    *proto.Batch
 	Event    *proto.Event
 	Received time.Time
+	Raw      []byte // the message as received (telemetry is stored as sent)
 }
 
 // IngestResult reports what a group write did.

@@ -42,6 +42,7 @@ func PrintIngest(w io.Writer, rs []IngestResult) {
 	})
 	row("RSS per connection KB", func(r IngestResult) string { return fmt.Sprintf("%.1f", r.RSSPerConnKB) })
 	row("control plane CPU cores", func(r IngestResult) string { return fmt.Sprintf("%.2f", r.ServerCPU) })
+	row("load generator CPU cores", func(r IngestResult) string { return fmt.Sprintf("%.2f", r.LoadCPU) })
 	row("messages per commit", func(r IngestResult) string { return fmt.Sprintf("%.0f", r.GroupSize) })
 	row("store write ms", func(r IngestResult) string { return fmt.Sprintf("%.1f", r.CommitMS) })
 	row("connect all, s", func(r IngestResult) string { return fmt.Sprintf("%.1f", r.ConnectSeconds) })

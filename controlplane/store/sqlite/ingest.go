@@ -111,6 +111,41 @@ func (db *DB) forgetSeenLocked(nums []int64) {
 	}
 }
 
+// CompactDue moves the inbox into the telemetry table when the last move
+// is CompactInterval old. The ingest writer calls it between group writes.
+func (db *DB) CompactDue(ctx context.Context) error {
+	if time.Since(db.lastCompact) < db.opts.CompactInterval {
+		return nil
+	}
+	return db.Compact(ctx)
+}
+
+// Compact moves every inbox row into the telemetry table, sorted by device
+// and time, in one transaction.
+func (db *DB) Compact(ctx context.Context) error {
+	db.lastCompact = time.Now()
+	tx, err := db.w.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("compact: %w", err)
+	}
+	defer tx.Rollback()
+	var last sql.NullInt64
+	if err := tx.QueryRowContext(ctx, `SELECT max(id) FROM inbox`).Scan(&last); err != nil || !last.Valid {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `INSERT OR IGNORE INTO telemetry (dev, ts, boot, seq, last_ts, samples, body)
+		SELECT dev, ts, boot, seq, last_ts, samples, body FROM inbox WHERE id <= ? ORDER BY dev, ts, boot, seq`, last.Int64); err != nil {
+		return fmt.Errorf("compact: %w", err)
+	}
+	if _, err := tx.ExecContext(ctx, `DELETE FROM inbox WHERE id <= ?`, last.Int64); err != nil {
+		return fmt.Errorf("compact: %w", err)
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("compact: %w", err)
+	}
+	return nil
+}
+
 // FlushSeen writes every pending device row now.
 func (db *DB) FlushSeen(ctx context.Context) error {
 	db.seenMu.Lock()
@@ -301,34 +336,23 @@ func (w *ingestTx) applyBatch(ctx context.Context, num int64, it *store.IngestIt
 		return nil
 	}
 	mark.hwm, mark.dirty, mark.used = b.Seq, true, it.Received
-	ss := w.stmt(ctx, &w.sample, w.db.sampleStmt)
+	body := it.Raw
+	if body == nil {
+		if body, err = proto.Marshal(b); err != nil {
+			return err
+		}
+	}
+	first, last := b.Base+int64(b.Samples[0].T), b.Base
 	for i := range b.Samples {
 		s := &b.Samples[i]
 		ts := b.Base + int64(s.T)
-		var bat, temp, volt, lat, lon, alt any
-		if s.Battery != nil {
-			bat = *s.Battery
-		}
-		if s.Temp != nil {
-			temp = *s.Temp
-		}
-		if s.Voltage != 0 {
-			volt = s.Voltage
-		}
-		if s.Fix > 0 {
-			lat, lon, alt = s.Lat, s.Lon, s.Alt
-		}
-		var ext []byte
-		if len(s.Ext) > 0 {
-			ext, _ = proto.Marshal(s.Ext)
-		}
-		if _, err := ss.ExecContext(ctx, num, ts, b.Boot, b.Seq, i, bat, volt, temp, s.CPU, s.Mem, lat, lon, alt,
-			s.Fix, s.Flight, s.Link, s.Errors, s.Reboots, s.Uptime, ext); err != nil {
-			return err
-		}
+		first, last = min(first, ts), max(last, ts)
 		if seen.sample == nil || ts >= seen.sampleTS {
 			seen.sample, seen.sampleTS = s, ts
 		}
+	}
+	if _, err := w.stmt(ctx, &w.sample, w.db.sampleStmt).ExecContext(ctx, num, first, b.Boot, b.Seq, last, len(b.Samples), body); err != nil {
+		return err
 	}
 	seen.dropped += b.Dropped
 	res.Samples += len(b.Samples)
@@ -394,11 +418,17 @@ func (db *DB) PruneTelemetry(ctx context.Context, cutoff time.Time) (int64, erro
 		if err := ctx.Err(); err != nil {
 			return total, err
 		}
-		r, err := db.w.ExecContext(ctx, `DELETE FROM telemetry WHERE dev = ? AND ts < ?`, num, c)
+		var n int64
+		err := db.Compact(ctx)
+		if err == nil {
+			err = db.w.QueryRowContext(ctx, `SELECT coalesce(sum(samples), 0) FROM telemetry WHERE dev = ? AND ts < ?`, num, c).Scan(&n)
+		}
+		if err == nil {
+			_, err = db.w.ExecContext(ctx, `DELETE FROM telemetry WHERE dev = ? AND ts < ?`, num, c)
+		}
 		if err != nil {
 			return total, fmt.Errorf("prune: %w", err)
 		}
-		n, _ := r.RowsAffected()
 		total += n
 		if _, err := db.w.ExecContext(ctx, `DELETE FROM streams WHERE dev = ? AND updated < ?`, num, c); err != nil {
 			return total, fmt.Errorf("prune: %w", err)

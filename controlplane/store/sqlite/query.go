@@ -29,42 +29,45 @@ func (db *DB) Telemetry(ctx context.Context, id string, from, to time.Time, limi
 	if err != nil {
 		return nil, fmt.Errorf("telemetry %s: %w", id, err)
 	}
-	rows, err := db.r.QueryContext(ctx, `SELECT ts, boot, seq, battery, voltage, temp, cpu, mem, lat, lon, alt, fix,
-		flight, link, errors, reboots, uptime, ext FROM telemetry WHERE dev = ? AND ts >= ? AND ts < ? ORDER BY ts, seq LIMIT ?`,
-		num, ms(from), ms(to), limit)
+	f, t := ms(from), ms(to)
+	// A batch starts at most MaxBatchSpan before its last sample.
+	rows, err := db.r.QueryContext(ctx, `SELECT boot, seq, body FROM telemetry
+		WHERE dev = ?1 AND ts >= ?2 AND ts < ?3 AND last_ts >= ?4
+		UNION ALL SELECT boot, seq, body FROM inbox WHERE dev = ?1 AND ts >= ?2 AND ts < ?3 AND last_ts >= ?4`,
+		num, f-proto.MaxBatchSpan.Milliseconds(), t, f)
 	if err != nil {
 		return nil, fmt.Errorf("telemetry %s: %w", id, err)
 	}
 	defer rows.Close()
 	out := []store.TelemetryRow{}
 	for rows.Next() {
-		var (
-			r               store.TelemetryRow
-			bat, volt, temp sql.NullInt64
-			lat, lon, alt   sql.NullInt64
-			ext             []byte
-			s               = &r.Sample
-		)
-		if err := rows.Scan(&r.Base, &r.Boot, &r.Seq, &bat, &volt, &temp, &s.CPU, &s.Mem, &lat, &lon, &alt, &s.Fix,
-			&s.Flight, &s.Link, &s.Errors, &s.Reboots, &s.Uptime, &ext); err != nil {
+		var boot, seq uint64
+		var body []byte
+		if err := rows.Scan(&boot, &seq, &body); err != nil {
 			return nil, fmt.Errorf("telemetry %s: %w", id, err)
 		}
-		if bat.Valid {
-			v := uint8(bat.Int64)
-			s.Battery = &v
+		b, err := proto.DecodeBatch(body)
+		if err != nil {
+			continue // stored by a newer version with rules this one lacks
 		}
-		if temp.Valid {
-			v := int16(temp.Int64)
-			s.Temp = &v
+		for _, s := range b.Samples {
+			ts := b.Base + int64(s.T)
+			if ts < f || ts >= t {
+				continue
+			}
+			out = append(out, store.TelemetryRow{Boot: boot, Seq: seq, Sample: s, Base: b.Base})
 		}
-		s.Voltage = uint16(volt.Int64)
-		s.Lat, s.Lon, s.Alt = int32(lat.Int64), int32(lon.Int64), int32(alt.Int64)
-		if len(ext) > 0 {
-			_ = proto.Unmarshal(ext, &s.Ext)
-		}
-		out = append(out, r)
 	}
-	return out, rows.Err()
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	sort.SliceStable(out, func(i, j int) bool {
+		return out[i].Base+int64(out[i].Sample.T) < out[j].Base+int64(out[j].Sample.T)
+	})
+	if len(out) > limit {
+		out = out[:limit]
+	}
+	return out, nil
 }
 
 // Events returns events of device id (all devices when id is empty) with an

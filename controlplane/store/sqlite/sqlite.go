@@ -32,6 +32,9 @@ type Options struct {
 	// latest sample) is rewritten while it streams (default 1 s; negative
 	// writes it with every message).
 	SeenFlushInterval time.Duration
+	// CompactInterval is how often the inbox is moved into the telemetry
+	// table (default 2 s).
+	CompactInterval time.Duration
 	// CheckpointInterval is how often a background connection copies the
 	// WAL into the database, instead of the writer doing it in the middle
 	// of an ingest commit (default 1 s).
@@ -57,6 +60,8 @@ type DB struct {
 	hwmMu sync.Mutex
 	hwm   map[streamKey]*streamMark // batch high-water marks, cached
 
+	lastCompact time.Time
+
 	ckpt     *sql.DB
 	stopCkpt chan struct{}
 	ckptDone chan struct{}
@@ -73,6 +78,9 @@ func Open(path string, opts Options) (*DB, error) {
 	}
 	if opts.SeenFlushInterval == 0 {
 		opts.SeenFlushInterval = time.Second
+	}
+	if opts.CompactInterval <= 0 {
+		opts.CompactInterval = 2 * time.Second
 	}
 	if opts.CheckpointInterval <= 0 {
 		opts.CheckpointInterval = time.Second
@@ -147,8 +155,7 @@ func (db *DB) prepare() error {
 		{&db.streamStmt, `INSERT INTO streams (dev, boot, kind, hwm, updated) VALUES (?, ?, ?, ?, ?)
 			ON CONFLICT (dev, boot, kind) DO UPDATE SET hwm = max(hwm, excluded.hwm), updated = excluded.updated`},
 		{&db.hwmStmt, `SELECT hwm FROM streams WHERE dev = ? AND boot = ? AND kind = ?`},
-		{&db.sampleStmt, `INSERT OR IGNORE INTO telemetry (dev, ts, boot, seq, idx, battery, voltage, temp, cpu, mem,
-			lat, lon, alt, fix, flight, link, errors, reboots, uptime, ext) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`},
+		{&db.sampleStmt, `INSERT INTO inbox (dev, ts, boot, seq, last_ts, samples, body) VALUES (?, ?, ?, ?, ?, ?, ?)`},
 		{&db.eventStmt, `INSERT OR IGNORE INTO events (dev, boot, seq, ts, received, kind, severity, code, message, cmd, body)
 			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`},
 		{&db.seenStmt, `UPDATE devices SET
@@ -191,6 +198,7 @@ func (db *DB) Close() error {
 		close(db.stopCkpt)
 		<-db.ckptDone
 		errs = append(errs, db.FlushSeen(context.Background()))
+		errs = append(errs, db.Compact(context.Background()))
 		_, err := db.ckpt.Exec(`PRAGMA wal_checkpoint(TRUNCATE)`)
 		errs = append(errs, err, db.ckpt.Close())
 	}
@@ -248,30 +256,33 @@ var migrations = []string{
 		updated INTEGER NOT NULL,
 		PRIMARY KEY (dev, boot, kind)
 	) WITHOUT ROWID;
-	-- Clustered by device and time: one B-tree insert per sample, and a
-	-- device's time range is one contiguous scan.
-	CREATE TABLE telemetry (
+	-- Telemetry arrives interleaved from every device. Group commits append
+	-- it to the inbox, which touches only new pages; the compactor moves it
+	-- to telemetry in large sorted chunks, so that each device's newest
+	-- telemetry page is rewritten once per chunk instead of once per commit.
+	CREATE TABLE inbox (
+		id INTEGER PRIMARY KEY,
 		dev INTEGER NOT NULL,
 		ts INTEGER NOT NULL,
 		boot INTEGER NOT NULL,
 		seq INTEGER NOT NULL,
-		idx INTEGER NOT NULL,
-		battery INTEGER,
-		voltage INTEGER,
-		temp INTEGER,
-		cpu INTEGER NOT NULL,
-		mem INTEGER NOT NULL,
-		lat INTEGER,
-		lon INTEGER,
-		alt INTEGER,
-		fix INTEGER NOT NULL,
-		flight INTEGER NOT NULL,
-		link INTEGER NOT NULL,
-		errors INTEGER NOT NULL,
-		reboots INTEGER NOT NULL,
-		uptime INTEGER NOT NULL,
-		ext BLOB,
-		PRIMARY KEY (dev, ts, boot, seq, idx)
+		last_ts INTEGER NOT NULL,
+		samples INTEGER NOT NULL,
+		body BLOB NOT NULL
+	);
+	-- One row per telemetry batch, as the device encoded it: one B-tree
+	-- insert per message whatever its number of samples, clustered by
+	-- device and time so that a device's time range is one contiguous scan.
+	-- A batch spans at most proto.MaxBatchSpan.
+	CREATE TABLE telemetry (
+		dev INTEGER NOT NULL,
+		ts INTEGER NOT NULL,      -- first sample, unix ms
+		boot INTEGER NOT NULL,
+		seq INTEGER NOT NULL,
+		last_ts INTEGER NOT NULL, -- last sample, unix ms
+		samples INTEGER NOT NULL,
+		body BLOB NOT NULL,       -- the CBOR batch
+		PRIMARY KEY (dev, ts, boot, seq)
 	) WITHOUT ROWID;
 	CREATE TABLE events (
 		id INTEGER PRIMARY KEY,
