@@ -233,7 +233,9 @@ func NewExternal(opts ExternalOptions) (*External, error) {
 		SetCleanSession(false).
 		SetStore(nullStore{}).
 		SetResumeSubs(false). // subscriptions are made again at every connection
-		SetOrderMatters(false).
+		// The handler only queues (see Handler), so paho's router may call
+		// it in order without a goroutine per message.
+		SetOrderMatters(true).
 		SetAutoAckDisabled(true).
 		SetKeepAlive(30 * time.Second).
 		SetPingTimeout(10 * time.Second).
@@ -798,9 +800,22 @@ func (e *External) onMessage(_ paho.Client, m paho.Message) {
 	e.mu.Unlock()
 
 	msg := Message{Device: id, Kind: kind, Payload: m.Payload(), Received: time.Now()}
-	backoff := handlerRetryMin
-	for attempt := 1; ; attempt++ {
-		err := CallSync(e.ctx, h, msg)
+	e.deliver(h, msg, m, ep, 1, handlerRetryMin)
+}
+
+// deliver hands msg to the handler and acknowledges it once stored. A
+// failure is retried with backoff while the connection that brought the
+// message lasts (see External).
+func (e *External) deliver(h Handler, msg Message, m paho.Message, ep uint64, attempt int, backoff time.Duration) {
+	e.mu.Lock()
+	if e.closed {
+		e.mu.Unlock()
+		return
+	}
+	e.handlers.Add(1)
+	e.mu.Unlock()
+	h(e.ctx, msg, func(err error) {
+		defer e.handlers.Done()
 		if err == nil {
 			m.Ack()
 			return
@@ -809,23 +824,18 @@ func (e *External) onMessage(_ paho.Client, m paho.Message) {
 			return // closing; the broker keeps it for the next session
 		}
 		if e.epoch.Load() != ep {
-			e.log.Debug("handler failed after reconnect; the broker resends the message", "device", id, "kind", kind, "err", err)
+			e.log.Debug("handler failed after reconnect; the broker resends the message", "device", msg.Device, "kind", msg.Kind, "err", err)
 			return
 		}
 		if attempt == 1 {
-			e.log.Warn("message not stored; retrying", "device", id, "kind", kind, "err", err)
+			e.log.Warn("message not stored; retrying", "device", msg.Device, "kind", msg.Kind, "err", err)
 		} else {
-			e.log.Debug("message not stored; retrying", "device", id, "kind", kind, "attempt", attempt, "err", err)
+			e.log.Debug("message not stored; retrying", "device", msg.Device, "kind", msg.Kind, "attempt", attempt, "err", err)
 		}
-		t := time.NewTimer(backoff)
-		select {
-		case <-t.C:
-		case <-e.ctx.Done():
-			t.Stop()
-			return
-		}
-		backoff = min(2*backoff, handlerRetryMax)
-	}
+		time.AfterFunc(backoff, func() {
+			e.deliver(h, msg, m, ep, attempt+1, min(2*backoff, handlerRetryMax))
+		})
+	})
 }
 
 func (e *External) logDrop(topic string, err error) {

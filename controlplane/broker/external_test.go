@@ -84,10 +84,13 @@ func startExternal(t testing.TB, m *mosquittotest.Mosquitto, h syncHandler, edit
 	return x
 }
 
-// syncHandler is a handler that returns when it is done.
+// syncHandler is a handler that returns when it is done; async runs it
+// beside the broker's goroutine, as the ingester's writer does.
 type syncHandler func(ctx context.Context, m broker.Message) error
 
-func (h syncHandler) async(ctx context.Context, m broker.Message, done func(error)) { done(h(ctx, m)) }
+func (h syncHandler) async(ctx context.Context, m broker.Message, done func(error)) {
+	go func() { done(h(ctx, m)) }()
+}
 
 // recorder is a handler that keeps what it got.
 type recorder struct {

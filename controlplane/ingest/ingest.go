@@ -146,7 +146,7 @@ type flusher interface {
 // compactor is implemented by stores that stage telemetry and move it in
 // bulk; the writer runs the move between group writes.
 type compactor interface {
-	CompactDue(ctx context.Context) error
+	CompactDue(ctx context.Context) (duplicates int64, err error)
 }
 
 // Run writes queued messages until ctx is done.
@@ -192,9 +192,11 @@ func (in *Ingester) Run(ctx context.Context) {
 		}
 		in.write(ctx, group, items)
 		if c, ok := in.st.(compactor); ok {
-			if err := c.CompactDue(ctx); err != nil && ctx.Err() == nil {
+			dups, err := c.CompactDue(ctx)
+			if err != nil && ctx.Err() == nil {
 				in.log.Error("telemetry compaction failed", "err", err)
 			}
+			in.opts.Metrics.Duplicates.Add(float64(dups))
 		}
 	}
 }

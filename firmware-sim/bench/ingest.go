@@ -64,6 +64,8 @@ type IngestResult struct {
 	CommitMS       float64 `json:"store_write_ms"` // mean time of one group write
 	ServerCPU      float64 `json:"server_cpu_cores"`
 	LoadCPU        float64 `json:"load_generator_cpu_cores"`
+	BrokerCPU      float64 `json:"broker_cpu_cores,omitempty"`
+	DrainSeconds   float64 `json:"drain_seconds"` // after the load stopped, until everything acknowledged was stored
 }
 
 type proc struct {
@@ -317,7 +319,11 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 	if err != nil {
 		return res, err
 	}
-	defer os.RemoveAll(dir)
+	if os.Getenv("HANGAR_BENCH_KEEP") != "" {
+		fmt.Fprintln(os.Stderr, "bench: keeping", dir)
+	} else {
+		defer os.RemoveAll(dir)
+	}
 	var extra, env []string
 	var mosq *Mosquitto
 	if o.Broker == "mosquitto" {
@@ -456,11 +462,18 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 	tm := time.Now()
 	selfCPU := cpuSeconds(os.Getpid())
 	serverCPU := cpuSeconds(cp.cmd.Process.Pid)
+	var brokerCPU float64
+	if mosq != nil {
+		brokerCPU = cpuSeconds(mosq.Pid())
+	}
 	sleepCtx(ctx, o.Duration)
 	measuring.Store(false)
 	elapsed := time.Since(tm).Seconds()
 	res.LoadCPU = (cpuSeconds(os.Getpid()) - selfCPU) / elapsed
 	res.ServerCPU = (cpuSeconds(cp.cmd.Process.Pid) - serverCPU) / elapsed
+	if mosq != nil {
+		res.BrokerCPU = (cpuSeconds(mosq.Pid()) - brokerCPU) / elapsed
+	}
 	close(stop)
 	wg.Wait()
 	// Let in-flight messages finish before reading the store's counters.
@@ -475,16 +488,30 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	time.Sleep(500 * time.Millisecond) // Mosquitto acks before hangar stores
+	// An external broker acknowledges before the control plane stores:
+	// wait until the store has caught up (or stops making progress).
+	var after map[string]float64
+	var hAfter []bucket
+	drainStart := time.Now()
+	for last, still := -1.0, time.Now(); ; {
+		if after, hAfter, err = cp.scrape(); err != nil {
+			return res, err
+		}
+		stored := after["hangar_ingest_samples_total"] - before["hangar_ingest_samples_total"]
+		if stored >= float64(sent.Load()*int64(o.Samples)) || time.Since(still) > 5*time.Second || time.Since(drainStart) > 2*time.Minute {
+			break
+		}
+		if stored != last {
+			last, still = stored, time.Now()
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	res.DrainSeconds = time.Since(drainStart).Seconds()
 	res.ServerRSSMB = rssMB(cp.cmd.Process.Pid)
 	if mosq != nil {
 		res.BrokerRSSMB = rssMB(mosq.Pid())
 	}
 	res.RSSPerConnKB = (res.ServerRSSMB + res.BrokerRSSMB - baseRSS) * 1024 / float64(len(conns))
-	after, hAfter, err := cp.scrape()
-	if err != nil {
-		return res, err
-	}
 	res.Sent, res.Acked, res.Throttled = sent.Load(), acked.Load(), throttled.Load()
 	// Messages acked during the measurement were sent during or just
 	// before it; the store's counter covers the same interval plus the

@@ -1,20 +1,28 @@
 package bench
 
 import (
-	"errors"
 	"io"
+	"os"
+
+	"github.com/hangarfleet/hangar/controlplane/broker/mosquitto"
 )
 
-// Mosquitto is a Mosquitto process for the benchmark.
+// Mosquitto is the external broker of the benchmark.
 type Mosquitto struct {
-	AdminUser, AdminPassword string
+	*mosquitto.Mosquitto
 }
 
-// StartMosquitto is being written.
+// StartMosquitto runs Mosquitto with its files in dir.
 func StartMosquitto(dir string, logw io.Writer) (*Mosquitto, error) {
-	return nil, errors.New("not yet")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	m, err := mosquitto.Start(dir, mosquitto.Options{Quiet: true})
+	if err != nil {
+		return nil, err
+	}
+	return &Mosquitto{m}, nil
 }
 
-func (m *Mosquitto) URL() string { return "" }
-func (m *Mosquitto) Pid() int    { return 0 }
-func (m *Mosquitto) Stop()       {}
+// Stop stops the broker.
+func (m *Mosquitto) Stop() { _ = m.Mosquitto.Stop() }

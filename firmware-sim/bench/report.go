@@ -42,6 +42,13 @@ func PrintIngest(w io.Writer, rs []IngestResult) {
 	})
 	row("RSS per connection KB", func(r IngestResult) string { return fmt.Sprintf("%.1f", r.RSSPerConnKB) })
 	row("control plane CPU cores", func(r IngestResult) string { return fmt.Sprintf("%.2f", r.ServerCPU) })
+	row("broker CPU cores", func(r IngestResult) string {
+		if r.BrokerCPU == 0 {
+			return "(in process)"
+		}
+		return fmt.Sprintf("%.2f", r.BrokerCPU)
+	})
+	row("drain after load, s", func(r IngestResult) string { return fmt.Sprintf("%.1f", r.DrainSeconds) })
 	row("load generator CPU cores", func(r IngestResult) string { return fmt.Sprintf("%.2f", r.LoadCPU) })
 	row("messages per commit", func(r IngestResult) string { return fmt.Sprintf("%.0f", r.GroupSize) })
 	row("store write ms", func(r IngestResult) string { return fmt.Sprintf("%.1f", r.CommitMS) })

@@ -22,7 +22,7 @@ import (
 
 // storedSeqs returns, per boot epoch of a device, the sequence numbers of
 // its stored batches and events, and how many telemetry rows each batch
-// produced.
+// has once compacted (stop the control plane first to compact all).
 func storedSeqs(t testing.TB, dataDir, device string) (seqs map[uint64][]uint64, rowsPerBatch map[[2]uint64]int) {
 	t.Helper()
 	db, err := sql.Open("sqlite3", "file:"+filepath.Join(dataDir, server.DBFile)+"?mode=ro&_busy_timeout=5000")
@@ -47,7 +47,9 @@ func storedSeqs(t testing.TB, dataDir, device string) (seqs map[uint64][]uint64,
 			f(boot, seq, n)
 		}
 	}
-	q(`SELECT DISTINCT t.boot, t.seq, 1 FROM telemetry t JOIN devices d ON d.num = t.dev WHERE d.id = ?`, func(b, s uint64, _ int) { seqs[b] = append(seqs[b], s) })
+	// Telemetry waits in the inbox until it is compacted.
+	q(`SELECT t.boot, t.seq, 1 FROM telemetry t JOIN devices d ON d.num = t.dev WHERE d.id = ?1
+		UNION SELECT i.boot, i.seq, 1 FROM inbox i JOIN devices d ON d.num = i.dev WHERE d.id = ?1`, func(b, s uint64, _ int) { seqs[b] = append(seqs[b], s) })
 	q(`SELECT e.boot, e.seq, 1 FROM events e JOIN devices d ON d.num = e.dev WHERE d.id = ?`, func(b, s uint64, _ int) { seqs[b] = append(seqs[b], s) })
 	q(`SELECT t.boot, t.seq, count(*) FROM telemetry t JOIN devices d ON d.num = t.dev WHERE d.id = ? GROUP BY t.boot, t.seq`,
 		func(b, s uint64, n int) { rowsPerBatch[[2]uint64{b, s}] = n })

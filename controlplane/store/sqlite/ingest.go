@@ -34,15 +34,10 @@ func (db *DB) WriteIngest(ctx context.Context, items []store.IngestItem) (store.
 	}
 	defer tx.Rollback()
 	w := ingestTx{db: db, tx: tx, seen: map[string]*devSeen{}}
-	committed := false
-	defer func() { w.endMarks(committed) }()
 	for i := range items {
 		if err := w.apply(ctx, &items[i], &res); err != nil {
 			return store.IngestResult{}, fmt.Errorf("ingest %s: %w", items[i].Device, err)
 		}
-	}
-	if err := w.writeMarks(ctx); err != nil {
-		return store.IngestResult{}, fmt.Errorf("ingest: %w", err)
 	}
 	db.seenMu.Lock()
 	defer db.seenMu.Unlock()
@@ -56,7 +51,6 @@ func (db *DB) WriteIngest(ctx context.Context, items []store.IngestItem) (store.
 	if err := tx.Commit(); err != nil {
 		return store.IngestResult{}, fmt.Errorf("ingest commit: %w", err)
 	}
-	committed = true
 	db.forgetSeenLocked(flushed)
 	return res, nil
 }
@@ -112,38 +106,48 @@ func (db *DB) forgetSeenLocked(nums []int64) {
 }
 
 // CompactDue moves the inbox into the telemetry table when the last move
-// is CompactInterval old. The ingest writer calls it between group writes.
-func (db *DB) CompactDue(ctx context.Context) error {
-	if time.Since(db.lastCompact) < db.opts.CompactInterval {
-		return nil
+// is CompactInterval old, and returns how many batches it found already
+// stored. The ingest writer calls it between group writes.
+func (db *DB) CompactDue(ctx context.Context) (int64, error) {
+	db.compactMu.Lock()
+	due := time.Since(db.lastCompact) >= db.opts.CompactInterval
+	db.compactMu.Unlock()
+	if !due {
+		return 0, nil
 	}
 	return db.Compact(ctx)
 }
 
 // Compact moves every inbox row into the telemetry table, sorted by device
-// and time, in one transaction.
-func (db *DB) Compact(ctx context.Context) error {
+// and time, in one transaction. Batches already in telemetry (QoS1
+// redeliveries, whenever they came) are dropped and counted.
+func (db *DB) Compact(ctx context.Context) (dups int64, err error) {
+	db.compactMu.Lock()
+	defer db.compactMu.Unlock()
 	db.lastCompact = time.Now()
 	tx, err := db.w.BeginTx(ctx, nil)
 	if err != nil {
-		return fmt.Errorf("compact: %w", err)
+		return 0, fmt.Errorf("compact: %w", err)
 	}
 	defer tx.Rollback()
 	var last sql.NullInt64
-	if err := tx.QueryRowContext(ctx, `SELECT max(id) FROM inbox`).Scan(&last); err != nil || !last.Valid {
-		return err
+	var n int64
+	if err := tx.QueryRowContext(ctx, `SELECT max(id), count(*) FROM inbox`).Scan(&last, &n); err != nil || !last.Valid {
+		return 0, err
 	}
-	if _, err := tx.ExecContext(ctx, `INSERT OR IGNORE INTO telemetry (dev, ts, boot, seq, last_ts, samples, body)
-		SELECT dev, ts, boot, seq, last_ts, samples, body FROM inbox WHERE id <= ? ORDER BY dev, ts, boot, seq`, last.Int64); err != nil {
-		return fmt.Errorf("compact: %w", err)
+	r, err := tx.ExecContext(ctx, `INSERT OR IGNORE INTO telemetry (dev, boot, seq, ts, last_ts, samples, body)
+		SELECT dev, boot, seq, ts, last_ts, samples, body FROM inbox WHERE id <= ? ORDER BY dev, ts, boot, seq`, last.Int64)
+	if err != nil {
+		return 0, fmt.Errorf("compact: %w", err)
 	}
+	moved, _ := r.RowsAffected()
 	if _, err := tx.ExecContext(ctx, `DELETE FROM inbox WHERE id <= ?`, last.Int64); err != nil {
-		return fmt.Errorf("compact: %w", err)
+		return 0, fmt.Errorf("compact: %w", err)
 	}
 	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("compact: %w", err)
+		return 0, fmt.Errorf("compact: %w", err)
 	}
-	return nil
+	return n - moved, nil
 }
 
 // FlushSeen writes every pending device row now.
@@ -174,72 +178,7 @@ type ingestTx struct {
 	tx   *sql.Tx
 	seen map[string]*devSeen
 	// statements prepared once on the writer connection, bound to tx
-	sample, event, hwm *sql.Stmt
-	marks              []*streamMark // marks changed in this transaction
-}
-
-// streamKey names a device's sequence of one message kind in one boot.
-type streamKey struct {
-	dev  int64
-	boot uint64
-	kind uint8
-}
-
-// streamMark is the highest sequence stored for a streamKey.
-type streamMark struct {
-	key   streamKey
-	hwm   uint64
-	dirty bool
-	used  time.Time
-	prev  uint64 // hwm before this transaction, restored on rollback
-	inTx  bool
-}
-
-// mark returns the cached high-water mark of k, loading it from the
-// streams table on a miss.
-func (w *ingestTx) mark(ctx context.Context, k streamKey) (*streamMark, error) {
-	w.db.hwmMu.Lock()
-	m := w.db.hwm[k]
-	w.db.hwmMu.Unlock()
-	if m == nil {
-		m = &streamMark{key: k}
-		err := w.stmt(ctx, &w.hwm, w.db.hwmStmt).QueryRowContext(ctx, k.dev, k.boot, k.kind).Scan(&m.hwm)
-		if err != nil && !errors.Is(err, sql.ErrNoRows) {
-			return nil, err
-		}
-		w.db.hwmMu.Lock()
-		w.db.hwm[k] = m
-		w.db.hwmMu.Unlock()
-	}
-	if !m.inTx {
-		m.inTx, m.prev = true, m.hwm
-		w.marks = append(w.marks, m)
-	}
-	return m, nil
-}
-
-// writeMarks stores the marks this transaction moved.
-func (w *ingestTx) writeMarks(ctx context.Context) error {
-	st := w.tx.StmtContext(ctx, w.db.streamStmt)
-	for _, m := range w.marks {
-		if m.dirty {
-			if _, err := st.ExecContext(ctx, m.key.dev, m.key.boot, m.key.kind, m.hwm, ms(m.used)); err != nil {
-				return err
-			}
-		}
-	}
-	return nil
-}
-
-// endMarks settles the cached marks once the transaction is over: kept on
-// commit, restored on rollback.
-func (w *ingestTx) endMarks(committed bool) {
-	for _, m := range w.marks {
-		if !committed {
-			m.hwm = m.prev
-		}
-		m.inTx, m.dirty = false, false
-	}
+	sample, event *sql.Stmt
 }
 
 // stmt binds a statement prepared at Open to this transaction, once.
@@ -327,15 +266,7 @@ func (w *ingestTx) applyState(ctx context.Context, num int64, it *store.IngestIt
 
 func (w *ingestTx) applyBatch(ctx context.Context, num int64, it *store.IngestItem, seen *devSeen, res *store.IngestResult) error {
 	b := it.Batch
-	mark, err := w.mark(ctx, streamKey{num, b.Boot, uint8(store.IngestBatch)})
-	if err != nil {
-		return err
-	}
-	if b.Seq <= mark.hwm {
-		res.Duplicates++
-		return nil
-	}
-	mark.hwm, mark.dirty, mark.used = b.Seq, true, it.Received
+	var err error
 	body := it.Raw
 	if body == nil {
 		if body, err = proto.Marshal(b); err != nil {
@@ -407,22 +338,15 @@ func (db *DB) PruneTelemetry(ctx context.Context, cutoff time.Time) (int64, erro
 	rows.Close()
 	c := ms(cutoff)
 	var total int64
-	db.hwmMu.Lock()
-	for k, m := range db.hwm {
-		if m.used.Before(cutoff) {
-			delete(db.hwm, k)
-		}
+	if _, err := db.Compact(ctx); err != nil {
+		return 0, fmt.Errorf("prune: %w", err)
 	}
-	db.hwmMu.Unlock()
 	for _, num := range nums {
 		if err := ctx.Err(); err != nil {
 			return total, err
 		}
 		var n int64
-		err := db.Compact(ctx)
-		if err == nil {
-			err = db.w.QueryRowContext(ctx, `SELECT coalesce(sum(samples), 0) FROM telemetry WHERE dev = ? AND ts < ?`, num, c).Scan(&n)
-		}
+		err := db.w.QueryRowContext(ctx, `SELECT coalesce(sum(samples), 0) FROM telemetry WHERE dev = ? AND ts < ?`, num, c).Scan(&n)
 		if err == nil {
 			_, err = db.w.ExecContext(ctx, `DELETE FROM telemetry WHERE dev = ? AND ts < ?`, num, c)
 		}
@@ -430,9 +354,6 @@ func (db *DB) PruneTelemetry(ctx context.Context, cutoff time.Time) (int64, erro
 			return total, fmt.Errorf("prune: %w", err)
 		}
 		total += n
-		if _, err := db.w.ExecContext(ctx, `DELETE FROM streams WHERE dev = ? AND updated < ?`, num, c); err != nil {
-			return total, fmt.Errorf("prune: %w", err)
-		}
 		if _, err := db.w.ExecContext(ctx, `DELETE FROM events WHERE dev = ? AND received < ?`, num, c); err != nil {
 			return total, fmt.Errorf("prune: %w", err)
 		}

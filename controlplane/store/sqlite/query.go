@@ -40,12 +40,17 @@ func (db *DB) Telemetry(ctx context.Context, id string, from, to time.Time, limi
 	}
 	defer rows.Close()
 	out := []store.TelemetryRow{}
+	seen := map[[2]uint64]bool{} // the inbox may hold a redelivered batch twice
 	for rows.Next() {
 		var boot, seq uint64
 		var body []byte
 		if err := rows.Scan(&boot, &seq, &body); err != nil {
 			return nil, fmt.Errorf("telemetry %s: %w", id, err)
 		}
+		if seen[[2]uint64{boot, seq}] {
+			continue
+		}
+		seen[[2]uint64{boot, seq}] = true
 		b, err := proto.DecodeBatch(body)
 		if err != nil {
 			continue // stored by a newer version with rules this one lacks

@@ -51,15 +51,13 @@ type DB struct {
 	mu      sync.Mutex       // guards devNums
 	devNums map[string]int64 // device id -> row number, for ingest
 
-	streamStmt, hwmStmt, sampleStmt, eventStmt, seenStmt *sql.Stmt
+	sampleStmt, eventStmt, seenStmt *sql.Stmt
 
 	seenMu    sync.Mutex
 	pending   map[int64]*devSeen  // device row updates not yet written
 	flushedAt map[int64]time.Time // when each device row was last written
 
-	hwmMu sync.Mutex
-	hwm   map[streamKey]*streamMark // batch high-water marks, cached
-
+	compactMu   sync.Mutex
 	lastCompact time.Time
 
 	ckpt     *sql.DB
@@ -115,7 +113,7 @@ func Open(path string, opts Options) (*DB, error) {
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
 	db := &DB{opts: opts, path: path, w: w, devNums: map[string]int64{},
-		pending: map[int64]*devSeen{}, flushedAt: map[int64]time.Time{}, hwm: map[streamKey]*streamMark{}}
+		pending: map[int64]*devSeen{}, flushedAt: map[int64]time.Time{}}
 	if err := db.migrate(context.Background()); err != nil {
 		w.Close()
 		return nil, err
@@ -152,9 +150,6 @@ func (db *DB) prepare() error {
 		dst **sql.Stmt
 		q   string
 	}{
-		{&db.streamStmt, `INSERT INTO streams (dev, boot, kind, hwm, updated) VALUES (?, ?, ?, ?, ?)
-			ON CONFLICT (dev, boot, kind) DO UPDATE SET hwm = max(hwm, excluded.hwm), updated = excluded.updated`},
-		{&db.hwmStmt, `SELECT hwm FROM streams WHERE dev = ? AND boot = ? AND kind = ?`},
 		{&db.sampleStmt, `INSERT INTO inbox (dev, ts, boot, seq, last_ts, samples, body) VALUES (?, ?, ?, ?, ?, ?, ?)`},
 		{&db.eventStmt, `INSERT OR IGNORE INTO events (dev, boot, seq, ts, received, kind, severity, code, message, cmd, body)
 			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`},
@@ -198,11 +193,12 @@ func (db *DB) Close() error {
 		close(db.stopCkpt)
 		<-db.ckptDone
 		errs = append(errs, db.FlushSeen(context.Background()))
-		errs = append(errs, db.Compact(context.Background()))
-		_, err := db.ckpt.Exec(`PRAGMA wal_checkpoint(TRUNCATE)`)
+		_, err := db.Compact(context.Background())
+		errs = append(errs, err)
+		_, err = db.ckpt.Exec(`PRAGMA wal_checkpoint(TRUNCATE)`)
 		errs = append(errs, err, db.ckpt.Close())
 	}
-	for _, s := range []*sql.Stmt{db.streamStmt, db.hwmStmt, db.sampleStmt, db.eventStmt, db.seenStmt} {
+	for _, s := range []*sql.Stmt{db.sampleStmt, db.eventStmt, db.seenStmt} {
 		if s != nil {
 			s.Close()
 		}
@@ -245,17 +241,6 @@ var migrations = []string{
 		sample BLOB
 	);
 	CREATE INDEX devices_version ON devices(version);
-	-- Per device, boot epoch and message kind: the highest sequence stored.
-	-- A device sends each kind in sequence order, so anything at or below
-	-- it is a QoS1 redelivery.
-	CREATE TABLE streams (
-		dev INTEGER NOT NULL,
-		boot INTEGER NOT NULL,
-		kind INTEGER NOT NULL,
-		hwm INTEGER NOT NULL,
-		updated INTEGER NOT NULL,
-		PRIMARY KEY (dev, boot, kind)
-	) WITHOUT ROWID;
 	-- Telemetry arrives interleaved from every device. Group commits append
 	-- it to the inbox, which touches only new pages; the compactor moves it
 	-- to telemetry in large sorted chunks, so that each device's newest
@@ -270,20 +255,21 @@ var migrations = []string{
 		samples INTEGER NOT NULL,
 		body BLOB NOT NULL
 	);
-	-- One row per telemetry batch, as the device encoded it: one B-tree
-	-- insert per message whatever its number of samples, clustered by
-	-- device and time so that a device's time range is one contiguous scan.
-	-- A batch spans at most proto.MaxBatchSpan.
+	-- One row per telemetry batch, as the device encoded it, whatever its
+	-- number of samples. (dev, boot, seq) is unique: the compactor's INSERT
+	-- OR IGNORE is where QoS1 redeliveries are dropped, whatever order they
+	-- arrive in. A batch spans at most proto.MaxBatchSpan.
 	CREATE TABLE telemetry (
 		dev INTEGER NOT NULL,
-		ts INTEGER NOT NULL,      -- first sample, unix ms
 		boot INTEGER NOT NULL,
 		seq INTEGER NOT NULL,
+		ts INTEGER NOT NULL,      -- first sample, unix ms
 		last_ts INTEGER NOT NULL, -- last sample, unix ms
 		samples INTEGER NOT NULL,
 		body BLOB NOT NULL,       -- the CBOR batch
-		PRIMARY KEY (dev, ts, boot, seq)
+		PRIMARY KEY (dev, boot, seq)
 	) WITHOUT ROWID;
+	CREATE INDEX telemetry_dev_ts ON telemetry(dev, ts);
 	CREATE TABLE events (
 		id INTEGER PRIMARY KEY,
 		dev INTEGER NOT NULL,

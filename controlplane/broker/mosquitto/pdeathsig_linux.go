@@ -1,4 +1,4 @@
-package mosquittotest
+package mosquitto
 
 import (
 	"os/exec"

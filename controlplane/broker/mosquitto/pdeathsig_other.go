@@ -1,6 +1,6 @@
 //go:build !linux
 
-package mosquittotest
+package mosquitto
 
 import "os/exec"
 
