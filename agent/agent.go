@@ -377,3 +377,6 @@ func (a *Agent) state(online bool, conn uint64) proto.State {
 
 // LastSeq is the sequence number of the last message this run queued.
 func (a *Agent) LastSeq() uint64 { return a.seq.Load() }
+
+// Connections counts the broker connections this run has attempted.
+func (a *Agent) Connections() uint64 { return a.conns.Load() }
