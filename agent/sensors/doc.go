@@ -11,7 +11,7 @@
 // of the airframe as datagrams, one CBOR map per datagram, whenever a value
 // changes and at least once a second. The agent listens on one of:
 //
-//	unix:/run/hangar/flight.sock   Unix datagram socket (SOCK_DGRAM), mode 0660
+//	unix:/run/hangar-agent/flight.sock   Unix datagram socket (SOCK_DGRAM), mode 0660
 //	udp:127.0.0.1:14560            UDP, loopback addresses only
 //
 // The input is not authenticated, so the agent refuses a UDP address that is
@@ -38,7 +38,7 @@
 // a2 01 18 40 0a 03. From Python with the cbor2 package:
 //
 //	s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-//	s.sendto(cbor2.dumps({1: 64, 2: 15800, 10: 3}), "/run/hangar/flight.sock")
+//	s.sendto(cbor2.dumps({1: 64, 2: 15800, 10: 3}), "/run/hangar-agent/flight.sock")
 //
 // A datagram is dropped whole, and counted as malformed, when it is 4096
 // bytes or longer, is not exactly one CBOR map, repeats a key, uses

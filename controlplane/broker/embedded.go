@@ -61,6 +61,8 @@ type Embedded struct {
 	handler Handler
 	closed  atomic.Bool
 	ackers  sync.Map // *mqtt.Client -> *acker
+	auth    chan authReq
+	ackq    chan *acker
 }
 
 var _ Bus = (*Embedded)(nil)
@@ -108,7 +110,14 @@ func NewEmbedded(opts EmbeddedOptions) (*Embedded, error) {
 		SysTopicResendInterval: 60,
 	})
 	ctx, cancel := context.WithCancel(context.Background())
-	e := &Embedded{opts: opts, srv: srv, log: log, ctx: ctx, cancel: cancel}
+	e := &Embedded{opts: opts, srv: srv, log: log, ctx: ctx, cancel: cancel, auth: make(chan authReq)}
+	for range authWorkers {
+		go e.authLoop()
+	}
+	e.ackq = make(chan *acker, 1<<16)
+	for range ackWriters {
+		go e.ackLoop()
+	}
 	if err := srv.AddHook(&hook{e: e}, nil); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("embedded broker: %w", err)
@@ -169,6 +178,56 @@ func (e *Embedded) Close() error {
 	return e.srv.Close()
 }
 
+// authWorkers bound the credential lookups running at once, so that a
+// reconnect storm queues at the broker instead of piling onto the store.
+const authWorkers = 4
+
+type authReq struct {
+	id   string
+	resp chan authResp
+}
+
+type authResp struct {
+	hash []byte
+	err  error
+}
+
+// credential looks id up on an auth worker rather than on the connection's
+// goroutine: the store's call chain is deep, and a goroutine's stack, once
+// grown, stays grown for every one of thousands of connections.
+func (e *Embedded) credential(id string) ([]byte, error) {
+	req := authReq{id: id, resp: make(chan authResp, 1)}
+	t := time.NewTimer(10 * time.Second)
+	defer t.Stop()
+	select {
+	case e.auth <- req:
+	case <-t.C:
+		return nil, errors.New("credential lookup: timed out waiting for a worker")
+	case <-e.ctx.Done():
+		return nil, ErrClosed
+	}
+	select {
+	case r := <-req.resp:
+		return r.hash, r.err
+	case <-e.ctx.Done():
+		return nil, ErrClosed
+	}
+}
+
+func (e *Embedded) authLoop() {
+	for {
+		select {
+		case <-e.ctx.Done():
+			return
+		case req := <-e.auth:
+			ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
+			hash, err := e.opts.Credentials.Credential(ctx, req.id)
+			cancel()
+			req.resp <- authResp{hash, err}
+		}
+	}
+}
+
 // hook authenticates connections, enforces ACLs and hands device publishes
 // to the handler before they are acknowledged.
 type hook struct {
@@ -201,9 +260,7 @@ func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	if pk.Connect.WillFlag && pk.Connect.WillTopic != proto.DeviceTopic(id, proto.KindState) {
 		return h.refuse(cl, "bad_will_topic")
 	}
-	ctx, cancel := context.WithTimeout(h.e.ctx, 5*time.Second)
-	defer cancel()
-	hash, err := h.e.opts.Credentials.Credential(ctx, id)
+	hash, err := h.e.credential(id)
 	switch {
 	case errors.Is(err, store.ErrNotFound):
 		return h.refuse(cl, "unknown_device")
@@ -302,12 +359,18 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 const maxUnacked = 1024
 
 // ackWriteTimeout bounds how long a PUBACK write may block on a device that
-// does not read.
-const ackWriteTimeout = 10 * time.Second
+// does not read: such a device is disconnected, and holds one ack writer
+// for at most this long.
+const ackWriteTimeout = 2 * time.Second
 
-// acker writes one connection's PUBACKs in the order its messages arrived,
-// from a goroutine that exists only while acknowledgements are pending, so
-// that a device that stops reading blocks nobody but itself.
+// ackWriters is how many goroutines write PUBACKs. A fixed pool, rather
+// than a goroutine per connection with acknowledgements pending, creates no
+// goroutine (and no stack) per message.
+const ackWriters = 16
+
+// acker writes one connection's PUBACKs in the order its messages arrived.
+// It is queued to the ack writers at most once at a time, so its writes
+// never reorder.
 type acker struct {
 	e           *Embedded
 	cl          *mqtt.Client
@@ -347,7 +410,18 @@ func (a *acker) done(id uint16, err error) {
 	a.running = true
 	a.mu.Unlock()
 	if start {
-		go a.run()
+		a.e.ackq <- a
+	}
+}
+
+func (e *Embedded) ackLoop() {
+	for {
+		select {
+		case <-e.ctx.Done():
+			return
+		case a := <-e.ackq:
+			a.run()
+		}
 	}
 }
 

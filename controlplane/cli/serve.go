@@ -11,6 +11,9 @@ import (
 	_ "net/http/pprof" // for --pprof
 	"os"
 	"path/filepath"
+	"runtime/debug"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/server"
@@ -30,6 +33,8 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	fs.DurationVar(&o.OnlineTimeout, "online-timeout", 90*time.Second, "a device silent this long is shown offline")
 	fs.IntVar(&o.ConnectRate, "connect-rate", 0, "cap on MQTT connections accepted per second by the embedded broker (0: none)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	memLimit := fs.String("memory-limit", g.env.Getenv("HANGAR_MEMORY_LIMIT"),
+		"soft limit for the Go heap and stacks, e.g. 256MiB or 2GiB (the Go runtime's GOMEMLIMIT; SQLite's page cache comes on top); empty: none")
 	pprofAddr := fs.String("pprof", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6060; off when empty")
 	if _, err := parse(fs, args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -42,6 +47,13 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 		return fmt.Errorf("%w: --log-level: %v", ErrUsage, err)
 	}
 	o.Logger = slog.New(slog.NewTextHandler(g.env.Stderr, &slog.HandlerOptions{Level: level}))
+	if *memLimit != "" {
+		n, err := parseBytes(*memLimit)
+		if err != nil {
+			return fmt.Errorf("%w: --memory-limit: %v", ErrUsage, err)
+		}
+		debug.SetMemoryLimit(n)
+	}
 	o.Version = Version
 	if o.BrokerURL != "" {
 		o.BrokerPassword = g.env.Getenv("HANGAR_BROKER_PASSWORD")
@@ -95,4 +107,27 @@ func trimNL(b []byte) []byte {
 		b = b[:len(b)-1]
 	}
 	return b
+}
+
+// parseBytes reads sizes such as 512MiB, 2GiB, 300MB or a plain number of
+// bytes.
+func parseBytes(s string) (int64, error) {
+	units := []struct {
+		suffix string
+		mult   int64
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"B", 1}}
+	for _, u := range units {
+		if v, ok := strings.CutSuffix(s, u.suffix); ok {
+			n, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err != nil || n <= 0 {
+				return 0, fmt.Errorf("bad size %q", s)
+			}
+			return int64(n * float64(u.mult)), nil
+		}
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("bad size %q (use e.g. 256MiB)", s)
+	}
+	return n, nil
 }

@@ -10,6 +10,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
+	"runtime"
+	"sync"
 	"log/slog"
 	"sync/atomic"
 	"time"
@@ -60,6 +63,8 @@ type Ingester struct {
 	opts Options
 	log  *slog.Logger
 	q    chan job
+	// decode holds one queue per decoder goroutine.
+	decode []chan decodeReq
 
 	lastDecodeLog atomic.Int64
 }
@@ -82,19 +87,61 @@ func New(st Store, opts Options) *Ingester {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Ingester{st: st, opts: opts, log: opts.Logger.With("component", "ingest"), q: make(chan job, opts.Queue)}
+	in := &Ingester{st: st, opts: opts, log: opts.Logger.With("component", "ingest"), q: make(chan job, opts.Queue)}
+	in.decode = make([]chan decodeReq, max(2, runtime.GOMAXPROCS(0)))
+	for i := range in.decode {
+		in.decode[i] = make(chan decodeReq, 256)
+	}
+	return in
 }
 
 // ErrStopped is returned by Handle when the ingester is not running.
 var ErrStopped = errors.New("ingest stopped")
 
-// Handle decodes one device message and queues it for storage; done is
+// Handle queues one device message for decoding and storage; done is
 // called from the writer once the message's group is committed (nil) or
 // failed. A malformed message is counted, logged and acknowledged (sending
 // it again would not help), in its place in the queue so that a device's
 // acknowledgements keep their order. Handle blocks only while the queue is
 // full.
+//
+// Decoding runs on a few worker goroutines, one per shard of devices so
+// that each device's messages stay in order, and not on the broker's
+// goroutine of the connection: thousands of those exist, and a deep
+// decode would grow every one of their stacks for good.
 func (in *Ingester) Handle(ctx context.Context, m broker.Message, done func(error)) {
+	h := fnv.New32a()
+	h.Write([]byte(m.Device))
+	select {
+	case in.decode[h.Sum32()%uint32(len(in.decode))] <- decodeReq{m: m, done: done}:
+	case <-ctx.Done():
+		done(ctx.Err())
+	}
+}
+
+type decodeReq struct {
+	m    broker.Message
+	done func(error)
+}
+
+func (in *Ingester) decodeLoop(ctx context.Context, reqs <-chan decodeReq) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case r := <-reqs:
+			j := in.decodeJob(r.m, r.done)
+			select {
+			case in.q <- j:
+			case <-ctx.Done():
+				r.done(ctx.Err())
+				return
+			}
+		}
+	}
+}
+
+func (in *Ingester) decodeJob(m broker.Message, done func(error)) job {
 	item := store.IngestItem{Device: m.Device, Received: m.Received}
 	var err error
 	switch m.Kind {
@@ -120,11 +167,7 @@ func (in *Ingester) Handle(ctx context.Context, m broker.Message, done func(erro
 		in.logDecodeError(m, err)
 		j.skip = true
 	}
-	select {
-	case in.q <- j:
-	case <-ctx.Done():
-		done(ctx.Err())
-	}
+	return j
 }
 
 // logDecodeError logs at most one malformed message per second: a hostile
@@ -151,6 +194,19 @@ type compactor interface {
 
 // Run writes queued messages until ctx is done.
 func (in *Ingester) Run(ctx context.Context) {
+	var decoders sync.WaitGroup
+	for _, reqs := range in.decode {
+		decoders.Add(1)
+		go func() { defer decoders.Done(); in.decodeLoop(ctx, reqs) }()
+	}
+	defer func() {
+		decoders.Wait()
+		for _, reqs := range in.decode {
+			for len(reqs) > 0 {
+				(<-reqs).done(ctx.Err())
+			}
+		}
+	}()
 	group := make([]job, 0, in.opts.MaxGroup)
 	items := make([]store.IngestItem, 0, in.opts.MaxGroup)
 	tick := time.NewTicker(time.Second)

@@ -12,6 +12,8 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"time"
@@ -280,6 +282,8 @@ func (s *Server) Run(ctx context.Context) error {
 	}()
 	wg.Add(1)
 	go func() { defer wg.Done(); s.retention(ctx) }()
+	wg.Add(1)
+	go func() { defer wg.Done(); releaseMemory(ctx, time.Minute) }()
 	s.log.Info("control plane running", "api", s.URL(), "mqtt", s.mqttURL, "data", s.opts.DataDir)
 	var err error
 	select {
@@ -323,5 +327,27 @@ func (s *Server) closeAll() {
 	}
 	if s.db != nil {
 		_ = s.db.Close()
+	}
+}
+
+// releaseMemory hands idle heap back to the operating system every period.
+// Connection bursts (thousands of devices reconnecting after a restart)
+// grow goroutine stacks that the garbage collector later shrinks; the
+// freed memory stays mapped, and Go's background scavenger returns it only
+// slowly, so a fleet's worth of it would show in the RSS for a long time.
+func releaseMemory(ctx context.Context, period time.Duration) {
+	t := time.NewTicker(period)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			var ms runtime.MemStats
+			runtime.ReadMemStats(&ms)
+			if ms.HeapIdle-ms.HeapReleased > 64<<20 {
+				debug.FreeOSMemory()
+			}
+		}
 	}
 }

@@ -15,8 +15,11 @@ import (
 )
 
 func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == "agent" {
+		return runBenchAgent(ctx, args[1:], stdout, stderr)
+	}
 	if len(args) == 0 || args[0] != "ingest" {
-		return errors.New("usage: hangar-sim bench ingest [flags]")
+		return errors.New("usage: hangar-sim bench ingest|agent [flags]")
 	}
 	fs := flag.NewFlagSet("hangar-sim bench ingest", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -57,5 +60,26 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		b, _ := json.MarshalIndent(results, "", "  ")
 		return os.WriteFile(*jsonOut, b, 0o644)
 	}
+	return nil
+}
+
+func runBenchAgent(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("hangar-sim bench agent", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	hangar := fs.String("hangar", "bin/hangar", "hangar binary to run as the control plane")
+	agentBin := fs.String("agent", "bin/hangar-agent", "hangar-agent binary to measure")
+	cross := fs.String("cross", "bin/hangar-agent-linux-arm64,bin/hangar-agent-linux-armv7", "cross-built agents whose size to report")
+	duration := fs.Duration("duration", 30*time.Second, "how long to measure")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	r, err := bench.RunAgent(ctx, bench.AgentOptions{Hangar: *hangar, Agent: *agentBin, Duration: *duration, Cross: strings.Split(*cross, ",")})
+	if err != nil {
+		return err
+	}
+	bench.PrintAgent(stdout, r)
 	return nil
 }

@@ -91,17 +91,19 @@ func Open(path string, opts Options) (*DB, error) {
 	if f, err := os.OpenFile(path, os.O_RDONLY|os.O_CREATE, 0o600); err == nil {
 		f.Close()
 	}
-	dsn := func(extra string) string {
+	// Page cache per connection, in KiB: the writer keeps the hot pages
+	// of every table; readers and the checkpointer need little.
+	dsn := func(cacheKiB int, extra string) string {
 		q := url.Values{}
 		q.Set("_journal_mode", "WAL")
 		q.Set("_synchronous", "NORMAL")
 		q.Set("_busy_timeout", "10000")
 		q.Set("_foreign_keys", "on")
 		q.Set("_txlock", "immediate")
-		q.Set("_cache_size", "-32000") // 32 MB of page cache per connection
+		q.Set("_cache_size", fmt.Sprint(-cacheKiB))
 		return "file:" + path + "?" + q.Encode() + extra
 	}
-	w, err := sql.Open("sqlite3", dsn(""))
+	w, err := sql.Open("sqlite3", dsn(16<<10, ""))
 	if err != nil {
 		return nil, fmt.Errorf("open store: %w", err)
 	}
@@ -122,7 +124,7 @@ func Open(path string, opts Options) (*DB, error) {
 		w.Close()
 		return nil, err
 	}
-	r, err := sql.Open("sqlite3", dsn("&mode=ro&_query_only=1"))
+	r, err := sql.Open("sqlite3", dsn(4<<10, "&mode=ro&_query_only=1"))
 	if err != nil {
 		w.Close()
 		return nil, fmt.Errorf("open store: %w", err)
@@ -135,7 +137,7 @@ func Open(path string, opts Options) (*DB, error) {
 		db.Close()
 		return nil, fmt.Errorf("open store: %w", err)
 	}
-	if db.ckpt, err = sql.Open("sqlite3", dsn("")); err != nil {
+	if db.ckpt, err = sql.Open("sqlite3", dsn(256, "")); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open store: %w", err)
 	}

@@ -1,0 +1,100 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// AgentOptions describe the agent footprint run.
+type AgentOptions struct {
+	Hangar   string        // hangar binary (control plane)
+	Agent    string        // hangar-agent binary for this machine
+	Duration time.Duration // how long the agent runs
+	Cross    []string      // cross-built agent binaries whose size to report
+	Log      io.Writer
+}
+
+// AgentResult is the agent's footprint.
+type AgentResult struct {
+	RSSMB       float64            `json:"rss_mb"`      // at the end of the run
+	PeakRSSMB   float64            `json:"peak_rss_mb"` // VmHWM
+	CPUPercent  float64            `json:"cpu_percent"`
+	Acked       int                `json:"telemetry_batches_stored"`
+	BinaryBytes map[string]int64   `json:"binary_bytes"`
+	Extra       map[string]float64 `json:"-"`
+}
+
+func statusKB(pid int, field string) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
+			var kb float64
+			fmt.Sscan(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), &kb)
+			return kb
+		}
+	}
+	return 0
+}
+
+// RunAgent starts a control plane and one real agent process sampling once
+// a second, and measures the agent.
+func RunAgent(ctx context.Context, o AgentOptions) (AgentResult, error) {
+	res := AgentResult{BinaryBytes: map[string]int64{}}
+	for _, p := range append([]string{o.Agent}, o.Cross...) {
+		if st, err := os.Stat(p); err == nil {
+			res.BinaryBytes[filepath.Base(p)] = st.Size()
+		}
+	}
+	dir, err := os.MkdirTemp("", "hangar-bench-agent-")
+	if err != nil {
+		return res, err
+	}
+	defer os.RemoveAll(dir)
+	port, err := FreePort()
+	if err != nil {
+		return res, err
+	}
+	cp, err := startControlPlane(o.Hangar, filepath.Join(dir, "data"), []string{"--mqtt", fmt.Sprintf("127.0.0.1:%d", port)}, nil, o.Log)
+	if err != nil {
+		return res, err
+	}
+	defer cp.stop()
+	ag, err := start(o.Agent, []string{"--server", cp.url, "--enroll-token", cp.enroll, "--device-id", "footprint",
+		"--hardware", "rev-b", "--state-dir", filepath.Join(dir, "agent"), "--flight-input", "udp:127.0.0.1:0",
+		"--sample-interval", "1s", "--batch-size", "10", "--log-level", "warn"}, nil, o.Log)
+	if err != nil {
+		return res, err
+	}
+	defer ag.stop()
+	pid := ag.cmd.Process.Pid
+	// Let it enroll and settle before measuring CPU.
+	sleepCtx(ctx, 5*time.Second)
+	cpu0 := cpuSeconds(pid)
+	sleepCtx(ctx, o.Duration)
+	res.CPUPercent = (cpuSeconds(pid) - cpu0) / o.Duration.Seconds() * 100
+	res.RSSMB = statusKB(pid, "VmRSS") / 1024
+	res.PeakRSSMB = statusKB(pid, "VmHWM") / 1024
+	vals, _, err := cp.scrape()
+	if err == nil {
+		res.Acked = int(vals["hangar_ingest_samples_total"] / 10)
+	}
+	return res, nil
+}
+
+// PrintAgent prints the footprint.
+func PrintAgent(w io.Writer, r AgentResult) {
+	fmt.Fprintf(w, "agent RSS steady / peak:  %.1f / %.1f MB\n", r.RSSMB, r.PeakRSSMB)
+	fmt.Fprintf(w, "agent CPU:                %.2f %% of one core (1 sample/s, 1 batch/10 s)\n", r.CPUPercent)
+	fmt.Fprintf(w, "telemetry batches stored: %d\n", r.Acked)
+	for name, n := range r.BinaryBytes {
+		fmt.Fprintf(w, "binary %-26s %.2f MB (%d bytes)\n", name+":", float64(n)/(1<<20), n)
+	}
+}

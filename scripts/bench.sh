@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# make bench: every figure of docs/benchmarks.md, each beside its baseline
+# from the same run. Needs bin/ built (make bench does it) and, for the
+# Mosquitto column, mosquitto installed. Knobs: DEVICES, RATE, DURATION,
+# CONNECTIONS (the idle-fleet run), MEMORY_LIMIT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEVICES=${DEVICES:-2000}
+RATE=${RATE:-15}
+DURATION=${DURATION:-20s}
+CONNECTIONS=${CONNECTIONS:-10000}
+MEMORY_LIMIT=${MEMORY_LIMIT:-400MiB}
+OUT=${OUT:-bench-results}
+mkdir -p "$OUT"
+
+echo "== machine"
+echo "$(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(go version)"
+echo
+
+echo "== wire codec and outbox (go test -bench; JSON is the baseline of CBOR)"
+go test -run XXX -bench 'Sample' -benchmem -count 1 ./proto/ | grep -E '^Benchmark'
+go test -run XXX -bench . -benchmem -count 1 ./agent/outbox/ | grep -E '^Benchmark'
+go test -run TestSampleSize -v ./proto/ | grep 'sample:'
+echo
+
+brokers=embedded
+if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then brokers=embedded,mosquitto; fi
+echo "== ingest: $DEVICES drones x $RATE msg/s, QoS1, real connections ($brokers)"
+./bin/hangar-sim bench ingest --devices "$DEVICES" --rate "$RATE" --duration "$DURATION" --brokers "$brokers" --json "$OUT/ingest.json"
+echo
+
+echo "== ingest below saturation: $DEVICES drones x $((RATE * 2 / 3)) msg/s"
+./bin/hangar-sim bench ingest --devices "$DEVICES" --rate "$((RATE * 2 / 3))" --duration "$DURATION" --brokers "$brokers" --json "$OUT/ingest-two-thirds.json"
+echo
+
+echo "== $CONNECTIONS connected drones, one batch each per 10 s (embedded broker, --memory-limit $MEMORY_LIMIT)"
+./bin/hangar-sim bench ingest --devices "$CONNECTIONS" --rate 0.1 --warmup 10s --duration 40s --brokers embedded \
+	--serve-args "--memory-limit $MEMORY_LIMIT" --json "$OUT/connections.json"
+echo
+
+echo "== agent footprint"
+make --no-print-directory cross >/dev/null
+./bin/hangar-sim bench agent --duration 30s
