@@ -130,6 +130,10 @@ func (in *Ingester) decodeLoop(ctx context.Context, reqs <-chan decodeReq) {
 		case <-ctx.Done():
 			return
 		case r := <-reqs:
+			if ctx.Err() != nil {
+				r.done(ctx.Err())
+				return
+			}
 			j := in.decodeJob(r.m, r.done)
 			select {
 			case in.q <- j:
@@ -225,6 +229,11 @@ func (in *Ingester) Run(ctx context.Context) {
 			}
 			continue
 		case j := <-in.q:
+			if ctx.Err() != nil {
+				j.done(ctx.Err())
+				in.drain(ctx.Err())
+				return
+			}
 			group = append(group, j)
 		}
 		// Gather for a few milliseconds: a commit costs about the same
