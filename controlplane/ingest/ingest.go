@@ -11,9 +11,9 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"log/slog"
 	"runtime"
 	"sync"
-	"log/slog"
 	"sync/atomic"
 	"time"
 
