@@ -2,7 +2,13 @@
 // and of everything that speaks it.
 package prototest
 
-import "github.com/hangarfleet/hangar/proto"
+import (
+	"bytes"
+	"crypto/ed25519"
+	"crypto/sha256"
+
+	"github.com/hangarfleet/hangar/proto"
+)
 
 // Base is the fixed time of fixtures: 2026-11-25T12:00:00Z in unix ms.
 const Base int64 = 1795780800000
@@ -104,5 +110,34 @@ func FlightInput() proto.FlightInput {
 	return proto.FlightInput{
 		Battery: u8(64), Voltage: 15800, Lat: 473769000, Lon: 85417000, Alt: 12000,
 		Fix: 3, Flight: proto.FlightFlying, Link: u8(80),
+	}
+}
+
+// Deterministic test keys: Ed25519 keys from fixed seeds, so that signed
+// fixtures (Ed25519 signatures are deterministic) have golden bytes.
+var (
+	RootKey    = ed25519.NewKeyFromSeed(bytes.Repeat([]byte{1}, 32))
+	ReleaseKey = ed25519.NewKeyFromSeed(bytes.Repeat([]byte{2}, 32))
+	OtherKey   = ed25519.NewKeyFromSeed(bytes.Repeat([]byte{3}, 32))
+)
+
+// KeyList lists ReleaseKey, valid for a year from Base.
+func KeyList() proto.KeyList {
+	pub := ReleaseKey.Public().(ed25519.PublicKey)
+	return proto.KeyList{
+		Version: 1, Created: Base / 1000, Expires: Base/1000 + 365*86400,
+		Keys: []proto.ReleaseKey{{ID: proto.KeyID(pub), Public: pub, Expires: Base/1000 + 365*86400}},
+	}
+}
+
+// Manifest is an agent release for rev-b on arm64 and amd64, valid for 30
+// days from Base, of an artifact with the given content.
+func Manifest(artifact []byte) proto.Manifest {
+	sum := sha256.Sum256(artifact)
+	return proto.Manifest{
+		Version: "1.5.0", Counter: 13, Target: proto.TargetAgent, Hardware: []string{"rev-b"},
+		Arch: []string{"arm64", "amd64"}, Size: uint64(len(artifact)), SHA256: sum[:],
+		Created: Base / 1000, Expires: Base/1000 + 30*86400,
+		KeyID: proto.KeyID(ReleaseKey.Public().(ed25519.PublicKey)),
 	}
 }
