@@ -24,6 +24,7 @@ import (
 	"github.com/hangarfleet/hangar/agent/outbox"
 	"github.com/hangarfleet/hangar/agent/statedir"
 	"github.com/hangarfleet/hangar/agent/transport/mqtt"
+	"github.com/hangarfleet/hangar/agent/update"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -86,6 +87,9 @@ type Options struct {
 	BackoffMin        time.Duration
 	BackoffMax        time.Duration
 	SendWindow        int // QoS1 messages in flight at once
+
+	// Update turns on signed updates.
+	Update *UpdateOptions
 
 	Clock      clock.Clock
 	Sensors    Sensors
@@ -181,6 +185,8 @@ type Agent struct {
 
 	cmds    chan proto.Command
 	started time.Time
+	updater *update.Updater
+	latest  atomic.Pointer[proto.Sample]
 	// acked counts messages the broker acknowledged (tests, simulator).
 	acked atomic.Uint64
 }
@@ -216,6 +222,10 @@ func New(opts Options) (*Agent, error) {
 	}
 	if c, err := loadCredential(a.store); err == nil {
 		a.cred = c
+	}
+	if err := a.setupUpdater(); err != nil {
+		a.box.Close()
+		return nil, err
 	}
 	return a, nil
 }
@@ -265,8 +275,22 @@ func (a *Agent) CountError() { a.errors.Add(1) }
 
 // Run samples, sends and handles commands until ctx is done, then flushes
 // the samples in hand to the outbox and disconnects cleanly.
+//
+// An agent that must leave for a new build of itself (update.RestartExit)
+// returns update.ErrRestart.
 func (a *Agent) Run(ctx context.Context) error {
 	defer a.box.Close()
+	if a.updater != nil {
+		// Settle an interrupted update first: this may start another build.
+		if err := a.updater.Boot(ctx); err != nil {
+			if errors.Is(err, update.ErrRestart) {
+				return err
+			}
+			a.log.Error("update recovery failed", "err", err)
+		}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	a.started = a.clk.Now()
 	a.log.Info("agent starting", "version", a.opts.Version, "boot", a.boot, "arch", runtime.GOARCH)
 	a.Emit(proto.Event{Kind: proto.EventMessage, Code: "agent_started", Message: "agent " + a.opts.Version + " started",
@@ -275,10 +299,21 @@ func (a *Agent) Run(ctx context.Context) error {
 	wg.Add(2)
 	go func() { defer wg.Done(); a.sampleLoop(ctx) }()
 	go func() { defer wg.Done(); a.commandLoop(ctx) }()
+	var restart error
+	if a.updater != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := a.updater.Run(ctx); errors.Is(err, update.ErrRestart) {
+				restart = err
+				cancel()
+			}
+		}()
+	}
 	a.connectLoop(ctx)
 	wg.Wait()
 	a.log.Info("agent stopped")
-	return nil
+	return restart
 }
 
 // Emit queues an event for the control plane. Events go out before any
@@ -354,6 +389,7 @@ func (a *Agent) read(now time.Time) proto.Sample {
 	if s.Link == 0 && a.Connected() {
 		s.Link = 100
 	}
+	defer func() { a.latest.Store(&s) }()
 	if err := s.Validate(); err != nil {
 		// A sensor gave nonsense: drop the offending fields rather than
 		// the sample (the control plane would refuse the whole batch).
@@ -371,6 +407,7 @@ func (a *Agent) state(online bool, conn uint64) proto.State {
 	if online {
 		s.Time = a.clk.Now().UnixMilli()
 		s.Hardware, s.Arch, s.Version, s.Labels = a.opts.Hardware, runtime.GOARCH, a.opts.Version, a.opts.Labels
+		s.Release, s.Payloads = a.installed()
 	}
 	return s
 }

@@ -41,6 +41,21 @@ func (a *Agent) handle(ctx context.Context, cmd proto.Command) {
 	switch cmd.Kind {
 	case proto.CmdPing:
 		a.Emit(proto.Event{Kind: proto.EventAck, Cmd: cmd.ID, Code: "pong"})
+	case proto.CmdUpdate, proto.CmdCancel, proto.CmdConfirm:
+		a.Emit(proto.Event{Kind: proto.EventAck, Cmd: cmd.ID, Code: "received"})
+		if a.updater == nil {
+			a.Emit(proto.Event{Kind: proto.EventAlert, Severity: proto.SevWarning, Cmd: cmd.ID, Code: "updates_disabled",
+				Message: "this agent has no root key configured and refuses updates"})
+			return
+		}
+		switch cmd.Kind {
+		case proto.CmdUpdate:
+			_ = a.updater.Offer(cmd)
+		case proto.CmdCancel:
+			a.updater.Cancel()
+		case proto.CmdConfirm:
+			a.updater.Confirm(cmd.Counter)
+		}
 	default:
 		a.Emit(proto.Event{Kind: proto.EventAck, Cmd: cmd.ID, Severity: proto.SevWarning, Code: "unsupported",
 			Message: "command kind " + string(cmd.Kind) + " not supported by agent " + a.opts.Version})

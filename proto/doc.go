@@ -15,5 +15,7 @@ package proto
 //
 //	1 (2026-11-25): first version: State (hello, goodbye and last will),
 //	    telemetry Batch of Samples, Event (alerts, update reports, command
-//	    acknowledgements), Command, FlightInput on the agent's local socket.
+//	    acknowledgements), Command, FlightInput on the agent's local socket;
+//	    signed release Manifest and KeyList (COSE_Sign1, Ed25519); the
+//	    confirm command for a build in trial.
 const ProtocolVersion = 1

@@ -197,6 +197,9 @@ const (
 	CmdPing   CommandKind = "ping"   // answer with an EventAck
 	CmdUpdate CommandKind = "update" // install the offered release; Update is set
 	CmdCancel CommandKind = "cancel" // abandon a pending offer that is not yet installing
+	// CmdConfirm tells a device in trial that the control plane heard from
+	// its new build (release Counter): one of the trial's health checks.
+	CmdConfirm CommandKind = "confirm"
 )
 
 // Command is published by the control plane on a device's cmd topic with QoS1.
@@ -207,6 +210,7 @@ type Command struct {
 	Issued  int64        `cbor:"2,keyasint,omitempty"` // unix milliseconds, server clock
 	Update  *UpdateOffer `cbor:"3,keyasint,omitempty"`
 	Rollout string       `cbor:"4,keyasint,omitempty"`
+	Counter uint64       `cbor:"5,keyasint,omitempty"` // release counter (confirm)
 }
 
 // UpdateOffer carries what a device needs to verify and fetch a release. The

@@ -139,11 +139,11 @@ type Check string
 
 // Checks, in the order a device runs them.
 const (
-	CheckSize      Check = "size"      // document or artifact size
-	CheckRoot      Check = "root"      // key list not signed by a trusted root
-	CheckKeyList   Check = "key_list"  // key list malformed, older than the one held, or expired
-	CheckKey       Check = "key"       // manifest signed by a key not in the list
-	CheckRevoked   Check = "revoked"   // release key revoked
+	CheckSize      Check = "size"     // document or artifact size
+	CheckRoot      Check = "root"     // key list not signed by a trusted root
+	CheckKeyList   Check = "key_list" // key list malformed, older than the one held, or expired
+	CheckKey       Check = "key"      // manifest signed by a key not in the list
+	CheckRevoked   Check = "revoked"  // release key revoked
 	CheckKeyExpiry Check = "key_expired"
 	CheckSignature Check = "signature"
 	CheckFormat    Check = "format"

@@ -31,6 +31,33 @@ type Config struct {
 	SysRoot           string
 	LogLevel          string
 	ShowVersion       bool
+	// Updates.
+	RootKeys           []string // files or base64 of pinned root public keys
+	RestartMode        string
+	MinBattery         int
+	MaintenanceLock    string
+	AllowUnknownFlight bool
+	TrialDeadline      time.Duration
+	MaxTrialBoots      int
+	Hooks              map[string]string
+	ExePath            string
+}
+
+type listFlag struct{ l *[]string }
+
+func (f listFlag) String() string     { return "" }
+func (f listFlag) Set(s string) error { *f.l = append(*f.l, s); return nil }
+
+type mapFlag map[string]string
+
+func (m mapFlag) String() string { return "" }
+func (m mapFlag) Set(s string) error {
+	k, v, ok := strings.Cut(s, "=")
+	if !ok || k == "" || v == "" {
+		return fmt.Errorf("%q is not target=path", s)
+	}
+	m[k] = v
+	return nil
 }
 
 type labels map[string]string
@@ -75,6 +102,16 @@ func newFlagSet(c *Config, w io.Writer) (*flag.FlagSet, *string, *string) {
 	fs.StringVar(&c.SysRoot, "sysroot", "/", "root of /proc and /sys for system sensors")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.BoolVar(&c.ShowVersion, "version", false, "print the version and exit")
+	fs.Var(listFlag{&c.RootKeys}, "root-key", "pinned root public key for signed updates: a PEM file or base64 (repeat for several); without one, updates are refused")
+	fs.StringVar(&c.RestartMode, "restart-mode", "exec", "how to start a new build of the agent: exec (replace the process) or exit (status 75, the supervisor restarts it)")
+	fs.IntVar(&c.MinBattery, "min-battery", 30, "install only with the battery at or above this percentage")
+	fs.StringVar(&c.MaintenanceLock, "maintenance-lock", "/run/hangar-agent/maintenance.lock", "install nothing while this file exists")
+	fs.BoolVar(&c.AllowUnknownFlight, "install-when-flight-unknown", false, "install even when no flight stack reports the flight state (bench units only)")
+	fs.DurationVar(&c.TrialDeadline, "trial-deadline", 2*time.Minute, "a new build must pass its health checks within this time, or it is rolled back")
+	fs.IntVar(&c.MaxTrialBoots, "max-trial-boots", 3, "starts of a new build without passing its trial before it is rolled back (crash loop)")
+	c.Hooks = mapFlag{}
+	fs.Var(mapFlag(c.Hooks), "hook", "install hook for a payload target: target=/path/to/executable (repeat)")
+	fs.StringVar(&c.ExePath, "exe-path", "", "the agent binary that updates replace (default: this executable)")
 	config := fs.String("config", "", "config file: one 'flag = value' per line, # comments (env HANGAR_AGENT_CONFIG)")
 	return fs, tokenFile, config
 }

@@ -12,12 +12,14 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/hangarfleet/hangar/agent"
 	"github.com/hangarfleet/hangar/agent/sensors"
+	"github.com/hangarfleet/hangar/agent/update"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -68,7 +70,15 @@ func Run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		}()
 		log.Info("listening for the flight stack", "addr", fl.Addr())
 	}
+	uo, err := updateOptions(cfg)
+	if err != nil {
+		return err
+	}
+	if uo == nil {
+		log.Warn("no --root-key: signed updates are refused")
+	}
 	a, err := agent.New(agent.Options{
+		Update:   uo,
 		DeviceID: cfg.DeviceID, Hardware: cfg.Hardware, Labels: cfg.Labels, Version: agent.BuildVersion,
 		ServerURL: cfg.Server, EnrollToken: cfg.EnrollToken, StateDir: cfg.StateDir, OutboxMaxBytes: cfg.OutboxMaxBytes,
 		SampleInterval: cfg.SampleInterval, BatchSize: cfg.BatchSize, HeartbeatInterval: cfg.HeartbeatInterval,
@@ -77,7 +87,47 @@ func Run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	return a.Run(ctx)
+	err = a.Run(ctx)
+	if errors.Is(err, update.ErrRestart) {
+		log.Info("leaving for the new build", "exit", update.ExitRestart)
+		return ErrRestart
+	}
+	return err
+}
+
+// ErrRestart: the agent exits with update.ExitRestart for its supervisor
+// to start the new build.
+var ErrRestart = errors.New("restart for a new build")
+
+func updateOptions(cfg Config) (*agent.UpdateOptions, error) {
+	if len(cfg.RootKeys) == 0 {
+		return nil, nil
+	}
+	uo := &agent.UpdateOptions{
+		ExePath: cfg.ExePath, Hooks: cfg.Hooks, TrialDeadline: cfg.TrialDeadline, MaxTrialBoots: cfg.MaxTrialBoots,
+		Policy: update.Policy{MinBattery: uint8(max(0, min(100, cfg.MinBattery))), LockFile: cfg.MaintenanceLock, AllowUnknownFlight: cfg.AllowUnknownFlight},
+	}
+	switch update.RestartMode(cfg.RestartMode) {
+	case update.RestartExec, update.RestartExit:
+		uo.RestartMode = update.RestartMode(cfg.RestartMode)
+	default:
+		return nil, fmt.Errorf("--restart-mode must be exec or exit, not %q", cfg.RestartMode)
+	}
+	if bt, err := strconv.ParseInt(agent.BuildTime, 10, 64); err == nil && bt > 0 {
+		uo.BuildTime = time.Unix(bt, 0)
+	}
+	for _, rk := range cfg.RootKeys {
+		data := []byte(rk)
+		if b, err := os.ReadFile(rk); err == nil {
+			data = b
+		}
+		k, err := proto.ParsePublicKey(data)
+		if err != nil {
+			return nil, fmt.Errorf("--root-key %s: %w", rk, err)
+		}
+		uo.Roots = append(uo.Roots, k)
+	}
+	return uo, nil
 }
 
 // deviceSensors reads the board, then overlays what the flight stack said.

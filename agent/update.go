@@ -1,0 +1,142 @@
+package agent
+
+import (
+	"context"
+	"crypto/ed25519"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/hangarfleet/hangar/agent/update"
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// UpdateOptions turn on signed updates. Without root keys the agent
+// refuses every offer.
+type UpdateOptions struct {
+	Roots []ed25519.PublicKey
+	// BuildTime: the agent never trusts a clock that reads earlier.
+	BuildTime time.Time
+	// ExePath is the agent's binary (default: os.Executable).
+	ExePath     string
+	RestartMode update.RestartMode
+	Policy      update.Policy
+	// Hooks install named payloads: target -> executable (see update.Hook).
+	Hooks         map[string]string
+	TrialDeadline time.Duration
+	MaxTrialBoots int
+	// Installers replace the defaults (the simulator installs simulated
+	// firmware); keys are targets.
+	Installers map[string]update.Installer
+}
+
+func (a *Agent) setupUpdater() error {
+	uo := a.opts.Update
+	if uo == nil || len(uo.Roots) == 0 {
+		return nil
+	}
+	installers := map[string]update.Installer{}
+	for target, hook := range uo.Hooks {
+		installers[target] = &update.Hook{Path: hook}
+	}
+	if _, ok := uo.Installers[proto.TargetAgent]; !ok {
+		exe := uo.ExePath
+		if exe == "" {
+			var err error
+			if exe, err = os.Executable(); err != nil {
+				return fmt.Errorf("update: %w", err)
+			}
+			if exe, err = filepath.EvalSymlinks(exe); err != nil {
+				return fmt.Errorf("update: %w", err)
+			}
+		}
+		installers[proto.TargetAgent] = &update.Binary{Path: exe, Version: a.opts.Version, Mode: uo.RestartMode}
+	}
+	for t, in := range uo.Installers {
+		installers[t] = in
+	}
+	stateDir := a.opts.StateDir
+	u, err := update.New(update.Options{
+		Roots: uo.Roots, Hardware: a.opts.Hardware, BuildTime: uo.BuildTime, Store: a.store,
+		Dir: filepath.Join(stateDir, "staging"), Clock: a.clk, HTTP: a.opts.HTTPClient, BaseURL: a.opts.ServerURL,
+		Auth: a.authorize, Installers: installers, Report: a.reportUpdate, Conditions: a.conditions,
+		Policy: uo.Policy, SelfTest: a.selfTest, TrialDeadline: uo.TrialDeadline, MaxTrialBoots: uo.MaxTrialBoots,
+		Logger: a.opts.Logger,
+	})
+	if err != nil {
+		return err
+	}
+	a.updater = u
+	return nil
+}
+
+// authorize adds the device's credential to artifact downloads.
+func (a *Agent) authorize(r *http.Request) {
+	a.mu.Lock()
+	c := a.cred
+	a.mu.Unlock()
+	if c != nil {
+		r.SetBasicAuth(c.Username, c.Password)
+	}
+}
+
+func (a *Agent) reportUpdate(r proto.UpdateReport, cmd string) {
+	sev := proto.SevInfo
+	switch r.State {
+	case proto.UpdateRejected, proto.UpdateFailed:
+		sev = proto.SevWarning
+	case proto.UpdateRolledBack:
+		sev = proto.SevCritical
+	}
+	a.Emit(proto.Event{Kind: proto.EventUpdate, Severity: sev, Code: "update_" + string(r.State), Cmd: cmd, Update: &r, Message: r.Reason})
+}
+
+func (a *Agent) conditions() update.Conditions {
+	s := a.latest.Load()
+	if s == nil {
+		return update.Conditions{}
+	}
+	return update.Conditions{Flight: s.Flight, Battery: s.Battery}
+}
+
+// selfTest is the agent's part of a new build's health check: its state
+// directory takes writes and its outbox works.
+func (a *Agent) selfTest(ctx context.Context) error {
+	probe := strconv.FormatInt(time.Now().UnixNano(), 10)
+	if err := a.store.Save("selftest", []byte(probe)); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	if b, err := a.store.Load("selftest"); err != nil || string(b) != probe {
+		return fmt.Errorf("state directory reads back %q: %v", b, err)
+	}
+	if _, err := a.box.Peek(1); err != nil {
+		return fmt.Errorf("outbox: %w", err)
+	}
+	if !a.Connected() {
+		return errors.New("not connected to the broker")
+	}
+	return nil
+}
+
+// Installed reports the installed release counter of the agent and the
+// versions of payloads, for the state message.
+func (a *Agent) installed() (uint64, map[string]string) {
+	if a.updater == nil {
+		return 0, nil
+	}
+	var payloads map[string]string
+	for t, in := range a.updater.Installed() {
+		if t == proto.TargetAgent {
+			continue
+		}
+		if payloads == nil {
+			payloads = map[string]string{}
+		}
+		payloads[t] = in.Version
+	}
+	return a.updater.AgentCounter(), payloads
+}

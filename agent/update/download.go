@@ -1,0 +1,153 @@
+package update
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// errTransient marks download failures worth retrying (the link, the
+// server); anything else refuses the release.
+var errTransient = errors.New("transient")
+
+// stagedPath is where the verified artifact of m waits to be installed.
+func (u *Updater) stagedPath(m proto.Manifest) string {
+	return filepath.Join(u.opts.Dir, hex.EncodeToString(m.SHA256)+".bin")
+}
+
+// download fetches the artifact of m to the staging directory, resuming a
+// partial file with an HTTP Range request, stopping at the declared size
+// and checking the digest over the whole file. Memory stays bounded
+// whatever the artifact's size, and whatever the server sends.
+func (u *Updater) download(ctx context.Context, m proto.Manifest, rawURL string, progress func(n uint64)) (string, error) {
+	final := u.stagedPath(m)
+	if fileHasDigest(OSFS{}, final, m.SHA256) == nil {
+		return final, nil
+	}
+	if err := os.MkdirAll(u.opts.Dir, 0o700); err != nil {
+		return "", err
+	}
+	part := strings.TrimSuffix(final, ".bin") + ".part"
+	f, err := os.OpenFile(part, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	have, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return "", err
+	}
+	if uint64(have) > m.Size {
+		if err := f.Truncate(0); err != nil {
+			return "", err
+		}
+		have, _ = f.Seek(0, io.SeekStart)
+	}
+	if uint64(have) < m.Size {
+		if err := u.fetch(ctx, f, &have, m, rawURL, progress); err != nil {
+			return "", err
+		}
+	}
+	if err := f.Sync(); err != nil {
+		return "", err
+	}
+	if err := fileHasDigest(OSFS{}, part, m.SHA256); err != nil {
+		os.Remove(part)
+		return "", err
+	}
+	if err := os.Rename(part, final); err != nil {
+		return "", err
+	}
+	return final, nil
+}
+
+func (u *Updater) fetch(ctx context.Context, f *os.File, have *int64, m proto.Manifest, rawURL string, progress func(uint64)) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
+	if err != nil {
+		return &proto.VerifyError{Check: proto.CheckFormat, Err: fmt.Errorf("artifact URL: %v", err)}
+	}
+	etag := `"` + hex.EncodeToString(m.SHA256) + `"`
+	if *have > 0 {
+		req.Header.Set("Range", "bytes="+strconv.FormatInt(*have, 10)+"-")
+		req.Header.Set("If-Range", etag)
+	}
+	if u.opts.Auth != nil {
+		u.opts.Auth(req)
+	}
+	resp, err := u.opts.HTTP.Do(req)
+	if err != nil {
+		return fmt.Errorf("%w: download: %v", errTransient, err)
+	}
+	defer resp.Body.Close()
+	switch resp.StatusCode {
+	case http.StatusPartialContent:
+		if !strings.HasPrefix(resp.Header.Get("Content-Range"), "bytes "+strconv.FormatInt(*have, 10)+"-") {
+			return fmt.Errorf("%w: download: server resumed at %q, not at byte %d", errTransient, resp.Header.Get("Content-Range"), *have)
+		}
+	case http.StatusOK:
+		// A full body: start over.
+		if err := f.Truncate(0); err != nil {
+			return err
+		}
+		if _, err := f.Seek(0, io.SeekStart); err != nil {
+			return err
+		}
+		*have = 0
+	case http.StatusRequestedRangeNotSatisfiable:
+		if err := f.Truncate(0); err != nil {
+			return err
+		}
+		*have, _ = f.Seek(0, io.SeekStart)
+		return fmt.Errorf("%w: download: range refused, starting over", errTransient)
+	default:
+		err := fmt.Errorf("download: HTTP %d", resp.StatusCode)
+		if resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusUnauthorized {
+			err = fmt.Errorf("%w: %v", errTransient, err)
+		}
+		return err
+	}
+	// Copy at most what remains, then make sure nothing follows: a server
+	// that streams past the declared size is refused without reading on.
+	w := &countingWriter{w: f, n: have, progress: progress}
+	_, err = io.CopyN(w, resp.Body, int64(m.Size)-*have)
+	if err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || ctx.Err() == nil {
+			return fmt.Errorf("%w: download interrupted at %d of %d bytes: %v", errTransient, *have, m.Size, err)
+		}
+		return err
+	}
+	var one [1]byte
+	if n, _ := io.ReadFull(resp.Body, one[:]); n > 0 {
+		_ = f.Truncate(0)
+		*have = 0
+		return &proto.VerifyError{Check: proto.CheckSize, Err: fmt.Errorf("the server sent more than the declared %d bytes", m.Size)}
+	}
+	return nil
+}
+
+type countingWriter struct {
+	w        io.Writer
+	n        *int64
+	progress func(uint64)
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	*c.n += int64(n)
+	if c.progress != nil {
+		c.progress(uint64(*c.n))
+	}
+	return n, err
+}
+
+var _ = sha256.New

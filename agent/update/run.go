@@ -1,0 +1,376 @@
+package update
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/hangarfleet/hangar/agent/clock"
+	"github.com/hangarfleet/hangar/proto"
+)
+
+func (u *Updater) job() *job {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.st.Job
+}
+
+func (u *Updater) save(j *job) error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.st.Job != j {
+		return errors.New("job superseded")
+	}
+	return u.saveLocked()
+}
+
+// finish ends the current job, recording an installed build.
+func (u *Updater) finish(j *job, done *installed) error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.st.Job == j {
+		u.st.Job = nil
+	}
+	if done != nil {
+		u.st.Installed[j.m.Target] = *done
+	}
+	return u.saveLocked()
+}
+
+// Boot settles, at agent start and before anything else runs, an update
+// that a crash, a power cut or a restart interrupted. It may not return:
+// when the build that must run is not the running one, it starts it.
+func (u *Updater) Boot(ctx context.Context) error {
+	j := u.job()
+	if j == nil {
+		return nil
+	}
+	inst := u.opts.Installers[j.m.Target]
+	if inst == nil {
+		u.log.Error("interrupted update of a target without installer, dropped", "target", j.m.Target)
+		return u.finish(j, nil)
+	}
+	switch j.Phase {
+	case phaseInstall:
+		switch {
+		case inst.Running(j.m):
+			// The new build is up: the swap happened before the cut.
+			j.Phase = phaseTrial
+		case inst.Installed(j.m):
+			// Swapped, but the old build still runs: start the new one.
+			j.Phase, j.TrialStarted, j.TrialBoots = phaseTrial, u.opts.Clock.Now().Unix(), 0
+			if err := u.save(j); err != nil {
+				return err
+			}
+			return inst.Activate(ctx, j.m)
+		default:
+			// The swap never happened: install again when allowed.
+			j.Phase = phaseVerified
+		}
+		if j.TrialStarted == 0 {
+			j.TrialStarted = u.opts.Clock.Now().Unix()
+		}
+		if err := u.save(j); err != nil {
+			return err
+		}
+	case phaseRollback:
+		if inst.Running(j.m) || inst.Installed(j.m) {
+			return u.rollback(ctx, j, j.Reason)
+		}
+		u.log.Info("rollback complete", "target", j.m.Target, "from", j.m.Version, "reason", j.Reason)
+		return u.finish(j, nil)
+	}
+	if j.Phase != phaseTrial {
+		return nil
+	}
+	if !inst.Running(j.m) {
+		if inst.Installed(j.m) {
+			return inst.Activate(ctx, j.m)
+		}
+		// The previous build is back in place without our rollback (an
+		// operator restored it): the trial failed.
+		u.report(j, proto.UpdateRolledBack, func(r *proto.UpdateReport) { r.Reason = "the previous build was restored outside the agent" })
+		return u.finish(j, nil)
+	}
+	j.TrialBoots++
+	if err := u.save(j); err != nil {
+		return err
+	}
+	if j.TrialBoots > u.opts.MaxTrialBoots {
+		return u.rollback(ctx, j, fmt.Sprintf("crash loop: started %d times without passing the trial", j.TrialBoots))
+	}
+	return nil
+}
+
+// Run drives the current job until ctx ends. It returns ErrRestart when
+// the agent must exit for its supervisor to start another build.
+func (u *Updater) Run(ctx context.Context) error {
+	tick := u.opts.Clock.NewTicker(time.Second)
+	defer tick.Stop()
+	retry := u.opts.RetryMin
+	stalled := 0
+	for ctx.Err() == nil {
+		j := u.job()
+		if j == nil {
+			select {
+			case <-ctx.Done():
+			case <-u.wake:
+			}
+			continue
+		}
+		var err error
+		switch j.Phase {
+		case phaseDownload:
+			var progressed bool
+			progressed, err = u.runDownload(ctx, j)
+			if err == nil {
+				retry, stalled = u.opts.RetryMin, 0
+				continue
+			}
+			if errors.Is(err, errTransient) {
+				if progressed {
+					stalled = 0
+				} else if stalled++; stalled >= 20 {
+					u.report(j, proto.UpdateFailed, func(r *proto.UpdateReport) { r.Reason = "download makes no progress: " + err.Error() })
+					err = u.finish(j, nil)
+					break
+				}
+				u.log.Info("download interrupted, will resume", "err", err, "retry_in", retry)
+				if !clock.Sleep(u.opts.Clock, retry, ctx.Done()) {
+					return nil
+				}
+				retry = min(2*retry, u.opts.RetryMax)
+				continue
+			}
+		case phaseVerified:
+			if reason := u.blocked(); reason != "" {
+				if reason != j.Deferred {
+					j.Deferred = reason
+					_ = u.save(j)
+					u.report(j, proto.UpdateDeferred, func(r *proto.UpdateReport) { r.Reason = reason })
+					u.log.Info("install deferred", "version", j.m.Version, "reason", reason)
+				}
+				select {
+				case <-ctx.Done():
+				case <-u.wake:
+				case <-tick.C():
+				}
+				continue
+			}
+			err = u.install(ctx, j)
+		case phaseInstall:
+			err = u.install(ctx, j)
+		case phaseTrial:
+			err = u.trial(ctx, j, tick)
+		case phaseRollback:
+			err = u.rollback(ctx, j, j.Reason)
+		default:
+			err = u.finish(j, nil)
+		}
+		if errors.Is(err, ErrRestart) {
+			return err
+		}
+		if err != nil && ctx.Err() == nil {
+			u.log.Error("update step failed", "phase", j.Phase, "err", err)
+			if !clock.Sleep(u.opts.Clock, retry, ctx.Done()) {
+				return nil
+			}
+		}
+	}
+	return nil
+}
+
+// blocked says why an install may not start now ("" when it may).
+func (u *Updater) blocked() string {
+	p := u.opts.Policy
+	if p.LockFile != "" {
+		if _, err := os.Stat(p.LockFile); err == nil {
+			return "maintenance lock " + p.LockFile
+		}
+	}
+	c := u.opts.Conditions()
+	switch c.Flight {
+	case proto.FlightFlying:
+		return "flying"
+	case proto.FlightArmed:
+		return "armed"
+	case proto.FlightUnknown:
+		if !p.AllowUnknownFlight {
+			return "flight state unknown"
+		}
+	}
+	if c.Battery != nil && *c.Battery < p.MinBattery {
+		return fmt.Sprintf("battery at %d%%, below %d%%", *c.Battery, p.MinBattery)
+	}
+	return ""
+}
+
+// runDownload fetches and checks the artifact; it reports whether it got
+// any byte further.
+func (u *Updater) runDownload(ctx context.Context, j *job) (bool, error) {
+	src, err := u.resolve(j.URL)
+	if err != nil {
+		u.report(j, proto.UpdateRejected, func(r *proto.UpdateReport) { r.Check, r.Reason = string(proto.CheckFormat), err.Error() })
+		return false, u.finish(j, nil)
+	}
+	step := max(j.m.Size/4, 1)
+	var start, last uint64
+	first := true
+	_, err = u.download(ctx, j.m, src, func(n uint64) {
+		if first {
+			start, last, first = n, n, false
+			u.report(j, proto.UpdateDownloading, func(r *proto.UpdateReport) { r.Progress = n })
+		}
+		if n-last >= step {
+			last = n
+			u.report(j, proto.UpdateDownloading, func(r *proto.UpdateReport) { r.Progress = n })
+		}
+	})
+	progressed := !first && last > start || !first
+	if err != nil {
+		if errors.Is(err, errTransient) || ctx.Err() != nil {
+			return progressed, err
+		}
+		check := proto.CheckOf(err)
+		if check == "" {
+			u.report(j, proto.UpdateFailed, func(r *proto.UpdateReport) { r.Reason = err.Error() })
+		} else {
+			u.report(j, proto.UpdateRejected, func(r *proto.UpdateReport) { r.Check, r.Reason = string(check), err.Error() })
+		}
+		u.log.Warn("download refused", "version", j.m.Version, "check", check, "err", err)
+		return progressed, u.finish(j, nil)
+	}
+	j.Phase = phaseVerified
+	if err := u.save(j); err != nil {
+		return true, err
+	}
+	u.report(j, proto.UpdateVerified, func(r *proto.UpdateReport) { r.Progress = j.m.Size })
+	return true, nil
+}
+
+// install re-checks the staged artifact, swaps it in and starts it.
+func (u *Updater) install(ctx context.Context, j *job) error {
+	if reason := u.blocked(); reason != "" {
+		j.Phase = phaseVerified
+		return u.save(j)
+	}
+	inst := u.opts.Installers[j.m.Target]
+	staged := u.stagedPath(j.m)
+	j.Phase = phaseInstall
+	if err := u.save(j); err != nil {
+		return err
+	}
+	u.report(j, proto.UpdateInstalling, nil)
+	// Re-verify at commit: the staged file may have changed since it was
+	// checked (a swap on disk, a failing flash).
+	if err := fileHasDigest(OSFS{}, staged, j.m.SHA256); err != nil {
+		os.Remove(staged)
+		check := proto.CheckOf(err)
+		if check == "" {
+			check = proto.CheckHash
+		}
+		u.report(j, proto.UpdateRejected, func(r *proto.UpdateReport) { r.Check, r.Reason = string(check), err.Error() })
+		return u.finish(j, nil)
+	}
+	if err := inst.Install(ctx, j.m, staged); err != nil {
+		check := proto.CheckOf(err)
+		u.log.Error("install failed, previous build kept", "version", j.m.Version, "err", err)
+		if check != "" {
+			u.report(j, proto.UpdateRejected, func(r *proto.UpdateReport) { r.Check, r.Reason = string(check), err.Error() })
+		} else {
+			u.report(j, proto.UpdateFailed, func(r *proto.UpdateReport) { r.Reason = err.Error() })
+		}
+		return u.finish(j, nil)
+	}
+	j.Phase, j.TrialStarted, j.TrialBoots = phaseTrial, u.opts.Clock.Now().Unix(), 0
+	if err := u.save(j); err != nil {
+		return err
+	}
+	os.Remove(staged)
+	u.log.Info("installed, starting the new build", "target", j.m.Target, "version", j.m.Version)
+	if j.m.Target == proto.TargetAgent {
+		// The agent's own trial is counted by the new build's Boot.
+		j.TrialBoots = 0
+	}
+	if err := inst.Activate(ctx, j.m); err != nil {
+		if errors.Is(err, ErrRestart) {
+			return err
+		}
+		return u.rollback(ctx, j, "could not start the new build: "+err.Error())
+	}
+	return nil
+}
+
+// trial waits for the new build to prove healthy: the control plane
+// confirmed hearing from it, the agent's self-test and the build's own
+// check pass. Then it commits; past the deadline it rolls back.
+func (u *Updater) trial(ctx context.Context, j *job, tick clock.Ticker) error {
+	inst := u.opts.Installers[j.m.Target]
+	u.report(j, proto.UpdateTrial, func(r *proto.UpdateReport) { r.Progress = uint64(j.TrialBoots) })
+	deadline := time.Unix(j.TrialStarted, 0).Add(u.opts.TrialDeadline)
+	var lastErr error
+	for {
+		u.mu.Lock()
+		confirmed := u.confirmed[j.m.Counter]
+		u.mu.Unlock()
+		if confirmed {
+			lastErr = nil
+			if u.opts.SelfTest != nil {
+				lastErr = u.opts.SelfTest(ctx)
+			}
+			if lastErr == nil {
+				lastErr = inst.Check(ctx, j.m)
+			}
+			if lastErr == nil {
+				return u.commit(ctx, j)
+			}
+		} else {
+			lastErr = errors.New("no confirmation from the control plane")
+		}
+		if !u.opts.Clock.Now().Before(deadline) {
+			return u.rollback(ctx, j, fmt.Sprintf("health check not passed within %v: %v", u.opts.TrialDeadline, lastErr))
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-u.wake:
+		case <-tick.C():
+		}
+	}
+}
+
+func (u *Updater) commit(ctx context.Context, j *job) error {
+	inst := u.opts.Installers[j.m.Target]
+	if err := inst.Commit(ctx, j.m); err != nil {
+		return fmt.Errorf("commit: %w", err)
+	}
+	if err := u.finish(j, &installed{Version: j.m.Version, Counter: j.m.Counter, SHA256: j.m.SHA256}); err != nil {
+		return err
+	}
+	u.log.Info("update committed", "target", j.m.Target, "version", j.m.Version)
+	u.report(j, proto.UpdateCommitted, nil)
+	return nil
+}
+
+// rollback restores the previous build. The report goes out first: for the
+// agent, Rollback starts the previous binary and does not come back.
+func (u *Updater) rollback(ctx context.Context, j *job, reason string) error {
+	inst := u.opts.Installers[j.m.Target]
+	if j.Phase != phaseRollback {
+		j.Phase, j.Reason = phaseRollback, reason
+		if err := u.save(j); err != nil {
+			return err
+		}
+		u.log.Warn("rolling back", "target", j.m.Target, "version", j.m.Version, "reason", reason)
+		u.report(j, proto.UpdateRolledBack, func(r *proto.UpdateReport) { r.Reason = reason })
+	}
+	if err := inst.Rollback(ctx, j.m); err != nil {
+		if errors.Is(err, ErrRestart) {
+			return err
+		}
+		return fmt.Errorf("rollback: %w", err)
+	}
+	return u.finish(j, nil)
+}

@@ -1,0 +1,439 @@
+// Package update applies signed releases on a device: it verifies an offer
+// before writing anything, downloads the artifact resumably, installs it
+// power-safely when the drone allows it (landed, charged, not locked),
+// trial-boots the new build, and commits it once the new build proves
+// healthy or rolls back by itself when it does not.
+//
+// Every step is persisted in the state directory before it acts, so a
+// power cut or a crash at any moment resumes, cleans up or rolls back at
+// the next start (Boot).
+package update
+
+import (
+	"context"
+	"crypto/ed25519"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hangarfleet/hangar/agent/clock"
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// Store keeps the updater's state file (the agent's state directory).
+type Store interface {
+	Load(name string) ([]byte, error)
+	Save(name string, data []byte) error
+}
+
+// Conditions is what the drone is doing, from its latest sample.
+type Conditions struct {
+	Flight  proto.FlightState
+	Battery *uint8
+}
+
+// Policy says when an install may start.
+type Policy struct {
+	MinBattery uint8  // percent; an install waits below it (when the battery is known)
+	LockFile   string // an install waits while this file exists (maintenance lock)
+	// AllowUnknownFlight installs even when no flight stack reports the
+	// flight state (bench units, companion computers without one).
+	AllowUnknownFlight bool
+}
+
+// Defaults of Options.
+const (
+	DefaultTrialDeadline = 2 * time.Minute
+	DefaultMaxTrialBoots = 3
+	DefaultMinBattery    = 30
+	DefaultMaxArtifact   = 1 << 30
+	stateFile            = "update.json"
+)
+
+// Options configure an Updater.
+type Options struct {
+	Roots     []ed25519.PublicKey // pinned root keys
+	Hardware  string
+	Arch      string    // default runtime.GOARCH
+	BuildTime time.Time // the clock is not trusted before it
+	Store     Store
+	Dir       string // staging directory
+	Clock     clock.Clock
+	HTTP      *http.Client
+	BaseURL   string              // control plane URL, for relative artifact URLs
+	Auth      func(*http.Request) // adds the device's credential to downloads
+	// Installers by target; TargetAgent is the agent's own binary.
+	Installers map[string]Installer
+	// Report sends an update report to the control plane (as an event).
+	Report func(r proto.UpdateReport, cmd string)
+	// Conditions returns what the drone is doing now.
+	Conditions func() Conditions
+	Policy     Policy
+	// SelfTest is the agent's own health check during a trial.
+	SelfTest        func(ctx context.Context) error
+	TrialDeadline   time.Duration
+	MaxTrialBoots   int
+	MaxArtifactSize uint64
+	// RetryMin and RetryMax bound the wait between download attempts.
+	RetryMin, RetryMax time.Duration
+	Logger             *slog.Logger
+}
+
+// state is persisted in the state directory.
+type state struct {
+	HighestSeen uint64               `json:"highest_seen"` // highest counter ever accepted
+	TimeFloor   int64                `json:"time_floor"`   // unix seconds the clock may not read below
+	KeyList     []byte               `json:"key_list,omitempty"`
+	Installed   map[string]installed `json:"installed"`
+	Job         *job                 `json:"job,omitempty"`
+}
+
+type installed struct {
+	Version string `json:"version"`
+	Counter uint64 `json:"counter"`
+	SHA256  []byte `json:"sha256"`
+}
+
+// Phases of a job.
+const (
+	phaseDownload = "downloading"
+	phaseVerified = "verified"
+	phaseInstall  = "installing"
+	phaseTrial    = "trial"
+	phaseRollback = "rolling_back"
+)
+
+type job struct {
+	Manifest     []byte `json:"manifest"` // signed
+	URL          string `json:"url"`
+	Rollout      string `json:"rollout,omitempty"`
+	Cmd          string `json:"cmd,omitempty"`
+	Phase        string `json:"phase"`
+	TrialBoots   int    `json:"trial_boots,omitempty"`
+	TrialStarted int64  `json:"trial_started,omitempty"`
+	Reason       string `json:"reason,omitempty"`
+	Deferred     string `json:"deferred,omitempty"`
+	m            proto.Manifest
+}
+
+// Updater runs the update sequence.
+type Updater struct {
+	opts Options
+	log  *slog.Logger
+
+	mu        sync.Mutex
+	st        state
+	wake      chan struct{}
+	confirmed map[uint64]bool
+}
+
+// ErrNoUpdater is returned for an offer of a target without installer.
+var ErrNoUpdater = errors.New("no installer for target")
+
+// New loads the updater's state.
+func New(opts Options) (*Updater, error) {
+	if len(opts.Roots) == 0 {
+		return nil, errors.New("update: no root keys")
+	}
+	if opts.Arch == "" {
+		opts.Arch = runtime.GOARCH
+	}
+	if opts.Clock == nil {
+		opts.Clock = clock.Real{}
+	}
+	if opts.HTTP == nil {
+		opts.HTTP = &http.Client{Timeout: 0}
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.TrialDeadline == 0 {
+		opts.TrialDeadline = DefaultTrialDeadline
+	}
+	if opts.MaxTrialBoots == 0 {
+		opts.MaxTrialBoots = DefaultMaxTrialBoots
+	}
+	if opts.MaxArtifactSize == 0 {
+		opts.MaxArtifactSize = DefaultMaxArtifact
+	}
+	if opts.RetryMin == 0 {
+		opts.RetryMin = time.Second
+	}
+	if opts.RetryMax == 0 {
+		opts.RetryMax = time.Minute
+	}
+	if opts.Report == nil {
+		opts.Report = func(proto.UpdateReport, string) {}
+	}
+	if opts.Conditions == nil {
+		opts.Conditions = func() Conditions { return Conditions{} }
+	}
+	u := &Updater{opts: opts, log: opts.Logger.With("component", "update"), wake: make(chan struct{}, 1), confirmed: map[uint64]bool{}}
+	b, err := opts.Store.Load(stateFile)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+	case err != nil:
+		return nil, fmt.Errorf("update state: %w", err)
+	default:
+		if err := json.Unmarshal(b, &u.st); err != nil {
+			// A state file the agent cannot read must not stop it: start
+			// afresh, but never below the build time.
+			u.log.Error("update state unreadable, starting afresh", "err", err)
+			u.st = state{}
+		}
+	}
+	if u.st.Installed == nil {
+		u.st.Installed = map[string]installed{}
+	}
+	if u.st.Job != nil {
+		if m, err := proto.DecodeManifestUnverified(u.st.Job.Manifest); err == nil {
+			u.st.Job.m = m
+		} else {
+			u.st.Job = nil
+		}
+	}
+	return u, nil
+}
+
+func (u *Updater) saveLocked() error {
+	b, err := json.Marshal(&u.st)
+	if err != nil {
+		return err
+	}
+	return u.opts.Store.Save(stateFile, b)
+}
+
+// Installed returns the installed version of each target known to the
+// updater (from releases it installed).
+func (u *Updater) Installed() map[string]installed {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	out := make(map[string]installed, len(u.st.Installed))
+	for k, v := range u.st.Installed {
+		out[k] = v
+	}
+	return out
+}
+
+// AgentCounter is the counter of the installed agent release (0: none).
+func (u *Updater) AgentCounter() uint64 {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.st.Installed[proto.TargetAgent].Counter
+}
+
+func (u *Updater) report(j *job, st proto.UpdateState, mutate func(*proto.UpdateReport)) {
+	r := proto.UpdateReport{Target: j.m.Target, Version: j.m.Version, Counter: j.m.Counter, State: st, Rollout: j.Rollout, Size: j.m.Size}
+	if mutate != nil {
+		mutate(&r)
+	}
+	u.opts.Report(r, j.Cmd)
+}
+
+// trustedNow is the clock, unless it reads before the floor (the build
+// time, or the creation of the newest metadata accepted): then there is no
+// trusted time, and nothing that expires can be judged.
+func (u *Updater) trustedNow() (time.Time, error) {
+	now := u.opts.Clock.Now()
+	floor := max(u.opts.BuildTime.Unix(), u.st.TimeFloor)
+	if now.Unix() < floor {
+		return now, &proto.VerifyError{Check: proto.CheckClock,
+			Err: fmt.Errorf("the clock reads %s, before %s", now.UTC().Format(time.RFC3339), time.Unix(floor, 0).UTC().Format(time.RFC3339))}
+	}
+	return now, nil
+}
+
+// Offer handles an update command: verify it completely before anything
+// is written, then start (or continue) the job. It returns the refusal, if
+// any, after reporting it.
+func (u *Updater) Offer(cmd proto.Command) error {
+	o := cmd.Update
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	m, kl, err := u.verifyLocked(o.Manifest, o.Keys)
+	j := &job{Manifest: o.Manifest, URL: o.URL, Rollout: cmd.Rollout, Cmd: cmd.ID, m: m}
+	if err != nil {
+		check := proto.CheckOf(err)
+		u.log.Warn("release refused", "check", check, "err", err)
+		u.report(j, proto.UpdateRejected, func(r *proto.UpdateReport) { r.Check, r.Reason = string(check), err.Error() })
+		return err
+	}
+	inst := u.st.Installed[m.Target]
+	installer := u.opts.Installers[m.Target]
+	switch {
+	case inst.Counter == m.Counter && slices.Equal(inst.SHA256, m.SHA256),
+		u.st.Job == nil && installer.Running(m) && installer.Installed(m):
+		// Already installed: acknowledge, install nothing.
+		if inst.Counter != m.Counter {
+			u.st.Installed[m.Target] = installed{Version: m.Version, Counter: m.Counter, SHA256: m.SHA256}
+			u.st.HighestSeen = max(u.st.HighestSeen, m.Counter)
+			if err := u.saveLocked(); err != nil {
+				return fmt.Errorf("update state: %w", err)
+			}
+		}
+		u.report(j, proto.UpdateCommitted, func(r *proto.UpdateReport) { r.Reason = "already installed" })
+		return nil
+	case u.st.Job != nil && u.st.Job.m.Counter == m.Counter && slices.Equal(u.st.Job.m.SHA256, m.SHA256):
+		// The same offer again (the control plane re-sends until it hears
+		// back): say where it stands.
+		cur := u.st.Job
+		u.report(cur, cur.state(), func(r *proto.UpdateReport) { r.Reason = cur.Deferred })
+		u.poke()
+		return nil
+	case m.Counter <= u.st.HighestSeen || m.Counter <= inst.Counter:
+		err := &proto.VerifyError{Check: proto.CheckCounter, Err: fmt.Errorf("counter %d is not above the installed %d and the highest seen %d", m.Counter, inst.Counter, u.st.HighestSeen)}
+		u.log.Warn("release refused", "check", proto.CheckCounter, "err", err)
+		u.report(j, proto.UpdateRejected, func(r *proto.UpdateReport) { r.Check, r.Reason = string(proto.CheckCounter), err.Error() })
+		return err
+	case u.st.Job != nil && u.st.Job.Phase != phaseDownload && u.st.Job.Phase != phaseVerified:
+		err := fmt.Errorf("busy installing %s %s", u.st.Job.m.Target, u.st.Job.m.Version)
+		u.report(j, proto.UpdateDeferred, func(r *proto.UpdateReport) { r.Reason = err.Error() })
+		return err
+	}
+	// Accepted: it replaces a job that had not started installing.
+	if u.st.Job != nil {
+		u.report(u.st.Job, proto.UpdateFailed, func(r *proto.UpdateReport) { r.Reason = "superseded by " + m.Version })
+	}
+	u.st.HighestSeen = m.Counter
+	u.st.TimeFloor = max(u.st.TimeFloor, m.Created)
+	if o.Keys != nil {
+		u.st.KeyList = o.Keys
+	}
+	_ = kl
+	j.Phase = phaseDownload
+	u.st.Job = j
+	if err := u.saveLocked(); err != nil {
+		u.st.Job = nil
+		return fmt.Errorf("update state: %w", err)
+	}
+	u.report(j, proto.UpdateOffered, nil)
+	u.poke()
+	return nil
+}
+
+// verifyLocked runs every check on a manifest (and the key list that
+// comes with it, or the one held), in the order of the trust model.
+func (u *Updater) verifyLocked(signed, keys []byte) (proto.Manifest, proto.KeyList, error) {
+	var m proto.Manifest
+	if len(signed) > proto.MaxManifestSize {
+		return m, proto.KeyList{}, &proto.VerifyError{Check: proto.CheckSize, Err: fmt.Errorf("manifest of %d bytes", len(signed))}
+	}
+	now, err := u.trustedNow()
+	if err != nil {
+		return m, proto.KeyList{}, err
+	}
+	var held *proto.KeyList
+	if u.st.KeyList != nil {
+		if k, err := proto.OpenKeyList(u.st.KeyList, u.opts.Roots); err == nil {
+			held = &k
+		}
+	}
+	kl := proto.KeyList{}
+	switch {
+	case keys != nil:
+		if kl, err = proto.OpenKeyList(keys, u.opts.Roots); err != nil {
+			return m, kl, err
+		}
+		if err := kl.Check(held, now); err != nil {
+			return m, kl, err
+		}
+	case held != nil:
+		kl = *held
+		if err := kl.Check(nil, now); err != nil {
+			return m, kl, err
+		}
+	default:
+		return m, kl, &proto.VerifyError{Check: proto.CheckKeyList, Err: errors.New("no release key list offered or held")}
+	}
+	if m, err = proto.OpenManifest(signed, kl, now); err != nil {
+		return m, kl, err
+	}
+	if _, ok := u.opts.Installers[m.Target]; !ok {
+		return m, kl, &proto.VerifyError{Check: proto.CheckTarget, Err: fmt.Errorf("%w %q", ErrNoUpdater, m.Target)}
+	}
+	if !slices.Contains(m.Hardware, u.opts.Hardware) {
+		return m, kl, &proto.VerifyError{Check: proto.CheckHardware, Err: fmt.Errorf("built for %v, this device is %q", m.Hardware, u.opts.Hardware)}
+	}
+	if len(m.Arch) > 0 && !slices.Contains(m.Arch, u.opts.Arch) {
+		return m, kl, &proto.VerifyError{Check: proto.CheckHardware, Err: fmt.Errorf("built for %v, this device is %s", m.Arch, u.opts.Arch)}
+	}
+	if m.Size > u.opts.MaxArtifactSize {
+		return m, kl, &proto.VerifyError{Check: proto.CheckSize, Err: fmt.Errorf("artifact of %d bytes, more than %d", m.Size, u.opts.MaxArtifactSize)}
+	}
+	if m.Delta != nil {
+		return m, kl, &proto.VerifyError{Check: proto.CheckFormat, Err: errors.New("delta releases are not supported by this agent")}
+	}
+	return m, kl, nil
+}
+
+// Confirm records the control plane's acknowledgement of a trial.
+func (u *Updater) Confirm(counter uint64) {
+	u.mu.Lock()
+	u.confirmed[counter] = true
+	u.mu.Unlock()
+	u.poke()
+}
+
+// Cancel abandons a job that has not started installing.
+func (u *Updater) Cancel() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if j := u.st.Job; j != nil && (j.Phase == phaseDownload || j.Phase == phaseVerified) {
+		u.report(j, proto.UpdateFailed, func(r *proto.UpdateReport) { r.Reason = "cancelled by the control plane" })
+		u.st.Job = nil
+		_ = u.saveLocked()
+	}
+}
+
+func (u *Updater) poke() {
+	select {
+	case u.wake <- struct{}{}:
+	default:
+	}
+}
+
+// resolve makes the offer's URL absolute against the control plane's.
+func (u *Updater) resolve(raw string) (string, error) {
+	ref, err := url.Parse(raw)
+	if err != nil {
+		return "", err
+	}
+	if ref.IsAbs() {
+		return raw, nil
+	}
+	base, err := url.Parse(strings.TrimRight(u.opts.BaseURL, "/") + "/")
+	if err != nil {
+		return "", err
+	}
+	return base.ResolveReference(ref).String(), nil
+}
+
+var _ = os.Remove
+
+// state is how a job's phase is reported.
+func (j *job) state() proto.UpdateState {
+	switch j.Phase {
+	case phaseDownload:
+		return proto.UpdateDownloading
+	case phaseVerified:
+		if j.Deferred != "" {
+			return proto.UpdateDeferred
+		}
+		return proto.UpdateVerified
+	case phaseInstall:
+		return proto.UpdateInstalling
+	case phaseTrial:
+		return proto.UpdateTrial
+	}
+	return proto.UpdateRolledBack
+}
