@@ -58,13 +58,17 @@ type Options struct {
 	Static http.Handler
 	// Version of the control plane, for /healthz.
 	Version string
+	// Releases turns on release hosting and device updates (nil: off).
+	Releases *ReleaseOptions
 }
 
 // API is the HTTP handler.
 type API struct {
-	opts Options
-	log  *slog.Logger
-	e    *echo.Echo
+	opts  Options
+	log   *slog.Logger
+	e     *echo.Echo
+	rel   *ReleaseOptions
+	limit echo.MiddlewareFunc
 }
 
 // MaxBody caps request bodies (release uploads have their own limit).
@@ -83,15 +87,20 @@ func New(opts Options) *API {
 	}
 	a := &API{opts: opts, log: opts.Logger.With("component", "api")}
 	e := echo.New()
+	a.e = e
 	e.HideBanner, e.HidePort = true, true
 	e.HTTPErrorHandler = a.errorHandler
 	e.Use(middleware.Recover())
-	e.Use(middleware.BodyLimit(fmt.Sprint(MaxBody/1024) + "K"))
+	// JSON bodies are small; release pushes have their own limit.
+	a.limit = middleware.BodyLimit(fmt.Sprint(MaxBody/1024) + "K")
 	e.GET("/healthz", a.healthz)
-	e.POST("/api/v1/enroll", a.enroll)
+	e.POST("/api/v1/enroll", a.enroll, a.limit)
 	auth := a.requireAdmin
 	e.GET("/metrics", echo.WrapHandler(opts.Metrics.Handler()), auth)
-	g := e.Group("/api/v1", auth)
+	if opts.Releases != nil {
+		a.routeReleases(*opts.Releases)
+	}
+	g := e.Group("/api/v1", auth, a.limit)
 	g.GET("/devices", a.listDevices)
 	g.POST("/devices", a.addDevice)
 	g.GET("/devices/:id", a.getDevice)

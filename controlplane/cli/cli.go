@@ -33,7 +33,8 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"serve", "[flags]", "run the control plane (embedded MQTT broker and SQLite by default)", runServe},
-		{"device", "ls|show|add|rm ...", "list, inspect, pre-provision and revoke devices", runDevice},
+		{"device", "ls|show|add|rm|update ...", "list, inspect, pre-provision, revoke and update devices", runDevice},
+		{"release", "keygen|keys|sign|verify|push|ls", "sign releases offline, push and list them", runRelease},
 		{"events", "[--device ID]", "show recent device events", runEvents},
 		{"health", "", "show the fleet health summary", runHealth},
 		{"audit", "[--target ID]", "show who did what, when and why", runAudit},

@@ -21,7 +21,7 @@ type Client struct {
 
 // NewClient returns a client for the API at base with an admin token.
 func NewClient(base, token string) *Client {
-	return &Client{base: strings.TrimRight(base, "/"), token: token, http: &http.Client{Timeout: 60 * time.Second}}
+	return &Client{base: strings.TrimRight(base, "/"), token: token, http: &http.Client{Timeout: 30 * time.Minute}}
 }
 
 // APIError is an error response of the API.
@@ -36,13 +36,19 @@ func (e *APIError) Error() string { return fmt.Sprintf("%s (HTTP %d)", e.Message
 // into out (when not nil).
 func (c *Client) Do(ctx context.Context, method, path string, q url.Values, body, out any) error {
 	var rd io.Reader
+	ct := ""
 	if body != nil {
 		b, err := json.Marshal(body)
 		if err != nil {
 			return err
 		}
-		rd = bytes.NewReader(b)
+		rd, ct = bytes.NewReader(b), "application/json"
 	}
+	return c.DoRaw(ctx, method, path, q, ct, rd, out)
+}
+
+// DoRaw sends a body of any content type.
+func (c *Client) DoRaw(ctx context.Context, method, path string, q url.Values, contentType string, rd io.Reader, out any) error {
 	u := c.base + path
 	if len(q) > 0 {
 		u += "?" + q.Encode()
@@ -51,8 +57,8 @@ func (c *Client) Do(ctx context.Context, method, path string, q url.Values, body
 	if err != nil {
 		return err
 	}
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
 	}
 	req.Header.Set("Authorization", "Bearer "+c.token)
 	resp, err := c.http.Do(req)

@@ -32,8 +32,12 @@ func runDevice(ctx context.Context, g *globals, args []string) error {
 		return deviceAdd(ctx, g, args)
 	case "rm", "revoke":
 		return deviceRemove(ctx, g, args)
+	case "update":
+		return deviceUpdate(ctx, g, args)
+	case "updates":
+		return deviceUpdates(ctx, g, args)
 	}
-	fmt.Fprintln(g.env.Stderr, "Usage: hangar device ls|show ID|add ID|rm ID [flags]")
+	fmt.Fprintln(g.env.Stderr, "Usage: hangar device ls|show ID|add ID|rm ID|update ID --release V|updates ID [flags]")
 	return fmt.Errorf("%w: unknown device command %q", ErrUsage, sub)
 }
 

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/server"
+	"github.com/hangarfleet/hangar/proto"
 )
 
 func runServe(ctx context.Context, g *globals, args []string) error {
@@ -32,6 +33,12 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	fs.DurationVar(&o.Retention, "retention", server.DefaultRetention, "how long telemetry and device events are kept")
 	fs.DurationVar(&o.OnlineTimeout, "online-timeout", 90*time.Second, "a device silent this long is shown offline")
 	fs.IntVar(&o.ConnectRate, "connect-rate", 0, "cap on MQTT connections accepted per second by the embedded broker (0: none)")
+	var rootKeys []string
+	fs.Func("root-key", "release root public key (PEM file); pushed releases must chain to one (repeat for several)", func(v string) error {
+		rootKeys = append(rootKeys, v)
+		return nil
+	})
+	maxArtifact := fs.String("max-artifact", "1GiB", "largest release artifact accepted")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	memLimit := fs.String("memory-limit", g.env.Getenv("HANGAR_MEMORY_LIMIT"),
 		"soft limit for the Go heap and stacks, e.g. 256MiB or 2GiB (the Go runtime's GOMEMLIMIT; SQLite's page cache comes on top); empty: none")
@@ -72,6 +79,24 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 		}
 		go http.Serve(ln, http.DefaultServeMux) // net/http/pprof registers there
 		defer ln.Close()
+	}
+	if v := g.env.Getenv("HANGAR_ROOT_KEYS"); v != "" && len(rootKeys) == 0 {
+		rootKeys = strings.Split(v, ",")
+	}
+	for _, f := range rootKeys {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return fmt.Errorf("--root-key: %w", err)
+		}
+		k, err := proto.ParsePublicKey(b)
+		if err != nil {
+			return fmt.Errorf("--root-key %s: %w", f, err)
+		}
+		o.RootKeys = append(o.RootKeys, k)
+	}
+	var err error
+	if o.MaxArtifact, err = parseBytes(*maxArtifact); err != nil {
+		return fmt.Errorf("%w: --max-artifact: %v", ErrUsage, err)
 	}
 	srv, err := server.New(o)
 	if err != nil {

@@ -4,6 +4,7 @@ package server
 
 import (
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/hangarfleet/hangar/controlplane/api"
 	"github.com/hangarfleet/hangar/controlplane/broker"
+	"github.com/hangarfleet/hangar/controlplane/commands"
 	"github.com/hangarfleet/hangar/controlplane/ingest"
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
@@ -59,6 +61,11 @@ type Options struct {
 	OnlineTimeout time.Duration
 	// ConnectRate caps MQTT connections accepted per second (embedded).
 	ConnectRate int
+	// RootKeys are the release root public keys pushed releases must chain
+	// to (none: pushes are refused).
+	RootKeys []ed25519.PublicKey
+	// MaxArtifact caps a pushed artifact (default 1 GiB).
+	MaxArtifact int64
 	Version     string
 	Logger      *slog.Logger
 	// Listeners for tests; when set, HTTPAddr/MQTTAddr are ignored.
@@ -72,6 +79,7 @@ type Server struct {
 	db      *sqlite.DB
 	bus     broker.Bus
 	ingest  *ingest.Ingester
+	cmds    *commands.Dispatcher
 	api     *api.API
 	metrics *metrics.Metrics
 	httpLn  net.Listener
@@ -152,10 +160,13 @@ func New(opts Options) (*Server, error) {
 	if opts.MQTTAdvertise != "" {
 		s.mqttURL = opts.MQTTAdvertise
 	}
-	s.ingest = ingest.New(db, ingest.Options{Metrics: s.metrics, Logger: opts.Logger})
+	s.cmds = commands.New(commands.Options{Store: db, Bus: s.bus, Metrics: s.metrics, Logger: opts.Logger})
+	s.ingest = ingest.New(db, ingest.Options{Metrics: s.metrics, Logger: opts.Logger, OnEvent: s.cmds.OnEvent, OnState: s.cmds.OnState})
 	s.api = api.New(api.Options{
 		Store: db, Bus: s.bus, Metrics: s.metrics, Logger: opts.Logger, Version: opts.Version,
 		MQTTURL: s.advertisedMQTT, Static: web.Handler(),
+		Releases: &api.ReleaseOptions{Store: db, Send: s.cmds, Roots: opts.RootKeys,
+			Dir: filepath.Join(opts.DataDir, "artifacts"), MaxArtifact: opts.MaxArtifact},
 	})
 	s.httpLn = opts.HTTPListener
 	if s.httpLn == nil {
@@ -254,6 +265,9 @@ func (s *Server) Store() *sqlite.DB { return s.db }
 // Bus exposes the broker.
 func (s *Server) Bus() broker.Bus { return s.bus }
 
+// Commands exposes the command dispatcher.
+func (s *Server) Commands() *commands.Dispatcher { return s.cmds }
+
 // Metrics exposes the collectors.
 func (s *Server) Metrics() *metrics.Metrics { return s.metrics }
 
@@ -282,6 +296,8 @@ func (s *Server) Run(ctx context.Context) error {
 	}()
 	wg.Add(1)
 	go func() { defer wg.Done(); s.retention(ctx) }()
+	wg.Add(1)
+	go func() { defer wg.Done(); s.cmds.Run(ctx) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); releaseMemory(ctx, time.Minute) }()
 	s.log.Info("control plane running", "api", s.URL(), "mqtt", s.mqttURL, "data", s.opts.DataDir)

@@ -158,3 +158,50 @@ type FleetHealth struct {
 	LowBatt  int            `json:"low_battery"` // online devices under 20%
 	Time     time.Time      `json:"time"`
 }
+
+// Release is a pushed, verified release.
+type Release struct {
+	Target   string    `json:"target"`
+	Version  string    `json:"version"`
+	Counter  uint64    `json:"counter"`
+	Size     uint64    `json:"size"`
+	SHA256   string    `json:"sha256"`
+	Hardware []string  `json:"hardware"`
+	Arch     []string  `json:"arch,omitempty"`
+	Created  time.Time `json:"created"`
+	Expires  time.Time `json:"expires"`
+	KeyID    string    `json:"key_id"`
+	Notes    string    `json:"notes,omitempty"`
+	PushedAt time.Time `json:"pushed_at"`
+	PushedBy string    `json:"pushed_by"`
+	Manifest []byte    `json:"-"` // signed
+	Keys     []byte    `json:"-"` // signed key list
+}
+
+// Command is a command to a device, kept until the device acknowledges it.
+type Command struct {
+	ID       string     `json:"id"`
+	Device   string     `json:"device"`
+	Kind     string     `json:"kind"`
+	Body     []byte     `json:"-"` // encoded proto.Command
+	Rollout  string     `json:"rollout,omitempty"`
+	Created  time.Time  `json:"created"`
+	Sent     *time.Time `json:"sent,omitempty"`
+	Attempts int        `json:"attempts"`
+	Acked    *time.Time `json:"acked,omitempty"`
+}
+
+// DeviceUpdate is where a device stands with one release, from its latest
+// update report.
+type DeviceUpdate struct {
+	Device   string    `json:"device"`
+	Target   string    `json:"target"`
+	Version  string    `json:"version"`
+	Counter  uint64    `json:"counter"`
+	State    string    `json:"state"`
+	Reason   string    `json:"reason,omitempty"`
+	Check    string    `json:"check,omitempty"`
+	Progress uint64    `json:"progress,omitempty"`
+	Rollout  string    `json:"rollout,omitempty"`
+	Updated  time.Time `json:"updated"`
+}

@@ -310,6 +310,21 @@ func (w *ingestTx) applyEvent(ctx context.Context, num int64, it *store.IngestIt
 		return nil
 	}
 	res.Events++
+	if u := e.Update; u != nil {
+		// Keep the latest report per release: a late redelivery of an
+		// older one (lower boot and sequence) changes nothing.
+		_, err := w.tx.ExecContext(ctx, `INSERT INTO device_updates (dev, target, counter, version, state, reason, check_name,
+			progress, rollout, boot, seq, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+			ON CONFLICT (dev, target, counter) DO UPDATE SET version = excluded.version, state = excluded.state,
+				reason = excluded.reason, check_name = excluded.check_name, progress = excluded.progress,
+				rollout = CASE WHEN excluded.rollout != '' THEN excluded.rollout ELSE rollout END,
+				boot = excluded.boot, seq = excluded.seq, updated = excluded.updated
+			WHERE excluded.boot > device_updates.boot OR (excluded.boot = device_updates.boot AND excluded.seq > device_updates.seq)`,
+			num, u.Target, u.Counter, u.Version, string(u.State), u.Reason, u.Check, u.Progress, u.Rollout, e.Boot, e.Seq, ms(it.Received))
+		if err != nil {
+			return err
+		}
+	}
 	return nil
 }
 

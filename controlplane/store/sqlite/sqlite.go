@@ -298,6 +298,53 @@ var migrations = []string{
 		attrs TEXT NOT NULL DEFAULT '{}'
 	);
 	CREATE INDEX audit_target ON audit(target, id);`,
+	`CREATE TABLE releases (
+		target TEXT NOT NULL,
+		version TEXT NOT NULL,
+		counter INTEGER NOT NULL,
+		size INTEGER NOT NULL,
+		sha256 BLOB NOT NULL,
+		hardware TEXT NOT NULL,
+		arch TEXT NOT NULL,
+		created INTEGER NOT NULL,
+		expires INTEGER NOT NULL,
+		key_id TEXT NOT NULL,
+		notes TEXT NOT NULL,
+		pushed_at INTEGER NOT NULL,
+		pushed_by TEXT NOT NULL,
+		manifest BLOB NOT NULL,
+		keys BLOB NOT NULL,
+		PRIMARY KEY (target, version)
+	);
+	CREATE UNIQUE INDEX releases_counter ON releases(target, counter);
+	CREATE TABLE commands (
+		id TEXT PRIMARY KEY,
+		dev INTEGER NOT NULL,
+		kind TEXT NOT NULL,
+		body BLOB NOT NULL,
+		rollout TEXT NOT NULL DEFAULT '',
+		created INTEGER NOT NULL,
+		sent INTEGER,
+		attempts INTEGER NOT NULL DEFAULT 0,
+		acked INTEGER
+	);
+	CREATE INDEX commands_pending ON commands(dev, created) WHERE acked IS NULL;
+	-- Where each device stands with each release, from its latest report.
+	CREATE TABLE device_updates (
+		dev INTEGER NOT NULL,
+		target TEXT NOT NULL,
+		counter INTEGER NOT NULL,
+		version TEXT NOT NULL,
+		state TEXT NOT NULL,
+		reason TEXT NOT NULL,
+		check_name TEXT NOT NULL,
+		progress INTEGER NOT NULL,
+		rollout TEXT NOT NULL,
+		boot INTEGER NOT NULL,
+		seq INTEGER NOT NULL,
+		updated INTEGER NOT NULL,
+		PRIMARY KEY (dev, target, counter)
+	) WITHOUT ROWID;`,
 }
 
 func (db *DB) migrate(ctx context.Context) error {

@@ -1,0 +1,342 @@
+package api
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"mime/multipart"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/labstack/echo/v4"
+
+	"github.com/hangarfleet/hangar/controlplane/broker"
+	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// ReleaseStore is what release handling needs from storage.
+type ReleaseStore interface {
+	AddRelease(ctx context.Context, r store.Release) error
+	Releases(ctx context.Context, target string) ([]store.Release, error)
+	Release(ctx context.Context, target, version string) (store.Release, error)
+	DeviceUpdates(ctx context.Context, device, target string, counter uint64) ([]store.DeviceUpdate, error)
+	Credential(ctx context.Context, id string) ([]byte, error)
+}
+
+// Sender sends commands to devices (see package commands).
+type Sender interface {
+	Send(ctx context.Context, device string, cmd proto.Command, supersede bool) (string, error)
+}
+
+// ReleaseOptions turn on release hosting.
+type ReleaseOptions struct {
+	Store ReleaseStore
+	Send  Sender
+	// Roots are the release root public keys: a pushed release must chain
+	// to one. The control plane holds no private key.
+	Roots []ed25519.PublicKey
+	// Dir keeps the artifacts, named by digest.
+	Dir string
+	// MaxArtifact caps a pushed artifact (default 1 GiB).
+	MaxArtifact int64
+}
+
+func (a *API) routeReleases(o ReleaseOptions) {
+	if o.MaxArtifact == 0 {
+		o.MaxArtifact = 1 << 30
+	}
+	a.rel = &o
+	e := a.e
+	auth := a.requireAdmin
+	e.POST("/api/v1/releases", a.pushRelease, auth)
+	e.GET("/api/v1/releases", a.listReleases, auth, a.limit)
+	e.GET("/api/v1/releases/:target/:version", a.getRelease, auth, a.limit)
+	e.GET("/api/v1/releases/:target/:version/artifact", a.artifact, a.requireDeviceOrAdmin)
+	e.HEAD("/api/v1/releases/:target/:version/artifact", a.artifact, a.requireDeviceOrAdmin)
+	e.POST("/api/v1/devices/:id/update", a.updateDevice, auth, a.limit)
+	e.GET("/api/v1/devices/:id/updates", a.deviceUpdates, auth, a.limit)
+}
+
+// requireDeviceOrAdmin lets devices (HTTP basic with their MQTT
+// credential) and operators download artifacts.
+func (a *API) requireDeviceOrAdmin(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		if user, pass, ok := c.Request().BasicAuth(); ok {
+			if proto.ValidateDeviceID(user) == nil {
+				if h, err := a.rel.Store.Credential(c.Request().Context(), user); err == nil && broker.CheckPassword(h, pass) {
+					return next(c)
+				}
+			}
+			c.Response().Header().Set("WWW-Authenticate", `Basic realm="hangar"`)
+			return echo.NewHTTPError(http.StatusUnauthorized, "invalid device credential")
+		}
+		return a.requireAdmin(next)(c)
+	}
+}
+
+func (a *API) artifactPath(sum string) string { return filepath.Join(a.rel.Dir, sum) }
+
+// pushRelease takes a multipart body with the signed manifest ("manifest"),
+// the root-signed key list ("keys") and the artifact ("artifact"), in that
+// order. Everything is verified, the artifact streamed to disk while
+// hashed, before the release exists.
+func (a *API) pushRelease(c echo.Context) error {
+	if len(a.rel.Roots) == 0 {
+		return echo.NewHTTPError(http.StatusServiceUnavailable, "no release root key configured: start the server with --root-key")
+	}
+	mr, err := c.Request().MultipartReader()
+	if err != nil {
+		return badRequest("want a multipart/form-data body with parts manifest, keys and artifact: %v", err)
+	}
+	ctx := c.Request().Context()
+	var manifest, keys []byte
+	var m proto.Manifest
+	var tmp string
+	defer func() {
+		if tmp != "" {
+			os.Remove(tmp)
+		}
+	}()
+	for {
+		part, err := mr.NextPart()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return badRequest("multipart body: %v", err)
+		}
+		switch part.FormName() {
+		case "manifest":
+			if manifest, err = readPart(part, proto.MaxManifestSize); err != nil {
+				return err
+			}
+		case "keys":
+			if keys, err = readPart(part, proto.MaxKeyListSize); err != nil {
+				return err
+			}
+		case "artifact":
+			if manifest == nil || keys == nil {
+				return badRequest("send the manifest and keys parts before the artifact")
+			}
+			if m, err = a.verifyRelease(manifest, keys); err != nil {
+				return err
+			}
+			if tmp, err = a.receiveArtifact(part, m); err != nil {
+				return err
+			}
+		default:
+			return badRequest("unexpected part %q", part.FormName())
+		}
+	}
+	if tmp == "" {
+		return badRequest("no artifact part")
+	}
+	sum := hex.EncodeToString(m.SHA256)
+	if err := os.Rename(tmp, a.artifactPath(sum)); err != nil {
+		return err
+	}
+	tmp = ""
+	r := store.Release{
+		Target: m.Target, Version: m.Version, Counter: m.Counter, Size: m.Size, SHA256: sum, Hardware: m.Hardware,
+		Arch: m.Arch, Created: unix(m.Created), Expires: unix(m.Expires), KeyID: m.KeyID, Notes: m.Notes,
+		PushedAt: a.opts.Now(), PushedBy: a.actor(c), Manifest: manifest, Keys: keys,
+	}
+	if err := a.rel.Store.AddRelease(ctx, r); err != nil {
+		if errors.Is(err, store.ErrExists) {
+			return echo.NewHTTPError(http.StatusConflict, err.Error())
+		}
+		return err
+	}
+	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: a.actor(c), Action: "release.push",
+		Target: m.Target + "@" + m.Version, Attrs: map[string]string{"counter": fmt.Sprint(m.Counter), "sha256": sum, "key": m.KeyID}})
+	a.log.Info("release pushed", "target", m.Target, "version", m.Version, "counter", m.Counter)
+	return c.JSON(http.StatusCreated, r)
+}
+
+func readPart(p *multipart.Part, max int64) ([]byte, error) {
+	b, err := io.ReadAll(io.LimitReader(p, max+1))
+	if err != nil {
+		return nil, badRequest("part %s: %v", p.FormName(), err)
+	}
+	if int64(len(b)) > max {
+		return nil, echo.NewHTTPError(http.StatusRequestEntityTooLarge, fmt.Sprintf("part %s larger than %d bytes", p.FormName(), max))
+	}
+	return b, nil
+}
+
+// verifyRelease runs the checks a device would, against the server's
+// roots: a release that no device would accept is refused at the door.
+func (a *API) verifyRelease(manifest, keys []byte) (proto.Manifest, error) {
+	refused := func(err error) error {
+		return echo.NewHTTPError(http.StatusUnprocessableEntity, fmt.Sprintf("release refused: %v", err))
+	}
+	kl, err := proto.OpenKeyList(keys, a.rel.Roots)
+	if err != nil {
+		return proto.Manifest{}, refused(err)
+	}
+	now := a.opts.Now()
+	if err := kl.Check(nil, now); err != nil {
+		return proto.Manifest{}, refused(err)
+	}
+	m, err := proto.OpenManifest(manifest, kl, now)
+	if err != nil {
+		return m, refused(err)
+	}
+	if int64(m.Size) > a.rel.MaxArtifact {
+		return m, echo.NewHTTPError(http.StatusRequestEntityTooLarge, fmt.Sprintf("artifact of %d bytes, more than %d", m.Size, a.rel.MaxArtifact))
+	}
+	return m, nil
+}
+
+// receiveArtifact streams the artifact to a temporary file, refusing more
+// or fewer bytes than the manifest says, or another digest.
+func (a *API) receiveArtifact(r io.Reader, m proto.Manifest) (string, error) {
+	if err := os.MkdirAll(a.rel.Dir, 0o700); err != nil {
+		return "", err
+	}
+	f, err := os.CreateTemp(a.rel.Dir, ".upload-*")
+	if err != nil {
+		return "", err
+	}
+	name := f.Name()
+	h := sha256.New()
+	n, err := io.Copy(io.MultiWriter(f, h), io.LimitReader(r, int64(m.Size)+1))
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	switch {
+	case err != nil:
+		os.Remove(name)
+		return "", badRequest("artifact upload: %v", err)
+	case uint64(n) != m.Size:
+		os.Remove(name)
+		return "", echo.NewHTTPError(http.StatusUnprocessableEntity, fmt.Sprintf("release refused: artifact has %d bytes or more, the manifest says %d", n, m.Size))
+	case hex.EncodeToString(h.Sum(nil)) != hex.EncodeToString(m.SHA256):
+		os.Remove(name)
+		return "", echo.NewHTTPError(http.StatusUnprocessableEntity, "release refused: artifact digest differs from the manifest's")
+	}
+	return name, nil
+}
+
+func (a *API) listReleases(c echo.Context) error {
+	rs, err := a.rel.Store.Releases(c.Request().Context(), c.QueryParam("target"))
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, rs)
+}
+
+func (a *API) release(c echo.Context) (store.Release, error) {
+	r, err := a.rel.Store.Release(c.Request().Context(), c.Param("target"), c.Param("version"))
+	if err != nil {
+		return r, notFound(err, "release "+c.Param("target")+"@"+c.Param("version"))
+	}
+	return r, nil
+}
+
+func (a *API) getRelease(c echo.Context) error {
+	r, err := a.release(c)
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, r)
+}
+
+// artifact serves a release's artifact with Range, If-Range and an ETag
+// (its digest), so that interrupted downloads resume.
+func (a *API) artifact(c echo.Context) error {
+	r, err := a.release(c)
+	if err != nil {
+		return err
+	}
+	f, err := os.Open(a.artifactPath(r.SHA256))
+	if err != nil {
+		return echo.NewHTTPError(http.StatusNotFound, "artifact missing on the server").SetInternal(err)
+	}
+	defer f.Close()
+	w := c.Response()
+	w.Header().Set("ETag", `"`+r.SHA256+`"`)
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Cache-Control", "private, max-age=31536000, immutable")
+	http.ServeContent(w, c.Request(), r.Version, r.PushedAt, f)
+	return nil
+}
+
+// UpdateRequest is the body of POST /api/v1/devices/:id/update.
+type UpdateRequest struct {
+	Release string `json:"release"` // VERSION or TARGET@VERSION
+	Reason  string `json:"reason,omitempty"`
+}
+
+// UpdateResponse tells which command carries the offer.
+type UpdateResponse struct {
+	Command string `json:"command"`
+	Target  string `json:"target"`
+	Version string `json:"version"`
+	Counter uint64 `json:"counter"`
+}
+
+// OfferFor builds the update offer of a release.
+func OfferFor(r store.Release) *proto.UpdateOffer {
+	return &proto.UpdateOffer{Manifest: r.Manifest, Keys: r.Keys, URL: ArtifactURL(r.Target, r.Version)}
+}
+
+// ArtifactURL is the path devices download a release's artifact from.
+func ArtifactURL(target, version string) string {
+	return "/api/v1/releases/" + target + "/" + version + "/artifact"
+}
+
+func (a *API) updateDevice(c echo.Context) error {
+	id, err := a.deviceID(c)
+	if err != nil {
+		return err
+	}
+	var req UpdateRequest
+	if err := decodeJSON(c, &req); err != nil {
+		return err
+	}
+	target, version, ok := strings.Cut(req.Release, "@")
+	if !ok {
+		target, version = "", req.Release
+	}
+	ctx := c.Request().Context()
+	r, err := a.rel.Store.Release(ctx, target, version)
+	if err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			return echo.NewHTTPError(http.StatusNotFound, "release "+req.Release+" not found")
+		}
+		return badRequest("%v", err)
+	}
+	cmdID, err := a.rel.Send.Send(ctx, id, proto.Command{Kind: proto.CmdUpdate, Update: OfferFor(r)}, true)
+	if err != nil {
+		return notFound(err, "device "+id)
+	}
+	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: a.actor(c), Action: "device.update", Target: id,
+		Reason: req.Reason, Attrs: map[string]string{"release": r.Target + "@" + r.Version, "command": cmdID}})
+	return c.JSON(http.StatusAccepted, UpdateResponse{Command: cmdID, Target: r.Target, Version: r.Version, Counter: r.Counter})
+}
+
+func (a *API) deviceUpdates(c echo.Context) error {
+	id, err := a.deviceID(c)
+	if err != nil {
+		return err
+	}
+	us, err := a.rel.Store.DeviceUpdates(c.Request().Context(), id, "", 0)
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, us)
+}
+
+func unix(s int64) time.Time { return time.Unix(s, 0).UTC() }

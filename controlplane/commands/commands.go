@@ -1,0 +1,189 @@
+// Package commands sends commands to devices and makes sure they arrive:
+// a command is stored before it is published, re-sent when its device says
+// hello and periodically until the device acknowledges it, and answered
+// where the protocol needs an answer (a build in trial is confirmed).
+package commands
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"log/slog"
+	"time"
+
+	"github.com/hangarfleet/hangar/controlplane/metrics"
+	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// Store is what the dispatcher keeps commands in.
+type Store interface {
+	AddCommand(ctx context.Context, c store.Command, supersede bool) error
+	MarkSent(ctx context.Context, id string, at time.Time) error
+	AckCommand(ctx context.Context, device, id string, at time.Time) error
+	PendingCommands(ctx context.Context, device string, sentBefore time.Time) ([]store.Command, error)
+}
+
+// Publisher sends a message to a device.
+type Publisher interface {
+	Publish(ctx context.Context, device string, kind proto.Kind, payload []byte) error
+}
+
+// Defaults.
+const (
+	DefaultResendAfter = time.Minute
+	resendEvery        = 15 * time.Second
+)
+
+// Options configure a Dispatcher.
+type Options struct {
+	Store       Store
+	Bus         Publisher
+	Metrics     *metrics.Metrics
+	Logger      *slog.Logger
+	Now         func() time.Time
+	ResendAfter time.Duration // an unacknowledged command is sent again after this
+}
+
+// Dispatcher sends commands.
+type Dispatcher struct {
+	opts   Options
+	log    *slog.Logger
+	events chan deviceEvent
+}
+
+type deviceEvent struct {
+	device string
+	event  *proto.Event
+	state  *proto.State
+}
+
+// New returns a dispatcher; Run must run for it to react to devices.
+func New(opts Options) *Dispatcher {
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Metrics == nil {
+		opts.Metrics = metrics.New(nil)
+	}
+	if opts.ResendAfter == 0 {
+		opts.ResendAfter = DefaultResendAfter
+	}
+	return &Dispatcher{opts: opts, log: opts.Logger.With("component", "commands"), events: make(chan deviceEvent, 4096)}
+}
+
+// NewID returns a random command id.
+func NewID() string {
+	var b [12]byte
+	rand.Read(b[:])
+	return "c-" + hex.EncodeToString(b[:])
+}
+
+// Send stores cmd for device, then publishes it. When supersede is set,
+// pending commands of the same kind for the device are dropped (a newer
+// offer replaces an older one). A failed publish is not an error: the
+// command is re-sent until acknowledged.
+func (d *Dispatcher) Send(ctx context.Context, device string, cmd proto.Command, supersede bool) (string, error) {
+	if cmd.ID == "" {
+		cmd.ID = NewID()
+	}
+	now := d.opts.Now()
+	cmd.Issued = now.UnixMilli()
+	body, err := proto.Marshal(&cmd)
+	if err != nil {
+		return "", err
+	}
+	c := store.Command{ID: cmd.ID, Device: device, Kind: string(cmd.Kind), Body: body, Rollout: cmd.Rollout, Created: now}
+	if err := d.opts.Store.AddCommand(ctx, c, supersede); err != nil {
+		return "", err
+	}
+	d.publish(ctx, c)
+	return cmd.ID, nil
+}
+
+func (d *Dispatcher) publish(ctx context.Context, c store.Command) {
+	if err := d.opts.Bus.Publish(ctx, c.Device, proto.KindCmd, c.Body); err != nil {
+		d.log.Debug("command not published, will retry", "device", c.Device, "cmd", c.ID, "err", err)
+		return
+	}
+	d.opts.Metrics.CommandsSent.Inc()
+	if err := d.opts.Store.MarkSent(ctx, c.ID, d.opts.Now()); err != nil {
+		d.log.Error("command sent but not recorded", "cmd", c.ID, "err", err)
+	}
+}
+
+// OnEvent and OnState are called by ingest after storing a device message;
+// they must not block, so the work is queued.
+func (d *Dispatcher) OnEvent(device string, e *proto.Event) {
+	if e.Kind != proto.EventAck && e.Kind != proto.EventUpdate {
+		return
+	}
+	d.enqueue(deviceEvent{device: device, event: e})
+}
+
+// OnState: a device that says hello gets its pending commands again.
+func (d *Dispatcher) OnState(device string, s *proto.State) {
+	if s.Online {
+		d.enqueue(deviceEvent{device: device, state: s})
+	}
+}
+
+func (d *Dispatcher) enqueue(ev deviceEvent) {
+	select {
+	case d.events <- ev:
+	default:
+		// The periodic resend catches up with what is dropped here.
+		d.log.Warn("command dispatcher busy, device event dropped", "device", ev.device)
+	}
+}
+
+// Run reacts to devices and re-sends unacknowledged commands.
+func (d *Dispatcher) Run(ctx context.Context) {
+	t := time.NewTicker(resendEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev := <-d.events:
+			d.handle(ctx, ev)
+		case <-t.C:
+			d.resend(ctx, "", d.opts.Now().Add(-d.opts.ResendAfter))
+		}
+	}
+}
+
+func (d *Dispatcher) handle(ctx context.Context, ev deviceEvent) {
+	now := d.opts.Now()
+	switch {
+	case ev.state != nil:
+		d.resend(ctx, ev.device, now.Add(time.Second))
+	case ev.event.Kind == proto.EventAck && ev.event.Cmd != "":
+		if err := d.opts.Store.AckCommand(ctx, ev.device, ev.event.Cmd, now); err != nil {
+			d.log.Error("command acknowledgement not recorded", "device", ev.device, "cmd", ev.event.Cmd, "err", err)
+		}
+	case ev.event.Kind == proto.EventUpdate && ev.event.Update.State == proto.UpdateTrial:
+		// The new build reached the control plane through the broker:
+		// confirm, so that its trial can pass.
+		u := ev.event.Update
+		if _, err := d.Send(ctx, ev.device, proto.Command{Kind: proto.CmdConfirm, Counter: u.Counter, Rollout: u.Rollout}, true); err != nil {
+			d.log.Error("trial confirmation not sent", "device", ev.device, "err", err)
+		}
+	}
+}
+
+func (d *Dispatcher) resend(ctx context.Context, device string, sentBefore time.Time) {
+	cmds, err := d.opts.Store.PendingCommands(ctx, device, sentBefore)
+	if err != nil {
+		if ctx.Err() == nil {
+			d.log.Error("pending commands", "err", err)
+		}
+		return
+	}
+	for _, c := range cmds {
+		d.publish(ctx, c)
+	}
+}
