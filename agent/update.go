@@ -28,6 +28,7 @@ type UpdateOptions struct {
 	// Hooks install named payloads: target -> executable (see update.Hook).
 	Hooks         map[string]string
 	TrialDeadline time.Duration
+	TrialSoak     time.Duration
 	MaxTrialBoots int
 	// Installers replace the defaults (the simulator installs simulated
 	// firmware); keys are targets.
@@ -64,7 +65,7 @@ func (a *Agent) setupUpdater() error {
 		Roots: uo.Roots, Hardware: a.opts.Hardware, BuildTime: uo.BuildTime, Store: a.store,
 		Dir: filepath.Join(stateDir, "staging"), Clock: a.clk, HTTP: a.opts.HTTPClient, BaseURL: a.opts.ServerURL,
 		Auth: a.authorize, Installers: installers, Report: a.reportUpdate, Conditions: a.conditions,
-		Policy: uo.Policy, SelfTest: a.selfTest, TrialDeadline: uo.TrialDeadline, MaxTrialBoots: uo.MaxTrialBoots,
+		Policy: uo.Policy, SelfTest: a.selfTest, TrialDeadline: uo.TrialDeadline, TrialSoak: uo.TrialSoak, MaxTrialBoots: uo.MaxTrialBoots,
 		Logger: a.opts.Logger,
 	})
 	if err != nil {

@@ -38,6 +38,7 @@ type Config struct {
 	MaintenanceLock    string
 	AllowUnknownFlight bool
 	TrialDeadline      time.Duration
+	TrialSoak          time.Duration
 	MaxTrialBoots      int
 	Hooks              map[string]string
 	ExePath            string
@@ -108,6 +109,7 @@ func newFlagSet(c *Config, w io.Writer) (*flag.FlagSet, *string, *string) {
 	fs.StringVar(&c.MaintenanceLock, "maintenance-lock", "/run/hangar-agent/maintenance.lock", "install nothing while this file exists")
 	fs.BoolVar(&c.AllowUnknownFlight, "install-when-flight-unknown", false, "install even when no flight stack reports the flight state (bench units only)")
 	fs.DurationVar(&c.TrialDeadline, "trial-deadline", 2*time.Minute, "a new build must pass its health checks within this time, or it is rolled back")
+	fs.DurationVar(&c.TrialSoak, "trial-soak", 30*time.Second, "a new build must stay up this long, healthy, before it is committed")
 	fs.IntVar(&c.MaxTrialBoots, "max-trial-boots", 3, "starts of a new build without passing its trial before it is rolled back (crash loop)")
 	c.Hooks = mapFlag{}
 	fs.Var(mapFlag(c.Hooks), "hook", "install hook for a payload target: target=/path/to/executable (repeat)")

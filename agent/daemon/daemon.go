@@ -25,6 +25,13 @@ import (
 
 // Run is the hangar-agent command.
 func Run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	return RunWith(ctx, args, getenv, stdout, stderr, nil)
+}
+
+// RunWith is Run with a last say on the agent's options: for programs that
+// embed the agent with other seams (for example a build made to misbehave
+// on purpose, to rehearse rollbacks).
+func RunWith(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer, edit func(*agent.Options)) error {
 	cfg, err := ParseConfig(args, getenv, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return nil
@@ -77,13 +84,17 @@ func Run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if uo == nil {
 		log.Warn("no --root-key: signed updates are refused")
 	}
-	a, err := agent.New(agent.Options{
+	opts := agent.Options{
 		Update:   uo,
 		DeviceID: cfg.DeviceID, Hardware: cfg.Hardware, Labels: cfg.Labels, Version: agent.BuildVersion,
 		ServerURL: cfg.Server, EnrollToken: cfg.EnrollToken, StateDir: cfg.StateDir, OutboxMaxBytes: cfg.OutboxMaxBytes,
 		SampleInterval: cfg.SampleInterval, BatchSize: cfg.BatchSize, HeartbeatInterval: cfg.HeartbeatInterval,
 		Sensors: ds, Logger: log,
-	})
+	}
+	if edit != nil {
+		edit(&opts)
+	}
+	a, err := agent.New(opts)
 	if err != nil {
 		return err
 	}
@@ -104,7 +115,7 @@ func updateOptions(cfg Config) (*agent.UpdateOptions, error) {
 		return nil, nil
 	}
 	uo := &agent.UpdateOptions{
-		ExePath: cfg.ExePath, Hooks: cfg.Hooks, TrialDeadline: cfg.TrialDeadline, MaxTrialBoots: cfg.MaxTrialBoots,
+		ExePath: cfg.ExePath, Hooks: cfg.Hooks, TrialDeadline: cfg.TrialDeadline, TrialSoak: cfg.TrialSoak, MaxTrialBoots: cfg.MaxTrialBoots,
 		Policy: update.Policy{MinBattery: uint8(max(0, min(100, cfg.MinBattery))), LockFile: cfg.MaintenanceLock, AllowUnknownFlight: cfg.AllowUnknownFlight},
 	}
 	switch update.RestartMode(cfg.RestartMode) {

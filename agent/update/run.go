@@ -324,7 +324,11 @@ func (u *Updater) trial(ctx context.Context, j *job, tick clock.Ticker) error {
 				lastErr = inst.Check(ctx, j.m)
 			}
 			if lastErr == nil {
-				return u.commit(ctx, j)
+				if up := u.opts.Clock.Now().Sub(u.started); up >= u.opts.TrialSoak {
+					return u.commit(ctx, j)
+				} else {
+					lastErr = fmt.Errorf("up for %v, soaking for %v", up.Round(time.Second), u.opts.TrialSoak)
+				}
 			}
 		} else {
 			lastErr = errors.New("no confirmation from the control plane")

@@ -54,6 +54,7 @@ type Policy struct {
 // Defaults of Options.
 const (
 	DefaultTrialDeadline = 2 * time.Minute
+	DefaultTrialSoak     = 30 * time.Second
 	DefaultMaxTrialBoots = 3
 	DefaultMinBattery    = 30
 	DefaultMaxArtifact   = 1 << 30
@@ -80,8 +81,12 @@ type Options struct {
 	Conditions func() Conditions
 	Policy     Policy
 	// SelfTest is the agent's own health check during a trial.
-	SelfTest        func(ctx context.Context) error
-	TrialDeadline   time.Duration
+	SelfTest      func(ctx context.Context) error
+	TrialDeadline time.Duration
+	// TrialSoak is how long a new build must stay up, healthy, before it is
+	// committed: a build that passes its checks and crashes a second later
+	// must not be kept (default 30 s).
+	TrialSoak       time.Duration
 	MaxTrialBoots   int
 	MaxArtifactSize uint64
 	// RetryMin and RetryMax bound the wait between download attempts.
@@ -131,6 +136,8 @@ type Updater struct {
 	opts Options
 	log  *slog.Logger
 
+	started time.Time // this process's start, for the trial's soak
+
 	mu        sync.Mutex
 	st        state
 	wake      chan struct{}
@@ -160,6 +167,9 @@ func New(opts Options) (*Updater, error) {
 	if opts.TrialDeadline == 0 {
 		opts.TrialDeadline = DefaultTrialDeadline
 	}
+	if opts.TrialSoak == 0 {
+		opts.TrialSoak = DefaultTrialSoak
+	}
 	if opts.MaxTrialBoots == 0 {
 		opts.MaxTrialBoots = DefaultMaxTrialBoots
 	}
@@ -178,7 +188,7 @@ func New(opts Options) (*Updater, error) {
 	if opts.Conditions == nil {
 		opts.Conditions = func() Conditions { return Conditions{} }
 	}
-	u := &Updater{opts: opts, log: opts.Logger.With("component", "update"), wake: make(chan struct{}, 1), confirmed: map[uint64]bool{}}
+	u := &Updater{started: opts.Clock.Now(), opts: opts, log: opts.Logger.With("component", "update"), wake: make(chan struct{}, 1), confirmed: map[uint64]bool{}}
 	b, err := opts.Store.Load(stateFile)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):

@@ -6,7 +6,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"strings"
 	"testing"
+	"time"
 )
 
 var (
@@ -27,10 +29,17 @@ func TestMain(m *testing.M) {
 // buildAgent builds hangar-agent with the given version (once per version
 // per test binary) and returns its path.
 func buildAgent(t testing.TB, version string) string {
+	return buildProgram(t, "github.com/hangarfleet/hangar/agent/cmd/hangar-agent", version)
+}
+
+// buildProgram builds a main package as an agent of the given version,
+// stripped as releases are, and returns its path.
+func buildProgram(t testing.TB, pkg, version string, extraLDFlags ...string) string {
 	t.Helper()
 	binMu.Lock()
 	defer binMu.Unlock()
-	if p, ok := binCache[version]; ok {
+	key := pkg + "@" + version + strings.Join(extraLDFlags, " ")
+	if p, ok := binCache[key]; ok {
 		return p
 	}
 	if binDir == "" {
@@ -40,13 +49,14 @@ func buildAgent(t testing.TB, version string) string {
 		}
 		binDir = d
 	}
-	out := filepath.Join(binDir, "hangar-agent-"+version)
-	cmd := exec.Command("go", "build", "-o", out, "-ldflags",
-		fmt.Sprintf("-X github.com/hangarfleet/hangar/agent.BuildVersion=%s", version), "github.com/hangarfleet/hangar/agent/cmd/hangar-agent")
+	out := filepath.Join(binDir, filepath.Base(pkg)+"-"+version)
+	cmd := exec.Command("go", "build", "-trimpath", "-o", out, "-ldflags",
+		fmt.Sprintf("-s -w -X github.com/hangarfleet/hangar/agent.BuildVersion=%s -X github.com/hangarfleet/hangar/agent.BuildTime=%d %s",
+			version, time.Now().Add(-time.Hour).Unix(), strings.Join(extraLDFlags, " ")), pkg)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build agent: %v\n%s", err, b)
 	}
-	binCache[version] = out
+	binCache[key] = out
 	return out
 }
