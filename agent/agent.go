@@ -187,6 +187,9 @@ type Agent struct {
 	started time.Time
 	updater *update.Updater
 	latest  atomic.Pointer[proto.Sample]
+	// helloNow asks the sender to publish the state at once (the installed
+	// versions changed).
+	helloNow chan struct{}
 	// acked counts messages the broker acknowledged (tests, simulator).
 	acked atomic.Uint64
 }
@@ -198,7 +201,7 @@ func New(opts Options) (*Agent, error) {
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
-	a := &Agent{opts: opts, clk: opts.Clock, cmds: make(chan proto.Command, 32)}
+	a := &Agent{opts: opts, clk: opts.Clock, cmds: make(chan proto.Command, 32), helloNow: make(chan struct{}, 1)}
 	a.log = opts.Logger.With("component", "agent", "device", opts.DeviceID)
 	a.store = opts.Store
 	if a.store == nil {

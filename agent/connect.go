@@ -108,7 +108,7 @@ func (a *Agent) session(ctx context.Context) error {
 	a.setConnected(true)
 	defer a.setConnected(false)
 	a.log.Info("connected", "broker", cred.MQTTURL, "conn", connID)
-	err = a.send(ctx, conn, stateTopic, hello)
+	err = a.send(ctx, conn, connID, stateTopic, hello)
 	if ctx.Err() != nil {
 		// Clean shutdown: say goodbye so the device shows offline at once.
 		bye, _ := proto.Marshal(ptr(a.state(false, connID)))
@@ -138,7 +138,7 @@ func topicFor(id string, l outbox.Lane) string {
 // send drains the outbox in order over conn, a window of QoS1 publishes at
 // a time, acknowledging each record once the broker has, and re-sends the
 // hello as a heartbeat.
-func (a *Agent) send(ctx context.Context, conn Conn, stateTopic string, hello []byte) error {
+func (a *Agent) send(ctx context.Context, conn Conn, connID uint64, stateTopic string, hello []byte) error {
 	hb := a.clk.NewTicker(a.opts.HeartbeatInterval)
 	defer hb.Stop()
 	for {
@@ -169,6 +169,12 @@ func (a *Agent) send(ctx context.Context, conn Conn, stateTopic string, hello []
 			return errConnLost
 		case <-a.box.Notify():
 		case <-hb.C():
+			if err := conn.Publish(stateTopic, hello).Wait(ctx); err != nil {
+				return err
+			}
+		case <-a.helloNow:
+			// The installed versions changed: say so now.
+			hello, _ = proto.Marshal(ptr(a.state(true, connID)))
 			if err := conn.Publish(stateTopic, hello).Wait(ctx); err != nil {
 				return err
 			}

@@ -94,6 +94,12 @@ func (a *Agent) reportUpdate(r proto.UpdateReport, cmd string) {
 		sev = proto.SevCritical
 	}
 	a.Emit(proto.Event{Kind: proto.EventUpdate, Severity: sev, Code: "update_" + string(r.State), Cmd: cmd, Update: &r, Message: r.Reason})
+	if r.State == proto.UpdateCommitted {
+		select {
+		case a.helloNow <- struct{}{}:
+		default:
+		}
+	}
 }
 
 func (a *Agent) conditions() update.Conditions {

@@ -9,9 +9,9 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -146,6 +146,25 @@ func crashCheckBinary(t *testing.T, m *memFS, label string, keepPrev bool) {
 	}
 }
 
+// crashCheckDone checks a completed install (want crashNew: .prev is the
+// old binary) or rollback (want crashOld: no .prev), with no .new left.
+func crashCheckDone(t *testing.T, m *memFS, label string, want []byte) {
+	t.Helper()
+	if got, _ := m.read(crashTarget); !bytes.Equal(got, want) {
+		t.Errorf("%s: %s holds %d bytes, want the %s binary", label, crashTarget, len(got), map[bool]string{true: "new", false: "old"}[bytes.Equal(want, crashNew)])
+	}
+	prev, hasPrev := m.read(crashPrev)
+	switch {
+	case bytes.Equal(want, crashNew) && !bytes.Equal(prev, crashOld):
+		t.Errorf("%s: %s is not the old binary (present: %v, %d bytes)", label, crashPrev, hasPrev, len(prev))
+	case bytes.Equal(want, crashOld) && hasPrev:
+		t.Errorf("%s: %s is still there", label, crashPrev)
+	}
+	if _, ok := m.read(crashNext); ok {
+		t.Errorf("%s: %s left behind", label, crashNext)
+	}
+}
+
 // crashInstalled is a device on which Install completed (and was made
 // durable), rebooted into a working file system.
 func crashInstalled(t *testing.T) *memFS {
@@ -172,11 +191,13 @@ func crashSteps(t *testing.T, fresh func() *memFS, do func(*memFS) error) (int, 
 	return m.stepCount(), m.trace()
 }
 
-func crashLabel(mode crashMode, k, n int, m *memFS) string {
+// crashLabel names a cut at step k of n (counted from base, the steps of
+// the setup).
+func crashLabel(mode crashMode, k, n int, m *memFS, base int) string {
 	if k >= n {
 		return fmt.Sprintf("%v after the last of %d steps", mode, n)
 	}
-	return fmt.Sprintf("%v at step %d of %d (%s)", mode, k, n, m.stepName(k))
+	return fmt.Sprintf("%v at step %d of %d (%s)", mode, k, n, m.stepName(base+k))
 }
 
 func TestCrashBinaryInstall(t *testing.T) {
@@ -194,7 +215,7 @@ func TestCrashBinaryInstall(t *testing.T) {
 			fsys := fresh()
 			fsys.setCut(k, mode)
 			err := install(fsys)
-			label := crashLabel(mode, k, n, fsys)
+			label := crashLabel(mode, k, n, fsys, 0)
 			if k < n && err == nil {
 				t.Errorf("%s: Install succeeded through a cut", label)
 			}
@@ -203,6 +224,10 @@ func TestCrashBinaryInstall(t *testing.T) {
 			}
 			after := fsys.reboot()
 			crashCheckBinary(t, after, label, true)
+			if k == n {
+				// Install returned: it must be durable.
+				crashCheckDone(t, after, label, crashNew)
+			}
 			if t.Failed() {
 				continue
 			}
@@ -217,26 +242,16 @@ func TestCrashBinaryInstall(t *testing.T) {
 					continue
 				}
 			}
-			// Made durable: a power loss right now keeps it.
-			after.setCut(after.stepCount(), crashPower)
-			done := after.reboot()
-			if got, _ := done.read(crashTarget); !bytes.Equal(got, crashNew) {
-				t.Errorf("%s: after the install was redone (and a power loss), %s is not the new binary", label, crashTarget)
-			}
-			if got, _ := done.read(crashPrev); !bytes.Equal(got, crashOld) {
-				t.Errorf("%s: after the install was redone (and a power loss), %s is not the old binary", label, crashPrev)
-			}
-			if _, ok := done.read(crashNext); ok {
-				t.Errorf("%s: %s left behind after the install completed", label, crashNext)
-			}
-
+			crashCheckDone(t, after, label+", install redone", crashNew)
+			// A power loss now still leaves a complete binary.
+			crashCheckBinary(t, after.powerLoss(), label+", install redone, then a power loss", true)
 			// And a rollback from there restores the old binary exactly,
 			// and starts it.
-			if err := crashBinary(done, crashNewVer, execs).Rollback(ctx, m); err != nil {
+			if err := crashBinary(after, crashNewVer, execs).Rollback(ctx, m); err != nil {
 				t.Errorf("%s: rollback after the redone install: %v", label, err)
 				continue
 			}
-			if got, _ := done.read(crashTarget); !bytes.Equal(got, crashOld) {
+			if got, _ := after.read(crashTarget); !bytes.Equal(got, crashOld) {
 				t.Errorf("%s: rollback did not restore the old binary", label)
 			}
 			if got := execs.calls(); len(got) != 1 || got[0] != crashTarget {
@@ -261,7 +276,7 @@ func TestCrashBinaryRollback(t *testing.T) {
 			fsys.setCut(k, mode)
 			execs := &crashExecs{}
 			err := crashBinary(fsys, crashNewVer, execs).Rollback(ctx, m)
-			label := crashLabel(mode, k, n, fsys)
+			label := crashLabel(mode, k, n, fsys, 0)
 			if k < n && err == nil {
 				t.Errorf("%s: Rollback succeeded through a cut", label)
 			}
@@ -270,6 +285,11 @@ func TestCrashBinaryRollback(t *testing.T) {
 			}
 			after := fsys.reboot()
 			crashCheckBinary(t, after, label, true)
+			if k == n {
+				// Rollback returned (and started the old build): it must be
+				// durable.
+				crashCheckDone(t, after, label, crashOld)
+			}
 			if t.Failed() {
 				continue
 			}
@@ -280,14 +300,8 @@ func TestCrashBinaryRollback(t *testing.T) {
 				t.Errorf("%s: rollback again after reboot (running %s): %v", label, running, err)
 				continue
 			}
-			after.setCut(after.stepCount(), crashPower)
-			done := after.reboot()
-			if got, _ := done.read(crashTarget); !bytes.Equal(got, crashOld) {
-				t.Errorf("%s: after the rollback was redone (and a power loss), %s is not the old binary", label, crashTarget)
-			}
-			if _, ok := done.read(crashPrev); ok {
-				t.Errorf("%s: %s still there after the rollback", label, crashPrev)
-			}
+			crashCheckDone(t, after, label+", rollback redone", crashOld)
+			crashCheckBinary(t, after.powerLoss(), label+", rollback redone, then a power loss", true)
 			wantExec := running == crashNewVer
 			if got := execs.calls(); wantExec != (len(got) == 1) {
 				t.Errorf("%s: running %s, the redone rollback exec'd %v", label, running, got)
@@ -310,7 +324,7 @@ func TestCrashBinaryCommit(t *testing.T) {
 			fsys := fresh()
 			fsys.setCut(k, mode)
 			err := commit(fsys)
-			label := crashLabel(mode, k, n, fsys)
+			label := crashLabel(mode, k, n, fsys, 0)
 			if k < n && err == nil {
 				t.Errorf("%s: Commit succeeded through a cut", label)
 			}
@@ -319,12 +333,14 @@ func TestCrashBinaryCommit(t *testing.T) {
 			if got, _ := after.read(crashTarget); !bytes.Equal(got, crashNew) {
 				t.Errorf("%s: commit changed %s", label, crashTarget)
 			}
+			if _, ok := after.read(crashPrev); k == n && ok {
+				t.Errorf("%s: Commit returned, but %s is back after the crash", label, crashPrev)
+			}
 			if err := commit(after); err != nil {
 				t.Errorf("%s: commit again after reboot: %v", label, err)
 				continue
 			}
-			after.setCut(after.stepCount(), crashPower)
-			done := after.reboot()
+			done := after.powerLoss()
 			if _, ok := done.read(crashPrev); ok {
 				t.Errorf("%s: %s survives a redone commit and a power loss", label, crashPrev)
 			}
@@ -458,6 +474,58 @@ func (d *crashDevice) restart(t *testing.T, running string) *crashDevice {
 	return newCrashDevice(t, fsys, d.store.reboot(fsys), d.staging, d.clk, running)
 }
 
+// powerLossRestart is the next start after a power loss now (d goes on).
+func (d *crashDevice) powerLossRestart(t *testing.T) *crashDevice {
+	t.Helper()
+	fsys := d.fs.powerLoss()
+	return newCrashDevice(t, fsys, d.store.reboot(fsys), d.staging, d.clk, crashRunning(t, fsys))
+}
+
+// crashCheckSettled checks, after Boot, that the stored state matches the
+// files in place: no job means the build in place is the one recorded as
+// installed; a trial means the new build in place with the old one kept;
+// a verified job means the old build in place.
+func crashCheckSettled(t *testing.T, label string, d *crashDevice) {
+	t.Helper()
+	got, _ := d.fs.read(crashTarget)
+	prev, hasPrev := d.fs.read(crashPrev)
+	inPlace := map[bool]string{true: crashNewVer, false: crashOldVer}[bytes.Equal(got, crashNew)]
+	st := d.store.state(t)
+	switch {
+	case st.Job == nil:
+		if rec := st.Installed[proto.TargetAgent].Version; rec != inPlace {
+			t.Errorf("%s: no update job, the state records %s as installed, but %s is in place (and runs, untrialed, at every start)", label, rec, inPlace)
+		}
+	case st.Job.Phase == phaseTrial:
+		if inPlace != crashNewVer || !bytes.Equal(prev, crashOld) {
+			t.Errorf("%s: job in trial, but %s is in place and %s is present: %v", label, inPlace, crashPrev, hasPrev)
+		}
+	case st.Job.Phase == phaseVerified:
+		if inPlace != crashOldVer {
+			t.Errorf("%s: job verified (not installed), but %s is in place", label, inPlace)
+		}
+	case st.Job.Phase == phaseRollback:
+		if inPlace != crashOldVer && !bytes.Equal(prev, crashOld) {
+			t.Errorf("%s: rolling back, %s in place, and %s is not the old binary", label, inPlace, crashPrev)
+		}
+	default:
+		t.Errorf("%s: after Boot the job is in phase %q", label, st.Job.Phase)
+	}
+}
+
+// crashBootAfterPowerLoss checks that what Boot settled on d survives a
+// power loss right after it: the next Boot settles consistently.
+func crashBootAfterPowerLoss(t *testing.T, label string, d *crashDevice) {
+	t.Helper()
+	r := d.powerLossRestart(t)
+	label += ", then a power loss and another Boot"
+	crashCheckBinary(t, r.fs, label, true)
+	if err := r.u.Boot(t.Context()); err != nil && !strings.Contains(err.Error(), "rollback") {
+		t.Errorf("%s: %v", label, err)
+	}
+	crashCheckSettled(t, label, r)
+}
+
 // crashVerifiedDevice is a device running the old build, with a verified
 // job for the new one staged (on memFS and on disk).
 func crashVerifiedDevice(t *testing.T) *crashDevice {
@@ -518,17 +586,18 @@ func crashPhase(t *testing.T, d *crashDevice) string {
 // hands each crashed device to check.
 func crashCut(t *testing.T, what string, fresh func() *crashDevice, do func(*crashDevice) error, check func(t *testing.T, label string, crashed *crashDevice)) {
 	d := fresh()
+	base := d.fs.stepCount() // steps of the setup
 	if err := do(d); err != nil {
 		t.Fatalf("uncut %s: %v", what, err)
 	}
-	n := d.fs.stepCount()
-	t.Logf("updater %s: %d steps:%s", what, n, d.fs.trace())
+	n := d.fs.stepCount() - base
+	t.Logf("updater %s: %d steps (after %d of setup):%s", what, n, base, d.fs.trace())
 	for _, mode := range crashModes {
 		for k := 0; k <= n; k++ {
 			d := fresh()
-			d.fs.setCut(k, mode)
+			d.fs.setCut(base+k, mode)
 			err := do(d)
-			label := crashLabel(mode, k, n, d.fs)
+			label := crashLabel(mode, k, n, d.fs, base)
 			if k < n && !errors.Is(err, errCut) {
 				t.Errorf("%s: %s returned %v through a cut, want the cut error", label, what, err)
 			}
@@ -562,6 +631,8 @@ func TestCrashUpdaterInstallThenBoot(t *testing.T) {
 				t.Errorf("%s: Boot: %v", label, err)
 				return
 			}
+			crashCheckSettled(t, label+", Boot", d)
+			crashBootAfterPowerLoss(t, label+", Boot", d)
 			if d.bin.Installed(m) {
 				// The new build is in place, so it is the one that started:
 				// its trial begins.
@@ -606,6 +677,7 @@ func TestCrashUpdaterInstallThenBoot(t *testing.T) {
 			if got, _ := d.fs.read(crashPrev); !bytes.Equal(got, crashOld) {
 				t.Errorf("%s: install again: %s is not the old binary", label, crashPrev)
 			}
+			crashCheckSettled(t, label+", install again", d)
 		})
 }
 
@@ -625,7 +697,7 @@ func TestCrashUpdaterInstallFault(t *testing.T) {
 		d := crashVerifiedDevice(t)
 		d.fs.setCut(k, crashFault)
 		err := d.u.install(ctx, d.u.job())
-		label := crashLabel(crashFault, k, n, d.fs)
+		label := crashLabel(crashFault, k, n, d.fs, 0)
 		newInPlace := d.bin.Installed(m)
 		j := d.u.job()
 		switch {
@@ -711,6 +783,8 @@ func TestCrashUpdaterRollback(t *testing.T) {
 				t.Errorf("%s: Boot: %v", label, err)
 				return
 			}
+			crashCheckSettled(t, label+", Boot", d)
+			crashBootAfterPowerLoss(t, label+", Boot", d)
 			got, _ := d.fs.read(crashTarget)
 			j := d.u.job()
 			switch {
@@ -743,24 +817,25 @@ func TestCrashUpdaterRollback(t *testing.T) {
 func TestCrashStepCounts(t *testing.T) {
 	ctx := t.Context()
 	m := crashManifest()
-	want := map[string]string{
-		"install":  "remove .new|create .new|write .new|write .new|write .new|write .new|sync .new|remove .prev|link target -> .prev|syncdir|rename .new -> target|syncdir",
-		"rollback": "rename .prev -> target|syncdir",
-		"commit":   "remove .prev|syncdir",
+	want := map[string][]string{
+		"install": {
+			"remove " + crashNext, "create " + crashNext,
+			"write " + crashNext, "write " + crashNext, "write " + crashNext, "write " + crashNext,
+			"sync " + crashNext, "remove " + crashPrev, "link " + crashTarget + " -> " + crashPrev, "syncdir " + crashDir + "/",
+			"rename " + crashNext + " -> " + crashTarget, "syncdir " + crashDir + "/",
+		},
+		"rollback": {"rename " + crashPrev + " -> " + crashTarget, "syncdir " + crashDir + "/"},
+		"commit":   {"remove " + crashPrev, "syncdir " + crashDir + "/"},
 	}
-	short := strings.NewReplacer(crashNext, ".new", crashPrev, ".prev", crashTarget, "target", " "+crashDir, "")
-	got := map[string]string{}
-	seq := func(f *memFS) string {
+	seq := func(f *memFS) []string {
 		var s []string
 		for i := range f.stepCount() {
-			name := f.stepName(i)
-			if j := strings.Index(name, " ["); j >= 0 {
-				name = name[:j]
-			}
-			s = append(s, short.Replace(strings.TrimSuffix(name, "/")))
+			name, _, _ := strings.Cut(f.stepName(i), " [")
+			s = append(s, name)
 		}
-		return strings.Join(s, "|")
+		return s
 	}
+	got := map[string][]string{}
 	f := crashFS(crashStaging)
 	if err := crashBinary(f, crashOldVer, &crashExecs{}).Install(ctx, m, crashStagedPath(crashStaging)); err != nil {
 		t.Fatal(err)
@@ -776,11 +851,9 @@ func TestCrashStepCounts(t *testing.T) {
 		t.Fatal(err)
 	}
 	got["commit"] = seq(f)
-	if !maps.Equal(got, want) {
-		for k := range want {
-			if got[k] != want[k] {
-				t.Errorf("%s steps:\n got %s\nwant %s", k, got[k], want[k])
-			}
+	for k := range want {
+		if !slices.Equal(got[k], want[k]) {
+			t.Errorf("%s steps:\n got %q\nwant %q", k, got[k], want[k])
 		}
 	}
 }

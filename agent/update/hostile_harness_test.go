@@ -109,6 +109,7 @@ type hostileServer struct {
 	hits   map[string]int
 	ranges map[string][]string // Range headers received, by path
 	sent   atomic.Int64
+	active atomic.Int64 // handlers running
 }
 
 func newHostileServer(t *testing.T) *hostileServer {
@@ -120,6 +121,8 @@ func newHostileServer(t *testing.T) *hostileServer {
 }
 
 func (s *hostileServer) serve(w http.ResponseWriter, r *http.Request) {
+	s.active.Add(1)
+	defer s.active.Add(-1)
 	s.mu.Lock()
 	h := s.routes[r.URL.Path]
 	s.hits[r.URL.Path]++

@@ -181,6 +181,23 @@ func (m *memFS) reboot() *memFS {
 	m.crash()
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	return m.cloneLocked()
+}
+
+// powerLoss returns a working file system holding what a power loss now
+// would leave, and leaves m running.
+func (m *memFS) powerLoss() *memFS {
+	m.mu.Lock()
+	c := m.cloneLocked()
+	m.mu.Unlock()
+	c.mode = crashPower
+	c.crash()
+	return c.reboot()
+}
+
+// cloneLocked copies the directories and inodes (keeping hard links) into
+// a fresh, working memFS.
+func (m *memFS) cloneLocked() *memFS {
 	n := newMemFS()
 	n.chunk = m.chunk
 	inodes := map[*memInode]*memInode{}

@@ -7,6 +7,9 @@ import (
 	"crypto/rand"
 	"fmt"
 	"io"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -325,3 +328,76 @@ func sampleRSS(s *supervisor, peakKB *int) func() {
 }
 
 var _ = io.EOF
+
+// TestAgentKilledAtEachUpdateState: the real agent is killed with SIGKILL
+// while downloading, while its install is deferred, and while its new build
+// is in trial; each time it starts again from its state directory and the
+// update completes, with the download resumed rather than restarted.
+func TestAgentKilledAtEachUpdateState(t *testing.T) {
+	kit := newReleaseKit(t)
+	cp := startControlPlane(t, server.Options{RootKeys: []ed25519.PublicKey{kit.rootKey(t)}})
+	up, _ := url.Parse(cp.URL())
+	proxy := &cuttingProxy{upstream: up, rp: httputil.NewSingleHostReverseProxy(up), rate: 2 << 20}
+	ps := httptest.NewServer(proxy)
+	t.Cleanup(ps.Close)
+	v1 := buildAgent(t, "1.0.0")
+	v2 := buildAgent(t, "1.1.0")
+	installed := filepath.Join(t.TempDir(), "opt", "hangar-agent")
+	copyExe(t, v1, installed)
+	lock := filepath.Join(t.TempDir(), "maintenance.lock")
+	os.WriteFile(lock, nil, 0o644)
+	sup := supervise(t, installed, []string{"--server", ps.URL, "--enroll-token", cp.enrollToken(t), "--device-id", "drone-k",
+		"--hardware", "rev-b", "--state-dir", t.TempDir(), "--flight-input", "", "--root-key", kit.rootPub,
+		"--install-when-flight-unknown", "--maintenance-lock", lock, "--trial-deadline", "30s", "--trial-soak", "4s",
+		"--sample-interval", "200ms", "--heartbeat", "2s"}, nil)
+	ctx := context.Background()
+	waitFor(t, 30*time.Second, "agent online", func() (bool, string) {
+		d, _ := cp.Store().Device(ctx, "drone-k")
+		return d.Online && d.Version == "1.0.0", d.Version
+	})
+	kit.release(t, cp, v2, "1.1.0", 110)
+	kit.cli(t, cp.URL(), "device", "update", "drone-k", "--release", "1.1.0", "--token-file", filepath.Join(cp.dataDir, server.AdminTokenFile))
+	kill := func(state string) {
+		t.Helper()
+		before := sup.pid()
+		sup.signal(syscall.SIGKILL)
+		waitFor(t, 10*time.Second, "agent restarted after SIGKILL in "+state, func() (bool, string) {
+			return sup.pid() != before && sup.pid() != 0, "not restarted"
+		})
+	}
+	size := fileSize(t, v2)
+	waitFor(t, 30*time.Second, "download under way", func() (bool, string) {
+		n := proxy.served.Load()
+		return n > size/4 && n < size*3/4, fmt.Sprint(n)
+	})
+	kill("downloading")
+	waitFor(t, 60*time.Second, "install deferred by the maintenance lock", func() (bool, string) {
+		u, _ := updateState(cp, "drone-k", 110)
+		return u.State == "deferred", u.State
+	})
+	u, _ := updateState(cp, "drone-k", 110)
+	if !strings.Contains(u.Reason, "maintenance lock") {
+		t.Errorf("deferred because %q", u.Reason)
+	}
+	kill("deferred")
+	time.Sleep(time.Second)
+	os.Remove(lock)
+	waitFor(t, 60*time.Second, "new build in trial", func() (bool, string) {
+		u, _ := updateState(cp, "drone-k", 110)
+		return u.State == "trial", u.State
+	})
+	kill("trial")
+	waitFor(t, 60*time.Second, "1.1.0 committed", func() (bool, string) {
+		u, _ := updateState(cp, "drone-k", 110)
+		d, _ := cp.Store().Device(ctx, "drone-k")
+		return u.State == "committed" && d.Version == "1.1.0", u.State + " " + d.Version
+	})
+	if !sameFile(t, installed, v2) {
+		t.Fatal("the installed binary is not 1.1.0")
+	}
+	fetched := proxy.served.Load()
+	t.Logf("killed while downloading, deferred and in trial: %d artifact bytes fetched for %d (%.3fx)", fetched, size, float64(fetched)/float64(size))
+	if fetched > size+size/10 {
+		t.Errorf("fetched %d bytes for a %d byte artifact: the download did not resume", fetched, size)
+	}
+}

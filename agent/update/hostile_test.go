@@ -1,0 +1,598 @@
+package update
+
+// Attacks of a malicious release server (the threats of TUF and Uptane:
+// arbitrary software, rollback, freeze, endless data, mix-and-match, wrong
+// hardware...). Each must be refused before anything is installed: the
+// Binary installer is never called and the installed binary is unchanged
+// byte for byte; the refusal is reported with the check that refused it.
+
+import (
+	"bytes"
+	"crypto/ed25519"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hangarfleet/hangar/proto"
+	"github.com/hangarfleet/hangar/proto/prototest"
+	"github.com/veraison/go-cose"
+)
+
+var releaseID = proto.KeyID(prototest.ReleaseKey.Public().(ed25519.PublicKey))
+
+// installGood runs a legitimate release through the hostile server (here
+// honest) to commit, and makes it the reference of assertNotInstalled.
+func (r *rig) installGood(cmd string, rel release, keys []byte) {
+	r.t.Helper()
+	r.srv.route(rel.path, serveHonest(rel.data))
+	if err := r.offer(cmd, rel, keys); err != nil {
+		r.t.Fatalf("good release refused: %v", err)
+	}
+	r.rep.waitState(r.t, cmd, proto.UpdateTrial)
+	installs, _, _, _, execs := r.inst.calls()
+	if len(installs) != 1 || !bytes.Equal(installs[0], rel.data) {
+		r.t.Fatalf("Install called %d times, want once with the release's %d bytes", len(installs), len(rel.data))
+	}
+	if got, _ := os.ReadFile(r.binPath); !bytes.Equal(got, rel.data) {
+		r.t.Fatalf("the binary is not the new release after Install (%d bytes)", len(got))
+	}
+	if !slices.Equal(execs, []string{r.binPath}) {
+		r.t.Fatalf("execs = %v, want one of %s", execs, r.binPath)
+	}
+	r.u.Confirm(rel.m.Counter)
+	r.rep.waitState(r.t, cmd, proto.UpdateCommitted)
+	if c := r.u.AgentCounter(); c != rel.m.Counter {
+		r.t.Fatalf("AgentCounter = %d after commit, want %d", c, rel.m.Counter)
+	}
+	r.rebase(rel.m.Counter)
+}
+
+// The positive control: through the same server and harness, a good
+// release installs, with the right bytes, and commits.
+func TestHostileControlGoodReleaseInstalls(t *testing.T) {
+	r := newRig(t)
+	rel := newRelease(t, 13, "1.5.0", payload(0x13, 256<<10))
+	r.installGood("c-good", rel, r.keys)
+	_, _, prev := siblings(r.binPath)
+	if _, err := os.Stat(prev); err == nil {
+		t.Errorf("the previous binary is still kept after commit")
+	}
+	if hits := r.srv.hitsOf(rel.path); hits != 1 {
+		t.Errorf("%d downloads of the artifact, want 1", hits)
+	}
+}
+
+// The download resumes (HTTP Range) from a server that drops every
+// response after 16 KiB, and installs the right bytes: truncation alone is
+// not fatal, and the resumed file is still checked whole.
+func TestHostileControlResumesAfterCuts(t *testing.T) {
+	r := newRig(t)
+	rel := newRelease(t, 13, "1.5.0", payload(0x13, 100<<10))
+	r.srv.route(rel.path, serveChunks(rel.data, 16<<10))
+	r.installGood("c-resume", rel, r.keys)
+	if hits := r.srv.hitsOf(rel.path); hits != 7 {
+		t.Errorf("%d requests, want 7 (100 KiB in 16 KiB pieces)", hits)
+	}
+	r.srv.mu.Lock()
+	ranges := r.srv.ranges[rel.path]
+	r.srv.mu.Unlock()
+	if len(ranges) < 2 || ranges[0] != "" || ranges[1] != "bytes=16384-" {
+		t.Errorf("Range headers %q, want none first and then bytes=16384-", ranges)
+	}
+}
+
+// coseSign1 builds a manifest document by hand: the payload of m, the
+// key id header kid, signed by priv. It lets a test lie about the key id.
+func coseSign1(t *testing.T, priv ed25519.PrivateKey, kid string, m proto.Manifest) []byte {
+	t.Helper()
+	payload, err := proto.Marshal(&m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, err := cose.NewSigner(cose.AlgorithmEdDSA, priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg := cose.NewSign1Message()
+	msg.Headers.Protected.SetAlgorithm(cose.AlgorithmEdDSA)
+	msg.Headers.Protected[cose.HeaderLabelKeyID] = []byte(kid)
+	msg.Payload = payload
+	// The context string of proto's manifests (external data).
+	if err := msg.Sign(nil, []byte("hangar release manifest v1"), signer); err != nil {
+		t.Fatal(err)
+	}
+	b, err := msg.MarshalCBOR()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// The hand-built document is accepted when it does not lie: the forgery
+// below is refused for its signature, not for its construction.
+func TestHostileCoseSign1Control(t *testing.T) {
+	m := prototest.Manifest([]byte("x"))
+	signed := coseSign1(t, prototest.ReleaseKey, releaseID, m)
+	if _, err := proto.OpenManifest(signed, prototest.KeyList(), hostileNow); err != nil {
+		t.Fatalf("hand-built manifest refused: %v", err)
+	}
+}
+
+// Offers refused at Offer, before anything is downloaded or written.
+func TestHostileOfferRefused(t *testing.T) {
+	data := payload(0x13, 64<<10)
+	base := prototest.Base / 1000
+	good := func(t *testing.T, mods ...func(*proto.Manifest)) []byte {
+		return newRelease(t, 13, "1.5.0", data, mods...).signed
+	}
+	keysWith := func(t *testing.T, signer ed25519.PrivateKey, mod func(*proto.KeyList)) []byte {
+		kl := prototest.KeyList()
+		mod(&kl)
+		return signKeys(t, signer, kl)
+	}
+	otherPub := prototest.OtherKey.Public().(ed25519.PublicKey)
+
+	tests := []struct {
+		name  string
+		check proto.Check
+		clock time.Time // the device's clock; zero: hostileNow
+		offer func(t *testing.T) (manifest, keys []byte)
+	}{
+		{"bad signature: a manifest byte flipped (the digest)", proto.CheckSignature, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			rel := newRelease(t, 13, "1.5.0", data)
+			signed := bytes.Clone(rel.signed)
+			i := bytes.Index(signed, rel.m.SHA256)
+			if i < 0 {
+				t.Fatal("digest not found in the signed manifest")
+			}
+			signed[i] ^= 0x01
+			return signed, goodKeys(t)
+		}},
+		{"bad signature: a signature byte flipped", proto.CheckSignature, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			signed := bytes.Clone(good(t))
+			signed[len(signed)-1] ^= 0x80
+			return signed, goodKeys(t)
+		}},
+		{"unknown key: signed by a key not in the list", proto.CheckKey, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			return signManifest(t, prototest.OtherKey, prototest.Manifest(data)), goodKeys(t)
+		}},
+		{"unknown key: the root key signs a manifest", proto.CheckKey, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			return signManifest(t, prototest.RootKey, prototest.Manifest(data)), goodKeys(t)
+		}},
+		{"forged key id: a trusted key's id over another key's signature", proto.CheckSignature, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			return coseSign1(t, prototest.OtherKey, releaseID, prototest.Manifest(data)), goodKeys(t)
+		}},
+		{"expired release key", proto.CheckKeyExpiry, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			return good(t), keysWith(t, prototest.RootKey, func(k *proto.KeyList) { k.Keys[0].Expires = base + 60 })
+		}},
+		{"revoked release key", proto.CheckRevoked, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			return good(t), keysWith(t, prototest.RootKey, func(k *proto.KeyList) { k.Version, k.Revoked = 2, []string{releaseID} })
+		}},
+		{"release key not allowed for the target", proto.CheckKey, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			return good(t), keysWith(t, prototest.RootKey, func(k *proto.KeyList) { k.Keys[0].Targets = []string{"fc-firmware"} })
+		}},
+		{"key list not chained to the root: signed by another key", proto.CheckRoot, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			return good(t), keysWith(t, prototest.OtherKey, func(*proto.KeyList) {})
+		}},
+		{"key list not chained to the root: the release key lists itself", proto.CheckRoot, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			return good(t), keysWith(t, prototest.ReleaseKey, func(*proto.KeyList) {})
+		}},
+		{"key list not chained to the root: the attacker lists its own key", proto.CheckRoot, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			kl := keysWith(t, prototest.OtherKey, func(k *proto.KeyList) {
+				k.Keys = []proto.ReleaseKey{{ID: proto.KeyID(otherPub), Public: otherPub, Expires: base + 86400}}
+			})
+			return signManifest(t, prototest.OtherKey, prototest.Manifest(data)), kl
+		}},
+		{"no key list offered or held", proto.CheckKeyList, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			return good(t), nil
+		}},
+		{"freeze: expired key list", proto.CheckKeyList, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			return good(t), keysWith(t, prototest.RootKey, func(k *proto.KeyList) {
+				k.Created, k.Expires = base-400*86400, base-35*86400
+			})
+		}},
+		{"freeze: the server keeps serving an expired manifest", proto.CheckExpired, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			return good(t, func(m *proto.Manifest) { m.Created, m.Expires = base-40*86400, base-10*86400 }), goodKeys(t)
+		}},
+		{"freeze: manifest expires the second the device reads", proto.CheckExpired, time.Unix(base+30*86400, 0), func(t *testing.T) ([]byte, []byte) {
+			return good(t), goodKeys(t)
+		}},
+		{"device clock at 1970", proto.CheckClock, time.Unix(0, 0), func(t *testing.T) ([]byte, []byte) {
+			return good(t), goodKeys(t)
+		}},
+		{"device clock before the build time", proto.CheckClock, hostileBuild.Add(-time.Second), func(t *testing.T) ([]byte, []byte) {
+			return good(t), goodKeys(t)
+		}},
+		{"wrong hardware", proto.CheckHardware, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			return good(t, func(m *proto.Manifest) { m.Hardware = []string{"rev-a", "rev-c"} }), goodKeys(t)
+		}},
+		{"wrong architecture", proto.CheckHardware, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			return good(t, func(m *proto.Manifest) { m.Arch = []string{"amd64", "riscv64"} }), goodKeys(t)
+		}},
+		{"target this device has no installer for", proto.CheckTarget, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			return good(t, func(m *proto.Manifest) { m.Target, m.Arch = "fc-firmware", nil }), goodKeys(t)
+		}},
+		{"manifest over the size cap", proto.CheckSize, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			return append(bytes.Clone(good(t)), make([]byte, proto.MaxManifestSize)...), goodKeys(t)
+		}},
+		{"artifact declared over the size cap", proto.CheckSize, time.Time{}, func(t *testing.T) ([]byte, []byte) {
+			return good(t, func(m *proto.Manifest) { m.Size = DefaultMaxArtifact + 1 }), goodKeys(t)
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t)
+			if !tc.clock.IsZero() {
+				r.clk.Set(tc.clock)
+			}
+			manifest, keys := tc.offer(t)
+			r.srv.route("/artifact/x", serveHonest(data))
+			before := r.stateFile()
+			cmd := "c-" + tc.name
+			err := r.u.Offer(updateCmd(cmd, manifest, keys, "/artifact/x"))
+			if got := proto.CheckOf(err); got != tc.check {
+				t.Errorf("Offer: check %q (%v), want %q", got, err, tc.check)
+			}
+			r.assertRejected(cmd, tc.check)
+			r.assertNotInstalled(cmd, proto.UpdateOffered, proto.UpdateDownloading, proto.UpdateVerified, proto.UpdateInstalling)
+			if n := r.srv.totalHits(); n != 0 {
+				t.Errorf("%d requests to the release server after a refused offer", n)
+			}
+			if files := r.stagedFiles(); len(files) != 0 {
+				t.Errorf("staging holds %v after a refused offer", files)
+			}
+			if after := r.stateFile(); !bytes.Equal(before, after) {
+				t.Errorf("update state written by a refused offer: %s", after)
+			}
+			if j := r.u.job(); j != nil {
+				t.Errorf("a job was started: %+v", j)
+			}
+		})
+	}
+}
+
+// Rollback: with 13 installed, 12 is refused, and so is another build
+// under the same counter 13 (two signed releases cannot share a counter);
+// after an agent restart the persisted counters still refuse them.
+func TestHostileRollbackRefused(t *testing.T) {
+	r := newRig(t)
+	r.installGood("c-13", newRelease(t, 13, "1.5.0", payload(0x13, 64<<10)), r.keys)
+
+	older := newRelease(t, 12, "1.4.9", payload(0x12, 64<<10))
+	twin := newRelease(t, 13, "1.5.0", payload(0x66, 64<<10))
+	r.srv.route(older.path, serveHonest(older.data))
+	r.srv.route(twin.path, serveHonest(twin.data))
+	attempt := func(cmd string, rel release) {
+		t.Helper()
+		if err := r.offer(cmd, rel, r.keys); proto.CheckOf(err) != proto.CheckCounter {
+			t.Errorf("%s: Offer = %v, want a %q refusal", cmd, err, proto.CheckCounter)
+		}
+		r.assertRejected(cmd, proto.CheckCounter)
+		r.assertNotInstalled(cmd, proto.UpdateOffered, proto.UpdateDownloading, proto.UpdateVerified, proto.UpdateInstalling)
+	}
+	attempt("c-12", older)
+	attempt("c-13-twin", twin)
+
+	r.restart("1.5.0")
+	attempt("c-12-after-restart", older)
+	attempt("c-13-twin-after-restart", twin)
+	if n := r.srv.hitsOf(older.path) + r.srv.hitsOf(twin.path); n != 0 {
+		t.Errorf("%d downloads of refused releases", n)
+	}
+}
+
+// Rollback below the highest counter ever seen, even when that release was
+// never installed (accepted, then cancelled), across a restart.
+func TestHostileRollbackBelowHighestSeen(t *testing.T) {
+	lock := filepath.Join(t.TempDir(), "maintenance.lock")
+	if err := os.WriteFile(lock, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := newRig(t, func(o *Options) { o.Policy.LockFile = lock })
+	high := newRelease(t, 20, "2.0.0", payload(0x20, 16<<10))
+	r.srv.route(high.path, serveHonest(high.data))
+	if err := r.offer("c-20", high, r.keys); err != nil {
+		t.Fatal(err)
+	}
+	r.rep.waitState(t, "c-20", proto.UpdateDeferred)
+	r.u.Cancel()
+	mid := newRelease(t, 15, "1.9.0", payload(0x15, 16<<10))
+	r.srv.route(mid.path, serveHonest(mid.data))
+	for _, cmd := range []string{"c-15", "c-15-after-restart"} {
+		if cmd == "c-15-after-restart" {
+			r.restart(oldVersion)
+		}
+		if err := r.offer(cmd, mid, r.keys); proto.CheckOf(err) != proto.CheckCounter {
+			t.Errorf("%s: Offer = %v, want a %q refusal", cmd, err, proto.CheckCounter)
+		}
+		r.assertRejected(cmd, proto.CheckCounter)
+		r.assertNotInstalled(cmd, proto.UpdateOffered, proto.UpdateDownloading, proto.UpdateVerified, proto.UpdateInstalling)
+	}
+	r.assertNotInstalled("c-20")
+}
+
+// Key list rollback: once key list 2 (which rotates the release key:
+// ReleaseKey revoked, OtherKey listed) was accepted, key list 1 (which
+// still trusts ReleaseKey) is refused, with or without a restart, and the
+// held list keeps refusing the revoked key.
+func TestHostileKeyListRollbackRefused(t *testing.T) {
+	r := newRig(t)
+	base := prototest.Base / 1000
+	otherPub := prototest.OtherKey.Public().(ed25519.PublicKey)
+	v2 := prototest.KeyList()
+	v2.Version = 2
+	v2.Keys = []proto.ReleaseKey{{ID: proto.KeyID(otherPub), Public: otherPub, Expires: base + 365*86400}}
+	v2.Revoked = []string{releaseID}
+	keysV2 := signKeys(t, prototest.RootKey, v2)
+
+	rotated := newRelease(t, 13, "1.5.0", payload(0x13, 64<<10))
+	rotated.signed = signManifest(t, prototest.OtherKey, rotated.m)
+	r.installGood("c-13-v2", rotated, keysV2)
+
+	// A release signed by the revoked key, with the old list that trusts it.
+	old := newRelease(t, 14, "1.6.0", payload(0x14, 64<<10))
+	r.srv.route(old.path, serveHonest(old.data))
+	for _, a := range []struct {
+		cmd   string
+		keys  []byte
+		check proto.Check
+	}{
+		{"c-14-v1", r.keys, proto.CheckKeyList},
+		{"c-14-held", nil, proto.CheckRevoked},
+		{"c-14-v2", keysV2, proto.CheckRevoked},
+		{"restart", nil, ""},
+		{"c-14-v1-after-restart", r.keys, proto.CheckKeyList},
+		{"c-14-held-after-restart", nil, proto.CheckRevoked},
+	} {
+		if a.cmd == "restart" {
+			r.restart("1.5.0")
+			continue
+		}
+		if err := r.offer(a.cmd, old, a.keys); proto.CheckOf(err) != a.check {
+			t.Errorf("%s: Offer = %v, want a %q refusal", a.cmd, err, a.check)
+		}
+		r.assertRejected(a.cmd, a.check)
+		r.assertNotInstalled(a.cmd, proto.UpdateOffered, proto.UpdateDownloading, proto.UpdateVerified, proto.UpdateInstalling)
+	}
+	if n := r.srv.hitsOf(old.path); n != 0 {
+		t.Errorf("%d downloads of refused releases", n)
+	}
+}
+
+// After a manifest created at T was accepted, a clock set back before T
+// (a spoofed time source making an expired manifest look valid) is not
+// trusted, across a restart.
+func TestHostileClockSetBackBelowAcceptedMetadata(t *testing.T) {
+	r := newRig(t)
+	base := prototest.Base / 1000
+	r.clk.Set(time.Unix(base+10*86400, 0))
+	newer := newRelease(t, 13, "1.5.0", payload(0x13, 64<<10), func(m *proto.Manifest) { m.Created, m.Expires = base+9*86400, base+39*86400 })
+	r.installGood("c-13", newer, r.keys)
+	r.restart("1.5.0")
+	// The clock steps back to a day when an old, since expired, manifest
+	// was valid.
+	r.clk.Set(time.Unix(base+2*86400, 0))
+	stale := newRelease(t, 14, "1.6.0", payload(0x14, 64<<10), func(m *proto.Manifest) { m.Created, m.Expires = base+86400, base+3*86400 })
+	r.srv.route(stale.path, serveHonest(stale.data))
+	if err := r.offer("c-14-stale", stale, r.keys); proto.CheckOf(err) != proto.CheckClock {
+		t.Errorf("Offer = %v, want a %q refusal", err, proto.CheckClock)
+	}
+	r.assertRejected("c-14-stale", proto.CheckClock)
+	r.assertNotInstalled("c-14-stale", proto.UpdateOffered, proto.UpdateDownloading, proto.UpdateVerified, proto.UpdateInstalling)
+}
+
+// downloadRefused offers rel (signed, valid) while the server serves what
+// handler sends, and checks that the download is refused by check with
+// nothing installed.
+func downloadRefused(t *testing.T, r *rig, cmd string, rel release, check proto.Check) {
+	t.Helper()
+	if err := r.offer(cmd, rel, r.keys); err != nil {
+		t.Fatalf("Offer: %v", err)
+	}
+	rep := r.rep.wait(t, "rejected or failed for "+cmd, func(s sentReport) bool {
+		return s.Cmd == cmd && (s.State == proto.UpdateRejected || s.State == proto.UpdateFailed)
+	})
+	if rep.State != proto.UpdateRejected || rep.Check != string(check) {
+		t.Errorf("%s: reported %s, want rejected by %q", cmd, rep, check)
+	}
+	r.assertNotInstalled(cmd, proto.UpdateVerified, proto.UpdateInstalling)
+	waitFor(t, "the job to end", func() bool { return r.u.job() == nil })
+	for _, f := range r.stagedFiles() {
+		if strings.HasSuffix(f, ".bin") {
+			t.Errorf("%s: %s staged", cmd, f)
+		}
+	}
+}
+
+// Endless data: the server streams past the declared size forever. The
+// agent stops at the declared size, refuses (size), and neither its memory
+// nor what it let the server send grows with the stream.
+func TestHostileEndlessData(t *testing.T) {
+	r := newRig(t)
+	const declared = 1 << 20
+	const offered = 256 << 20
+	rel := newRelease(t, 13, "1.5.0", payload(0x13, declared))
+	r.srv.route(rel.path, serveEndless(rel.data, offered))
+
+	runtime.GC()
+	var before runtime.MemStats
+	runtime.ReadMemStats(&before)
+	var peak uint64
+	stop, sampled := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(sampled)
+		tick := time.NewTicker(time.Millisecond)
+		defer tick.Stop()
+		var ms runtime.MemStats
+		for {
+			runtime.ReadMemStats(&ms)
+			peak = max(peak, ms.HeapAlloc)
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	downloadRefused(t, r, "c-endless", rel, proto.CheckSize)
+	close(stop)
+	<-sampled
+
+	if growth := int64(peak) - int64(before.HeapAlloc); growth > 16<<20 {
+		t.Errorf("heap grew by %d MiB while the server streamed endless data", growth>>20)
+	}
+	// What the server got to send is bounded by the declared size plus
+	// the socket buffers, nowhere near what it offered.
+	waitFor(t, "the server's handler to return", func() bool { return r.srv.active.Load() == 0 })
+	if n := r.srv.hitsOf(rel.path); n != 1 {
+		t.Errorf("%d requests, want 1", n)
+	}
+	if sent := r.srv.sent.Load(); sent > 64<<20 || sent < declared {
+		t.Errorf("the server sent %d MiB of the %d MiB it offered; want at least the declared 1 MiB and at most 64 MiB", sent>>20, offered>>20)
+	} else {
+		t.Logf("declared %d KiB; the server sent %d KiB before the agent hung up; heap peak +%d KiB", declared>>10, sent>>10, (int64(peak)-int64(before.HeapAlloc))>>10)
+	}
+	if st, err := os.Stat(strings.TrimSuffix(r.u.stagedPath(rel.m), ".bin") + ".part"); err == nil && st.Size() > declared {
+		t.Errorf("the partial file holds %d bytes, more than the declared %d", st.Size(), declared)
+	}
+}
+
+// The artifact is one byte longer than declared.
+func TestHostileExtraByte(t *testing.T) {
+	r := newRig(t)
+	rel := newRelease(t, 13, "1.5.0", payload(0x13, 64<<10))
+	r.srv.route(rel.path, serveHonest(append(bytes.Clone(rel.data), 0x00)))
+	downloadRefused(t, r, "c-extra", rel, proto.CheckSize)
+}
+
+// Same size, different bytes.
+func TestHostileHashMismatch(t *testing.T) {
+	r := newRig(t)
+	rel := newRelease(t, 13, "1.5.0", payload(0x13, 64<<10))
+	evil := bytes.Clone(rel.data)
+	evil[len(evil)/2] ^= 0x01
+	r.srv.route(rel.path, serveHonest(evil))
+	downloadRefused(t, r, "c-hash", rel, proto.CheckHash)
+}
+
+// Mix-and-match: the manifest of release A with the artifact of release B
+// (both genuinely signed releases).
+func TestHostileMixAndMatch(t *testing.T) {
+	t.Run("same size", func(t *testing.T) {
+		r := newRig(t)
+		a := newRelease(t, 13, "1.5.0", payload(0xA, 64<<10))
+		b := newRelease(t, 12, "1.4.9", payload(0xB, 64<<10))
+		r.srv.route(a.path, serveHonest(b.data))
+		downloadRefused(t, r, "c-mix", a, proto.CheckHash)
+	})
+	t.Run("B is longer", func(t *testing.T) {
+		r := newRig(t)
+		a := newRelease(t, 13, "1.5.0", payload(0xA, 64<<10))
+		b := newRelease(t, 12, "1.4.9", payload(0xB, 80<<10))
+		r.srv.route(a.path, serveHonest(b.data))
+		downloadRefused(t, r, "c-mix-long", a, proto.CheckSize)
+	})
+}
+
+// The staged file is swapped after it was verified and before the
+// install: the install re-verifies and refuses (hash), Install is never
+// called.
+func TestHostileStagedFileSwapped(t *testing.T) {
+	for _, whileDown := range []bool{false, true} {
+		name := "while running"
+		if whileDown {
+			name = "while the agent is down"
+		}
+		t.Run(name, func(t *testing.T) {
+			lock := filepath.Join(t.TempDir(), "maintenance.lock")
+			if err := os.WriteFile(lock, nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			r := newRig(t, func(o *Options) { o.Policy.LockFile = lock })
+			rel := newRelease(t, 13, "1.5.0", payload(0x13, 64<<10))
+			r.srv.route(rel.path, serveHonest(rel.data))
+			if err := r.offer("c-swap", rel, r.keys); err != nil {
+				t.Fatal(err)
+			}
+			r.rep.waitState(t, "c-swap", proto.UpdateVerified)
+			r.rep.waitState(t, "c-swap", proto.UpdateDeferred)
+			staged := r.u.stagedPath(rel.m)
+			if got, err := os.ReadFile(staged); err != nil || !bytes.Equal(got, rel.data) {
+				t.Fatalf("staged file: %d bytes, %v; want the verified artifact", len(got), err)
+			}
+			evil := payload(0x66, len(rel.data))
+			if whileDown {
+				r.stop()
+			}
+			if err := os.WriteFile(staged, evil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Remove(lock); err != nil {
+				t.Fatal(err)
+			}
+			if whileDown {
+				r.restart(oldVersion)
+			} // else: the updater's tick sees the lock gone
+			r.rep.waitState(t, "c-swap", proto.UpdateRejected)
+			r.assertRejected("c-swap", proto.CheckHash)
+			r.assertNotInstalled("c-swap")
+			waitFor(t, "the job to end", func() bool { return r.u.job() == nil })
+			if _, err := os.Stat(staged); err == nil {
+				t.Errorf("the swapped staged file was kept")
+			}
+		})
+	}
+}
+
+// A server that truncates every response at the same point and ignores
+// Range: the agent never installs, never reports the release verified or
+// committed; it retries (past the no-progress limit of 20 attempts).
+func TestHostileTruncatedForever(t *testing.T) {
+	r := newRig(t)
+	rel := newRelease(t, 13, "1.5.0", payload(0x13, 64<<10))
+	r.srv.route(rel.path, serveCut(rel.data, len(rel.data)/2))
+	if err := r.offer("c-cut", rel, r.keys); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "40 download attempts", func() bool { return r.srv.hitsOf(rel.path) >= 40 })
+	r.stop()
+	r.assertNotInstalled("c-cut", proto.UpdateVerified, proto.UpdateInstalling, proto.UpdateRejected)
+	if j := r.u.job(); j != nil {
+		t.Logf("after %d attempts the job is still %q (the agent keeps retrying)", r.srv.hitsOf(rel.path), j.Phase)
+		if j.Phase != phaseDownload {
+			t.Errorf("job in phase %q, want %q", j.Phase, phaseDownload)
+		}
+	} else if _, ok := r.rep.find(func(s sentReport) bool { return s.Cmd == "c-cut" && s.State == proto.UpdateFailed }); !ok {
+		t.Errorf("the job ended without a failed report; reports:\n%s", r.rep.dump())
+	}
+	for _, f := range r.stagedFiles() {
+		if strings.HasSuffix(f, ".bin") {
+			t.Errorf("%s staged", f)
+		}
+	}
+}
+
+// A server that answers every request with headers and not one byte: after
+// the no-progress limit the agent gives up and reports the job failed,
+// having installed nothing.
+func TestHostileTruncatedToNothing(t *testing.T) {
+	r := newRig(t)
+	rel := newRelease(t, 13, "1.5.0", payload(0x13, 64<<10))
+	r.srv.route(rel.path, serveCut(rel.data, 0))
+	if err := r.offer("c-empty", rel, r.keys); err != nil {
+		t.Fatal(err)
+	}
+	rep := r.rep.waitState(t, "c-empty", proto.UpdateFailed)
+	if !strings.Contains(rep.Reason, "no progress") {
+		t.Errorf("failed with reason %q, want the no-progress limit", rep.Reason)
+	}
+	if n := r.srv.hitsOf(rel.path); n != 20 {
+		t.Errorf("%d attempts, want the limit of 20", n)
+	}
+	r.assertNotInstalled("c-empty", proto.UpdateVerified, proto.UpdateInstalling)
+	waitFor(t, "the job to end", func() bool { return r.u.job() == nil })
+}
