@@ -183,10 +183,11 @@ type Agent struct {
 	connected bool
 	lastErr   error
 
-	cmds    chan proto.Command
-	started time.Time
-	updater *update.Updater
-	latest  atomic.Pointer[proto.Sample]
+	cmds         chan proto.Command
+	started      time.Time
+	updater      *update.Updater
+	latest       atomic.Pointer[proto.Sample]
+	lastSampleAt atomic.Int64
 	// helloNow asks the sender to publish the state at once (the installed
 	// versions changed).
 	helloNow chan struct{}
@@ -392,7 +393,7 @@ func (a *Agent) read(now time.Time) proto.Sample {
 	if s.Link == 0 && a.Connected() {
 		s.Link = 100
 	}
-	defer func() { a.latest.Store(&s) }()
+	defer func() { a.latest.Store(&s); a.lastSampleAt.Store(time.Now().UnixNano()) }()
 	if err := s.Validate(); err != nil {
 		// A sensor gave nonsense: drop the offending fields rather than
 		// the sample (the control plane would refuse the whole batch).
@@ -420,3 +421,12 @@ func (a *Agent) LastSeq() uint64 { return a.seq.Load() }
 
 // Connections counts the broker connections this run has attempted.
 func (a *Agent) Connections() uint64 { return a.conns.Load() }
+
+// LastSample is when the sampler last ran (zero before the first sample):
+// a stale value means the agent is stuck.
+func (a *Agent) LastSample() time.Time {
+	if s := a.lastSampleAt.Load(); s != 0 {
+		return time.Unix(0, s)
+	}
+	return time.Now()
+}

@@ -98,7 +98,12 @@ func RunWith(ctx context.Context, args []string, getenv func(string) string, std
 	if err != nil {
 		return err
 	}
+	sdNotify("READY=1")
+	wdCtx, stopWD := context.WithCancel(ctx)
+	defer stopWD()
+	go watchdog(wdCtx, func() bool { return time.Since(a.LastSample()) < 3*cfg.SampleInterval+30*time.Second })
 	err = a.Run(ctx)
+	sdNotify("STOPPING=1")
 	if errors.Is(err, update.ErrRestart) {
 		log.Info("leaving for the new build", "exit", update.ExitRestart)
 		return ErrRestart

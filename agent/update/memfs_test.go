@@ -698,6 +698,24 @@ func TestMemFSUnsyncedRenameLostOnPowerLoss(t *testing.T) {
 	}
 }
 
+func TestMemFSPowerLossLeavesTheRunningView(t *testing.T) {
+	m := newMemFS()
+	m.mkdir("/d")
+	if err := memWrite(m, "/d/f", []byte("data"), true); err != nil {
+		t.Fatal(err)
+	}
+	lost := m.powerLoss()
+	if _, ok := lost.read("/d/f"); ok {
+		t.Error("a file whose directory was never synced survives a power loss")
+	}
+	if err := m.SyncDir("/d"); err != nil {
+		t.Fatalf("the running view died with the power-loss copy: %v", err)
+	}
+	if got := string(memMustRead(t, m.powerLoss(), "/d/f")); got != "data" {
+		t.Errorf("after Sync and SyncDir, a power loss leaves %q, want %q", got, "data")
+	}
+}
+
 func TestMemFSLinkSharesContent(t *testing.T) {
 	m := newMemFS()
 	m.mkdir("/d")
