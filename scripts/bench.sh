@@ -41,3 +41,7 @@ echo
 echo "== agent footprint"
 make --no-print-directory cross >/dev/null
 ./bin/hangar-sim bench agent --duration 30s
+echo
+
+echo "== signed update of a 6 MiB payload on a real agent (loopback)"
+./bin/hangar-sim bench update --size 6291456 --cuts 3

@@ -123,6 +123,9 @@ func updateOptions(cfg Config) (*agent.UpdateOptions, error) {
 		ExePath: cfg.ExePath, Hooks: cfg.Hooks, TrialDeadline: cfg.TrialDeadline, TrialSoak: cfg.TrialSoak, MaxTrialBoots: cfg.MaxTrialBoots,
 		Policy: update.Policy{MinBattery: uint8(max(0, min(100, cfg.MinBattery))), LockFile: cfg.MaintenanceLock, AllowUnknownFlight: cfg.AllowUnknownFlight},
 	}
+	if uo.TrialSoak == 0 {
+		uo.TrialSoak = -1 // asked for no soak; zero would mean the default
+	}
 	switch update.RestartMode(cfg.RestartMode) {
 	case update.RestartExec, update.RestartExit:
 		uo.RestartMode = update.RestartMode(cfg.RestartMode)

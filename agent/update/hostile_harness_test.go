@@ -45,11 +45,11 @@ const (
 	hostileWait     = 10 * time.Second // deadline of every wait on a condition
 	hostileHardware = "rev-b"
 	hostileArch     = "arm64"
-	oldVersion      = "1.4.2"
+	hostileOldVersion      = "1.4.2"
 )
 
 // payload returns n deterministic pseudo-random bytes.
-func payload(seed byte, n int) []byte {
+func hostilePayload(seed byte, n int) []byte {
 	var s [32]byte
 	s[0] = seed
 	b := make([]byte, n)
@@ -57,43 +57,43 @@ func payload(seed byte, n int) []byte {
 	return b
 }
 
-func etagOf(data []byte) string {
+func hostileETag(data []byte) string {
 	sum := sha256.Sum256(data)
 	return `"` + hex.EncodeToString(sum[:]) + `"`
 }
 
 // --- clock ---------------------------------------------------------------
 
-// testClock reads a time the test sets, while its timers and tickers run
+// hostileClock reads a time the test sets, while its timers and tickers run
 // in real time scaled down 100 times (the updater's one-second ticker ticks
 // every 10 ms): the tests wait on conditions, never on the clock.
-type testClock struct {
+type hostileClock struct {
 	mu  sync.Mutex
 	now time.Time
 }
 
-var _ clock.Clock = (*testClock)(nil)
+var _ clock.Clock = (*hostileClock)(nil)
 
-func (c *testClock) Now() time.Time {
+func (c *hostileClock) Now() time.Time {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.now
 }
 
-func (c *testClock) Set(t time.Time) {
+func (c *hostileClock) Set(t time.Time) {
 	c.mu.Lock()
 	c.now = t
 	c.mu.Unlock()
 }
 
-func scaled(d time.Duration) time.Duration { return max(d/100, time.Millisecond) }
+func hostileScaled(d time.Duration) time.Duration { return max(d/100, time.Millisecond) }
 
-func (c *testClock) NewTimer(d time.Duration) clock.Timer { return clock.Real{}.NewTimer(scaled(d)) }
-func (c *testClock) NewTicker(d time.Duration) clock.Ticker {
-	return clock.Real{}.NewTicker(scaled(d))
+func (c *hostileClock) NewTimer(d time.Duration) clock.Timer { return clock.Real{}.NewTimer(hostileScaled(d)) }
+func (c *hostileClock) NewTicker(d time.Duration) clock.Ticker {
+	return clock.Real{}.NewTicker(hostileScaled(d))
 }
-func (c *testClock) AfterFunc(d time.Duration, f func()) clock.Timer {
-	return clock.Real{}.AfterFunc(scaled(d), f)
+func (c *hostileClock) AfterFunc(d time.Duration, f func()) clock.Timer {
+	return clock.Real{}.AfterFunc(hostileScaled(d), f)
 }
 
 // --- the malicious release server -----------------------------------------
@@ -132,7 +132,7 @@ func (s *hostileServer) serve(w http.ResponseWriter, r *http.Request) {
 		http.NotFound(w, r)
 		return
 	}
-	h(&countingResponse{ResponseWriter: w, n: &s.sent}, r)
+	h(&hostileCounting{ResponseWriter: w, n: &s.sent}, r)
 }
 
 func (s *hostileServer) route(path string, h http.HandlerFunc) {
@@ -157,31 +157,31 @@ func (s *hostileServer) totalHits() int {
 	return n
 }
 
-type countingResponse struct {
+type hostileCounting struct {
 	http.ResponseWriter
 	n *atomic.Int64
 }
 
-func (c *countingResponse) Write(p []byte) (int, error) {
+func (c *hostileCounting) Write(p []byte) (int, error) {
 	n, err := c.ResponseWriter.Write(p)
 	c.n.Add(int64(n))
 	return n, err
 }
 
-func (c *countingResponse) Flush() { http.NewResponseController(c.ResponseWriter).Flush() }
+func (c *hostileCounting) Flush() { http.NewResponseController(c.ResponseWriter).Flush() }
 
-// serveHonest serves data as the control plane does: ETag, Range, If-Range.
-func serveHonest(data []byte) http.HandlerFunc {
+// hostileHonest serves data as the control plane does: ETag, Range, If-Range.
+func hostileHonest(data []byte) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("ETag", etagOf(data))
+		w.Header().Set("ETag", hostileETag(data))
 		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(data))
 	}
 }
 
-// serveEndless sends prefix and then junk forever (chunked, no length), up
+// hostileEndless sends prefix and then junk forever (chunked, no length), up
 // to limit bytes, stopping when the client goes away.
-func serveEndless(prefix []byte, limit int64) http.HandlerFunc {
-	junk := payload(0xEE, 32<<10)
+func hostileEndless(prefix []byte, limit int64) http.HandlerFunc {
+	junk := hostilePayload(0xEE, 32<<10)
 	return func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/octet-stream")
 		w.WriteHeader(http.StatusOK)
@@ -201,9 +201,9 @@ func serveEndless(prefix []byte, limit int64) http.HandlerFunc {
 	}
 }
 
-// serveCut ignores Range, declares the whole length and sends only the first
+// hostileCut ignores Range, declares the whole length and sends only the first
 // n bytes before dropping the connection.
-func serveCut(data []byte, n int) http.HandlerFunc {
+func hostileCut(data []byte, n int) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Length", strconv.Itoa(len(data)))
 		w.WriteHeader(http.StatusOK)
@@ -214,12 +214,12 @@ func serveCut(data []byte, n int) http.HandlerFunc {
 	}
 }
 
-// serveChunks honours Range (and If-Range), but every response stops after
+// hostileChunks honours Range (and If-Range), but every response stops after
 // chunk bytes and the connection drops: the client must resume.
-func serveChunks(data []byte, chunk int) http.HandlerFunc {
+func hostileChunks(data []byte, chunk int) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		start := 0
-		etag := etagOf(data)
+		etag := hostileETag(data)
 		w.Header().Set("ETag", etag)
 		if rg := r.Header.Get("Range"); rg != "" && (r.Header.Get("If-Range") == "" || r.Header.Get("If-Range") == etag) {
 			v, err := strconv.Atoi(strings.TrimSuffix(strings.TrimPrefix(rg, "bytes="), "-"))
@@ -258,8 +258,8 @@ func (s *hostileServer) serveThenStall(data []byte) http.HandlerFunc {
 
 // --- installer recorder ------------------------------------------------------
 
-// recInstaller is the real Binary installer with every call recorded.
-type recInstaller struct {
+// hostileInstaller is the real Binary installer with every call recorded.
+type hostileInstaller struct {
 	*Binary
 
 	mu        sync.Mutex
@@ -270,9 +270,9 @@ type recInstaller struct {
 	execs     []string // argv0 of every exec the Binary asked for
 }
 
-var _ Installer = (*recInstaller)(nil)
+var _ Installer = (*hostileInstaller)(nil)
 
-func (r *recInstaller) Install(ctx context.Context, m proto.Manifest, artifact string) error {
+func (r *hostileInstaller) Install(ctx context.Context, m proto.Manifest, artifact string) error {
 	b, _ := os.ReadFile(artifact)
 	r.mu.Lock()
 	r.installs = append(r.installs, b)
@@ -280,21 +280,21 @@ func (r *recInstaller) Install(ctx context.Context, m proto.Manifest, artifact s
 	return r.Binary.Install(ctx, m, artifact)
 }
 
-func (r *recInstaller) Activate(ctx context.Context, m proto.Manifest) error {
+func (r *hostileInstaller) Activate(ctx context.Context, m proto.Manifest) error {
 	r.mu.Lock()
 	r.activates++
 	r.mu.Unlock()
 	return r.Binary.Activate(ctx, m)
 }
 
-func (r *recInstaller) Commit(ctx context.Context, m proto.Manifest) error {
+func (r *hostileInstaller) Commit(ctx context.Context, m proto.Manifest) error {
 	r.mu.Lock()
 	r.commits++
 	r.mu.Unlock()
 	return r.Binary.Commit(ctx, m)
 }
 
-func (r *recInstaller) Rollback(ctx context.Context, m proto.Manifest) error {
+func (r *hostileInstaller) Rollback(ctx context.Context, m proto.Manifest) error {
 	r.mu.Lock()
 	r.rollbacks++
 	r.mu.Unlock()
@@ -302,13 +302,13 @@ func (r *recInstaller) Rollback(ctx context.Context, m proto.Manifest) error {
 }
 
 // reset forgets the calls so far (after a legitimate install).
-func (r *recInstaller) reset() {
+func (r *hostileInstaller) reset() {
 	r.mu.Lock()
 	r.installs, r.activates, r.commits, r.rollbacks, r.execs = nil, 0, 0, 0, nil
 	r.mu.Unlock()
 }
 
-func (r *recInstaller) calls() (installs [][]byte, activates, commits, rollbacks int, execs []string) {
+func (r *hostileInstaller) calls() (installs [][]byte, activates, commits, rollbacks int, execs []string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return append([][]byte(nil), r.installs...), r.activates, r.commits, r.rollbacks, append([]string(nil), r.execs...)
@@ -316,39 +316,39 @@ func (r *recInstaller) calls() (installs [][]byte, activates, commits, rollbacks
 
 // --- reports -------------------------------------------------------------
 
-type sentReport struct {
+type hostileReport struct {
 	proto.UpdateReport
 	Cmd string
 }
 
-func (s sentReport) String() string {
+func (s hostileReport) String() string {
 	return fmt.Sprintf("%s %s v%s #%d check=%q reason=%q", s.Cmd, s.State, s.Version, s.Counter, s.Check, s.Reason)
 }
 
-type reportLog struct {
+type hostileReports struct {
 	mu      sync.Mutex
-	list    []sentReport
+	list    []hostileReport
 	changed chan struct{}
 }
 
-func newReportLog() *reportLog { return &reportLog{changed: make(chan struct{})} }
+func newHostileReports() *hostileReports { return &hostileReports{changed: make(chan struct{})} }
 
-func (l *reportLog) add(r proto.UpdateReport, cmd string) {
+func (l *hostileReports) add(r proto.UpdateReport, cmd string) {
 	l.mu.Lock()
-	l.list = append(l.list, sentReport{r, cmd})
+	l.list = append(l.list, hostileReport{r, cmd})
 	close(l.changed)
 	l.changed = make(chan struct{})
 	l.mu.Unlock()
 }
 
-func (l *reportLog) all() []sentReport {
+func (l *hostileReports) all() []hostileReport {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return append([]sentReport(nil), l.list...)
+	return append([]hostileReport(nil), l.list...)
 }
 
-func (l *reportLog) forCmd(cmd string) []sentReport {
-	var out []sentReport
+func (l *hostileReports) forCmd(cmd string) []hostileReport {
+	var out []hostileReport
 	for _, r := range l.all() {
 		if r.Cmd == cmd {
 			out = append(out, r)
@@ -358,18 +358,18 @@ func (l *reportLog) forCmd(cmd string) []sentReport {
 }
 
 // find returns the first report matching pred.
-func (l *reportLog) find(pred func(sentReport) bool) (sentReport, bool) {
+func (l *hostileReports) find(pred func(hostileReport) bool) (hostileReport, bool) {
 	for _, r := range l.all() {
 		if pred(r) {
 			return r, true
 		}
 	}
-	return sentReport{}, false
+	return hostileReport{}, false
 }
 
 // wait returns the first report matching pred, waiting for it until the
 // deadline.
-func (l *reportLog) wait(t *testing.T, what string, pred func(sentReport) bool) sentReport {
+func (l *hostileReports) wait(t *testing.T, what string, pred func(hostileReport) bool) hostileReport {
 	t.Helper()
 	deadline := time.NewTimer(hostileWait)
 	defer deadline.Stop()
@@ -392,12 +392,12 @@ func (l *reportLog) wait(t *testing.T, what string, pred func(sentReport) bool) 
 }
 
 // waitState waits for a report of cmd in state st.
-func (l *reportLog) waitState(t *testing.T, cmd string, st proto.UpdateState) sentReport {
+func (l *hostileReports) waitState(t *testing.T, cmd string, st proto.UpdateState) hostileReport {
 	t.Helper()
-	return l.wait(t, fmt.Sprintf("%q for %s", st, cmd), func(r sentReport) bool { return r.Cmd == cmd && r.State == st })
+	return l.wait(t, fmt.Sprintf("%q for %s", st, cmd), func(r hostileReport) bool { return r.Cmd == cmd && r.State == st })
 }
 
-func (l *reportLog) dump() string {
+func (l *hostileReports) dump() string {
 	var b strings.Builder
 	for _, r := range l.all() {
 		fmt.Fprintf(&b, "  %s\n", r)
@@ -407,7 +407,7 @@ func (l *reportLog) dump() string {
 
 // waitFor polls cond (for conditions that no report announces) until the
 // deadline.
-func waitFor(t *testing.T, what string, cond func() bool) {
+func hostileWaitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(hostileWait)
 	tick := time.NewTicker(2 * time.Millisecond)
@@ -422,14 +422,14 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 
 // --- signed releases -----------------------------------------------------
 
-type release struct {
+type hostileRelease struct {
 	m      proto.Manifest
 	data   []byte
 	signed []byte
 	path   string // on the hostile server
 }
 
-func signKeys(t *testing.T, root ed25519.PrivateKey, k proto.KeyList) []byte {
+func hostileSignKeys(t *testing.T, root ed25519.PrivateKey, k proto.KeyList) []byte {
 	t.Helper()
 	b, err := proto.SignKeyList(root, k)
 	if err != nil {
@@ -438,9 +438,9 @@ func signKeys(t *testing.T, root ed25519.PrivateKey, k proto.KeyList) []byte {
 	return b
 }
 
-func goodKeys(t *testing.T) []byte { return signKeys(t, prototest.RootKey, prototest.KeyList()) }
+func hostileKeys(t *testing.T) []byte { return hostileSignKeys(t, prototest.RootKey, prototest.KeyList()) }
 
-func signManifest(t *testing.T, key ed25519.PrivateKey, m proto.Manifest) []byte {
+func hostileSignManifest(t *testing.T, key ed25519.PrivateKey, m proto.Manifest) []byte {
 	t.Helper()
 	b, err := proto.SignManifest(key, m)
 	if err != nil {
@@ -449,33 +449,33 @@ func signManifest(t *testing.T, key ed25519.PrivateKey, m proto.Manifest) []byte
 	return b
 }
 
-// newRelease is a release of data with the given counter and version,
+// newRelease is a hostileRelease of data with the given counter and version,
 // signed by the release key, after mods are applied to its manifest.
-func newRelease(t *testing.T, counter uint64, version string, data []byte, mods ...func(*proto.Manifest)) release {
+func newHostileRelease(t *testing.T, counter uint64, version string, data []byte, mods ...func(*proto.Manifest)) hostileRelease {
 	t.Helper()
 	m := prototest.Manifest(data)
 	m.Counter, m.Version = counter, version
 	for _, f := range mods {
 		f(&m)
 	}
-	return release{m: m, data: data, signed: signManifest(t, prototest.ReleaseKey, m), path: fmt.Sprintf("/artifact/%d-%s", counter, version)}
+	return hostileRelease{m: m, data: data, signed: hostileSignManifest(t, prototest.ReleaseKey, m), path: fmt.Sprintf("/artifact/%d-%s", counter, version)}
 }
 
-func updateCmd(id string, manifest, keys []byte, url string) proto.Command {
+func hostileCmd(id string, manifest, keys []byte, url string) proto.Command {
 	return proto.Command{ID: id, Kind: proto.CmdUpdate, Issued: prototest.Base, Rollout: "r-hostile",
 		Update: &proto.UpdateOffer{Manifest: manifest, Keys: keys, URL: url}}
 }
 
 // --- the rig -------------------------------------------------------------
 
-type rig struct {
+type hostileRig struct {
 	t       *testing.T
 	srv     *hostileServer
-	clk     *testClock
-	rep     *reportLog
+	clk     *hostileClock
+	rep     *hostileReports
 	store   *statedir.Dir
 	bin     *Binary
-	inst    *recInstaller
+	inst    *hostileInstaller
 	binPath string
 	oldBin  []byte // the installed binary before any attack
 	counter uint64 // the agent release the updater records as installed
@@ -487,12 +487,12 @@ type rig struct {
 	done   chan error
 }
 
-// newRig builds an updater that trusts prototest.RootKey, on rev-b arm64,
+// newHostileRig builds an updater that trusts prototest.RootKey, on rev-b arm64,
 // and starts its Run loop; mods adjust its options first.
-func newRig(t *testing.T, mods ...func(*Options)) *rig {
+func newHostileRig(t *testing.T, mods ...func(*Options)) *hostileRig {
 	t.Helper()
 	dir := t.TempDir()
-	r := &rig{t: t, srv: newHostileServer(t), clk: &testClock{now: hostileNow}, rep: newReportLog(), keys: goodKeys(t)}
+	r := &hostileRig{t: t, srv: newHostileServer(t), clk: &hostileClock{now: hostileNow}, rep: newHostileReports(), keys: hostileKeys(t)}
 	var err error
 	if r.store, err = statedir.Open(filepath.Join(dir, "state"), true); err != nil {
 		t.Fatal(err)
@@ -501,13 +501,13 @@ func newRig(t *testing.T, mods ...func(*Options)) *rig {
 	if err := os.MkdirAll(filepath.Dir(r.binPath), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	r.oldBin = append([]byte("hangar-agent "+oldVersion+"\n"), payload(0x01, 32<<10)...)
+	r.oldBin = append([]byte("hangar-agent "+hostileOldVersion+"\n"), hostilePayload(0x01, 32<<10)...)
 	if err := os.WriteFile(r.binPath, r.oldBin, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	r.inst = &recInstaller{}
+	r.inst = &hostileInstaller{}
 	r.bin = &Binary{
-		Path: r.binPath, Version: oldVersion, Args: []string{r.binPath}, Env: []string{},
+		Path: r.binPath, Version: hostileOldVersion, Args: []string{r.binPath}, Env: []string{},
 		Smoke: func(ctx context.Context, path, version string) error { return nil },
 	}
 	r.bin.exec = func(argv0 string, argv, env []string) error {
@@ -543,7 +543,7 @@ func newRig(t *testing.T, mods ...func(*Options)) *rig {
 	return r
 }
 
-func (r *rig) start() {
+func (r *hostileRig) start() {
 	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel, r.done = cancel, make(chan error, 1)
 	u := r.u
@@ -551,7 +551,7 @@ func (r *rig) start() {
 }
 
 // stop ends the Run loop and waits for it.
-func (r *rig) stop() {
+func (r *hostileRig) stop() {
 	if r.cancel == nil {
 		return
 	}
@@ -569,7 +569,7 @@ func (r *rig) stop() {
 
 // restart is an agent restart: a new Updater over the same state directory,
 // booted, running build runningVersion.
-func (r *rig) restart(runningVersion string) {
+func (r *hostileRig) restart(runningVersion string) {
 	r.t.Helper()
 	r.stop()
 	r.bin.Version = runningVersion
@@ -586,7 +586,7 @@ func (r *rig) restart(runningVersion string) {
 
 // rebase makes the current binary the reference of assertNotInstalled,
 // after a legitimate install of counter.
-func (r *rig) rebase(counter uint64) {
+func (r *hostileRig) rebase(counter uint64) {
 	r.t.Helper()
 	b, err := os.ReadFile(r.binPath)
 	if err != nil {
@@ -596,11 +596,11 @@ func (r *rig) rebase(counter uint64) {
 	r.inst.reset()
 }
 
-func (r *rig) offer(id string, rel release, keys []byte) error {
-	return r.u.Offer(updateCmd(id, rel.signed, keys, rel.path))
+func (r *hostileRig) offer(id string, rel hostileRelease, keys []byte) error {
+	return r.u.Offer(hostileCmd(id, rel.signed, keys, rel.path))
 }
 
-func (r *rig) stateFile() []byte {
+func (r *hostileRig) stateFile() []byte {
 	b, err := r.store.Load(stateFile)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		r.t.Fatal(err)
@@ -608,7 +608,7 @@ func (r *rig) stateFile() []byte {
 	return b
 }
 
-func (r *rig) stagedFiles() []string {
+func (r *hostileRig) stagedFiles() []string {
 	entries, _ := os.ReadDir(r.opts.Dir)
 	var out []string
 	for _, e := range entries {
@@ -618,9 +618,9 @@ func (r *rig) stagedFiles() []string {
 }
 
 // assertRejected checks that cmd was reported rejected by check.
-func (r *rig) assertRejected(cmd string, check proto.Check) {
+func (r *hostileRig) assertRejected(cmd string, check proto.Check) {
 	r.t.Helper()
-	rep, ok := r.rep.find(func(s sentReport) bool { return s.Cmd == cmd && s.State == proto.UpdateRejected })
+	rep, ok := r.rep.find(func(s hostileReport) bool { return s.Cmd == cmd && s.State == proto.UpdateRejected })
 	if !ok {
 		r.t.Errorf("%s: no rejected report; reports:\n%s", cmd, r.rep.dump())
 		return
@@ -634,7 +634,7 @@ func (r *rig) assertRejected(cmd string, check proto.Check) {
 // and exec never called, the binary unchanged byte for byte, no sibling
 // left beside it, nothing reported as installing, on trial or committed
 // for cmd (and no other state in forbidden).
-func (r *rig) assertNotInstalled(cmd string, forbidden ...proto.UpdateState) {
+func (r *hostileRig) assertNotInstalled(cmd string, forbidden ...proto.UpdateState) {
 	r.t.Helper()
 	installs, activates, commits, rollbacks, execs := r.inst.calls()
 	if len(installs) != 0 || activates != 0 || commits != 0 || rollbacks != 0 || len(execs) != 0 {

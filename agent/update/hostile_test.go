@@ -22,13 +22,13 @@ import (
 	"github.com/veraison/go-cose"
 )
 
-var releaseID = proto.KeyID(prototest.ReleaseKey.Public().(ed25519.PublicKey))
+var hostileReleaseID = proto.KeyID(prototest.ReleaseKey.Public().(ed25519.PublicKey))
 
 // installGood runs a legitimate release through the hostile server (here
 // honest) to commit, and makes it the reference of assertNotInstalled.
-func (r *rig) installGood(cmd string, rel release, keys []byte) {
+func (r *hostileRig) installGood(cmd string, rel hostileRelease, keys []byte) {
 	r.t.Helper()
-	r.srv.route(rel.path, serveHonest(rel.data))
+	r.srv.route(rel.path, hostileHonest(rel.data))
 	if err := r.offer(cmd, rel, keys); err != nil {
 		r.t.Fatalf("good release refused: %v", err)
 	}
@@ -54,8 +54,8 @@ func (r *rig) installGood(cmd string, rel release, keys []byte) {
 // The positive control: through the same server and harness, a good
 // release installs, with the right bytes, and commits.
 func TestHostileControlGoodReleaseInstalls(t *testing.T) {
-	r := newRig(t)
-	rel := newRelease(t, 13, "1.5.0", payload(0x13, 256<<10))
+	r := newHostileRig(t)
+	rel := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, 256<<10))
 	r.installGood("c-good", rel, r.keys)
 	_, _, prev := siblings(r.binPath)
 	if _, err := os.Stat(prev); err == nil {
@@ -70,9 +70,9 @@ func TestHostileControlGoodReleaseInstalls(t *testing.T) {
 // response after 16 KiB, and installs the right bytes: truncation alone is
 // not fatal, and the resumed file is still checked whole.
 func TestHostileControlResumesAfterCuts(t *testing.T) {
-	r := newRig(t)
-	rel := newRelease(t, 13, "1.5.0", payload(0x13, 100<<10))
-	r.srv.route(rel.path, serveChunks(rel.data, 16<<10))
+	r := newHostileRig(t)
+	rel := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, 100<<10))
+	r.srv.route(rel.path, hostileChunks(rel.data, 16<<10))
 	r.installGood("c-resume", rel, r.keys)
 	if hits := r.srv.hitsOf(rel.path); hits != 7 {
 		t.Errorf("%d requests, want 7 (100 KiB in 16 KiB pieces)", hits)
@@ -87,7 +87,7 @@ func TestHostileControlResumesAfterCuts(t *testing.T) {
 
 // coseSign1 builds a manifest document by hand: the payload of m, the
 // key id header kid, signed by priv. It lets a test lie about the key id.
-func coseSign1(t *testing.T, priv ed25519.PrivateKey, kid string, m proto.Manifest) []byte {
+func hostileCoseSign1(t *testing.T, priv ed25519.PrivateKey, kid string, m proto.Manifest) []byte {
 	t.Helper()
 	payload, err := proto.Marshal(&m)
 	if err != nil {
@@ -116,7 +116,7 @@ func coseSign1(t *testing.T, priv ed25519.PrivateKey, kid string, m proto.Manife
 // below is refused for its signature, not for its construction.
 func TestHostileCoseSign1Control(t *testing.T) {
 	m := prototest.Manifest([]byte("x"))
-	signed := coseSign1(t, prototest.ReleaseKey, releaseID, m)
+	signed := hostileCoseSign1(t, prototest.ReleaseKey, hostileReleaseID, m)
 	if _, err := proto.OpenManifest(signed, prototest.KeyList(), hostileNow); err != nil {
 		t.Fatalf("hand-built manifest refused: %v", err)
 	}
@@ -124,15 +124,15 @@ func TestHostileCoseSign1Control(t *testing.T) {
 
 // Offers refused at Offer, before anything is downloaded or written.
 func TestHostileOfferRefused(t *testing.T) {
-	data := payload(0x13, 64<<10)
+	data := hostilePayload(0x13, 64<<10)
 	base := prototest.Base / 1000
 	good := func(t *testing.T, mods ...func(*proto.Manifest)) []byte {
-		return newRelease(t, 13, "1.5.0", data, mods...).signed
+		return newHostileRelease(t, 13, "1.5.0", data, mods...).signed
 	}
 	keysWith := func(t *testing.T, signer ed25519.PrivateKey, mod func(*proto.KeyList)) []byte {
 		kl := prototest.KeyList()
 		mod(&kl)
-		return signKeys(t, signer, kl)
+		return hostileSignKeys(t, signer, kl)
 	}
 	otherPub := prototest.OtherKey.Public().(ed25519.PublicKey)
 
@@ -143,34 +143,34 @@ func TestHostileOfferRefused(t *testing.T) {
 		offer func(t *testing.T) (manifest, keys []byte)
 	}{
 		{"bad signature: a manifest byte flipped (the digest)", proto.CheckSignature, time.Time{}, func(t *testing.T) ([]byte, []byte) {
-			rel := newRelease(t, 13, "1.5.0", data)
+			rel := newHostileRelease(t, 13, "1.5.0", data)
 			signed := bytes.Clone(rel.signed)
 			i := bytes.Index(signed, rel.m.SHA256)
 			if i < 0 {
 				t.Fatal("digest not found in the signed manifest")
 			}
 			signed[i] ^= 0x01
-			return signed, goodKeys(t)
+			return signed, hostileKeys(t)
 		}},
 		{"bad signature: a signature byte flipped", proto.CheckSignature, time.Time{}, func(t *testing.T) ([]byte, []byte) {
 			signed := bytes.Clone(good(t))
 			signed[len(signed)-1] ^= 0x80
-			return signed, goodKeys(t)
+			return signed, hostileKeys(t)
 		}},
 		{"unknown key: signed by a key not in the list", proto.CheckKey, time.Time{}, func(t *testing.T) ([]byte, []byte) {
-			return signManifest(t, prototest.OtherKey, prototest.Manifest(data)), goodKeys(t)
+			return hostileSignManifest(t, prototest.OtherKey, prototest.Manifest(data)), hostileKeys(t)
 		}},
 		{"unknown key: the root key signs a manifest", proto.CheckKey, time.Time{}, func(t *testing.T) ([]byte, []byte) {
-			return signManifest(t, prototest.RootKey, prototest.Manifest(data)), goodKeys(t)
+			return hostileSignManifest(t, prototest.RootKey, prototest.Manifest(data)), hostileKeys(t)
 		}},
 		{"forged key id: a trusted key's id over another key's signature", proto.CheckSignature, time.Time{}, func(t *testing.T) ([]byte, []byte) {
-			return coseSign1(t, prototest.OtherKey, releaseID, prototest.Manifest(data)), goodKeys(t)
+			return hostileCoseSign1(t, prototest.OtherKey, hostileReleaseID, prototest.Manifest(data)), hostileKeys(t)
 		}},
 		{"expired release key", proto.CheckKeyExpiry, time.Time{}, func(t *testing.T) ([]byte, []byte) {
 			return good(t), keysWith(t, prototest.RootKey, func(k *proto.KeyList) { k.Keys[0].Expires = base + 60 })
 		}},
 		{"revoked release key", proto.CheckRevoked, time.Time{}, func(t *testing.T) ([]byte, []byte) {
-			return good(t), keysWith(t, prototest.RootKey, func(k *proto.KeyList) { k.Version, k.Revoked = 2, []string{releaseID} })
+			return good(t), keysWith(t, prototest.RootKey, func(k *proto.KeyList) { k.Version, k.Revoked = 2, []string{hostileReleaseID} })
 		}},
 		{"release key not allowed for the target", proto.CheckKey, time.Time{}, func(t *testing.T) ([]byte, []byte) {
 			return good(t), keysWith(t, prototest.RootKey, func(k *proto.KeyList) { k.Keys[0].Targets = []string{"fc-firmware"} })
@@ -185,7 +185,7 @@ func TestHostileOfferRefused(t *testing.T) {
 			kl := keysWith(t, prototest.OtherKey, func(k *proto.KeyList) {
 				k.Keys = []proto.ReleaseKey{{ID: proto.KeyID(otherPub), Public: otherPub, Expires: base + 86400}}
 			})
-			return signManifest(t, prototest.OtherKey, prototest.Manifest(data)), kl
+			return hostileSignManifest(t, prototest.OtherKey, prototest.Manifest(data)), kl
 		}},
 		{"no key list offered or held", proto.CheckKeyList, time.Time{}, func(t *testing.T) ([]byte, []byte) {
 			return good(t), nil
@@ -196,44 +196,44 @@ func TestHostileOfferRefused(t *testing.T) {
 			})
 		}},
 		{"freeze: the server keeps serving an expired manifest", proto.CheckExpired, time.Time{}, func(t *testing.T) ([]byte, []byte) {
-			return good(t, func(m *proto.Manifest) { m.Created, m.Expires = base-40*86400, base-10*86400 }), goodKeys(t)
+			return good(t, func(m *proto.Manifest) { m.Created, m.Expires = base-40*86400, base-10*86400 }), hostileKeys(t)
 		}},
 		{"freeze: manifest expires the second the device reads", proto.CheckExpired, time.Unix(base+30*86400, 0), func(t *testing.T) ([]byte, []byte) {
-			return good(t), goodKeys(t)
+			return good(t), hostileKeys(t)
 		}},
 		{"device clock at 1970", proto.CheckClock, time.Unix(0, 0), func(t *testing.T) ([]byte, []byte) {
-			return good(t), goodKeys(t)
+			return good(t), hostileKeys(t)
 		}},
 		{"device clock before the build time", proto.CheckClock, hostileBuild.Add(-time.Second), func(t *testing.T) ([]byte, []byte) {
-			return good(t), goodKeys(t)
+			return good(t), hostileKeys(t)
 		}},
 		{"wrong hardware", proto.CheckHardware, time.Time{}, func(t *testing.T) ([]byte, []byte) {
-			return good(t, func(m *proto.Manifest) { m.Hardware = []string{"rev-a", "rev-c"} }), goodKeys(t)
+			return good(t, func(m *proto.Manifest) { m.Hardware = []string{"rev-a", "rev-c"} }), hostileKeys(t)
 		}},
 		{"wrong architecture", proto.CheckHardware, time.Time{}, func(t *testing.T) ([]byte, []byte) {
-			return good(t, func(m *proto.Manifest) { m.Arch = []string{"amd64", "riscv64"} }), goodKeys(t)
+			return good(t, func(m *proto.Manifest) { m.Arch = []string{"amd64", "riscv64"} }), hostileKeys(t)
 		}},
 		{"target this device has no installer for", proto.CheckTarget, time.Time{}, func(t *testing.T) ([]byte, []byte) {
-			return good(t, func(m *proto.Manifest) { m.Target, m.Arch = "fc-firmware", nil }), goodKeys(t)
+			return good(t, func(m *proto.Manifest) { m.Target, m.Arch = "fc-firmware", nil }), hostileKeys(t)
 		}},
 		{"manifest over the size cap", proto.CheckSize, time.Time{}, func(t *testing.T) ([]byte, []byte) {
-			return append(bytes.Clone(good(t)), make([]byte, proto.MaxManifestSize)...), goodKeys(t)
+			return append(bytes.Clone(good(t)), make([]byte, proto.MaxManifestSize)...), hostileKeys(t)
 		}},
 		{"artifact declared over the size cap", proto.CheckSize, time.Time{}, func(t *testing.T) ([]byte, []byte) {
-			return good(t, func(m *proto.Manifest) { m.Size = DefaultMaxArtifact + 1 }), goodKeys(t)
+			return good(t, func(m *proto.Manifest) { m.Size = DefaultMaxArtifact + 1 }), hostileKeys(t)
 		}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			r := newRig(t)
+			r := newHostileRig(t)
 			if !tc.clock.IsZero() {
 				r.clk.Set(tc.clock)
 			}
 			manifest, keys := tc.offer(t)
-			r.srv.route("/artifact/x", serveHonest(data))
+			r.srv.route("/artifact/x", hostileHonest(data))
 			before := r.stateFile()
 			cmd := "c-" + tc.name
-			err := r.u.Offer(updateCmd(cmd, manifest, keys, "/artifact/x"))
+			err := r.u.Offer(hostileCmd(cmd, manifest, keys, "/artifact/x"))
 			if got := proto.CheckOf(err); got != tc.check {
 				t.Errorf("Offer: check %q (%v), want %q", got, err, tc.check)
 			}
@@ -259,14 +259,14 @@ func TestHostileOfferRefused(t *testing.T) {
 // under the same counter 13 (two signed releases cannot share a counter);
 // after an agent restart the persisted counters still refuse them.
 func TestHostileRollbackRefused(t *testing.T) {
-	r := newRig(t)
-	r.installGood("c-13", newRelease(t, 13, "1.5.0", payload(0x13, 64<<10)), r.keys)
+	r := newHostileRig(t)
+	r.installGood("c-13", newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, 64<<10)), r.keys)
 
-	older := newRelease(t, 12, "1.4.9", payload(0x12, 64<<10))
-	twin := newRelease(t, 13, "1.5.0", payload(0x66, 64<<10))
-	r.srv.route(older.path, serveHonest(older.data))
-	r.srv.route(twin.path, serveHonest(twin.data))
-	attempt := func(cmd string, rel release) {
+	older := newHostileRelease(t, 12, "1.4.9", hostilePayload(0x12, 64<<10))
+	twin := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x66, 64<<10))
+	r.srv.route(older.path, hostileHonest(older.data))
+	r.srv.route(twin.path, hostileHonest(twin.data))
+	attempt := func(cmd string, rel hostileRelease) {
 		t.Helper()
 		if err := r.offer(cmd, rel, r.keys); proto.CheckOf(err) != proto.CheckCounter {
 			t.Errorf("%s: Offer = %v, want a %q refusal", cmd, err, proto.CheckCounter)
@@ -292,19 +292,19 @@ func TestHostileRollbackBelowHighestSeen(t *testing.T) {
 	if err := os.WriteFile(lock, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	r := newRig(t, func(o *Options) { o.Policy.LockFile = lock })
-	high := newRelease(t, 20, "2.0.0", payload(0x20, 16<<10))
-	r.srv.route(high.path, serveHonest(high.data))
+	r := newHostileRig(t, func(o *Options) { o.Policy.LockFile = lock })
+	high := newHostileRelease(t, 20, "2.0.0", hostilePayload(0x20, 16<<10))
+	r.srv.route(high.path, hostileHonest(high.data))
 	if err := r.offer("c-20", high, r.keys); err != nil {
 		t.Fatal(err)
 	}
 	r.rep.waitState(t, "c-20", proto.UpdateDeferred)
 	r.u.Cancel()
-	mid := newRelease(t, 15, "1.9.0", payload(0x15, 16<<10))
-	r.srv.route(mid.path, serveHonest(mid.data))
+	mid := newHostileRelease(t, 15, "1.9.0", hostilePayload(0x15, 16<<10))
+	r.srv.route(mid.path, hostileHonest(mid.data))
 	for _, cmd := range []string{"c-15", "c-15-after-restart"} {
 		if cmd == "c-15-after-restart" {
-			r.restart(oldVersion)
+			r.restart(hostileOldVersion)
 		}
 		if err := r.offer(cmd, mid, r.keys); proto.CheckOf(err) != proto.CheckCounter {
 			t.Errorf("%s: Offer = %v, want a %q refusal", cmd, err, proto.CheckCounter)
@@ -320,22 +320,22 @@ func TestHostileRollbackBelowHighestSeen(t *testing.T) {
 // still trusts ReleaseKey) is refused, with or without a restart, and the
 // held list keeps refusing the revoked key.
 func TestHostileKeyListRollbackRefused(t *testing.T) {
-	r := newRig(t)
+	r := newHostileRig(t)
 	base := prototest.Base / 1000
 	otherPub := prototest.OtherKey.Public().(ed25519.PublicKey)
 	v2 := prototest.KeyList()
 	v2.Version = 2
 	v2.Keys = []proto.ReleaseKey{{ID: proto.KeyID(otherPub), Public: otherPub, Expires: base + 365*86400}}
-	v2.Revoked = []string{releaseID}
-	keysV2 := signKeys(t, prototest.RootKey, v2)
+	v2.Revoked = []string{hostileReleaseID}
+	keysV2 := hostileSignKeys(t, prototest.RootKey, v2)
 
-	rotated := newRelease(t, 13, "1.5.0", payload(0x13, 64<<10))
-	rotated.signed = signManifest(t, prototest.OtherKey, rotated.m)
+	rotated := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, 64<<10))
+	rotated.signed = hostileSignManifest(t, prototest.OtherKey, rotated.m)
 	r.installGood("c-13-v2", rotated, keysV2)
 
 	// A release signed by the revoked key, with the old list that trusts it.
-	old := newRelease(t, 14, "1.6.0", payload(0x14, 64<<10))
-	r.srv.route(old.path, serveHonest(old.data))
+	old := newHostileRelease(t, 14, "1.6.0", hostilePayload(0x14, 64<<10))
+	r.srv.route(old.path, hostileHonest(old.data))
 	for _, a := range []struct {
 		cmd   string
 		keys  []byte
@@ -367,17 +367,17 @@ func TestHostileKeyListRollbackRefused(t *testing.T) {
 // (a spoofed time source making an expired manifest look valid) is not
 // trusted, across a restart.
 func TestHostileClockSetBackBelowAcceptedMetadata(t *testing.T) {
-	r := newRig(t)
+	r := newHostileRig(t)
 	base := prototest.Base / 1000
 	r.clk.Set(time.Unix(base+10*86400, 0))
-	newer := newRelease(t, 13, "1.5.0", payload(0x13, 64<<10), func(m *proto.Manifest) { m.Created, m.Expires = base+9*86400, base+39*86400 })
+	newer := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, 64<<10), func(m *proto.Manifest) { m.Created, m.Expires = base+9*86400, base+39*86400 })
 	r.installGood("c-13", newer, r.keys)
 	r.restart("1.5.0")
 	// The clock steps back to a day when an old, since expired, manifest
 	// was valid.
 	r.clk.Set(time.Unix(base+2*86400, 0))
-	stale := newRelease(t, 14, "1.6.0", payload(0x14, 64<<10), func(m *proto.Manifest) { m.Created, m.Expires = base+86400, base+3*86400 })
-	r.srv.route(stale.path, serveHonest(stale.data))
+	stale := newHostileRelease(t, 14, "1.6.0", hostilePayload(0x14, 64<<10), func(m *proto.Manifest) { m.Created, m.Expires = base+86400, base+3*86400 })
+	r.srv.route(stale.path, hostileHonest(stale.data))
 	if err := r.offer("c-14-stale", stale, r.keys); proto.CheckOf(err) != proto.CheckClock {
 		t.Errorf("Offer = %v, want a %q refusal", err, proto.CheckClock)
 	}
@@ -388,19 +388,19 @@ func TestHostileClockSetBackBelowAcceptedMetadata(t *testing.T) {
 // downloadRefused offers rel (signed, valid) while the server serves what
 // handler sends, and checks that the download is refused by check with
 // nothing installed.
-func downloadRefused(t *testing.T, r *rig, cmd string, rel release, check proto.Check) {
+func hostileDownloadRefused(t *testing.T, r *hostileRig, cmd string, rel hostileRelease, check proto.Check) {
 	t.Helper()
 	if err := r.offer(cmd, rel, r.keys); err != nil {
 		t.Fatalf("Offer: %v", err)
 	}
-	rep := r.rep.wait(t, "rejected or failed for "+cmd, func(s sentReport) bool {
+	rep := r.rep.wait(t, "rejected or failed for "+cmd, func(s hostileReport) bool {
 		return s.Cmd == cmd && (s.State == proto.UpdateRejected || s.State == proto.UpdateFailed)
 	})
 	if rep.State != proto.UpdateRejected || rep.Check != string(check) {
 		t.Errorf("%s: reported %s, want rejected by %q", cmd, rep, check)
 	}
 	r.assertNotInstalled(cmd, proto.UpdateVerified, proto.UpdateInstalling)
-	waitFor(t, "the job to end", func() bool { return r.u.job() == nil })
+	hostileWaitFor(t, "the job to end", func() bool { return r.u.job() == nil })
 	for _, f := range r.stagedFiles() {
 		if strings.HasSuffix(f, ".bin") {
 			t.Errorf("%s: %s staged", cmd, f)
@@ -412,11 +412,11 @@ func downloadRefused(t *testing.T, r *rig, cmd string, rel release, check proto.
 // agent stops at the declared size, refuses (size), and neither its memory
 // nor what it let the server send grows with the stream.
 func TestHostileEndlessData(t *testing.T) {
-	r := newRig(t)
+	r := newHostileRig(t)
 	const declared = 1 << 20
 	const offered = 256 << 20
-	rel := newRelease(t, 13, "1.5.0", payload(0x13, declared))
-	r.srv.route(rel.path, serveEndless(rel.data, offered))
+	rel := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, declared))
+	r.srv.route(rel.path, hostileEndless(rel.data, offered))
 
 	runtime.GC()
 	var before runtime.MemStats
@@ -438,7 +438,7 @@ func TestHostileEndlessData(t *testing.T) {
 			}
 		}
 	}()
-	downloadRefused(t, r, "c-endless", rel, proto.CheckSize)
+	hostileDownloadRefused(t, r, "c-endless", rel, proto.CheckSize)
 	close(stop)
 	<-sampled
 
@@ -447,7 +447,7 @@ func TestHostileEndlessData(t *testing.T) {
 	}
 	// What the server got to send is bounded by the declared size plus
 	// the socket buffers, nowhere near what it offered.
-	waitFor(t, "the server's handler to return", func() bool { return r.srv.active.Load() == 0 })
+	hostileWaitFor(t, "the server's handler to return", func() bool { return r.srv.active.Load() == 0 })
 	if n := r.srv.hitsOf(rel.path); n != 1 {
 		t.Errorf("%d requests, want 1", n)
 	}
@@ -463,38 +463,38 @@ func TestHostileEndlessData(t *testing.T) {
 
 // The artifact is one byte longer than declared.
 func TestHostileExtraByte(t *testing.T) {
-	r := newRig(t)
-	rel := newRelease(t, 13, "1.5.0", payload(0x13, 64<<10))
-	r.srv.route(rel.path, serveHonest(append(bytes.Clone(rel.data), 0x00)))
-	downloadRefused(t, r, "c-extra", rel, proto.CheckSize)
+	r := newHostileRig(t)
+	rel := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, 64<<10))
+	r.srv.route(rel.path, hostileHonest(append(bytes.Clone(rel.data), 0x00)))
+	hostileDownloadRefused(t, r, "c-extra", rel, proto.CheckSize)
 }
 
 // Same size, different bytes.
 func TestHostileHashMismatch(t *testing.T) {
-	r := newRig(t)
-	rel := newRelease(t, 13, "1.5.0", payload(0x13, 64<<10))
+	r := newHostileRig(t)
+	rel := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, 64<<10))
 	evil := bytes.Clone(rel.data)
 	evil[len(evil)/2] ^= 0x01
-	r.srv.route(rel.path, serveHonest(evil))
-	downloadRefused(t, r, "c-hash", rel, proto.CheckHash)
+	r.srv.route(rel.path, hostileHonest(evil))
+	hostileDownloadRefused(t, r, "c-hash", rel, proto.CheckHash)
 }
 
 // Mix-and-match: the manifest of release A with the artifact of release B
 // (both genuinely signed releases).
 func TestHostileMixAndMatch(t *testing.T) {
 	t.Run("same size", func(t *testing.T) {
-		r := newRig(t)
-		a := newRelease(t, 13, "1.5.0", payload(0xA, 64<<10))
-		b := newRelease(t, 12, "1.4.9", payload(0xB, 64<<10))
-		r.srv.route(a.path, serveHonest(b.data))
-		downloadRefused(t, r, "c-mix", a, proto.CheckHash)
+		r := newHostileRig(t)
+		a := newHostileRelease(t, 13, "1.5.0", hostilePayload(0xA, 64<<10))
+		b := newHostileRelease(t, 12, "1.4.9", hostilePayload(0xB, 64<<10))
+		r.srv.route(a.path, hostileHonest(b.data))
+		hostileDownloadRefused(t, r, "c-mix", a, proto.CheckHash)
 	})
 	t.Run("B is longer", func(t *testing.T) {
-		r := newRig(t)
-		a := newRelease(t, 13, "1.5.0", payload(0xA, 64<<10))
-		b := newRelease(t, 12, "1.4.9", payload(0xB, 80<<10))
-		r.srv.route(a.path, serveHonest(b.data))
-		downloadRefused(t, r, "c-mix-long", a, proto.CheckSize)
+		r := newHostileRig(t)
+		a := newHostileRelease(t, 13, "1.5.0", hostilePayload(0xA, 64<<10))
+		b := newHostileRelease(t, 12, "1.4.9", hostilePayload(0xB, 80<<10))
+		r.srv.route(a.path, hostileHonest(b.data))
+		hostileDownloadRefused(t, r, "c-mix-long", a, proto.CheckSize)
 	})
 }
 
@@ -512,9 +512,9 @@ func TestHostileStagedFileSwapped(t *testing.T) {
 			if err := os.WriteFile(lock, nil, 0o600); err != nil {
 				t.Fatal(err)
 			}
-			r := newRig(t, func(o *Options) { o.Policy.LockFile = lock })
-			rel := newRelease(t, 13, "1.5.0", payload(0x13, 64<<10))
-			r.srv.route(rel.path, serveHonest(rel.data))
+			r := newHostileRig(t, func(o *Options) { o.Policy.LockFile = lock })
+			rel := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, 64<<10))
+			r.srv.route(rel.path, hostileHonest(rel.data))
 			if err := r.offer("c-swap", rel, r.keys); err != nil {
 				t.Fatal(err)
 			}
@@ -524,7 +524,7 @@ func TestHostileStagedFileSwapped(t *testing.T) {
 			if got, err := os.ReadFile(staged); err != nil || !bytes.Equal(got, rel.data) {
 				t.Fatalf("staged file: %d bytes, %v; want the verified artifact", len(got), err)
 			}
-			evil := payload(0x66, len(rel.data))
+			evil := hostilePayload(0x66, len(rel.data))
 			if whileDown {
 				r.stop()
 			}
@@ -535,12 +535,12 @@ func TestHostileStagedFileSwapped(t *testing.T) {
 				t.Fatal(err)
 			}
 			if whileDown {
-				r.restart(oldVersion)
+				r.restart(hostileOldVersion)
 			} // else: the updater's tick sees the lock gone
 			r.rep.waitState(t, "c-swap", proto.UpdateRejected)
 			r.assertRejected("c-swap", proto.CheckHash)
 			r.assertNotInstalled("c-swap")
-			waitFor(t, "the job to end", func() bool { return r.u.job() == nil })
+			hostileWaitFor(t, "the job to end", func() bool { return r.u.job() == nil })
 			if _, err := os.Stat(staged); err == nil {
 				t.Errorf("the swapped staged file was kept")
 			}
@@ -552,13 +552,13 @@ func TestHostileStagedFileSwapped(t *testing.T) {
 // Range: the agent never installs, never reports the release verified or
 // committed; it retries (past the no-progress limit of 20 attempts).
 func TestHostileTruncatedForever(t *testing.T) {
-	r := newRig(t)
-	rel := newRelease(t, 13, "1.5.0", payload(0x13, 64<<10))
-	r.srv.route(rel.path, serveCut(rel.data, len(rel.data)/2))
+	r := newHostileRig(t)
+	rel := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, 64<<10))
+	r.srv.route(rel.path, hostileCut(rel.data, len(rel.data)/2))
 	if err := r.offer("c-cut", rel, r.keys); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "40 download attempts", func() bool { return r.srv.hitsOf(rel.path) >= 40 })
+	hostileWaitFor(t, "40 download attempts", func() bool { return r.srv.hitsOf(rel.path) >= 40 })
 	r.stop()
 	r.assertNotInstalled("c-cut", proto.UpdateVerified, proto.UpdateInstalling, proto.UpdateRejected)
 	if j := r.u.job(); j != nil {
@@ -566,7 +566,7 @@ func TestHostileTruncatedForever(t *testing.T) {
 		if j.Phase != phaseDownload {
 			t.Errorf("job in phase %q, want %q", j.Phase, phaseDownload)
 		}
-	} else if _, ok := r.rep.find(func(s sentReport) bool { return s.Cmd == "c-cut" && s.State == proto.UpdateFailed }); !ok {
+	} else if _, ok := r.rep.find(func(s hostileReport) bool { return s.Cmd == "c-cut" && s.State == proto.UpdateFailed }); !ok {
 		t.Errorf("the job ended without a failed report; reports:\n%s", r.rep.dump())
 	}
 	for _, f := range r.stagedFiles() {
@@ -580,9 +580,9 @@ func TestHostileTruncatedForever(t *testing.T) {
 // the no-progress limit the agent gives up and reports the job failed,
 // having installed nothing.
 func TestHostileTruncatedToNothing(t *testing.T) {
-	r := newRig(t)
-	rel := newRelease(t, 13, "1.5.0", payload(0x13, 64<<10))
-	r.srv.route(rel.path, serveCut(rel.data, 0))
+	r := newHostileRig(t)
+	rel := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, 64<<10))
+	r.srv.route(rel.path, hostileCut(rel.data, 0))
 	if err := r.offer("c-empty", rel, r.keys); err != nil {
 		t.Fatal(err)
 	}
@@ -594,5 +594,5 @@ func TestHostileTruncatedToNothing(t *testing.T) {
 		t.Errorf("%d attempts, want the limit of 20", n)
 	}
 	r.assertNotInstalled("c-empty", proto.UpdateVerified, proto.UpdateInstalling)
-	waitFor(t, "the job to end", func() bool { return r.u.job() == nil })
+	hostileWaitFor(t, "the job to end", func() bool { return r.u.job() == nil })
 }

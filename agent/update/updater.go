@@ -85,7 +85,7 @@ type Options struct {
 	TrialDeadline time.Duration
 	// TrialSoak is how long a new build must stay up, healthy, before it is
 	// committed: a build that passes its checks and crashes a second later
-	// must not be kept (default 30 s).
+	// must not be kept (default 30 s; negative: none).
 	TrialSoak       time.Duration
 	MaxTrialBoots   int
 	MaxArtifactSize uint64
@@ -167,8 +167,11 @@ func New(opts Options) (*Updater, error) {
 	if opts.TrialDeadline == 0 {
 		opts.TrialDeadline = DefaultTrialDeadline
 	}
-	if opts.TrialSoak == 0 {
+	switch {
+	case opts.TrialSoak == 0:
 		opts.TrialSoak = DefaultTrialSoak
+	case opts.TrialSoak < 0:
+		opts.TrialSoak = 0 // no soak
 	}
 	if opts.MaxTrialBoots == 0 {
 		opts.MaxTrialBoots = DefaultMaxTrialBoots

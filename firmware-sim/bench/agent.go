@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"io"
 	"os"
@@ -97,4 +98,9 @@ func PrintAgent(w io.Writer, r AgentResult) {
 	for name, n := range r.BinaryBytes {
 		fmt.Fprintf(w, "binary %-26s %.2f MB (%d bytes)\n", name+":", float64(n)/(1<<20), n)
 	}
+}
+
+func sha256Sum(b []byte) []byte {
+	h := sha256.Sum256(b)
+	return h[:]
 }

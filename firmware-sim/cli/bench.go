@@ -18,8 +18,11 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if len(args) > 0 && args[0] == "agent" {
 		return runBenchAgent(ctx, args[1:], stdout, stderr)
 	}
+	if len(args) > 0 && args[0] == "update" {
+		return runBenchUpdate(ctx, args[1:], stdout, stderr)
+	}
 	if len(args) == 0 || args[0] != "ingest" {
-		return errors.New("usage: hangar-sim bench ingest|agent [flags]")
+		return errors.New("usage: hangar-sim bench ingest|agent|update [flags]")
 	}
 	fs := flag.NewFlagSet("hangar-sim bench ingest", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -81,5 +84,26 @@ func runBenchAgent(ctx context.Context, args []string, stdout, stderr io.Writer)
 		return err
 	}
 	bench.PrintAgent(stdout, r)
+	return nil
+}
+
+func runBenchUpdate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("hangar-sim bench update", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	hangar := fs.String("hangar", "bin/hangar", "hangar binary to run as the control plane")
+	agentBin := fs.String("agent", "bin/hangar-agent", "hangar-agent binary")
+	size := fs.Int64("size", 6<<20, "artifact bytes")
+	cuts := fs.Int("cuts", 3, "connection cuts during the second download")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	r, err := bench.RunUpdate(ctx, bench.UpdateOptions{Hangar: *hangar, Agent: *agentBin, Size: *size, Cuts: *cuts})
+	if err != nil {
+		return err
+	}
+	bench.PrintUpdate(stdout, r)
 	return nil
 }
