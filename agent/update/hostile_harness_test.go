@@ -42,13 +42,13 @@ var (
 )
 
 const (
-	hostileWait     = 10 * time.Second // deadline of every wait on a condition
-	hostileHardware = "rev-b"
-	hostileArch     = "arm64"
-	hostileOldVersion      = "1.4.2"
+	hostileWait       = 10 * time.Second // deadline of every wait on a condition
+	hostileHardware   = "rev-b"
+	hostileArch       = "arm64"
+	hostileOldVersion = "1.4.2"
 )
 
-// payload returns n deterministic pseudo-random bytes.
+// hostilePayload returns n deterministic pseudo-random bytes.
 func hostilePayload(seed byte, n int) []byte {
 	var s [32]byte
 	s[0] = seed
@@ -86,9 +86,17 @@ func (c *hostileClock) Set(t time.Time) {
 	c.mu.Unlock()
 }
 
+func (c *hostileClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
+}
+
 func hostileScaled(d time.Duration) time.Duration { return max(d/100, time.Millisecond) }
 
-func (c *hostileClock) NewTimer(d time.Duration) clock.Timer { return clock.Real{}.NewTimer(hostileScaled(d)) }
+func (c *hostileClock) NewTimer(d time.Duration) clock.Timer {
+	return clock.Real{}.NewTimer(hostileScaled(d))
+}
 func (c *hostileClock) NewTicker(d time.Duration) clock.Ticker {
 	return clock.Real{}.NewTicker(hostileScaled(d))
 }
@@ -438,7 +446,9 @@ func hostileSignKeys(t *testing.T, root ed25519.PrivateKey, k proto.KeyList) []b
 	return b
 }
 
-func hostileKeys(t *testing.T) []byte { return hostileSignKeys(t, prototest.RootKey, prototest.KeyList()) }
+func hostileKeys(t *testing.T) []byte {
+	return hostileSignKeys(t, prototest.RootKey, prototest.KeyList())
+}
 
 func hostileSignManifest(t *testing.T, key ed25519.PrivateKey, m proto.Manifest) []byte {
 	t.Helper()

@@ -24,11 +24,17 @@ import (
 
 var hostileReleaseID = proto.KeyID(prototest.ReleaseKey.Public().(ed25519.PublicKey))
 
-// installGood runs a legitimate release through the hostile server (here
-// honest) to commit, and makes it the reference of assertNotInstalled.
+// installGood runs a legitimate release through the hostile server (honest
+// for its path unless the test routed it already) to commit, and makes it
+// the reference of assertNotInstalled.
 func (r *hostileRig) installGood(cmd string, rel hostileRelease, keys []byte) {
 	r.t.Helper()
-	r.srv.route(rel.path, hostileHonest(rel.data))
+	r.srv.mu.Lock()
+	_, routed := r.srv.routes[rel.path]
+	r.srv.mu.Unlock()
+	if !routed {
+		r.srv.route(rel.path, hostileHonest(rel.data))
+	}
 	if err := r.offer(cmd, rel, keys); err != nil {
 		r.t.Fatalf("good release refused: %v", err)
 	}
@@ -43,6 +49,13 @@ func (r *hostileRig) installGood(cmd string, rel hostileRelease, keys []byte) {
 	if !slices.Equal(execs, []string{r.binPath}) {
 		r.t.Fatalf("execs = %v, want one of %s", execs, r.binPath)
 	}
+	// The new build stays up, healthy, for the soak; the control plane
+	// confirms hearing from it.
+	soak := r.opts.TrialSoak
+	if soak == 0 {
+		soak = DefaultTrialSoak
+	}
+	r.clk.Advance(soak)
 	r.u.Confirm(rel.m.Counter)
 	r.rep.waitState(r.t, cmd, proto.UpdateCommitted)
 	if c := r.u.AgentCounter(); c != rel.m.Counter {
@@ -85,7 +98,7 @@ func TestHostileControlResumesAfterCuts(t *testing.T) {
 	}
 }
 
-// coseSign1 builds a manifest document by hand: the payload of m, the
+// hostileCoseSign1 builds a manifest document by hand: the payload of m, the
 // key id header kid, signed by priv. It lets a test lie about the key id.
 func hostileCoseSign1(t *testing.T, priv ed25519.PrivateKey, kid string, m proto.Manifest) []byte {
 	t.Helper()
@@ -264,6 +277,7 @@ func TestHostileRollbackRefused(t *testing.T) {
 
 	older := newHostileRelease(t, 12, "1.4.9", hostilePayload(0x12, 64<<10))
 	twin := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x66, 64<<10))
+	twin.path = "/artifact/13-twin"
 	r.srv.route(older.path, hostileHonest(older.data))
 	r.srv.route(twin.path, hostileHonest(twin.data))
 	attempt := func(cmd string, rel hostileRelease) {
