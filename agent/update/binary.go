@@ -77,6 +77,11 @@ func (b *Binary) fs() FS {
 func (b *Binary) Install(ctx context.Context, m proto.Manifest, artifact string) error {
 	fsys := b.fs()
 	dir, next, prev := siblings(b.Path)
+	if b.Installed(m) {
+		// Already swapped (an install cut after its rename): installing
+		// again would replace the rollback copy with the new build.
+		return fsys.SyncDir(dir)
+	}
 	_ = fsys.Remove(next)
 	if err := copyFile(fsys, artifact, next, 0o755); err != nil {
 		return fmt.Errorf("install: stage beside %s: %w", b.Path, err)
@@ -167,6 +172,10 @@ func (b *Binary) Commit(ctx context.Context, m proto.Manifest) error {
 func (b *Binary) Rollback(ctx context.Context, m proto.Manifest) error {
 	fsys := b.fs()
 	dir, _, prev := siblings(b.Path)
+	// A restore done before a crash may not be durable yet.
+	if err := fsys.SyncDir(dir); err != nil {
+		return fmt.Errorf("rollback: %w", err)
+	}
 	if _, err := fsys.Stat(prev); err == nil {
 		if err := fsys.Rename(prev, b.Path); err != nil {
 			return fmt.Errorf("rollback: %w", err)

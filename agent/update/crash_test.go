@@ -182,13 +182,18 @@ func crashInstalled(t *testing.T) *memFS {
 }
 
 // crashSteps counts the steps of an uncut run of do on a fresh file system.
-func crashSteps(t *testing.T, fresh func() *memFS, do func(*memFS) error) (int, string) {
+func crashSteps(t *testing.T, fresh func(*testing.T) *memFS, do func(*memFS) error) (int, string) {
 	t.Helper()
-	m := fresh()
+	m := fresh(t)
 	if err := do(m); err != nil {
 		t.Fatalf("uncut run: %v", err)
 	}
 	return m.stepCount(), m.trace()
+}
+
+// crashCase names the subtest of a cut at step k.
+func crashCase(mode crashMode, k int) string {
+	return fmt.Sprintf("%s/step_%02d", strings.ReplaceAll(mode.String(), " ", "_"), k)
 }
 
 // crashLabel names a cut at step k of n (counted from base, the steps of
@@ -204,7 +209,7 @@ func TestCrashBinaryInstall(t *testing.T) {
 	ctx := t.Context()
 	m := crashManifest()
 	staged := crashStagedPath(crashStaging)
-	fresh := func() *memFS { return crashFS(crashStaging) }
+	fresh := func(*testing.T) *memFS { return crashFS(crashStaging) }
 	install := func(fsys *memFS) error {
 		return crashBinary(fsys, crashOldVer, &crashExecs{}).Install(ctx, m, staged)
 	}
@@ -212,51 +217,53 @@ func TestCrashBinaryInstall(t *testing.T) {
 	t.Logf("Install: %d steps:%s", n, trace)
 	for _, mode := range crashModes {
 		for k := 0; k <= n; k++ {
-			fsys := fresh()
-			fsys.setCut(k, mode)
-			err := install(fsys)
-			label := crashLabel(mode, k, n, fsys, 0)
-			if k < n && err == nil {
-				t.Errorf("%s: Install succeeded through a cut", label)
-			}
-			if k == n && err != nil {
-				t.Fatalf("%s: %v", label, err)
-			}
-			after := fsys.reboot()
-			crashCheckBinary(t, after, label, true)
-			if k == n {
-				// Install returned: it must be durable.
-				crashCheckDone(t, after, label, crashNew)
-			}
-			if t.Failed() {
-				continue
-			}
-
-			// The next start redoes the install unless the new binary is
-			// already in place (Boot checks Installed first).
-			execs := &crashExecs{}
-			b := crashBinary(after, crashRunning(t, after), execs)
-			if !b.Installed(m) {
-				if err := b.Install(ctx, m, staged); err != nil {
-					t.Errorf("%s: install again after reboot: %v", label, err)
-					continue
+			t.Run(crashCase(mode, k), func(t *testing.T) {
+				fsys := fresh(t)
+				fsys.setCut(k, mode)
+				err := install(fsys)
+				label := crashLabel(mode, k, n, fsys, 0)
+				if k < n && err == nil {
+					t.Errorf("%s: Install succeeded through a cut", label)
 				}
-			}
-			crashCheckDone(t, after, label+", install redone", crashNew)
-			// A power loss now still leaves a complete binary.
-			crashCheckBinary(t, after.powerLoss(), label+", install redone, then a power loss", true)
-			// And a rollback from there restores the old binary exactly,
-			// and starts it.
-			if err := crashBinary(after, crashNewVer, execs).Rollback(ctx, m); err != nil {
-				t.Errorf("%s: rollback after the redone install: %v", label, err)
-				continue
-			}
-			if got, _ := after.read(crashTarget); !bytes.Equal(got, crashOld) {
-				t.Errorf("%s: rollback did not restore the old binary", label)
-			}
-			if got := execs.calls(); len(got) != 1 || got[0] != crashTarget {
-				t.Errorf("%s: rollback exec calls %v, want [%s]", label, got, crashTarget)
-			}
+				if k == n && err != nil {
+					t.Fatalf("%s: %v", label, err)
+				}
+				after := fsys.reboot()
+				crashCheckBinary(t, after, label, true)
+				if k == n {
+					// Install returned: it must be durable.
+					crashCheckDone(t, after, label, crashNew)
+				}
+				if t.Failed() {
+					return
+				}
+
+				// The next start redoes the install unless the new binary is
+				// already in place (Boot checks Installed first).
+				execs := &crashExecs{}
+				b := crashBinary(after, crashRunning(t, after), execs)
+				if !b.Installed(m) {
+					if err := b.Install(ctx, m, staged); err != nil {
+						t.Errorf("%s: install again after reboot: %v", label, err)
+						return
+					}
+				}
+				crashCheckDone(t, after, label+", install redone", crashNew)
+				// A power loss now still leaves a complete binary.
+				crashCheckBinary(t, after.powerLoss(), label+", install redone, then a power loss", true)
+				// And a rollback from there restores the old binary exactly,
+				// and starts it.
+				if err := crashBinary(after, crashNewVer, execs).Rollback(ctx, m); err != nil {
+					t.Errorf("%s: rollback after the redone install: %v", label, err)
+					return
+				}
+				if got, _ := after.read(crashTarget); !bytes.Equal(got, crashOld) {
+					t.Errorf("%s: rollback did not restore the old binary", label)
+				}
+				if got := execs.calls(); len(got) != 1 || got[0] != crashTarget {
+					t.Errorf("%s: rollback exec calls %v, want [%s]", label, got, crashTarget)
+				}
+			})
 		}
 	}
 }
@@ -264,7 +271,7 @@ func TestCrashBinaryInstall(t *testing.T) {
 func TestCrashBinaryRollback(t *testing.T) {
 	ctx := t.Context()
 	m := crashManifest()
-	fresh := func() *memFS { return crashInstalled(t) }
+	fresh := func(t *testing.T) *memFS { return crashInstalled(t) }
 	rollback := func(fsys *memFS) error {
 		return crashBinary(fsys, crashNewVer, &crashExecs{}).Rollback(ctx, m)
 	}
@@ -272,40 +279,42 @@ func TestCrashBinaryRollback(t *testing.T) {
 	t.Logf("Rollback: %d steps:%s", n, trace)
 	for _, mode := range crashModes {
 		for k := 0; k <= n; k++ {
-			fsys := fresh()
-			fsys.setCut(k, mode)
-			execs := &crashExecs{}
-			err := crashBinary(fsys, crashNewVer, execs).Rollback(ctx, m)
-			label := crashLabel(mode, k, n, fsys, 0)
-			if k < n && err == nil {
-				t.Errorf("%s: Rollback succeeded through a cut", label)
-			}
-			if k < n && len(execs.calls()) != 0 {
-				t.Errorf("%s: the old binary was started before the rollback was durable", label)
-			}
-			after := fsys.reboot()
-			crashCheckBinary(t, after, label, true)
-			if k == n {
-				// Rollback returned (and started the old build): it must be
-				// durable.
-				crashCheckDone(t, after, label, crashOld)
-			}
-			if t.Failed() {
-				continue
-			}
-			// The next start (of whichever build is in place) finishes it.
-			running := crashRunning(t, after)
-			execs = &crashExecs{}
-			if err := crashBinary(after, running, execs).Rollback(ctx, m); err != nil {
-				t.Errorf("%s: rollback again after reboot (running %s): %v", label, running, err)
-				continue
-			}
-			crashCheckDone(t, after, label+", rollback redone", crashOld)
-			crashCheckBinary(t, after.powerLoss(), label+", rollback redone, then a power loss", true)
-			wantExec := running == crashNewVer
-			if got := execs.calls(); wantExec != (len(got) == 1) {
-				t.Errorf("%s: running %s, the redone rollback exec'd %v", label, running, got)
-			}
+			t.Run(crashCase(mode, k), func(t *testing.T) {
+				fsys := fresh(t)
+				fsys.setCut(k, mode)
+				execs := &crashExecs{}
+				err := crashBinary(fsys, crashNewVer, execs).Rollback(ctx, m)
+				label := crashLabel(mode, k, n, fsys, 0)
+				if k < n && err == nil {
+					t.Errorf("%s: Rollback succeeded through a cut", label)
+				}
+				if k < n && len(execs.calls()) != 0 {
+					t.Errorf("%s: the old binary was started before the rollback was durable", label)
+				}
+				after := fsys.reboot()
+				crashCheckBinary(t, after, label, true)
+				if k == n {
+					// Rollback returned (and started the old build): it must be
+					// durable.
+					crashCheckDone(t, after, label, crashOld)
+				}
+				if t.Failed() {
+					return
+				}
+				// The next start (of whichever build is in place) finishes it.
+				running := crashRunning(t, after)
+				execs = &crashExecs{}
+				if err := crashBinary(after, running, execs).Rollback(ctx, m); err != nil {
+					t.Errorf("%s: rollback again after reboot (running %s): %v", label, running, err)
+					return
+				}
+				crashCheckDone(t, after, label+", rollback redone", crashOld)
+				crashCheckBinary(t, after.powerLoss(), label+", rollback redone, then a power loss", true)
+				wantExec := running == crashNewVer
+				if got := execs.calls(); wantExec != (len(got) == 1) {
+					t.Errorf("%s: running %s, the redone rollback exec'd %v", label, running, got)
+				}
+			})
 		}
 	}
 }
@@ -313,7 +322,7 @@ func TestCrashBinaryRollback(t *testing.T) {
 func TestCrashBinaryCommit(t *testing.T) {
 	ctx := t.Context()
 	m := crashManifest()
-	fresh := func() *memFS { return crashInstalled(t) }
+	fresh := func(t *testing.T) *memFS { return crashInstalled(t) }
 	commit := func(fsys *memFS) error {
 		return crashBinary(fsys, crashNewVer, &crashExecs{}).Commit(ctx, m)
 	}
@@ -321,32 +330,34 @@ func TestCrashBinaryCommit(t *testing.T) {
 	t.Logf("Commit: %d steps:%s", n, trace)
 	for _, mode := range crashModes {
 		for k := 0; k <= n; k++ {
-			fsys := fresh()
-			fsys.setCut(k, mode)
-			err := commit(fsys)
-			label := crashLabel(mode, k, n, fsys, 0)
-			if k < n && err == nil {
-				t.Errorf("%s: Commit succeeded through a cut", label)
-			}
-			after := fsys.reboot()
-			crashCheckBinary(t, after, label, false)
-			if got, _ := after.read(crashTarget); !bytes.Equal(got, crashNew) {
-				t.Errorf("%s: commit changed %s", label, crashTarget)
-			}
-			if _, ok := after.read(crashPrev); k == n && ok {
-				t.Errorf("%s: Commit returned, but %s is back after the crash", label, crashPrev)
-			}
-			if err := commit(after); err != nil {
-				t.Errorf("%s: commit again after reboot: %v", label, err)
-				continue
-			}
-			done := after.powerLoss()
-			if _, ok := done.read(crashPrev); ok {
-				t.Errorf("%s: %s survives a redone commit and a power loss", label, crashPrev)
-			}
-			if got, _ := done.read(crashTarget); !bytes.Equal(got, crashNew) {
-				t.Errorf("%s: %s is not the new binary after the commit", label, crashTarget)
-			}
+			t.Run(crashCase(mode, k), func(t *testing.T) {
+				fsys := fresh(t)
+				fsys.setCut(k, mode)
+				err := commit(fsys)
+				label := crashLabel(mode, k, n, fsys, 0)
+				if k < n && err == nil {
+					t.Errorf("%s: Commit succeeded through a cut", label)
+				}
+				after := fsys.reboot()
+				crashCheckBinary(t, after, label, false)
+				if got, _ := after.read(crashTarget); !bytes.Equal(got, crashNew) {
+					t.Errorf("%s: commit changed %s", label, crashTarget)
+				}
+				if _, ok := after.read(crashPrev); k == n && ok {
+					t.Errorf("%s: Commit returned, but %s is back after the crash", label, crashPrev)
+				}
+				if err := commit(after); err != nil {
+					t.Errorf("%s: commit again after reboot: %v", label, err)
+					return
+				}
+				done := after.powerLoss()
+				if _, ok := done.read(crashPrev); ok {
+					t.Errorf("%s: %s survives a redone commit and a power loss", label, crashPrev)
+				}
+				if got, _ := done.read(crashTarget); !bytes.Equal(got, crashNew) {
+					t.Errorf("%s: %s is not the new binary after the commit", label, crashTarget)
+				}
+			})
 		}
 	}
 }
@@ -583,25 +594,30 @@ func crashPhase(t *testing.T, d *crashDevice) string {
 }
 
 // crashCut runs do on device fresh() cut at every step, both modes, and
-// hands each crashed device to check.
-func crashCut(t *testing.T, what string, fresh func() *crashDevice, do func(*crashDevice) error, check func(t *testing.T, label string, crashed *crashDevice)) {
-	d := fresh()
+// hands each crashed device to check. Cuts at or after step tolerateFrom
+// may return nil: by then the operation is recorded as done and what
+// remains is clean-up (0: every cut must surface).
+func crashCut(t *testing.T, what string, fresh func(*testing.T) *crashDevice, do func(*testing.T, *crashDevice) error, check func(t *testing.T, label string, crashed *crashDevice), tolerateFrom ...int) {
+	d := fresh(t)
 	base := d.fs.stepCount() // steps of the setup
-	if err := do(d); err != nil {
+	if err := do(t, d); err != nil {
 		t.Fatalf("uncut %s: %v", what, err)
 	}
 	n := d.fs.stepCount() - base
 	t.Logf("updater %s: %d steps (after %d of setup):%s", what, n, base, d.fs.trace())
 	for _, mode := range crashModes {
 		for k := 0; k <= n; k++ {
-			d := fresh()
-			d.fs.setCut(base+k, mode)
-			err := do(d)
-			label := crashLabel(mode, k, n, d.fs, base)
-			if k < n && !errors.Is(err, errCut) {
-				t.Errorf("%s: %s returned %v through a cut, want the cut error", label, what, err)
-			}
-			check(t, label, d)
+			t.Run(crashCase(mode, k), func(t *testing.T) {
+				d := fresh(t)
+				d.fs.setCut(base+k, mode)
+				err := do(t, d)
+				label := crashLabel(mode, k, n, d.fs, base)
+				tolerated := len(tolerateFrom) > 0 && k >= tolerateFrom[0]
+				if k < n && !tolerated && !errors.Is(err, errCut) {
+					t.Errorf("%s: %s returned %v through a cut, want the cut error", label, what, err)
+				}
+				check(t, label, d)
+			})
 		}
 	}
 }
@@ -609,8 +625,8 @@ func crashCut(t *testing.T, what string, fresh func() *crashDevice, do func(*cra
 func TestCrashUpdaterInstallThenBoot(t *testing.T) {
 	ctx := t.Context()
 	m := crashManifest()
-	crashCut(t, "install", func() *crashDevice { return crashVerifiedDevice(t) },
-		func(d *crashDevice) error {
+	crashCut(t, "install", crashVerifiedDevice,
+		func(t *testing.T, d *crashDevice) error {
 			// The staged file is also re-checked on disk and removed from
 			// there after the install: put it back for the next run.
 			if err := os.WriteFile(crashStagedPath(d.staging), crashNew, 0o600); err != nil {
@@ -694,41 +710,48 @@ func TestCrashUpdaterInstallFault(t *testing.T) {
 	}
 	n := d.fs.stepCount()
 	for k := 0; k < n; k++ {
-		d := crashVerifiedDevice(t)
-		d.fs.setCut(k, crashFault)
-		err := d.u.install(ctx, d.u.job())
-		label := crashLabel(crashFault, k, n, d.fs, 0)
-		newInPlace := d.bin.Installed(m)
-		j := d.u.job()
-		switch {
-		case newInPlace && j == nil:
-			t.Errorf("%s: install returned %v and dropped the job (reported %v: \"install failed, previous build kept\"), "+
-				"but %s holds the new build %s: the next start runs it with no trial and no rollback, "+
-				"while the state says %s is installed", label, err, d.reported(), crashTarget, crashNewVer, crashOldVer)
-		case newInPlace && j.Phase != phaseTrial:
-			t.Errorf("%s: the new build is in place but the job is in phase %q", label, j.Phase)
-		case !newInPlace && j != nil && j.Phase == phaseTrial:
-			t.Errorf("%s: the job is in trial but the old build is in place", label)
-		}
-		// A plain restart (no power loss) settles on a consistent state.
-		r := d.restart(t, "")
-		if err := r.u.Boot(ctx); err != nil {
-			t.Errorf("%s: Boot after restart: %v", label, err)
-			continue
-		}
-		if r.bin.Running(m) && r.u.job() == nil && r.u.Installed()[proto.TargetAgent].Version != crashNewVer {
-			t.Errorf("%s: after a restart the new build %s runs outside any job, untrialed, and the state records %s as installed",
-				label, crashNewVer, r.u.Installed()[proto.TargetAgent].Version)
-		}
+		t.Run(crashCase(crashFault, k), func(t *testing.T) {
+			d := crashVerifiedDevice(t)
+			d.fs.setCut(k, crashFault)
+			err := d.u.install(ctx, d.u.job())
+			label := crashLabel(crashFault, k, n, d.fs, 0)
+			newInPlace := d.bin.Installed(m)
+			j := d.u.job()
+			switch {
+			case newInPlace && j == nil:
+				t.Errorf("%s: install returned %v and dropped the job (reported %v: \"install failed, previous build kept\"), "+
+					"but %s holds the new build %s: the next start runs it with no trial and no rollback, "+
+					"while the state says %s is installed", label, err, d.reported(), crashTarget, crashNewVer, crashOldVer)
+			case newInPlace && j.Phase != phaseTrial:
+				t.Errorf("%s: the new build is in place but the job is in phase %q", label, j.Phase)
+			case !newInPlace && j != nil && j.Phase == phaseTrial:
+				t.Errorf("%s: the job is in trial but the old build is in place", label)
+			}
+			// A plain restart (no power loss) settles on a consistent state.
+			r := d.restart(t, "")
+			if err := r.u.Boot(ctx); err != nil {
+				t.Errorf("%s: Boot after restart: %v", label, err)
+				return
+			}
+			if r.bin.Running(m) && r.u.job() == nil && r.u.Installed()[proto.TargetAgent].Version != crashNewVer {
+				t.Errorf("%s: after a restart the new build %s runs outside any job, untrialed, and the state records %s as installed",
+					label, crashNewVer, r.u.Installed()[proto.TargetAgent].Version)
+			}
+		})
 	}
 }
 
 // TestCrashUpdaterCommit cuts the commit of a passed trial: Binary.Commit
-// drops .prev, then the job is finished in the state file.
+// drops .prev, then the job is finished in the state file. After a cut
+// between the two, the restarted build is still "in trial" with no .prev:
+// if that trial now fails (no confirmation before the deadline, a failing
+// self-test, a crash loop), the rollback cannot happen. Expected: a job
+// whose .prev is gone is committed (or the commit is recorded before .prev
+// is removed), never left in trial.
 func TestCrashUpdaterCommit(t *testing.T) {
 	ctx := t.Context()
-	crashCut(t, "commit", func() *crashDevice { return crashTrialDevice(t) },
-		func(d *crashDevice) error { return d.u.commit(ctx, d.u.job()) },
+	crashCut(t, "commit", crashTrialDevice,
+		func(t *testing.T, d *crashDevice) error { return d.u.commit(ctx, d.u.job()) },
 		func(t *testing.T, label string, crashed *crashDevice) {
 			d := crashed.restart(t, "")
 			crashCheckBinary(t, d.fs, label, false)
@@ -759,20 +782,45 @@ func TestCrashUpdaterCommit(t *testing.T) {
 			case err != nil:
 				t.Errorf("%s: trial past its deadline: %v; the job is stuck in phase %q with %s in place (reported %v)",
 					label, err, crashPhase(t, d), map[bool]string{true: crashNewVer, false: crashOldVer}[bytes.Equal(got, crashNew)], d.reported())
+				// Stuck for good: every later release is refused.
+				if err := d.u.Offer(crashOffer(t, "1.6.0", 14)); err != nil {
+					t.Errorf("%s: and a newer release 1.6.0 is refused: %v", label, err)
+				}
 			case !bytes.Equal(got, crashOld) || d.u.job() != nil:
 				t.Errorf("%s: trial past its deadline: job %+v, %s is old: %v", label, d.u.job(), crashTarget, bytes.Equal(got, crashOld))
 			}
-		})
+		}, 1)
+}
+
+// crashOffer is an update command for another agent release.
+func crashOffer(t *testing.T, version string, counter uint64) proto.Command {
+	t.Helper()
+	m := prototest.Manifest([]byte("hangar-agent " + version))
+	m.Version, m.Counter = version, counter
+	signed, err := proto.SignManifest(prototest.ReleaseKey, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, err := proto.SignKeyList(prototest.RootKey, prototest.KeyList())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return proto.Command{ID: "cmd-" + version, Kind: proto.CmdUpdate,
+		Update: &proto.UpdateOffer{Manifest: signed, Keys: keys, URL: "/api/v1/releases/" + version + "/artifact"}}
 }
 
 // TestCrashUpdaterRollback cuts the rollback of a failed trial of the new
 // build (running): the next start, of whichever build is in place,
-// finishes it.
+// finishes it, and what it settles on survives a power loss right after.
+// (After a process crash between Binary.Rollback's rename and its SyncDir,
+// the rename is only in the page cache: Boot sees the old build in place
+// and finishes the job without making the directory durable, so a power
+// loss then brings the new build back, outside any job.)
 func TestCrashUpdaterRollback(t *testing.T) {
 	ctx := t.Context()
 	m := crashManifest()
-	crashCut(t, "rollback", func() *crashDevice { return crashTrialDevice(t) },
-		func(d *crashDevice) error { return d.u.rollback(ctx, d.u.job(), "health check failed") },
+	crashCut(t, "rollback", crashTrialDevice,
+		func(t *testing.T, d *crashDevice) error { return d.u.rollback(ctx, d.u.job(), "health check failed") },
 		func(t *testing.T, label string, crashed *crashDevice) {
 			d := crashed.restart(t, "")
 			crashCheckBinary(t, d.fs, label, true)
@@ -824,7 +872,7 @@ func TestCrashStepCounts(t *testing.T) {
 			"sync " + crashNext, "remove " + crashPrev, "link " + crashTarget + " -> " + crashPrev, "syncdir " + crashDir + "/",
 			"rename " + crashNext + " -> " + crashTarget, "syncdir " + crashDir + "/",
 		},
-		"rollback": {"rename " + crashPrev + " -> " + crashTarget, "syncdir " + crashDir + "/"},
+		"rollback": {"syncdir " + crashDir + "/", "rename " + crashPrev + " -> " + crashTarget, "syncdir " + crashDir + "/"},
 		"commit":   {"remove " + crashPrev, "syncdir " + crashDir + "/"},
 	}
 	seq := func(f *memFS) []string {

@@ -58,6 +58,7 @@ func (u *Updater) Boot(ctx context.Context) error {
 		case inst.Running(j.m):
 			// The new build is up: the swap happened before the cut.
 			j.Phase = phaseTrial
+			os.Remove(u.stagedPath(j.m))
 		case inst.Installed(j.m):
 			// Swapped, but the old build still runs: start the new one.
 			j.Phase, j.TrialStarted, j.TrialBoots = phaseTrial, u.opts.Clock.Now().Unix(), 0
@@ -76,11 +77,14 @@ func (u *Updater) Boot(ctx context.Context) error {
 			return err
 		}
 	case phaseRollback:
-		if inst.Running(j.m) || inst.Installed(j.m) {
-			return u.rollback(ctx, j, j.Reason)
+		// Rollback again even when the previous build is back: it makes
+		// the restore durable (a rename not yet synced is lost at a power
+		// cut) before the job is forgotten.
+		if err := u.rollback(ctx, j, j.Reason); err != nil {
+			return err
 		}
 		u.log.Info("rollback complete", "target", j.m.Target, "from", j.m.Version, "reason", j.Reason)
-		return u.finish(j, nil)
+		return nil
 	}
 	if j.Phase != phaseTrial {
 		return nil
@@ -274,7 +278,7 @@ func (u *Updater) install(ctx context.Context, j *job) error {
 		u.report(j, proto.UpdateRejected, func(r *proto.UpdateReport) { r.Check, r.Reason = string(check), err.Error() })
 		return u.finish(j, nil)
 	}
-	if err := inst.Install(ctx, j.m, staged); err != nil {
+	if err := inst.Install(ctx, j.m, staged); err != nil && !inst.Installed(j.m) {
 		check := proto.CheckOf(err)
 		u.log.Error("install failed, previous build kept", "version", j.m.Version, "err", err)
 		if check != "" {
@@ -347,11 +351,13 @@ func (u *Updater) trial(ctx context.Context, j *job, tick clock.Ticker) error {
 
 func (u *Updater) commit(ctx context.Context, j *job) error {
 	inst := u.opts.Installers[j.m.Target]
-	if err := inst.Commit(ctx, j.m); err != nil {
-		return fmt.Errorf("commit: %w", err)
-	}
+	// Record the commit before dropping the previous build: a cut in
+	// between leaves a harmless leftover, never a trial without a way back.
 	if err := u.finish(j, &installed{Version: j.m.Version, Counter: j.m.Counter, SHA256: j.m.SHA256}); err != nil {
 		return err
+	}
+	if err := inst.Commit(ctx, j.m); err != nil {
+		u.log.Warn("previous build not removed after commit", "target", j.m.Target, "err", err)
 	}
 	u.log.Info("update committed", "target", j.m.Target, "version", j.m.Version)
 	u.report(j, proto.UpdateCommitted, nil)
