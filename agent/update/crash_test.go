@@ -551,10 +551,15 @@ func crashVerifiedDevice(t *testing.T) *crashDevice {
 		t.Fatal(err)
 	}
 	oldSum := sha256.Sum256(crashOld)
+	keys, err := proto.SignKeyList(prototest.RootKey, prototest.KeyList())
+	if err != nil {
+		t.Fatal(err)
+	}
 	st := state{
-		HighestSeen: m.Counter,
-		Installed:   map[string]installed{proto.TargetAgent: {Version: crashOldVer, Counter: m.Counter - 1, SHA256: oldSum[:]}},
-		Job:         &job{Manifest: signed, URL: "/api/v1/releases/1.5.0/artifact", Phase: phaseVerified},
+		KeyList:     keys,
+		HighestSeen: m.Counter, HighestSHA: m.SHA256,
+		Installed: map[string]installed{proto.TargetAgent: {Version: crashOldVer, Counter: m.Counter - 1, SHA256: oldSum[:]}},
+		Job:       &job{Manifest: signed, URL: "/api/v1/releases/1.5.0/artifact", Phase: phaseVerified},
 	}
 	b, err := json.Marshal(&st)
 	if err != nil {

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/hangarfleet/hangar/proto"
 )
@@ -71,7 +72,14 @@ func (u *Updater) download(ctx context.Context, m proto.Manifest, rawURL string,
 	return final, nil
 }
 
+// idleTimeout ends a download attempt that receives nothing for this long.
+const idleTimeout = time.Minute
+
 func (u *Updater) fetch(ctx context.Context, f *os.File, have *int64, m proto.Manifest, rawURL string, progress func(uint64)) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	idle := time.AfterFunc(idleTimeout, cancel)
+	defer idle.Stop()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
 	if err != nil {
 		return &proto.VerifyError{Check: proto.CheckFormat, Err: fmt.Errorf("artifact URL: %v", err)}
@@ -116,21 +124,43 @@ func (u *Updater) fetch(ctx context.Context, f *os.File, have *int64, m proto.Ma
 		}
 		return err
 	}
+	remaining := int64(m.Size) - *have
+	tooMuch := func() error {
+		_ = f.Truncate(0)
+		*have = 0
+		return &proto.VerifyError{Check: proto.CheckSize, Err: fmt.Errorf("the server sent more than the declared %d bytes", m.Size)}
+	}
+	if resp.ContentLength > remaining {
+		return tooMuch()
+	}
 	// Copy at most what remains, then make sure nothing follows: a server
 	// that streams past the declared size is refused without reading on.
-	w := &countingWriter{w: f, n: have, progress: progress}
-	_, err = io.CopyN(w, resp.Body, int64(m.Size)-*have)
+	w := &countingWriter{w: f, n: have, progress: progress, idle: idle}
+	_, err = io.CopyN(w, resp.Body, remaining)
 	if err != nil {
-		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || ctx.Err() == nil {
+		if parent := context.Cause(ctx); errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || parent == context.Canceled || ctx.Err() != nil {
 			return fmt.Errorf("%w: download interrupted at %d of %d bytes: %v", errTransient, *have, m.Size, err)
 		}
 		return err
 	}
-	var one [1]byte
-	if n, _ := io.ReadFull(resp.Body, one[:]); n > 0 {
-		_ = f.Truncate(0)
-		*have = 0
-		return &proto.VerifyError{Check: proto.CheckSize, Err: fmt.Errorf("the server sent more than the declared %d bytes", m.Size)}
+	if resp.ContentLength == remaining {
+		return nil // the server said how much it would send, and sent it
+	}
+	// A body of unknown length: anything after the declared size is an
+	// attack; a server that just keeps the connection open is not.
+	extra := make(chan bool, 1)
+	go func() {
+		var one [1]byte
+		n, _ := io.ReadFull(resp.Body, one[:])
+		extra <- n > 0
+	}()
+	select {
+	case more := <-extra:
+		if more {
+			return tooMuch()
+		}
+	case <-time.After(2 * time.Second):
+		resp.Body.Close()
 	}
 	return nil
 }
@@ -139,9 +169,11 @@ type countingWriter struct {
 	w        io.Writer
 	n        *int64
 	progress func(uint64)
+	idle     *time.Timer
 }
 
 func (c *countingWriter) Write(p []byte) (int, error) {
+	c.idle.Reset(idleTimeout)
 	n, err := c.w.Write(p)
 	*c.n += int64(n)
 	if c.progress != nil {

@@ -17,13 +17,23 @@ func (u *Updater) job() *job {
 	return u.st.Job
 }
 
-func (u *Updater) save(j *job) error {
+// set changes the job under the lock (Offer reads it from the command
+// goroutine) and persists it before anything acts on the change.
+func (u *Updater) set(j *job, change func(*job)) error {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.st.Job != j {
 		return errors.New("job superseded")
 	}
+	change(j)
 	return u.saveLocked()
+}
+
+// view returns a copy of the job's mutable fields, read under the lock.
+func (u *Updater) view(j *job) job {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return *j
 }
 
 // finish ends the current job, recording an installed build.
@@ -57,24 +67,26 @@ func (u *Updater) Boot(ctx context.Context) error {
 		switch {
 		case inst.Running(j.m):
 			// The new build is up: the swap happened before the cut.
-			j.Phase = phaseTrial
 			os.Remove(u.stagedPath(j.m))
+			if err := u.set(j, func(j *job) {
+				j.Phase = phaseTrial
+				if j.TrialStarted == 0 {
+					j.TrialStarted = u.opts.Clock.Now().Unix()
+				}
+			}); err != nil {
+				return err
+			}
 		case inst.Installed(j.m):
 			// Swapped, but the old build still runs: start the new one.
-			j.Phase, j.TrialStarted, j.TrialBoots = phaseTrial, u.opts.Clock.Now().Unix(), 0
-			if err := u.save(j); err != nil {
+			if err := u.set(j, func(j *job) { j.Phase, j.TrialStarted, j.TrialBoots = phaseTrial, u.opts.Clock.Now().Unix(), 0 }); err != nil {
 				return err
 			}
 			return inst.Activate(ctx, j.m)
 		default:
 			// The swap never happened: install again when allowed.
-			j.Phase = phaseVerified
-		}
-		if j.TrialStarted == 0 {
-			j.TrialStarted = u.opts.Clock.Now().Unix()
-		}
-		if err := u.save(j); err != nil {
-			return err
+			if err := u.set(j, func(j *job) { j.Phase = phaseVerified }); err != nil {
+				return err
+			}
 		}
 	case phaseRollback:
 		// Rollback again even when the previous build is back: it makes
@@ -98,12 +110,11 @@ func (u *Updater) Boot(ctx context.Context) error {
 		u.report(j, proto.UpdateRolledBack, func(r *proto.UpdateReport) { r.Reason = "the previous build was restored outside the agent" })
 		return u.finish(j, nil)
 	}
-	j.TrialBoots++
-	if err := u.save(j); err != nil {
+	if err := u.set(j, func(j *job) { j.TrialBoots++ }); err != nil {
 		return err
 	}
-	if j.TrialBoots > u.opts.MaxTrialBoots {
-		return u.rollback(ctx, j, fmt.Sprintf("crash loop: started %d times without passing the trial", j.TrialBoots))
+	if boots := u.view(j).TrialBoots; boots > u.opts.MaxTrialBoots {
+		return u.rollback(ctx, j, fmt.Sprintf("crash loop: started %d times without passing the trial", boots))
 	}
 	return nil
 }
@@ -125,7 +136,8 @@ func (u *Updater) Run(ctx context.Context) error {
 			continue
 		}
 		var err error
-		switch j.Phase {
+		cur := u.view(j)
+		switch cur.Phase {
 		case phaseDownload:
 			var progressed bool
 			progressed, err = u.runDownload(ctx, j)
@@ -150,9 +162,8 @@ func (u *Updater) Run(ctx context.Context) error {
 			}
 		case phaseVerified:
 			if reason := u.blocked(); reason != "" {
-				if reason != j.Deferred {
-					j.Deferred = reason
-					_ = u.save(j)
+				if reason != cur.Deferred {
+					_ = u.set(j, func(j *job) { j.Deferred = reason })
 					u.report(j, proto.UpdateDeferred, func(r *proto.UpdateReport) { r.Reason = reason })
 					u.log.Info("install deferred", "version", j.m.Version, "reason", reason)
 				}
@@ -169,7 +180,7 @@ func (u *Updater) Run(ctx context.Context) error {
 		case phaseTrial:
 			err = u.trial(ctx, j, tick)
 		case phaseRollback:
-			err = u.rollback(ctx, j, j.Reason)
+			err = u.rollback(ctx, j, cur.Reason)
 		default:
 			err = u.finish(j, nil)
 		}
@@ -177,7 +188,7 @@ func (u *Updater) Run(ctx context.Context) error {
 			return err
 		}
 		if err != nil && ctx.Err() == nil {
-			u.log.Error("update step failed", "phase", j.Phase, "err", err)
+			u.log.Error("update step failed", "phase", cur.Phase, "err", err)
 			if !clock.Sleep(u.opts.Clock, retry, ctx.Done()) {
 				return nil
 			}
@@ -220,11 +231,12 @@ func (u *Updater) runDownload(ctx context.Context, j *job) (bool, error) {
 		return false, u.finish(j, nil)
 	}
 	step := max(j.m.Size/4, 1)
-	var start, last uint64
+	var last, high uint64
 	first := true
 	_, err = u.download(ctx, j.m, src, func(n uint64) {
+		high = max(high, n)
 		if first {
-			start, last, first = n, n, false
+			last, first = n, false
 			u.report(j, proto.UpdateDownloading, func(r *proto.UpdateReport) { r.Progress = n })
 		}
 		if n-last >= step {
@@ -232,7 +244,12 @@ func (u *Updater) runDownload(ctx context.Context, j *job) (bool, error) {
 			u.report(j, proto.UpdateDownloading, func(r *proto.UpdateReport) { r.Progress = n })
 		}
 	})
-	progressed := !first && last > start || !first
+	// Progress is a byte beyond the furthest any attempt reached: a server
+	// that cuts every response at the same point makes none.
+	progressed := high > u.furthest[j.m.Counter]
+	if progressed {
+		u.furthest[j.m.Counter] = high
+	}
 	if err != nil {
 		if errors.Is(err, errTransient) || ctx.Err() != nil {
 			return progressed, err
@@ -246,8 +263,7 @@ func (u *Updater) runDownload(ctx context.Context, j *job) (bool, error) {
 		u.log.Warn("download refused", "version", j.m.Version, "check", check, "err", err)
 		return progressed, u.finish(j, nil)
 	}
-	j.Phase = phaseVerified
-	if err := u.save(j); err != nil {
+	if err := u.set(j, func(j *job) { j.Phase = phaseVerified }); err != nil {
 		return true, err
 	}
 	u.report(j, proto.UpdateVerified, func(r *proto.UpdateReport) { r.Progress = j.m.Size })
@@ -257,27 +273,32 @@ func (u *Updater) runDownload(ctx context.Context, j *job) (bool, error) {
 // install re-checks the staged artifact, swaps it in and starts it.
 func (u *Updater) install(ctx context.Context, j *job) error {
 	if reason := u.blocked(); reason != "" {
-		j.Phase = phaseVerified
-		return u.save(j)
+		return u.set(j, func(j *job) { j.Phase = phaseVerified })
 	}
 	inst := u.opts.Installers[j.m.Target]
 	staged := u.stagedPath(j.m)
-	j.Phase = phaseInstall
-	if err := u.save(j); err != nil {
-		return err
-	}
-	u.report(j, proto.UpdateInstalling, nil)
-	// Re-verify at commit: the staged file may have changed since it was
-	// checked (a swap on disk, a failing flash).
-	if err := fileHasDigest(OSFS{}, staged, j.m.SHA256); err != nil {
-		os.Remove(staged)
+	// Check again just before the install: the metadata may have expired
+	// (or its key been revoked) while the install waited, and the staged
+	// file may have changed since it was verified (a swap on disk, a
+	// failing flash).
+	if err := u.recheck(j); err != nil {
 		check := proto.CheckOf(err)
 		if check == "" {
 			check = proto.CheckHash
 		}
+		u.log.Warn("release refused at install", "check", check, "err", err)
 		u.report(j, proto.UpdateRejected, func(r *proto.UpdateReport) { r.Check, r.Reason = string(check), err.Error() })
 		return u.finish(j, nil)
 	}
+	// From here the release's counter is spent: if it fails its trial it
+	// is never installed again.
+	if err := u.set(j, func(j *job) {
+		j.Phase = phaseInstall
+		u.st.Spent = max(u.st.Spent, j.m.Counter)
+	}); err != nil {
+		return err
+	}
+	u.report(j, proto.UpdateInstalling, nil)
 	if err := inst.Install(ctx, j.m, staged); err != nil && !inst.Installed(j.m) {
 		check := proto.CheckOf(err)
 		u.log.Error("install failed, previous build kept", "version", j.m.Version, "err", err)
@@ -288,16 +309,11 @@ func (u *Updater) install(ctx context.Context, j *job) error {
 		}
 		return u.finish(j, nil)
 	}
-	j.Phase, j.TrialStarted, j.TrialBoots = phaseTrial, u.opts.Clock.Now().Unix(), 0
-	if err := u.save(j); err != nil {
+	if err := u.set(j, func(j *job) { j.Phase, j.TrialStarted, j.TrialBoots = phaseTrial, u.opts.Clock.Now().Unix(), 0 }); err != nil {
 		return err
 	}
 	os.Remove(staged)
 	u.log.Info("installed, starting the new build", "target", j.m.Target, "version", j.m.Version)
-	if j.m.Target == proto.TargetAgent {
-		// The agent's own trial is counted by the new build's Boot.
-		j.TrialBoots = 0
-	}
 	if err := inst.Activate(ctx, j.m); err != nil {
 		if errors.Is(err, ErrRestart) {
 			return err
@@ -312,8 +328,9 @@ func (u *Updater) install(ctx context.Context, j *job) error {
 // check pass. Then it commits; past the deadline it rolls back.
 func (u *Updater) trial(ctx context.Context, j *job, tick clock.Ticker) error {
 	inst := u.opts.Installers[j.m.Target]
-	u.report(j, proto.UpdateTrial, func(r *proto.UpdateReport) { r.Progress = uint64(j.TrialBoots) })
-	deadline := time.Unix(j.TrialStarted, 0).Add(u.opts.TrialDeadline)
+	cur := u.view(j)
+	u.report(j, proto.UpdateTrial, func(r *proto.UpdateReport) { r.Progress = uint64(cur.TrialBoots) })
+	deadline := time.Unix(cur.TrialStarted, 0).Add(u.opts.TrialDeadline)
 	var lastErr error
 	for {
 		u.mu.Lock()
@@ -368,9 +385,8 @@ func (u *Updater) commit(ctx context.Context, j *job) error {
 // agent, Rollback starts the previous binary and does not come back.
 func (u *Updater) rollback(ctx context.Context, j *job, reason string) error {
 	inst := u.opts.Installers[j.m.Target]
-	if j.Phase != phaseRollback {
-		j.Phase, j.Reason = phaseRollback, reason
-		if err := u.save(j); err != nil {
+	if u.view(j).Phase != phaseRollback {
+		if err := u.set(j, func(j *job) { j.Phase, j.Reason = phaseRollback, reason }); err != nil {
 			return err
 		}
 		u.log.Warn("rolling back", "target", j.m.Target, "version", j.m.Version, "reason", reason)

@@ -96,11 +96,16 @@ type Options struct {
 
 // state is persisted in the state directory.
 type state struct {
-	HighestSeen uint64               `json:"highest_seen"` // highest counter ever accepted
-	TimeFloor   int64                `json:"time_floor"`   // unix seconds the clock may not read below
-	KeyList     []byte               `json:"key_list,omitempty"`
-	Installed   map[string]installed `json:"installed"`
-	Job         *job                 `json:"job,omitempty"`
+	HighestSeen uint64 `json:"highest_seen"` // highest counter ever accepted
+	// HighestSHA is the artifact of HighestSeen: the same release may be
+	// offered again (its download failed, it was cancelled) until Spent.
+	HighestSHA []byte `json:"highest_sha,omitempty"`
+	// Spent is the highest counter whose install began: never again.
+	Spent     uint64               `json:"spent,omitempty"`
+	TimeFloor int64                `json:"time_floor"` // unix seconds the clock may not read below
+	KeyList   []byte               `json:"key_list,omitempty"`
+	Installed map[string]installed `json:"installed"`
+	Job       *job                 `json:"job,omitempty"`
 }
 
 type installed struct {
@@ -142,6 +147,7 @@ type Updater struct {
 	st        state
 	wake      chan struct{}
 	confirmed map[uint64]bool
+	furthest  map[uint64]uint64 // download progress per release, across attempts (Run only)
 }
 
 // ErrNoUpdater is returned for an offer of a target without installer.
@@ -191,7 +197,7 @@ func New(opts Options) (*Updater, error) {
 	if opts.Conditions == nil {
 		opts.Conditions = func() Conditions { return Conditions{} }
 	}
-	u := &Updater{started: opts.Clock.Now(), opts: opts, log: opts.Logger.With("component", "update"), wake: make(chan struct{}, 1), confirmed: map[uint64]bool{}}
+	u := &Updater{started: opts.Clock.Now(), opts: opts, log: opts.Logger.With("component", "update"), wake: make(chan struct{}, 1), confirmed: map[uint64]bool{}, furthest: map[uint64]uint64{}}
 	b, err := opts.Store.Load(stateFile)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
@@ -303,8 +309,15 @@ func (u *Updater) Offer(cmd proto.Command) error {
 		u.report(cur, cur.state(), func(r *proto.UpdateReport) { r.Reason = cur.Deferred })
 		u.poke()
 		return nil
-	case m.Counter <= u.st.HighestSeen || m.Counter <= inst.Counter:
-		err := &proto.VerifyError{Check: proto.CheckCounter, Err: fmt.Errorf("counter %d is not above the installed %d and the highest seen %d", m.Counter, inst.Counter, u.st.HighestSeen)}
+	case m.Counter <= inst.Counter || m.Counter <= u.st.Spent || m.Counter < u.st.HighestSeen ||
+		(m.Counter == u.st.HighestSeen && !slices.Equal(m.SHA256, u.st.HighestSHA)) ||
+		(u.st.Job != nil && m.Counter < u.st.Job.m.Counter):
+		pending := uint64(0)
+		if u.st.Job != nil {
+			pending = u.st.Job.m.Counter
+		}
+		err := &proto.VerifyError{Check: proto.CheckCounter, Err: fmt.Errorf("counter %d is not above the installed %d, the highest seen %d (or another release of it) and the pending %d",
+			m.Counter, inst.Counter, u.st.HighestSeen, pending)}
 		u.log.Warn("release refused", "check", proto.CheckCounter, "err", err)
 		u.report(j, proto.UpdateRejected, func(r *proto.UpdateReport) { r.Check, r.Reason = string(proto.CheckCounter), err.Error() })
 		return err
@@ -313,15 +326,15 @@ func (u *Updater) Offer(cmd proto.Command) error {
 		u.report(j, proto.UpdateDeferred, func(r *proto.UpdateReport) { r.Reason = err.Error() })
 		return err
 	}
-	// Accepted: it replaces a job that had not started installing.
+	// Accepted: it replaces a job that had not started installing. Its
+	// counter becomes the highest seen (nothing older is accepted any
+	// more), but only an install spends it: the same release may be
+	// offered again if its download fails or is cancelled.
 	if u.st.Job != nil {
 		u.report(u.st.Job, proto.UpdateFailed, func(r *proto.UpdateReport) { r.Reason = "superseded by " + m.Version })
 	}
-	u.st.HighestSeen = m.Counter
+	u.st.HighestSeen, u.st.HighestSHA = m.Counter, m.SHA256
 	u.st.TimeFloor = max(u.st.TimeFloor, m.Created)
-	if o.Keys != nil {
-		u.st.KeyList = o.Keys
-	}
 	_ = kl
 	j.Phase = phaseDownload
 	u.st.Job = j
@@ -359,6 +372,14 @@ func (u *Updater) verifyLocked(signed, keys []byte) (proto.Manifest, proto.KeyLi
 		}
 		if err := kl.Check(held, now); err != nil {
 			return m, kl, err
+		}
+		if held == nil || kl.Version > held.Version {
+			// A newer list (rotations, revocations) holds from now on,
+			// whatever becomes of the manifest that brought it.
+			u.st.KeyList = keys
+			if err := u.saveLocked(); err != nil {
+				return m, kl, fmt.Errorf("update state: %w", err)
+			}
 		}
 	case held != nil:
 		kl = *held
@@ -449,4 +470,32 @@ func (j *job) state() proto.UpdateState {
 		return proto.UpdateTrial
 	}
 	return proto.UpdateRolledBack
+}
+
+// recheck verifies a staged job again, just before it is installed: the
+// manifest against the held key list and trusted time, and the staged
+// file's digest.
+func (u *Updater) recheck(j *job) error {
+	u.mu.Lock()
+	now, err := u.trustedNow()
+	held := u.st.KeyList
+	u.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	kl, err := proto.OpenKeyList(held, u.opts.Roots)
+	if err != nil {
+		return err
+	}
+	if err := kl.Check(nil, now); err != nil {
+		return err
+	}
+	if _, err := proto.OpenManifest(j.Manifest, kl, now); err != nil {
+		return err
+	}
+	if err := fileHasDigest(OSFS{}, u.stagedPath(j.m), j.m.SHA256); err != nil {
+		os.Remove(u.stagedPath(j.m))
+		return err
+	}
+	return nil
 }

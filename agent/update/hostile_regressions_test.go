@@ -1,7 +1,7 @@
 package update
 
-// Defects the hostile server found. Each test fails on the code as it is
-// and says what it expected; see the comments for the scenario.
+// Regressions: defects the hostile server once found, kept as tests. The
+// comments tell the scenario as it was found.
 
 import (
 	"net/http"
@@ -23,7 +23,7 @@ import (
 // not rollback protection, and it lets a transient fault or a one-time
 // tampered download deny the device that release until the release
 // engineer signs a new one.
-func TestHostileBugFailedDownloadBurnsTheCounter(t *testing.T) {
+func TestHostileRegressionFailedDownloadBurnsTheCounter(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
 		serve func(rel hostileRelease) http.HandlerFunc
@@ -69,7 +69,7 @@ func TestHostileBugFailedDownloadBurnsTheCounter(t *testing.T) {
 // for ever: the job never ends, never retries (a slow-retrieval attack).
 // The shipped agent passes a client with a 30 s timeout, which bounds the
 // wait to 30 s per attempt.
-func TestHostileBugStallAfterDeclaredSize(t *testing.T) {
+func TestHostileRegressionStallAfterDeclaredSize(t *testing.T) {
 	r := newHostileRig(t)
 	rel := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, 64<<10))
 	r.srv.route(rel.path, r.srv.serveThenStall(rel.data))
@@ -107,7 +107,7 @@ func TestHostileBugStallAfterDeclaredSize(t *testing.T) {
 // and the agent installs that release anyway: install re-checks the
 // staged file's hash only. The design says expired metadata blocks new
 // installs; and the device contradicts its own report.
-func TestHostileBugExpiredWhileDeferredStillInstalls(t *testing.T) {
+func TestHostileRegressionExpiredWhileDeferredStillInstalls(t *testing.T) {
 	lock := filepath.Join(t.TempDir(), "maintenance.lock")
 	if err := os.WriteFile(lock, nil, 0o600); err != nil {
 		t.Fatal(err)
@@ -143,7 +143,7 @@ func TestHostileBugExpiredWhileDeferredStillInstalls(t *testing.T) {
 // writes the job's fields (Phase, Deferred, ...) without the updater's
 // lock, while Offer reads them under it (job.state, and json.Marshal of the
 // state when it saves): a data race. This test fails under -race.
-func TestHostileBugReofferDuringDownloadRaces(t *testing.T) {
+func TestHostileRegressionReofferDuringDownloadRaces(t *testing.T) {
 	lock := filepath.Join(t.TempDir(), "maintenance.lock")
 	if err := os.WriteFile(lock, nil, 0o600); err != nil {
 		t.Fatal(err)
