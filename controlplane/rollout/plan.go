@@ -1,0 +1,621 @@
+package rollout
+
+import (
+	"cmp"
+	"encoding/binary"
+	"fmt"
+	"hash/fnv"
+	"math"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// Status of a rollout.
+type Status string
+
+// Statuses. Created: waiting for start. Running: offering and judging.
+// Paused: judged, nothing offered, until resumed. Aborted and Completed
+// are final (an aborted rollout may still be reverting).
+const (
+	StatusCreated   Status = "created"
+	StatusRunning   Status = "running"
+	StatusPaused    Status = "paused"
+	StatusAborted   Status = "aborted"
+	StatusCompleted Status = "completed"
+)
+
+// Member is a device's place in a rollout. It never changes stage.
+type Member struct {
+	Stage    int   `json:"stage"`
+	Offered  int64 `json:"offered,omitempty"`  // unix ms the release was offered; 0 not yet
+	Reverted int64 `json:"reverted,omitempty"` // unix ms the revert was offered
+	Canceled int64 `json:"canceled,omitempty"` // unix ms the offer was withdrawn
+}
+
+// State is a rollout's progress; the applier persists it.
+type State struct {
+	Status       Status             `json:"status"`
+	Stage        int                `json:"stage"`         // the stage being rolled out (earlier ones passed)
+	StageStarted int64              `json:"stage_started"` // unix ms
+	GatesSince   int64              `json:"gates_since"`   // unix ms the gates (but the soak) first held in this stage
+	Promoted     bool               `json:"promoted,omitempty"`
+	Reverting    bool               `json:"reverting,omitempty"`
+	Reason       string             `json:"reason,omitempty"`
+	Members      map[string]*Member `json:"-"` // persisted per device
+}
+
+// Clone copies a state (members too).
+func (s State) Clone() State {
+	c := s
+	c.Members = make(map[string]*Member, len(s.Members))
+	for id, m := range s.Members {
+		mm := *m
+		c.Members[id] = &mm
+	}
+	return c
+}
+
+// Report is a device's latest update report for one release.
+type Report struct {
+	State  proto.UpdateState `json:"state"`
+	At     int64             `json:"at"`
+	Reason string            `json:"reason,omitempty"`
+}
+
+// Health is a device's telemetry over the health window.
+type Health struct {
+	Hours       float64 `json:"hours"`        // observed
+	Reboots     float64 `json:"reboots"`      // reboot counter increase
+	Errors      float64 `json:"errors"`       // error counter increase
+	LinkLoss    float64 `json:"link_loss"`    // share of samples without link
+	FlightHours float64 `json:"flight_hours"` // time flying
+	Drain       float64 `json:"drain"`        // battery percent lost while flying
+}
+
+// Device is what the control plane knows of one device.
+type Device struct {
+	ID      string            `json:"id"`
+	Labels  map[string]string `json:"labels"`
+	Version string            `json:"version"`
+	Online  bool              `json:"online"`
+	// Busy names another active rollout this device belongs to.
+	Busy   string  `json:"busy,omitempty"`
+	Update *Report `json:"update,omitempty"` // for the release
+	Revert *Report `json:"revert,omitempty"` // for the revert release
+	Health *Health `json:"health,omitempty"` // over the current stage's soak
+}
+
+// Action kinds.
+const (
+	ActOffer  = "offer"
+	ActRevert = "revert"
+	ActCancel = "cancel"
+)
+
+// Action is a command for a device.
+type Action struct {
+	Kind   string `json:"kind"`
+	Device string `json:"device"`
+}
+
+// Transition is a change of status or stage, recorded with its reason.
+type Transition struct {
+	From, To string
+	Stage    int
+	Reason   string
+}
+
+// Member states, as the engine sees them.
+const (
+	MPending   = "pending"
+	MOffered   = "in_progress"
+	MDeferred  = "deferred"
+	MLate      = "deferred_past_deadline"
+	MCommitted = "committed"
+	MFailed    = "failed"
+	MTimedOut  = "timed_out"
+)
+
+// GateResult is one gate's measurement, for operators.
+type GateResult struct {
+	Name      string  `json:"name"`
+	Value     float64 `json:"value"`
+	Threshold float64 `json:"threshold"`
+	OK        bool    `json:"ok"`
+	Judged    bool    `json:"judged"` // false: not enough data yet
+	Why       string  `json:"why"`
+}
+
+// Outcome is what Plan decided.
+type Outcome struct {
+	State       State
+	Actions     []Action
+	Transitions []Transition
+	Gates       []GateResult
+	Counts      map[string]int // member states in the current stage
+	Targeted    int
+}
+
+// rank places a device in a rollout: deterministic, uniform in [0, 1).
+func rank(device, rollout string) float64 {
+	h := fnv.New64a()
+	h.Write([]byte(rollout))
+	h.Write([]byte{0})
+	h.Write([]byte(device))
+	x := h.Sum64()
+	x ^= x >> 33
+	x *= 0xff51afd7ed558ccd
+	x ^= x >> 33
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], x)
+	return float64(x>>11) / float64(1<<53)
+}
+
+// Targets reports whether the spec targets d (ignoring other rollouts).
+func (s Spec) Targets(d Device) bool {
+	for k, v := range s.Selector {
+		if d.Labels[k] != v {
+			return false
+		}
+	}
+	if len(s.Hardware) > 0 && !slices.Contains(s.Hardware, d.Labels["hw"]) {
+		return false
+	}
+	if len(s.FromVersions) > 0 && !slices.Contains(s.FromVersions, d.Version) && d.Version != s.Release.Version {
+		return false
+	}
+	return true
+}
+
+// stageSizes are the cumulative member counts of each stage for n targets.
+func (s Spec) stageSizes(n int) []int {
+	out := make([]int, len(s.Stages))
+	for i, st := range s.Stages {
+		c := st.Count
+		if st.Percent > 0 {
+			c = int(math.Ceil(st.Percent / 100 * float64(n)))
+		}
+		if i == 0 {
+			c = max(c, s.MinCanary)
+		}
+		if i > 0 {
+			c = max(c, out[i-1])
+		}
+		out[i] = min(c, n)
+	}
+	if len(out) > 0 && s.Stages[len(s.Stages)-1].Percent == 100 {
+		out[len(out)-1] = n
+	}
+	return out
+}
+
+func (s Spec) stratum(d Device) string {
+	parts := make([]string, len(s.Strata))
+	for i, l := range s.Strata {
+		parts[i] = d.Labels[l]
+	}
+	return strings.Join(parts, "\x00")
+}
+
+// assign places devices that are not members yet. The first assignment
+// (an empty rollout) is stratified: devices are taken round-robin across
+// strata, each stratum in rank order, so that every hardware revision and
+// base has devices in the canary where the canary is big enough. Devices
+// that join later go to the stage their rank falls in.
+func (s Spec) assign(st *State, devs []Device) {
+	var fresh []Device
+	for _, d := range devs {
+		if _, ok := st.Members[d.ID]; !ok {
+			fresh = append(fresh, d)
+		}
+	}
+	if len(fresh) == 0 {
+		return
+	}
+	if len(st.Members) == 0 {
+		groups := map[string][]Device{}
+		for _, d := range fresh {
+			k := s.stratum(d)
+			groups[k] = append(groups[k], d)
+		}
+		var keys []string
+		for k, g := range groups {
+			slices.SortFunc(g, func(a, b Device) int { return cmp.Compare(rank(a.ID, s.ID), rank(b.ID, s.ID)) })
+			keys = append(keys, k)
+		}
+		// Strata take turns in the order of their best-ranked device.
+		slices.SortFunc(keys, func(a, b string) int {
+			return cmp.Compare(rank(groups[a][0].ID, s.ID), rank(groups[b][0].ID, s.ID))
+		})
+		var order []Device
+		for i := 0; len(order) < len(fresh); i++ {
+			for _, k := range keys {
+				if i < len(groups[k]) {
+					order = append(order, groups[k][i])
+				}
+			}
+		}
+		sizes := s.stageSizes(len(order))
+		stage := 0
+		for i, d := range order {
+			for stage < len(sizes)-1 && i >= sizes[stage] {
+				stage++
+			}
+			st.Members[d.ID] = &Member{Stage: stage}
+		}
+		return
+	}
+	n := len(st.Members) + len(fresh)
+	sizes := s.stageSizes(n)
+	for _, d := range fresh {
+		r := rank(d.ID, s.ID)
+		stage := len(sizes) - 1
+		for i, c := range sizes {
+			if r < float64(c)/float64(n) {
+				stage = i
+				break
+			}
+		}
+		st.Members[d.ID] = &Member{Stage: stage}
+	}
+}
+
+// memberState says where a member stands.
+func (s Spec) memberState(m *Member, d *Device, now time.Time) string {
+	if d != nil && d.Version == s.Release.Version && (d.Update == nil || !failed(d.Update.State)) {
+		return MCommitted
+	}
+	if d != nil && d.Update != nil && m.Offered > 0 {
+		switch {
+		case d.Update.State == proto.UpdateCommitted:
+			return MCommitted
+		case failed(d.Update.State):
+			return MFailed
+		case d.Update.State == proto.UpdateDeferred:
+			if now.Sub(time.UnixMilli(m.Offered)) > s.Limits.DeferredDeadline.D() {
+				return MLate
+			}
+			return MDeferred
+		}
+	}
+	if m.Offered == 0 {
+		return MPending
+	}
+	if now.Sub(time.UnixMilli(m.Offered)) > s.Gates.DeviceTimeout.D() {
+		return MTimedOut
+	}
+	return MOffered
+}
+
+func failed(u proto.UpdateState) bool {
+	return u == proto.UpdateRolledBack || u == proto.UpdateRejected || u == proto.UpdateFailed
+}
+
+// Health floors: a difference smaller than these is noise, whatever the
+// ratio.
+const (
+	floorReboots = 0.5  // per hour
+	floorErrors  = 5.0  // per hour
+	floorLink    = 0.05 // share of samples
+	floorDrain   = 5.0  // percent per flight hour
+)
+
+type cohort struct {
+	n                                   int
+	hours, reboots, errors, flightHours float64
+	drain, linkLoss                     float64
+}
+
+func (c *cohort) add(h *Health) {
+	if h == nil || h.Hours <= 0 {
+		return
+	}
+	c.n++
+	c.hours += h.Hours
+	c.reboots += h.Reboots
+	c.errors += h.Errors
+	c.flightHours += h.FlightHours
+	c.drain += h.Drain
+	c.linkLoss += h.LinkLoss * h.Hours
+}
+
+func (c cohort) rates() (reboots, errors, link, drain float64, hasDrain bool) {
+	if c.hours == 0 {
+		return 0, 0, 0, 0, false
+	}
+	reboots, errors, link = c.reboots/c.hours, c.errors/c.hours, c.linkLoss/c.hours
+	if c.flightHours > 0.05 {
+		return reboots, errors, link, c.drain / c.flightHours, true
+	}
+	return reboots, errors, link, 0, false
+}
+
+// healthGates compares the updated devices with the not yet updated.
+func (s Spec) healthGates(updated, baseline cohort) []GateResult {
+	if updated.n == 0 || baseline.n == 0 {
+		why := "no updated devices reporting yet"
+		if baseline.n == 0 {
+			why = "no devices left to compare with"
+		}
+		return []GateResult{{Name: "health", OK: true, Judged: false, Why: why}}
+	}
+	ur, ue, ul, ud, uok := updated.rates()
+	br, be, bl, bd, bok := baseline.rates()
+	m := 1 + s.Gates.HealthMargin
+	check := func(name string, u, b, floor float64, unit string) GateResult {
+		limit := max(b*m, b+floor)
+		return GateResult{Name: "health:" + name, Value: u, Threshold: limit, OK: u <= limit, Judged: true,
+			Why: fmt.Sprintf("updated %.2f %s, not yet updated %.2f: limit %.2f", u, unit, b, limit)}
+	}
+	out := []GateResult{
+		check("reboots", ur, br, floorReboots, "reboots/h"),
+		check("errors", ue, be, floorErrors, "errors/h"),
+		check("link_loss", ul, bl, floorLink, "of samples"),
+	}
+	if uok && bok {
+		out = append(out, check("battery_drain", ud, bd, floorDrain, "%/flight h"))
+	}
+	return out
+}
+
+// Plan decides the next step of a rollout. It is pure: same inputs, same
+// outcome.
+func Plan(spec Spec, st State, devs []Device, now time.Time) Outcome {
+	spec = spec.WithDefaults()
+	st = st.Clone()
+	out := Outcome{Counts: map[string]int{}}
+	byID := make(map[string]*Device, len(devs))
+	var targets []Device
+	for i := range devs {
+		d := &devs[i]
+		byID[d.ID] = d
+		if (d.Busy == "" || d.Busy == spec.ID) && spec.Targets(*d) {
+			targets = append(targets, *d)
+		}
+	}
+	out.Targeted = len(targets)
+	nowMS := now.UnixMilli()
+	transition := func(to Status, stage int, reason string) {
+		out.Transitions = append(out.Transitions, Transition{From: string(st.Status), To: string(to), Stage: stage, Reason: reason})
+		st.Status, st.Reason = to, reason
+	}
+	if st.Status == StatusRunning || st.Status == StatusPaused {
+		spec.assign(&st, targets)
+	}
+
+	// Where each member stands.
+	states := make(map[string]string, len(st.Members))
+	inFlight := 0
+	for id, m := range st.Members {
+		ms := spec.memberState(m, byID[id], now)
+		states[id] = ms
+		if ms == MOffered || ms == MDeferred || ms == MLate {
+			inFlight++
+		}
+	}
+
+	// Judge the current stage.
+	if st.Status == StatusRunning || st.Status == StatusPaused {
+		var total, committed, failedN, late int
+		var updated, baseline cohort
+		for id, m := range st.Members {
+			ms := states[id]
+			if m.Stage > st.Stage {
+				if ms == MPending {
+					baseline.add(healthOf(byID[id]))
+				}
+				continue
+			}
+			if byID[id] == nil {
+				continue // gone (revoked, relabelled): not counted
+			}
+			total++
+			out.Counts[ms]++
+			switch ms {
+			case MCommitted:
+				committed++
+				updated.add(healthOf(byID[id]))
+			case MFailed, MTimedOut:
+				failedN++
+			case MLate:
+				late++
+			}
+		}
+		g := spec.Gates
+		finished := committed + failedN
+		failRatio := ratio(failedN, finished)
+		judged := finished >= min(g.MinFinished, total) && finished > 0
+		failGate := GateResult{Name: "failed", Value: failRatio, Threshold: g.MaxFailed, OK: !judged || failRatio <= g.MaxFailed, Judged: judged,
+			Why: fmt.Sprintf("%d of %d finished devices failed, rolled back or timed out", failedN, finished)}
+		if !judged {
+			failGate.Why += fmt.Sprintf(" (judged from %d finished)", min(g.MinFinished, total))
+		}
+		commitRatio := ratio(committed, total)
+		commitGate := GateResult{Name: "committed", Value: commitRatio, Threshold: g.MinCommitted, OK: total > 0 && commitRatio >= g.MinCommitted, Judged: true,
+			Why: fmt.Sprintf("%d of %d devices of stages 1-%d committed (%d deferred past the deadline)", committed, total, st.Stage+1, late)}
+		out.Gates = append(out.Gates, commitGate, failGate)
+		var health []GateResult
+		if !g.HealthOff && st.GatesSince > 0 {
+			health = spec.healthGates(updated, baseline)
+			out.Gates = append(out.Gates, health...)
+		}
+		soakFor := g.Soak.D()
+		soaked := st.GatesSince > 0 && (st.Promoted || now.Sub(time.UnixMilli(st.GatesSince)) >= soakFor)
+		soakGate := GateResult{Name: "soak", Threshold: soakFor.Seconds(), Judged: st.GatesSince > 0, OK: soaked}
+		if st.GatesSince > 0 {
+			soakGate.Value = now.Sub(time.UnixMilli(st.GatesSince)).Seconds()
+			soakGate.Why = fmt.Sprintf("%v of %v soaked", now.Sub(time.UnixMilli(st.GatesSince)).Round(time.Second), soakFor)
+			if st.Promoted {
+				soakGate.Why += " (promoted: the rest is skipped)"
+			}
+		} else {
+			soakGate.Why = "starts when the other gates hold"
+		}
+		out.Gates = append(out.Gates, soakGate)
+
+		var broken []string
+		if !failGate.OK {
+			broken = append(broken, fmt.Sprintf("failures %.0f%% over %.0f%%", failRatio*100, g.MaxFailed*100))
+		}
+		for _, h := range health {
+			if h.Judged && !h.OK {
+				broken = append(broken, h.Name+": "+h.Why)
+			}
+		}
+		switch {
+		case len(broken) > 0 && st.Status == StatusRunning:
+			reason := fmt.Sprintf("stage %d (%s) failed its gates: %s", st.Stage+1, spec.Stages[st.Stage], strings.Join(broken, "; "))
+			to := StatusPaused
+			if spec.OnFailure == OnFailureAbort {
+				to = StatusAborted
+			}
+			transition(to, st.Stage, reason)
+			if spec.AutoRevert {
+				st.Reverting = true
+			}
+		case len(broken) == 0 && st.Status == StatusRunning:
+			if commitGate.OK && st.GatesSince == 0 {
+				st.GatesSince = nowMS
+			}
+			if !commitGate.OK && st.GatesSince > 0 && !st.Promoted {
+				st.GatesSince = 0 // a device left or failed late: soak again
+			}
+			soaked = st.GatesSince > 0 && (st.Promoted || now.Sub(time.UnixMilli(st.GatesSince)) >= soakFor)
+			if commitGate.OK && soaked {
+				if st.Stage == len(spec.Stages)-1 {
+					transition(StatusCompleted, st.Stage, fmt.Sprintf("all %d stages passed", len(spec.Stages)))
+				} else {
+					out.Transitions = append(out.Transitions, Transition{From: fmt.Sprintf("stage %d", st.Stage+1),
+						To: fmt.Sprintf("stage %d", st.Stage+2), Stage: st.Stage + 1,
+						Reason: fmt.Sprintf("stage %d passed: %d of %d committed, %d failed, soaked %v", st.Stage+1, committed, total, failedN, soakFor)})
+					st.Stage++
+					st.StageStarted, st.GatesSince, st.Promoted = nowMS, 0, false
+				}
+			}
+		}
+	}
+
+	// Offers.
+	if st.Status == StatusRunning && inWindow(spec.Limits.Windows, now) {
+		out.Actions = append(out.Actions, spec.offers(&st, targets, states, inFlight, nowMS)...)
+	}
+	// On failure: withdraw offers not yet installing, and revert.
+	if st.Status == StatusPaused || st.Status == StatusAborted {
+		for id, m := range st.Members {
+			d := byID[id]
+			if m.Offered > 0 && m.Canceled == 0 && d != nil && d.Update != nil &&
+				(d.Update.State == proto.UpdateOffered || d.Update.State == proto.UpdateDownloading ||
+					d.Update.State == proto.UpdateVerified || d.Update.State == proto.UpdateDeferred) {
+				m.Canceled = nowMS
+				out.Actions = append(out.Actions, Action{Kind: ActCancel, Device: id})
+			}
+		}
+	}
+	if st.Reverting && spec.Revert != nil {
+		for id, m := range st.Members {
+			if m.Reverted == 0 && m.Offered > 0 && states[id] == MCommitted {
+				m.Reverted = nowMS
+				out.Actions = append(out.Actions, Action{Kind: ActRevert, Device: id})
+			}
+		}
+	}
+	slices.SortFunc(out.Actions, func(a, b Action) int {
+		return cmp.Or(cmp.Compare(a.Kind, b.Kind), cmp.Compare(a.Device, b.Device))
+	})
+	out.State = st
+	return out
+}
+
+func healthOf(d *Device) *Health {
+	if d == nil {
+		return nil
+	}
+	return d.Health
+}
+
+func ratio(a, b int) float64 {
+	if b == 0 {
+		return 0
+	}
+	return float64(a) / float64(b)
+}
+
+func inWindow(ws []Window, now time.Time) bool {
+	if len(ws) == 0 {
+		return true
+	}
+	for _, w := range ws {
+		if w.In(now) {
+			return true
+		}
+	}
+	return false
+}
+
+// offers picks the members of stages up to the current one to offer the
+// release to, within the in-flight limit and the disruption budgets.
+func (s Spec) offers(st *State, targets []Device, states map[string]string, inFlight int, nowMS int64) []Action {
+	var cands []Device
+	busyBy := map[string]map[string]int{} // label -> value -> in flight
+	groupSize := map[string]map[string]int{}
+	for _, b := range s.Limits.Budgets {
+		busyBy[b.Label], groupSize[b.Label] = map[string]int{}, map[string]int{}
+	}
+	for _, d := range targets {
+		m := st.Members[d.ID]
+		if m == nil {
+			continue
+		}
+		for _, b := range s.Limits.Budgets {
+			v := d.Labels[b.Label]
+			groupSize[b.Label][v]++
+			if ms := states[d.ID]; ms == MOffered || ms == MDeferred || ms == MLate {
+				busyBy[b.Label][v]++
+			}
+		}
+		if m.Stage <= st.Stage && m.Offered == 0 && states[d.ID] == MPending {
+			cands = append(cands, d)
+		}
+	}
+	slices.SortFunc(cands, func(a, b Device) int {
+		ma, mb := st.Members[a.ID], st.Members[b.ID]
+		return cmp.Or(cmp.Compare(ma.Stage, mb.Stage), cmp.Compare(boolInt(!a.Online), boolInt(!b.Online)),
+			cmp.Compare(rank(a.ID, s.ID), rank(b.ID, s.ID)))
+	})
+	var acts []Action
+	for _, d := range cands {
+		if s.Limits.MaxInFlight > 0 && inFlight >= s.Limits.MaxInFlight {
+			break
+		}
+		ok := true
+		for _, b := range s.Limits.Budgets {
+			v := d.Labels[b.Label]
+			size := groupSize[b.Label][v]
+			keep := max(b.KeepMin, int(math.Ceil(b.KeepPercent/100*float64(size))))
+			if busyBy[b.Label][v] >= size-keep {
+				ok = false
+				break
+			}
+		}
+		if !ok {
+			continue
+		}
+		for _, b := range s.Limits.Budgets {
+			busyBy[b.Label][d.Labels[b.Label]]++
+		}
+		st.Members[d.ID].Offered = nowMS
+		inFlight++
+		acts = append(acts, Action{Kind: ActOffer, Device: d.ID})
+	}
+	return acts
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
