@@ -60,15 +60,18 @@ type Options struct {
 	Version string
 	// Releases turns on release hosting and device updates (nil: off).
 	Releases *ReleaseOptions
+	// Rollouts turns on staged rollouts (needs Releases).
+	Rollouts Rollouts
 }
 
 // API is the HTTP handler.
 type API struct {
-	opts  Options
-	log   *slog.Logger
-	e     *echo.Echo
-	rel   *ReleaseOptions
-	limit echo.MiddlewareFunc
+	opts     Options
+	log      *slog.Logger
+	e        *echo.Echo
+	rel      *ReleaseOptions
+	rollouts Rollouts
+	limit    echo.MiddlewareFunc
 }
 
 // MaxBody caps request bodies (release uploads have their own limit).
@@ -99,6 +102,9 @@ func New(opts Options) *API {
 	e.GET("/metrics", echo.WrapHandler(opts.Metrics.Handler()), auth)
 	if opts.Releases != nil {
 		a.routeReleases(*opts.Releases)
+		if opts.Rollouts != nil {
+			a.routeRollouts(opts.Rollouts)
+		}
 	}
 	g := e.Group("/api/v1", auth, a.limit)
 	g.GET("/devices", a.listDevices)

@@ -287,16 +287,6 @@ type UpdateResponse struct {
 	Counter uint64 `json:"counter"`
 }
 
-// OfferFor builds the update offer of a release.
-func OfferFor(r store.Release) *proto.UpdateOffer {
-	return &proto.UpdateOffer{Manifest: r.Manifest, Keys: r.Keys, URL: ArtifactURL(r.Target, r.Version)}
-}
-
-// ArtifactURL is the path devices download a release's artifact from.
-func ArtifactURL(target, version string) string {
-	return "/api/v1/releases/" + target + "/" + version + "/artifact"
-}
-
 func (a *API) updateDevice(c echo.Context) error {
 	id, err := a.deviceID(c)
 	if err != nil {
@@ -318,7 +308,7 @@ func (a *API) updateDevice(c echo.Context) error {
 		}
 		return badRequest("%v", err)
 	}
-	cmdID, err := a.rel.Send.Send(ctx, id, proto.Command{Kind: proto.CmdUpdate, Update: OfferFor(r)}, true)
+	cmdID, err := a.rel.Send.Send(ctx, id, proto.Command{Kind: proto.CmdUpdate, Update: r.Offer()}, true)
 	if err != nil {
 		return notFound(err, "device "+id)
 	}

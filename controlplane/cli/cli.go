@@ -35,6 +35,7 @@ func commands() []command {
 		{"serve", "[flags]", "run the control plane (embedded MQTT broker and SQLite by default)", runServe},
 		{"device", "ls|show|add|rm|update ...", "list, inspect, pre-provision, revoke and update devices", runDevice},
 		{"release", "keygen|keys|sign|verify|push|ls", "sign releases offline, push and list them", runRelease},
+		{"rollout", "create|ls|status|watch|start|...", "staged canary rollouts gated on health", runRollout},
 		{"events", "[--device ID]", "show recent device events", runEvents},
 		{"health", "", "show the fleet health summary", runHealth},
 		{"audit", "[--target ID]", "show who did what, when and why", runAudit},

@@ -100,11 +100,13 @@ func (d *Dispatcher) Send(ctx context.Context, device string, cmd proto.Command,
 	if err := d.opts.Store.AddCommand(ctx, c, supersede); err != nil {
 		return "", err
 	}
-	d.publish(ctx, c)
+	d.Publish(ctx, c)
 	return cmd.ID, nil
 }
 
-func (d *Dispatcher) publish(ctx context.Context, c store.Command) {
+// Publish sends a stored command (marking it sent); a failure is left to
+// the resend.
+func (d *Dispatcher) Publish(ctx context.Context, c store.Command) {
 	if err := d.opts.Bus.Publish(ctx, c.Device, proto.KindCmd, c.Body); err != nil {
 		d.log.Debug("command not published, will retry", "device", c.Device, "cmd", c.ID, "err", err)
 		return
@@ -184,6 +186,6 @@ func (d *Dispatcher) resend(ctx context.Context, device string, sentBefore time.
 		return
 	}
 	for _, c := range cmds {
-		d.publish(ctx, c)
+		d.Publish(ctx, c)
 	}
 }

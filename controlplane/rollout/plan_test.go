@@ -257,10 +257,10 @@ func TestPlanProperties(t *testing.T) {
 		spec := Spec{ID: rapid.StringMatching(`r-[a-z0-9]{4}`).Draw(rt, "id"),
 			Release: ReleaseRef{Target: "agent", Version: "2.0.0", Counter: 20},
 			Gates: Gates{Soak: Duration(time.Duration(rapid.IntRange(0, 120).Draw(rt, "soak")) * time.Second), HealthOff: true,
-				MaxFailed: rapid.SampledFrom([]float64{0.05, 0.2, 0.5}).Draw(rt, "maxFailed"),
-				MinCommitted: rapid.SampledFrom([]float64{0.5, 0.9, 1}).Draw(rt, "minCommitted"),
+				MaxFailed:     rapid.SampledFrom([]float64{0.05, 0.2, 0.5}).Draw(rt, "maxFailed"),
+				MinCommitted:  rapid.SampledFrom([]float64{0.5, 0.9, 1}).Draw(rt, "minCommitted"),
 				DeviceTimeout: Duration(10 * time.Minute)},
-			Limits: Limits{MaxInFlight: rapid.IntRange(1, 40).Draw(rt, "maxInFlight")},
+			Limits:    Limits{MaxInFlight: rapid.IntRange(1, 40).Draw(rt, "maxInFlight")},
 			OnFailure: rapid.SampledFrom([]string{OnFailurePause, OnFailureAbort}).Draw(rt, "onFailure"),
 		}
 		if rapid.Bool().Draw(rt, "budget") {

@@ -24,9 +24,11 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/commands"
 	"github.com/hangarfleet/hangar/controlplane/ingest"
 	"github.com/hangarfleet/hangar/controlplane/metrics"
+	"github.com/hangarfleet/hangar/controlplane/rollout"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
 	"github.com/hangarfleet/hangar/controlplane/web"
+	"github.com/hangarfleet/hangar/proto"
 )
 
 // Defaults of Options.
@@ -66,8 +68,10 @@ type Options struct {
 	RootKeys []ed25519.PublicKey
 	// MaxArtifact caps a pushed artifact (default 1 GiB).
 	MaxArtifact int64
-	Version     string
-	Logger      *slog.Logger
+	// RolloutInterval is how often active rollouts are planned (default 2 s).
+	RolloutInterval time.Duration
+	Version         string
+	Logger          *slog.Logger
 	// Listeners for tests; when set, HTTPAddr/MQTTAddr are ignored.
 	HTTPListener, MQTTListener net.Listener
 }
@@ -80,6 +84,7 @@ type Server struct {
 	bus     broker.Bus
 	ingest  *ingest.Ingester
 	cmds    *commands.Dispatcher
+	roll    *rollout.Applier
 	api     *api.API
 	metrics *metrics.Metrics
 	httpLn  net.Listener
@@ -161,12 +166,20 @@ func New(opts Options) (*Server, error) {
 		s.mqttURL = opts.MQTTAdvertise
 	}
 	s.cmds = commands.New(commands.Options{Store: db, Bus: s.bus, Metrics: s.metrics, Logger: opts.Logger})
-	s.ingest = ingest.New(db, ingest.Options{Metrics: s.metrics, Logger: opts.Logger, OnEvent: s.cmds.OnEvent, OnState: s.cmds.OnState})
+	s.roll = rollout.New(rollout.Options{Store: db, Publish: s.cmds, Logger: opts.Logger, Interval: opts.RolloutInterval})
+	onEvent := func(device string, e *proto.Event) {
+		s.cmds.OnEvent(device, e)
+		if e.Kind == proto.EventUpdate && e.Update.Rollout != "" {
+			s.roll.Poke()
+		}
+	}
+	s.ingest = ingest.New(db, ingest.Options{Metrics: s.metrics, Logger: opts.Logger, OnEvent: onEvent, OnState: s.cmds.OnState})
 	s.api = api.New(api.Options{
 		Store: db, Bus: s.bus, Metrics: s.metrics, Logger: opts.Logger, Version: opts.Version,
 		MQTTURL: s.advertisedMQTT, Static: web.Handler(),
 		Releases: &api.ReleaseOptions{Store: db, Send: s.cmds, Roots: opts.RootKeys,
 			Dir: filepath.Join(opts.DataDir, "artifacts"), MaxArtifact: opts.MaxArtifact},
+		Rollouts: s.roll,
 	})
 	s.httpLn = opts.HTTPListener
 	if s.httpLn == nil {
@@ -265,6 +278,9 @@ func (s *Server) Store() *sqlite.DB { return s.db }
 // Bus exposes the broker.
 func (s *Server) Bus() broker.Bus { return s.bus }
 
+// Rollouts exposes the rollout applier.
+func (s *Server) Rollouts() *rollout.Applier { return s.roll }
+
 // Commands exposes the command dispatcher.
 func (s *Server) Commands() *commands.Dispatcher { return s.cmds }
 
@@ -298,6 +314,8 @@ func (s *Server) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); s.retention(ctx) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); s.cmds.Run(ctx) }()
+	wg.Add(1)
+	go func() { defer wg.Done(); s.roll.Run(ctx) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); releaseMemory(ctx, time.Minute) }()
 	s.log.Info("control plane running", "api", s.URL(), "mqtt", s.mqttURL, "data", s.opts.DataDir)

@@ -205,3 +205,13 @@ type DeviceUpdate struct {
 	Rollout  string    `json:"rollout,omitempty"`
 	Updated  time.Time `json:"updated"`
 }
+
+// ArtifactURL is the path devices download a release's artifact from.
+func ArtifactURL(target, version string) string {
+	return "/api/v1/releases/" + target + "/" + version + "/artifact"
+}
+
+// Offer is the update offer of a release.
+func (r Release) Offer() *proto.UpdateOffer {
+	return &proto.UpdateOffer{Manifest: r.Manifest, Keys: r.Keys, URL: ArtifactURL(r.Target, r.Version)}
+}

@@ -76,10 +76,10 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			connected, acked := 0, uint64(0)
 			drones := fleet.Drones()
 			for _, d := range drones {
-				if d.Agent.Connected() {
+				if d.Agent().Connected() {
 					connected++
 				}
-				acked += d.Agent.Acked()
+				acked += d.Agent().Acked()
 			}
 			fmt.Fprintf(stdout, "hangar-sim: %d/%d drones connected, %d messages acknowledged\n", connected, len(drones), acked)
 		}

@@ -42,12 +42,12 @@ func TestExternalBrokerFleet(t *testing.T) {
 
 	before := map[string]uint64{}
 	for _, d := range fleet.Drones() {
-		before[d.ID] = d.Agent.Connections()
+		before[d.ID] = d.Agent().Connections()
 	}
 	m.Restart(t)
 	waitFor(t, 60*time.Second, "drones reconnected after a Mosquitto restart", func() (bool, string) {
 		back := count(fleet.Drones(), func(d *sim.SimDrone) bool {
-			return d.Agent.Connected() && d.Agent.Connections() > before[d.ID]
+			return d.Agent().Connected() && d.Agent().Connections() > before[d.ID]
 		})
 		return back == n, fmt.Sprintf("%d reconnected", back)
 	})
@@ -62,7 +62,7 @@ func TestExternalBrokerFleet(t *testing.T) {
 	connected := func(id string) bool {
 		for _, d := range fleet.Drones() {
 			if d.ID == id {
-				return d.Agent.Connected()
+				return d.Agent().Connected()
 			}
 		}
 		return false
@@ -79,7 +79,7 @@ func TestExternalBrokerFleet(t *testing.T) {
 	// store once, with no gap.
 	queued := map[string]uint64{}
 	for _, d := range fleet.Drones() {
-		queued[d.ID] = d.Agent.LastSeq()
+		queued[d.ID] = d.Agent().LastSeq()
 	}
 	waitFor(t, 30*time.Second, "backlog delivered", func() (bool, string) {
 		for _, d := range fleet.Drones() {
@@ -87,7 +87,7 @@ func TestExternalBrokerFleet(t *testing.T) {
 				continue
 			}
 			seqs, _ := storedSeqs(t, cp.dataDir, d.ID)
-			if got := uint64(len(seqs[d.Agent.Boot()])); got < queued[d.ID] {
+			if got := uint64(len(seqs[d.Agent().Boot()])); got < queued[d.ID] {
 				return false, fmt.Sprintf("%s: %d of %d stored", d.ID, got, queued[d.ID])
 			}
 		}

@@ -193,12 +193,12 @@ func TestControlPlaneRestart(t *testing.T) {
 	// Everything queued while the control plane was down arrives.
 	queued := map[string]uint64{}
 	for _, d := range fleet.Drones() {
-		queued[d.ID] = d.Agent.LastSeq()
+		queued[d.ID] = d.Agent().LastSeq()
 	}
 	waitFor(t, 30*time.Second, "backlog delivered", func() (bool, string) {
 		for _, d := range fleet.Drones() {
 			seqs, _ := storedSeqs(t, dataDir, d.ID)
-			if got := uint64(len(seqs[d.Agent.Boot()])); got < queued[d.ID] {
+			if got := uint64(len(seqs[d.Agent().Boot()])); got < queued[d.ID] {
 				return false, fmt.Sprintf("%s: %d of %d stored", d.ID, got, queued[d.ID])
 			}
 		}
@@ -212,10 +212,10 @@ func TestControlPlaneRestart(t *testing.T) {
 		// Every message the broker acknowledged is stored: what is not
 		// stored is still pending in the drone's outbox. (Some pending
 		// ones may be stored too: their PUBACK was lost at shutdown.)
-		got := uint64(len(seqs[d.Agent.Boot()]))
-		st := d.Agent.OutboxStats()
-		if missing := d.Agent.LastSeq() - got; missing > st.PendingEvents+st.PendingTelemetry {
-			t.Fatalf("%s: %d messages neither stored nor pending (stored %d, queued %d)", d.ID, missing, got, d.Agent.LastSeq())
+		got := uint64(len(seqs[d.Agent().Boot()]))
+		st := d.Agent().OutboxStats()
+		if missing := d.Agent().LastSeq() - got; missing > st.PendingEvents+st.PendingTelemetry {
+			t.Fatalf("%s: %d messages neither stored nor pending (stored %d, queued %d)", d.ID, missing, got, d.Agent().LastSeq())
 		}
 	}
 }

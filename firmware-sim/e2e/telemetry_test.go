@@ -52,7 +52,7 @@ func TestFleetTelemetry(t *testing.T) {
 	var agentOf = func(id string) bool {
 		for _, d := range fleet.Drones() {
 			if d.ID == id {
-				return d.Agent.Connected()
+				return d.Agent().Connected()
 			}
 		}
 		return false

@@ -56,6 +56,31 @@ type Drone struct {
 	FaultRate float64
 	// DrainFactor multiplies battery drain (builds that drain faster).
 	DrainFactor float64
+	// Grounded drones never take off.
+	Grounded  bool
+	baseFault float64
+}
+
+// SetBuild applies a simulated build's behaviour to the airframe's
+// readings (errors, battery drain).
+func (d *Drone) SetBuild(fw Firmware, sampleInterval time.Duration) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.baseFault == 0 {
+		d.baseFault = d.FaultRate
+	}
+	d.FaultRate, d.DrainFactor = d.baseFault, 1
+	switch fw.Behaviour {
+	case Errors:
+		if sampleInterval <= 0 {
+			sampleInterval = time.Second
+		}
+		d.FaultRate = fw.ErrorsPerMinute * sampleInterval.Minutes()
+	case Drain:
+		d.DrainFactor = fw.DrainFactor
+	}
+	// A new process counts its errors from zero.
+	d.errors = 0
 }
 
 // NewDrone returns a drone at base, landed, with a random charge.
@@ -110,7 +135,7 @@ func (d *Drone) step(now time.Time, dt float64) {
 		d.battery = math.Min(100, d.battery+chargeLanded*dt)
 		d.altitude, d.radius = 0, 0
 		d.cpu += (150 - d.cpu) * 0.1
-		if now.After(d.until) && d.battery >= minLaunchBatt {
+		if now.After(d.until) && d.battery >= minLaunchBatt && !d.Grounded {
 			d.state, d.until = proto.FlightArmed, now.Add(time.Duration(5+d.rng.IntN(20))*time.Second)
 		}
 	case proto.FlightArmed:
@@ -138,8 +163,10 @@ func (d *Drone) step(now time.Time, dt float64) {
 	d.temp += (target-d.temp)*math.Min(1, dt*0.02) + (d.rng.Float64()-0.5)*0.2
 	d.cpu += (d.rng.Float64() - 0.5) * 20
 	d.cpu = math.Max(0, d.cpu)
-	if d.rng.Float64() < d.FaultRate {
-		d.errors++
+	for p := d.FaultRate; p > 0; p-- {
+		if p >= 1 || d.rng.Float64() < p {
+			d.errors++
+		}
 	}
 }
 

@@ -5,6 +5,7 @@ package sim
 
 import (
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -15,6 +16,8 @@ import (
 	"time"
 
 	"github.com/hangarfleet/hangar/agent"
+	"github.com/hangarfleet/hangar/agent/update"
+	"github.com/hangarfleet/hangar/proto"
 )
 
 // Mix is a weighted choice of label values.
@@ -65,6 +68,16 @@ type FleetOptions struct {
 	StartRate int
 	Seed      uint64
 	Logger    *slog.Logger
+
+	// Roots turn on signed updates: the drones pin these root keys.
+	Roots []ed25519.PublicKey
+	// Grounded drones never take off (updates are never deferred for
+	// flying).
+	Grounded bool
+	// Update timings and policy of the drones' agents.
+	TrialSoak     time.Duration
+	TrialDeadline time.Duration
+	MinBattery    uint8
 }
 
 // Fleet is a running simulated fleet.
@@ -74,14 +87,52 @@ type Fleet struct {
 	drones []*SimDrone
 }
 
-// SimDrone is one virtual drone.
+// SimDrone is one virtual drone. Its agent is restarted whenever the
+// simulated firmware "reboots" (an update, a crash, a scheduled reboot).
 type SimDrone struct {
 	ID      string
 	Labels  map[string]string
 	Sensors *Drone
-	Agent   *agent.Agent
+	fleet   *Fleet
+	dir     string
+	hw      string
+
+	mu      sync.Mutex
+	agent   *agent.Agent
+	boots   int
+	bricked bool
 	cancel  context.CancelFunc
 	done    chan struct{}
+}
+
+// Agent is the drone's current agent.
+func (d *SimDrone) Agent() *agent.Agent {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.agent
+}
+
+// Firmware is the build the drone runs.
+func (d *SimDrone) Firmware() Firmware {
+	in, err := loadFirmware(d.dir, Firmware{})
+	if err != nil {
+		return Firmware{}
+	}
+	return in.current()
+}
+
+// Boots counts the agent starts of this drone.
+func (d *SimDrone) Boots() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.boots
+}
+
+// Bricked reports whether the drone's build never came up.
+func (d *SimDrone) Bricked() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.bricked
 }
 
 // Stop stops the drone's agent and waits for it.
@@ -159,9 +210,7 @@ func (f *Fleet) Run(ctx context.Context) error {
 		go func() {
 			defer wg.Done()
 			defer close(d.done)
-			if err := d.Agent.Run(dctx); err != nil {
-				f.opts.Logger.Error("drone stopped", "device", d.ID, "err", err)
-			}
+			d.run(dctx)
 		}()
 		if interval > 0 {
 			select {
@@ -181,22 +230,104 @@ func (f *Fleet) newDrone(i int) (*SimDrone, error) {
 	labels := map[string]string{"hw": hw, "base": base.Name}
 	seed := f.opts.Seed ^ uint64(i)*0x9e3779b97f4a7c15
 	sensors := NewDrone(base, seed)
-	a, err := agent.New(agent.Options{
-		DeviceID: id, Hardware: hw, Labels: labels, Version: f.opts.Version,
-		ServerURL: f.opts.ServerURL, EnrollToken: f.opts.EnrollToken,
-		StateDir: filepath.Join(f.opts.StateRoot, id), NoSync: true, OutboxMaxBytes: 256 << 10,
-		SampleInterval: f.opts.SampleInterval, BatchSize: f.opts.BatchSize, HeartbeatInterval: f.opts.HeartbeatInterval,
-		BackoffMin: f.opts.BackoffMin, BackoffMax: f.opts.BackoffMax,
-		Sensors: sensors, Logger: f.opts.Logger,
-	})
-	if err != nil {
+	sensors.Grounded = f.opts.Grounded
+	d := &SimDrone{ID: id, Labels: labels, Sensors: sensors, fleet: f, dir: filepath.Join(f.opts.StateRoot, id), hw: hw, done: make(chan struct{})}
+	// Boot the first agent now, so that it exists once Run returns from
+	// starting drones.
+	if _, err := d.boot(); err != nil {
 		return nil, fmt.Errorf("drone %s: %w", id, err)
 	}
-	d := &SimDrone{ID: id, Labels: labels, Sensors: sensors, Agent: a, done: make(chan struct{})}
 	f.mu.Lock()
 	f.drones = append(f.drones, d)
 	f.mu.Unlock()
 	return d, nil
+}
+
+// boot creates the agent for the build in the drone's flash.
+func (d *SimDrone) boot() (Firmware, error) {
+	o := d.fleet.opts
+	in, err := loadFirmware(d.dir, Firmware{Version: o.Version, Behaviour: Good})
+	if err != nil {
+		return Firmware{}, err
+	}
+	fw := in.current()
+	d.Sensors.SetBuild(fw, o.SampleInterval)
+	opts := agent.Options{
+		DeviceID: d.ID, Hardware: d.hw, Labels: d.Labels, Version: fw.Version,
+		ServerURL: o.ServerURL, EnrollToken: o.EnrollToken,
+		StateDir: d.dir, NoSync: true, OutboxMaxBytes: 256 << 10,
+		SampleInterval: o.SampleInterval, BatchSize: o.BatchSize, HeartbeatInterval: o.HeartbeatInterval,
+		BackoffMin: o.BackoffMin, BackoffMax: o.BackoffMax,
+		Sensors: d.Sensors, Logger: o.Logger,
+	}
+	if len(o.Roots) > 0 {
+		opts.Update = &agent.UpdateOptions{Roots: o.Roots, TrialSoak: o.TrialSoak, TrialDeadline: o.TrialDeadline,
+			Policy:     update.Policy{MinBattery: o.MinBattery},
+			Installers: map[string]update.Installer{proto.TargetAgent: in}}
+	}
+	a, err := agent.New(opts)
+	if err != nil {
+		return fw, err
+	}
+	d.mu.Lock()
+	d.agent = a
+	d.boots++
+	d.mu.Unlock()
+	return fw, nil
+}
+
+// run runs the drone's agent, and starts it again whenever the simulated
+// build reboots, until ctx ends.
+func (d *SimDrone) run(ctx context.Context) {
+	fw := d.Firmware()
+	for first := true; ctx.Err() == nil; first = false {
+		if !first {
+			var err error
+			if fw, err = d.boot(); err != nil {
+				d.fleet.opts.Logger.Error("simulated drone does not boot", "device", d.ID, "err", err)
+				return
+			}
+		}
+		if fw.Bricks(d.ID, d.hw) {
+			d.mu.Lock()
+			d.bricked = true
+			d.mu.Unlock()
+			<-ctx.Done()
+			return
+		}
+		if fw.BootDelay > 0 && !sleep(ctx, time.Duration(fw.BootDelay)) {
+			return
+		}
+		runCtx, cancel := context.WithCancel(ctx)
+		switch {
+		case fw.Behaviour == CrashLoop:
+			time.AfterFunc(time.Second, cancel)
+		case fw.Behaviour == Reboots && fw.RebootEvery > 0:
+			time.AfterFunc(time.Duration(fw.RebootEvery), cancel)
+		}
+		err := d.Agent().Run(runCtx)
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil && !errors.Is(err, update.ErrRestart) {
+			d.fleet.opts.Logger.Error("simulated agent stopped", "device", d.ID, "err", err)
+		}
+		if !sleep(ctx, 100*time.Millisecond) {
+			return
+		}
+	}
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // Drones returns the drones started so far.

@@ -131,6 +131,15 @@ func (db *DB) AddAudit(ctx context.Context, a store.Audit) (int64, error) {
 	return r.LastInsertId()
 }
 
+func addAudit(ctx context.Context, x execer, a store.Audit) error {
+	attrs, _ := json.Marshal(orEmpty(a.Attrs))
+	if _, err := x.ExecContext(ctx, `INSERT INTO audit (ts, actor, action, target, reason, attrs) VALUES (?, ?, ?, ?, ?, ?)`,
+		ms(a.Time), a.Actor, a.Action, a.Target, a.Reason, string(attrs)); err != nil {
+		return fmt.Errorf("audit %s: %w", a.Action, err)
+	}
+	return nil
+}
+
 // AuditLog returns audit entries about target (all when empty), newest first.
 func (db *DB) AuditLog(ctx context.Context, target string, limit int) ([]store.Audit, error) {
 	q := `SELECT id, ts, actor, action, target, reason, attrs FROM audit`

@@ -345,6 +345,26 @@ var migrations = []string{
 		updated INTEGER NOT NULL,
 		PRIMARY KEY (dev, target, counter)
 	) WITHOUT ROWID;`,
+	`CREATE TABLE rollouts (
+		id TEXT PRIMARY KEY,
+		spec TEXT NOT NULL,
+		state TEXT NOT NULL,
+		status TEXT NOT NULL,
+		created INTEGER NOT NULL,
+		created_by TEXT NOT NULL,
+		updated INTEGER NOT NULL
+	);
+	CREATE INDEX rollouts_status ON rollouts(status);
+	CREATE TABLE rollout_members (
+		rollout TEXT NOT NULL,
+		device TEXT NOT NULL,
+		stage INTEGER NOT NULL,
+		offered INTEGER NOT NULL DEFAULT 0,
+		reverted INTEGER NOT NULL DEFAULT 0,
+		canceled INTEGER NOT NULL DEFAULT 0,
+		PRIMARY KEY (rollout, device)
+	) WITHOUT ROWID;
+	CREATE INDEX rollout_members_device ON rollout_members(device);`,
 }
 
 func (db *DB) migrate(ctx context.Context) error {

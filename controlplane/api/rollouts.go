@@ -1,0 +1,240 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+
+	"github.com/labstack/echo/v4"
+
+	"github.com/hangarfleet/hangar/controlplane/rollout"
+	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// Rollouts is what the rollout endpoints need (rollout.Applier).
+type Rollouts interface {
+	Create(ctx context.Context, s rollout.Spec, actor string) (rollout.Rollout, error)
+	Act(ctx context.Context, id, op, actor, reason string) (rollout.Rollout, error)
+	Status(ctx context.Context, id string) (rollout.StatusReport, error)
+	List(ctx context.Context) ([]rollout.Rollout, error)
+	DryRun(ctx context.Context, s rollout.Spec) (map[int][]string, int, error)
+}
+
+// CreateRollout is the body of POST /api/v1/rollouts.
+type CreateRollout struct {
+	Release          string           `json:"release"`                  // VERSION or TARGET@VERSION
+	RevertRelease    string           `json:"revert_release,omitempty"` // signed re-release of the previous build
+	Selector         string           `json:"selector,omitempty"`       // k=v,k2=v2
+	FromVersions     []string         `json:"from_versions,omitempty"`
+	Stages           string           `json:"stages,omitempty"` // 1%,10%,50%,100%
+	MinCanary        int              `json:"min_canary,omitempty"`
+	Strata           []string         `json:"strata,omitempty"`
+	Gates            rollout.Gates    `json:"gates"`
+	MaxInFlight      int              `json:"max_in_flight,omitempty"`
+	Budgets          []string         `json:"budgets,omitempty"` // label:N or label:P%
+	Windows          []string         `json:"windows,omitempty"` // HH:MM-HH:MM UTC
+	DeferredDeadline rollout.Duration `json:"deferred_deadline,omitempty"`
+	OnFailure        string           `json:"on_failure,omitempty"`
+	AutoRevert       bool             `json:"auto_revert,omitempty"`
+	Start            bool             `json:"start,omitempty"`
+	DryRun           bool             `json:"dry_run,omitempty"`
+	Reason           string           `json:"reason,omitempty"`
+}
+
+// DryRunResult shows which devices each stage would take.
+type DryRunResult struct {
+	Targeted int           `json:"targeted"`
+	Stages   []DryRunStage `json:"stages"`
+	Spec     rollout.Spec  `json:"spec"`
+}
+
+// DryRunStage is one stage of a dry run.
+type DryRunStage struct {
+	Stage   string   `json:"stage"`
+	Devices []string `json:"devices"`
+}
+
+// ActRequest is the body of POST /api/v1/rollouts/:id/:action.
+type ActRequest struct {
+	Reason string `json:"reason,omitempty"`
+}
+
+func (a *API) routeRollouts(r Rollouts) {
+	a.rollouts = r
+	g := a.e.Group("/api/v1/rollouts", a.requireAdmin, a.limit)
+	g.POST("", a.createRollout)
+	g.GET("", a.listRollouts)
+	g.GET("/:id", a.rolloutStatus)
+	g.GET("/:id/events", a.rolloutEvents)
+	g.POST("/:id/:action", a.actRollout)
+}
+
+func (a *API) releaseRef(ctx context.Context, name string) (rollout.ReleaseRef, store.Release, error) {
+	target, version, ok := strings.Cut(name, "@")
+	if !ok {
+		target, version = "", name
+	}
+	r, err := a.rel.Store.Release(ctx, target, version)
+	if err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			return rollout.ReleaseRef{}, r, echo.NewHTTPError(http.StatusNotFound, "release "+name+" not found (push it first)")
+		}
+		return rollout.ReleaseRef{}, r, badRequest("%v", err)
+	}
+	return rollout.ReleaseRef{Target: r.Target, Version: r.Version, Counter: r.Counter}, r, nil
+}
+
+func (a *API) specFrom(ctx context.Context, req CreateRollout) (rollout.Spec, error) {
+	var s rollout.Spec
+	if req.Release == "" {
+		return s, badRequest("release is required")
+	}
+	ref, rel, err := a.releaseRef(ctx, req.Release)
+	if err != nil {
+		return s, err
+	}
+	s.Release, s.Hardware = ref, rel.Hardware
+	if req.RevertRelease != "" {
+		rv, _, err := a.releaseRef(ctx, req.RevertRelease)
+		if err != nil {
+			return s, err
+		}
+		s.Revert = &rv
+	}
+	if s.Selector, err = proto.ParseSelector(req.Selector); err != nil {
+		return s, badRequest("selector: %v", err)
+	}
+	if req.Stages != "" {
+		if s.Stages, err = rollout.ParseStages(req.Stages); err != nil {
+			return s, badRequest("%v", err)
+		}
+	}
+	for _, b := range req.Budgets {
+		label, amount, ok := strings.Cut(b, ":")
+		var bud rollout.Budget
+		bud.Label = label
+		switch {
+		case !ok || label == "":
+			return s, badRequest("budget %q: label:N or label:P%%", b)
+		case strings.HasSuffix(amount, "%"):
+			if _, err := fmt.Sscan(strings.TrimSuffix(amount, "%"), &bud.KeepPercent); err != nil {
+				return s, badRequest("budget %q: %v", b, err)
+			}
+		default:
+			if _, err := fmt.Sscan(amount, &bud.KeepMin); err != nil {
+				return s, badRequest("budget %q: %v", b, err)
+			}
+		}
+		s.Limits.Budgets = append(s.Limits.Budgets, bud)
+	}
+	for _, w := range req.Windows {
+		win, err := rollout.ParseWindow(w)
+		if err != nil {
+			return s, badRequest("%v", err)
+		}
+		s.Limits.Windows = append(s.Limits.Windows, win)
+	}
+	s.FromVersions, s.MinCanary, s.Gates, s.OnFailure, s.AutoRevert = req.FromVersions, req.MinCanary, req.Gates, req.OnFailure, req.AutoRevert
+	s.Limits.MaxInFlight, s.Limits.DeferredDeadline = req.MaxInFlight, req.DeferredDeadline
+	if req.Strata != nil {
+		s.Strata = req.Strata
+	}
+	s = s.WithDefaults()
+	if err := s.Validate(); err != nil {
+		return s, badRequest("%v", err)
+	}
+	return s, nil
+}
+
+func (a *API) createRollout(c echo.Context) error {
+	var req CreateRollout
+	if err := decodeJSON(c, &req); err != nil {
+		return err
+	}
+	ctx := c.Request().Context()
+	spec, err := a.specFrom(ctx, req)
+	if err != nil {
+		return err
+	}
+	if req.DryRun {
+		stages, targeted, err := a.rollouts.DryRun(ctx, spec)
+		if err != nil {
+			return err
+		}
+		out := DryRunResult{Targeted: targeted, Spec: spec}
+		for i, st := range spec.Stages {
+			out.Stages = append(out.Stages, DryRunStage{Stage: st.String(), Devices: append([]string{}, stages[i]...)})
+		}
+		return c.JSON(http.StatusOK, out)
+	}
+	r, err := a.rollouts.Create(ctx, spec, a.actor(c))
+	if err != nil {
+		return badRequest("%v", err)
+	}
+	if req.Start {
+		if r, err = a.rollouts.Act(ctx, r.Spec.ID, rollout.OpStart, a.actor(c), req.Reason); err != nil {
+			return err
+		}
+	}
+	return c.JSON(http.StatusCreated, r)
+}
+
+func (a *API) listRollouts(c echo.Context) error {
+	rs, err := a.rollouts.List(c.Request().Context())
+	if err != nil {
+		return err
+	}
+	if rs == nil {
+		rs = []rollout.Rollout{}
+	}
+	return c.JSON(http.StatusOK, rs)
+}
+
+func (a *API) rolloutStatus(c echo.Context) error {
+	rep, err := a.rollouts.Status(c.Request().Context(), c.Param("id"))
+	if err != nil {
+		return notFound(err, "rollout "+c.Param("id"))
+	}
+	return c.JSON(http.StatusOK, rep)
+}
+
+func (a *API) rolloutEvents(c echo.Context) error {
+	limit, err := intParam(c, "limit", 1000, 1, 100000)
+	if err != nil {
+		return err
+	}
+	entries, err := a.opts.Store.AuditLog(c.Request().Context(), c.Param("id"), limit)
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, entries)
+}
+
+func (a *API) actRollout(c echo.Context) error {
+	op := c.Param("action")
+	switch op {
+	case rollout.OpStart, rollout.OpPause, rollout.OpResume, rollout.OpAbort, rollout.OpPromote, rollout.OpRevert:
+	default:
+		return echo.NewHTTPError(http.StatusNotFound, "unknown rollout action "+op)
+	}
+	var req ActRequest
+	if c.Request().ContentLength != 0 {
+		if err := decodeJSON(c, &req); err != nil {
+			return err
+		}
+	}
+	if op == rollout.OpPromote && req.Reason == "" {
+		return badRequest("promote needs a reason (it skips the rest of the stage's soak)")
+	}
+	r, err := a.rollouts.Act(c.Request().Context(), c.Param("id"), op, a.actor(c), req.Reason)
+	switch {
+	case errors.Is(err, rollout.ErrState):
+		return echo.NewHTTPError(http.StatusConflict, err.Error())
+	case err != nil:
+		return notFound(err, "rollout "+c.Param("id"))
+	}
+	return c.JSON(http.StatusOK, r)
+}

@@ -1,0 +1,312 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/hangarfleet/hangar/controlplane/api"
+	"github.com/hangarfleet/hangar/controlplane/rollout"
+	"github.com/hangarfleet/hangar/controlplane/store"
+)
+
+func runRollout(ctx context.Context, g *globals, args []string) error {
+	sub := ""
+	if len(args) > 0 {
+		sub, args = args[0], args[1:]
+	}
+	switch sub {
+	case "create":
+		return rolloutCreate(ctx, g, args)
+	case "ls", "list":
+		return rolloutList(ctx, g, args)
+	case "status":
+		return rolloutStatus(ctx, g, args, false)
+	case "watch":
+		return rolloutStatus(ctx, g, args, true)
+	case "events":
+		return rolloutEvents(ctx, g, args)
+	case rollout.OpStart, rollout.OpPause, rollout.OpResume, rollout.OpAbort, rollout.OpPromote, rollout.OpRevert:
+		return rolloutAct(ctx, g, sub, args)
+	}
+	fmt.Fprintln(g.env.Stderr, `Usage: hangar rollout create|ls|status|watch|events|start|pause|resume|abort|promote|revert ...
+
+  create --release V --selector k=v --stages 1%,10%,50%,100% [gates] [--dry-run] [--start]
+  status ID | watch ID | events ID
+  start|pause|resume|abort|revert ID [--reason R]
+  promote ID --reason R      skip the rest of the current stage's soak`)
+	return fmt.Errorf("%w: unknown rollout command %q", ErrUsage, sub)
+}
+
+type listFlag []string
+
+func (l *listFlag) String() string     { return strings.Join(*l, ",") }
+func (l *listFlag) Set(s string) error { *l = append(*l, s); return nil }
+
+func rolloutCreate(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("rollout create")
+	g.register(fs)
+	var req api.CreateRollout
+	var budgets, windows, from listFlag
+	d := rollout.DefaultGates
+	fs.StringVar(&req.Release, "release", "", "release to roll out: VERSION or TARGET@VERSION")
+	fs.StringVar(&req.RevertRelease, "revert-release", "", "signed re-release of the previous build (higher counter), offered to updated devices on revert")
+	fs.StringVar(&req.Selector, "selector", "", "target devices with these labels, e.g. hw=rev-b,base=zurich")
+	fs.Var(&from, "from-version", "only devices running this version (repeat)")
+	fs.StringVar(&req.Stages, "stages", "1%,10%,50%,100%", "cumulative stages: percentages or device counts")
+	fs.IntVar(&req.MinCanary, "min-canary", rollout.DefaultMinCanary, "smallest first stage")
+	fs.Float64Var(&req.Gates.MinCommitted, "min-committed", d.MinCommitted, "share of a stage's devices that must commit")
+	fs.Float64Var(&req.Gates.MaxFailed, "max-failed", d.MaxFailed, "share of finished devices that may fail or roll back")
+	fs.IntVar(&req.Gates.MinFinished, "min-finished", d.MinFinished, "finished devices before failures are judged")
+	soak := fs.Duration("soak", d.Soak.D(), "time a stage runs, healthy, before the next starts")
+	fs.Float64Var(&req.Gates.HealthMargin, "health-margin", d.HealthMargin, "how much worse (0.5 = 50%) the updated devices may be than the others")
+	fs.BoolVar(&req.Gates.HealthOff, "no-health", false, "do not compare health")
+	timeout := fs.Duration("device-timeout", d.DeviceTimeout.D(), "a device that neither commits nor fails within this counts as failed")
+	fs.IntVar(&req.MaxInFlight, "max-in-flight", rollout.DefaultLimits.MaxInFlight, "devices updating at once, at most")
+	fs.Var(&budgets, "budget", "keep devices of each value of a label ready: label:N or label:P% (repeat)")
+	fs.Var(&windows, "window", "offer only in this UTC window, HH:MM-HH:MM (repeat)")
+	deferred := fs.Duration("deferred-deadline", rollout.DefaultLimits.DeferredDeadline.D(), "after this, a deferred device counts as not done")
+	fs.StringVar(&req.OnFailure, "on-failure", rollout.OnFailurePause, "pause or abort when a gate fails")
+	fs.BoolVar(&req.AutoRevert, "auto-revert", false, "on failure, offer --revert-release to the devices that took the release")
+	fs.BoolVar(&req.DryRun, "dry-run", false, "show which devices each stage would take, create nothing")
+	fs.BoolVar(&req.Start, "start", false, "start at once")
+	fs.StringVar(&req.Reason, "reason", "", "why (recorded)")
+	if err := flagsOnly(fs, args); err != nil {
+		return err
+	}
+	if err := required("release", req.Release); err != nil {
+		return err
+	}
+	req.Gates.Soak, req.Gates.DeviceTimeout, req.DeferredDeadline = rollout.Duration(*soak), rollout.Duration(*timeout), rollout.Duration(*deferred)
+	req.Budgets, req.Windows, req.FromVersions = budgets, windows, from
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	if req.DryRun {
+		var dr api.DryRunResult
+		if err := c.Do(ctx, http.MethodPost, "/api/v1/rollouts", nil, req, &dr); err != nil {
+			return err
+		}
+		if g.output == "json" {
+			return printJSON(g.env.Stdout, dr)
+		}
+		fmt.Fprintf(g.env.Stdout, "dry run: %s to %d devices\n", dr.Spec.Release, dr.Targeted)
+		total := 0
+		for i, st := range dr.Stages {
+			total += len(st.Devices)
+			fmt.Fprintf(g.env.Stdout, "stage %d (%s): %d new devices, %d in all: %s\n", i+1, st.Stage, len(st.Devices), total, preview(st.Devices, 8))
+		}
+		return nil
+	}
+	var r rollout.Rollout
+	if err := c.Do(ctx, http.MethodPost, "/api/v1/rollouts", nil, req, &r); err != nil {
+		return err
+	}
+	if g.output == "json" {
+		return printJSON(g.env.Stdout, r)
+	}
+	fmt.Fprintf(g.env.Stdout, "rollout %s: %s, %s, stages %s\n", r.Spec.ID, r.Spec.Release, r.State.Status, req.Stages)
+	return nil
+}
+
+func preview(ids []string, n int) string {
+	if len(ids) <= n {
+		return strings.Join(ids, " ")
+	}
+	return strings.Join(ids[:n], " ") + fmt.Sprintf(" ... (%d more)", len(ids)-n)
+}
+
+func rolloutList(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("rollout ls")
+	g.register(fs)
+	if err := flagsOnly(fs, args); err != nil {
+		return err
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	var rs []rollout.Rollout
+	if err := c.Do(ctx, http.MethodGet, "/api/v1/rollouts", nil, nil, &rs); err != nil {
+		return err
+	}
+	if g.output == "json" {
+		return printJSON(g.env.Stdout, rs)
+	}
+	tw := tabwriter.NewWriter(g.env.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tRELEASE\tSTATUS\tSTAGE\tCREATED\tBY\tREASON")
+	for _, r := range rs {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d/%d\t%s\t%s\t%s\n", r.Spec.ID, r.Spec.Release, r.State.Status, r.State.Stage+1, len(r.Spec.Stages),
+			r.Created.Local().Format(time.DateTime), r.CreatedBy, r.State.Reason)
+	}
+	return tw.Flush()
+}
+
+func rolloutID(g *globals, name string, args []string, extra func(fsAdder)) (string, error) {
+	fs := g.newFlags("rollout " + name)
+	g.register(fs)
+	if extra != nil {
+		extra(fs)
+	}
+	pos, err := parse(fs, args)
+	if err != nil {
+		return "", err
+	}
+	if len(pos) != 1 {
+		return "", fmt.Errorf("%w: rollout %s takes one rollout id", ErrUsage, name)
+	}
+	return pos[0], nil
+}
+
+type fsAdder interface {
+	String(name, value, usage string) *string
+}
+
+func rolloutAct(ctx context.Context, g *globals, op string, args []string) error {
+	var reason *string
+	id, err := rolloutID(g, op, args, func(fs fsAdder) { reason = fs.String("reason", "", "why (recorded in the rollout's events)") })
+	if err != nil {
+		return err
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	var r rollout.Rollout
+	if err := c.Do(ctx, http.MethodPost, "/api/v1/rollouts/"+url.PathEscape(id)+"/"+op, nil, api.ActRequest{Reason: *reason}, &r); err != nil {
+		return err
+	}
+	if g.output == "json" {
+		return printJSON(g.env.Stdout, r)
+	}
+	fmt.Fprintf(g.env.Stdout, "rollout %s: %s\n", id, op)
+	return nil
+}
+
+func bar(done, total, width int) string {
+	if total == 0 {
+		return "[" + strings.Repeat(" ", width) + "]"
+	}
+	n := done * width / total
+	return "[" + strings.Repeat("#", n) + strings.Repeat(".", width-n) + "]"
+}
+
+func printStatus(w io.Writer, rep rollout.StatusReport) {
+	s, st := rep.Spec, rep.State
+	fmt.Fprintf(w, "rollout %s: %s to %d devices (selector %s)\n", s.ID, s.Release, rep.Targeted, labelString(s.Selector))
+	status := string(st.Status)
+	if st.Reverting {
+		status += ", reverting to " + s.Revert.String()
+	}
+	fmt.Fprintf(w, "status:  %s, stage %d of %d", status, st.Stage+1, len(s.Stages))
+	if st.Reason != "" {
+		fmt.Fprintf(w, " (%s)", st.Reason)
+	}
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "STAGE\tDEVICES\tPROGRESS\tSTATES")
+	for i, sr := range rep.Stages {
+		var parts []string
+		for k, v := range sr.States {
+			parts = append(parts, fmt.Sprintf("%s=%d", k, v))
+		}
+		sort.Strings(parts)
+		mark := " "
+		if i == st.Stage {
+			mark = ">"
+		}
+		fmt.Fprintf(tw, "%s%d (%s)\t%d\t%s\t%s\n", mark, i+1, sr.Stage, sr.Devices, bar(sr.States[rollout.MCommitted], sr.Devices, 20), strings.Join(parts, " "))
+	}
+	tw.Flush()
+	fmt.Fprintln(w, "gates of the current stage:")
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	for _, gr := range rep.Gates {
+		verdict := "holds"
+		switch {
+		case !gr.Judged:
+			verdict = "not judged yet"
+		case !gr.OK:
+			verdict = "FAILS"
+		}
+		fmt.Fprintf(tw, "  %s\t%.3g / %.3g\t%s\t%s\n", gr.Name, gr.Value, gr.Threshold, verdict, gr.Why)
+	}
+	tw.Flush()
+}
+
+func rolloutStatus(ctx context.Context, g *globals, args []string, watch bool) error {
+	name := "status"
+	var every *string
+	if watch {
+		name = "watch"
+	}
+	id, err := rolloutID(g, name, args, func(fs fsAdder) { every = fs.String("every", "2s", "refresh interval (watch)") })
+	if err != nil {
+		return err
+	}
+	interval, err := time.ParseDuration(*every)
+	if err != nil {
+		return fmt.Errorf("%w: --every: %v", ErrUsage, err)
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	for {
+		var rep rollout.StatusReport
+		if err := c.Do(ctx, http.MethodGet, "/api/v1/rollouts/"+url.PathEscape(id), nil, nil, &rep); err != nil {
+			return err
+		}
+		if g.output == "json" {
+			if err := printJSON(g.env.Stdout, rep); err != nil {
+				return err
+			}
+		} else {
+			if watch {
+				fmt.Fprint(g.env.Stdout, "\033[H\033[2J")
+				fmt.Fprintln(g.env.Stdout, time.Now().Format(time.TimeOnly))
+			}
+			printStatus(g.env.Stdout, rep)
+		}
+		final := rep.State.Status == rollout.StatusCompleted || (rep.State.Status == rollout.StatusAborted && !rep.State.Reverting)
+		if !watch || final {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(interval):
+		}
+	}
+}
+
+func rolloutEvents(ctx context.Context, g *globals, args []string) error {
+	id, err := rolloutID(g, "events", args, nil)
+	if err != nil {
+		return err
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	var entries []store.Audit
+	if err := c.Do(ctx, http.MethodGet, "/api/v1/rollouts/"+url.PathEscape(id)+"/events", nil, nil, &entries); err != nil {
+		return err
+	}
+	if g.output == "json" {
+		return printJSON(g.env.Stdout, entries)
+	}
+	tw := tabwriter.NewWriter(g.env.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "TIME\tWHO\tWHAT\tFROM\tTO\tWHY")
+	for i := len(entries) - 1; i >= 0; i-- {
+		e := entries[i]
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", e.Time.Local().Format(time.DateTime), e.Actor, e.Action, e.Attrs["from"], e.Attrs["to"], e.Reason)
+	}
+	return tw.Flush()
+}

@@ -1,0 +1,229 @@
+package e2e
+
+import (
+	"context"
+	"crypto/ed25519"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hangarfleet/hangar/controlplane/api"
+	"github.com/hangarfleet/hangar/controlplane/rollout"
+	"github.com/hangarfleet/hangar/controlplane/server"
+	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/firmware-sim/sim"
+)
+
+// simRelease builds a simulated firmware artifact, signs and pushes it.
+func (k *releaseKit) simRelease(t *testing.T, cp *controlPlane, fw sim.Firmware, counter uint64) {
+	t.Helper()
+	if fw.Size == 0 {
+		fw.Size = 16 << 10
+	}
+	p := filepath.Join(k.dir, "fw-"+fw.Version+".bin")
+	if err := os.WriteFile(p, fw.Artifact(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	k.releaseFor(t, cp, p, fw.Version, counter, "rev-a,rev-b,rev-c")
+}
+
+func (k *releaseKit) rollout(t *testing.T, cp *controlPlane, args ...string) string {
+	t.Helper()
+	out := k.cli(t, cp.URL(), append(append([]string{"rollout", "create"}, args...),
+		"--token-file", filepath.Join(cp.dataDir, server.AdminTokenFile), "-o", "json")...)
+	var r rollout.Rollout
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		t.Fatalf("rollout create: %v\n%s", err, out)
+	}
+	return r.Spec.ID
+}
+
+func (k *releaseKit) act(t *testing.T, cp *controlPlane, op, id string) {
+	t.Helper()
+	k.cli(t, cp.URL(), "rollout", op, id, "--reason", "test", "--token-file", filepath.Join(cp.dataDir, server.AdminTokenFile))
+}
+
+func rolloutStatus(t *testing.T, cp *controlPlane, id string) rollout.StatusReport {
+	t.Helper()
+	rep, err := cp.Rollouts().Status(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rep
+}
+
+// offeredOutsideCanary lists the members of stages after the first that
+// were offered the rollout's release.
+func offeredOutsideCanary(t *testing.T, cp *controlPlane, id string) []string {
+	t.Helper()
+	ms, err := cp.Store().Members(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, m := range ms {
+		if m.Stage > 0 && m.Offered > 0 {
+			out = append(out, m.Device)
+		}
+	}
+	return out
+}
+
+func canaryOf(t *testing.T, cp *controlPlane, id string) []string {
+	ms, _ := cp.Store().Members(context.Background(), id)
+	var out []string
+	for _, m := range ms {
+		if m.Stage == 0 {
+			out = append(out, m.Device)
+		}
+	}
+	return out
+}
+
+// TestRollouts: 500 simulated drones running the real agent code. A good
+// release goes from canary to everyone; a release that fails its health
+// check on the device rolls back on the canary and the rollout stops
+// there; one that installs fine but raises errors is stopped by the
+// health gate at the canary; and with automatic revert the canary ends on
+// the previous build.
+func TestRollouts(t *testing.T) {
+	n := 500
+	if v := os.Getenv("HANGAR_TEST_ROLLOUT_DRONES"); v != "" {
+		fmt.Sscan(v, &n)
+	}
+	kit := newReleaseKit(t)
+	cp := startControlPlane(t, server.Options{RootKeys: []ed25519.PublicKey{kit.rootKey(t)}, RolloutInterval: 500 * time.Millisecond})
+	fleet := newTestFleet(t, cp, n, func(o *sim.FleetOptions) {
+		o.Roots = []ed25519.PublicKey{kit.rootKey(t)}
+		o.Grounded = true
+		o.TrialSoak = 500 * time.Millisecond
+		o.TrialDeadline = 10 * time.Second
+		o.SampleInterval, o.BatchSize = 200*time.Millisecond, 5
+		o.StartRate = 500
+	})
+	ctx := context.Background()
+	waitFor(t, 60*time.Second, "fleet online", func() (bool, string) {
+		on := true
+		ds, _ := cp.Store().Devices(ctx, store.DeviceFilter{Online: &on})
+		return len(ds) == n, fmt.Sprintf("%d online", len(ds))
+	})
+	kit.simRelease(t, cp, sim.Firmware{Version: "1.1.0", Behaviour: sim.Good}, 110)
+	kit.simRelease(t, cp, sim.Firmware{Version: "1.2.0", Behaviour: sim.FailHealth}, 120)
+	kit.simRelease(t, cp, sim.Firmware{Version: "1.3.0", Behaviour: sim.Errors, ErrorsPerMinute: 600}, 130)
+	kit.simRelease(t, cp, sim.Firmware{Version: "1.4.0", Behaviour: sim.Errors, ErrorsPerMinute: 600}, 140)
+	kit.simRelease(t, cp, sim.Firmware{Version: "1.1.0+revert.1", Behaviour: sim.Good}, 150)
+	versions := func() map[string]int {
+		out := map[string]int{}
+		for _, d := range fleet.Drones() {
+			out[d.Firmware().Version]++
+		}
+		return out
+	}
+	gates := []string{"--stages", "2%,10%,50%,100%", "--min-canary", "6", "--soak", "3s", "--max-in-flight", "150",
+		"--device-timeout", "2m", "--health-margin", "1"}
+
+	t.Run("good release reaches everyone", func(t *testing.T) {
+		start := time.Now()
+		id := kit.rollout(t, cp, append([]string{"--release", "1.1.0", "--start"}, gates...)...)
+		waitFor(t, 3*time.Minute, "rollout completed", func() (bool, string) {
+			rep := rolloutStatus(t, cp, id)
+			return rep.State.Status == rollout.StatusCompleted, fmt.Sprintf("%s stage %d %v %s", rep.State.Status, rep.State.Stage+1, rep.Counts, rep.State.Reason)
+		})
+		waitFor(t, 30*time.Second, "every drone on 1.1.0", func() (bool, string) {
+			ds, _ := cp.Store().Devices(ctx, store.DeviceFilter{Version: "1.1.0"})
+			return len(ds) == n, fmt.Sprintf("%d on 1.1.0, drones: %v", len(ds), versions())
+		})
+		evs, _ := cp.Store().AuditLog(ctx, id, 100)
+		var transitions []string
+		for i := len(evs) - 1; i >= 0; i-- {
+			if evs[i].Action == "rollout.transition" {
+				transitions = append(transitions, evs[i].Attrs["to"])
+			}
+		}
+		if got := strings.Join(transitions, ","); got != "stage 2,stage 3,stage 4,completed" {
+			t.Errorf("transitions %s", got)
+		}
+		t.Logf("500 drones from canary to 100%% in %v", time.Since(start).Round(time.Second))
+	})
+
+	t.Run("build failing its health check stops at the canary", func(t *testing.T) {
+		id := kit.rollout(t, cp, append([]string{"--release", "1.2.0", "--start", "--on-failure", "abort"}, gates...)...)
+		waitFor(t, 2*time.Minute, "rollout aborted", func() (bool, string) {
+			rep := rolloutStatus(t, cp, id)
+			return rep.State.Status == rollout.StatusAborted, fmt.Sprintf("%s %v", rep.State.Status, rep.Counts)
+		})
+		if out := offeredOutsideCanary(t, cp, id); len(out) > 0 {
+			t.Fatalf("devices outside the canary offered the bad build: %v", out)
+		}
+		canary := canaryOf(t, cp, id)
+		waitFor(t, time.Minute, "canary rolled back to 1.1.0", func() (bool, string) {
+			for _, dev := range canary {
+				d, _ := cp.Store().Device(ctx, dev)
+				if d.Version != "1.1.0" {
+					return false, dev + " on " + d.Version
+				}
+			}
+			return true, ""
+		})
+		us, _ := cp.Store().DeviceUpdates(ctx, "", "agent", 120)
+		for _, u := range us {
+			if !contains(canary, u.Device) {
+				t.Errorf("%s, outside the canary, reported on 1.2.0: %s", u.Device, u.State)
+			}
+			if u.State != "rolled_back" {
+				t.Errorf("%s: 1.2.0 %s, want rolled_back", u.Device, u.State)
+			}
+		}
+	})
+
+	t.Run("unhealthy build stopped by the health gate", func(t *testing.T) {
+		id := kit.rollout(t, cp, append([]string{"--release", "1.3.0", "--start"}, gates...)...)
+		waitFor(t, 2*time.Minute, "rollout paused by the health gate", func() (bool, string) {
+			rep := rolloutStatus(t, cp, id)
+			return rep.State.Status == rollout.StatusPaused, fmt.Sprintf("%s %v %s", rep.State.Status, rep.Counts, rep.State.Reason)
+		})
+		rep := rolloutStatus(t, cp, id)
+		if !strings.Contains(rep.State.Reason, "health:errors") {
+			t.Errorf("paused for %q, want the errors health gate", rep.State.Reason)
+		}
+		if out := offeredOutsideCanary(t, cp, id); len(out) > 0 {
+			t.Fatalf("devices outside the canary offered the unhealthy build: %v", out)
+		}
+		kit.act(t, cp, "abort", id)
+	})
+
+	t.Run("automatic revert puts the canary back on the previous build", func(t *testing.T) {
+		id := kit.rollout(t, cp, append([]string{"--release", "1.4.0", "--revert-release", "1.1.0+revert.1", "--auto-revert", "--start"}, gates...)...)
+		waitFor(t, 2*time.Minute, "rollout paused and reverting", func() (bool, string) {
+			rep := rolloutStatus(t, cp, id)
+			return rep.State.Status == rollout.StatusPaused && rep.State.Reverting, fmt.Sprintf("%s %v", rep.State.Status, rep.Counts)
+		})
+		canary := canaryOf(t, cp, id)
+		waitFor(t, time.Minute, "canary on the previous build", func() (bool, string) {
+			for _, d := range fleet.Drones() {
+				if contains(canary, d.ID) && d.Firmware().Behaviour != sim.Good {
+					return false, d.ID + " runs " + d.Firmware().Version
+				}
+			}
+			return true, ""
+		})
+		if out := offeredOutsideCanary(t, cp, id); len(out) > 0 {
+			t.Fatalf("devices outside the canary offered 1.4.0: %v", out)
+		}
+	})
+}
+
+func contains(xs []string, s string) bool {
+	for _, x := range xs {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+var _ = api.CreateRollout{}
