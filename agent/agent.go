@@ -251,12 +251,21 @@ func (a *Agent) startEpoch() error {
 		n, _ := strconv.ParseUint(string(b), 10, 32)
 		a.reboots = uint32(n)
 	}
-	if a.reboots > 0 || prev > 0 {
+	// A start after a clean stop or a planned restart into a new build
+	// is not a reboot: the counter is the health signal of unplanned
+	// restarts (crashes, watchdog resets, power cuts).
+	_, cleanErr := a.store.Load(CleanStopFile)
+	if prev > 0 && cleanErr != nil {
 		a.reboots++
 	}
+	_ = a.store.Remove(CleanStopFile)
 	_ = a.store.Save("reboots", []byte(strconv.FormatUint(uint64(a.reboots), 10)))
 	return nil
 }
+
+// CleanStopFile marks in the state directory that the last run ended as
+// planned.
+const CleanStopFile = "clean-stop"
 
 // Boot is this run's boot epoch.
 func (a *Agent) Boot() uint64 { return a.boot }
@@ -288,6 +297,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		// Settle an interrupted update first: this may start another build.
 		if err := a.updater.Boot(ctx); err != nil {
 			if errors.Is(err, update.ErrRestart) {
+				_ = a.store.Save(CleanStopFile, nil)
 				return err
 			}
 			a.log.Error("update recovery failed", "err", err)
@@ -316,6 +326,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.connectLoop(ctx)
 	wg.Wait()
+	_ = a.store.Save(CleanStopFile, nil)
 	a.log.Info("agent stopped")
 	return restart
 }

@@ -284,3 +284,25 @@ func TestPingAndMalformedCommand(t *testing.T) {
 		t.Fatalf("ack event %+v %v", ev, err)
 	}
 }
+
+// A start after a clean stop is not counted as a reboot; one after a
+// crash (no clean stop recorded) is.
+func TestRebootsCountUnplannedRestarts(t *testing.T) {
+	dir := t.TempDir()
+	a := newTestAgent(t, Options{StateDir: dir, Transport: &fakeTransport{}})
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := a.Run(ctx); err != nil {
+		t.Fatal(err)
+	}
+	b := newTestAgent(t, Options{StateDir: dir, Transport: &fakeTransport{}})
+	if b.reboots != 0 {
+		t.Fatalf("reboots after a clean stop = %d", b.reboots)
+	}
+	b.box.Close() // crash: no Run ending
+	c := newTestAgent(t, Options{StateDir: dir, Transport: &fakeTransport{}})
+	if c.reboots != 1 {
+		t.Fatalf("reboots after a crash = %d", c.reboots)
+	}
+	c.box.Close()
+}

@@ -84,7 +84,7 @@ type Sample struct {
 	Flight  FlightState        `cbor:"10,keyasint,omitempty"`
 	Link    uint8              `cbor:"11,keyasint,omitempty"` // link quality percent
 	Errors  uint32             `cbor:"12,keyasint,omitempty"` // errors since the agent started
-	Reboots uint32             `cbor:"13,keyasint,omitempty"` // agent restarts since enrollment
+	Reboots uint32             `cbor:"13,keyasint,omitempty"` // unplanned agent restarts (not a clean stop or an update restart) since enrollment
 	Uptime  uint32             `cbor:"14,keyasint,omitempty"` // seconds since the OS booted
 	Ext     map[string]float64 `cbor:"15,keyasint,omitempty"` // extension metrics, at most MaxMapPairs
 }

@@ -230,7 +230,7 @@ func (a *Applier) health(ctx context.Context, r Rollout, devs []Device, from, to
 			continue
 		}
 		switch {
-		case m.Stage <= r.State.Stage && m.Offered > 0 && (d.Version == r.Spec.Release.Version || (d.Update != nil && d.Update.State == proto.UpdateCommitted)):
+		case m.Stage <= r.State.Stage && m.Offered > 0 && r.Spec.memberState(m, d, to) == MCommitted:
 			updated = append(updated, d)
 		case m.Stage > r.State.Stage && m.Offered == 0:
 			pending = append(pending, d)

@@ -1,6 +1,8 @@
 package rollout
 
 import (
+	"math"
+
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -38,5 +40,52 @@ func HealthOf(samples []proto.Sample, times []int64) *Health {
 		}
 	}
 	h.LinkLoss = float64(noLink) / float64(len(samples))
+	h.Samples = len(samples)
 	return h
+}
+
+// poissonTail is P(X >= k) for X ~ Poisson(mean).
+func poissonTail(mean float64, k int) float64 {
+	if k <= 0 {
+		return 1
+	}
+	if mean <= 0 {
+		return 0
+	}
+	if float64(k) <= mean {
+		return 1 // at or under the mean: no evidence of excess
+	}
+	// Sum the pmf upward from k; the terms fall geometrically once past
+	// the mean.
+	lg, _ := math.Lgamma(float64(k) + 1)
+	term := math.Exp(float64(k)*math.Log(mean) - mean - lg)
+	sum := 0.0
+	for i := k; term > sum*1e-12 && i < k+1_000_000; i++ {
+		sum += term
+		term *= mean / float64(i+1)
+	}
+	return min(sum, 1)
+}
+
+// binomialTail is P(X >= k) for X ~ Binomial(n, p).
+func binomialTail(n int, p float64, k int) float64 {
+	if k <= 0 {
+		return 1
+	}
+	if k > n || p <= 0 {
+		return 0
+	}
+	if p >= 1 || float64(k) <= float64(n)*p {
+		return 1
+	}
+	ln, _ := math.Lgamma(float64(n) + 1)
+	lk, _ := math.Lgamma(float64(k) + 1)
+	lnk, _ := math.Lgamma(float64(n-k) + 1)
+	term := math.Exp(ln - lk - lnk + float64(k)*math.Log(p) + float64(n-k)*math.Log1p(-p))
+	sum := 0.0
+	for i := k; i <= n && term > sum*1e-12; i++ {
+		sum += term
+		term *= float64(n-i) / float64(i+1) * p / (1 - p)
+	}
+	return min(sum, 1)
 }

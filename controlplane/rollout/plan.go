@@ -27,6 +27,9 @@ const (
 	StatusCompleted Status = "completed"
 )
 
+// Final says whether no operator action can change the status any more.
+func (s Status) Final() bool { return s == StatusAborted || s == StatusCompleted }
+
 // Member is a device's place in a rollout. It never changes stage.
 type Member struct {
 	Stage    int   `json:"stage"`
@@ -71,6 +74,7 @@ type Health struct {
 	Reboots     float64 `json:"reboots"`      // reboot counter increase
 	Errors      float64 `json:"errors"`       // error counter increase
 	LinkLoss    float64 `json:"link_loss"`    // share of samples without link
+	Samples     int     `json:"samples"`      // telemetry samples seen
 	FlightHours float64 `json:"flight_hours"` // time flying
 	Drain       float64 `json:"drain"`        // battery percent lost while flying
 }
@@ -265,7 +269,11 @@ func (s Spec) assign(st *State, devs []Device) {
 
 // memberState says where a member stands.
 func (s Spec) memberState(m *Member, d *Device, now time.Time) string {
-	if d != nil && d.Version == s.Release.Version && (d.Update == nil || !failed(d.Update.State)) {
+	// A device that already runs the release without being offered it
+	// counts as committed. One that was offered it is judged by its own
+	// report only: during its trial boot it already reports the new
+	// version, and a trial is not a commit.
+	if d != nil && m.Offered == 0 && d.Version == s.Release.Version && (d.Update == nil || !failed(d.Update.State)) {
 		return MCommitted
 	}
 	if d != nil && d.Update != nil && m.Offered > 0 {
@@ -303,10 +311,15 @@ const (
 	floorDrain   = 5.0  // percent per flight hour
 )
 
+// significance is how unlikely an excess over the limit must be under
+// the limit's own rate before the health gate fails: a handful of events
+// on a few device-minutes of telemetry is not evidence.
+const significance = 0.01
+
 type cohort struct {
-	n                                   int
+	n, samples, noLink                  int
 	hours, reboots, errors, flightHours float64
-	drain, linkLoss                     float64
+	drain                               float64
 }
 
 func (c *cohort) add(h *Health) {
@@ -319,14 +332,18 @@ func (c *cohort) add(h *Health) {
 	c.errors += h.Errors
 	c.flightHours += h.FlightHours
 	c.drain += h.Drain
-	c.linkLoss += h.LinkLoss * h.Hours
+	c.samples += h.Samples
+	c.noLink += int(math.Round(h.LinkLoss * float64(h.Samples)))
 }
 
 func (c cohort) rates() (reboots, errors, link, drain float64, hasDrain bool) {
 	if c.hours == 0 {
 		return 0, 0, 0, 0, false
 	}
-	reboots, errors, link = c.reboots/c.hours, c.errors/c.hours, c.linkLoss/c.hours
+	reboots, errors = c.reboots/c.hours, c.errors/c.hours
+	if c.samples > 0 {
+		link = float64(c.noLink) / float64(c.samples)
+	}
 	if c.flightHours > 0.05 {
 		return reboots, errors, link, c.drain / c.flightHours, true
 	}
@@ -345,18 +362,39 @@ func (s Spec) healthGates(updated, baseline cohort) []GateResult {
 	ur, ue, ul, ud, uok := updated.rates()
 	br, be, bl, bd, bok := baseline.rates()
 	m := 1 + s.Gates.HealthMargin
-	check := func(name string, u, b, floor float64, unit string) GateResult {
+	// A metric fails when the updated cohort's rate is over the limit
+	// and an excess that large would be unlikely (p < significance) if
+	// the cohort's true rate were the limit itself.
+	check := func(name string, u, b, floor float64, unit string, tail func(limit float64) float64) GateResult {
 		limit := max(b*m, b+floor)
-		return GateResult{Name: "health:" + name, Value: u, Threshold: limit, OK: u <= limit, Judged: true,
+		g := GateResult{Name: "health:" + name, Value: u, Threshold: limit, OK: true, Judged: true,
 			Why: fmt.Sprintf("updated %.2f %s, not yet updated %.2f: limit %.2f", u, unit, b, limit)}
+		if u > limit {
+			p := 0.0
+			if tail != nil {
+				p = tail(limit)
+			}
+			g.OK = p >= significance
+			if g.OK {
+				g.Why += fmt.Sprintf(", over it but not significant (p=%.2g)", p)
+			} else if tail != nil {
+				g.Why += fmt.Sprintf(" (p=%.2g)", p)
+			}
+		}
+		return g
+	}
+	poisson := func(events, hours float64) func(float64) float64 {
+		return func(limit float64) float64 { return poissonTail(limit*hours, int(math.Round(events))) }
 	}
 	out := []GateResult{
-		check("reboots", ur, br, floorReboots, "reboots/h"),
-		check("errors", ue, be, floorErrors, "errors/h"),
-		check("link_loss", ul, bl, floorLink, "of samples"),
+		check("reboots", ur, br, floorReboots, "reboots/h", poisson(updated.reboots, updated.hours)),
+		check("errors", ue, be, floorErrors, "errors/h", poisson(updated.errors, updated.hours)),
+		check("link_loss", ul, bl, floorLink, "of samples", func(limit float64) float64 {
+			return binomialTail(updated.samples, limit, updated.noLink)
+		}),
 	}
 	if uok && bok {
-		out = append(out, check("battery_drain", ud, bd, floorDrain, "%/flight h"))
+		out = append(out, check("battery_drain", ud, bd, floorDrain, "%/flight h", nil))
 	}
 	return out
 }

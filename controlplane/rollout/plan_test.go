@@ -369,3 +369,103 @@ func TestPlanProperties(t *testing.T) {
 		}
 	})
 }
+
+// A few events over a short window are noise, even when the rate looks
+// far over the limit; the same excess over a long window is not.
+func TestHealthGateSignificance(t *testing.T) {
+	s := testSpec()
+	s.Gates.HealthMargin = 1
+	base := cohort{n: 450, hours: 450 * 3.0 / 3600, errors: 6.7, samples: 450 * 15}
+	few := cohort{n: 50, hours: 50 * 3.0 / 3600, errors: 2, samples: 50 * 15} // 48/h against 18/h
+	for _, g := range s.healthGates(few, base) {
+		if !g.OK {
+			t.Errorf("2 errors over 2.5 device-minutes failed %s: %s", g.Name, g.Why)
+		}
+	}
+	many := cohort{n: 50, hours: 50 * 3.0, errors: 7200, samples: 50 * 15} // same rate, 3600 times the exposure
+	base.hours, base.errors = 450*3.0, 24300
+	var failed []string
+	for _, g := range s.healthGates(many, base) {
+		if !g.OK {
+			failed = append(failed, g.Name)
+		}
+	}
+	if len(failed) != 1 || failed[0] != "health:errors" {
+		t.Errorf("48 errors/h against 18 over 150 device-hours: failed %v", failed)
+	}
+	// Link loss: 3 samples of 750 without link is not 5 % worse; 200 is.
+	few = cohort{n: 50, hours: 1, samples: 750, noLink: 3}
+	base = cohort{n: 450, hours: 9, samples: 6750}
+	for _, g := range s.healthGates(few, base) {
+		if !g.OK {
+			t.Errorf("%s failed: %s", g.Name, g.Why)
+		}
+	}
+	few.noLink = 200
+	if gs := s.healthGates(few, base); gs[2].OK {
+		t.Errorf("27%% link loss against 0 passed: %s", gs[2].Why)
+	}
+}
+
+func TestTails(t *testing.T) {
+	for _, c := range []struct {
+		mean float64
+		k    int
+		want float64
+	}{
+		{1, 2, 0.26424111765711533}, // 1 - e^-1 (1 + 1)
+		{1, 5, 0.0036598468273437},
+		{10, 20, 0.0034452365656}, // tabulated
+		{2, 0, 1},
+		{0, 3, 0},
+		{1000, 1200, 1.3e-10},
+	} {
+		got := poissonTail(c.mean, c.k)
+		if d := math.Abs(got - c.want); d > 1e-9 && d/c.want > 0.1 {
+			t.Errorf("poissonTail(%v, %d) = %v, want %v", c.mean, c.k, got, c.want)
+		}
+	}
+	// Binomial(10, 0.5): P(X >= 8) = 56/1024.
+	if got := binomialTail(10, 0.5, 8); math.Abs(got-56.0/1024) > 1e-12 {
+		t.Errorf("binomialTail(10, .5, 8) = %v", got)
+	}
+	if got := binomialTail(10, 0.1, 11); got != 0 {
+		t.Errorf("binomialTail over n = %v", got)
+	}
+}
+
+// A device in its trial boot already reports the new version; that is not
+// a commit, and a canary that then rolls back must stop the rollout.
+func TestTrialIsNotCommitted(t *testing.T) {
+	s := testSpec()
+	devs := fleet(300, []string{"rev-b"}, []string{"zurich"})
+	out := Plan(s, State{Status: StatusRunning, Members: map[string]*Member{}}, devs, t0)
+	set := func(state proto.UpdateState) {
+		for _, a := range out.Actions {
+			for i := range devs {
+				if devs[i].ID == a.Device {
+					devs[i].Update, devs[i].Version = report(state), "2.0.0"
+				}
+			}
+		}
+	}
+	offers := out.Actions
+	set(proto.UpdateTrial)
+	for i := 1; i <= 5; i++ {
+		next := Plan(s, out.State, devs, t0.Add(time.Duration(i)*time.Minute))
+		if next.State.GatesSince != 0 || next.State.Stage != 0 || len(next.Transitions) != 0 {
+			t.Fatalf("devices in trial passed the gates: %+v", next.State)
+		}
+		out.State = next.State
+	}
+	out.Actions = offers
+	set(proto.UpdateRolledBack)
+	for i := range devs {
+		if devs[i].Update != nil {
+			devs[i].Version = "1.0.0"
+		}
+	}
+	if got := Plan(s, out.State, devs, t0.Add(6*time.Minute)); got.State.Status != StatusPaused {
+		t.Fatalf("rolled-back canary: %s", got.State.Status)
+	}
+}

@@ -39,6 +39,15 @@ func (k *releaseKit) rollout(t *testing.T, cp *controlPlane, args ...string) str
 	if err := json.Unmarshal([]byte(out), &r); err != nil {
 		t.Fatalf("rollout create: %v\n%s", err, out)
 	}
+	// One active rollout per device: a subtest that stops early must not
+	// hold the fleet for the next one.
+	t.Cleanup(func() {
+		if rep, err := cp.Rollouts().Status(context.Background(), r.Spec.ID); err == nil && !rep.State.Status.Final() {
+			if _, err := cp.Rollouts().Act(context.Background(), r.Spec.ID, "abort", "test", "subtest ended"); err != nil {
+				t.Errorf("abort %s: %v", r.Spec.ID, err)
+			}
+		}
+	})
 	return r.Spec.ID
 }
 
@@ -131,6 +140,10 @@ func TestRollouts(t *testing.T) {
 		id := kit.rollout(t, cp, append([]string{"--release", "1.1.0", "--start"}, gates...)...)
 		waitFor(t, 3*time.Minute, "rollout completed", func() (bool, string) {
 			rep := rolloutStatus(t, cp, id)
+			if rep.State.Status == rollout.StatusPaused || rep.State.Status == rollout.StatusAborted {
+				b, _ := json.MarshalIndent(rep, "", " ")
+				t.Fatalf("good release stopped: %s", b)
+			}
 			return rep.State.Status == rollout.StatusCompleted, fmt.Sprintf("%s stage %d %v %s", rep.State.Status, rep.State.Stage+1, rep.Counts, rep.State.Reason)
 		})
 		waitFor(t, 30*time.Second, "every drone on 1.1.0", func() (bool, string) {
@@ -147,7 +160,7 @@ func TestRollouts(t *testing.T) {
 		if got := strings.Join(transitions, ","); got != "stage 2,stage 3,stage 4,completed" {
 			t.Errorf("transitions %s", got)
 		}
-		t.Logf("500 drones from canary to 100%% in %v", time.Since(start).Round(time.Second))
+		t.Logf("%d drones from canary to 100%% in %v", n, time.Since(start).Round(time.Second))
 	})
 
 	t.Run("build failing its health check stops at the canary", func(t *testing.T) {
@@ -157,7 +170,7 @@ func TestRollouts(t *testing.T) {
 			return rep.State.Status == rollout.StatusAborted, fmt.Sprintf("%s %v", rep.State.Status, rep.Counts)
 		})
 		if out := offeredOutsideCanary(t, cp, id); len(out) > 0 {
-			t.Fatalf("devices outside the canary offered the bad build: %v", out)
+			t.Fatalf("%d devices outside the canary offered the bad build: %v%s", len(out), out[:min(len(out), 5)], story(t, cp, id))
 		}
 		canary := canaryOf(t, cp, id)
 		waitFor(t, time.Minute, "canary rolled back to 1.1.0", func() (bool, string) {
@@ -191,7 +204,7 @@ func TestRollouts(t *testing.T) {
 			t.Errorf("paused for %q, want the errors health gate", rep.State.Reason)
 		}
 		if out := offeredOutsideCanary(t, cp, id); len(out) > 0 {
-			t.Fatalf("devices outside the canary offered the unhealthy build: %v", out)
+			t.Fatalf("%d devices outside the canary offered the unhealthy build: %v%s", len(out), out[:min(len(out), 5)], story(t, cp, id))
 		}
 		kit.act(t, cp, "abort", id)
 	})
@@ -212,9 +225,52 @@ func TestRollouts(t *testing.T) {
 			return true, ""
 		})
 		if out := offeredOutsideCanary(t, cp, id); len(out) > 0 {
-			t.Fatalf("devices outside the canary offered 1.4.0: %v", out)
+			t.Fatalf("%d devices outside the canary offered 1.4.0: %v%s", len(out), out[:min(len(out), 5)], story(t, cp, id))
 		}
+		// Every canary device that committed 1.4.0 was offered the revert
+		// and now runs it.
+		took, _ := cp.Store().DeviceUpdates(ctx, "", "agent", 140)
+		ms, _ := cp.Store().Members(ctx, id)
+		reverted := map[string]bool{}
+		for _, m := range ms {
+			if m.Reverted > 0 {
+				reverted[m.Device] = true
+			}
+		}
+		n := 0
+		for _, u := range took {
+			if u.State != "committed" {
+				continue
+			}
+			n++
+			if !reverted[u.Device] {
+				t.Errorf("%s committed 1.4.0 but was not offered the revert", u.Device)
+			}
+		}
+		if n == 0 {
+			t.Fatal("no device committed 1.4.0: the revert was not exercised")
+		}
+		waitFor(t, time.Minute, "reverted devices on 1.1.0+revert.1", func() (bool, string) {
+			for dev := range reverted {
+				if d, _ := cp.Store().Device(ctx, dev); d.Version != "1.1.0+revert.1" {
+					return false, dev + " on " + d.Version
+				}
+			}
+			return true, ""
+		})
+		t.Logf("%d canary devices committed 1.4.0 and were reverted", n)
 	})
+}
+
+// story is the rollout's audit log, oldest first, for failure messages.
+func story(t *testing.T, cp *controlPlane, id string) string {
+	evs, _ := cp.Store().AuditLog(context.Background(), id, 200)
+	var b strings.Builder
+	for i := len(evs) - 1; i >= 0; i-- {
+		e := evs[i]
+		fmt.Fprintf(&b, "\n  %s %s %s %v %s", e.Time.Format("15:04:05.000"), e.Actor, e.Action, e.Attrs, e.Reason)
+	}
+	return b.String()
 }
 
 func contains(xs []string, s string) bool {

@@ -299,16 +299,24 @@ func (d *SimDrone) run(ctx context.Context) {
 			return
 		}
 		runCtx, cancel := context.WithCancel(ctx)
+		crash := false
 		switch {
 		case fw.Behaviour == CrashLoop:
+			crash = true
 			time.AfterFunc(time.Second, cancel)
 		case fw.Behaviour == Reboots && fw.RebootEvery > 0:
+			crash = true
 			time.AfterFunc(time.Duration(fw.RebootEvery), cancel)
 		}
 		err := d.Agent().Run(runCtx)
 		cancel()
 		if ctx.Err() != nil {
 			return
+		}
+		if crash && err == nil {
+			// The simulated build died: a real process would not have
+			// recorded its clean stop.
+			_ = os.Remove(filepath.Join(d.dir, agent.CleanStopFile))
 		}
 		if err != nil && !errors.Is(err, update.ErrRestart) {
 			d.fleet.opts.Logger.Error("simulated agent stopped", "device", d.ID, "err", err)
