@@ -37,6 +37,10 @@ check: ## gofmt, go vet, then the tests
 bench: build ## benchmarks: wire codec, ingest (embedded vs Mosquitto), agent footprint; see docs/benchmarks.md
 	./scripts/bench.sh
 
+.PHONY: soak
+soak: ## kill -9 the control plane during rollouts, ROUNDS (10) times KILLS (60) kills
+	./scripts/kill-soak.sh $${ROUNDS:-10} $${KILLS:-60}
+
 .PHONY: cross
 cross: ## static hangar-agent for linux/arm64 and linux/arm (GOARM=7) into bin/
 	CGO_ENABLED=0 GOOS=linux GOARCH=arm64 $(GO) build -trimpath -ldflags "-s -w $(LDFLAGS)" -o bin/hangar-agent-linux-arm64 ./agent/cmd/hangar-agent

@@ -32,6 +32,7 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	fs.StringVar(&o.MQTTAdvertise, "mqtt-advertise", g.env.Getenv("HANGAR_MQTT_ADVERTISE"), "broker URL handed to devices at enrollment (default: derived)")
 	fs.DurationVar(&o.Retention, "retention", server.DefaultRetention, "how long telemetry and device events are kept")
 	fs.DurationVar(&o.OnlineTimeout, "online-timeout", 90*time.Second, "a device silent this long is shown offline")
+	fs.DurationVar(&o.RolloutInterval, "rollout-interval", 2*time.Second, "how often active rollouts are judged and advanced")
 	fs.IntVar(&o.ConnectRate, "connect-rate", 0, "cap on MQTT connections accepted per second by the embedded broker (0: none)")
 	var rootKeys []string
 	fs.Func("root-key", "release root public key (PEM file); pushed releases must chain to one (repeat for several)", func(v string) error {

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -72,13 +73,26 @@ func (cp *controlPlane) stop() {
 	cp.done <- nil // later stops return at once
 }
 
-func (cp *controlPlane) enrollToken(t testing.TB) string {
-	b, err := os.ReadFile(cp.dataDir + "/" + server.EnrollTokenFile)
+// endpoint is a control plane the tests talk to, in process or a child
+// process.
+type endpoint interface {
+	URL() string
+	DataDir() string
+}
+
+func (cp *controlPlane) DataDir() string { return cp.dataDir }
+
+func (cp *controlPlane) enrollToken(t testing.TB) string { return enrollToken(t, cp) }
+
+func enrollToken(t testing.TB, cp endpoint) string {
+	b, err := os.ReadFile(filepath.Join(cp.DataDir(), server.EnrollTokenFile))
 	if err != nil {
 		t.Fatal(err)
 	}
 	return strings.TrimSpace(string(b))
 }
+
+func adminTokenFile(cp endpoint) string { return filepath.Join(cp.DataDir(), server.AdminTokenFile) }
 
 func (cp *controlPlane) adminToken(t testing.TB) string {
 	b, err := os.ReadFile(cp.dataDir + "/" + server.AdminTokenFile)
@@ -95,10 +109,10 @@ type testFleet struct {
 	wg     sync.WaitGroup
 }
 
-func newTestFleet(t testing.TB, cp *controlPlane, n int, tweak func(*sim.FleetOptions)) *testFleet {
+func newTestFleet(t testing.TB, cp endpoint, n int, tweak func(*sim.FleetOptions)) *testFleet {
 	t.Helper()
 	opts := sim.FleetOptions{
-		ServerURL: cp.URL(), EnrollToken: cp.enrollToken(t), Devices: n, StateRoot: t.TempDir(),
+		ServerURL: cp.URL(), EnrollToken: enrollToken(t, cp), Devices: n, StateRoot: t.TempDir(),
 		SampleInterval: 100 * time.Millisecond, BatchSize: 5, HeartbeatInterval: 5 * time.Second,
 		BackoffMin: 50 * time.Millisecond, BackoffMax: time.Second, Logger: testLogger(t), Seed: 1,
 	}

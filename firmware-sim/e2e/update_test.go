@@ -74,17 +74,17 @@ func (k *releaseKit) rootKey(t *testing.T) ed25519.PublicKey {
 
 // release signs and pushes an artifact, as the release engineer and the
 // operator would.
-func (k *releaseKit) release(t *testing.T, cp *controlPlane, artifact, version string, counter uint64) {
+func (k *releaseKit) release(t *testing.T, cp endpoint, artifact, version string, counter uint64) {
 	k.releaseFor(t, cp, artifact, version, counter, "rev-b")
 }
 
-func (k *releaseKit) releaseFor(t *testing.T, cp *controlPlane, artifact, version string, counter uint64, hardware string) {
+func (k *releaseKit) releaseFor(t *testing.T, cp endpoint, artifact, version string, counter uint64, hardware string) {
 	t.Helper()
 	manifest := artifact + ".manifest"
 	k.cli(t, "", "release", "sign", "--key", k.relKey, "--artifact", artifact, "--version", version, "--hardware", hardware,
 		"--arch", "amd64,arm64,arm", "--counter", fmt.Sprint(counter), "--out", manifest)
 	k.cli(t, cp.URL(), "release", "push", "--manifest", manifest, "--keys", k.keysFile, "--artifact", artifact,
-		"--token-file", filepath.Join(cp.dataDir, server.AdminTokenFile))
+		"--token-file", adminTokenFile(cp))
 }
 
 // supervisor runs a binary and starts it again whenever it exits, as

@@ -1,0 +1,333 @@
+package e2e
+
+import (
+	"bytes"
+	"crypto/ed25519"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hangarfleet/hangar/controlplane/rollout"
+	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/firmware-sim/sim"
+)
+
+// childControlPlane is `hangar serve` run as a child process on fixed
+// ports, so that it can be killed with SIGKILL and started again on the
+// same data directory, as a crash and a supervisor's restart would.
+type childControlPlane struct {
+	t          *testing.T
+	bin, dir   string
+	http, mqtt string
+	args       []string
+
+	mu     sync.Mutex
+	cmd    *exec.Cmd
+	log    *bytes.Buffer
+	exited chan struct{}
+	starts int
+	kills  int
+}
+
+func (c *childControlPlane) URL() string     { return "http://" + c.http }
+func (c *childControlPlane) DataDir() string { return c.dir }
+
+// buildServer builds the hangar binary (cgo: SQLite), with -race when the
+// tests run with it.
+func buildServer(t *testing.T) string {
+	t.Helper()
+	binMu.Lock()
+	defer binMu.Unlock()
+	if p, ok := binCache["hangar"]; ok {
+		return p
+	}
+	if binDir == "" {
+		d, err := os.MkdirTemp("", "hangar-e2e-bin-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		binDir = d
+	}
+	out := filepath.Join(binDir, "hangar")
+	args := []string{"build", "-o", out}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
+	cmd := exec.Command("go", append(args, "github.com/hangarfleet/hangar/controlplane/cmd/hangar")...)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build hangar: %v\n%s", err, b)
+	}
+	binCache["hangar"] = out
+	return out
+}
+
+func freePort(t *testing.T) string {
+	ln := listen(t)
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+func startChildControlPlane(t *testing.T, args ...string) *childControlPlane {
+	c := &childControlPlane{t: t, bin: buildServer(t), dir: t.TempDir(), http: freePort(t), mqtt: freePort(t), args: args}
+	c.start()
+	t.Cleanup(func() {
+		c.mu.Lock()
+		cmd, exited := c.cmd, c.exited
+		c.mu.Unlock()
+		if cmd != nil {
+			cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-exited:
+			case <-time.After(10 * time.Second):
+				cmd.Process.Kill()
+				<-exited
+			}
+		}
+		if t.Failed() {
+			c.mu.Lock()
+			t.Logf("last control plane log:\n%s", tail(c.log.String(), 4000))
+			c.mu.Unlock()
+		}
+	})
+	return c
+}
+
+// start runs the control plane and waits until its API answers.
+func (c *childControlPlane) start() {
+	c.t.Helper()
+	c.mu.Lock()
+	cmd := exec.Command(c.bin, append([]string{"serve", "--data", c.dir, "--http", c.http, "--mqtt", c.mqtt, "--log-level", "warn"}, c.args...)...)
+	c.log = &bytes.Buffer{}
+	cmd.Stdout, cmd.Stderr = &syncWriter{mu: &c.mu, w: c.log}, &syncWriter{mu: &c.mu, w: c.log}
+	if err := cmd.Start(); err != nil {
+		c.mu.Unlock()
+		c.t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	c.cmd, c.exited = cmd, exited
+	c.starts++
+	c.mu.Unlock()
+	go func() { cmd.Wait(); close(exited) }()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := http.Get(c.URL() + "/healthz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		select {
+		case <-exited:
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			c.t.Fatalf("control plane exited at start: %s", c.log.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatal("control plane did not answer within 30 s")
+		}
+	}
+}
+
+// kill sends SIGKILL: no deferred function, no flush, no goodbye.
+func (c *childControlPlane) kill() {
+	c.mu.Lock()
+	cmd, exited := c.cmd, c.exited
+	c.cmd = nil
+	c.kills++
+	c.mu.Unlock()
+	cmd.Process.Kill()
+	<-exited
+}
+
+type syncWriter struct {
+	mu *sync.Mutex
+	w  *bytes.Buffer
+}
+
+func (w *syncWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.w.Len() > 1<<20 {
+		w.w.Reset()
+	}
+	return w.w.Write(p)
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return "..." + s[len(s)-n:]
+	}
+	return s
+}
+
+// outcome is what a rollout ended with, as an operator would compare two
+// runs.
+type outcome struct {
+	Status      rollout.Status
+	Transitions []string // in order
+	Stages      []string // "size:states" per stage
+	Versions    map[string]int
+	Installs    map[int]int // drones by number of installs of the release
+}
+
+func (k *releaseKit) outcome(t *testing.T, cp endpoint, fleet *testFleet, id string, bootsBefore map[string]int) outcome {
+	t.Helper()
+	var rep rollout.StatusReport
+	if err := json.Unmarshal([]byte(k.cli(t, cp.URL(), "rollout", "status", id, "-o", "json", "--token-file", adminTokenFile(cp))), &rep); err != nil {
+		t.Fatal(err)
+	}
+	var evs []store.Audit
+	if err := json.Unmarshal([]byte(k.cli(t, cp.URL(), "rollout", "events", id, "-o", "json", "--token-file", adminTokenFile(cp))), &evs); err != nil {
+		t.Fatal(err)
+	}
+	o := outcome{Status: rep.State.Status, Versions: map[string]int{}, Installs: map[int]int{}}
+	for i := len(evs) - 1; i >= 0; i-- {
+		if evs[i].Action == "rollout.transition" {
+			o.Transitions = append(o.Transitions, evs[i].Attrs["to"])
+		}
+	}
+	for _, s := range rep.Stages {
+		o.Stages = append(o.Stages, fmt.Sprintf("%s:%d:%v", s.Stage, s.Devices, s.States))
+	}
+	for _, d := range fleet.Drones() {
+		o.Versions[d.Firmware().Version]++
+		// A good build restarts the agent once: when it installs.
+		o.Installs[d.Boots()-bootsBefore[d.ID]]++
+	}
+	return o
+}
+
+func boots(f *testFleet) map[string]int {
+	out := map[string]int{}
+	for _, d := range f.Drones() {
+		out[d.ID] = d.Boots()
+	}
+	return out
+}
+
+// TestRolloutSurvivesKill9: a three-stage rollout over a simulated fleet,
+// with the control plane (a child process) killed with SIGKILL at random
+// moments at least 20 times, ends exactly as the same rollout run without
+// interruption: same status, each transition once, the same stages, every
+// drone on the release and each drone installed it once.
+func TestRolloutSurvivesKill9(t *testing.T) {
+	n, kills := 120, 20
+	if v := os.Getenv("HANGAR_TEST_KILLS"); v != "" {
+		kills, _ = strconv.Atoi(v)
+	}
+	seed := uint64(time.Now().UnixNano())
+	if v := os.Getenv("HANGAR_TEST_SEED"); v != "" {
+		seed, _ = strconv.ParseUint(v, 10, 64)
+	}
+	t.Logf("seed %d (HANGAR_TEST_SEED to replay)", seed)
+	rng := rand.New(rand.NewPCG(seed, 1))
+
+	kit := newReleaseKit(t)
+	cp := startChildControlPlane(t, "--root-key", kit.rootPub, "--rollout-interval", "250ms")
+	fleet := newTestFleet(t, cp, n, func(o *sim.FleetOptions) {
+		o.Roots = []ed25519.PublicKey{kit.rootKey(t)}
+		o.Grounded = true
+		o.TrialSoak = 300 * time.Millisecond
+		o.TrialDeadline = time.Minute // the control plane may be down during a trial
+		o.SampleInterval, o.BatchSize = 200*time.Millisecond, 5
+		o.BackoffMax = 500 * time.Millisecond
+		o.StartRate = 500
+	})
+	online := func() {
+		waitFor(t, time.Minute, "fleet online", func() (bool, string) {
+			out := k(t, kit, cp, "device", "ls", "--online", "true", "-o", "json")
+			var ds []store.Device
+			json.Unmarshal([]byte(out), &ds)
+			return len(ds) == n, fmt.Sprintf("%d online", len(ds))
+		})
+	}
+	online()
+	kit.simRelease(t, cp, sim.Firmware{Version: "1.1.0", Behaviour: sim.Good}, 110)
+	kit.simRelease(t, cp, sim.Firmware{Version: "1.2.0", Behaviour: sim.Good}, 120)
+	gates := []string{"--stages", "5%,30%,100%", "--min-canary", "4", "--soak", "6s", "--max-in-flight", "60",
+		"--device-timeout", "5m", "--health-margin", "1", "--start", "-o", "json"}
+	create := func(version string) string {
+		var r rollout.Rollout
+		out := k(t, kit, cp, append([]string{"rollout", "create", "--release", version}, gates...)...)
+		if err := json.Unmarshal([]byte(out), &r); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		return r.Spec.ID
+	}
+	status := func(id string) rollout.StatusReport {
+		var rep rollout.StatusReport
+		json.Unmarshal([]byte(k(t, kit, cp, "rollout", "status", id, "-o", "json")), &rep)
+		return rep
+	}
+	finished := func(id string) func() (bool, string) {
+		return func() (bool, string) {
+			rep := status(id)
+			return rep.State.Status.Final(), fmt.Sprintf("%s stage %d %v %s", rep.State.Status, rep.State.Stage+1, rep.Counts, rep.State.Reason)
+		}
+	}
+
+	// The uninterrupted run.
+	before := boots(fleet)
+	id := create("1.1.0")
+	waitFor(t, 3*time.Minute, "uninterrupted rollout finished", finished(id))
+	want := kit.outcome(t, cp, fleet, id, before)
+	if want.Status != rollout.StatusCompleted || want.Versions["1.1.0"] != n {
+		t.Fatalf("uninterrupted run: %+v", want)
+	}
+
+	// The same rollout of the next build, killed again and again.
+	before = boots(fleet)
+	id = create("1.2.0")
+	start := time.Now()
+	for {
+		time.Sleep(time.Duration(rng.Int64N(int64(1200*time.Millisecond))) + 100*time.Millisecond)
+		cp.kill()
+		time.Sleep(time.Duration(rng.Int64N(int64(300 * time.Millisecond))))
+		cp.start()
+		if cp.kills >= kills {
+			break
+		}
+		if time.Since(start) > 5*time.Minute {
+			t.Fatalf("still killing after 5 minutes (%d kills)", cp.kills)
+		}
+	}
+	if rep := status(id); rep.State.Status.Final() {
+		t.Fatalf("the rollout finished (%s) before the %dth kill: kill sooner or soak longer", rep.State.Status, kills)
+	}
+	online()
+	waitFor(t, 3*time.Minute, "rollout finished after the kills", finished(id))
+	got := kit.outcome(t, cp, fleet, id, before)
+	t.Logf("%d kills over %v; outcome %+v", cp.kills, time.Since(start).Round(time.Second), got)
+	if got.Versions["1.2.0"] != n {
+		t.Errorf("versions after the kills: %v", got.Versions)
+	}
+	got.Versions, want.Versions = nil, nil
+	if g, w := fmt.Sprintf("%+v", got), fmt.Sprintf("%+v", want); g != w {
+		t.Errorf("outcome after %d kills differs from the uninterrupted run:\n got  %s\n want %s", cp.kills, g, w)
+	}
+	if !slices.Equal(got.Transitions, []string{"stage 2", "stage 3", "completed"}) {
+		t.Errorf("transitions %v", got.Transitions)
+	}
+	if strings.Contains(cp.log.String(), "panic") {
+		t.Errorf("control plane panicked:\n%s", tail(cp.log.String(), 4000))
+	}
+}
+
+// k runs the operator CLI against cp with the admin token.
+func k(t *testing.T, kit *releaseKit, cp endpoint, args ...string) string {
+	t.Helper()
+	return kit.cli(t, cp.URL(), append(args, "--token-file", adminTokenFile(cp))...)
+}
