@@ -21,6 +21,7 @@ type Rollouts interface {
 	Status(ctx context.Context, id string) (rollout.StatusReport, error)
 	List(ctx context.Context) ([]rollout.Rollout, error)
 	DryRun(ctx context.Context, s rollout.Spec) (map[int][]string, int, error)
+	Devices(ctx context.Context, id, state string) ([]rollout.MemberReport, error)
 }
 
 // CreateRollout is the body of POST /api/v1/rollouts.
@@ -69,6 +70,7 @@ func (a *API) routeRollouts(r Rollouts) {
 	g.GET("", a.listRollouts)
 	g.GET("/:id", a.rolloutStatus)
 	g.GET("/:id/events", a.rolloutEvents)
+	g.GET("/:id/devices", a.rolloutDevices)
 	g.POST("/:id/:action", a.actRollout)
 }
 
@@ -237,4 +239,14 @@ func (a *API) actRollout(c echo.Context) error {
 		return notFound(err, "rollout "+c.Param("id"))
 	}
 	return c.JSON(http.StatusOK, r)
+}
+
+// rolloutDevices lists the rollout's devices and where each stands;
+// ?state=failed (committed, in_progress, deferred, ...) filters.
+func (a *API) rolloutDevices(c echo.Context) error {
+	ms, err := a.rollouts.Devices(c.Request().Context(), c.Param("id"), c.QueryParam("state"))
+	if err != nil {
+		return notFound(err, "rollout "+c.Param("id"))
+	}
+	return c.JSON(http.StatusOK, ms)
 }

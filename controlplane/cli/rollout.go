@@ -32,13 +32,16 @@ func runRollout(ctx context.Context, g *globals, args []string) error {
 		return rolloutStatus(ctx, g, args, true)
 	case "events":
 		return rolloutEvents(ctx, g, args)
+	case "devices":
+		return rolloutDevices(ctx, g, args)
 	case rollout.OpStart, rollout.OpPause, rollout.OpResume, rollout.OpAbort, rollout.OpPromote, rollout.OpRevert:
 		return rolloutAct(ctx, g, sub, args)
 	}
-	fmt.Fprintln(g.env.Stderr, `Usage: hangar rollout create|ls|status|watch|events|start|pause|resume|abort|promote|revert ...
+	fmt.Fprintln(g.env.Stderr, `Usage: hangar rollout create|ls|status|watch|events|devices|start|pause|resume|abort|promote|revert ...
 
   create --release V --selector k=v --stages 1%,10%,50%,100% [gates] [--dry-run] [--start]
   status ID | watch ID | events ID
+  devices ID [--state failed]  each device: stage, state, version, last report
   start|pause|resume|abort|revert ID [--reason R]
   promote ID --reason R      skip the rest of the current stage's soak`)
 	return fmt.Errorf("%w: unknown rollout command %q", ErrUsage, sub)
@@ -307,6 +310,41 @@ func rolloutEvents(ctx context.Context, g *globals, args []string) error {
 	for i := len(entries) - 1; i >= 0; i-- {
 		e := entries[i]
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", e.Time.Local().Format(time.DateTime), e.Actor, e.Action, e.Attrs["from"], e.Attrs["to"], e.Reason)
+	}
+	return tw.Flush()
+}
+
+func rolloutDevices(ctx context.Context, g *globals, args []string) error {
+	var state *string
+	id, err := rolloutID(g, "devices", args, func(fs fsAdder) {
+		state = fs.String("state", "", "only devices in this state: pending, in_progress, deferred, deferred_past_deadline, committed, failed, timed_out, gone")
+	})
+	if err != nil {
+		return err
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	q := url.Values{}
+	if *state != "" {
+		q.Set("state", *state)
+	}
+	var ms []rollout.MemberReport
+	if err := c.Do(ctx, http.MethodGet, "/api/v1/rollouts/"+url.PathEscape(id)+"/devices", q, nil, &ms); err != nil {
+		return err
+	}
+	if g.output == "json" {
+		return printJSON(g.env.Stdout, ms)
+	}
+	tw := tabwriter.NewWriter(g.env.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "DEVICE\tSTAGE\tSTATE\tVERSION\tONLINE\tREPORT\tREASON")
+	for _, m := range ms {
+		report, reason := "", ""
+		if m.Update != nil {
+			report, reason = string(m.Update.State), m.Update.Reason
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%v\t%s\t%s\n", m.Device, m.Stage, m.State, m.Version, m.Online, report, reason)
 	}
 	return tw.Flush()
 }

@@ -8,6 +8,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"log/slog"
 	"time"
 
@@ -19,6 +20,8 @@ import (
 // Store is what the dispatcher keeps commands in.
 type Store interface {
 	AddCommand(ctx context.Context, c store.Command, supersede bool) error
+	AddCommandOnce(ctx context.Context, c store.Command, supersede bool) (bool, error)
+	Trials(ctx context.Context, since time.Time) ([]store.DeviceUpdate, error)
 	MarkSent(ctx context.Context, id string, at time.Time) error
 	AckCommand(ctx context.Context, device, id string, at time.Time) error
 	PendingCommands(ctx context.Context, device string, sentBefore time.Time) ([]store.Command, error)
@@ -33,6 +36,9 @@ type Publisher interface {
 const (
 	DefaultResendAfter = time.Minute
 	resendEvery        = 15 * time.Second
+	// trialsWithin: trials reported longer ago than this are over
+	// (committed, rolled back or the device is gone) whatever they said.
+	trialsWithin = 24 * time.Hour
 )
 
 // Options configure a Dispatcher.
@@ -146,6 +152,7 @@ func (d *Dispatcher) enqueue(ev deviceEvent) {
 func (d *Dispatcher) Run(ctx context.Context) {
 	t := time.NewTicker(resendEvery)
 	defer t.Stop()
+	d.confirmTrials(ctx)
 	for {
 		select {
 		case <-ctx.Done():
@@ -153,6 +160,7 @@ func (d *Dispatcher) Run(ctx context.Context) {
 		case ev := <-d.events:
 			d.handle(ctx, ev)
 		case <-t.C:
+			d.confirmTrials(ctx)
 			d.resend(ctx, "", d.opts.Now().Add(-d.opts.ResendAfter))
 		}
 	}
@@ -170,10 +178,48 @@ func (d *Dispatcher) handle(ctx context.Context, ev deviceEvent) {
 	case ev.event.Kind == proto.EventUpdate && ev.event.Update.State == proto.UpdateTrial:
 		// The new build reached the control plane through the broker:
 		// confirm, so that its trial can pass.
-		u := ev.event.Update
-		if _, err := d.Send(ctx, ev.device, proto.Command{Kind: proto.CmdConfirm, Counter: u.Counter, Rollout: u.Rollout}, true); err != nil {
-			d.log.Error("trial confirmation not sent", "device", ev.device, "err", err)
+		d.confirm(ctx, ev.device, ev.event.Update.Counter, ev.event.Update.Rollout)
+	}
+}
+
+// confirm acknowledges a device's trial of a release. The command's id is
+// derived from device and counter, so it is created once however many
+// times the trial is seen.
+func (d *Dispatcher) confirm(ctx context.Context, device string, counter uint64, rollout string) {
+	now := d.opts.Now()
+	cmd := proto.Command{ID: fmt.Sprintf("confirm:%s:%d", device, counter), Kind: proto.CmdConfirm, Counter: counter, Rollout: rollout, Issued: now.UnixMilli()}
+	body, err := proto.Marshal(&cmd)
+	if err != nil {
+		d.log.Error("trial confirmation", "device", device, "err", err)
+		return
+	}
+	c := store.Command{ID: cmd.ID, Device: device, Kind: string(cmd.Kind), Body: body, Rollout: rollout, Created: now}
+	added, err := d.opts.Store.AddCommandOnce(ctx, c, true)
+	if err != nil {
+		if ctx.Err() == nil {
+			d.log.Error("trial confirmation not stored", "device", device, "err", err)
 		}
+		return
+	}
+	if added {
+		d.Publish(ctx, c)
+	}
+}
+
+// confirmTrials confirms every trial stored but not confirmed: the
+// reaction to a trial report is not in the report's transaction, so a
+// crash between the two (or a full event queue) would leave the device's
+// trial to fail for want of a confirmation.
+func (d *Dispatcher) confirmTrials(ctx context.Context) {
+	trials, err := d.opts.Store.Trials(ctx, d.opts.Now().Add(-trialsWithin))
+	if err != nil {
+		if ctx.Err() == nil {
+			d.log.Error("trials", "err", err)
+		}
+		return
+	}
+	for _, u := range trials {
+		d.confirm(ctx, u.Device, u.Counter, u.Rollout)
 	}
 }
 

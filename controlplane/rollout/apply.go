@@ -139,7 +139,13 @@ func (a *Applier) StepAll(ctx context.Context) {
 		}
 		return
 	}
+	now := a.opts.Now()
 	for _, r := range rows {
+		var spec Spec
+		var st State
+		if json.Unmarshal(r.Spec, &spec) == nil && json.Unmarshal(r.State, &st) == nil && spec.Settled(st, now) {
+			continue // an old aborted rollout: not worth loading its members
+		}
 		if err := a.Step(ctx, r.ID); err != nil && ctx.Err() == nil {
 			a.log.Error("rollout step failed", "rollout", r.ID, "err", err)
 		}
@@ -266,10 +272,10 @@ func (a *Applier) Step(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
-	if r.State.Status == StatusAborted && !r.State.Reverting {
+	now := a.opts.Now()
+	if r.Spec.Settled(r.State, now) {
 		return nil
 	}
-	now := a.opts.Now()
 	devs, err := a.observe(ctx, r, now)
 	if err != nil {
 		return err
@@ -285,6 +291,9 @@ func (a *Applier) apply(ctx context.Context, r Rollout, out Outcome, now time.Ti
 	var members []sqlite.MemberRow
 	for dev, m := range out.State.Members {
 		old := r.State.Members[dev]
+		if old == m { // Plan copies on write: unchanged members are shared
+			continue
+		}
 		if old == nil || *old != *m {
 			members = append(members, sqlite.MemberRow{Device: dev, Stage: m.Stage, Offered: m.Offered, Reverted: m.Reverted, Canceled: m.Canceled})
 		}
@@ -431,7 +440,7 @@ func (a *Applier) Act(ctx context.Context, id, op, actor, reason string) (Rollou
 	case op == OpResume && st.Status == StatusPaused:
 		st.Status, st.Reason, st.GatesSince = StatusRunning, "", 0
 	case op == OpAbort && (st.Status == StatusRunning || st.Status == StatusPaused || st.Status == StatusCreated):
-		st.Status, st.Reason = StatusAborted, "aborted by "+actor
+		st.Status, st.Reason, st.Ended = StatusAborted, "aborted by "+actor, now.UnixMilli()
 	case op == OpPromote && (st.Status == StatusRunning || st.Status == StatusPaused):
 		st.Promoted = true
 	case op == OpRevert && r.Spec.Revert != nil && st.Status != StatusCompleted && st.Status != StatusCreated:
@@ -518,6 +527,61 @@ func (a *Applier) Status(ctx context.Context, id string) (StatusReport, error) {
 
 // Plan runs the engine on a rollout without acting: which devices each
 // stage would take (the dry run).
+// MemberReport is where one device stands in a rollout.
+type MemberReport struct {
+	Device   string     `json:"device"`
+	Stage    int        `json:"stage"` // 1-based
+	State    string     `json:"state"`
+	Version  string     `json:"version,omitempty"`
+	Online   bool       `json:"online"`
+	Offered  *time.Time `json:"offered,omitempty"`
+	Canceled *time.Time `json:"canceled,omitempty"`
+	Reverted *time.Time `json:"reverted,omitempty"`
+	Update   *Report    `json:"update,omitempty"` // the device's last report on the release
+	Revert   *Report    `json:"revert,omitempty"` // and on the revert release
+}
+
+// Devices lists a rollout's members, in stage then device order, with
+// their state (all states when state is empty).
+func (a *Applier) Devices(ctx context.Context, id, state string) ([]MemberReport, error) {
+	r, err := a.load(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	now := a.opts.Now()
+	devs, err := a.observe(ctx, r, now)
+	if err != nil {
+		return nil, err
+	}
+	byID := make(map[string]*Device, len(devs))
+	for i := range devs {
+		byID[devs[i].ID] = &devs[i]
+	}
+	at := func(ms int64) *time.Time {
+		if ms == 0 {
+			return nil
+		}
+		t := time.UnixMilli(ms).UTC()
+		return &t
+	}
+	out := []MemberReport{}
+	for dev, m := range r.State.Members {
+		d := byID[dev]
+		mr := MemberReport{Device: dev, Stage: m.Stage + 1, State: r.Spec.memberState(m, d, now),
+			Offered: at(m.Offered), Canceled: at(m.Canceled), Reverted: at(m.Reverted)}
+		if d == nil {
+			mr.State = "gone"
+		} else {
+			mr.Version, mr.Online, mr.Update, mr.Revert = d.Version, d.Online, d.Update, d.Revert
+		}
+		if state == "" || mr.State == state {
+			out = append(out, mr)
+		}
+	}
+	slices.SortFunc(out, func(x, y MemberReport) int { return cmp.Or(cmp.Compare(x.Stage, y.Stage), cmp.Compare(x.Device, y.Device)) })
+	return out, nil
+}
+
 func (a *Applier) DryRun(ctx context.Context, s Spec) (map[int][]string, int, error) {
 	s = s.WithDefaults()
 	if s.ID == "" {

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"hash/fnv"
+	"maps"
 	"math"
 	"slices"
 	"strings"
@@ -30,6 +31,19 @@ const (
 // Final says whether no operator action can change the status any more.
 func (s Status) Final() bool { return s == StatusAborted || s == StatusCompleted }
 
+// Settled says whether planning st can change nothing any more: completed,
+// or aborted longer than a device timeout ago (every offered device has
+// finished or counts as timed out).
+func (s Spec) Settled(st State, now time.Time) bool {
+	switch st.Status {
+	case StatusCompleted:
+		return true
+	case StatusAborted:
+		return now.Sub(time.UnixMilli(st.Ended)) > s.WithDefaults().Gates.DeviceTimeout.D()
+	}
+	return false
+}
+
 // Member is a device's place in a rollout. It never changes stage.
 type Member struct {
 	Stage    int   `json:"stage"`
@@ -47,16 +61,23 @@ type State struct {
 	Promoted     bool               `json:"promoted,omitempty"`
 	Reverting    bool               `json:"reverting,omitempty"`
 	Reason       string             `json:"reason,omitempty"`
-	Members      map[string]*Member `json:"-"` // persisted per device
+	// Ended is when the rollout became final (unix ms). An aborted
+	// rollout is still planned for a device timeout after that, to
+	// withdraw offers not yet installing and to revert late commits.
+	Ended   int64              `json:"ended,omitempty"`
+	Members map[string]*Member `json:"-"` // persisted per device
 }
 
 // Clone copies a state (members too).
 func (s State) Clone() State {
 	c := s
 	c.Members = make(map[string]*Member, len(s.Members))
+	all := make([]Member, len(s.Members)) // one allocation, not one per member
+	i := 0
 	for id, m := range s.Members {
-		mm := *m
-		c.Members[id] = &mm
+		all[i] = *m
+		c.Members[id] = &all[i]
+		i++
 	}
 	return c
 }
@@ -209,46 +230,44 @@ func (s Spec) stratum(d Device) string {
 // strata, each stratum in rank order, so that every hardware revision and
 // base has devices in the canary where the canary is big enough. Devices
 // that join later go to the stage their rank falls in.
-func (s Spec) assign(st *State, devs []Device) {
-	var fresh []Device
-	for _, d := range devs {
-		if _, ok := st.Members[d.ID]; !ok {
-			fresh = append(fresh, d)
-		}
-	}
+func (s Spec) assign(st *State, fresh []*Device) {
 	if len(fresh) == 0 {
 		return
 	}
+	type ranked struct {
+		d    *Device
+		rank float64
+	}
 	if len(st.Members) == 0 {
-		groups := map[string][]Device{}
+		groups := map[string][]ranked{}
 		for _, d := range fresh {
-			k := s.stratum(d)
-			groups[k] = append(groups[k], d)
+			k := s.stratum(*d)
+			groups[k] = append(groups[k], ranked{d, rank(d.ID, s.ID)})
 		}
 		var keys []string
 		for k, g := range groups {
-			slices.SortFunc(g, func(a, b Device) int { return cmp.Compare(rank(a.ID, s.ID), rank(b.ID, s.ID)) })
+			slices.SortFunc(g, func(a, b ranked) int { return cmp.Compare(a.rank, b.rank) })
 			keys = append(keys, k)
 		}
 		// Strata take turns in the order of their best-ranked device.
-		slices.SortFunc(keys, func(a, b string) int {
-			return cmp.Compare(rank(groups[a][0].ID, s.ID), rank(groups[b][0].ID, s.ID))
-		})
-		var order []Device
+		slices.SortFunc(keys, func(a, b string) int { return cmp.Compare(groups[a][0].rank, groups[b][0].rank) })
+		order := make([]*Device, 0, len(fresh))
 		for i := 0; len(order) < len(fresh); i++ {
 			for _, k := range keys {
 				if i < len(groups[k]) {
-					order = append(order, groups[k][i])
+					order = append(order, groups[k][i].d)
 				}
 			}
 		}
 		sizes := s.stageSizes(len(order))
 		stage := 0
+		all := make([]Member, len(order))
 		for i, d := range order {
 			for stage < len(sizes)-1 && i >= sizes[stage] {
 				stage++
 			}
-			st.Members[d.ID] = &Member{Stage: stage}
+			all[i].Stage = stage
+			st.Members[d.ID] = &all[i]
 		}
 		return
 	}
@@ -403,34 +422,71 @@ func (s Spec) healthGates(updated, baseline cohort) []GateResult {
 // outcome.
 func Plan(spec Spec, st State, devs []Device, now time.Time) Outcome {
 	spec = spec.WithDefaults()
-	st = st.Clone()
-	out := Outcome{Counts: map[string]int{}}
-	byID := make(map[string]*Device, len(devs))
-	var targets []Device
-	for i := range devs {
-		d := &devs[i]
-		byID[d.ID] = d
-		if (d.Busy == "" || d.Busy == spec.ID) && spec.Targets(*d) {
-			targets = append(targets, *d)
-		}
+	// Copy on write: the members map is copied (cheap: no rehash), and a
+	// member is copied only when this plan changes it (own), so the
+	// caller's state is never touched.
+	st.Members = maps.Clone(st.Members)
+	if st.Members == nil {
+		st.Members = map[string]*Member{}
 	}
-	out.Targeted = len(targets)
+	own := func(e *member) *Member {
+		c := *e.m
+		e.m = &c
+		st.Members[e.id] = &c
+		return &c
+	}
+	out := Outcome{Counts: map[string]int{}}
 	nowMS := now.UnixMilli()
 	transition := func(to Status, stage int, reason string) {
 		out.Transitions = append(out.Transitions, Transition{From: string(st.Status), To: string(to), Stage: stage, Reason: reason})
 		st.Status, st.Reason = to, reason
+		if to.Final() {
+			st.Ended = nowMS
+		}
 	}
-	if st.Status == StatusRunning || st.Status == StatusPaused {
-		spec.assign(&st, targets)
+
+	// Members with their devices, in one pass over the devices (map
+	// lookups per member and per pass are what a plan costs at 100k
+	// devices). Targets that are not members yet join while the rollout
+	// is active.
+	members := make([]member, 0, len(st.Members)+len(devs)/8)
+	var fresh []*Device
+	for i := range devs {
+		d := &devs[i]
+		targeted := (d.Busy == "" || d.Busy == spec.ID) && spec.Targets(*d)
+		if targeted {
+			out.Targeted++
+		}
+		if m := st.Members[d.ID]; m != nil {
+			members = append(members, member{id: d.ID, m: m, d: d, targeted: targeted})
+		} else if targeted {
+			fresh = append(fresh, d)
+		}
+	}
+	if len(members) < len(st.Members) { // devices gone (revoked, deleted)
+		seen := make(map[*Member]bool, len(members))
+		for _, e := range members {
+			seen[e.m] = true
+		}
+		for id, m := range st.Members {
+			if !seen[m] {
+				members = append(members, member{id: id, m: m})
+			}
+		}
+	}
+	if (st.Status == StatusRunning || st.Status == StatusPaused) && len(fresh) > 0 {
+		spec.assign(&st, fresh)
+		for _, d := range fresh {
+			members = append(members, member{id: d.ID, m: st.Members[d.ID], d: d, targeted: true})
+		}
 	}
 
 	// Where each member stands.
-	states := make(map[string]string, len(st.Members))
 	inFlight := 0
-	for id, m := range st.Members {
-		ms := spec.memberState(m, byID[id], now)
-		states[id] = ms
-		if ms == MOffered || ms == MDeferred || ms == MLate {
+	for i := range members {
+		e := &members[i]
+		e.state = spec.memberState(e.m, e.d, now)
+		if e.state == MOffered || e.state == MDeferred || e.state == MLate {
 			inFlight++
 		}
 	}
@@ -439,15 +495,15 @@ func Plan(spec Spec, st State, devs []Device, now time.Time) Outcome {
 	if st.Status == StatusRunning || st.Status == StatusPaused {
 		var total, committed, failedN, late int
 		var updated, baseline cohort
-		for id, m := range st.Members {
-			ms := states[id]
-			if m.Stage > st.Stage {
+		for _, e := range members {
+			ms := e.state
+			if e.m.Stage > st.Stage {
 				if ms == MPending {
-					baseline.add(healthOf(byID[id]))
+					baseline.add(healthOf(e.d))
 				}
 				continue
 			}
-			if byID[id] == nil {
+			if e.d == nil {
 				continue // gone (revoked, relabelled): not counted
 			}
 			total++
@@ -455,7 +511,7 @@ func Plan(spec Spec, st State, devs []Device, now time.Time) Outcome {
 			switch ms {
 			case MCommitted:
 				committed++
-				updated.add(healthOf(byID[id]))
+				updated.add(healthOf(e.d))
 			case MFailed, MTimedOut:
 				failedN++
 			case MLate:
@@ -538,31 +594,46 @@ func Plan(spec Spec, st State, devs []Device, now time.Time) Outcome {
 
 	// Offers.
 	if st.Status == StatusRunning && inWindow(spec.Limits.Windows, now) {
-		out.Actions = append(out.Actions, spec.offers(&st, targets, states, inFlight, nowMS)...)
+		offers := spec.offers(members, inFlight, st.Stage)
+		copies := make([]Member, len(offers)) // own, in one allocation
+		out.Actions = slices.Grow(out.Actions, len(offers))
+		for i, e := range offers {
+			copies[i] = *e.m
+			copies[i].Offered = nowMS
+			e.m = &copies[i]
+			st.Members[e.id] = e.m
+			out.Actions = append(out.Actions, Action{Kind: ActOffer, Device: e.id})
+		}
 	}
+	var undo []Action
 	// On failure: withdraw offers not yet installing, and revert.
 	if st.Status == StatusPaused || st.Status == StatusAborted {
-		for id, m := range st.Members {
-			d := byID[id]
+		for i := range members {
+			e := &members[i]
+			m, d := e.m, e.d
 			if m.Offered > 0 && m.Canceled == 0 && d != nil && d.Update != nil &&
 				(d.Update.State == proto.UpdateOffered || d.Update.State == proto.UpdateDownloading ||
 					d.Update.State == proto.UpdateVerified || d.Update.State == proto.UpdateDeferred) {
-				m.Canceled = nowMS
-				out.Actions = append(out.Actions, Action{Kind: ActCancel, Device: id})
+				own(e).Canceled = nowMS
+				undo = append(undo, Action{Kind: ActCancel, Device: e.id})
 			}
 		}
 	}
 	if st.Reverting && spec.Revert != nil {
-		for id, m := range st.Members {
-			if m.Reverted == 0 && m.Offered > 0 && states[id] == MCommitted {
-				m.Reverted = nowMS
-				out.Actions = append(out.Actions, Action{Kind: ActRevert, Device: id})
+		for i := range members {
+			e := &members[i]
+			if e.m.Reverted == 0 && e.m.Offered > 0 && e.state == MCommitted {
+				own(e).Reverted = nowMS
+				undo = append(undo, Action{Kind: ActRevert, Device: e.id})
 			}
 		}
 	}
-	slices.SortFunc(out.Actions, func(a, b Action) int {
+	// Offers come in offer order (stage, online, rank); the rest in a
+	// stable order, whatever the map iteration did.
+	slices.SortFunc(undo, func(a, b Action) int {
 		return cmp.Or(cmp.Compare(a.Kind, b.Kind), cmp.Compare(a.Device, b.Device))
 	})
+	out.Actions = append(out.Actions, undo...)
 	out.State = st
 	return out
 }
@@ -595,42 +666,50 @@ func inWindow(ws []Window, now time.Time) bool {
 
 // offers picks the members of stages up to the current one to offer the
 // release to, within the in-flight limit and the disruption budgets.
-func (s Spec) offers(st *State, targets []Device, states map[string]string, inFlight int, nowMS int64) []Action {
-	var cands []Device
+func (s Spec) offers(members []member, inFlight, stage int) []*member {
+	// Candidates in offer order: earlier stage first, online first, then
+	// by rank. The keys are computed once (a comparator that hashes and
+	// looks members up costs n log n of each).
+	type cand struct {
+		stage   int
+		offline bool
+		rank    float64
+		e       *member
+	}
+	var cands []cand
 	busyBy := map[string]map[string]int{} // label -> value -> in flight
 	groupSize := map[string]map[string]int{}
 	for _, b := range s.Limits.Budgets {
 		busyBy[b.Label], groupSize[b.Label] = map[string]int{}, map[string]int{}
 	}
-	for _, d := range targets {
-		m := st.Members[d.ID]
-		if m == nil {
+	for i := range members {
+		e := &members[i]
+		if !e.targeted {
 			continue
 		}
+		ms := e.state
 		for _, b := range s.Limits.Budgets {
-			v := d.Labels[b.Label]
+			v := e.d.Labels[b.Label]
 			groupSize[b.Label][v]++
-			if ms := states[d.ID]; ms == MOffered || ms == MDeferred || ms == MLate {
+			if ms == MOffered || ms == MDeferred || ms == MLate {
 				busyBy[b.Label][v]++
 			}
 		}
-		if m.Stage <= st.Stage && m.Offered == 0 && states[d.ID] == MPending {
-			cands = append(cands, d)
+		if e.m.Stage <= stage && e.m.Offered == 0 && ms == MPending {
+			cands = append(cands, cand{stage: e.m.Stage, offline: !e.d.Online, rank: rank(e.id, s.ID), e: e})
 		}
 	}
-	slices.SortFunc(cands, func(a, b Device) int {
-		ma, mb := st.Members[a.ID], st.Members[b.ID]
-		return cmp.Or(cmp.Compare(ma.Stage, mb.Stage), cmp.Compare(boolInt(!a.Online), boolInt(!b.Online)),
-			cmp.Compare(rank(a.ID, s.ID), rank(b.ID, s.ID)))
+	slices.SortFunc(cands, func(a, b cand) int {
+		return cmp.Or(cmp.Compare(a.stage, b.stage), cmp.Compare(boolInt(a.offline), boolInt(b.offline)), cmp.Compare(a.rank, b.rank))
 	})
-	var acts []Action
-	for _, d := range cands {
+	var acts []*member
+	for _, c := range cands {
 		if s.Limits.MaxInFlight > 0 && inFlight >= s.Limits.MaxInFlight {
 			break
 		}
 		ok := true
 		for _, b := range s.Limits.Budgets {
-			v := d.Labels[b.Label]
+			v := c.e.d.Labels[b.Label]
 			size := groupSize[b.Label][v]
 			keep := max(b.KeepMin, int(math.Ceil(b.KeepPercent/100*float64(size))))
 			if busyBy[b.Label][v] >= size-keep {
@@ -642,13 +721,22 @@ func (s Spec) offers(st *State, targets []Device, states map[string]string, inFl
 			continue
 		}
 		for _, b := range s.Limits.Budgets {
-			busyBy[b.Label][d.Labels[b.Label]]++
+			busyBy[b.Label][c.e.d.Labels[b.Label]]++
 		}
-		st.Members[d.ID].Offered = nowMS
 		inFlight++
-		acts = append(acts, Action{Kind: ActOffer, Device: d.ID})
+		acts = append(acts, c.e)
 	}
 	return acts
+}
+
+// member is a member with its device (nil when gone) and where it stands,
+// for one plan.
+type member struct {
+	id       string
+	m        *Member
+	d        *Device // nil: gone
+	targeted bool
+	state    string
 }
 
 func boolInt(b bool) int {

@@ -469,3 +469,46 @@ func TestTrialIsNotCommitted(t *testing.T) {
 		t.Fatalf("rolled-back canary: %s", got.State.Status)
 	}
 }
+
+// An operator's abort withdraws the offers not yet installing, and an
+// aborted rollout stops being planned a device timeout later.
+func TestAbortWithdrawsOffers(t *testing.T) {
+	s := testSpec()
+	devs := fleet(300, []string{"rev-b"}, []string{"zurich"})
+	out := Plan(s, State{Status: StatusRunning, Members: map[string]*Member{}}, devs, t0)
+	if len(out.Actions) == 0 {
+		t.Fatal("no canary offers")
+	}
+	states := []proto.UpdateState{proto.UpdateDownloading, proto.UpdateInstalling, proto.UpdateCommitted}
+	want := map[string]bool{}
+	for i, a := range out.Actions {
+		for j := range devs {
+			if devs[j].ID == a.Device {
+				devs[j].Update = report(states[i%len(states)])
+				if i%len(states) == 0 {
+					want[a.Device] = true
+				}
+			}
+		}
+	}
+	st := out.State
+	st.Status, st.Ended = StatusAborted, t0.Add(time.Second).UnixMilli()
+	now := t0.Add(2 * time.Second)
+	out = Plan(s, st, devs, now)
+	got := map[string]bool{}
+	for _, a := range out.Actions {
+		if a.Kind != ActCancel {
+			t.Fatalf("aborted rollout planned %v", a)
+		}
+		got[a.Device] = true
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("cancels %v, want %v (the devices still downloading)", got, want)
+	}
+	if again := Plan(s, out.State, devs, now.Add(time.Second)); len(again.Actions) != 0 {
+		t.Fatalf("cancels sent twice: %v", again.Actions)
+	}
+	if s.Settled(out.State, now) || !s.Settled(out.State, now.Add(s.Gates.DeviceTimeout.D()+time.Second)) {
+		t.Fatal("an aborted rollout settles a device timeout after it ended")
+	}
+}

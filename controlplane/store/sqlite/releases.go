@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/proto"
 )
 
 // AddRelease records a verified release. A target's version and counter
@@ -113,29 +114,54 @@ func (db *DB) Release(ctx context.Context, target, version string) (store.Releas
 // AddCommand records a command before it is sent. Pending commands of the
 // same kind for the device are superseded (marked acknowledged).
 func (db *DB) AddCommand(ctx context.Context, c store.Command, supersede bool) error {
+	_, err := db.addCommand(ctx, c, supersede, false)
+	return err
+}
+
+// AddCommandOnce stores c unless a command with its id exists; it reports
+// whether it stored it. Commands whose id is derived from what they answer
+// (a device's trial, a rollout's decision) are so created exactly once,
+// however often the reason to create them is seen.
+func (db *DB) AddCommandOnce(ctx context.Context, c store.Command, supersede bool) (bool, error) {
+	return db.addCommand(ctx, c, supersede, true)
+}
+
+func (db *DB) addCommand(ctx context.Context, c store.Command, supersede, once bool) (bool, error) {
 	tx, err := db.w.BeginTx(ctx, nil)
 	if err != nil {
-		return fmt.Errorf("add command: %w", err)
+		return false, fmt.Errorf("add command: %w", err)
 	}
 	defer tx.Rollback()
+	if once {
+		var one int
+		switch err := tx.QueryRowContext(ctx, `SELECT 1 FROM commands WHERE id = ?`, c.ID).Scan(&one); {
+		case err == nil:
+			return false, nil
+		case !errors.Is(err, sql.ErrNoRows):
+			return false, fmt.Errorf("add command: %w", err)
+		}
+	}
 	var num int64
 	if err := tx.QueryRowContext(ctx, `SELECT num FROM devices WHERE id = ? AND revoked = 0`, c.Device).Scan(&num); err != nil {
 		if errors.Is(err, sql.ErrNoRows) {
-			return fmt.Errorf("add command: device %s: %w", c.Device, store.ErrNotFound)
+			return false, fmt.Errorf("add command: device %s: %w", c.Device, store.ErrNotFound)
 		}
-		return fmt.Errorf("add command: %w", err)
+		return false, fmt.Errorf("add command: %w", err)
 	}
 	if supersede {
 		if _, err := tx.ExecContext(ctx, `UPDATE commands SET acked = ? WHERE dev = ? AND kind = ? AND acked IS NULL`,
 			ms(c.Created), num, c.Kind); err != nil {
-			return fmt.Errorf("add command: %w", err)
+			return false, fmt.Errorf("add command: %w", err)
 		}
 	}
 	if _, err := tx.ExecContext(ctx, `INSERT INTO commands (id, dev, kind, body, rollout, created) VALUES (?, ?, ?, ?, ?, ?)`,
 		c.ID, num, c.Kind, c.Body, c.Rollout, ms(c.Created)); err != nil {
-		return fmt.Errorf("add command: %w", err)
+		return false, fmt.Errorf("add command: %w", err)
 	}
-	return tx.Commit()
+	if err := tx.Commit(); err != nil {
+		return false, fmt.Errorf("add command: %w", err)
+	}
+	return true, nil
 }
 
 // MarkSent records a (re)send.
@@ -208,6 +234,29 @@ func (db *DB) DeviceUpdates(ctx context.Context, device, target string, counter 
 		var u store.DeviceUpdate
 		var updated int64
 		if err := rows.Scan(&u.Device, &u.Target, &u.Counter, &u.Version, &u.State, &u.Reason, &u.Check, &u.Progress, &u.Rollout, &updated); err != nil {
+			return nil, err
+		}
+		u.Updated = time.UnixMilli(updated).UTC()
+		out = append(out, u)
+	}
+	return out, rows.Err()
+}
+
+// Trials lists the devices whose latest report on a release, made since
+// the given time, says they are trying it out (state trial).
+func (db *DB) Trials(ctx context.Context, since time.Time) ([]store.DeviceUpdate, error) {
+	rows, err := db.r.QueryContext(ctx, `SELECT d.id, u.target, u.counter, u.version, u.rollout, u.updated
+		FROM device_updates u JOIN devices d ON d.num = u.dev WHERE u.state = ? AND u.updated >= ? AND d.revoked = 0`,
+		string(proto.UpdateTrial), ms(since))
+	if err != nil {
+		return nil, fmt.Errorf("trials: %w", err)
+	}
+	defer rows.Close()
+	var out []store.DeviceUpdate
+	for rows.Next() {
+		u := store.DeviceUpdate{State: string(proto.UpdateTrial)}
+		var updated int64
+		if err := rows.Scan(&u.Device, &u.Target, &u.Counter, &u.Version, &u.Rollout, &updated); err != nil {
 			return nil, err
 		}
 		u.Updated = time.UnixMilli(updated).UTC()
