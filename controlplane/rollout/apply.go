@@ -578,7 +578,9 @@ func (a *Applier) Devices(ctx context.Context, id, state string) ([]MemberReport
 			out = append(out, mr)
 		}
 	}
-	slices.SortFunc(out, func(x, y MemberReport) int { return cmp.Or(cmp.Compare(x.Stage, y.Stage), cmp.Compare(x.Device, y.Device)) })
+	slices.SortFunc(out, func(x, y MemberReport) int {
+		return cmp.Or(cmp.Compare(x.Stage, y.Stage), cmp.Compare(x.Device, y.Device))
+	})
 	return out, nil
 }
 

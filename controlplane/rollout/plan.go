@@ -54,13 +54,13 @@ type Member struct {
 
 // State is a rollout's progress; the applier persists it.
 type State struct {
-	Status       Status             `json:"status"`
-	Stage        int                `json:"stage"`         // the stage being rolled out (earlier ones passed)
-	StageStarted int64              `json:"stage_started"` // unix ms
-	GatesSince   int64              `json:"gates_since"`   // unix ms the gates (but the soak) first held in this stage
-	Promoted     bool               `json:"promoted,omitempty"`
-	Reverting    bool               `json:"reverting,omitempty"`
-	Reason       string             `json:"reason,omitempty"`
+	Status       Status `json:"status"`
+	Stage        int    `json:"stage"`         // the stage being rolled out (earlier ones passed)
+	StageStarted int64  `json:"stage_started"` // unix ms
+	GatesSince   int64  `json:"gates_since"`   // unix ms the gates (but the soak) first held in this stage
+	Promoted     bool   `json:"promoted,omitempty"`
+	Reverting    bool   `json:"reverting,omitempty"`
+	Reason       string `json:"reason,omitempty"`
 	// Ended is when the rollout became final (unix ms). An aborted
 	// rollout is still planned for a device timeout after that, to
 	// withdraw offers not yet installing and to revert late commits.
