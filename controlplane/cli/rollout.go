@@ -203,7 +203,15 @@ func bar(done, total, width int) string {
 
 func printStatus(w io.Writer, rep rollout.StatusReport) {
 	s, st := rep.Spec, rep.State
-	fmt.Fprintf(w, "rollout %s: %s to %d devices (selector %s)\n", s.ID, s.Release, rep.Targeted, labelString(s.Selector))
+	n := rep.Targeted
+	if rep.State.Status != rollout.StatusCreated {
+		n = rep.Members // once started, its devices are its members
+	}
+	sel := labelString(s.Selector)
+	if sel == "" {
+		sel = "all"
+	}
+	fmt.Fprintf(w, "rollout %s: %s to %d devices (selector %s)\n", s.ID, s.Release, n, sel)
 	status := string(st.Status)
 	if st.Reverting {
 		status += ", reverting to " + s.Revert.String()

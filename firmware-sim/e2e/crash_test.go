@@ -261,7 +261,7 @@ func TestRolloutSurvivesKill9(t *testing.T) {
 	kit.simRelease(t, cp, sim.Firmware{Version: "1.2.0", Behaviour: sim.Good}, 120)
 	// A kill and restart take about a second: the soak is long enough for
 	// the kills to fall across all three stages.
-	soak := max(6*time.Second, time.Duration(kills)*400*time.Millisecond)
+	soak := max(6*time.Second, time.Duration(kills)*600*time.Millisecond)
 	gates := []string{"--stages", "5%,30%,100%", "--min-canary", "4", "--soak", soak.String(), "--max-in-flight", "60",
 		"--device-timeout", "5m", "--health-margin", "1", "--start", "-o", "json"}
 	create := func(version string) string {

@@ -62,22 +62,78 @@ async function refreshEvents() {
   }
 }
 
+let selectedRollout = "";
+
+async function refreshRollouts() {
+  const rs = await api("/api/v1/rollouts");
+  rs.sort((a, b) => new Date(b.created) - new Date(a.created));
+  if (!selectedRollout && rs.length) selectedRollout = rs[0].spec.id;
+  const body = $("#rollout-table tbody"); body.replaceChildren();
+  for (const r of rs) {
+    const tr = el("tr", undefined, r.spec.id === selectedRollout ? "sel" : "");
+    const rel = r.spec.release.target + "@" + r.spec.release.version;
+    tr.append(el("td", r.spec.id), el("td", rel), el("td", r.state.status, "st-" + r.state.status),
+      el("td", (r.state.stage + 1) + " of " + r.spec.stages.length), el("td", new Date(r.created).toLocaleString()), el("td", r.state.reason || ""));
+    tr.addEventListener("click", () => { selectedRollout = r.spec.id; refresh(); });
+    body.append(tr);
+  }
+  const box = $("#rollout-detail"); box.replaceChildren();
+  if (!selectedRollout) return;
+  const rep = await api("/api/v1/rollouts/" + encodeURIComponent(selectedRollout));
+  box.append(el("h3", rep.spec.id + ": " + rep.spec.release.target + "@" + rep.spec.release.version + " (" + rep.state.status + ")"));
+  const stages = el("div", undefined, "panel");
+  stages.append(el("h3", "Stages"));
+  rep.stages.forEach((s, i) => {
+    const row = el("div", undefined, "stage" + (i === rep.state.stage ? " cur" : ""));
+    const done = s.states.committed || 0, failed = (s.states.failed || 0) + (s.states.timed_out || 0);
+    row.append(el("span", (i + 1) + " (" + s.stage + ")", "l"));
+    const bar = el("span", undefined, "progress");
+    for (const [n, cls] of [[done, "ok"], [failed, "bad"]]) {
+      const seg = el("span", undefined, cls); seg.style.width = (s.devices ? (n / s.devices) * 100 : 0) + "%"; bar.append(seg);
+    }
+    row.append(bar, el("span", s.devices + " devices: " + Object.entries(s.states).map(([k, v]) => k + "=" + v).join(" ")));
+    stages.append(row);
+  });
+  const gates = el("div", undefined, "panel");
+  gates.append(el("h3", "Gates of the current stage"));
+  const gt = el("table");
+  gt.append(el("tr")); gt.lastChild.append(el("th", "gate"), el("th", "value"), el("th", "threshold"), el("th", ""), el("th", "why"));
+  for (const g of rep.gates || []) {
+    const tr = el("tr");
+    const verdict = !g.judged ? "not judged yet" : g.ok ? "holds" : "FAILS";
+    tr.append(el("td", g.name), el("td", g.value != null ? (+g.value).toFixed(3) : ""), el("td", g.threshold != null ? (+g.threshold).toFixed(3) : ""),
+      el("td", verdict, g.judged ? (g.ok ? "on" : "error") : "off"), el("td", g.why || ""));
+    gt.append(tr);
+  }
+  gates.append(gt);
+  const row = el("div", undefined, "row"); row.append(stages, gates); box.append(row);
+  const evs = await api("/api/v1/rollouts/" + encodeURIComponent(selectedRollout) + "/events");
+  const et = el("table");
+  et.append(el("tr")); et.lastChild.append(el("th", "time"), el("th", "who"), el("th", "what"), el("th", "to"), el("th", "why"));
+  for (const e of evs) {
+    const tr = el("tr");
+    tr.append(el("td", new Date(e.time).toLocaleString()), el("td", e.actor), el("td", e.action), el("td", (e.attrs || {}).to || ""), el("td", e.reason || ""));
+    et.append(tr);
+  }
+  box.append(el("h3", "Transitions and operator actions"), et);
+}
+
 function currentTab() { return (location.hash || "#fleet").slice(1); }
 
 async function refresh() {
   if (!token) return showLogin("");
   const tab = currentTab();
-  for (const s of ["fleet", "events"]) $("#" + s).hidden = s !== tab;
+  for (const s of ["fleet", "rollouts", "events"]) $("#" + s).hidden = s !== tab;
   for (const a of document.querySelectorAll(".tab")) a.classList.toggle("active", a.dataset.tab === tab);
   $("#login").hidden = true;
   try {
-    if (tab === "events") await refreshEvents(); else await refreshFleet();
+    if (tab === "events") await refreshEvents(); else if (tab === "rollouts") await refreshRollouts(); else await refreshFleet();
     $("#status").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (e) { $("#status").textContent = "error: " + e.message; }
 }
 
 function showLogin(msg) {
-  for (const s of ["fleet", "events"]) $("#" + s).hidden = true;
+  for (const s of ["fleet", "rollouts", "events"]) $("#" + s).hidden = true;
   $("#login").hidden = false; $("#login-error").textContent = msg;
 }
 
