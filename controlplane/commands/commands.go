@@ -23,6 +23,7 @@ type Store interface {
 	AddCommandOnce(ctx context.Context, c store.Command, supersede bool) (bool, error)
 	Trials(ctx context.Context, since time.Time) ([]store.DeviceUpdate, error)
 	MarkSent(ctx context.Context, id string, at time.Time) error
+	MarkSentAll(ctx context.Context, ids []string, at time.Time) error
 	AckCommand(ctx context.Context, device, id string, at time.Time) error
 	PendingCommands(ctx context.Context, device string, sentBefore time.Time) ([]store.Command, error)
 }
@@ -120,6 +121,23 @@ func (d *Dispatcher) Publish(ctx context.Context, c store.Command) {
 	d.opts.Metrics.CommandsSent.Inc()
 	if err := d.opts.Store.MarkSent(ctx, c.ID, d.opts.Now()); err != nil {
 		d.log.Error("command sent but not recorded", "cmd", c.ID, "err", err)
+	}
+}
+
+// PublishAll sends stored commands and marks those sent in one write;
+// failures are left to the resend.
+func (d *Dispatcher) PublishAll(ctx context.Context, cs []store.Command) {
+	ids := make([]string, 0, len(cs))
+	for _, c := range cs {
+		if err := d.opts.Bus.Publish(ctx, c.Device, proto.KindCmd, c.Body); err != nil {
+			d.log.Debug("command not published, will retry", "device", c.Device, "cmd", c.ID, "err", err)
+			continue
+		}
+		ids = append(ids, c.ID)
+	}
+	d.opts.Metrics.CommandsSent.Add(float64(len(ids)))
+	if err := d.opts.Store.MarkSentAll(ctx, ids, d.opts.Now()); err != nil {
+		d.log.Error("commands sent but not recorded", "commands", len(ids), "err", err)
 	}
 }
 

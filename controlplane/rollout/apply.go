@@ -35,7 +35,7 @@ type Store interface {
 
 // Publisher sends a stored command (package commands).
 type Publisher interface {
-	Publish(ctx context.Context, c store.Command)
+	PublishAll(ctx context.Context, cs []store.Command)
 }
 
 // Rollout is a rollout with its state, for the API.
@@ -178,7 +178,7 @@ func (a *Applier) load(ctx context.Context, id string) (Rollout, error) {
 // observe gathers what Plan needs about the devices.
 func (a *Applier) observe(ctx context.Context, r Rollout, now time.Time) ([]Device, error) {
 	s := r.Spec
-	ds, err := a.opts.Store.Devices(ctx, store.DeviceFilter{Labels: s.Selector})
+	ds, err := a.opts.Store.Devices(ctx, store.DeviceFilter{Labels: s.Selector, Brief: true})
 	if err != nil {
 		return nil, err
 	}
@@ -276,15 +276,21 @@ func (a *Applier) Step(ctx context.Context, id string) error {
 	if r.Spec.Settled(r.State, now) {
 		return nil
 	}
+	t0 := time.Now()
 	devs, err := a.observe(ctx, r, now)
 	if err != nil {
 		return err
 	}
+	t1 := time.Now()
 	out := Plan(r.Spec, r.State, devs, now)
 	a.lastMu.Lock()
 	a.last[id] = out
 	a.lastMu.Unlock()
-	return a.apply(ctx, r, out, now)
+	t2 := time.Now()
+	err = a.apply(ctx, r, out, now)
+	a.log.Debug("rollout planned", "rollout", id, "devices", len(devs), "actions", len(out.Actions),
+		"observe", t1.Sub(t0), "plan", t2.Sub(t1), "apply", time.Since(t2))
+	return err
 }
 
 func (a *Applier) apply(ctx context.Context, r Rollout, out Outcome, now time.Time) error {
@@ -317,8 +323,8 @@ func (a *Applier) apply(ctx context.Context, r Rollout, out Outcome, now time.Ti
 	if err := a.opts.Store.ApplyRollout(ctx, r.Spec.ID, state, string(out.State.Status), members, cmds, audits, now); err != nil {
 		return err
 	}
-	for _, c := range cmds {
-		a.opts.Publish.Publish(ctx, c)
+	if len(cmds) > 0 {
+		a.opts.Publish.PublishAll(ctx, cmds)
 	}
 	return nil
 }

@@ -422,18 +422,24 @@ func (s Spec) healthGates(updated, baseline cohort) []GateResult {
 // outcome.
 func Plan(spec Spec, st State, devs []Device, now time.Time) Outcome {
 	spec = spec.WithDefaults()
-	// Copy on write: the members map is copied (cheap: no rehash), and a
-	// member is copied only when this plan changes it (own), so the
-	// caller's state is never touched.
-	st.Members = maps.Clone(st.Members)
+	// Copy on write: the members map is copied (cheap: no rehash) and
+	// each member is read once into a contiguous copy that this plan works
+	// on; the map takes the copy only of members this plan changes (own).
+	// The caller's state is never touched, and an unchanged member keeps
+	// its pointer.
+	orig := st.Members
+	st.Members = maps.Clone(orig)
 	if st.Members == nil {
 		st.Members = map[string]*Member{}
 	}
+	vals := make([]Member, 0, len(orig)) // never grows: pointers into it stay valid
+	copyOf := func(m *Member) *Member {
+		vals = append(vals, *m)
+		return &vals[len(vals)-1]
+	}
 	own := func(e *member) *Member {
-		c := *e.m
-		e.m = &c
-		st.Members[e.id] = &c
-		return &c
+		st.Members[e.id] = e.m
+		return e.m
 	}
 	out := Outcome{Counts: map[string]int{}}
 	nowMS := now.UnixMilli()
@@ -457,20 +463,20 @@ func Plan(spec Spec, st State, devs []Device, now time.Time) Outcome {
 		if targeted {
 			out.Targeted++
 		}
-		if m := st.Members[d.ID]; m != nil {
-			members = append(members, member{id: d.ID, m: m, d: d, targeted: targeted})
+		if m := orig[d.ID]; m != nil {
+			members = append(members, member{id: d.ID, m: copyOf(m), d: d, targeted: targeted})
 		} else if targeted {
 			fresh = append(fresh, d)
 		}
 	}
-	if len(members) < len(st.Members) { // devices gone (revoked, deleted)
-		seen := make(map[*Member]bool, len(members))
+	if len(members) < len(orig) { // devices gone (revoked, deleted)
+		seen := make(map[string]bool, len(members))
 		for _, e := range members {
-			seen[e.m] = true
+			seen[e.id] = true
 		}
-		for id, m := range st.Members {
-			if !seen[m] {
-				members = append(members, member{id: id, m: m})
+		for id, m := range orig {
+			if !seen[id] {
+				members = append(members, member{id: id, m: copyOf(m)})
 			}
 		}
 	}
@@ -595,13 +601,9 @@ func Plan(spec Spec, st State, devs []Device, now time.Time) Outcome {
 	// Offers.
 	if st.Status == StatusRunning && inWindow(spec.Limits.Windows, now) {
 		offers := spec.offers(members, inFlight, st.Stage)
-		copies := make([]Member, len(offers)) // own, in one allocation
 		out.Actions = slices.Grow(out.Actions, len(offers))
-		for i, e := range offers {
-			copies[i] = *e.m
-			copies[i].Offered = nowMS
-			e.m = &copies[i]
-			st.Members[e.id] = e.m
+		for _, e := range offers {
+			own(e).Offered = nowMS
 			out.Actions = append(out.Actions, Action{Kind: ActOffer, Device: e.id})
 		}
 	}
@@ -676,6 +678,13 @@ func (s Spec) offers(members []member, inFlight, stage int) []*member {
 		rank    float64
 		e       *member
 	}
+	slots := len(members)
+	if s.Limits.MaxInFlight > 0 {
+		slots = s.Limits.MaxInFlight - inFlight
+	}
+	if slots <= 0 {
+		return nil
+	}
 	var cands []cand
 	busyBy := map[string]map[string]int{} // label -> value -> in flight
 	groupSize := map[string]map[string]int{}
@@ -699,9 +708,15 @@ func (s Spec) offers(members []member, inFlight, stage int) []*member {
 			cands = append(cands, cand{stage: e.m.Stage, offline: !e.d.Online, rank: rank(e.id, s.ID), e: e})
 		}
 	}
-	slices.SortFunc(cands, func(a, b cand) int {
+	less := func(a, b cand) int {
 		return cmp.Or(cmp.Compare(a.stage, b.stage), cmp.Compare(boolInt(a.offline), boolInt(b.offline)), cmp.Compare(a.rank, b.rank))
-	})
+	}
+	if len(s.Limits.Budgets) == 0 && slots < len(cands)/4 {
+		// Only the first slots candidates can be offered: select them
+		// (linear on average) and sort those alone.
+		cands = selectFirst(cands, slots, less)
+	}
+	slices.SortFunc(cands, less)
 	var acts []*member
 	for _, c := range cands {
 		if s.Limits.MaxInFlight > 0 && inFlight >= s.Limits.MaxInFlight {
@@ -727,6 +742,38 @@ func (s Spec) offers(members []member, inFlight, stage int) []*member {
 		acts = append(acts, c.e)
 	}
 	return acts
+}
+
+// selectFirst returns the k smallest of xs (in no order), reordering xs:
+// quickselect with a middle pivot, linear on average.
+func selectFirst[T any](xs []T, k int, cmpf func(a, b T) int) []T {
+	lo, hi := 0, len(xs)-1
+	for lo < hi {
+		p := xs[lo+(hi-lo)/2]
+		i, j := lo, hi
+		for i <= j {
+			for cmpf(xs[i], p) < 0 {
+				i++
+			}
+			for cmpf(xs[j], p) > 0 {
+				j--
+			}
+			if i <= j {
+				xs[i], xs[j] = xs[j], xs[i]
+				i++
+				j--
+			}
+		}
+		switch {
+		case k-1 <= j:
+			hi = j
+		case k-1 >= i:
+			lo = i
+		default:
+			return xs[:k]
+		}
+	}
+	return xs[:k]
 }
 
 // member is a member with its device (nil when gone) and where it stands,

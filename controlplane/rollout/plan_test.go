@@ -1,8 +1,10 @@
 package rollout
 
 import (
+	"cmp"
 	"fmt"
 	"math"
+	"slices"
 	"testing"
 	"time"
 
@@ -511,4 +513,19 @@ func TestAbortWithdrawsOffers(t *testing.T) {
 	if s.Settled(out.State, now) || !s.Settled(out.State, now.Add(s.Gates.DeviceTimeout.D()+time.Second)) {
 		t.Fatal("an aborted rollout settles a device timeout after it ended")
 	}
+}
+
+// selectFirst returns exactly the k smallest, duplicates included.
+func TestSelectFirst(t *testing.T) {
+	rapid.Check(t, func(t *rapid.T) {
+		xs := rapid.SliceOfN(rapid.IntRange(0, 20), 1, 200).Draw(t, "xs")
+		k := rapid.IntRange(1, len(xs)).Draw(t, "k")
+		want := slices.Clone(xs)
+		slices.Sort(want)
+		got := slices.Clone(selectFirst(slices.Clone(xs), k, cmp.Compare[int]))
+		slices.Sort(got)
+		if !slices.Equal(got, want[:k]) {
+			t.Fatalf("selectFirst(%v, %d) = %v, want %v", xs, k, got, want[:k])
+		}
+	})
 }

@@ -5,7 +5,9 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"fmt"
+	"log/slog"
 	"net"
+	"os"
 	"strconv"
 	"testing"
 	"time"
@@ -27,7 +29,7 @@ func benchServer(b *testing.B, n int) *server.Server {
 	httpLn, _ := net.Listen("tcp", "127.0.0.1:0")
 	mqttLn, _ := net.Listen("tcp", "127.0.0.1:0")
 	s, err := server.New(server.Options{DataDir: b.TempDir(), HTTPListener: httpLn, MQTTListener: mqttLn,
-		RolloutInterval: time.Hour}) // planned when poked, as start does
+		RolloutInterval: time.Hour, Logger: benchLogger()}) // planned when poked, as start does
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -93,7 +95,7 @@ func spec(stages string, maxInFlight int) rollout.Spec {
 	if err != nil {
 		panic(err)
 	}
-	return rollout.Spec{Release: rollout.ReleaseRef{Target: "agent", Version: "2.0.0"}, Stages: st,
+	return rollout.Spec{Release: rollout.ReleaseRef{Target: "agent", Version: "2.0.0", Counter: 200}, Stages: st,
 		Limits: rollout.Limits{MaxInFlight: maxInFlight}}
 }
 
@@ -108,7 +110,7 @@ func BenchmarkRolloutStart(b *testing.B) {
 			s := benchServer(b, n)
 			var total time.Duration
 			for b.Loop() {
-				total += startAndWait(b, s, spec("1%,10%,50%,100%", 0), n/100)
+				total += startAndWait(b, s, spec("1%,10%,50%,100%", n/100), n/100) // the whole canary at once
 			}
 			b.ReportMetric(float64(total.Milliseconds())/float64(b.N), "ms/first-wave")
 		})
@@ -126,4 +128,13 @@ func BenchmarkNotify(b *testing.B) {
 		total += startAndWait(b, s, spec("100%", n), n)
 	}
 	b.ReportMetric(float64(n*b.N)/total.Seconds(), "devices/s")
+}
+
+// benchLogger: HANGAR_BENCH_LOG=1 shows the control plane's debug log
+// (each rollout step's phases).
+func benchLogger() *slog.Logger {
+	if os.Getenv("HANGAR_BENCH_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.DiscardHandler)
 }

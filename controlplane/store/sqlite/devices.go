@@ -98,6 +98,85 @@ const deviceCols = `id, hardware, arch, version, release, labels, op_labels, pay
 
 type rowScanner interface{ Scan(...any) error }
 
+// parseLabels reads a stored label map ({"k":"v",...}, as this store
+// writes it) without reflection; anything unusual (escapes, spaces) goes
+// to encoding/json.
+func parseLabels(s string) map[string]string {
+	out := map[string]string{}
+	if s == "" || s == "{}" || s == "null" {
+		return out
+	}
+	slow := func() map[string]string {
+		m := map[string]string{}
+		_ = json.Unmarshal([]byte(s), &m)
+		return m
+	}
+	if strings.IndexByte(s, '\\') >= 0 || len(s) < 2 || s[0] != '{' || s[len(s)-1] != '}' {
+		return slow()
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] >= 0x80 { // control bytes, non-ASCII: JSON's rules
+			return slow()
+		}
+	}
+	rest := s[1 : len(s)-1]
+	str := func() (string, bool) {
+		if len(rest) < 2 || rest[0] != '"' {
+			return "", false
+		}
+		end := strings.IndexByte(rest[1:], '"')
+		if end < 0 {
+			return "", false
+		}
+		v := rest[1 : 1+end]
+		rest = rest[end+2:]
+		return v, true
+	}
+	for len(rest) > 0 {
+		k, ok := str()
+		if !ok || len(rest) == 0 || rest[0] != ':' {
+			return slow()
+		}
+		rest = rest[1:]
+		v, ok := str()
+		if !ok {
+			return slow()
+		}
+		out[k] = v
+		if len(rest) > 0 {
+			if rest[0] != ',' || len(rest) == 1 {
+				return slow()
+			}
+			rest = rest[1:]
+		}
+	}
+	return out
+}
+
+const briefCols = `id, version, labels, op_labels, revoked, last_seen, connected`
+
+func scanBrief(r rowScanner, cutoff time.Time) (store.Device, error) {
+	var (
+		d                store.Device
+		labels, opLabels string
+		last             sql.NullInt64
+		connected        bool
+	)
+	if err := r.Scan(&d.ID, &d.Version, &labels, &opLabels, &d.Revoked, &last, &connected); err != nil {
+		return d, err
+	}
+	d.ReportedLabels = parseLabels(labels)
+	if opLabels != "" && opLabels != "{}" && opLabels != "null" {
+		d.OperatorLabels = parseLabels(opLabels)
+	}
+	d.Labels = d.ReportedLabels
+	if len(d.OperatorLabels) > 0 {
+		d.Labels = store.MergeLabels(d.ReportedLabels, d.OperatorLabels)
+	}
+	d.Online = connected && last.Valid && last.Int64 >= ms(cutoff)
+	return d, nil
+}
+
 func scanDevice(r rowScanner, cutoff time.Time) (store.Device, error) {
 	var (
 		d                               store.Device
@@ -169,7 +248,11 @@ func (db *DB) Devices(ctx context.Context, f store.DeviceFilter) ([]store.Device
 		where = append(where, `version = ?`)
 		args = append(args, f.Version)
 	}
-	q := `SELECT ` + deviceCols + ` FROM devices`
+	cols, scan := deviceCols, scanDevice
+	if f.Brief {
+		cols, scan = briefCols, scanBrief
+	}
+	q := `SELECT ` + cols + ` FROM devices`
 	if len(where) > 0 {
 		q += ` WHERE ` + strings.Join(where, ` AND `)
 	}
@@ -185,7 +268,7 @@ func (db *DB) Devices(ctx context.Context, f store.DeviceFilter) ([]store.Device
 	out := []store.Device{}
 	cutoff := db.onlineCutoff()
 	for rows.Next() {
-		d, err := scanDevice(rows, cutoff)
+		d, err := scan(rows, cutoff)
 		if err != nil {
 			return nil, fmt.Errorf("list devices: %w", err)
 		}

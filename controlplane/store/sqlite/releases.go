@@ -165,6 +165,27 @@ func (db *DB) addCommand(ctx context.Context, c store.Command, supersede, once b
 }
 
 // MarkSent records a (re)send.
+// MarkSentAll records that the commands were handed to the broker, in one
+// transaction.
+func (db *DB) MarkSentAll(ctx context.Context, ids []string, at time.Time) error {
+	tx, err := db.w.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("mark sent: %w", err)
+	}
+	defer tx.Rollback()
+	st, err := tx.PrepareContext(ctx, `UPDATE commands SET sent = ?, attempts = attempts + 1 WHERE id = ?`)
+	if err != nil {
+		return fmt.Errorf("mark sent: %w", err)
+	}
+	defer st.Close()
+	for _, id := range ids {
+		if _, err := st.ExecContext(ctx, ms(at), id); err != nil {
+			return fmt.Errorf("mark sent: %w", err)
+		}
+	}
+	return tx.Commit()
+}
+
 func (db *DB) MarkSent(ctx context.Context, id string, at time.Time) error {
 	_, err := db.w.ExecContext(ctx, `UPDATE commands SET sent = ?, attempts = attempts + 1 WHERE id = ?`, ms(at), id)
 	return err

@@ -5,6 +5,8 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
@@ -173,17 +175,25 @@ func (db *DB) ApplyRollout(ctx context.Context, id string, state []byte, status 
 	if _, err := tx.ExecContext(ctx, `UPDATE rollouts SET state = ?, status = ?, updated = ? WHERE id = ?`, string(state), status, ms(now), id); err != nil {
 		return fmt.Errorf("apply rollout: %w", err)
 	}
-	if len(members) > 0 {
-		st, err := tx.PrepareContext(ctx, `INSERT INTO rollout_members (rollout, device, stage, offered, reverted, canceled) VALUES (?, ?, ?, ?, ?, ?)
-			ON CONFLICT (rollout, device) DO UPDATE SET stage = excluded.stage, offered = excluded.offered, reverted = excluded.reverted, canceled = excluded.canceled`)
-		if err != nil {
-			return fmt.Errorf("apply rollout: %w", err)
+	// Many rows per statement: a rollout's first plan writes every member
+	// of the fleet, and one statement per row costs a cgo round trip each.
+	// In key order, the B-tree insertions append instead of splitting
+	// pages all over the tree.
+	const memberRows = 500
+	members = slices.Clone(members)
+	slices.SortFunc(members, func(a, b MemberRow) int { return strings.Compare(a.Device, b.Device) })
+	for len(members) > 0 {
+		chunk := members[:min(memberRows, len(members))]
+		members = members[len(chunk):]
+		q := `INSERT INTO rollout_members (rollout, device, stage, offered, reverted, canceled) VALUES ` +
+			strings.TrimSuffix(strings.Repeat(`(?, ?, ?, ?, ?, ?),`, len(chunk)), `,`) +
+			` ON CONFLICT (rollout, device) DO UPDATE SET stage = excluded.stage, offered = excluded.offered, reverted = excluded.reverted, canceled = excluded.canceled`
+		args := make([]any, 0, 6*len(chunk))
+		for _, m := range chunk {
+			args = append(args, id, m.Device, m.Stage, m.Offered, m.Reverted, m.Canceled)
 		}
-		defer st.Close()
-		for _, m := range members {
-			if _, err := st.ExecContext(ctx, id, m.Device, m.Stage, m.Offered, m.Reverted, m.Canceled); err != nil {
-				return fmt.Errorf("apply rollout: %w", err)
-			}
+		if _, err := tx.ExecContext(ctx, q, args...); err != nil {
+			return fmt.Errorf("apply rollout: %w", err)
 		}
 	}
 	if len(cmds) > 0 {

@@ -3,6 +3,7 @@ package sqlite_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -247,5 +248,34 @@ func TestFleetHealth(t *testing.T) {
 	}
 	if h.Battery[0].Count != 1 || h.Battery[4].Count != 1 {
 		t.Fatalf("battery histogram %+v", h.Battery)
+	}
+}
+
+// A brief listing agrees with the full one on what it fills.
+func TestDevicesBrief(t *testing.T) {
+	db, _ := open(t)
+	ctx := t.Context()
+	enroll(t, db, "d1", map[string]string{"hw": "rev-b", "base": "oslo"})
+	enroll(t, db, "d2", map[string]string{"hw": "rev-a"})
+	if _, err := db.Enroll(ctx, store.Enrollment{ID: "d2", Labels: map[string]string{"base": "lyon"}, Operator: true, CredHash: []byte("x"), Now: time.UnixMilli(prototest.Base)}); err != nil {
+		t.Fatal(err)
+	}
+	db.Revoke(ctx, "d1")
+	full, err := db.Devices(ctx, store.DeviceFilter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	brief, err := db.Devices(ctx, store.DeviceFilter{Brief: true})
+	if err != nil || len(brief) != len(full) || len(full) != 2 {
+		t.Fatalf("brief %d, full %d, %v", len(brief), len(full), err)
+	}
+	for i := range full {
+		f, b := full[i], brief[i]
+		if f.ID != b.ID || f.Version != b.Version || f.Revoked != b.Revoked || f.Online != b.Online || fmt.Sprint(f.Labels) != fmt.Sprint(b.Labels) {
+			t.Errorf("brief %+v\nfull %+v", b, f)
+		}
+	}
+	if brief[1].Labels["base"] != "lyon" || brief[1].Labels["hw"] != "rev-a" {
+		t.Errorf("operator labels not merged: %v", brief[1].Labels)
 	}
 }
