@@ -196,16 +196,18 @@ func (d *Dispatcher) handle(ctx context.Context, ev deviceEvent) {
 	case ev.event.Kind == proto.EventUpdate && ev.event.Update.State == proto.UpdateTrial:
 		// The new build reached the control plane through the broker:
 		// confirm, so that its trial can pass.
-		d.confirm(ctx, ev.device, ev.event.Update.Counter, ev.event.Update.Rollout)
+		d.confirm(ctx, ev.device, ev.event.Update.Counter, ev.event.Boot, ev.event.Update.Rollout)
 	}
 }
 
-// confirm acknowledges a device's trial of a release. The command's id is
-// derived from device and counter, so it is created once however many
-// times the trial is seen.
-func (d *Dispatcher) confirm(ctx context.Context, device string, counter uint64, rollout string) {
+// confirm acknowledges a device's trial of a release in one boot of its
+// agent. The command's id is derived from device, counter and boot, so it
+// is created once however many times that trial is seen, and a trial that
+// starts again after a restart (the confirmation was in the lost process's
+// memory) gets a confirmation of its own.
+func (d *Dispatcher) confirm(ctx context.Context, device string, counter, boot uint64, rollout string) {
 	now := d.opts.Now()
-	cmd := proto.Command{ID: fmt.Sprintf("confirm:%s:%d", device, counter), Kind: proto.CmdConfirm, Counter: counter, Rollout: rollout, Issued: now.UnixMilli()}
+	cmd := proto.Command{ID: fmt.Sprintf("confirm:%s:%d:%d", device, counter, boot), Kind: proto.CmdConfirm, Counter: counter, Rollout: rollout, Issued: now.UnixMilli()}
 	body, err := proto.Marshal(&cmd)
 	if err != nil {
 		d.log.Error("trial confirmation", "device", device, "err", err)
@@ -237,7 +239,7 @@ func (d *Dispatcher) confirmTrials(ctx context.Context) {
 		return
 	}
 	for _, u := range trials {
-		d.confirm(ctx, u.Device, u.Counter, u.Rollout)
+		d.confirm(ctx, u.Device, u.Counter, u.Boot, u.Rollout)
 	}
 }
 

@@ -2,6 +2,7 @@ package commands
 
 import (
 	"context"
+	"fmt"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -80,17 +81,28 @@ func TestTrialConfirmedAfterRestart(t *testing.T) {
 	}
 	run()
 	got := b.confirms()
-	if len(got) != 1 || got[0].ID != "confirm:d1:13" || got[0].Counter != 13 || got[0].Rollout != "r-1" {
+	id := fmt.Sprintf("confirm:d1:13:%d", prototest.UpdateEvent().Boot)
+	if len(got) != 1 || got[0].ID != id || got[0].Counter != 13 || got[0].Rollout != "r-1" {
 		t.Fatalf("confirmations after start: %+v, want one for d1's trial of counter 13", got)
 	}
 	// Seen again (a restart, the report redelivered): not created twice.
 	run()
-	d.handle(ctx, deviceEvent{device: "d1", event: &proto.Event{Kind: proto.EventUpdate, Update: &proto.UpdateReport{State: proto.UpdateTrial, Counter: 13}}})
+	trial := func(boot uint64) {
+		d.handle(ctx, deviceEvent{device: "d1", event: &proto.Event{Boot: boot, Kind: proto.EventUpdate,
+			Update: &proto.UpdateReport{State: proto.UpdateTrial, Counter: 13, Rollout: "r-1"}}})
+	}
+	trial(prototest.UpdateEvent().Boot)
 	if n := len(b.confirms()); n != 1 {
 		t.Fatalf("%d confirmations, want 1", n)
 	}
 	pending, _ := db.PendingCommands(ctx, "d1", time.Now().Add(time.Hour))
-	if len(pending) != 1 || pending[0].ID != "confirm:d1:13" {
+	if len(pending) != 1 || pending[0].ID != id {
 		t.Fatalf("pending for d1: %+v", pending)
+	}
+	// The agent restarted during its trial (a new boot): the confirmation
+	// it had is gone with the old process, so it gets a new one.
+	trial(prototest.UpdateEvent().Boot + 7)
+	if got := b.confirms(); len(got) != 2 || got[1].ID == id {
+		t.Fatalf("after a restart in trial: %+v", got)
 	}
 }

@@ -206,6 +206,7 @@ type DeviceUpdate struct {
 	Check    string    `json:"check,omitempty"`
 	Progress uint64    `json:"progress,omitempty"`
 	Rollout  string    `json:"rollout,omitempty"`
+	Boot     uint64    `json:"boot,omitempty"` // agent boot epoch of the report (filled by Trials)
 	Updated  time.Time `json:"updated"`
 }
 

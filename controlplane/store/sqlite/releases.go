@@ -266,7 +266,7 @@ func (db *DB) DeviceUpdates(ctx context.Context, device, target string, counter 
 // Trials lists the devices whose latest report on a release, made since
 // the given time, says they are trying it out (state trial).
 func (db *DB) Trials(ctx context.Context, since time.Time) ([]store.DeviceUpdate, error) {
-	rows, err := db.r.QueryContext(ctx, `SELECT d.id, u.target, u.counter, u.version, u.rollout, u.updated
+	rows, err := db.r.QueryContext(ctx, `SELECT d.id, u.target, u.counter, u.version, u.rollout, u.boot, u.updated
 		FROM device_updates u JOIN devices d ON d.num = u.dev WHERE u.state = ? AND u.updated >= ? AND d.revoked = 0`,
 		string(proto.UpdateTrial), ms(since))
 	if err != nil {
@@ -277,7 +277,7 @@ func (db *DB) Trials(ctx context.Context, since time.Time) ([]store.DeviceUpdate
 	for rows.Next() {
 		u := store.DeviceUpdate{State: string(proto.UpdateTrial)}
 		var updated int64
-		if err := rows.Scan(&u.Device, &u.Target, &u.Counter, &u.Version, &u.Rollout, &updated); err != nil {
+		if err := rows.Scan(&u.Device, &u.Target, &u.Counter, &u.Version, &u.Rollout, &u.Boot, &updated); err != nil {
 			return nil, err
 		}
 		u.Updated = time.UnixMilli(updated).UTC()
