@@ -20,6 +20,9 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) > 0 && args[0] == "bench" {
 		return runBench(ctx, args[1:], stdout, stderr)
 	}
+	if len(args) > 0 && args[0] == "run" {
+		return runScenario(ctx, args[1:], stdout, stderr)
+	}
 	fs := flag.NewFlagSet("hangar-sim", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	server := fs.String("server", envOr("HANGAR_SERVER", "http://127.0.0.1:8080"), "control plane URL (env HANGAR_SERVER)")
@@ -35,7 +38,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	logLevel := fs.String("log-level", "warn", "debug, info, warn or error")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "hangar-sim: run a fleet of simulated drones (the real agent code) against a control plane\n\n"+
-			"Usage: hangar-sim [flags]\n       hangar-sim bench ingest [flags]   (measure ingest; see docs/benchmarks.md)\n\n")
+			"Usage: hangar-sim [flags]\n       hangar-sim run SCENARIO [flags]   (rehearse a release; see firmware-sim/scenarios)\n       hangar-sim bench ingest [flags]   (measure ingest; see docs/benchmarks.md)\n\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {

@@ -293,10 +293,26 @@ func TestRolloutSurvivesKill9(t *testing.T) {
 		}
 	}
 
+	// A rollout completes once 90% of its devices committed; the last
+	// reports may come later (more so after a kill). Compare when every
+	// device has reported.
+	settled := func(id string) {
+		waitFor(t, time.Minute, "every device's report in", func() (bool, string) {
+			rep := status(id)
+			for _, st := range rep.Stages {
+				if st.States[rollout.MOffered] > 0 || st.States[rollout.MPending] > 0 {
+					return false, fmt.Sprint(rep.Stages)
+				}
+			}
+			return true, ""
+		})
+	}
+
 	// The uninterrupted run.
 	before := boots(fleet)
 	id := create("1.1.0")
 	waitFor(t, 3*time.Minute, "uninterrupted rollout finished", finished(id))
+	settled(id)
 	want := kit.outcome(t, cp, fleet, id, before)
 	if want.Status != rollout.StatusCompleted || want.Versions["1.1.0"] != n {
 		t.Fatalf("uninterrupted run: %+v", want)
@@ -325,6 +341,7 @@ func TestRolloutSurvivesKill9(t *testing.T) {
 	}
 	online()
 	waitFor(t, 3*time.Minute, "rollout finished after the kills", finished(id))
+	settled(id)
 	got := kit.outcome(t, cp, fleet, id, before)
 	t.Logf("%d kills over %v; outcome %+v", cp.kills, time.Since(start).Round(time.Second), got)
 	if got.Versions["1.2.0"] != n {

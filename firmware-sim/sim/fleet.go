@@ -78,6 +78,9 @@ type FleetOptions struct {
 	TrialSoak     time.Duration
 	TrialDeadline time.Duration
 	MinBattery    uint8
+	// OnBoot, when set, is called each time a drone boots a build (before
+	// it runs, bricked or not): who ever ran what.
+	OnBoot func(device string, fw Firmware)
 }
 
 // Fleet is a running simulated fleet.
@@ -97,12 +100,29 @@ type SimDrone struct {
 	dir     string
 	hw      string
 
-	mu      sync.Mutex
-	agent   *agent.Agent
-	boots   int
-	bricked bool
-	cancel  context.CancelFunc
-	done    chan struct{}
+	mu        sync.Mutex
+	agent     *agent.Agent
+	boots     int
+	bricked   bool
+	cancel    context.CancelFunc
+	done      chan struct{}
+	runCancel context.CancelFunc // stops the running agent (power cut)
+	cutFor    time.Duration      // set by PowerCut: how long the power stays off
+}
+
+// PowerCut stops the drone's agent at once, without its clean stop being
+// recorded (the agent counts an unplanned restart), and boots it again
+// from its state directory after off. It reports false when the agent is
+// not running (booting, bricked, powered off already).
+func (d *SimDrone) PowerCut(off time.Duration) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.runCancel == nil || d.cutFor > 0 {
+		return false
+	}
+	d.cutFor = max(off, time.Millisecond)
+	d.runCancel()
+	return true
 }
 
 // Agent is the drone's current agent.
@@ -273,6 +293,9 @@ func (d *SimDrone) boot() (Firmware, error) {
 	d.agent = a
 	d.boots++
 	d.mu.Unlock()
+	if o.OnBoot != nil {
+		o.OnBoot(d.ID, fw)
+	}
 	return fw, nil
 }
 
@@ -308,10 +331,27 @@ func (d *SimDrone) run(ctx context.Context) {
 			crash = true
 			time.AfterFunc(time.Duration(fw.RebootEvery), cancel)
 		}
+		d.mu.Lock()
+		d.runCancel = cancel
+		d.mu.Unlock()
 		err := d.Agent().Run(runCtx)
 		cancel()
+		d.mu.Lock()
+		cut := d.cutFor
+		d.runCancel = nil
+		d.mu.Unlock()
 		if ctx.Err() != nil {
 			return
+		}
+		if cut > 0 {
+			crash = true
+			ok := sleep(ctx, cut)
+			d.mu.Lock()
+			d.cutFor = 0
+			d.mu.Unlock()
+			if !ok {
+				return
+			}
 		}
 		if crash && err == nil {
 			// The simulated build died: a real process would not have

@@ -1,0 +1,153 @@
+package scenario
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// controlPlane is `hangar serve` run by the runner as a child process on
+// fixed ports, so that it can be killed and started again on its data.
+type controlPlane struct {
+	bin, dir   string
+	http, mqtt string
+	args       []string
+
+	mu     sync.Mutex
+	cmd    *exec.Cmd
+	exited chan struct{}
+	log    bytes.Buffer
+	starts int
+}
+
+func freeAddr() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
+}
+
+// FindHangar finds the hangar binary: next to this executable, then in
+// PATH.
+func FindHangar() (string, error) {
+	if exe, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(exe), "hangar")
+		if st, err := os.Stat(p); err == nil && !st.IsDir() {
+			return p, nil
+		}
+	}
+	p, err := exec.LookPath("hangar")
+	if err != nil {
+		return "", fmt.Errorf("no hangar binary next to hangar-sim or in PATH (make build puts both in bin/), or pass --hangar")
+	}
+	return p, nil
+}
+
+func startControlPlane(ctx context.Context, bin, dir string, args ...string) (*controlPlane, error) {
+	c := &controlPlane{bin: bin, dir: dir, args: args}
+	var err error
+	if c.http, err = freeAddr(); err != nil {
+		return nil, err
+	}
+	if c.mqtt, err = freeAddr(); err != nil {
+		return nil, err
+	}
+	return c, c.start(ctx)
+}
+
+func (c *controlPlane) URL() string { return "http://" + c.http }
+
+func (c *controlPlane) start(ctx context.Context) error {
+	c.mu.Lock()
+	cmd := exec.Command(c.bin, append([]string{"serve", "--data", c.dir, "--http", c.http, "--mqtt", c.mqtt,
+		"--log-level", "warn", "--rollout-interval", "500ms"}, c.args...)...)
+	cmd.Stdout, cmd.Stderr = &lockedWriter{c}, &lockedWriter{c}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		c.mu.Unlock()
+		return fmt.Errorf("start control plane: %w", err)
+	}
+	exited := make(chan struct{})
+	c.cmd, c.exited = cmd, exited
+	c.starts++
+	c.mu.Unlock()
+	go func() { cmd.Wait(); close(exited) }()
+	client := &http.Client{Timeout: time.Second}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if resp, err := client.Get(c.URL() + "/healthz"); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+		}
+		select {
+		case <-exited:
+			return fmt.Errorf("control plane exited at start:\n%s", c.Log())
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(25 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("control plane not answering after 30 s:\n%s", c.Log())
+		}
+	}
+}
+
+// kill sends SIGKILL and waits for the process to be gone.
+func (c *controlPlane) kill() {
+	c.mu.Lock()
+	cmd, exited := c.cmd, c.exited
+	c.cmd = nil
+	c.mu.Unlock()
+	if cmd != nil {
+		cmd.Process.Kill()
+		<-exited
+	}
+}
+
+// stop asks the control plane to stop (SIGTERM) and waits.
+func (c *controlPlane) stop() {
+	c.mu.Lock()
+	cmd, exited := c.cmd, c.exited
+	c.cmd = nil
+	c.mu.Unlock()
+	if cmd == nil {
+		return
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-exited:
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		<-exited
+	}
+}
+
+// Log is the control plane's output (the last MiB).
+func (c *controlPlane) Log() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.log.String()
+}
+
+type lockedWriter struct{ c *controlPlane }
+
+func (w *lockedWriter) Write(p []byte) (int, error) {
+	w.c.mu.Lock()
+	defer w.c.mu.Unlock()
+	if w.c.log.Len() > 1<<20 {
+		w.c.log.Reset()
+	}
+	return w.c.log.Write(p)
+}

@@ -1,0 +1,689 @@
+package scenario
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	crand "crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"maps"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	hcli "github.com/hangarfleet/hangar/controlplane/cli"
+	"github.com/hangarfleet/hangar/controlplane/rollout"
+	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/firmware-sim/sim"
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// Options configure a run.
+type Options struct {
+	// Server is a control plane to use; empty starts one (Hangar, the
+	// hangar binary, as a child process on a temporary data directory).
+	Server string
+	Hangar string
+	// With Server: the admin token file, the fleet enrollment token, and
+	// release keys the server trusts (a release key, the root-signed key
+	// list and the root public key the drones pin).
+	TokenFile, EnrollToken      string
+	ReleaseKey, KeyList, RootPub string
+	// Devices overrides the scenario's fleet size (0: keep it).
+	Devices int
+	// WorkDir holds keys, artifacts, the control plane's data and the
+	// drones' state (default: a temporary directory, removed after).
+	WorkDir string
+	Logger  *slog.Logger
+	// Progress gets a line per step and transition.
+	Progress io.Writer
+}
+
+// Run plays the scenario and returns its report; the error is for runs
+// that could not be carried out (not for expectations that fail).
+func Run(ctx context.Context, s Scenario, o Options) (*Report, error) {
+	if o.Devices > 0 {
+		s.Fleet.Devices = o.Devices
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Progress == nil {
+		o.Progress = io.Discard
+	}
+	if o.WorkDir == "" {
+		dir, err := os.MkdirTemp("", "hangar-scenario-")
+		if err != nil {
+			return nil, err
+		}
+		defer os.RemoveAll(dir)
+		o.WorkDir = dir
+	}
+	r := &runner{s: s, o: o, ids: map[string]string{}, everRan: map[string]map[string]time.Duration{},
+		rep: &Report{Scenario: s, Devices: s.Fleet.Devices}}
+	return r.rep, r.run(ctx)
+}
+
+type runner struct {
+	s   Scenario
+	o   Options
+	cp  *controlPlane // nil with Options.Server
+	url string
+	tok string // admin token file
+
+	relKey, keyList, rootPub string
+
+	fleet *sim.Fleet
+	start time.Time
+
+	mu      sync.Mutex
+	ids     map[string]string                   // rollout name -> id
+	everRan map[string]map[string]time.Duration // version -> device -> first boot offset
+	ran     map[string]map[string]time.Duration // everRan when the run ended
+	rep     *Report
+}
+
+func (r *runner) progress(format string, args ...any) {
+	at := time.Duration(0)
+	if !r.start.IsZero() {
+		at = time.Since(r.start).Round(100 * time.Millisecond)
+	}
+	fmt.Fprintf(r.o.Progress, "%7s  %s\n", at, fmt.Sprintf(format, args...))
+}
+
+func (r *runner) run(ctx context.Context) error {
+	if err := r.setUp(ctx); err != nil {
+		return err
+	}
+	if r.cp != nil {
+		defer r.cp.stop()
+	}
+	fleetCtx, stopFleet := context.WithCancel(ctx)
+	fleetDone := make(chan error, 1)
+	go func() { fleetDone <- r.fleet.Run(fleetCtx) }()
+	defer func() { stopFleet(); <-fleetDone }()
+
+	setupStart := time.Now()
+	if err := r.waitOnline(ctx, 3*time.Minute); err != nil {
+		return err
+	}
+	r.rep.Figures.FleetOnline = time.Since(setupStart).Seconds()
+	r.progress("%d drones online in %.1f s", r.s.Fleet.Devices, r.rep.Figures.FleetOnline)
+
+	r.start = time.Now()
+	r.rep.Started = r.start
+	sampleCtx, stopSampling := context.WithCancel(ctx)
+	sampled := make(chan struct{})
+	go func() { defer close(sampled); r.sampleLoop(sampleCtx) }()
+
+	err := r.playTimeline(ctx)
+	if err == nil {
+		err = r.waitEnd(ctx)
+	}
+	stopSampling()
+	<-sampled
+	if err != nil {
+		return err
+	}
+	r.rep.Duration = time.Since(r.start).Seconds()
+	r.mu.Lock()
+	ran := make(map[string]map[string]time.Duration, len(r.everRan))
+	for v, m := range r.everRan {
+		ran[v] = maps.Clone(m)
+	}
+	r.ran = ran
+	r.mu.Unlock()
+	if err := r.collect(ctx); err != nil {
+		return err
+	}
+	r.judge()
+	return nil
+}
+
+func (r *runner) setUp(ctx context.Context) error {
+	fl := r.s.Fleet
+	if r.o.Server != "" {
+		r.url, r.tok = r.o.Server, r.o.TokenFile
+		r.relKey, r.keyList, r.rootPub = r.o.ReleaseKey, r.o.KeyList, r.o.RootPub
+		if r.relKey == "" || r.keyList == "" || r.rootPub == "" || r.tok == "" || r.o.EnrollToken == "" {
+			return errors.New("with --server: --token-file, --enroll-token, --release-key, --keys and --root-key are needed")
+		}
+	} else if err := r.keys(ctx); err != nil {
+		return err
+	}
+	enroll := r.o.EnrollToken
+	if r.o.Server == "" {
+		bin := r.o.Hangar
+		if bin == "" {
+			var err error
+			if bin, err = FindHangar(); err != nil {
+				return err
+			}
+		}
+		cp, err := startControlPlane(ctx, bin, filepath.Join(r.o.WorkDir, "controlplane"), "--root-key", r.rootPub)
+		if err != nil {
+			return err
+		}
+		r.cp, r.url, r.tok = cp, cp.URL(), filepath.Join(cp.dir, "admin.token")
+		b, err := os.ReadFile(filepath.Join(cp.dir, "enroll.token"))
+		if err != nil {
+			return err
+		}
+		enroll = strings.TrimSpace(string(b))
+		r.progress("control plane %s (data %s)", r.url, cp.dir)
+	} else if b, err := os.ReadFile(enroll); err == nil {
+		enroll = strings.TrimSpace(string(b))
+	}
+	pemRoot, err := os.ReadFile(r.rootPub)
+	if err != nil {
+		return err
+	}
+	root, err := proto.ParsePublicKey(pemRoot)
+	if err != nil {
+		return fmt.Errorf("root key: %w", err)
+	}
+	var hw sim.Mix
+	for _, k := range sortedKeys(fl.Hardware) {
+		hw = append(hw, sim.Weighted{Value: k, Weight: fl.Hardware[k]})
+	}
+	r.fleet, err = sim.NewFleet(sim.FleetOptions{
+		ServerURL: r.url, EnrollToken: enroll, Devices: fl.Devices, Prefix: "drone-",
+		StateRoot: filepath.Join(r.o.WorkDir, "drones"), Hardware: hw, Version: fl.Version,
+		SampleInterval: time.Duration(fl.SampleInterval), BatchSize: fl.BatchSize, HeartbeatInterval: 5 * time.Second,
+		BackoffMin: 100 * time.Millisecond, BackoffMax: 2 * time.Second, StartRate: fl.StartRate, Seed: fl.Seed,
+		Logger: r.o.Logger, Roots: []ed25519.PublicKey{root}, Grounded: fl.Grounded,
+		TrialSoak: time.Duration(fl.TrialSoak), TrialDeadline: time.Duration(fl.TrialDeadline), MinBattery: fl.MinBattery,
+		OnBoot: r.booted,
+	})
+	return err
+}
+
+// keys makes a root key, a release key and the signed key list.
+func (r *runner) keys(ctx context.Context) error {
+	dir := filepath.Join(r.o.WorkDir, "keys")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	for _, name := range []string{"root", "release"} {
+		pub, priv, _ := ed25519.GenerateKey(crand.Reader)
+		privPEM, _ := proto.EncodePrivateKey(priv)
+		pubPEM, _ := proto.EncodePublicKey(pub)
+		if err := os.WriteFile(filepath.Join(dir, name+".key"), privPEM, 0o600); err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(dir, name+".pub"), pubPEM, 0o644); err != nil {
+			return err
+		}
+	}
+	r.relKey, r.rootPub, r.keyList = filepath.Join(dir, "release.key"), filepath.Join(dir, "root.pub"), filepath.Join(dir, "keys.cose")
+	_, err := r.hangar(ctx, "", "release", "keys", "--root-key", filepath.Join(dir, "root.key"), "--add", filepath.Join(dir, "release.pub"), "--out", r.keyList)
+	return err
+}
+
+// hangar runs the operator CLI (in process, over the real API).
+func (r *runner) hangar(ctx context.Context, server string, args ...string) (string, error) {
+	var out, errb bytes.Buffer
+	env := map[string]string{}
+	if server != "" {
+		env["HANGAR_SERVER"] = server
+		args = append(args, "--token-file", r.tok)
+	}
+	err := hcli.Run(ctx, args, hcli.Env{Stdout: &out, Stderr: &errb, Getenv: func(k string) string { return env[k] }})
+	if err != nil {
+		return out.String(), fmt.Errorf("hangar %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(errb.String()))
+	}
+	return out.String(), nil
+}
+
+func (r *runner) booted(device string, fw sim.Firmware) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	m := r.everRan[fw.Version]
+	if m == nil {
+		m = map[string]time.Duration{}
+		r.everRan[fw.Version] = m
+	}
+	if _, ok := m[device]; !ok {
+		at := time.Duration(0)
+		if !r.start.IsZero() {
+			at = time.Since(r.start)
+		}
+		m[device] = at
+	}
+}
+
+func (r *runner) waitOnline(ctx context.Context, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		out, err := r.hangar(ctx, r.url, "device", "ls", "--online", "true", "-o", "json")
+		var ds []store.Device
+		if err == nil && json.Unmarshal([]byte(out), &ds) == nil && len(ds) >= r.s.Fleet.Devices {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("only %d of %d drones online after %v", len(ds), r.s.Fleet.Devices, timeout)
+		}
+		if !sleepCtx(ctx, 500*time.Millisecond) {
+			return ctx.Err()
+		}
+	}
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func (r *runner) playTimeline(ctx context.Context) error {
+	rng := rand.New(rand.NewPCG(r.s.Fleet.Seed, 7))
+	for _, st := range r.s.Timeline {
+		if wait := time.Until(r.start.Add(time.Duration(st.At))); wait > 0 && !sleepCtx(ctx, wait) {
+			return ctx.Err()
+		}
+		what, err := r.do(ctx, st, rng)
+		r.mu.Lock()
+		ev := Event{At: time.Since(r.start).Seconds(), What: what}
+		if err != nil {
+			ev.Error = err.Error()
+		}
+		r.rep.Events = append(r.rep.Events, ev)
+		r.mu.Unlock()
+		if err != nil {
+			r.progress("%s: FAILED: %v", what, err)
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		r.progress("%s", what)
+	}
+	return nil
+}
+
+func (r *runner) do(ctx context.Context, st Step, rng *rand.Rand) (string, error) {
+	switch {
+	case st.Push != "":
+		return "push " + st.Push, r.push(ctx, st.Push)
+	case st.Rollout != nil:
+		rs := st.Rollout
+		args := []string{"rollout", "create", "--release", rs.Release, "-o", "json", "--reason", "scenario " + r.s.Name}
+		if rs.RevertRelease != "" {
+			args = append(args, "--revert-release", rs.RevertRelease)
+		}
+		if !rs.NoStart {
+			args = append(args, "--start")
+		}
+		args = append(args, rs.Args...)
+		what := fmt.Sprintf("rollout %s of %s %s", rs.Name, rs.Release, strings.Join(rs.Args, " "))
+		out, err := r.hangar(ctx, r.url, args...)
+		if err != nil {
+			return what, err
+		}
+		var ro rollout.Rollout
+		if err := json.Unmarshal([]byte(out), &ro); err != nil {
+			return what, fmt.Errorf("rollout create: %w", err)
+		}
+		r.mu.Lock()
+		r.ids[rs.Name] = ro.Spec.ID
+		r.mu.Unlock()
+		return what + " (" + ro.Spec.ID + ")", nil
+	case st.Pause != "", st.Resume != "", st.Abort != "", st.Promote != "", st.Revert != "":
+		op, name := "pause", st.Pause
+		for _, c := range []struct{ op, name string }{{"resume", st.Resume}, {"abort", st.Abort}, {"promote", st.Promote}, {"revert", st.Revert}} {
+			if c.name != "" {
+				op, name = c.op, c.name
+			}
+		}
+		_, err := r.hangar(ctx, r.url, "rollout", op, r.id(name), "--reason", "scenario "+r.s.Name)
+		return op + " " + name, err
+	case st.PowerCut != nil:
+		drones := r.fleet.Drones()
+		n := int(float64(len(drones))*st.PowerCut.Percent/100 + 0.5)
+		cut := 0
+		for _, i := range rng.Perm(len(drones))[:n] {
+			if drones[i].PowerCut(time.Duration(st.PowerCut.Off)) {
+				cut++
+			}
+		}
+		r.mu.Lock()
+		r.rep.Figures.PowerCuts += cut
+		r.mu.Unlock()
+		return fmt.Sprintf("power cut: %d drones off for %v", cut, time.Duration(st.PowerCut.Off)), nil
+	case st.KillControlPlane != nil:
+		what := fmt.Sprintf("kill -9 the control plane, restart after %v", time.Duration(st.KillControlPlane.Down))
+		if r.cp == nil {
+			return what, errors.New("the control plane was not started by this run (--server)")
+		}
+		r.cp.kill()
+		if !sleepCtx(ctx, time.Duration(st.KillControlPlane.Down)) {
+			return what, ctx.Err()
+		}
+		t := time.Now()
+		if err := r.cp.start(ctx); err != nil {
+			return what, err
+		}
+		r.mu.Lock()
+		r.rep.Figures.ControlPlaneKills++
+		r.mu.Unlock()
+		return what + fmt.Sprintf(" (answering again %d ms after its start)", time.Since(t).Milliseconds()), nil
+	}
+	return "", errors.New("empty step")
+}
+
+func (r *runner) id(name string) string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.ids[name]
+}
+
+func (r *runner) push(ctx context.Context, version string) error {
+	var b *Build
+	for i := range r.s.Builds {
+		if r.s.Builds[i].Version == version {
+			b = &r.s.Builds[i]
+		}
+	}
+	dir := filepath.Join(r.o.WorkDir, "releases")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	art := filepath.Join(dir, version+".bin")
+	if err := os.WriteFile(art, b.Firmware().Artifact(), 0o644); err != nil {
+		return err
+	}
+	hw := sortedKeys(r.s.Fleet.Hardware)
+	if len(hw) == 0 {
+		hw = []string{"rev-a", "rev-b", "rev-c"}
+	}
+	if _, err := r.hangar(ctx, "", "release", "sign", "--key", r.relKey, "--artifact", art, "--version", version,
+		"--hardware", strings.Join(hw, ","), "--arch", "amd64,arm64,arm", "--counter", strconv.FormatUint(b.Counter, 10),
+		"--out", art+".manifest"); err != nil {
+		return err
+	}
+	_, err := r.hangar(ctx, r.url, "release", "push", "--manifest", art+".manifest", "--keys", r.keyList, "--artifact", art)
+	return err
+}
+
+// status reads a rollout's status over the API.
+func (r *runner) status(ctx context.Context, id string) (rollout.StatusReport, error) {
+	var rep rollout.StatusReport
+	out, err := r.hangar(ctx, r.url, "rollout", "status", id, "-o", "json")
+	if err != nil {
+		return rep, err
+	}
+	return rep, json.Unmarshal([]byte(out), &rep)
+}
+
+func (r *runner) sampleLoop(ctx context.Context) {
+	t := time.NewTicker(time.Duration(r.s.SampleEvery))
+	defer t.Stop()
+	for {
+		r.sample(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (r *runner) sample(ctx context.Context) {
+	s := Sample{At: time.Since(r.start).Seconds(), Versions: map[string]int{}, Rollouts: map[string]RolloutSample{}}
+	for _, d := range r.fleet.Drones() {
+		if d.Bricked() {
+			s.Bricked++
+			continue
+		}
+		s.Versions[d.Firmware().Version]++
+	}
+	r.mu.Lock()
+	ids := maps2(r.ids)
+	r.mu.Unlock()
+	for name, id := range ids {
+		if rep, err := r.status(ctx, id); err == nil {
+			s.Rollouts[name] = RolloutSample{Status: string(rep.State.Status), Stage: rep.State.Stage + 1}
+		}
+	}
+	r.mu.Lock()
+	r.rep.Samples = append(r.rep.Samples, s)
+	r.mu.Unlock()
+}
+
+func maps2(m map[string]string) map[string]string { return maps.Clone(m) }
+
+// waitEnd waits until every rollout has settled (completed, aborted, or
+// paused and not changing) for the settle time, and every "all on"
+// expectation has been met or is past its time; or until the timeout.
+func (r *runner) waitEnd(ctx context.Context) error {
+	deadline := r.start.Add(time.Duration(r.s.Timeout))
+	var stableSince time.Time
+	last := ""
+	for time.Now().Before(deadline) {
+		r.mu.Lock()
+		ids := maps2(r.ids)
+		var lastSample Sample
+		if n := len(r.rep.Samples); n > 0 {
+			lastSample = r.rep.Samples[n-1]
+		}
+		r.mu.Unlock()
+		key, settled := "", true
+		for _, name := range sortedKeys(ids) {
+			rep, err := r.status(ctx, ids[name])
+			if err != nil {
+				settled = false
+				break
+			}
+			st := rep.State.Status
+			key += fmt.Sprintf("%s=%s/%d/%v;", name, st, rep.State.Stage, rep.Counts)
+			if st == rollout.StatusRunning || st == rollout.StatusCreated {
+				settled = false
+			}
+		}
+		for _, e := range r.s.Expect {
+			if a := e.AllOn; a != nil && time.Since(r.start) < time.Duration(a.Within) && lastSample.Versions[a.Version] < r.s.Fleet.Devices {
+				settled = false
+			}
+		}
+		key += fmt.Sprint(lastSample.Versions)
+		if !settled || key != last {
+			stableSince, last = time.Now(), key
+		} else if time.Since(stableSince) >= time.Duration(r.s.Settle) {
+			return nil
+		}
+		if !sleepCtx(ctx, 500*time.Millisecond) {
+			return ctx.Err()
+		}
+	}
+	r.progress("timeout (%v) reached", time.Duration(r.s.Timeout))
+	r.rep.TimedOut = true
+	return nil
+}
+
+// collect reads what the control plane recorded: each rollout's final
+// status, transitions and members.
+func (r *runner) collect(ctx context.Context) error {
+	r.rep.Rollouts = map[string]RolloutReport{}
+	for name, id := range r.ids {
+		rep, err := r.status(ctx, id)
+		if err != nil {
+			return err
+		}
+		rr := RolloutReport{ID: id, Release: rep.Spec.Release.String(), Status: string(rep.State.Status), Stage: rep.State.Stage + 1,
+			Reason: rep.State.Reason, Counts: rep.Counts, Gates: rep.Gates}
+		out, err := r.hangar(ctx, r.url, "rollout", "events", id, "-o", "json")
+		if err != nil {
+			return err
+		}
+		var evs []store.Audit
+		if err := json.Unmarshal([]byte(out), &evs); err != nil {
+			return err
+		}
+		for i := len(evs) - 1; i >= 0; i-- {
+			e := evs[i]
+			rr.Events = append(rr.Events, RolloutEvent{At: e.Time.Sub(r.start).Seconds(), Actor: e.Actor, Action: e.Action,
+				From: e.Attrs["from"], To: e.Attrs["to"], Reason: e.Reason})
+		}
+		out, err = r.hangar(ctx, r.url, "rollout", "devices", id, "-o", "json")
+		if err != nil {
+			return err
+		}
+		var ms []rollout.MemberReport
+		if err := json.Unmarshal([]byte(out), &ms); err != nil {
+			return err
+		}
+		for _, m := range ms {
+			if m.Stage == 1 {
+				rr.Canary = append(rr.Canary, m.Device)
+			}
+		}
+		r.rep.Rollouts[name] = rr
+	}
+	r.rep.EverRan = map[string]int{}
+	for v, devs := range r.ran {
+		r.rep.EverRan[v] = len(devs)
+	}
+	for _, b := range r.s.Builds {
+		if b.Behaviour != sim.Good {
+			r.rep.BlastRadius = append(r.rep.BlastRadius, BlastRadius{Version: b.Version, Behaviour: b.Behaviour,
+				Devices: len(r.ran[b.Version]), Percent: 100 * float64(len(r.ran[b.Version])) / float64(r.s.Fleet.Devices)})
+		}
+	}
+	for _, d := range r.fleet.Drones() {
+		if d.Bricked() {
+			r.rep.Bricked = append(r.rep.Bricked, d.ID)
+		}
+	}
+	slices.Sort(r.rep.Bricked)
+	if rss := selfRSS(); rss > 0 {
+		r.rep.Figures.SimRSSBytes = rss
+		r.rep.Figures.RSSPerDroneBytes = rss / int64(r.s.Fleet.Devices)
+	}
+	if r.cp != nil {
+		r.rep.Figures.ControlPlaneStarts = r.cp.starts
+	}
+	return nil
+}
+
+// judge evaluates every expectation.
+func (r *runner) judge() {
+	rep := r.rep
+	n := r.s.Fleet.Devices
+	rep.Passed = true
+	for _, e := range r.s.Expect {
+		res := Result{Expectation: e.String(), OK: true}
+		switch {
+		case e.RolloutStatus != nil:
+			got := rep.Rollouts[e.RolloutStatus.Rollout]
+			res.OK = got.Status == e.RolloutStatus.Status
+			res.Detail = fmt.Sprintf("%s at stage %d: %s", got.Status, got.Stage, got.Reason)
+		case e.NeverOutsideCanary != nil:
+			canary := rep.Rollouts[e.NeverOutsideCanary.Rollout].Canary
+			var outside []string
+			for dev := range r.ran[e.NeverOutsideCanary.Version] {
+				if !slices.Contains(canary, dev) {
+					outside = append(outside, dev)
+				}
+			}
+			slices.Sort(outside)
+			res.OK = len(outside) == 0
+			res.Detail = fmt.Sprintf("%d devices ran it, canary of %d", len(r.ran[e.NeverOutsideCanary.Version]), len(canary))
+			if !res.OK {
+				res.Detail += fmt.Sprintf("; outside the canary: %v", outside[:min(10, len(outside))])
+			}
+		case e.AtMostRan != nil:
+			ran := len(r.ran[e.AtMostRan.Version])
+			pct := 100 * float64(ran) / float64(n)
+			res.OK = pct <= e.AtMostRan.Percent
+			res.Detail = fmt.Sprintf("%d of %d drones (%.2f%%)", ran, n, pct)
+		case e.AllOn != nil:
+			// From some moment within the time to the end of the run.
+			from := -1
+			for i := len(rep.Samples) - 1; i >= 0 && rep.Samples[i].Versions[e.AllOn.Version] == n; i-- {
+				from = i
+			}
+			switch {
+			case from < 0 && len(rep.Samples) > 0:
+				res.OK, res.Detail = false, fmt.Sprintf("not at the end: %v (at most %d of %d at once)",
+					rep.Samples[len(rep.Samples)-1].Versions, maxOn(rep.Samples, e.AllOn.Version), n)
+			case from < 0:
+				res.OK, res.Detail = false, "no samples"
+			default:
+				at := rep.Samples[from].At
+				res.OK = at <= time.Duration(e.AllOn.Within).Seconds()
+				res.Detail = fmt.Sprintf("all %d from %.1f s to the end", n, at)
+			}
+		case e.CanaryBackOn != nil:
+			canary := rep.Rollouts[e.CanaryBackOn.Rollout].Canary
+			var wrong []string
+			took := 0
+			for _, d := range r.fleet.Drones() {
+				if _, ran := r.ran[e.CanaryBackOn.Version][d.ID]; !ran || !slices.Contains(canary, d.ID) {
+					continue
+				}
+				took++
+				if v := d.Firmware().Version; v != e.CanaryBackOn.Now {
+					wrong = append(wrong, d.ID+" on "+v)
+				}
+			}
+			res.OK = len(wrong) == 0 && took > 0
+			res.Detail = fmt.Sprintf("%d canary devices ran %s", took, e.CanaryBackOn.Version)
+			if len(wrong) > 0 {
+				res.Detail += fmt.Sprintf("; not back: %v", wrong[:min(10, len(wrong))])
+			}
+			if took == 0 {
+				res.Detail += ": nothing to revert, the expectation tests nothing"
+			}
+		case e.NoneBricked:
+			res.OK = len(rep.Bricked) == 0
+			res.Detail = fmt.Sprintf("%d bricked", len(rep.Bricked))
+		}
+		if !res.OK {
+			rep.Passed = false
+		}
+		rep.Results = append(rep.Results, res)
+	}
+}
+
+func maxOn(ss []Sample, v string) int {
+	m := 0
+	for _, s := range ss {
+		m = max(m, s.Versions[v])
+	}
+	return m
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}
+
+// selfRSS is this process's resident set size.
+func selfRSS() int64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
+}

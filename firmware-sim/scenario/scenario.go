@@ -1,0 +1,364 @@
+// Package scenario runs a rehearsal of a release on a simulated fleet: a
+// scenario file says which fleet, which builds, what happens when
+// (operator actions and faults) and what must hold; the runner plays it
+// against a real control plane and writes a report.
+package scenario
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/hangarfleet/hangar/firmware-sim/sim"
+)
+
+// Scenario is a scenario file.
+type Scenario struct {
+	Name        string        `yaml:"name" json:"name"`
+	Description string        `yaml:"description" json:"description,omitempty"`
+	Fleet       Fleet         `yaml:"fleet" json:"fleet"`
+	Builds      []Build       `yaml:"builds" json:"builds"`
+	Timeline    []Step        `yaml:"timeline" json:"timeline"`
+	Expect      []Expectation `yaml:"expect" json:"expect"`
+	// Timeout ends the run whatever happens (expectations then judge
+	// what was reached). Default 10m.
+	Timeout Duration `yaml:"timeout" json:"timeout"`
+	// Settle: once the timeline is done, the run ends when every rollout
+	// has been completed, aborted or paused for this long. Default 10s.
+	Settle Duration `yaml:"settle" json:"settle"`
+	// SampleEvery: how often the fleet's versions are recorded. Default 1s.
+	SampleEvery Duration `yaml:"sample_every" json:"sample_every"`
+}
+
+// Fleet is the simulated fleet.
+type Fleet struct {
+	Devices int `yaml:"devices" json:"devices"`
+	// Hardware revisions and their shares (default rev-a 20%, rev-b 50%,
+	// rev-c 30%).
+	Hardware map[string]float64 `yaml:"hardware" json:"hardware,omitempty"`
+	// Version of the factory build (default 1.0.0).
+	Version string `yaml:"version" json:"version,omitempty"`
+	// Grounded drones never fly (no deferral for flight).
+	Grounded       bool     `yaml:"grounded" json:"grounded,omitempty"`
+	MinBattery     uint8    `yaml:"min_battery" json:"min_battery,omitempty"`
+	SampleInterval Duration `yaml:"sample_interval" json:"sample_interval,omitempty"` // default 1s
+	BatchSize      int      `yaml:"batch_size" json:"batch_size,omitempty"`           // default 5
+	StartRate      int      `yaml:"start_rate" json:"start_rate,omitempty"`           // drones started per second, default 500
+	TrialSoak      Duration `yaml:"trial_soak" json:"trial_soak,omitempty"`           // default 2s
+	TrialDeadline  Duration `yaml:"trial_deadline" json:"trial_deadline,omitempty"`   // default 1m
+	Seed           uint64   `yaml:"seed" json:"seed,omitempty"`
+}
+
+// Build is a simulated build, signed and pushed as a release.
+type Build struct {
+	Version string `yaml:"version" json:"version"`
+	// Counter is the release counter (default: 100 + its place in the list).
+	Counter         uint64   `yaml:"counter" json:"counter,omitempty"`
+	Behaviour       string   `yaml:"behaviour" json:"behaviour"`
+	ErrorsPerMinute float64  `yaml:"errors_per_minute" json:"errors_per_minute,omitempty"`
+	RebootEvery     Duration `yaml:"reboot_every" json:"reboot_every,omitempty"`
+	DrainFactor     float64  `yaml:"drain_factor" json:"drain_factor,omitempty"`
+	BootDelay       Duration `yaml:"boot_delay" json:"boot_delay,omitempty"`
+	BrickFraction   float64  `yaml:"brick_fraction" json:"brick_fraction,omitempty"`
+	BrickHardware   string   `yaml:"brick_hardware" json:"brick_hardware,omitempty"`
+	Size            int      `yaml:"size" json:"size,omitempty"` // artifact bytes, default 64 KiB
+}
+
+// Firmware is the simulated firmware of b.
+func (b Build) Firmware() sim.Firmware {
+	return sim.Firmware{Version: b.Version, Behaviour: b.Behaviour, ErrorsPerMinute: b.ErrorsPerMinute,
+		RebootEvery: sim.Duration(b.RebootEvery), DrainFactor: b.DrainFactor, BootDelay: sim.Duration(b.BootDelay),
+		BrickFraction: b.BrickFraction, BrickHardware: b.BrickHardware, Size: b.Size}
+}
+
+// Step is one thing that happens at a time after the start. Exactly one
+// action is set.
+type Step struct {
+	At Duration `yaml:"at" json:"at"`
+	// Push signs and pushes the build of this version.
+	Push string `yaml:"push" json:"push,omitempty"`
+	// Rollout creates (and by default starts) a rollout.
+	Rollout *RolloutStep `yaml:"rollout" json:"rollout,omitempty"`
+	// Pause, Resume, Abort, Promote, Revert act on the named rollout.
+	Pause   string `yaml:"pause" json:"pause,omitempty"`
+	Resume  string `yaml:"resume" json:"resume,omitempty"`
+	Abort   string `yaml:"abort" json:"abort,omitempty"`
+	Promote string `yaml:"promote" json:"promote,omitempty"`
+	Revert  string `yaml:"revert" json:"revert,omitempty"`
+	// PowerCut cuts the power of a share of the drones.
+	PowerCut *PowerCut `yaml:"power_cut" json:"power_cut,omitempty"`
+	// KillControlPlane kills the control plane with SIGKILL and starts it
+	// again after Down (only when the runner started it).
+	KillControlPlane *Kill `yaml:"kill_control_plane" json:"kill_control_plane,omitempty"`
+}
+
+// RolloutStep creates a rollout.
+type RolloutStep struct {
+	// Name refers to it in later steps and expectations.
+	Name          string `yaml:"name" json:"name"`
+	Release       string `yaml:"release" json:"release"`
+	RevertRelease string `yaml:"revert_release" json:"revert_release,omitempty"`
+	// Args are more `hangar rollout create` flags: --stages, --soak,
+	// --selector, --on-failure, --auto-revert, ...
+	Args []string `yaml:"args" json:"args,omitempty"`
+	// NoStart creates it without starting it.
+	NoStart bool `yaml:"no_start" json:"no_start,omitempty"`
+}
+
+// PowerCut is a power loss on a share of the drones.
+type PowerCut struct {
+	Percent float64  `yaml:"percent" json:"percent"`
+	Off     Duration `yaml:"off" json:"off"` // default 2s
+}
+
+// Kill is a kill -9 of the control plane.
+type Kill struct {
+	Down Duration `yaml:"down" json:"down"` // default 1s
+}
+
+// Expectation is one thing that must hold. Exactly one field is set.
+type Expectation struct {
+	// Rollout ends (or is, at the end of the run) in Status.
+	RolloutStatus *RolloutStatus `yaml:"rollout_status" json:"rollout_status,omitempty"`
+	// NeverOutsideCanary: no device outside the rollout's first stage ever
+	// ran the version.
+	NeverOutsideCanary *RolloutVersion `yaml:"never_outside_canary" json:"never_outside_canary,omitempty"`
+	// AtMostRan: at most Percent of the fleet ever ran the version.
+	AtMostRan *VersionShare `yaml:"at_most_ran" json:"at_most_ran,omitempty"`
+	// AllOn: every drone runs the version from some moment within Within
+	// of the start until the end of the run.
+	AllOn *VersionWithin `yaml:"all_on" json:"all_on,omitempty"`
+	// CanaryOn: every canary device that ran Version runs Now at the end.
+	CanaryBackOn *CanaryBack `yaml:"canary_back_on" json:"canary_back_on,omitempty"`
+	// NoneBricked: no drone is left without a build that starts.
+	NoneBricked bool `yaml:"none_bricked" json:"none_bricked,omitempty"`
+}
+
+type RolloutStatus struct {
+	Rollout string `yaml:"rollout" json:"rollout"`
+	Status  string `yaml:"status" json:"status"`
+}
+
+type RolloutVersion struct {
+	Rollout string `yaml:"rollout" json:"rollout"`
+	Version string `yaml:"version" json:"version"`
+}
+
+type VersionShare struct {
+	Version string  `yaml:"version" json:"version"`
+	Percent float64 `yaml:"percent" json:"percent"`
+}
+
+type VersionWithin struct {
+	Version string   `yaml:"version" json:"version"`
+	Within  Duration `yaml:"within" json:"within"`
+}
+
+type CanaryBack struct {
+	Rollout string `yaml:"rollout" json:"rollout"`
+	Version string `yaml:"version" json:"version"` // the bad build
+	Now     string `yaml:"now" json:"now"`         // the build they must run at the end
+}
+
+// String says an expectation in words.
+func (e Expectation) String() string {
+	switch {
+	case e.RolloutStatus != nil:
+		return fmt.Sprintf("rollout %s ends %s", e.RolloutStatus.Rollout, e.RolloutStatus.Status)
+	case e.NeverOutsideCanary != nil:
+		return fmt.Sprintf("no device outside the canary of %s ever runs %s", e.NeverOutsideCanary.Rollout, e.NeverOutsideCanary.Version)
+	case e.AtMostRan != nil:
+		return fmt.Sprintf("at most %g%% of the fleet ever runs %s", e.AtMostRan.Percent, e.AtMostRan.Version)
+	case e.AllOn != nil:
+		return fmt.Sprintf("every drone runs %s within %v", e.AllOn.Version, time.Duration(e.AllOn.Within))
+	case e.CanaryBackOn != nil:
+		return fmt.Sprintf("every canary device of %s that ran %s runs %s at the end", e.CanaryBackOn.Rollout, e.CanaryBackOn.Version, e.CanaryBackOn.Now)
+	case e.NoneBricked:
+		return "no drone is bricked"
+	}
+	return "?"
+}
+
+// Duration is a time.Duration written as "90s" in YAML and JSON.
+type Duration time.Duration
+
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	v, err := time.ParseDuration(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %w", n.Line, err)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+func (d Duration) MarshalJSON() ([]byte, error) {
+	return []byte(`"` + time.Duration(d).String() + `"`), nil
+}
+
+// Load reads and checks a scenario file.
+func Load(path string) (Scenario, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Scenario{}, err
+	}
+	return Parse(b)
+}
+
+// Parse reads a scenario (YAML, or JSON, which is YAML); unknown fields
+// are errors, so a typo does not silently drop an expectation.
+func Parse(b []byte) (Scenario, error) {
+	var s Scenario
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	if err := dec.Decode(&s); err != nil {
+		return s, fmt.Errorf("scenario: %w", err)
+	}
+	s.defaults()
+	return s, s.Validate()
+}
+
+func (s *Scenario) defaults() {
+	f := &s.Fleet
+	if f.Version == "" {
+		f.Version = "1.0.0"
+	}
+	if f.SampleInterval == 0 {
+		f.SampleInterval = Duration(time.Second)
+	}
+	if f.BatchSize == 0 {
+		f.BatchSize = 5
+	}
+	if f.StartRate == 0 {
+		f.StartRate = 500
+	}
+	if f.TrialSoak == 0 {
+		f.TrialSoak = Duration(2 * time.Second)
+	}
+	if f.TrialDeadline == 0 {
+		f.TrialDeadline = Duration(time.Minute)
+	}
+	if f.Seed == 0 {
+		f.Seed = 1
+	}
+	for i := range s.Builds {
+		if s.Builds[i].Counter == 0 {
+			s.Builds[i].Counter = uint64(100 + i)
+		}
+		if s.Builds[i].Size == 0 {
+			s.Builds[i].Size = 64 << 10
+		}
+	}
+	for i := range s.Timeline {
+		st := &s.Timeline[i]
+		if st.PowerCut != nil && st.PowerCut.Off == 0 {
+			st.PowerCut.Off = Duration(2 * time.Second)
+		}
+		if st.KillControlPlane != nil && st.KillControlPlane.Down == 0 {
+			st.KillControlPlane.Down = Duration(time.Second)
+		}
+	}
+	if s.Timeout == 0 {
+		s.Timeout = Duration(10 * time.Minute)
+	}
+	if s.Settle == 0 {
+		s.Settle = Duration(10 * time.Second)
+	}
+	if s.SampleEvery == 0 {
+		s.SampleEvery = Duration(time.Second)
+	}
+}
+
+// Validate checks references and that each step and expectation says one
+// thing.
+func (s Scenario) Validate() error {
+	var errs []error
+	if s.Name == "" {
+		errs = append(errs, errors.New("no name"))
+	}
+	if s.Fleet.Devices <= 0 {
+		errs = append(errs, errors.New("fleet.devices must be positive"))
+	}
+	builds := map[string]bool{}
+	for _, b := range s.Builds {
+		switch b.Behaviour {
+		case sim.Good, sim.CrashLoop, sim.FailHealth, sim.Errors, sim.Reboots, sim.Drain, sim.SlowBoot, sim.Brick:
+		default:
+			errs = append(errs, fmt.Errorf("build %s: unknown behaviour %q", b.Version, b.Behaviour))
+		}
+		if builds[b.Version] {
+			errs = append(errs, fmt.Errorf("build %s defined twice", b.Version))
+		}
+		builds[b.Version] = true
+	}
+	rollouts := map[string]bool{}
+	for i, st := range s.Timeline {
+		n := 0
+		for _, set := range []bool{st.Push != "", st.Rollout != nil, st.Pause != "", st.Resume != "", st.Abort != "", st.Promote != "",
+			st.Revert != "", st.PowerCut != nil, st.KillControlPlane != nil} {
+			if set {
+				n++
+			}
+		}
+		if n != 1 {
+			errs = append(errs, fmt.Errorf("timeline[%d] at %v: %d actions, want exactly one", i, time.Duration(st.At), n))
+		}
+		if i > 0 && st.At < s.Timeline[i-1].At {
+			errs = append(errs, fmt.Errorf("timeline[%d]: steps must be in time order", i))
+		}
+		if st.Push != "" && !builds[st.Push] {
+			errs = append(errs, fmt.Errorf("timeline[%d]: push of unknown build %s", i, st.Push))
+		}
+		if r := st.Rollout; r != nil {
+			if r.Name == "" || rollouts[r.Name] {
+				errs = append(errs, fmt.Errorf("timeline[%d]: a rollout needs a name of its own", i))
+			}
+			rollouts[r.Name] = true
+			if !builds[r.Release] {
+				errs = append(errs, fmt.Errorf("timeline[%d]: rollout of unknown build %s", i, r.Release))
+			}
+		}
+		for _, ref := range []string{st.Pause, st.Resume, st.Abort, st.Promote, st.Revert} {
+			if ref != "" && !rollouts[ref] {
+				errs = append(errs, fmt.Errorf("timeline[%d]: no rollout %q before this step", i, ref))
+			}
+		}
+		if st.PowerCut != nil && (st.PowerCut.Percent <= 0 || st.PowerCut.Percent > 100) {
+			errs = append(errs, fmt.Errorf("timeline[%d]: power_cut.percent must be in (0, 100]", i))
+		}
+	}
+	for i, e := range s.Expect {
+		n := 0
+		for _, set := range []bool{e.RolloutStatus != nil, e.NeverOutsideCanary != nil, e.AtMostRan != nil, e.AllOn != nil, e.CanaryBackOn != nil, e.NoneBricked} {
+			if set {
+				n++
+			}
+		}
+		if n != 1 {
+			errs = append(errs, fmt.Errorf("expect[%d]: %d expectations, want exactly one", i, n))
+			continue
+		}
+		var refs []string
+		switch {
+		case e.RolloutStatus != nil:
+			refs = append(refs, e.RolloutStatus.Rollout)
+			if !slices.Contains([]string{"completed", "aborted", "paused", "running"}, e.RolloutStatus.Status) {
+				errs = append(errs, fmt.Errorf("expect[%d]: status %q", i, e.RolloutStatus.Status))
+			}
+		case e.NeverOutsideCanary != nil:
+			refs = append(refs, e.NeverOutsideCanary.Rollout)
+		case e.CanaryBackOn != nil:
+			refs = append(refs, e.CanaryBackOn.Rollout)
+		}
+		for _, ref := range refs {
+			if !rollouts[ref] {
+				errs = append(errs, fmt.Errorf("expect[%d]: no rollout %q in the timeline", i, ref))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
