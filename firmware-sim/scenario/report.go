@@ -252,4 +252,3 @@ func (r *Report) HTML(w io.Writer) error {
 		RSS, PerDrone string
 	}{r, r.chart(), fmt.Sprintf("%.0f MB", float64(r.Figures.SimRSSBytes)/1e6), fmt.Sprintf("%.0f KB", float64(r.Figures.RSSPerDroneBytes)/1e3)})
 }
-

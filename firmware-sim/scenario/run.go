@@ -36,7 +36,7 @@ type Options struct {
 	// With Server: the admin token file, the fleet enrollment token, and
 	// release keys the server trusts (a release key, the root-signed key
 	// list and the root public key the drones pin).
-	TokenFile, EnrollToken      string
+	TokenFile, EnrollToken       string
 	ReleaseKey, KeyList, RootPub string
 	// Devices overrides the scenario's fleet size (0: keep it).
 	Devices int
