@@ -53,7 +53,8 @@ func FindHangar() (string, error) {
 	return p, nil
 }
 
-func startControlPlane(ctx context.Context, bin, dir string, args ...string) (*controlPlane, error) {
+// newControlPlane picks the ports; start starts it.
+func newControlPlane(bin, dir string, args ...string) (*controlPlane, error) {
 	c := &controlPlane{bin: bin, dir: dir, args: args}
 	var err error
 	if c.http, err = freeAddr(); err != nil {
@@ -62,7 +63,7 @@ func startControlPlane(ctx context.Context, bin, dir string, args ...string) (*c
 	if c.mqtt, err = freeAddr(); err != nil {
 		return nil, err
 	}
-	return c, c.start(ctx)
+	return c, nil
 }
 
 func (c *controlPlane) URL() string { return "http://" + c.http }

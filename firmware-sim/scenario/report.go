@@ -103,6 +103,13 @@ type Figures struct {
 	PowerCuts          int     `json:"power_cuts"`
 	ControlPlaneKills  int     `json:"control_plane_kills"`
 	ControlPlaneStarts int     `json:"control_plane_starts"`
+	// Reconnects: for each restart of the control plane, seconds from its
+	// start to every drone connected again.
+	Reconnects []float64 `json:"reconnects_s,omitempty"`
+	LinkCuts   int       `json:"link_cuts"` // connections cut or refused by the link faults
+	// PeakConnectRate: most connections the broker accepted in one second
+	// while drones reconnected after a restart.
+	PeakConnectRate int `json:"peak_connect_rate,omitempty"`
 }
 
 // Write writes report.json and report.html into dir.
@@ -240,6 +247,8 @@ th, td { text-align: left; padding: .25rem .6rem; border-bottom: 1px solid #e4e7
 <tr><td>simulator RSS</td><td>{{.RSS}} ({{.PerDrone}} per drone)</td></tr>
 <tr><td>power cuts</td><td>{{.R.Figures.PowerCuts}}</td></tr>
 <tr><td>control plane killed</td><td>{{.R.Figures.ControlPlaneKills}} times</td></tr>
+<tr><td>reconnect after each restart</td><td>{{.R.Figures.Reconnects}} s (at most {{.R.Figures.PeakConnectRate}} connections in a second)</td></tr>
+<tr><td>connections cut or refused</td><td>{{.R.Figures.LinkCuts}}</td></tr>
 </table>
 </body></html>
 `))

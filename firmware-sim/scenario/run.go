@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"maps"
 	"math/rand/v2"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -77,8 +78,11 @@ type runner struct {
 	s   Scenario
 	o   Options
 	cp  *controlPlane // nil with Options.Server
-	url string
-	tok string // admin token file
+	url string        // the control plane, for operator actions
+	tok string        // admin token file
+
+	droneURL             string     // where the drones reach it
+	mqttProxy, httpProxy *linkProxy // nil with Options.Server
 
 	relKey, keyList, rootPub string
 
@@ -106,6 +110,8 @@ func (r *runner) run(ctx context.Context) error {
 	}
 	if r.cp != nil {
 		defer r.cp.stop()
+		defer r.mqttProxy.Close()
+		defer r.httpProxy.Close()
 	}
 	fleetCtx, stopFleet := context.WithCancel(ctx)
 	fleetDone := make(chan error, 1)
@@ -152,7 +158,7 @@ func (r *runner) run(ctx context.Context) error {
 func (r *runner) setUp(ctx context.Context) error {
 	fl := r.s.Fleet
 	if r.o.Server != "" {
-		r.url, r.tok = r.o.Server, r.o.TokenFile
+		r.url, r.tok, r.droneURL = r.o.Server, r.o.TokenFile, r.o.Server
 		r.relKey, r.keyList, r.rootPub = r.o.ReleaseKey, r.o.KeyList, r.o.RootPub
 		if r.relKey == "" || r.keyList == "" || r.rootPub == "" || r.tok == "" || r.o.EnrollToken == "" {
 			return errors.New("with --server: --token-file, --enroll-token, --release-key, --keys and --root-key are needed")
@@ -169,11 +175,25 @@ func (r *runner) setUp(ctx context.Context) error {
 				return err
 			}
 		}
-		cp, err := startControlPlane(ctx, bin, filepath.Join(r.o.WorkDir, "controlplane"), "--root-key", r.rootPub)
+		cp, err := newControlPlane(bin, filepath.Join(r.o.WorkDir, "controlplane"), append([]string{"--root-key", r.rootPub}, r.s.ControlPlane.Args...)...)
 		if err != nil {
 			return err
 		}
+		// The drones reach it through link proxies (faults are injected
+		// there); the broker address handed out at enrollment is the
+		// proxy's.
+		if r.mqttProxy, err = newLinkProxy(cp.mqtt, fl.Seed); err != nil {
+			return err
+		}
+		if r.httpProxy, err = newLinkProxy(cp.http, fl.Seed+1); err != nil {
+			return err
+		}
+		cp.args = append(cp.args, "--mqtt-advertise", "tcp://"+r.mqttProxy.Addr())
+		if err := cp.start(ctx); err != nil {
+			return err
+		}
 		r.cp, r.url, r.tok = cp, cp.URL(), filepath.Join(cp.dir, "admin.token")
+		r.droneURL = "http://" + r.httpProxy.Addr()
 		b, err := os.ReadFile(filepath.Join(cp.dir, "enroll.token"))
 		if err != nil {
 			return err
@@ -196,7 +216,7 @@ func (r *runner) setUp(ctx context.Context) error {
 		hw = append(hw, sim.Weighted{Value: k, Weight: fl.Hardware[k]})
 	}
 	r.fleet, err = sim.NewFleet(sim.FleetOptions{
-		ServerURL: r.url, EnrollToken: enroll, Devices: fl.Devices, Prefix: "drone-",
+		ServerURL: r.droneURL, EnrollToken: enroll, Devices: fl.Devices, Prefix: "drone-",
 		StateRoot: filepath.Join(r.o.WorkDir, "drones"), Hardware: hw, Version: fl.Version,
 		SampleInterval: time.Duration(fl.SampleInterval), BatchSize: fl.BatchSize, HeartbeatInterval: 5 * time.Second,
 		BackoffMin: 100 * time.Millisecond, BackoffMax: 2 * time.Second, StartRate: fl.StartRate, Seed: fl.Seed,
@@ -361,6 +381,53 @@ func (r *runner) do(ctx context.Context, st Step, rng *rand.Rand) (string, error
 		r.rep.Figures.PowerCuts += cut
 		r.mu.Unlock()
 		return fmt.Sprintf("power cut: %d drones off for %v", cut, time.Duration(st.PowerCut.Off)), nil
+	case st.LinkLoss != nil:
+		what := fmt.Sprintf("link loss: %g%% of connections cut every %v and refused, for %v", st.LinkLoss.Percent,
+			time.Duration(st.LinkLoss.Flap), time.Duration(st.LinkLoss.For))
+		if r.mqttProxy == nil {
+			return what, errors.New("link faults need the control plane this run starts (not --server)")
+		}
+		for _, p := range []*linkProxy{r.mqttProxy, r.httpProxy} {
+			p.lossy(ctx, st.LinkLoss.Percent/100, time.Duration(st.LinkLoss.For), time.Duration(st.LinkLoss.Flap))
+		}
+		return what, nil
+	case st.SlowLink != nil:
+		what := fmt.Sprintf("downloads capped at %d bytes/s per connection", st.SlowLink.BytesPerSecond)
+		if r.httpProxy == nil {
+			return what, errors.New("link faults need the control plane this run starts (not --server)")
+		}
+		r.httpProxy.setRate(st.SlowLink.BytesPerSecond)
+		return what, nil
+	case st.RestartControlPlane != nil:
+		what := fmt.Sprintf("restart the control plane and its broker (down %v)", time.Duration(st.RestartControlPlane.Down))
+		if r.cp == nil {
+			return what, errors.New("the control plane was not started by this run (--server)")
+		}
+		r.cp.stop()
+		if !sleepCtx(ctx, time.Duration(st.RestartControlPlane.Down)) {
+			return what, ctx.Err()
+		}
+		t := time.Now()
+		if err := r.cp.start(ctx); err != nil {
+			return what, err
+		}
+		// Watch the broker's connected-clients gauge while the fleet comes
+		// back: its steepest rise over one second is the accept rate.
+		watchCtx, stopWatch := context.WithCancel(ctx)
+		rate := make(chan int, 1)
+		go func() { rate <- r.watchConnects(watchCtx) }()
+		err := r.waitOnline(ctx, 5*time.Minute)
+		stopWatch()
+		peak := <-rate
+		if err != nil {
+			return what, err
+		}
+		took := time.Since(t).Seconds()
+		r.mu.Lock()
+		r.rep.Figures.Reconnects = append(r.rep.Figures.Reconnects, took)
+		r.rep.Figures.PeakConnectRate = max(r.rep.Figures.PeakConnectRate, peak)
+		r.mu.Unlock()
+		return what + fmt.Sprintf(": every drone connected again %.1f s after it started, at most %d connections in a second", took, peak), nil
 	case st.KillControlPlane != nil:
 		what := fmt.Sprintf("kill -9 the control plane, restart after %v", time.Duration(st.KillControlPlane.Down))
 		if r.cp == nil {
@@ -414,6 +481,41 @@ func (r *runner) push(ctx context.Context, version string) error {
 	}
 	_, err := r.hangar(ctx, r.url, "release", "push", "--manifest", art+".manifest", "--keys", r.keyList, "--artifact", art)
 	return err
+}
+
+// watchConnects samples the broker's connected clients every 100 ms until
+// ctx ends and returns the largest rise within one second.
+func (r *runner) watchConnects(ctx context.Context) int {
+	type point struct {
+		t time.Time
+		n float64
+	}
+	tok, _ := os.ReadFile(r.tok)
+	client := &http.Client{Timeout: time.Second}
+	var pts []point
+	peak := 0.0
+	for ctx.Err() == nil {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, r.url+"/metrics", nil)
+		req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
+		if resp, err := client.Do(req); err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			for _, line := range strings.Split(string(b), "\n") {
+				if v, ok := strings.CutPrefix(line, "hangar_mqtt_connected_clients "); ok {
+					n, _ := strconv.ParseFloat(strings.TrimSpace(v), 64)
+					now := time.Now()
+					pts = append(pts, point{now, n})
+					for _, p := range pts {
+						if now.Sub(p.t) <= time.Second {
+							peak = max(peak, n-p.n)
+						}
+					}
+				}
+			}
+		}
+		sleepCtx(ctx, 100*time.Millisecond)
+	}
+	return int(peak)
 }
 
 // status reads a rollout's status over the API.
@@ -572,6 +674,7 @@ func (r *runner) collect(ctx context.Context) error {
 	}
 	if r.cp != nil {
 		r.rep.Figures.ControlPlaneStarts = r.cp.starts
+		r.rep.Figures.LinkCuts = r.mqttProxy.cutCount() + r.httpProxy.cutCount()
 	}
 	return nil
 }
@@ -645,6 +748,27 @@ func (r *runner) judge() {
 			if took == 0 {
 				res.Detail += ": nothing to revert, the expectation tests nothing"
 			}
+		case e.ReconnectWithin != 0:
+			res.OK = len(rep.Figures.Reconnects) > 0
+			for _, d := range rep.Figures.Reconnects {
+				if d > time.Duration(e.ReconnectWithin).Seconds() {
+					res.OK = false
+				}
+			}
+			var took []string
+			for _, d := range rep.Figures.Reconnects {
+				took = append(took, fmt.Sprintf("%.1f s", d))
+			}
+			res.Detail = "every drone connected again after " + strings.Join(took, ", ")
+			if len(rep.Figures.Reconnects) == 0 {
+				res.Detail = "no restart in the timeline: nothing measured"
+			}
+		case e.ConnectRateAtMost != 0:
+			// The gauge is sampled every 100 ms: allow 10% for where the
+			// one-second windows fall.
+			limit := float64(e.ConnectRateAtMost) * 1.1
+			res.OK = len(rep.Figures.Reconnects) > 0 && float64(rep.Figures.PeakConnectRate) <= limit
+			res.Detail = fmt.Sprintf("at most %d connections accepted in one second (limit %d, +10%% for sampling)", rep.Figures.PeakConnectRate, e.ConnectRateAtMost)
 		case e.NoneBricked:
 			res.OK = len(rep.Bricked) == 0
 			res.Detail = fmt.Sprintf("%d bricked", len(rep.Bricked))

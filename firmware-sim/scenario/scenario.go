@@ -19,12 +19,17 @@ import (
 
 // Scenario is a scenario file.
 type Scenario struct {
-	Name        string        `yaml:"name" json:"name"`
-	Description string        `yaml:"description" json:"description,omitempty"`
-	Fleet       Fleet         `yaml:"fleet" json:"fleet"`
-	Builds      []Build       `yaml:"builds" json:"builds"`
-	Timeline    []Step        `yaml:"timeline" json:"timeline"`
-	Expect      []Expectation `yaml:"expect" json:"expect"`
+	Name        string `yaml:"name" json:"name"`
+	Description string `yaml:"description" json:"description,omitempty"`
+	Fleet       Fleet  `yaml:"fleet" json:"fleet"`
+	// ControlPlane: how the run starts its control plane.
+	ControlPlane struct {
+		// Args are more `hangar serve` flags, e.g. [--connect-rate, "500"].
+		Args []string `yaml:"args" json:"args,omitempty"`
+	} `yaml:"control_plane" json:"control_plane"`
+	Builds   []Build       `yaml:"builds" json:"builds"`
+	Timeline []Step        `yaml:"timeline" json:"timeline"`
+	Expect   []Expectation `yaml:"expect" json:"expect"`
 	// Timeout ends the run whatever happens (expectations then judge
 	// what was reached). Default 10m.
 	Timeout Duration `yaml:"timeout" json:"timeout"`
@@ -95,6 +100,27 @@ type Step struct {
 	// KillControlPlane kills the control plane with SIGKILL and starts it
 	// again after Down (only when the runner started it).
 	KillControlPlane *Kill `yaml:"kill_control_plane" json:"kill_control_plane,omitempty"`
+	// RestartControlPlane stops it (SIGTERM: the embedded broker drops
+	// every connection) and starts it again after Down; the run waits
+	// until every drone is connected again and records how long it took.
+	RestartControlPlane *Kill `yaml:"restart_control_plane" json:"restart_control_plane,omitempty"`
+	// LinkLoss cuts Percent of the drones' connections (MQTT and
+	// downloads) every Flap, and refuses that share of new ones, For long.
+	LinkLoss *LinkLoss `yaml:"link_loss" json:"link_loss,omitempty"`
+	// SlowLink caps downloads (per connection) from now on; 0 lifts it.
+	SlowLink *SlowLink `yaml:"slow_link" json:"slow_link,omitempty"`
+}
+
+// LinkLoss is a period of lossy links.
+type LinkLoss struct {
+	Percent float64  `yaml:"percent" json:"percent"`
+	For     Duration `yaml:"for" json:"for"`
+	Flap    Duration `yaml:"flap" json:"flap"` // default 5s
+}
+
+// SlowLink is a bandwidth cap.
+type SlowLink struct {
+	BytesPerSecond int `yaml:"bytes_per_second" json:"bytes_per_second"`
 }
 
 // RolloutStep creates a rollout.
@@ -137,6 +163,12 @@ type Expectation struct {
 	CanaryBackOn *CanaryBack `yaml:"canary_back_on" json:"canary_back_on,omitempty"`
 	// NoneBricked: no drone is left without a build that starts.
 	NoneBricked bool `yaml:"none_bricked" json:"none_bricked,omitempty"`
+	// ReconnectWithin: after each restart of the control plane, every
+	// drone is connected again within this time of its start.
+	ReconnectWithin Duration `yaml:"reconnect_within" json:"reconnect_within,omitempty"`
+	// ConnectRateAtMost: the broker never accepts more connections than
+	// this in one second (measured while drones reconnect).
+	ConnectRateAtMost int `yaml:"connect_rate_at_most" json:"connect_rate_at_most,omitempty"`
 }
 
 type RolloutStatus struct {
@@ -180,6 +212,10 @@ func (e Expectation) String() string {
 		return fmt.Sprintf("every canary device of %s that ran %s runs %s at the end", e.CanaryBackOn.Rollout, e.CanaryBackOn.Version, e.CanaryBackOn.Now)
 	case e.NoneBricked:
 		return "no drone is bricked"
+	case e.ReconnectWithin != 0:
+		return fmt.Sprintf("every drone reconnects within %v of a restart", time.Duration(e.ReconnectWithin))
+	case e.ConnectRateAtMost != 0:
+		return fmt.Sprintf("the broker accepts at most %d connections a second", e.ConnectRateAtMost)
 	}
 	return "?"
 }
@@ -261,6 +297,12 @@ func (s *Scenario) defaults() {
 		if st.KillControlPlane != nil && st.KillControlPlane.Down == 0 {
 			st.KillControlPlane.Down = Duration(time.Second)
 		}
+		if st.RestartControlPlane != nil && st.RestartControlPlane.Down == 0 {
+			st.RestartControlPlane.Down = Duration(time.Second)
+		}
+		if st.LinkLoss != nil && st.LinkLoss.Flap == 0 {
+			st.LinkLoss.Flap = Duration(5 * time.Second)
+		}
 	}
 	if s.Timeout == 0 {
 		s.Timeout = Duration(10 * time.Minute)
@@ -299,7 +341,7 @@ func (s Scenario) Validate() error {
 	for i, st := range s.Timeline {
 		n := 0
 		for _, set := range []bool{st.Push != "", st.Rollout != nil, st.Pause != "", st.Resume != "", st.Abort != "", st.Promote != "",
-			st.Revert != "", st.PowerCut != nil, st.KillControlPlane != nil} {
+			st.Revert != "", st.PowerCut != nil, st.KillControlPlane != nil, st.RestartControlPlane != nil, st.LinkLoss != nil, st.SlowLink != nil} {
 			if set {
 				n++
 			}
@@ -327,13 +369,17 @@ func (s Scenario) Validate() error {
 				errs = append(errs, fmt.Errorf("timeline[%d]: no rollout %q before this step", i, ref))
 			}
 		}
+		if st.LinkLoss != nil && (st.LinkLoss.Percent <= 0 || st.LinkLoss.Percent > 100 || st.LinkLoss.For <= 0) {
+			errs = append(errs, fmt.Errorf("timeline[%d]: link_loss needs percent in (0, 100] and a duration (for)", i))
+		}
 		if st.PowerCut != nil && (st.PowerCut.Percent <= 0 || st.PowerCut.Percent > 100) {
 			errs = append(errs, fmt.Errorf("timeline[%d]: power_cut.percent must be in (0, 100]", i))
 		}
 	}
 	for i, e := range s.Expect {
 		n := 0
-		for _, set := range []bool{e.RolloutStatus != nil, e.NeverOutsideCanary != nil, e.AtMostRan != nil, e.AllOn != nil, e.CanaryBackOn != nil, e.NoneBricked} {
+		for _, set := range []bool{e.RolloutStatus != nil, e.NeverOutsideCanary != nil, e.AtMostRan != nil, e.AllOn != nil, e.CanaryBackOn != nil, e.NoneBricked,
+			e.ReconnectWithin != 0, e.ConnectRateAtMost != 0} {
 			if set {
 				n++
 			}

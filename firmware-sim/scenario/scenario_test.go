@@ -58,8 +58,8 @@ expect:
 
 func TestReportWrites(t *testing.T) {
 	rep := &Report{Scenario: Scenario{Name: "t"}, Devices: 2, Passed: false,
-		Results: []Result{{Expectation: "x", OK: false, Detail: "<b>"}},
-		Samples: []Sample{{At: 0, Versions: map[string]int{"1.0.0": 2}}, {At: 1, Versions: map[string]int{"1.0.0": 1, "1.1.0": 1}}},
+		Results:  []Result{{Expectation: "x", OK: false, Detail: "<b>"}},
+		Samples:  []Sample{{At: 0, Versions: map[string]int{"1.0.0": 2}}, {At: 1, Versions: map[string]int{"1.0.0": 1, "1.1.0": 1}}},
 		Rollouts: map[string]RolloutReport{"r": {Events: []RolloutEvent{{At: 0.5, Action: "rollout.transition", To: "stage 2"}}}}}
 	dir := t.TempDir()
 	if err := rep.Write(dir); err != nil {
