@@ -35,6 +35,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	rate := fs.Int("start-rate", 200, "drones started per second")
 	version := fs.String("agent-version", "1.0.0", "agent version the drones report")
 	seed := fs.Uint64("seed", 1, "random seed")
+	memOutbox := fs.Bool("memory-outbox", false, "keep the drones' outboxes in memory (one file descriptor per drone instead of six)")
 	logLevel := fs.String("log-level", "warn", "debug, info, warn or error")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "hangar-sim: run a fleet of simulated drones (the real agent code) against a control plane\n\n"+
@@ -60,7 +61,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	fleet, err := sim.NewFleet(sim.FleetOptions{
 		ServerURL: *server, EnrollToken: tok, Devices: *n, Prefix: *prefix, StateRoot: *stateDir,
-		SampleInterval: *sample, BatchSize: *batch, StartRate: *rate, Version: *version, Seed: *seed, Logger: log,
+		SampleInterval: *sample, BatchSize: *batch, StartRate: *rate, Version: *version, Seed: *seed, Logger: log, MemoryOutbox: *memOutbox,
 	})
 	if err != nil {
 		return err

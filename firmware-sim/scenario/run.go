@@ -110,6 +110,8 @@ func (r *runner) run(ctx context.Context) error {
 	}
 	if r.cp != nil {
 		defer r.cp.stop()
+	}
+	if r.mqttProxy != nil {
 		defer r.mqttProxy.Close()
 		defer r.httpProxy.Close()
 	}
@@ -179,21 +181,25 @@ func (r *runner) setUp(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		// The drones reach it through link proxies (faults are injected
-		// there); the broker address handed out at enrollment is the
-		// proxy's.
-		if r.mqttProxy, err = newLinkProxy(cp.mqtt, fl.Seed); err != nil {
-			return err
+		// With link faults in the timeline, the drones reach it through
+		// link proxies (the faults are injected there; the broker address
+		// handed out at enrollment is the proxy's). Without, directly: a
+		// proxied connection costs the simulator two more descriptors.
+		r.droneURL = cp.URL()
+		if r.s.linkFaults() {
+			if r.mqttProxy, err = newLinkProxy(cp.mqtt, fl.Seed); err != nil {
+				return err
+			}
+			if r.httpProxy, err = newLinkProxy(cp.http, fl.Seed+1); err != nil {
+				return err
+			}
+			cp.args = append(cp.args, "--mqtt-advertise", "tcp://"+r.mqttProxy.Addr())
+			r.droneURL = "http://" + r.httpProxy.Addr()
 		}
-		if r.httpProxy, err = newLinkProxy(cp.http, fl.Seed+1); err != nil {
-			return err
-		}
-		cp.args = append(cp.args, "--mqtt-advertise", "tcp://"+r.mqttProxy.Addr())
 		if err := cp.start(ctx); err != nil {
 			return err
 		}
 		r.cp, r.url, r.tok = cp, cp.URL(), filepath.Join(cp.dir, "admin.token")
-		r.droneURL = "http://" + r.httpProxy.Addr()
 		b, err := os.ReadFile(filepath.Join(cp.dir, "enroll.token"))
 		if err != nil {
 			return err
@@ -222,7 +228,7 @@ func (r *runner) setUp(ctx context.Context) error {
 		BackoffMin: 100 * time.Millisecond, BackoffMax: 2 * time.Second, StartRate: fl.StartRate, Seed: fl.Seed,
 		Logger: r.o.Logger, Roots: []ed25519.PublicKey{root}, Grounded: fl.Grounded,
 		TrialSoak: time.Duration(fl.TrialSoak), TrialDeadline: time.Duration(fl.TrialDeadline), MinBattery: fl.MinBattery,
-		OnBoot: r.booted,
+		OnBoot: r.booted, MemoryOutbox: fl.MemoryOutbox,
 	})
 	return err
 }
@@ -674,7 +680,9 @@ func (r *runner) collect(ctx context.Context) error {
 	}
 	if r.cp != nil {
 		r.rep.Figures.ControlPlaneStarts = r.cp.starts
-		r.rep.Figures.LinkCuts = r.mqttProxy.cutCount() + r.httpProxy.cutCount()
+		if r.mqttProxy != nil {
+			r.rep.Figures.LinkCuts = r.mqttProxy.cutCount() + r.httpProxy.cutCount()
+		}
 	}
 	return nil
 }

@@ -57,6 +57,10 @@ type Fleet struct {
 	TrialSoak      Duration `yaml:"trial_soak" json:"trial_soak,omitempty"`           // default 2s
 	TrialDeadline  Duration `yaml:"trial_deadline" json:"trial_deadline,omitempty"`   // default 1m
 	Seed           uint64   `yaml:"seed" json:"seed,omitempty"`
+	// MemoryOutbox keeps the drones' outboxes in memory: one descriptor
+	// per drone instead of six (needed beyond ~3,000 drones per process
+	// with a 20,000 descriptor limit).
+	MemoryOutbox bool `yaml:"memory_outbox" json:"memory_outbox,omitempty"`
 }
 
 // Build is a simulated build, signed and pushed as a release.
@@ -313,6 +317,17 @@ func (s *Scenario) defaults() {
 	if s.SampleEvery == 0 {
 		s.SampleEvery = Duration(time.Second)
 	}
+}
+
+// linkFaults says whether the timeline breaks links (the runner then puts
+// proxies between the drones and the control plane).
+func (s Scenario) linkFaults() bool {
+	for _, st := range s.Timeline {
+		if st.LinkLoss != nil || st.SlowLink != nil {
+			return true
+		}
+	}
+	return false
 }
 
 // Validate checks references and that each step and expectation says one

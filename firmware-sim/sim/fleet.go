@@ -78,6 +78,10 @@ type FleetOptions struct {
 	TrialSoak     time.Duration
 	TrialDeadline time.Duration
 	MinBattery    uint8
+	// MemoryOutbox keeps each drone's outbox in memory (across its agent's
+	// restarts) instead of files: one descriptor per drone instead of six,
+	// for fleets larger than the descriptor limit allows otherwise.
+	MemoryOutbox bool
 	// OnBoot, when set, is called each time a drone boots a build (before
 	// it runs, bricked or not): who ever ran what.
 	OnBoot func(device string, fw Firmware)
@@ -106,6 +110,7 @@ type SimDrone struct {
 	bricked   bool
 	cancel    context.CancelFunc
 	done      chan struct{}
+	box       *memOutbox         // with FleetOptions.MemoryOutbox
 	runCancel context.CancelFunc // stops the running agent (power cut)
 	cutFor    time.Duration      // set by PowerCut: how long the power stays off
 }
@@ -279,6 +284,12 @@ func (d *SimDrone) boot() (Firmware, error) {
 		SampleInterval: o.SampleInterval, BatchSize: o.BatchSize, HeartbeatInterval: o.HeartbeatInterval,
 		BackoffMin: o.BackoffMin, BackoffMax: o.BackoffMax,
 		Sensors: d.Sensors, Logger: o.Logger,
+	}
+	if o.MemoryOutbox {
+		if d.box == nil {
+			d.box = newMemOutbox(opts.OutboxMaxBytes)
+		}
+		opts.Outbox = d.box
 	}
 	if len(o.Roots) > 0 {
 		opts.Update = &agent.UpdateOptions{Roots: o.Roots, TrialSoak: o.TrialSoak, TrialDeadline: o.TrialDeadline,
