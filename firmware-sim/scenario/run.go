@@ -82,6 +82,7 @@ type runner struct {
 	tok string        // admin token file
 
 	droneURL             string     // where the drones reach it
+	enroll               string     // the fleet enrollment token
 	mqttProxy, httpProxy *linkProxy // nil with Options.Server
 
 	relKey, keyList, rootPub string
@@ -209,6 +210,7 @@ func (r *runner) setUp(ctx context.Context) error {
 	} else if b, err := os.ReadFile(enroll); err == nil {
 		enroll = strings.TrimSpace(string(b))
 	}
+	r.enroll = enroll
 	pemRoot, err := os.ReadFile(r.rootPub)
 	if err != nil {
 		return err
@@ -434,6 +436,21 @@ func (r *runner) do(ctx context.Context, st Step, rng *rand.Rand) (string, error
 		r.rep.Figures.PeakConnectRate = max(r.rep.Figures.PeakConnectRate, peak)
 		r.mu.Unlock()
 		return what + fmt.Sprintf(": every drone connected again %.1f s after it started, at most %d connections in a second", took, peak), nil
+	case st.HostileDevice != nil:
+		victim := st.HostileDevice.Victim
+		if victim == "" {
+			victim = r.fleet.ID(0)
+		}
+		what := "hostile device against " + victim
+		h, err := r.hostile(ctx, victim)
+		if err != nil {
+			return what, err
+		}
+		r.mu.Lock()
+		r.rep.Hostile = h
+		r.mu.Unlock()
+		return what + fmt.Sprintf(": %d attempts; recorded %.0f decode errors, %.0f ACL denials, %.0f auth failures; healthy %v",
+			len(h.Attempts), h.DecodeErrors, h.ACLDenials, h.AuthFailures, h.Healthy), nil
 	case st.KillControlPlane != nil:
 		what := fmt.Sprintf("kill -9 the control plane, restart after %v", time.Duration(st.KillControlPlane.Down))
 		if r.cp == nil {
@@ -777,6 +794,16 @@ func (r *runner) judge() {
 			limit := float64(e.ConnectRateAtMost) * 1.1
 			res.OK = len(rep.Figures.Reconnects) > 0 && float64(rep.Figures.PeakConnectRate) <= limit
 			res.Detail = fmt.Sprintf("at most %d connections accepted in one second (limit %d, +10%% for sampling)", rep.Figures.PeakConnectRate, e.ConnectRateAtMost)
+		case e.HostileContained:
+			h := rep.Hostile
+			switch {
+			case h == nil:
+				res.OK, res.Detail = false, "no hostile_device step ran"
+			default:
+				res.OK = h.Healthy && h.DecodeErrors >= 3 && h.ACLDenials >= 2 && h.AuthFailures >= 2
+				res.Detail = fmt.Sprintf("healthy %v; recorded %.0f decode errors (want ≥ 3), %.0f ACL denials (≥ 2), %.0f auth failures (≥ 2) %s",
+					h.Healthy, h.DecodeErrors, h.ACLDenials, h.AuthFailures, h.Detail)
+			}
 		case e.NoneBricked:
 			res.OK = len(rep.Bricked) == 0
 			res.Detail = fmt.Sprintf("%d bricked", len(rep.Bricked))

@@ -111,8 +111,17 @@ type Step struct {
 	// LinkLoss cuts Percent of the drones' connections (MQTT and
 	// downloads) every Flap, and refuses that share of new ones, For long.
 	LinkLoss *LinkLoss `yaml:"link_loss" json:"link_loss,omitempty"`
+	// HostileDevice enrolls a device of its own and misbehaves: malformed
+	// CBOR, an oversized message, another drone's topics, wildcards, a
+	// wrong password, another drone's identity.
+	HostileDevice *Hostile `yaml:"hostile_device" json:"hostile_device,omitempty"`
 	// SlowLink caps downloads (per connection) from now on; 0 lifts it.
 	SlowLink *SlowLink `yaml:"slow_link" json:"slow_link,omitempty"`
+}
+
+// Hostile is a misbehaving device.
+type Hostile struct {
+	Victim string `yaml:"victim" json:"victim,omitempty"` // the drone whose topics it tries (default the first)
 }
 
 // LinkLoss is a period of lossy links.
@@ -170,6 +179,10 @@ type Expectation struct {
 	// ReconnectWithin: after each restart of the control plane, every
 	// drone is connected again within this time of its start.
 	ReconnectWithin Duration `yaml:"reconnect_within" json:"reconnect_within,omitempty"`
+	// HostileContained: after the hostile device's attempts the control
+	// plane is healthy, every drone online, and it recorded the attempts
+	// (decode errors, ACL denials, authentication failures).
+	HostileContained bool `yaml:"hostile_contained" json:"hostile_contained,omitempty"`
 	// ConnectRateAtMost: the broker never accepts more connections than
 	// this in one second (measured while drones reconnect).
 	ConnectRateAtMost int `yaml:"connect_rate_at_most" json:"connect_rate_at_most,omitempty"`
@@ -216,6 +229,8 @@ func (e Expectation) String() string {
 		return fmt.Sprintf("every canary device of %s that ran %s runs %s at the end", e.CanaryBackOn.Rollout, e.CanaryBackOn.Version, e.CanaryBackOn.Now)
 	case e.NoneBricked:
 		return "no drone is bricked"
+	case e.HostileContained:
+		return "the hostile device is contained and recorded"
 	case e.ReconnectWithin != 0:
 		return fmt.Sprintf("every drone reconnects within %v of a restart", time.Duration(e.ReconnectWithin))
 	case e.ConnectRateAtMost != 0:
@@ -356,7 +371,8 @@ func (s Scenario) Validate() error {
 	for i, st := range s.Timeline {
 		n := 0
 		for _, set := range []bool{st.Push != "", st.Rollout != nil, st.Pause != "", st.Resume != "", st.Abort != "", st.Promote != "",
-			st.Revert != "", st.PowerCut != nil, st.KillControlPlane != nil, st.RestartControlPlane != nil, st.LinkLoss != nil, st.SlowLink != nil} {
+			st.Revert != "", st.PowerCut != nil, st.KillControlPlane != nil, st.RestartControlPlane != nil, st.LinkLoss != nil, st.SlowLink != nil,
+			st.HostileDevice != nil} {
 			if set {
 				n++
 			}
@@ -394,7 +410,7 @@ func (s Scenario) Validate() error {
 	for i, e := range s.Expect {
 		n := 0
 		for _, set := range []bool{e.RolloutStatus != nil, e.NeverOutsideCanary != nil, e.AtMostRan != nil, e.AllOn != nil, e.CanaryBackOn != nil, e.NoneBricked,
-			e.ReconnectWithin != 0, e.ConnectRateAtMost != 0} {
+			e.ReconnectWithin != 0, e.ConnectRateAtMost != 0, e.HostileContained} {
 			if set {
 				n++
 			}

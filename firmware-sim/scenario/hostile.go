@@ -1,0 +1,193 @@
+package scenario
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// HostileReport is what the hostile device tried and what the control
+// plane recorded of it.
+type HostileReport struct {
+	Attempts []string `json:"attempts"`
+	// Counter increases on the control plane over the attack.
+	DecodeErrors float64 `json:"decode_errors"`
+	ACLDenials   float64 `json:"acl_denials"`
+	AuthFailures float64 `json:"auth_failures"`
+	// Healthy: the control plane answered /healthz after it, and every
+	// drone was still online.
+	Healthy bool   `json:"healthy"`
+	Detail  string `json:"detail,omitempty"`
+}
+
+// metric sums every series of a Prometheus metric on the control plane.
+func (r *runner) metric(ctx context.Context, name string) (float64, error) {
+	tok, err := os.ReadFile(r.tok)
+	if err != nil {
+		return 0, err
+	}
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, r.url+"/metrics", nil)
+	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
+	resp, err := (&http.Client{Timeout: 5 * time.Second}).Do(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, err
+	}
+	sum := 0.0
+	for _, line := range strings.Split(string(b), "\n") {
+		if !strings.HasPrefix(line, name) || (len(line) > len(name) && line[len(name)] != ' ' && line[len(name)] != '{') {
+			continue
+		}
+		f := strings.Fields(line)
+		v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+		sum += v
+	}
+	return sum, nil
+}
+
+// hostile enrolls a device of its own with the fleet token and misbehaves:
+// malformed CBOR, an oversized message, publishes to another drone's
+// topics, a wildcard subscription, a wrong password and another drone's
+// identity.
+func (r *runner) hostile(ctx context.Context, victim string) (*HostileReport, error) {
+	rep := &HostileReport{}
+	names := []string{"hangar_ingest_decode_errors_total", "hangar_mqtt_acl_denials_total", "hangar_mqtt_auth_failures_total"}
+	var before [3]float64
+	for i, n := range names {
+		v, err := r.metric(ctx, n)
+		if err != nil {
+			return nil, err
+		}
+		before[i] = v
+	}
+	body, _ := json.Marshal(map[string]any{"enroll_token": r.enroll, "device_id": "hostile-1", "hardware": "rev-a"})
+	resp, err := http.Post(r.droneURL+"/api/v1/enroll", "application/json", bytes.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	var cred struct {
+		MQTTURL, Username, Password string
+	}
+	err = json.NewDecoder(resp.Body).Decode(&struct {
+		MQTTURL  *string `json:"mqtt_url"`
+		Username *string `json:"username"`
+		Password *string `json:"password"`
+	}{&cred.MQTTURL, &cred.Username, &cred.Password})
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("hostile device: enroll: %d %v", resp.StatusCode, err)
+	}
+	connect := func(user, pass string) (paho.Client, error) {
+		o := paho.NewClientOptions().AddBroker(cred.MQTTURL).SetClientID(user).SetUsername(user).SetPassword(pass).
+			SetAutoReconnect(false).SetConnectRetry(false).SetConnectTimeout(5 * time.Second)
+		c := paho.NewClient(o)
+		t := c.Connect()
+		t.WaitTimeout(10 * time.Second)
+		return c, t.Error()
+	}
+	try := func(what string, err error) {
+		res := "refused (" + fmt.Sprint(err) + ")"
+		if err == nil {
+			res = "taken by the broker, judged by the control plane"
+		}
+		rep.Attempts = append(rep.Attempts, what+": "+res)
+	}
+	_, err = connect("hostile-1", "not-the-password")
+	try("connect with a wrong password", err)
+	_, err = connect(victim, cred.Password)
+	try("connect as "+victim+" with the hostile device's password", err)
+	// Each attempt on a fresh connection: a broker may drop a client after
+	// a refused publish, and the next attempt must be judged on its own.
+	attempt := func(what string, do func(c paho.Client) paho.Token) error {
+		c, err := connect(cred.Username, cred.Password)
+		if err != nil {
+			return fmt.Errorf("hostile device: connect: %w", err)
+		}
+		t := do(c)
+		t.WaitTimeout(5 * time.Second)
+		err = t.Error()
+		if st, ok := t.(*paho.SubscribeToken); ok && err == nil {
+			for _, code := range st.Result() {
+				if code == 0x80 {
+					err = errors.New("SUBACK failure")
+				}
+			}
+		}
+		if err == nil {
+			time.Sleep(200 * time.Millisecond)
+			if !c.IsConnected() {
+				err = errors.New("disconnected")
+			}
+		}
+		try(what, err)
+		c.Disconnect(100)
+		return nil
+	}
+	pub := func(topic string, payload []byte) func(c paho.Client) paho.Token {
+		return func(c paho.Client) paho.Token { return c.Publish(topic, 1, false, payload) }
+	}
+	sub := func(topic string) func(c paho.Client) paho.Token {
+		return func(c paho.Client) paho.Token { return c.Subscribe(topic, 1, nil) }
+	}
+	own := proto.DeviceTopic("hostile-1", proto.KindTelemetry)
+	for _, a := range []struct {
+		what string
+		do   func(c paho.Client) paho.Token
+	}{
+		{"malformed CBOR as telemetry", pub(own, []byte{0xbf, 0xff, 0x00, 0x13, 0x37})},
+		{"a map with duplicate keys", pub(own, []byte{0xa2, 0x01, 0x01, 0x01, 0x02})},
+		{"an event that is not CBOR", pub(proto.DeviceTopic("hostile-1", proto.KindEvent), []byte(`{"kind":"alert"}`))},
+		{"telemetry into " + victim + "'s topic", pub(proto.DeviceTopic(victim, proto.KindTelemetry), []byte{0xa0})},
+		{"a command into " + victim + "'s topic", pub(proto.DeviceTopic(victim, proto.KindCmd), []byte{0xa0})},
+		{"subscribe to every topic", sub(proto.TopicPrefix + "/#")},
+		{"subscribe to " + victim + "'s commands", sub(proto.DeviceTopic(victim, proto.KindCmd))},
+		{"an oversized message (1 MiB)", pub(own, bytes.Repeat([]byte{0x40}, 1<<20))},
+	} {
+		if err := attempt(a.what, a.do); err != nil {
+			return nil, err
+		}
+	}
+	time.Sleep(3 * time.Second) // ingest and metrics catch up
+	for i, n := range names {
+		v, err := r.metric(ctx, n)
+		if err != nil {
+			return nil, err
+		}
+		d := v - before[i]
+		switch i {
+		case 0:
+			rep.DecodeErrors = d
+		case 1:
+			rep.ACLDenials = d
+		case 2:
+			rep.AuthFailures = d
+		}
+	}
+	h, err := http.Get(r.url + "/healthz")
+	if err == nil {
+		h.Body.Close()
+	}
+	rep.Healthy = err == nil && h.StatusCode == http.StatusOK
+	if !rep.Healthy {
+		rep.Detail = fmt.Sprintf("healthz: %v", err)
+	} else if err := r.waitOnline(ctx, 30*time.Second); err != nil {
+		rep.Healthy, rep.Detail = false, err.Error()
+	}
+	return rep, nil
+}
