@@ -102,6 +102,7 @@ type Figures struct {
 	SimRSSBytes        int64   `json:"sim_rss_bytes"`  // the simulator process (all drones)
 	RSSPerDroneBytes   int64   `json:"rss_per_drone_bytes"`
 	PowerCuts          int     `json:"power_cuts"`
+	SwitchedOff        int     `json:"switched_off"` // drones taken offline by offline steps
 	ControlPlaneKills  int     `json:"control_plane_kills"`
 	ControlPlaneStarts int     `json:"control_plane_starts"`
 	// Reconnects: for each restart of the control plane, seconds from its

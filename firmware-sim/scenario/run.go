@@ -376,19 +376,31 @@ func (r *runner) do(ctx context.Context, st Step, rng *rand.Rand) (string, error
 		}
 		_, err := r.hangar(ctx, r.url, "rollout", op, r.id(name), "--reason", "scenario "+r.s.Name)
 		return op + " " + name, err
-	case st.PowerCut != nil:
+	case st.PowerCut != nil, st.Offline != nil:
+		pc, what := st.PowerCut, "power cut"
+		if pc == nil {
+			pc, what = st.Offline, "switched off"
+		}
 		drones := r.fleet.Drones()
-		n := int(float64(len(drones))*st.PowerCut.Percent/100 + 0.5)
+		n := int(float64(len(drones))*pc.Percent/100 + 0.5)
 		cut := 0
 		for _, i := range rng.Perm(len(drones))[:n] {
-			if drones[i].PowerCut(time.Duration(st.PowerCut.Off)) {
+			off := drones[i].PowerCut
+			if st.Offline != nil {
+				off = drones[i].SwitchOff
+			}
+			if off(time.Duration(pc.Off)) {
 				cut++
 			}
 		}
 		r.mu.Lock()
-		r.rep.Figures.PowerCuts += cut
+		if st.PowerCut != nil {
+			r.rep.Figures.PowerCuts += cut
+		} else {
+			r.rep.Figures.SwitchedOff += cut
+		}
 		r.mu.Unlock()
-		return fmt.Sprintf("power cut: %d drones off for %v", cut, time.Duration(st.PowerCut.Off)), nil
+		return fmt.Sprintf("%s: %d drones off for %v", what, cut, time.Duration(pc.Off)), nil
 	case st.LinkLoss != nil:
 		what := fmt.Sprintf("link loss: %g%% of connections cut every %v and refused, for %v", st.LinkLoss.Percent,
 			time.Duration(st.LinkLoss.Flap), time.Duration(st.LinkLoss.For))

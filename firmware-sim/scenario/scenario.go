@@ -101,6 +101,9 @@ type Step struct {
 	Revert  string `yaml:"revert" json:"revert,omitempty"`
 	// PowerCut cuts the power of a share of the drones.
 	PowerCut *PowerCut `yaml:"power_cut" json:"power_cut,omitempty"`
+	// Offline switches a share of the drones off cleanly, for a long time
+	// (Off), as drones left in a hangar.
+	Offline *PowerCut `yaml:"offline" json:"offline,omitempty"`
 	// KillControlPlane kills the control plane with SIGKILL and starts it
 	// again after Down (only when the runner started it).
 	KillControlPlane *Kill `yaml:"kill_control_plane" json:"kill_control_plane,omitempty"`
@@ -372,7 +375,7 @@ func (s Scenario) Validate() error {
 		n := 0
 		for _, set := range []bool{st.Push != "", st.Rollout != nil, st.Pause != "", st.Resume != "", st.Abort != "", st.Promote != "",
 			st.Revert != "", st.PowerCut != nil, st.KillControlPlane != nil, st.RestartControlPlane != nil, st.LinkLoss != nil, st.SlowLink != nil,
-			st.HostileDevice != nil} {
+			st.HostileDevice != nil, st.Offline != nil} {
 			if set {
 				n++
 			}
@@ -402,6 +405,9 @@ func (s Scenario) Validate() error {
 		}
 		if st.LinkLoss != nil && (st.LinkLoss.Percent <= 0 || st.LinkLoss.Percent > 100 || st.LinkLoss.For <= 0) {
 			errs = append(errs, fmt.Errorf("timeline[%d]: link_loss needs percent in (0, 100] and a duration (for)", i))
+		}
+		if st.Offline != nil && (st.Offline.Percent <= 0 || st.Offline.Percent > 100 || st.Offline.Off <= 0) {
+			errs = append(errs, fmt.Errorf("timeline[%d]: offline needs percent in (0, 100] and off", i))
 		}
 		if st.PowerCut != nil && (st.PowerCut.Percent <= 0 || st.PowerCut.Percent > 100) {
 			errs = append(errs, fmt.Errorf("timeline[%d]: power_cut.percent must be in (0, 100]", i))

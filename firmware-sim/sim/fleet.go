@@ -112,20 +112,28 @@ type SimDrone struct {
 	done      chan struct{}
 	box       *memOutbox         // with FleetOptions.MemoryOutbox
 	runCancel context.CancelFunc // stops the running agent (power cut)
-	cutFor    time.Duration      // set by PowerCut: how long the power stays off
+	cutFor    time.Duration      // set by PowerCut and SwitchOff: how long the power stays off
+	cleanOff  bool               // SwitchOff: the agent's clean stop stands
 }
 
 // PowerCut stops the drone's agent at once, without its clean stop being
 // recorded (the agent counts an unplanned restart), and boots it again
 // from its state directory after off. It reports false when the agent is
 // not running (booting, bricked, powered off already).
-func (d *SimDrone) PowerCut(off time.Duration) bool {
+func (d *SimDrone) PowerCut(off time.Duration) bool { return d.powerOff(off, false) }
+
+// SwitchOff stops the drone's agent cleanly (as when it is switched off in
+// its hangar) and starts it again after off: offline for a while, not a
+// crash.
+func (d *SimDrone) SwitchOff(off time.Duration) bool { return d.powerOff(off, true) }
+
+func (d *SimDrone) powerOff(off time.Duration, clean bool) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.runCancel == nil || d.cutFor > 0 {
 		return false
 	}
-	d.cutFor = max(off, time.Millisecond)
+	d.cutFor, d.cleanOff = max(off, time.Millisecond), clean
 	d.runCancel()
 	return true
 }
@@ -348,14 +356,14 @@ func (d *SimDrone) run(ctx context.Context) {
 		err := d.Agent().Run(runCtx)
 		cancel()
 		d.mu.Lock()
-		cut := d.cutFor
+		cut, clean := d.cutFor, d.cleanOff
 		d.runCancel = nil
 		d.mu.Unlock()
 		if ctx.Err() != nil {
 			return
 		}
 		if cut > 0 {
-			crash = true
+			crash = !clean
 			ok := sleep(ctx, cut)
 			d.mu.Lock()
 			d.cutFor = 0
