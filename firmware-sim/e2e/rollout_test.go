@@ -173,11 +173,19 @@ func TestRollouts(t *testing.T) {
 			t.Fatalf("%d devices outside the canary offered the bad build: %v%s", len(out), out[:min(len(out), 5)], story(t, cp, id))
 		}
 		canary := canaryOf(t, cp, id)
-		waitFor(t, time.Minute, "canary rolled back to 1.1.0", func() (bool, string) {
+		// The version (in the device's hello) and the rolled_back report (an
+		// event) arrive separately: wait for both.
+		waitFor(t, time.Minute, "canary rolled back to 1.1.0 and reported it", func() (bool, string) {
 			for _, dev := range canary {
 				d, _ := cp.Store().Device(ctx, dev)
 				if d.Version != "1.1.0" {
 					return false, dev + " on " + d.Version
+				}
+			}
+			us, _ := cp.Store().DeviceUpdates(ctx, "", "agent", 120)
+			for _, u := range us {
+				if u.State == "trial" || u.State == "installing" {
+					return false, u.Device + " reported " + u.State
 				}
 			}
 			return true, ""

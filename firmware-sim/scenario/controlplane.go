@@ -96,10 +96,12 @@ func (c *controlPlane) start(ctx context.Context) error {
 		case <-exited:
 			return fmt.Errorf("control plane exited at start:\n%s", c.Log())
 		case <-ctx.Done():
+			c.kill()
 			return ctx.Err()
 		case <-time.After(25 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
+			c.kill()
 			return fmt.Errorf("control plane not answering after 30 s:\n%s", c.Log())
 		}
 	}
@@ -147,8 +149,10 @@ type lockedWriter struct{ c *controlPlane }
 func (w *lockedWriter) Write(p []byte) (int, error) {
 	w.c.mu.Lock()
 	defer w.c.mu.Unlock()
-	if w.c.log.Len() > 1<<20 {
+	if w.c.log.Len() > 1<<20 { // keep the newest half
+		tail := append([]byte(nil), w.c.log.Bytes()[w.c.log.Len()-512<<10:]...)
 		w.c.log.Reset()
+		w.c.log.Write(tail)
 	}
 	return w.c.log.Write(p)
 }

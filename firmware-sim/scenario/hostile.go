@@ -54,8 +54,11 @@ func (r *runner) metric(ctx context.Context, name string) (float64, error) {
 		if !strings.HasPrefix(line, name) || (len(line) > len(name) && line[len(name)] != ' ' && line[len(name)] != '{') {
 			continue
 		}
-		f := strings.Fields(line)
-		v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+		f := strings.Fields(line[strings.LastIndexByte(line, '}')+1:]) // value [timestamp]
+		if len(f) == 0 {
+			continue
+		}
+		v, _ := strconv.ParseFloat(f[0], 64)
 		sum += v
 	}
 	return sum, nil
@@ -76,10 +79,18 @@ func (r *runner) hostile(ctx context.Context, victim string) (*HostileReport, er
 		}
 		before[i] = v
 	}
+	client := &http.Client{Timeout: 10 * time.Second}
 	body, _ := json.Marshal(map[string]any{"enroll_token": r.enroll, "device_id": "hostile-1", "hardware": "rev-a"})
-	resp, err := http.Post(r.droneURL+"/api/v1/enroll", "application/json", bytes.NewReader(body))
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, r.droneURL+"/api/v1/enroll", bytes.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := client.Do(req)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("hostile device: enroll: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+		resp.Body.Close()
+		return nil, fmt.Errorf("hostile device: enroll: %s: %s", resp.Status, bytes.TrimSpace(b))
 	}
 	var cred struct {
 		MQTTURL, Username, Password string
@@ -90,8 +101,8 @@ func (r *runner) hostile(ctx context.Context, victim string) (*HostileReport, er
 		Password *string `json:"password"`
 	}{&cred.MQTTURL, &cred.Username, &cred.Password})
 	resp.Body.Close()
-	if err != nil || resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("hostile device: enroll: %d %v", resp.StatusCode, err)
+	if err != nil {
+		return nil, fmt.Errorf("hostile device: enroll: %w", err)
 	}
 	connect := func(user, pass string) (paho.Client, error) {
 		o := paho.NewClientOptions().AddBroker(cred.MQTTURL).SetClientID(user).SetUsername(user).SetPassword(pass).
@@ -108,10 +119,16 @@ func (r *runner) hostile(ctx context.Context, victim string) (*HostileReport, er
 		}
 		rep.Attempts = append(rep.Attempts, what+": "+res)
 	}
-	_, err = connect("hostile-1", "not-the-password")
-	try("connect with a wrong password", err)
-	_, err = connect(victim, cred.Password)
-	try("connect as "+victim+" with the hostile device's password", err)
+	for _, a := range []struct{ what, user, pass string }{
+		{"connect with a wrong password", "hostile-1", "not-the-password"},
+		{"connect as " + victim + " with the hostile device's password", victim, cred.Password},
+	} {
+		c, err := connect(a.user, a.pass)
+		if err == nil {
+			c.Disconnect(100) // it must not have got in; if it did, do not keep the victim out
+		}
+		try(a.what, err)
+	}
 	// Each attempt on a fresh connection: a broker may drop a client after
 	// a refused publish, and the next attempt must be judged on its own.
 	attempt := func(what string, do func(c paho.Client) paho.Token) error {
@@ -179,15 +196,23 @@ func (r *runner) hostile(ctx context.Context, victim string) (*HostileReport, er
 			rep.AuthFailures = d
 		}
 	}
-	h, err := http.Get(r.url + "/healthz")
+	hreq, _ := http.NewRequestWithContext(ctx, http.MethodGet, r.url+"/healthz", nil)
+	h, err := client.Do(hreq)
+	switch {
+	case err != nil:
+		rep.Detail = "healthz: " + err.Error()
+	case h.StatusCode != http.StatusOK:
+		rep.Detail = "healthz: " + h.Status
+	default:
+		rep.Healthy = true
+	}
 	if err == nil {
 		h.Body.Close()
 	}
-	rep.Healthy = err == nil && h.StatusCode == http.StatusOK
-	if !rep.Healthy {
-		rep.Detail = fmt.Sprintf("healthz: %v", err)
-	} else if err := r.waitOnline(ctx, 30*time.Second); err != nil {
-		rep.Healthy, rep.Detail = false, err.Error()
+	if rep.Healthy {
+		if err := r.waitOnline(ctx, 30*time.Second); err != nil {
+			rep.Healthy, rep.Detail = false, err.Error()
+		}
 	}
 	return rep, nil
 }

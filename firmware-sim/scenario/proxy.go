@@ -16,13 +16,15 @@ type linkProxy struct {
 	ln       net.Listener
 	upstream string
 
-	mu    sync.Mutex
-	conns map[*proxyConn]struct{}
-	rng   *rand.Rand
-	loss  float64   // share of connections refused or cut while lossUntil
-	until time.Time // end of the lossy period
-	rate  int       // bytes per second per connection towards the drone, 0: no cap
-	cuts  int       // connections cut so far
+	mu       sync.Mutex
+	conns    map[*proxyConn]struct{}
+	rng      *rand.Rand
+	loss     float64   // share of connections refused or cut while lossUntil
+	until    time.Time // end of the lossy period
+	flapping bool      // a goroutine cuts connections until `until`
+	rate     int       // bytes per second per connection towards the drone, 0: no cap
+	cuts     int       // connections cut or refused so far
+	closed   bool
 }
 
 type proxyConn struct {
@@ -50,8 +52,10 @@ func (p *linkProxy) Close() {
 	p.ln.Close()
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.closed = true
 	for c := range p.conns {
 		c.close()
+		delete(p.conns, c)
 	}
 }
 
@@ -63,7 +67,6 @@ func (p *linkProxy) serve() {
 		}
 		p.mu.Lock()
 		refuse := time.Now().Before(p.until) && p.rng.Float64() < p.loss
-		rate := p.rate
 		if refuse {
 			p.cuts++
 		}
@@ -72,11 +75,11 @@ func (p *linkProxy) serve() {
 			down.Close()
 			continue
 		}
-		go p.pipe(down, rate)
+		go p.pipe(down)
 	}
 }
 
-func (p *linkProxy) pipe(down net.Conn, rate int) {
+func (p *linkProxy) pipe(down net.Conn) {
 	up, err := net.DialTimeout("tcp", p.upstream, 5*time.Second)
 	if err != nil {
 		down.Close()
@@ -84,11 +87,16 @@ func (p *linkProxy) pipe(down net.Conn, rate int) {
 	}
 	c := &proxyConn{down: down, up: up}
 	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		c.close()
+		return
+	}
 	p.conns[c] = struct{}{}
 	p.mu.Unlock()
 	done := make(chan struct{}, 2)
 	go func() { io.Copy(up, down); done <- struct{}{} }()
-	go func() { copyRate(down, up, rate); done <- struct{}{} }()
+	go func() { p.copyCapped(down, up); done <- struct{}{} }()
 	<-done
 	c.close()
 	p.mu.Lock()
@@ -96,23 +104,26 @@ func (p *linkProxy) pipe(down net.Conn, rate int) {
 	p.mu.Unlock()
 }
 
-// copyRate copies at most rate bytes a second (0: no cap).
-func copyRate(dst io.Writer, src io.Reader, rate int) {
-	if rate <= 0 {
-		io.Copy(dst, src)
-		return
-	}
-	chunk := max(rate/20, 512)
-	buf := make([]byte, chunk)
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
+// copyCapped copies towards the drone at the proxy's current rate (read
+// for every chunk, so a cap set or lifted applies to open connections).
+func (p *linkProxy) copyCapped(dst io.Writer, src io.Reader) {
+	buf := make([]byte, 32<<10)
 	for {
-		n, err := src.Read(buf)
+		p.mu.Lock()
+		rate := p.rate
+		p.mu.Unlock()
+		chunk := buf
+		if rate > 0 {
+			chunk = buf[:min(len(buf), max(rate/10, 1))]
+		}
+		n, err := src.Read(chunk)
 		if n > 0 {
-			if _, werr := dst.Write(buf[:n]); werr != nil {
+			if _, werr := dst.Write(chunk[:n]); werr != nil {
 				return
 			}
-			<-tick.C
+			if rate > 0 {
+				time.Sleep(time.Duration(n) * time.Second / time.Duration(rate))
+			}
 		}
 		if err != nil {
 			return
@@ -125,19 +136,26 @@ func copyRate(dst io.Writer, src io.Reader, rate int) {
 func (p *linkProxy) lossy(ctx context.Context, share float64, period, flap time.Duration) {
 	p.mu.Lock()
 	p.loss, p.until = share, time.Now().Add(period)
+	running := p.flapping
+	p.flapping = true
 	p.mu.Unlock()
+	if running {
+		return // the running one takes the new share and end
+	}
 	go func() {
 		t := time.NewTicker(flap)
 		defer t.Stop()
 		for {
 			p.mu.Lock()
 			if time.Now().After(p.until) {
+				p.flapping = false
 				p.mu.Unlock()
 				return
 			}
 			for c := range p.conns {
-				if p.rng.Float64() < share {
+				if p.rng.Float64() < p.loss {
 					c.close()
+					delete(p.conns, c)
 					p.cuts++
 				}
 			}
@@ -159,6 +177,7 @@ func (p *linkProxy) cutAll() int {
 	n := len(p.conns)
 	for c := range p.conns {
 		c.close()
+		delete(p.conns, c)
 	}
 	p.cuts += n
 	return n

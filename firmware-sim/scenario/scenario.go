@@ -370,6 +370,9 @@ func (s Scenario) Validate() error {
 		}
 		builds[b.Version] = true
 	}
+	if s.SampleEvery <= 0 || s.Timeout <= 0 || s.Settle <= 0 {
+		errs = append(errs, errors.New("sample_every, timeout and settle must be positive"))
+	}
 	rollouts := map[string]bool{}
 	for i, st := range s.Timeline {
 		n := 0
@@ -403,8 +406,12 @@ func (s Scenario) Validate() error {
 				errs = append(errs, fmt.Errorf("timeline[%d]: no rollout %q before this step", i, ref))
 			}
 		}
-		if st.LinkLoss != nil && (st.LinkLoss.Percent <= 0 || st.LinkLoss.Percent > 100 || st.LinkLoss.For <= 0) {
-			errs = append(errs, fmt.Errorf("timeline[%d]: link_loss needs percent in (0, 100] and a duration (for)", i))
+		if st.LinkLoss != nil && (st.LinkLoss.Percent <= 0 || st.LinkLoss.Percent > 100 || st.LinkLoss.For <= 0 || st.LinkLoss.Flap <= 0) {
+			errs = append(errs, fmt.Errorf("timeline[%d]: link_loss needs percent in (0, 100], a positive duration (for) and flap", i))
+		}
+		if st.At < 0 || (st.PowerCut != nil && st.PowerCut.Off < 0) || (st.KillControlPlane != nil && st.KillControlPlane.Down < 0) ||
+			(st.RestartControlPlane != nil && st.RestartControlPlane.Down < 0) || (st.SlowLink != nil && st.SlowLink.BytesPerSecond < 0) {
+			errs = append(errs, fmt.Errorf("timeline[%d]: negative time or rate", i))
 		}
 		if st.Offline != nil && (st.Offline.Percent <= 0 || st.Offline.Percent > 100 || st.Offline.Off <= 0) {
 			errs = append(errs, fmt.Errorf("timeline[%d]: offline needs percent in (0, 100] and off", i))

@@ -122,6 +122,13 @@ type SimDrone struct {
 // not running (booting, bricked, powered off already).
 func (d *SimDrone) PowerCut(off time.Duration) bool { return d.powerOff(off, false) }
 
+// Off reports whether the drone is powered off (PowerCut, SwitchOff).
+func (d *SimDrone) Off() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.cutFor > 0
+}
+
 // SwitchOff stops the drone's agent cleanly (as when it is switched off in
 // its hangar) and starts it again after off: offline for a while, not a
 // crash.

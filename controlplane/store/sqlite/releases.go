@@ -264,10 +264,14 @@ func (db *DB) DeviceUpdates(ctx context.Context, device, target string, counter 
 }
 
 // Trials lists the devices whose latest report on a release, made since
-// the given time, says they are trying it out (state trial).
+// the given time, says they are trying it out (state trial), and that
+// have no confirmation of that trial yet.
 func (db *DB) Trials(ctx context.Context, since time.Time) ([]store.DeviceUpdate, error) {
+	// Only trials without their confirmation (commands.Dispatcher names it
+	// confirm:DEVICE:COUNTER:BOOT): the others need no write.
 	rows, err := db.r.QueryContext(ctx, `SELECT d.id, u.target, u.counter, u.version, u.rollout, u.boot, u.updated
-		FROM device_updates u JOIN devices d ON d.num = u.dev WHERE u.state = ? AND u.updated >= ? AND d.revoked = 0`,
+		FROM device_updates u JOIN devices d ON d.num = u.dev WHERE u.state = ? AND u.updated >= ? AND d.revoked = 0
+		AND NOT EXISTS (SELECT 1 FROM commands c WHERE c.id = 'confirm:' || d.id || ':' || u.counter || ':' || u.boot)`,
 		string(proto.UpdateTrial), ms(since))
 	if err != nil {
 		return nil, fmt.Errorf("trials: %w", err)
