@@ -627,12 +627,17 @@ func (r *hostileRig) stagedFiles() []string {
 	return out
 }
 
-// assertRejected checks that cmd was reported rejected by check.
+// assertRejected checks that cmd was reported rejected by check (for the
+// clock check: deferred, as the device waits for a trustworthy clock).
 func (r *hostileRig) assertRejected(cmd string, check proto.Check) {
 	r.t.Helper()
-	rep, ok := r.rep.find(func(s hostileReport) bool { return s.Cmd == cmd && s.State == proto.UpdateRejected })
+	want := proto.UpdateRejected
+	if check == proto.CheckClock {
+		want = proto.UpdateDeferred
+	}
+	rep, ok := r.rep.find(func(s hostileReport) bool { return s.Cmd == cmd && s.State == want })
 	if !ok {
-		r.t.Errorf("%s: no rejected report; reports:\n%s", cmd, r.rep.dump())
+		r.t.Errorf("%s: no %s report; reports:\n%s", cmd, want, r.rep.dump())
 		return
 	}
 	if rep.Check != string(check) {

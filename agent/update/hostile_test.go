@@ -680,3 +680,28 @@ func onlyKeyListChanged(t *testing.T, before, after []byte) bool {
 	y, _ := json.Marshal(b)
 	return bytes.Equal(x, y)
 }
+
+// A device whose clock reads 1970 after a power cut does not install, and
+// does not count the release against it either: it defers, and once its
+// clock is right again (NTP, GPS) it verifies the waiting offer from the
+// start and installs.
+func TestClockWaitThenInstall(t *testing.T) {
+	r := newHostileRig(t)
+	now := r.clk.Now()
+	r.clk.Set(time.Unix(0, 0))
+	rel := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, 64<<10))
+	r.srv.route(rel.path, hostileHonest(rel.data))
+	if err := r.offer("c-1970", rel, r.keys); proto.CheckOf(err) != proto.CheckClock {
+		t.Fatalf("Offer at 1970 = %v, want a clock deferral", err)
+	}
+	r.assertRejected("c-1970", proto.CheckClock) // reported deferred, check clock
+	time.Sleep(100 * time.Millisecond)           // ten ticks of the updater: still waiting
+	if n := r.srv.totalHits(); n != 0 {
+		t.Fatalf("%d downloads while the clock is untrusted", n)
+	}
+	r.clk.Set(now)
+	r.rep.waitState(t, "c-1970", proto.UpdateTrial)
+	if installs, _, _, _, _ := r.inst.calls(); len(installs) != 1 {
+		t.Fatalf("%d installs after the clock came right, want 1", len(installs))
+	}
+}

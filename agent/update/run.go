@@ -17,6 +17,32 @@ func (u *Updater) job() *job {
 	return u.st.Job
 }
 
+func (u *Updater) clockWaiting() bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.clockWait != nil
+}
+
+// retryClockWait offers again the release that waited for a trustworthy
+// clock, once the clock is; it reports whether it did.
+func (u *Updater) retryClockWait() bool {
+	u.mu.Lock()
+	cmd := u.clockWait
+	if cmd == nil {
+		u.mu.Unlock()
+		return false
+	}
+	if _, err := u.trustedNow(); err != nil {
+		u.mu.Unlock()
+		return false
+	}
+	u.clockWait = nil
+	u.mu.Unlock()
+	u.log.Info("the clock is trustworthy again: verifying the waiting release")
+	u.Offer(*cmd)
+	return true
+}
+
 // set changes the job under the lock (Offer reads it from the command
 // goroutine) and persists it before anything acts on the change.
 func (u *Updater) set(j *job, change func(*job)) error {
@@ -129,9 +155,17 @@ func (u *Updater) Run(ctx context.Context) error {
 	for ctx.Err() == nil {
 		j := u.job()
 		if j == nil {
+			if u.retryClockWait() {
+				continue
+			}
+			var clockCheck <-chan time.Time
+			if u.clockWaiting() {
+				clockCheck = tick.C()
+			}
 			select {
 			case <-ctx.Done():
 			case <-u.wake:
+			case <-clockCheck:
 			}
 			continue
 		}

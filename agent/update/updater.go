@@ -148,6 +148,13 @@ type Updater struct {
 	wake      chan struct{}
 	confirmed map[uint64]bool
 	furthest  map[uint64]uint64 // download progress per release, across attempts (Run only)
+	// clockWait is the last offer refused only because the clock could
+	// not be trusted (it read before the floor): a device condition, like
+	// a low battery, not a verdict on the release. It is verified again
+	// from the start once the clock is trustworthy. Kept in memory only (a
+	// refused offer writes nothing): after a restart the control plane's
+	// next offer starts over.
+	clockWait *proto.Command
 }
 
 // ErrNoUpdater is returned for an offer of a target without installer.
@@ -283,6 +290,17 @@ func (u *Updater) Offer(cmd proto.Command) error {
 	j := &job{Manifest: o.Manifest, URL: o.URL, Rollout: cmd.Rollout, Cmd: cmd.ID, m: m}
 	if err != nil {
 		check := proto.CheckOf(err)
+		if check == proto.CheckClock {
+			// Not a refusal: wait for the clock (NTP, GPS time) and try
+			// again. Deferred, so that a rollout counts it as not done
+			// rather than as a failure of the release.
+			c := cmd
+			u.clockWait = &c
+			u.log.Warn("release deferred until the clock can be trusted", "err", err)
+			u.report(j, proto.UpdateDeferred, func(r *proto.UpdateReport) { r.Check, r.Reason = string(check), err.Error() })
+			u.poke()
+			return err
+		}
 		u.log.Warn("release refused", "check", check, "err", err)
 		u.report(j, proto.UpdateRejected, func(r *proto.UpdateReport) { r.Check, r.Reason = string(check), err.Error() })
 		return err
