@@ -253,6 +253,15 @@ func (u *Updater) blocked() string {
 	if c.Battery != nil && *c.Battery < p.MinBattery {
 		return fmt.Sprintf("battery at %d%%, below %d%%", *c.Battery, p.MinBattery)
 	}
+	// The install re-checks expiry against trusted time: a clock that went
+	// wrong since the offer (set back, reset to 1970) defers the install
+	// rather than failing the release.
+	u.mu.Lock()
+	_, err := u.trustedNow()
+	u.mu.Unlock()
+	if err != nil {
+		return "clock not trusted: " + err.Error()
+	}
 	return ""
 }
 

@@ -402,14 +402,31 @@ func (s Spec) healthGates(updated, baseline cohort) []GateResult {
 		}
 		return g
 	}
-	poisson := func(events, hours float64) func(float64) float64 {
-		return func(limit float64) float64 { return poissonTail(limit*hours, int(math.Round(events))) }
+	// Two tests, both must reject: the updated cohort's count against the
+	// limit (one sample: is it above the limit at all?), and against the
+	// other cohort over the same window (two samples: given all the events
+	// seen, are there too many on the updated side for its share of the
+	// exposure, margin included?). A short window with one background
+	// error on an updated device fails the first but not the second.
+	twoSample := func(ku, kb, eu, eb float64) float64 {
+		k := int(math.Round(ku + kb))
+		if k == 0 || eu <= 0 {
+			return 1
+		}
+		share := eu * m / (eu*m + eb)
+		return binomialTail(k, share, int(math.Round(ku)))
+	}
+	poisson := func(events, hours, baseEvents, baseHours float64) func(float64) float64 {
+		return func(limit float64) float64 {
+			return max(poissonTail(limit*hours, int(math.Round(events))), twoSample(events, baseEvents, hours, baseHours))
+		}
 	}
 	out := []GateResult{
-		check("reboots", ur, br, floorReboots, "reboots/h", poisson(updated.reboots, updated.hours)),
-		check("errors", ue, be, floorErrors, "errors/h", poisson(updated.errors, updated.hours)),
+		check("reboots", ur, br, floorReboots, "reboots/h", poisson(updated.reboots, updated.hours, baseline.reboots, baseline.hours)),
+		check("errors", ue, be, floorErrors, "errors/h", poisson(updated.errors, updated.hours, baseline.errors, baseline.hours)),
 		check("link_loss", ul, bl, floorLink, "of samples", func(limit float64) float64 {
-			return binomialTail(updated.samples, limit, updated.noLink)
+			return max(binomialTail(updated.samples, limit, updated.noLink),
+				twoSample(float64(updated.noLink), float64(baseline.noLink), float64(updated.samples), float64(baseline.samples)))
 		}),
 	}
 	if uok && bok {

@@ -529,3 +529,40 @@ func TestSelectFirst(t *testing.T) {
 		}
 	})
 }
+
+// One background error on one of five updated devices four seconds into
+// the soak says nothing about the build: the one-sample test against the
+// floor alone would fail it (p≈0.006); the comparison with the other
+// cohort over the same window does not. Hundreds of errors do fail.
+func TestHealthGateShortWindow(t *testing.T) {
+	s := testSpec()
+	s.Gates.HealthMargin = 1
+	window := 4.0 / 3600
+	var updated, baseline cohort
+	for i := range 5 {
+		h := &Health{Hours: window, Samples: 20}
+		if i == 0 {
+			h.Errors = 1
+		}
+		updated.add(h)
+	}
+	for range 95 {
+		baseline.add(&Health{Hours: window, Samples: 20})
+	}
+	for _, g := range s.healthGates(updated, baseline) {
+		if !g.OK {
+			t.Errorf("%s failed on one error in a short window: %s", g.Name, g.Why)
+		}
+	}
+	bad := cohort{}
+	for range 5 {
+		bad.add(&Health{Hours: window, Samples: 20, Errors: 20})
+	}
+	failed := false
+	for _, g := range s.healthGates(bad, baseline) {
+		failed = failed || (g.Name == "health:errors" && !g.OK)
+	}
+	if !failed {
+		t.Error("100 errors over 20 device-seconds against none passed the health gate")
+	}
+}

@@ -414,7 +414,13 @@ func (r *runner) do(ctx context.Context, st Step, rng *rand.Rand) (string, error
 			}
 			if off(time.Duration(pc.Off)) {
 				cut++
+				if pc.ClockReset {
+					drones[i].ResetClockTo1970()
+				}
 			}
+		}
+		if pc.ClockReset {
+			what += ", clocks back to 1970"
 		}
 		r.mu.Lock()
 		if st.PowerCut != nil {
@@ -471,6 +477,18 @@ func (r *runner) do(ctx context.Context, st Step, rng *rand.Rand) (string, error
 		r.rep.Figures.PeakConnectRate = max(r.rep.Figures.PeakConnectRate, peak)
 		r.mu.Unlock()
 		return what + fmt.Sprintf(": every drone connected again %.1f s after it started, at most %d connections in a second", took, peak), nil
+	case st.ClockSkew != nil:
+		drones := r.fleet.Drones()
+		n := int(float64(len(drones))*st.ClockSkew.Percent/100 + 0.5)
+		for _, i := range rng.Perm(len(drones))[:n] {
+			drones[i].SetClock(time.Duration(st.ClockSkew.Offset))
+		}
+		return fmt.Sprintf("clock skew: %d drones' clocks %v off", n, time.Duration(st.ClockSkew.Offset)), nil
+	case st.ClockSync:
+		for _, d := range r.fleet.Drones() {
+			d.SetClock(0)
+		}
+		return "every drone's clock set right", nil
 	case st.HostileDevice != nil:
 		victim := st.HostileDevice.Victim
 		if victim == "" {

@@ -114,6 +114,10 @@ type Step struct {
 	// LinkLoss cuts Percent of the drones' connections (MQTT and
 	// downloads) every Flap, and refuses that share of new ones, For long.
 	LinkLoss *LinkLoss `yaml:"link_loss" json:"link_loss,omitempty"`
+	// ClockSkew skews the clocks of a share of the drones.
+	ClockSkew *ClockSkew `yaml:"clock_skew" json:"clock_skew,omitempty"`
+	// ClockSync sets every drone's clock right (NTP or GPS time came back).
+	ClockSync bool `yaml:"clock_sync" json:"clock_sync,omitempty"`
 	// HostileDevice enrolls a device of its own and misbehaves: malformed
 	// CBOR, an oversized message, another drone's topics, wildcards, a
 	// wrong password, another drone's identity.
@@ -156,6 +160,15 @@ type RolloutStep struct {
 type PowerCut struct {
 	Percent float64  `yaml:"percent" json:"percent"`
 	Off     Duration `yaml:"off" json:"off"` // default 2s
+	// ClockReset: their clocks read 1970 when they come back (an RTC
+	// without backup power).
+	ClockReset bool `yaml:"clock_reset" json:"clock_reset,omitempty"`
+}
+
+// ClockSkew sets the clocks of a share of the drones Offset from real time.
+type ClockSkew struct {
+	Percent float64  `yaml:"percent" json:"percent"`
+	Offset  Duration `yaml:"offset" json:"offset"`
 }
 
 // Kill is a kill -9 of the control plane.
@@ -378,7 +391,7 @@ func (s Scenario) Validate() error {
 		n := 0
 		for _, set := range []bool{st.Push != "", st.Rollout != nil, st.Pause != "", st.Resume != "", st.Abort != "", st.Promote != "",
 			st.Revert != "", st.PowerCut != nil, st.KillControlPlane != nil, st.RestartControlPlane != nil, st.LinkLoss != nil, st.SlowLink != nil,
-			st.HostileDevice != nil, st.Offline != nil} {
+			st.HostileDevice != nil, st.Offline != nil, st.ClockSkew != nil, st.ClockSync} {
 			if set {
 				n++
 			}
@@ -412,6 +425,9 @@ func (s Scenario) Validate() error {
 		if st.At < 0 || (st.PowerCut != nil && st.PowerCut.Off < 0) || (st.KillControlPlane != nil && st.KillControlPlane.Down < 0) ||
 			(st.RestartControlPlane != nil && st.RestartControlPlane.Down < 0) || (st.SlowLink != nil && st.SlowLink.BytesPerSecond < 0) {
 			errs = append(errs, fmt.Errorf("timeline[%d]: negative time or rate", i))
+		}
+		if st.ClockSkew != nil && (st.ClockSkew.Percent <= 0 || st.ClockSkew.Percent > 100) {
+			errs = append(errs, fmt.Errorf("timeline[%d]: clock_skew.percent must be in (0, 100]", i))
 		}
 		if st.Offline != nil && (st.Offline.Percent <= 0 || st.Offline.Percent > 100 || st.Offline.Off <= 0) {
 			errs = append(errs, fmt.Errorf("timeline[%d]: offline needs percent in (0, 100] and off", i))

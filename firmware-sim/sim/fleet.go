@@ -90,6 +90,7 @@ type FleetOptions struct {
 // Fleet is a running simulated fleet.
 type Fleet struct {
 	opts   FleetOptions
+	built  time.Time // the simulated agents' build time: their clocks are not trusted before it
 	mu     sync.Mutex
 	drones []*SimDrone
 }
@@ -111,6 +112,7 @@ type SimDrone struct {
 	cancel    context.CancelFunc
 	done      chan struct{}
 	box       *memOutbox         // with FleetOptions.MemoryOutbox
+	clk       *skewClock         // the drone's clock (faults skew it)
 	runCancel context.CancelFunc // stops the running agent (power cut)
 	cutFor    time.Duration      // set by PowerCut and SwitchOff: how long the power stays off
 	cleanOff  bool               // SwitchOff: the agent's clean stop stands
@@ -208,7 +210,7 @@ func NewFleet(opts FleetOptions) (*Fleet, error) {
 		}
 		opts.StateRoot = dir
 	}
-	return &Fleet{opts: opts}, nil
+	return &Fleet{opts: opts, built: time.Now().Add(-time.Hour).Truncate(time.Second)}, nil
 }
 
 // ID returns the id of drone i.
@@ -271,7 +273,8 @@ func (f *Fleet) newDrone(i int) (*SimDrone, error) {
 	seed := f.opts.Seed ^ uint64(i)*0x9e3779b97f4a7c15
 	sensors := NewDrone(base, seed)
 	sensors.Grounded = f.opts.Grounded
-	d := &SimDrone{ID: id, Labels: labels, Sensors: sensors, fleet: f, dir: filepath.Join(f.opts.StateRoot, id), hw: hw, done: make(chan struct{})}
+	d := &SimDrone{ID: id, Labels: labels, Sensors: sensors, fleet: f, dir: filepath.Join(f.opts.StateRoot, id), hw: hw, done: make(chan struct{}),
+		clk: &skewClock{}}
 	// Boot the first agent now, so that it exists once Run returns from
 	// starting drones.
 	if _, err := d.boot(); err != nil {
@@ -298,7 +301,7 @@ func (d *SimDrone) boot() (Firmware, error) {
 		StateDir: d.dir, NoSync: true, OutboxMaxBytes: 256 << 10,
 		SampleInterval: o.SampleInterval, BatchSize: o.BatchSize, HeartbeatInterval: o.HeartbeatInterval,
 		BackoffMin: o.BackoffMin, BackoffMax: o.BackoffMax,
-		Sensors: d.Sensors, Logger: o.Logger,
+		Sensors: d.Sensors, Logger: o.Logger, Clock: d.clk,
 	}
 	if o.MemoryOutbox {
 		if d.box == nil {
@@ -307,7 +310,7 @@ func (d *SimDrone) boot() (Firmware, error) {
 		opts.Outbox = d.box
 	}
 	if len(o.Roots) > 0 {
-		opts.Update = &agent.UpdateOptions{Roots: o.Roots, TrialSoak: o.TrialSoak, TrialDeadline: o.TrialDeadline,
+		opts.Update = &agent.UpdateOptions{Roots: o.Roots, TrialSoak: o.TrialSoak, TrialDeadline: o.TrialDeadline, BuildTime: d.fleet.built,
 			Policy:     update.Policy{MinBattery: o.MinBattery},
 			Installers: map[string]update.Installer{proto.TargetAgent: in}}
 	}
