@@ -33,6 +33,7 @@ type Report struct {
 	BlastRadius []BlastRadius  `json:"blast_radius"` // for each build that is not good
 	Bricked     []string       `json:"bricked,omitempty"`
 	Hostile     *HostileReport `json:"hostile,omitempty"`
+	Gaps        *GapReport     `json:"gaps,omitempty"`
 	Figures     Figures        `json:"figures"`
 }
 
@@ -251,6 +252,7 @@ th, td { text-align: left; padding: .25rem .6rem; border-bottom: 1px solid #e4e7
 <tr><td>control plane killed</td><td>{{.R.Figures.ControlPlaneKills}} times</td></tr>
 <tr><td>reconnect after each restart</td><td>{{.R.Figures.Reconnects}} s (at most {{.R.Figures.PeakConnectRate}} connections in a second)</td></tr>
 <tr><td>connections cut or refused</td><td>{{.R.Figures.LinkCuts}}</td></tr>
+{{with .R.Gaps}}<tr><td>messages stored</td><td>{{.Messages}} from {{.Devices}} devices; missing {{.Missing}} ({{.DevicesMissing}} devices); samples dropped by full outboxes {{.Dropped}}</td></tr>{{end}}
 {{with .R.Hostile}}<tr><td>hostile device</td><td>{{range .Attempts}}{{.}}<br>{{end}}recorded: {{.DecodeErrors}} decode errors, {{.ACLDenials}} ACL denials, {{.AuthFailures}} auth failures; healthy: {{.Healthy}} {{.Detail}}</td></tr>{{end}}
 </table>
 </body></html>

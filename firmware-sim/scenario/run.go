@@ -748,6 +748,18 @@ func (r *runner) collect(ctx context.Context) error {
 		r.rep.Figures.SimRSSBytes = rss
 		r.rep.Figures.RSSPerDroneBytes = rss / int64(r.s.Fleet.Devices)
 	}
+	for _, e := range r.s.Expect {
+		if e.NoneLost {
+			// Let the drones' outboxes drain and ingest commit first.
+			sleepCtx(ctx, 3*time.Second)
+			g, err := r.gaps(ctx)
+			if err != nil {
+				return err
+			}
+			r.rep.Gaps = g
+			break
+		}
+	}
 	if r.cp != nil {
 		r.rep.Figures.ControlPlaneStarts = r.cp.starts
 		if r.mqttProxy != nil {
@@ -856,6 +868,13 @@ func (r *runner) judge() {
 				res.OK = h.Healthy && h.DecodeErrors >= 3 && h.ACLDenials >= 2 && h.AuthFailures >= 2
 				res.Detail = fmt.Sprintf("healthy %v; recorded %.0f decode errors (want ≥ 3), %.0f ACL denials (≥ 2), %.0f auth failures (≥ 2) %s",
 					h.Healthy, h.DecodeErrors, h.ACLDenials, h.AuthFailures, h.Detail)
+			}
+		case e.NoneLost:
+			g := rep.Gaps
+			res.OK = g != nil && g.Missing == 0 && g.Messages > 0
+			if g != nil {
+				res.Detail = fmt.Sprintf("%d messages stored from %d devices; %d missing on %d devices (outboxes dropped %d samples)",
+					g.Messages, g.Devices, g.Missing, g.DevicesMissing, g.Dropped)
 			}
 		case e.NoneBricked:
 			res.OK = len(rep.Bricked) == 0

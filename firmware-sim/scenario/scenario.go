@@ -195,6 +195,11 @@ type Expectation struct {
 	// ReconnectWithin: after each restart of the control plane, every
 	// drone is connected again within this time of its start.
 	ReconnectWithin Duration `yaml:"reconnect_within" json:"reconnect_within,omitempty"`
+	// NoneLost: every message the drones sent is stored: no hole in any
+	// device boot's sequence numbers (with acknowledgement after storage,
+	// nothing a drone deleted from its outbox is missing). Needs the
+	// control plane the run starts.
+	NoneLost bool `yaml:"none_lost" json:"none_lost,omitempty"`
 	// HostileContained: after the hostile device's attempts the control
 	// plane is healthy, every drone online, and it recorded the attempts
 	// (decode errors, ACL denials, authentication failures).
@@ -247,6 +252,8 @@ func (e Expectation) String() string {
 		return "no drone is bricked"
 	case e.HostileContained:
 		return "the hostile device is contained and recorded"
+	case e.NoneLost:
+		return "no message a drone sent is missing"
 	case e.ReconnectWithin != 0:
 		return fmt.Sprintf("every drone reconnects within %v of a restart", time.Duration(e.ReconnectWithin))
 	case e.ConnectRateAtMost != 0:
@@ -439,7 +446,7 @@ func (s Scenario) Validate() error {
 	for i, e := range s.Expect {
 		n := 0
 		for _, set := range []bool{e.RolloutStatus != nil, e.NeverOutsideCanary != nil, e.AtMostRan != nil, e.AllOn != nil, e.CanaryBackOn != nil, e.NoneBricked,
-			e.ReconnectWithin != 0, e.ConnectRateAtMost != 0, e.HostileContained} {
+			e.ReconnectWithin != 0, e.ConnectRateAtMost != 0, e.HostileContained, e.NoneLost} {
 			if set {
 				n++
 			}
