@@ -1,47 +1,33 @@
 package e2e
 
 import (
-	"bytes"
+	"context"
 	"crypto/ed25519"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/rollout"
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/firmware-sim/scenario"
 	"github.com/hangarfleet/hangar/firmware-sim/sim"
 )
 
-// childControlPlane is `hangar serve` run as a child process on fixed
-// ports, so that it can be killed with SIGKILL and started again on the
-// same data directory, as a crash and a supervisor's restart would.
+// childControlPlane is `hangar serve` as a child process (the simulator's
+// own), counting the kills.
 type childControlPlane struct {
-	t          *testing.T
-	bin, dir   string
-	http, mqtt string
-	args       []string
-
-	mu     sync.Mutex
-	cmd    *exec.Cmd
-	log    *bytes.Buffer
-	exited chan struct{}
-	starts int
-	kills  int
+	*scenario.ControlPlane
+	t     *testing.T
+	kills int
 }
-
-func (c *childControlPlane) URL() string     { return "http://" + c.http }
-func (c *childControlPlane) DataDir() string { return c.dir }
 
 // buildServer builds the hangar binary (cgo: SQLite), with -race when the
 // tests run with it.
@@ -72,100 +58,33 @@ func buildServer(t *testing.T) string {
 	return out
 }
 
-func freePort(t *testing.T) string {
-	ln := listen(t)
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
 func startChildControlPlane(t *testing.T, args ...string) *childControlPlane {
-	c := &childControlPlane{t: t, bin: buildServer(t), dir: t.TempDir(), http: freePort(t), mqtt: freePort(t), args: args}
+	cp, err := scenario.NewControlPlane(buildServer(t), t.TempDir(), args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &childControlPlane{ControlPlane: cp, t: t}
 	c.start()
 	t.Cleanup(func() {
-		c.mu.Lock()
-		cmd, exited := c.cmd, c.exited
-		c.mu.Unlock()
-		if cmd != nil {
-			cmd.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-exited:
-			case <-time.After(10 * time.Second):
-				cmd.Process.Kill()
-				<-exited
-			}
-		}
+		cp.Stop()
 		if t.Failed() {
-			c.mu.Lock()
-			t.Logf("last control plane log:\n%s", tail(c.log.String(), 4000))
-			c.mu.Unlock()
+			t.Logf("last control plane log:\n%s", tail(cp.Log(), 4000))
 		}
 	})
 	return c
 }
 
-// start runs the control plane and waits until its API answers.
 func (c *childControlPlane) start() {
 	c.t.Helper()
-	c.mu.Lock()
-	cmd := exec.Command(c.bin, append([]string{"serve", "--data", c.dir, "--http", c.http, "--mqtt", c.mqtt, "--log-level", "warn"}, c.args...)...)
-	c.log = &bytes.Buffer{}
-	cmd.Stdout, cmd.Stderr = &syncWriter{mu: &c.mu, w: c.log}, &syncWriter{mu: &c.mu, w: c.log}
-	// A test that dies (timeout, panic) must not leave it running.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		c.mu.Unlock()
+	if err := c.Start(context.Background()); err != nil {
 		c.t.Fatal(err)
-	}
-	exited := make(chan struct{})
-	c.cmd, c.exited = cmd, exited
-	c.starts++
-	c.mu.Unlock()
-	go func() { cmd.Wait(); close(exited) }()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		resp, err := http.Get(c.URL() + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return
-			}
-		}
-		select {
-		case <-exited:
-			c.mu.Lock()
-			defer c.mu.Unlock()
-			c.t.Fatalf("control plane exited at start: %s", c.log.String())
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			c.t.Fatal("control plane did not answer within 30 s")
-		}
 	}
 }
 
 // kill sends SIGKILL: no deferred function, no flush, no goodbye.
 func (c *childControlPlane) kill() {
-	c.mu.Lock()
-	cmd, exited := c.cmd, c.exited
-	c.cmd = nil
+	c.Kill()
 	c.kills++
-	c.mu.Unlock()
-	cmd.Process.Kill()
-	<-exited
-}
-
-type syncWriter struct {
-	mu *sync.Mutex
-	w  *bytes.Buffer
-}
-
-func (w *syncWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.w.Len() > 1<<20 {
-		w.w.Reset()
-	}
-	return w.w.Write(p)
 }
 
 func tail(s string, n int) string {
@@ -354,8 +273,8 @@ func TestRolloutSurvivesKill9(t *testing.T) {
 	if !slices.Equal(got.Transitions, []string{"stage 2", "stage 3", "completed"}) {
 		t.Errorf("transitions %v", got.Transitions)
 	}
-	if strings.Contains(cp.log.String(), "panic") {
-		t.Errorf("control plane panicked:\n%s", tail(cp.log.String(), 4000))
+	if strings.Contains(cp.Log(), "panic") {
+		t.Errorf("control plane panicked:\n%s", tail(cp.Log(), 4000))
 	}
 }
 

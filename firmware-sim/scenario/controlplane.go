@@ -14,9 +14,9 @@ import (
 	"time"
 )
 
-// controlPlane is `hangar serve` run by the runner as a child process on
+// ControlPlane is `hangar serve` run as a child process on
 // fixed ports, so that it can be killed and started again on its data.
-type controlPlane struct {
+type ControlPlane struct {
 	bin, dir   string
 	http, mqtt string
 	args       []string
@@ -53,9 +53,11 @@ func FindHangar() (string, error) {
 	return p, nil
 }
 
-// newControlPlane picks the ports; start starts it.
-func newControlPlane(bin, dir string, args ...string) (*controlPlane, error) {
-	c := &controlPlane{bin: bin, dir: dir, args: args}
+// NewControlPlane picks free loopback ports for a control plane on dir;
+// Start starts it (and starts it again after Kill or Stop, on the same
+// ports and data).
+func NewControlPlane(bin, dir string, args ...string) (*ControlPlane, error) {
+	c := &ControlPlane{bin: bin, dir: dir, args: args}
 	var err error
 	if c.http, err = freeAddr(); err != nil {
 		return nil, err
@@ -66,9 +68,21 @@ func newControlPlane(bin, dir string, args ...string) (*controlPlane, error) {
 	return c, nil
 }
 
-func (c *controlPlane) URL() string { return "http://" + c.http }
+func (c *ControlPlane) URL() string { return "http://" + c.http }
 
-func (c *controlPlane) start(ctx context.Context) error {
+// DataDir is its data directory (database, token files).
+func (c *ControlPlane) DataDir() string { return c.dir }
+
+// Starts counts its starts.
+func (c *ControlPlane) Starts() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.starts
+}
+
+// Start runs the control plane and waits until its API answers; on a
+// failure the process is gone.
+func (c *ControlPlane) Start(ctx context.Context) error {
 	c.mu.Lock()
 	cmd := exec.Command(c.bin, append([]string{"serve", "--data", c.dir, "--http", c.http, "--mqtt", c.mqtt,
 		"--log-level", "warn", "--rollout-interval", "500ms"}, c.args...)...)
@@ -96,19 +110,19 @@ func (c *controlPlane) start(ctx context.Context) error {
 		case <-exited:
 			return fmt.Errorf("control plane exited at start:\n%s", c.Log())
 		case <-ctx.Done():
-			c.kill()
+			c.Kill()
 			return ctx.Err()
 		case <-time.After(25 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			c.kill()
+			c.Kill()
 			return fmt.Errorf("control plane not answering after 30 s:\n%s", c.Log())
 		}
 	}
 }
 
-// kill sends SIGKILL and waits for the process to be gone.
-func (c *controlPlane) kill() {
+// Kill sends SIGKILL and waits for the process to be gone.
+func (c *ControlPlane) Kill() {
 	c.mu.Lock()
 	cmd, exited := c.cmd, c.exited
 	c.cmd = nil
@@ -119,8 +133,8 @@ func (c *controlPlane) kill() {
 	}
 }
 
-// stop asks the control plane to stop (SIGTERM) and waits.
-func (c *controlPlane) stop() {
+// Stop asks the control plane to stop (SIGTERM) and waits.
+func (c *ControlPlane) Stop() {
 	c.mu.Lock()
 	cmd, exited := c.cmd, c.exited
 	c.cmd = nil
@@ -138,13 +152,13 @@ func (c *controlPlane) stop() {
 }
 
 // Log is the control plane's output (the last MiB).
-func (c *controlPlane) Log() string {
+func (c *ControlPlane) Log() string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.log.String()
 }
 
-type lockedWriter struct{ c *controlPlane }
+type lockedWriter struct{ c *ControlPlane }
 
 func (w *lockedWriter) Write(p []byte) (int, error) {
 	w.c.mu.Lock()

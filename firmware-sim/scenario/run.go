@@ -12,7 +12,6 @@ import (
 	"log/slog"
 	"maps"
 	"math/rand/v2"
-	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -77,7 +76,7 @@ func Run(ctx context.Context, s Scenario, o Options) (*Report, error) {
 type runner struct {
 	s   Scenario
 	o   Options
-	cp  *controlPlane // nil with Options.Server
+	cp  *ControlPlane // nil with Options.Server
 	url string        // the control plane, for operator actions
 	tok string        // admin token file
 
@@ -109,7 +108,7 @@ func (r *runner) run(ctx context.Context) error {
 	// Whatever setUp got to start is stopped, also when it fails halfway.
 	defer func() {
 		if r.cp != nil {
-			r.cp.stop()
+			r.cp.Stop()
 		}
 		for _, p := range []*linkProxy{r.mqttProxy, r.httpProxy} {
 			if p != nil {
@@ -184,7 +183,7 @@ func (r *runner) setUp(ctx context.Context) error {
 				return err
 			}
 		}
-		cp, err := newControlPlane(bin, filepath.Join(r.o.WorkDir, "controlplane"), append([]string{"--root-key", r.rootPub}, r.s.ControlPlane.Args...)...)
+		cp, err := NewControlPlane(bin, filepath.Join(r.o.WorkDir, "controlplane"), append([]string{"--root-key", r.rootPub}, r.s.ControlPlane.Args...)...)
 		if err != nil {
 			return err
 		}
@@ -204,7 +203,7 @@ func (r *runner) setUp(ctx context.Context) error {
 			r.droneURL = "http://" + r.httpProxy.Addr()
 		}
 		r.cp = cp
-		if err := cp.start(ctx); err != nil {
+		if err := cp.Start(ctx); err != nil {
 			return err
 		}
 		r.url, r.tok = cp.URL(), filepath.Join(cp.dir, "admin.token")
@@ -452,12 +451,12 @@ func (r *runner) do(ctx context.Context, st Step, rng *rand.Rand) (string, error
 		if r.cp == nil {
 			return what, errors.New("the control plane was not started by this run (--server)")
 		}
-		r.cp.stop()
+		r.cp.Stop()
 		if !sleepCtx(ctx, time.Duration(st.RestartControlPlane.Down)) {
 			return what, ctx.Err()
 		}
 		t := time.Now()
-		if err := r.cp.start(ctx); err != nil {
+		if err := r.cp.Start(ctx); err != nil {
 			return what, err
 		}
 		// Watch the broker's connected-clients gauge while the fleet comes
@@ -509,12 +508,12 @@ func (r *runner) do(ctx context.Context, st Step, rng *rand.Rand) (string, error
 		if r.cp == nil {
 			return what, errors.New("the control plane was not started by this run (--server)")
 		}
-		r.cp.kill()
+		r.cp.Kill()
 		if !sleepCtx(ctx, time.Duration(st.KillControlPlane.Down)) {
 			return what, ctx.Err()
 		}
 		t := time.Now()
-		if err := r.cp.start(ctx); err != nil {
+		if err := r.cp.Start(ctx); err != nil {
 			return what, err
 		}
 		r.mu.Lock()
@@ -566,28 +565,18 @@ func (r *runner) watchConnects(ctx context.Context) int {
 		t time.Time
 		n float64
 	}
-	tok, _ := os.ReadFile(r.tok)
-	client := &http.Client{Timeout: time.Second}
 	var pts []point
 	peak := 0.0
 	for ctx.Err() == nil {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, r.url+"/metrics", nil)
-		req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
-		if resp, err := client.Do(req); err == nil {
-			b, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			for _, line := range strings.Split(string(b), "\n") {
-				if v, ok := strings.CutPrefix(line, "hangar_mqtt_connected_clients "); ok {
-					n, _ := strconv.ParseFloat(strings.TrimSpace(v), 64)
-					now := time.Now()
-					pts = append(pts, point{now, n})
-					for _, p := range pts {
-						if now.Sub(p.t) <= time.Second {
-							peak = max(peak, n-p.n)
-						}
-					}
-				}
+		if n, err := r.metric(ctx, "hangar_mqtt_connected_clients"); err == nil {
+			now := time.Now()
+			for len(pts) > 0 && now.Sub(pts[0].t) > time.Second {
+				pts = pts[1:]
 			}
+			for _, p := range pts {
+				peak = max(peak, n-p.n)
+			}
+			pts = append(pts, point{now, n})
 		}
 		sleepCtx(ctx, 100*time.Millisecond)
 	}
@@ -627,7 +616,7 @@ func (r *runner) sample(ctx context.Context) {
 		s.Versions[d.Firmware().Version]++
 	}
 	r.mu.Lock()
-	ids := maps2(r.ids)
+	ids := maps.Clone(r.ids)
 	r.mu.Unlock()
 	for name, id := range ids {
 		if rep, err := r.status(ctx, id); err == nil {
@@ -639,8 +628,6 @@ func (r *runner) sample(ctx context.Context) {
 	r.mu.Unlock()
 }
 
-func maps2(m map[string]string) map[string]string { return maps.Clone(m) }
-
 // waitEnd waits until every rollout has settled (completed, aborted, or
 // paused and not changing) for the settle time, and every "all on"
 // expectation has been met or is past its time; or until the timeout.
@@ -650,7 +637,7 @@ func (r *runner) waitEnd(ctx context.Context) error {
 	last := ""
 	for time.Now().Before(deadline) {
 		r.mu.Lock()
-		ids := maps2(r.ids)
+		ids := maps.Clone(r.ids)
 		var lastSample Sample
 		if n := len(r.rep.Samples); n > 0 {
 			lastSample = r.rep.Samples[n-1]
@@ -761,7 +748,7 @@ func (r *runner) collect(ctx context.Context) error {
 		}
 	}
 	if r.cp != nil {
-		r.rep.Figures.ControlPlaneStarts = r.cp.starts
+		r.rep.Figures.ControlPlaneStarts = r.cp.Starts()
 		if r.mqttProxy != nil {
 			r.rep.Figures.LinkCuts = r.mqttProxy.cutCount() + r.httpProxy.cutCount()
 		}
