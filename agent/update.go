@@ -61,9 +61,14 @@ func (a *Agent) setupUpdater() error {
 		installers[t] = in
 	}
 	stateDir := a.opts.StateDir
+	// Downloads have no deadline of their own: a big artifact on a slow
+	// link takes as long as it takes. The downloader ends an attempt that
+	// receives nothing for a minute instead (and resumes it).
+	dl := *a.opts.HTTPClient
+	dl.Timeout = 0
 	u, err := update.New(update.Options{
 		Roots: uo.Roots, Hardware: a.opts.Hardware, BuildTime: uo.BuildTime, Store: a.store,
-		Dir: filepath.Join(stateDir, "staging"), Clock: a.clk, HTTP: a.opts.HTTPClient, BaseURL: a.opts.ServerURL,
+		Dir: filepath.Join(stateDir, "staging"), Clock: a.clk, HTTP: &dl, BaseURL: a.opts.ServerURL,
 		Auth: a.authorize, Installers: installers, Report: a.reportUpdate, Conditions: a.conditions,
 		Policy: uo.Policy, SelfTest: a.selfTest, TrialDeadline: uo.TrialDeadline, TrialSoak: uo.TrialSoak, MaxTrialBoots: uo.MaxTrialBoots,
 		Logger: a.opts.Logger,

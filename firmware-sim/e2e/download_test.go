@@ -174,3 +174,56 @@ func TestInterruptedDownload(t *testing.T) {
 		t.Errorf("device payloads %v", d.Payloads)
 	}
 }
+
+// TestSlowDownloadOutlastsRequestTimeout: a download that takes longer
+// than the agent's HTTP request timeout (enrollment's) is not cut by it;
+// only a stall would end it.
+func TestSlowDownloadOutlastsRequestTimeout(t *testing.T) {
+	kit := newReleaseKit(t)
+	cp := startControlPlane(t, server.Options{RootKeys: []ed25519.PublicKey{kit.rootKey(t)}})
+	up, _ := url.Parse(cp.URL())
+	const size = 1 << 20
+	proxy := &cuttingProxy{upstream: up, rp: httputil.NewSingleHostReverseProxy(up), rate: 400 << 10} // ~2.5 s
+	ps := httptest.NewServer(proxy)
+	t.Cleanup(ps.Close)
+
+	artifact := filepath.Join(t.TempDir(), "fc-firmware.bin")
+	content := make([]byte, size)
+	rand.Read(content)
+	os.WriteFile(artifact, content, 0o644)
+	kit.cli(t, "", "release", "sign", "--key", kit.relKey, "--artifact", artifact, "--version", "2.0.0", "--hardware", "rev-b",
+		"--target", "fc-firmware", "--counter", "20", "--out", artifact+".manifest")
+	kit.cli(t, cp.URL(), "release", "push", "--manifest", artifact+".manifest", "--keys", kit.keysFile, "--artifact", artifact,
+		"--token-file", filepath.Join(cp.dataDir, server.AdminTokenFile))
+
+	rec := &recorder{}
+	a, err := agent.New(agent.Options{
+		DeviceID: "drone-slow", Hardware: "rev-b", Version: "1.0.0", ServerURL: ps.URL, EnrollToken: cp.enrollToken(t),
+		StateDir: t.TempDir(), SampleInterval: 100 * time.Millisecond, BackoffMin: 50 * time.Millisecond, BackoffMax: time.Second,
+		HTTPClient: &http.Client{Timeout: time.Second}, Logger: testLogger(t),
+		Update: &agent.UpdateOptions{Roots: []ed25519.PublicKey{kit.rootKey(t)}, Policy: update.Policy{AllowUnknownFlight: true},
+			TrialSoak: time.Millisecond, Installers: map[string]update.Installer{"fc-firmware": rec}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { a.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	waitFor(t, 30*time.Second, "agent online", func() (bool, string) {
+		d, _ := cp.Store().Device(ctx, "drone-slow")
+		return d.Online, "offline"
+	})
+	kit.cli(t, cp.URL(), "device", "update", "drone-slow", "--release", "fc-firmware@2.0.0", "--token-file", filepath.Join(cp.dataDir, server.AdminTokenFile))
+	waitFor(t, 60*time.Second, "2.0.0 committed", func() (bool, string) {
+		u, _ := updateState(cp, "drone-slow", 20)
+		return u.State == "committed", u.State
+	})
+	if n := proxy.requests.Load(); n != 1 {
+		t.Errorf("%d download requests for one slow download, want 1: the request timeout cut it", n)
+	}
+	if served := proxy.served.Load(); served != size {
+		t.Errorf("served %d bytes, want %d", served, size)
+	}
+}
