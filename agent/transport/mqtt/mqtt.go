@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"sync"
 	"time"
 
@@ -21,6 +22,9 @@ import (
 type Transport struct {
 	// ConnectTimeout bounds the TCP and MQTT handshake (default 30 s).
 	ConnectTimeout time.Duration
+	// Dialer dials the broker (default: paho's). Set its LocalAddr to
+	// choose the source address.
+	Dialer *net.Dialer
 }
 
 var _ transport.Transport = (*Transport)(nil)
@@ -51,6 +55,9 @@ func (t *Transport) Connect(ctx context.Context, p transport.ConnectParams) (tra
 		SetOrderMatters(false).
 		SetMessageChannelDepth(16).
 		SetConnectionLostHandler(func(paho.Client, error) { cn.lost() })
+	if t.Dialer != nil {
+		o.SetDialer(t.Dialer)
+	}
 	if p.KeepAlive > 0 {
 		o.SetKeepAlive(p.KeepAlive)
 		o.SetPingTimeout(p.KeepAlive / 2)

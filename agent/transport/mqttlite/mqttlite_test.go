@@ -1,0 +1,89 @@
+package mqttlite
+
+import (
+	"context"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hangarfleet/hangar/agent/transport"
+)
+
+// fakeBroker answers CONNECT with the bytes of reply, then with after and
+// holds the connection open (or closes it when after is nil).
+func fakeBroker(t *testing.T, reply, after []byte) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		buf := make([]byte, 512)
+		if _, err := c.Read(buf); err != nil {
+			return
+		}
+		c.Write(reply)
+		if after != nil {
+			c.Write(after)
+			time.Sleep(5 * time.Second)
+		}
+	}()
+	return "tcp://" + ln.Addr().String()
+}
+
+var connack = []byte{0x20, 2, 0, 0}
+
+func TestRefusesOversizedPacket(t *testing.T) {
+	// A PUBLISH announcing 200 MB: the connection ends, nothing that size
+	// is allocated.
+	url := fakeBroker(t, connack, []byte{0x30, 0x80, 0x80, 0x80, 0x64})
+	c, err := (&Transport{}).Connect(context.Background(), transport.ConnectParams{URL: url, ClientID: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	select {
+	case <-c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("an oversized packet did not end the connection")
+	}
+	if err := c.(*conn).err; err == nil || !strings.Contains(err.Error(), "over") {
+		t.Fatalf("err %v, want the size refusal", err)
+	}
+}
+
+func TestHandshakeMistakes(t *testing.T) {
+	for name, tc := range map[string]struct {
+		reply []byte
+		want  string
+	}{
+		"not a connack":   {[]byte{0xd0, 0}, "before CONNACK"},
+		"refused":         {[]byte{0x20, 2, 0, 3}, "refused"},
+		"truncated":       {[]byte{0x20, 2, 0}, "EOF"},
+		"bad credentials": {[]byte{0x20, 2, 0, 4}, transport.ErrNotAuthorized.Error()},
+	} {
+		t.Run(name, func(t *testing.T) {
+			url := fakeBroker(t, tc.reply, nil)
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+			defer cancel()
+			c, err := (&Transport{}).Connect(ctx, transport.ConnectParams{URL: url, ClientID: "x"})
+			if err == nil {
+				c.Close()
+				t.Fatal("connected")
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err %v, want %q", err, tc.want)
+			}
+		})
+	}
+	if _, err := (&Transport{}).Connect(context.Background(), transport.ConnectParams{URL: "ws://x:1"}); err == nil || !strings.Contains(err.Error(), "scheme") {
+		t.Fatalf("ws:// scheme: %v", err)
+	}
+}
