@@ -202,7 +202,7 @@ func New(opts Options) (*Agent, error) {
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
-	a := &Agent{opts: opts, clk: opts.Clock, cmds: make(chan proto.Command, 32), helloNow: make(chan struct{}, 1)}
+	a := &Agent{opts: opts, clk: opts.Clock, cmds: make(chan proto.Command, 8), helloNow: make(chan struct{}, 1)}
 	a.log = opts.Logger.With("component", "agent", "device", opts.DeviceID)
 	a.store = opts.Store
 	if a.store == nil {
@@ -292,43 +292,64 @@ func (a *Agent) CountError() { a.errors.Add(1) }
 // An agent that must leave for a new build of itself (update.RestartExit)
 // returns update.ErrRestart.
 func (a *Agent) Run(ctx context.Context) error {
-	defer a.box.Close()
-	if a.updater != nil {
-		// Settle an interrupted update first: this may start another build.
-		if err := a.updater.Boot(ctx); err != nil {
-			if errors.Is(err, update.ErrRestart) {
-				_ = a.store.Save(CleanStopFile, nil)
-				return err
-			}
-			a.log.Error("update recovery failed", "err", err)
-		}
+	if err := a.settle(ctx); err != nil {
+		a.box.Close()
+		return err
 	}
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	a.started = a.clk.Now()
-	a.log.Info("agent starting", "version", a.opts.Version, "boot", a.boot, "arch", runtime.GOARCH)
-	a.Emit(proto.Event{Kind: proto.EventMessage, Code: "agent_started", Message: "agent " + a.opts.Version + " started",
-		Attrs: map[string]string{"version": a.opts.Version}})
+	a.announce()
 	var wg sync.WaitGroup
+	restart := a.spawn(ctx, cancel, &wg)
+	a.connectLoop(ctx)
+	wg.Wait()
+	cancel()
+	_ = a.store.Save(CleanStopFile, nil)
+	a.box.Close()
+	a.log.Info("agent stopped")
+	return *restart
+}
+
+// spawn starts the sampler, the command handler and the updater; the
+// updater sets *restart and cancels when a new build must start.
+func (a *Agent) spawn(ctx context.Context, cancel context.CancelFunc, wg *sync.WaitGroup) *error {
+	restart := new(error)
 	wg.Add(2)
 	go func() { defer wg.Done(); a.sampleLoop(ctx) }()
 	go func() { defer wg.Done(); a.commandLoop(ctx) }()
-	var restart error
 	if a.updater != nil {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			if err := a.updater.Run(ctx); errors.Is(err, update.ErrRestart) {
-				restart = err
+				*restart = err
 				cancel()
 			}
 		}()
 	}
-	a.connectLoop(ctx)
-	wg.Wait()
-	_ = a.store.Save(CleanStopFile, nil)
-	a.log.Info("agent stopped")
 	return restart
+}
+
+// settle finishes an interrupted update before the agent starts: this
+// may start another build (update.ErrRestart).
+func (a *Agent) settle(ctx context.Context) error {
+	if a.updater == nil {
+		return nil
+	}
+	if err := a.updater.Boot(ctx); err != nil {
+		if errors.Is(err, update.ErrRestart) {
+			_ = a.store.Save(CleanStopFile, nil)
+			return err
+		}
+		a.log.Error("update recovery failed", "err", err)
+	}
+	return nil
+}
+
+func (a *Agent) announce() {
+	a.started = a.clk.Now()
+	a.log.Info("agent starting", "version", a.opts.Version, "boot", a.boot, "arch", runtime.GOARCH)
+	a.Emit(proto.Event{Kind: proto.EventMessage, Code: "agent_started", Message: "agent " + a.opts.Version + " started",
+		Attrs: map[string]string{"version": a.opts.Version}})
 }
 
 // Emit queues an event for the control plane. Events go out before any

@@ -28,23 +28,29 @@ func (a *Agent) connectLoop(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		a.mu.Lock()
-		a.lastErr = err
-		a.mu.Unlock()
-		wait := a.backoff(attempt)
-		if errors.Is(err, ErrRevoked) {
-			wait = a.opts.BackoffMax
-		}
-		if errSessionWorked(err) {
-			attempt = 0
-		} else {
-			attempt++
-		}
-		a.log.Info("broker link down", "err", err, "retry_in", wait.Round(time.Millisecond))
-		if !clock.Sleep(a.clk, wait, ctx.Done()) {
+		if !clock.Sleep(a.clk, a.linkDown(err, &attempt), ctx.Done()) {
 			return
 		}
 	}
+}
+
+// linkDown records why a session ended and returns the wait before the
+// next attempt.
+func (a *Agent) linkDown(err error, attempt *int) time.Duration {
+	a.mu.Lock()
+	a.lastErr = err
+	a.mu.Unlock()
+	wait := a.backoff(*attempt)
+	if errors.Is(err, ErrRevoked) {
+		wait = a.opts.BackoffMax
+	}
+	if errSessionWorked(err) {
+		*attempt = 0
+	} else {
+		*attempt++
+	}
+	a.log.Info("broker link down", "err", err, "retry_in", wait.Round(time.Millisecond))
+	return wait
 }
 
 // sessionEnded wraps the error that ended a session that had connected, so
@@ -62,14 +68,36 @@ func errSessionWorked(err error) bool {
 var errConnLost = errors.New("connection lost")
 
 // session enrolls if needed, connects, and sends until the link drops.
+//
+// Its frame and send's stay small: they are on the stack for as long as
+// the link is up, and a simulator runs thousands of agents.
 func (a *Agent) session(ctx context.Context) error {
+	conn, connID, hello, err := a.dial(ctx)
+	if err != nil {
+		return err
+	}
+	a.setConnected(true)
+	err = a.send(ctx, conn, connID, hello)
+	a.setConnected(false)
+	if ctx.Err() != nil {
+		a.goodbye(conn, connID)
+		conn.Close()
+		return ctx.Err()
+	}
+	conn.Close()
+	return sessionEnded{err}
+}
+
+// dial enrolls if needed, connects, subscribes to commands and publishes
+// the hello.
+func (a *Agent) dial(ctx context.Context) (Conn, uint64, []byte, error) {
 	a.mu.Lock()
 	cred := a.cred
 	a.mu.Unlock()
 	if cred == nil {
 		c, err := a.enroll(ctx)
 		if err != nil {
-			return err
+			return nil, 0, nil, err
 		}
 		a.mu.Lock()
 		a.cred, cred = c, c
@@ -78,11 +106,10 @@ func (a *Agent) session(ctx context.Context) error {
 	connID := a.conns.Add(1)
 	will, _ := proto.Marshal(ptr(a.state(false, connID)))
 	stateTopic := proto.DeviceTopic(a.opts.DeviceID, proto.KindState)
-	cmdTopic := proto.DeviceTopic(a.opts.DeviceID, proto.KindCmd)
 	conn, err := a.opts.Transport.Connect(ctx, ConnectParams{
 		URL: cred.MQTTURL, ClientID: a.opts.DeviceID, Username: cred.Username, Password: cred.Password,
 		WillTopic: stateTopic, WillPayload: will, KeepAlive: a.opts.KeepAlive,
-		OnMessage: func(topic string, payload []byte) { a.onMessage(topic, payload) },
+		OnMessage: a.onMessage,
 	})
 	if errors.Is(err, ErrNotAuthorized) {
 		// The credential is stale (revoked, or the control plane lost its
@@ -92,32 +119,59 @@ func (a *Agent) session(ctx context.Context) error {
 		a.cred = nil
 		a.mu.Unlock()
 		_ = a.store.Remove(credentialFile)
-		return err
+		return nil, 0, nil, err
 	}
 	if err != nil {
-		return err
+		return nil, 0, nil, err
 	}
-	defer conn.Close()
-	if err := conn.Subscribe(ctx, cmdTopic); err != nil {
-		return err
+	if err := conn.Subscribe(ctx, proto.DeviceTopic(a.opts.DeviceID, proto.KindCmd)); err != nil {
+		conn.Close()
+		return nil, 0, nil, err
 	}
 	hello, _ := proto.Marshal(ptr(a.state(true, connID)))
 	if err := conn.Publish(stateTopic, hello).Wait(ctx); err != nil {
-		return err
+		conn.Close()
+		return nil, 0, nil, err
 	}
-	a.setConnected(true)
-	defer a.setConnected(false)
 	a.log.Info("connected", "broker", cred.MQTTURL, "conn", connID)
-	err = a.send(ctx, conn, connID, stateTopic, hello)
-	if ctx.Err() != nil {
-		// Clean shutdown: say goodbye so the device shows offline at once.
-		bye, _ := proto.Marshal(ptr(a.state(false, connID)))
-		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		_ = conn.Publish(stateTopic, bye).Wait(sctx)
-		cancel()
-		return ctx.Err()
+	return conn, connID, hello, nil
+}
+
+// goodbye says the device is going offline (a clean shutdown), so that it
+// shows offline at once.
+func (a *Agent) goodbye(conn Conn, connID uint64) {
+	bye, _ := proto.Marshal(ptr(a.state(false, connID)))
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	_ = conn.Publish(proto.DeviceTopic(a.opts.DeviceID, proto.KindState), bye).Wait(ctx)
+}
+
+// publish sends a window of records and acknowledges each in the outbox
+// once the broker has.
+func (a *Agent) publish(ctx context.Context, conn Conn, recs []outbox.Record) error {
+	toks := make([]Token, len(recs))
+	for i, r := range recs {
+		toks[i] = conn.Publish(topicFor(a.opts.DeviceID, r.ID.Lane), r.Data)
 	}
-	return sessionEnded{err}
+	for i, t := range toks {
+		if err := t.Wait(ctx); err != nil {
+			return err
+		}
+		if err := a.box.Ack(recs[i].ID); err != nil {
+			return err
+		}
+		a.acked.Add(1)
+	}
+	return nil
+}
+
+func (a *Agent) publishState(ctx context.Context, conn Conn, msg []byte) error {
+	return conn.Publish(proto.DeviceTopic(a.opts.DeviceID, proto.KindState), msg).Wait(ctx)
+}
+
+func (a *Agent) helloMsg(connID uint64) []byte {
+	b, _ := proto.Marshal(ptr(a.state(true, connID)))
+	return b
 }
 
 func ptr[T any](v T) *T { return &v }
@@ -138,7 +192,7 @@ func topicFor(id string, l outbox.Lane) string {
 // send drains the outbox in order over conn, a window of QoS1 publishes at
 // a time, acknowledging each record once the broker has, and re-sends the
 // hello as a heartbeat.
-func (a *Agent) send(ctx context.Context, conn Conn, connID uint64, stateTopic string, hello []byte) error {
+func (a *Agent) send(ctx context.Context, conn Conn, connID uint64, hello []byte) error {
 	hb := a.clk.NewTicker(a.opts.HeartbeatInterval)
 	defer hb.Stop()
 	for {
@@ -147,21 +201,12 @@ func (a *Agent) send(ctx context.Context, conn Conn, connID uint64, stateTopic s
 			return err
 		}
 		if len(recs) > 0 {
-			toks := make([]Token, len(recs))
-			for i, r := range recs {
-				toks[i] = conn.Publish(topicFor(a.opts.DeviceID, r.ID.Lane), r.Data)
-			}
-			for i, t := range toks {
-				if err := t.Wait(ctx); err != nil {
-					return err
-				}
-				if err := a.box.Ack(recs[i].ID); err != nil {
-					return err
-				}
-				a.acked.Add(1)
+			if err := a.publish(ctx, conn, recs); err != nil {
+				return err
 			}
 			continue
 		}
+		beat := false
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -169,13 +214,13 @@ func (a *Agent) send(ctx context.Context, conn Conn, connID uint64, stateTopic s
 			return errConnLost
 		case <-a.box.Notify():
 		case <-hb.C():
-			if err := conn.Publish(stateTopic, hello).Wait(ctx); err != nil {
-				return err
-			}
+			beat = true
 		case <-a.helloNow:
 			// The installed versions changed: say so now.
-			hello, _ = proto.Marshal(ptr(a.state(true, connID)))
-			if err := conn.Publish(stateTopic, hello).Wait(ctx); err != nil {
+			hello, beat = a.helloMsg(connID), true
+		}
+		if beat {
+			if err := a.publishState(ctx, conn, hello); err != nil {
 				return err
 			}
 		}

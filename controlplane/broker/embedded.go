@@ -122,7 +122,7 @@ func NewEmbedded(opts EmbeddedOptions) (*Embedded, error) {
 		ln.Close()
 		return nil, fmt.Errorf("embedded broker: %w", err)
 	}
-	e.ln = &listener{ln: ln, log: log, rate: opts.ConnectRate}
+	e.ln = &listener{ln: ln, log: log, rate: opts.ConnectRate, metrics: opts.Metrics}
 	if err := srv.AddListener(e.ln); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("embedded broker: %w", err)
@@ -492,11 +492,37 @@ func truncate(s string) string {
 // listener is a mochi listener over a net.Listener we opened (so that the
 // port is known before serving), with an optional accept-rate cap.
 type listener struct {
-	ln   net.Listener
-	log  *slog.Logger
-	rate int
-	wg   sync.WaitGroup
-	end  atomic.Bool
+	ln      net.Listener
+	log     *slog.Logger
+	rate    int
+	metrics *metrics.Metrics
+	wg      sync.WaitGroup
+	end     atomic.Bool
+	window  acceptWindow
+}
+
+// acceptWindow finds the most accepts within any one second: the accept
+// times of the last second, and the largest count seen.
+type acceptWindow struct {
+	times []time.Time // times[head:] are within the last second
+	head  int
+	peak  int
+}
+
+func (w *acceptWindow) add(now time.Time) (peak int, grew bool) {
+	for w.head < len(w.times) && now.Sub(w.times[w.head]) >= time.Second {
+		w.head++
+	}
+	if w.head > len(w.times)/2 {
+		w.times = append(w.times[:0], w.times[w.head:]...)
+		w.head = 0
+	}
+	w.times = append(w.times, now)
+	if n := len(w.times) - w.head; n > w.peak {
+		w.peak = n
+		return w.peak, true
+	}
+	return w.peak, false
 }
 
 func (l *listener) ID() string              { return "tcp" }
@@ -525,6 +551,10 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 				time.Sleep(d)
 			}
 			next = maxTime(next, time.Now()).Add(interval)
+		}
+		l.metrics.Accepted.Inc()
+		if peak, grew := l.window.add(time.Now()); grew {
+			l.metrics.AcceptPeak.Set(float64(peak))
 		}
 		go func() {
 			if err := establish(l.ID(), conn); err != nil {

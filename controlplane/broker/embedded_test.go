@@ -11,7 +11,10 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/hangarfleet/hangar/controlplane/broker"
+	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/proto"
 )
@@ -266,4 +269,41 @@ func TestEmbeddedRevokeDisconnects(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitClosedEmb(t, c)
+}
+
+// TestEmbeddedConnectRateCap: with ConnectRate 40, a burst of 100 raw TCP
+// connections is accepted at most 40 (and one at the window's edge) in any
+// second, all are accepted in the end, and the metrics say so.
+func TestEmbeddedConnectRateCap(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := metrics.New(nil)
+	e, err := broker.NewEmbedded(broker.EmbeddedOptions{Listener: ln, Credentials: fakeCreds{}, ConnectRate: 40, Metrics: m})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Start(t.Context(), syncHandler(nil).async); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	const n = 100
+	for range n {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for testutil.ToFloat64(m.Accepted) < n && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if got := testutil.ToFloat64(m.Accepted); got != n {
+		t.Fatalf("accepted %v connections, want %d", got, n)
+	}
+	if peak := testutil.ToFloat64(m.AcceptPeak); peak > 41 || peak < 20 {
+		t.Fatalf("peak accept rate %v in one second, want about 40 and never above 41", peak)
+	}
 }

@@ -30,6 +30,11 @@ type Metrics struct {
 	Enrollments    *prometheus.CounterVec // by result
 	CommandsSent   prometheus.Counter
 	ConnectedGauge prometheus.GaugeFunc
+	// Accepted counts TCP connections the embedded broker accepted;
+	// AcceptPeak is the most it accepted within any one second (what
+	// --connect-rate caps).
+	Accepted   prometheus.Counter
+	AcceptPeak prometheus.Gauge
 }
 
 // New creates the collectors in a fresh registry. connected reports the
@@ -85,9 +90,15 @@ func New(connected func() float64) *Metrics {
 		CommandsSent: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "hangar_commands_sent_total", Help: "Commands published to devices.",
 		}),
+		Accepted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "hangar_mqtt_accepted_total", Help: "TCP connections the embedded broker accepted.",
+		}),
+		AcceptPeak: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "hangar_mqtt_accept_rate_peak", Help: "Most connections the embedded broker accepted within any one second since it started.",
+		}),
 	}
 	r.MustRegister(m.Messages, m.Samples, m.Duplicates, m.UnknownDevice, m.DecodeErrors, m.AgentDropped,
-		m.StoreLatency, m.GroupSize, m.StoreErrors, m.IngestDelay, m.AuthFailures, m.ACLDenials, m.Enrollments, m.CommandsSent)
+		m.StoreLatency, m.GroupSize, m.StoreErrors, m.IngestDelay, m.AuthFailures, m.ACLDenials, m.Enrollments, m.CommandsSent, m.Accepted, m.AcceptPeak)
 	if connected != nil {
 		m.ConnectedGauge = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "hangar_mqtt_connected_clients", Help: "Clients connected to the embedded broker.",

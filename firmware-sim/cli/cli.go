@@ -8,7 +8,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
+	_ "net/http/pprof" // for --pprof
 	"os"
+	"runtime/debug"
+	"strconv"
 	"strings"
 	"time"
 
@@ -37,6 +42,10 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	seed := fs.Uint64("seed", 1, "random seed")
 	memOutbox := fs.Bool("memory-outbox", false, "keep the drones' outboxes in memory (one file descriptor per drone instead of six)")
 	logLevel := fs.String("log-level", "warn", "debug, info, warn or error")
+	mqttClient := fs.String("mqtt-client", "paho", "the drones' MQTT transport: paho (the agent binary's) or lite (one goroutine per connection; for 10,000 drones in a process)")
+	sources := fs.String("source-addrs", "", "local IP addresses the drones connect from, comma separated (e.g. 127.0.0.2,127.0.0.3): more drones than one address's ephemeral ports")
+	memLimit := fs.String("memory-limit", "", "soft limit for the simulator's Go heap and stacks, e.g. 400MiB (GOMEMLIMIT); empty: none")
+	pprofAddr := fs.String("pprof", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6061; off when empty")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "hangar-sim: run a fleet of simulated drones (the real agent code) against a control plane\n\n"+
 			"Usage: hangar-sim [flags]\n       hangar-sim run SCENARIO [flags]   (rehearse a release; see firmware-sim/scenarios)\n       hangar-sim bench ingest [flags]   (measure ingest; see docs/benchmarks.md)\n\n")
@@ -53,6 +62,14 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("log level: %w", err)
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	if err := setMemoryLimit(*memLimit); err != nil {
+		return err
+	}
+	stop, err := servePprof(*pprofAddr)
+	if err != nil {
+		return err
+	}
+	defer stop()
 	tok := *token
 	if b, err := os.ReadFile(tok); err == nil {
 		tok = strings.TrimSpace(string(b))
@@ -62,6 +79,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fleet, err := sim.NewFleet(sim.FleetOptions{
 		ServerURL: *server, EnrollToken: tok, Devices: *n, Prefix: *prefix, StateRoot: *stateDir,
 		SampleInterval: *sample, BatchSize: *batch, StartRate: *rate, Version: *version, Seed: *seed, Logger: log, MemoryOutbox: *memOutbox,
+		MQTTClient: *mqttClient, SourceAddrs: splitList(*sources),
 	})
 	if err != nil {
 		return err
@@ -88,6 +106,52 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			fmt.Fprintf(stdout, "hangar-sim: %d/%d drones connected, %d messages acknowledged\n", connected, len(drones), acked)
 		}
 	}
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// setMemoryLimit sets the Go runtime's soft memory limit from a size such
+// as 400MiB (empty: leave it).
+func setMemoryLimit(s string) error {
+	if s == "" {
+		return nil
+	}
+	units := []struct {
+		suffix string
+		mult   int64
+	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"GB", 1e9}, {"MB", 1e6}, {"B", 1}, {"", 1}}
+	for _, u := range units {
+		if num, ok := strings.CutSuffix(s, u.suffix); ok {
+			n, err := strconv.ParseInt(strings.TrimSpace(num), 10, 64)
+			if err != nil || n <= 0 {
+				return fmt.Errorf("--memory-limit %q: a size such as 400MiB", s)
+			}
+			debug.SetMemoryLimit(n * u.mult)
+			return nil
+		}
+	}
+	return nil
+}
+
+// servePprof serves net/http/pprof on addr when it is not empty.
+func servePprof(addr string) (stop func(), err error) {
+	if addr == "" {
+		return func() {}, nil
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("pprof: %w", err)
+	}
+	go http.Serve(ln, http.DefaultServeMux) // net/http/pprof registers there
+	return func() { ln.Close() }, nil
 }
 
 func envOr(k, def string) string {

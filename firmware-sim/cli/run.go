@@ -32,6 +32,10 @@ func runScenario(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	fs.StringVar(&o.WorkDir, "work-dir", "", "keep keys, artifacts, control plane data and drone state here (default: a temporary directory, removed)")
 	out := fs.String("out", "", "report directory (default: scenario-reports/NAME)")
 	logLevel := fs.String("log-level", "error", "simulated agents' log level")
+	fs.StringVar(&o.MQTTClient, "mqtt-client", "", "the drones' MQTT transport, paho or lite (default: the scenario's fleet.mqtt_client, else paho)")
+	sources := fs.String("source-addrs", "", "local IP addresses the drones connect from, comma separated (e.g. 127.0.0.2,127.0.0.3): more drones than one address's ephemeral ports")
+	memLimit := fs.String("memory-limit", "", "soft limit for the simulator's Go heap and stacks, e.g. 400MiB (GOMEMLIMIT); empty: none")
+	pprofAddr := fs.String("pprof", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6061; off when empty")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "Usage: hangar-sim run SCENARIO.yaml [flags]\n\nPlays the scenario on a simulated fleet against a real control plane, writes\nreport.json and report.html, and exits 0 when every expectation holds, 1 otherwise.\n\n")
 		fs.PrintDefaults()
@@ -57,6 +61,15 @@ func runScenario(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err != nil {
 		return err
 	}
+	if err := setMemoryLimit(*memLimit); err != nil {
+		return err
+	}
+	o.SourceAddrs = splitList(*sources)
+	stop, err := servePprof(*pprofAddr)
+	if err != nil {
+		return err
+	}
+	defer stop()
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
 		return fmt.Errorf("log level: %w", err)

@@ -3,6 +3,10 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -71,4 +75,62 @@ func TestFleetTelemetry(t *testing.T) {
 	if got := cp.Bus().Connected(); got != n-1 {
 		t.Errorf("broker has %d clients, want %d", got, n-1)
 	}
+}
+
+// TestFleetLiteTransportFromSourceAddresses: drones on the lightweight
+// MQTT transport, connecting from two source addresses in turn, enroll,
+// come online and deliver telemetry like the default ones; the kernel's
+// socket table shows their broker connections coming from those addresses.
+func TestFleetLiteTransportFromSourceAddresses(t *testing.T) {
+	const n = 30
+	mq := listen(t)
+	brokerPort := mq.Addr().(*net.TCPAddr).Port
+	cp := startControlPlane(t, server.Options{MQTTListener: mq})
+	sources := []string{"127.0.0.2", "127.0.0.3"}
+	newTestFleet(t, cp, n, func(o *sim.FleetOptions) { o.MQTTClient, o.SourceAddrs = "lite", sources })
+	ctx := context.Background()
+	st := cp.Store()
+	waitFor(t, 60*time.Second, "every drone online with telemetry", func() (bool, string) {
+		ds, err := st.Devices(ctx, store.DeviceFilter{})
+		if err != nil {
+			return false, err.Error()
+		}
+		ok := count(ds, func(d store.Device) bool { return d.Online && d.Latest != nil })
+		return ok == n, fmt.Sprintf("%d of %d online with telemetry", ok, n)
+	})
+	from, err := tcpConnsTo(brokerPort)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, src := range sources {
+		if from[src] != n/len(sources) {
+			t.Errorf("%d broker connections from %s, want %d (all: %v)", from[src], src, n/len(sources), from)
+		}
+	}
+}
+
+// tcpConnsTo counts established TCP connections to port on this machine by
+// local address, from /proc/net/tcp.
+func tcpConnsTo(port int) (map[string]int, error) {
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]int{}
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) < 4 || f[3] != "01" { // ESTABLISHED
+			continue
+		}
+		local, remote := strings.Split(f[1], ":"), strings.Split(f[2], ":")
+		if len(local) != 2 || len(remote) != 2 {
+			continue
+		}
+		if rp, _ := strconv.ParseUint(remote[1], 16, 16); int(rp) != port {
+			continue
+		}
+		ip, _ := strconv.ParseUint(local[0], 16, 32) // little-endian on the machines tests run on
+		out[fmt.Sprintf("%d.%d.%d.%d", ip&0xff, ip>>8&0xff, ip>>16&0xff, ip>>24)]++
+	}
+	return out, nil
 }

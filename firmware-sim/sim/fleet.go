@@ -10,12 +10,16 @@ import (
 	"fmt"
 	"hash/fnv"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"sync"
 	"time"
 
 	"github.com/hangarfleet/hangar/agent"
+	"github.com/hangarfleet/hangar/agent/transport/mqtt"
+	"github.com/hangarfleet/hangar/agent/transport/mqttlite"
 	"github.com/hangarfleet/hangar/agent/update"
 	"github.com/hangarfleet/hangar/proto"
 )
@@ -82,6 +86,15 @@ type FleetOptions struct {
 	// restarts) instead of files: one descriptor per drone instead of six,
 	// for fleets larger than the descriptor limit allows otherwise.
 	MemoryOutbox bool
+	// MQTTClient is the drones' MQTT transport: "paho" (default; the
+	// agent binary's) or "lite" (agent/transport/mqttlite: one goroutine
+	// per connection instead of ten, for the largest fleets).
+	MQTTClient string
+	// SourceAddrs are local IP addresses the drones' connections come
+	// from, one per drone in turn (default: the system's choice). Each
+	// source address has its own range of ephemeral ports towards the
+	// control plane, so more drones fit than one address allows.
+	SourceAddrs []string
 	// OnBoot, when set, is called each time a drone boots a build (before
 	// it runs, bricked or not): who ever ran what.
 	OnBoot func(device string, fw Firmware)
@@ -90,6 +103,7 @@ type FleetOptions struct {
 // Fleet is a running simulated fleet.
 type Fleet struct {
 	opts   FleetOptions
+	links  []link    // transports, one per source address
 	built  time.Time // the simulated agents' build time: their clocks are not trusted before it
 	mu     sync.Mutex
 	drones []*SimDrone
@@ -116,6 +130,7 @@ type SimDrone struct {
 	runCancel context.CancelFunc // stops the running agent (power cut)
 	cutFor    time.Duration      // set by PowerCut and SwitchOff: how long the power stays off
 	cleanOff  bool               // SwitchOff: the agent's clean stop stands
+	link      link
 }
 
 // PowerCut stops the drone's agent at once, without its clean stop being
@@ -210,7 +225,50 @@ func NewFleet(opts FleetOptions) (*Fleet, error) {
 		}
 		opts.StateRoot = dir
 	}
-	return &Fleet{opts: opts, built: time.Now().Add(-time.Hour).Truncate(time.Second)}, nil
+	links, err := newLinks(opts.MQTTClient, opts.SourceAddrs)
+	if err != nil {
+		return nil, err
+	}
+	return &Fleet{opts: opts, links: links, built: time.Now().Add(-time.Hour).Truncate(time.Second)}, nil
+}
+
+// link is how a drone reaches the control plane: its MQTT transport and
+// HTTP client (nil: the agent's defaults).
+type link struct {
+	transport agent.Transport
+	http      *http.Client
+}
+
+func newLinks(client string, addrs []string) ([]link, error) {
+	newTransport := func(d *net.Dialer) agent.Transport {
+		if client == "lite" {
+			return &mqttlite.Transport{Dialer: d}
+		}
+		if d == nil {
+			return nil
+		}
+		return &mqtt.Transport{Dialer: d}
+	}
+	switch client {
+	case "", "paho", "lite":
+	default:
+		return nil, fmt.Errorf("fleet: MQTT client %q: paho or lite", client)
+	}
+	if len(addrs) == 0 {
+		return []link{{transport: newTransport(nil)}}, nil
+	}
+	var links []link
+	for _, a := range addrs {
+		ip := net.ParseIP(a)
+		if ip == nil {
+			return nil, fmt.Errorf("fleet: source address %q is not an IP address", a)
+		}
+		d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: ip}, Timeout: 30 * time.Second}
+		ht := http.DefaultTransport.(*http.Transport).Clone()
+		ht.DialContext = d.DialContext
+		links = append(links, link{transport: newTransport(d), http: &http.Client{Timeout: 30 * time.Second, Transport: ht}})
+	}
+	return links, nil
 }
 
 // ID returns the id of drone i.
@@ -238,31 +296,34 @@ func (f *Fleet) Run(ctx context.Context) error {
 		interval = time.Second / time.Duration(f.opts.StartRate)
 	}
 	var wg sync.WaitGroup
+	var err error
+	start := time.Now()
 	for i := range f.opts.Devices {
 		if ctx.Err() != nil {
 			break
 		}
-		d, err := f.newDrone(i)
-		if err != nil {
-			return err
+		var d *SimDrone
+		if d, err = f.newDrone(i); err != nil {
+			break
 		}
 		dctx, cancel := context.WithCancel(ctx)
 		d.cancel = cancel
 		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer close(d.done)
-			d.run(dctx)
-		}()
-		if interval > 0 {
-			select {
-			case <-time.After(interval):
-			case <-ctx.Done():
-			}
+		go d.run(dctx, &wg)
+		// Pace by the schedule, not by a sleep per drone: preparing a
+		// drone takes time too, and the rate is the rate asked for.
+		if wait := time.Until(start.Add(time.Duration(i+1) * interval)); interval > 0 && wait > 0 && !sleep(ctx, wait) {
+			break
+		}
+	}
+	if err != nil {
+		// Stop the drones already started rather than leave them running.
+		for _, d := range f.Drones() {
+			d.cancel()
 		}
 	}
 	wg.Wait()
-	return nil
+	return err
 }
 
 func (f *Fleet) newDrone(i int) (*SimDrone, error) {
@@ -274,7 +335,7 @@ func (f *Fleet) newDrone(i int) (*SimDrone, error) {
 	sensors := NewDrone(base, seed)
 	sensors.Grounded = f.opts.Grounded
 	d := &SimDrone{ID: id, Labels: labels, Sensors: sensors, fleet: f, dir: filepath.Join(f.opts.StateRoot, id), hw: hw, done: make(chan struct{}),
-		clk: &skewClock{}}
+		clk: &skewClock{}, link: f.links[i%len(f.links)]}
 	// Boot the first agent now, so that it exists once Run returns from
 	// starting drones.
 	if _, err := d.boot(); err != nil {
@@ -302,6 +363,7 @@ func (d *SimDrone) boot() (Firmware, error) {
 		SampleInterval: o.SampleInterval, BatchSize: o.BatchSize, HeartbeatInterval: o.HeartbeatInterval,
 		BackoffMin: o.BackoffMin, BackoffMax: o.BackoffMax,
 		Sensors: d.Sensors, Logger: o.Logger, Clock: d.clk,
+		Transport: d.link.transport, HTTPClient: d.link.http,
 	}
 	if o.MemoryOutbox {
 		if d.box == nil {
@@ -329,71 +391,93 @@ func (d *SimDrone) boot() (Firmware, error) {
 }
 
 // run runs the drone's agent, and starts it again whenever the simulated
-// build reboots, until ctx ends.
-func (d *SimDrone) run(ctx context.Context) {
-	fw := d.Firmware()
+// build reboots, until ctx ends. Its frame stays small (the work is in
+// start and stopped): it is on the stack of every drone's longest-lived
+// goroutine.
+func (d *SimDrone) run(ctx context.Context, wg *sync.WaitGroup) {
 	for first := true; ctx.Err() == nil; first = false {
-		if !first {
-			var err error
-			if fw, err = d.boot(); err != nil {
-				d.fleet.opts.Logger.Error("simulated drone does not boot", "device", d.ID, "err", err)
-				return
-			}
+		a, runCtx, cancel, crash, ok := d.start(ctx, first)
+		if !ok {
+			break
 		}
-		if fw.Bricks(d.ID, d.hw) {
-			d.mu.Lock()
-			d.bricked = true
-			d.mu.Unlock()
-			<-ctx.Done()
-			return
-		}
-		if fw.BootDelay > 0 && !sleep(ctx, time.Duration(fw.BootDelay)) {
-			return
-		}
-		runCtx, cancel := context.WithCancel(ctx)
-		crash := false
-		switch {
-		case fw.Behaviour == CrashLoop:
-			crash = true
-			time.AfterFunc(time.Second, cancel)
-		case fw.Behaviour == Reboots && fw.RebootEvery > 0:
-			crash = true
-			time.AfterFunc(time.Duration(fw.RebootEvery), cancel)
-		}
-		d.mu.Lock()
-		d.runCancel = cancel
-		d.mu.Unlock()
-		err := d.Agent().Run(runCtx)
+		err := a.Run(runCtx)
 		cancel()
-		d.mu.Lock()
-		cut, clean := d.cutFor, d.cleanOff
-		d.runCancel = nil
-		d.mu.Unlock()
-		if ctx.Err() != nil {
-			return
-		}
-		if cut > 0 {
-			crash = !clean
-			ok := sleep(ctx, cut)
-			d.mu.Lock()
-			d.cutFor = 0
-			d.mu.Unlock()
-			if !ok {
-				return
-			}
-		}
-		if crash && err == nil {
-			// The simulated build died: a real process would not have
-			// recorded its clean stop.
-			_ = os.Remove(filepath.Join(d.dir, agent.CleanStopFile))
-		}
-		if err != nil && !errors.Is(err, update.ErrRestart) {
-			d.fleet.opts.Logger.Error("simulated agent stopped", "device", d.ID, "err", err)
-		}
-		if !sleep(ctx, 100*time.Millisecond) {
-			return
+		if !d.stopped(ctx, err, crash) {
+			break
 		}
 	}
+	close(d.done)
+	wg.Done()
+}
+
+// start boots the build in the drone's flash (not on the first round: the
+// fleet booted it) and arranges its simulated behaviour; ok is false when
+// the drone stops for good (bricked, ctx done).
+func (d *SimDrone) start(ctx context.Context, first bool) (a *agent.Agent, runCtx context.Context, cancel context.CancelFunc, crash, ok bool) {
+	fw := d.Firmware()
+	if !first {
+		var err error
+		if fw, err = d.boot(); err != nil {
+			d.fleet.opts.Logger.Error("simulated drone does not boot", "device", d.ID, "err", err)
+			return nil, nil, nil, false, false
+		}
+	}
+	if fw.Bricks(d.ID, d.hw) {
+		d.mu.Lock()
+		d.bricked = true
+		d.mu.Unlock()
+		<-ctx.Done()
+		return nil, nil, nil, false, false
+	}
+	if fw.BootDelay > 0 && !sleep(ctx, time.Duration(fw.BootDelay)) {
+		return nil, nil, nil, false, false
+	}
+	runCtx, cancel = context.WithCancel(ctx)
+	switch {
+	case fw.Behaviour == CrashLoop:
+		crash = true
+		time.AfterFunc(time.Second, cancel)
+	case fw.Behaviour == Reboots && fw.RebootEvery > 0:
+		crash = true
+		time.AfterFunc(time.Duration(fw.RebootEvery), cancel)
+	}
+	d.mu.Lock()
+	d.runCancel = cancel
+	a = d.agent
+	d.mu.Unlock()
+	return a, runCtx, cancel, crash, true
+}
+
+// stopped handles the end of an agent run: a power cut keeps the drone off
+// for a while, a simulated crash leaves no clean-stop marker. It reports
+// whether the drone boots again.
+func (d *SimDrone) stopped(ctx context.Context, err error, crash bool) bool {
+	d.mu.Lock()
+	cut, clean := d.cutFor, d.cleanOff
+	d.runCancel = nil
+	d.mu.Unlock()
+	if ctx.Err() != nil {
+		return false
+	}
+	if cut > 0 {
+		crash = !clean
+		ok := sleep(ctx, cut)
+		d.mu.Lock()
+		d.cutFor = 0
+		d.mu.Unlock()
+		if !ok {
+			return false
+		}
+	}
+	if crash && err == nil {
+		// The simulated build died: a real process would not have
+		// recorded its clean stop.
+		_ = os.Remove(filepath.Join(d.dir, agent.CleanStopFile))
+	}
+	if err != nil && !errors.Is(err, update.ErrRestart) {
+		d.fleet.opts.Logger.Error("simulated agent stopped", "device", d.ID, "err", err)
+	}
+	return sleep(ctx, 100*time.Millisecond)
 }
 
 func sleep(ctx context.Context, d time.Duration) bool {
