@@ -32,36 +32,55 @@ type HostileReport struct {
 	Detail  string `json:"detail,omitempty"`
 }
 
-// metric sums every series of a Prometheus metric on the control plane.
-func (r *runner) metric(ctx context.Context, name string) (float64, error) {
+// metric sums every series of a Prometheus metric on the control plane;
+// found is false when it has none (a labelled counter nothing incremented
+// yet).
+func (r *runner) metric(ctx context.Context, name string) (v float64, found bool, err error) {
 	tok, err := os.ReadFile(r.tok)
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, r.url+"/metrics", nil)
 	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
 	resp, err := (&http.Client{Timeout: 5 * time.Second}).Do(req)
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return 0, false, fmt.Errorf("metrics: %s", resp.Status)
+	}
 	b, err := io.ReadAll(resp.Body)
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
-	sum := 0.0
-	for _, line := range strings.Split(string(b), "\n") {
-		if !strings.HasPrefix(line, name) || (len(line) > len(name) && line[len(name)] != ' ' && line[len(name)] != '{') {
+	return sumMetric(string(b), name)
+}
+
+// sumMetric sums every series of metric name in a Prometheus text
+// exposition; found says whether there was any. A value that does not
+// parse is an error: an expectation must not pass on a zero nobody
+// measured.
+func sumMetric(text, name string) (sum float64, found bool, err error) {
+	for _, line := range strings.Split(text, "\n") {
+		rest, ok := strings.CutPrefix(line, name)
+		if !ok || rest == "" || (rest[0] != ' ' && rest[0] != '{') {
 			continue
 		}
-		f := strings.Fields(line[strings.LastIndexByte(line, '}')+1:]) // value [timestamp]
+		if i := strings.LastIndexByte(rest, '}'); i >= 0 {
+			rest = rest[i+1:]
+		}
+		f := strings.Fields(rest) // value [timestamp]
 		if len(f) == 0 {
-			continue
+			return 0, false, fmt.Errorf("metric %s: no value in %q", name, line)
 		}
-		v, _ := strconv.ParseFloat(f[0], 64)
-		sum += v
+		v, err := strconv.ParseFloat(f[0], 64)
+		if err != nil {
+			return 0, false, fmt.Errorf("metric %s: %w", name, err)
+		}
+		sum, found = sum+v, true
 	}
-	return sum, nil
+	return sum, found, nil
 }
 
 // hostile enrolls a device of its own with the fleet token and misbehaves:
@@ -73,7 +92,7 @@ func (r *runner) hostile(ctx context.Context, victim string) (*HostileReport, er
 	names := []string{"hangar_ingest_decode_errors_total", "hangar_mqtt_acl_denials_total", "hangar_mqtt_auth_failures_total"}
 	var before [3]float64
 	for i, n := range names {
-		v, err := r.metric(ctx, n)
+		v, _, err := r.metric(ctx, n)
 		if err != nil {
 			return nil, err
 		}
@@ -182,7 +201,7 @@ func (r *runner) hostile(ctx context.Context, victim string) (*HostileReport, er
 	}
 	time.Sleep(3 * time.Second) // ingest and metrics catch up
 	for i, n := range names {
-		v, err := r.metric(ctx, n)
+		v, _, err := r.metric(ctx, n)
 		if err != nil {
 			return nil, err
 		}

@@ -75,3 +75,31 @@ func TestReportWrites(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+func TestSumMetric(t *testing.T) {
+	text := `# HELP hangar_mqtt_accept_rate_peak Most connections.
+# TYPE hangar_mqtt_accept_rate_peak gauge
+hangar_mqtt_accept_rate_peak 397
+hangar_mqtt_accepted_total 10898
+hangar_mqtt_auth_failures_total{reason="bad password"} 2
+hangar_mqtt_auth_failures_total{reason="unknown device"} 3 1700000000000
+hangar_mqtt_auth_failures_totally 100
+`
+	for _, tc := range []struct {
+		name  string
+		want  float64
+		found bool
+	}{
+		{"hangar_mqtt_accept_rate_peak", 397, true},  // unlabelled
+		{"hangar_mqtt_auth_failures_total", 5, true}, // labelled, with a timestamp; not the longer name
+		{"hangar_mqtt_acl_denials_total", 0, false},
+	} {
+		got, found, err := sumMetric(text, tc.name)
+		if err != nil || got != tc.want || found != tc.found {
+			t.Errorf("%s: %v %v %v, want %v %v", tc.name, got, found, err, tc.want, tc.found)
+		}
+	}
+	if _, _, err := sumMetric("hangar_x NaNa\n", "hangar_x"); err == nil {
+		t.Error("an unparsable value gave no error")
+	}
+}

@@ -131,6 +131,7 @@ type SimDrone struct {
 	cutFor    time.Duration      // set by PowerCut and SwitchOff: how long the power stays off
 	cleanOff  bool               // SwitchOff: the agent's clean stop stands
 	link      link
+	flash     *installer // the simulated flash as of the last boot (the only writer of its file)
 }
 
 // PowerCut stops the drone's agent at once, without its clean stop being
@@ -169,10 +170,13 @@ func (d *SimDrone) Agent() *agent.Agent {
 	return d.agent
 }
 
-// Firmware is the build the drone runs.
+// Firmware is the build in the drone's flash (the one it runs, or boots
+// next after an install).
 func (d *SimDrone) Firmware() Firmware {
-	in, err := loadFirmware(d.dir, Firmware{})
-	if err != nil {
+	d.mu.Lock()
+	in := d.flash
+	d.mu.Unlock()
+	if in == nil {
 		return Firmware{}
 	}
 	return in.current()
@@ -382,6 +386,7 @@ func (d *SimDrone) boot() (Firmware, error) {
 	}
 	d.mu.Lock()
 	d.agent = a
+	d.flash = in
 	d.boots++
 	d.mu.Unlock()
 	if o.OnBoot != nil {
