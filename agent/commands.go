@@ -26,17 +26,6 @@ func (a *Agent) onMessage(topic string, payload []byte) {
 	}
 }
 
-func (a *Agent) commandLoop(ctx context.Context) {
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case cmd := <-a.cmds:
-			a.handle(ctx, cmd)
-		}
-	}
-}
-
 func (a *Agent) handle(ctx context.Context, cmd proto.Command) {
 	switch cmd.Kind {
 	case proto.CmdPing:

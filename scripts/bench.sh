@@ -50,3 +50,7 @@ echo
 echo "== rollouts: plan (10k vs 100k devices), start to first wave, notification rate"
 go test -run XXX -bench 'BenchmarkPlan' -benchmem -benchtime 10x -count 1 ./controlplane/rollout/ | grep -E '^Benchmark'
 go test -run XXX -bench 'BenchmarkRolloutStart|BenchmarkNotify' -benchtime 3x -count 1 -timeout 30m ./controlplane/server/ | grep -E '^Benchmark'
+echo
+
+echo "== MQTT transport footprint per connection: paho (the agent's) vs lite (the simulator's option); broker in another process"
+go test -run XXX -bench 'BenchmarkFootprint' -benchtime 3x -count 1 ./agent/transport/ | grep -E '^Benchmark'

@@ -99,8 +99,9 @@ type BlastRadius struct {
 
 // Figures are the run's measurements.
 type Figures struct {
-	FleetOnline        float64 `json:"fleet_online_s"` // from start to every drone online
-	SimRSSBytes        int64   `json:"sim_rss_bytes"`  // the simulator process (all drones)
+	FleetOnline        float64 `json:"fleet_online_s"`     // from start to every drone online
+	SimRSSBytes        int64   `json:"sim_rss_bytes"`      // the simulator process (all drones) at the end of the run
+	SimRSSPeakBytes    int64   `json:"sim_rss_peak_bytes"` // its largest RSS sampled during the run (start-up, reconnects)
 	RSSPerDroneBytes   int64   `json:"rss_per_drone_bytes"`
 	PowerCuts          int     `json:"power_cuts"`
 	SwitchedOff        int     `json:"switched_off"` // drones taken offline by offline steps
@@ -159,7 +160,8 @@ func (r *Report) Summary(w io.Writer) {
 	for _, b := range r.BlastRadius {
 		fmt.Fprintf(w, "  blast radius of %s (%s): %d drones (%.1f%%)\n", b.Version, b.Behaviour, b.Devices, b.Percent)
 	}
-	fmt.Fprintf(w, "  simulator RSS %.0f MB (%.0f KB per drone)\n", float64(r.Figures.SimRSSBytes)/1e6, float64(r.Figures.RSSPerDroneBytes)/1e3)
+	fmt.Fprintf(w, "  simulator RSS %.0f MB (%.0f KB per drone; peak %.0f MB)\n", float64(r.Figures.SimRSSBytes)/1e6, float64(r.Figures.RSSPerDroneBytes)/1e3,
+		float64(r.Figures.SimRSSPeakBytes)/1e6)
 }
 
 // chart draws the versions over time as lines, with the rollouts'
@@ -247,7 +249,7 @@ th, td { text-align: left; padding: .25rem .6rem; border-bottom: 1px solid #e4e7
 <tr><td>drones that ever ran each version</td><td>{{.R.EverRan}}</td></tr>
 <tr><td>bricked</td><td>{{len .R.Bricked}}</td></tr>
 <tr><td>fleet online after</td><td>{{printf "%.1f" .R.Figures.FleetOnline}} s</td></tr>
-<tr><td>simulator RSS</td><td>{{.RSS}} ({{.PerDrone}} per drone)</td></tr>
+<tr><td>simulator RSS</td><td>{{.RSS}} ({{.PerDrone}} per drone; peak {{.Peak}})</td></tr>
 <tr><td>power cuts</td><td>{{.R.Figures.PowerCuts}}</td></tr>
 <tr><td>control plane killed</td><td>{{.R.Figures.ControlPlaneKills}} times</td></tr>
 <tr><td>reconnect after each restart</td><td>{{.R.Figures.Reconnects}} s (at most {{.R.Figures.PeakConnectRate}} connections in a second)</td></tr>
@@ -261,8 +263,9 @@ th, td { text-align: left; padding: .25rem .6rem; border-bottom: 1px solid #e4e7
 // HTML writes the human report.
 func (r *Report) HTML(w io.Writer) error {
 	return page.Execute(w, struct {
-		R             *Report
-		Chart         template.HTML
-		RSS, PerDrone string
-	}{r, r.chart(), fmt.Sprintf("%.0f MB", float64(r.Figures.SimRSSBytes)/1e6), fmt.Sprintf("%.0f KB", float64(r.Figures.RSSPerDroneBytes)/1e3)})
+		R                   *Report
+		Chart               template.HTML
+		RSS, PerDrone, Peak string
+	}{r, r.chart(), fmt.Sprintf("%.0f MB", float64(r.Figures.SimRSSBytes)/1e6), fmt.Sprintf("%.0f KB", float64(r.Figures.RSSPerDroneBytes)/1e3),
+		fmt.Sprintf("%.0f MB", float64(r.Figures.SimRSSPeakBytes)/1e6)})
 }

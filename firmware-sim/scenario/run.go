@@ -82,11 +82,12 @@ func Run(ctx context.Context, s Scenario, o Options) (*Report, error) {
 }
 
 type runner struct {
-	s   Scenario
-	o   Options
-	cp  *ControlPlane // nil with Options.Server
-	url string        // the control plane, for operator actions
-	tok string        // admin token file
+	s       Scenario
+	o       Options
+	cp      *ControlPlane // nil with Options.Server
+	url     string        // the control plane, for operator actions
+	tok     string        // admin token file
+	rssLast int64         // the simulator's RSS at the last sample
 
 	droneURL             string     // where the drones reach it
 	enroll               string     // the fleet enrollment token
@@ -620,8 +621,10 @@ func (r *runner) sample(ctx context.Context) {
 			s.Rollouts[name] = RolloutSample{Status: string(rep.State.Status), Stage: rep.State.Stage + 1}
 		}
 	}
+	rss := selfRSS()
 	r.mu.Lock()
 	r.rep.Samples = append(r.rep.Samples, s)
+	r.rssLast, r.rep.Figures.SimRSSPeakBytes = rss, max(r.rep.Figures.SimRSSPeakBytes, rss)
 	r.mu.Unlock()
 }
 
@@ -728,7 +731,9 @@ func (r *runner) collect(ctx context.Context) error {
 		}
 	}
 	slices.Sort(r.rep.Bricked)
-	if rss := selfRSS(); rss > 0 {
+	// The last sample's RSS: the fleet running, before this analysis
+	// (which reads the control plane's database) adds its own.
+	if rss := r.rssLast; rss > 0 {
 		r.rep.Figures.SimRSSBytes = rss
 		r.rep.Figures.RSSPerDroneBytes = rss / int64(r.s.Fleet.Devices)
 	}
