@@ -309,12 +309,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	return *restart
 }
 
-// spawn starts the sampling and command loop and the updater; the
+// spawn starts the sampler, the command handler and the updater; the
 // updater sets *restart and cancels when a new build must start.
 func (a *Agent) spawn(ctx context.Context, cancel context.CancelFunc, wg *sync.WaitGroup) *error {
 	restart := new(error)
-	wg.Add(1)
-	go func() { defer wg.Done(); a.loop(ctx) }()
+	wg.Add(2)
+	go func() { defer wg.Done(); a.sampleLoop(ctx) }()
+	go func() { defer wg.Done(); a.commandLoop(ctx) }()
 	if a.updater != nil {
 		wg.Add(1)
 		go func() {
@@ -368,11 +369,7 @@ func (a *Agent) Emit(e proto.Event) {
 	}
 }
 
-// loop samples on its ticker and handles commands as they arrive: one
-// goroutine for both, as a simulator runs thousands of agents in a process
-// and each goroutine costs it a stack. Commands are quick (an offer is
-// verified and queued for the updater), so sampling is not held up.
-func (a *Agent) loop(ctx context.Context) {
+func (a *Agent) sampleLoop(ctx context.Context) {
 	t := a.clk.NewTicker(a.opts.SampleInterval)
 	defer t.Stop()
 	var batch proto.Batch
@@ -397,8 +394,6 @@ func (a *Agent) loop(ctx context.Context) {
 		case <-ctx.Done():
 			flush()
 			return
-		case cmd := <-a.cmds:
-			a.handle(ctx, cmd)
 		case now := <-t.C():
 			s := a.read(now)
 			if len(batch.Samples) == 0 {

@@ -26,6 +26,20 @@ func (a *Agent) onMessage(topic string, payload []byte) {
 	}
 }
 
+// commandLoop handles commands on a goroutine of its own: an offer may run
+// an installer's checks (a hook command, a digest of a binary), which must
+// not hold up sampling.
+func (a *Agent) commandLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case cmd := <-a.cmds:
+			a.handle(ctx, cmd)
+		}
+	}
+}
+
 func (a *Agent) handle(ctx context.Context, cmd proto.Command) {
 	switch cmd.Kind {
 	case proto.CmdPing:

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -82,6 +83,9 @@ func TestFleetTelemetry(t *testing.T) {
 // come online and deliver telemetry like the default ones; the kernel's
 // socket table shows their broker connections coming from those addresses.
 func TestFleetLiteTransportFromSourceAddresses(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("needs Linux: 127.0.0.0/8 all local, and /proc/net/tcp")
+	}
 	const n = 30
 	mq := listen(t)
 	brokerPort := mq.Addr().(*net.TCPAddr).Port

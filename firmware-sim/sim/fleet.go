@@ -301,7 +301,7 @@ func (f *Fleet) Run(ctx context.Context) error {
 	}
 	var wg sync.WaitGroup
 	var err error
-	start := time.Now()
+	next := time.Now()
 	for i := range f.opts.Devices {
 		if ctx.Err() != nil {
 			break
@@ -314,10 +314,14 @@ func (f *Fleet) Run(ctx context.Context) error {
 		d.cancel = cancel
 		wg.Add(1)
 		go d.run(dctx, &wg)
-		// Pace by the schedule, not by a sleep per drone: preparing a
-		// drone takes time too, and the rate is the rate asked for.
-		if wait := time.Until(start.Add(time.Duration(i+1) * interval)); interval > 0 && wait > 0 && !sleep(ctx, wait) {
-			break
+		// Pace by a schedule rather than a sleep per drone (preparing a
+		// drone takes time too), one that slips after a stall instead of
+		// catching up in a burst.
+		if interval > 0 {
+			next = maxTime(next, time.Now()).Add(interval)
+			if wait := time.Until(next); wait > 0 && !sleep(ctx, wait) {
+				break
+			}
 		}
 	}
 	if err != nil {
@@ -483,6 +487,13 @@ func (d *SimDrone) stopped(ctx context.Context, err error, crash bool) bool {
 		d.fleet.opts.Logger.Error("simulated agent stopped", "device", d.ID, "err", err)
 	}
 	return sleep(ctx, 100*time.Millisecond)
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 func sleep(ctx context.Context, d time.Duration) bool {

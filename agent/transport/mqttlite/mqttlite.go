@@ -12,6 +12,7 @@
 package mqttlite
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -89,12 +90,12 @@ func (t *Transport) Connect(ctx context.Context, p transport.ConnectParams) (tra
 	}
 	if err := cp.Write(nc); err != nil {
 		nc.Close()
-		return nil, fmt.Errorf("connect %s: %w", p.URL, handshakeErr(ctx, err))
+		return nil, fmt.Errorf("connect %s: %w", p.URL, handshakeErr(dctx, err))
 	}
 	pk, err := readPacket(nc)
 	if err != nil {
 		nc.Close()
-		return nil, fmt.Errorf("connect %s: %w", p.URL, handshakeErr(ctx, err))
+		return nil, fmt.Errorf("connect %s: %w", p.URL, handshakeErr(dctx, err))
 	}
 	ack, ok := pk.(*packets.ConnackPacket)
 	if !ok {
@@ -112,7 +113,7 @@ func (t *Transport) Connect(ctx context.Context, p transport.ConnectParams) (tra
 	}
 	if !stop() {
 		nc.Close()
-		return nil, fmt.Errorf("connect %s: %w", p.URL, ctx.Err())
+		return nil, fmt.Errorf("connect %s: %w", p.URL, dctx.Err())
 	}
 	_ = nc.SetDeadline(time.Time{})
 	c := &conn{nc: nc, timeout: timeout, on: p.OnMessage, done: make(chan struct{}), pending: make(map[uint16]*token)}
@@ -128,6 +129,8 @@ func (t *Transport) Connect(ctx context.Context, p transport.ConnectParams) (tra
 	return c, nil
 }
 
+// handshakeErr prefers the reason the handshake was cut short (the
+// caller's context, or the timeout) to the I/O error it caused.
 func handshakeErr(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
 		return ctx.Err()
@@ -135,26 +138,45 @@ func handshakeErr(ctx context.Context, err error) error {
 	return err
 }
 
-// readPacket reads one packet, refusing lengths over MaxPacket before
-// allocating for them.
+// readPacket reads one packet. The fixed header is decoded here so that a
+// length over MaxPacket is refused before anything that size is allocated
+// (paho's ReadPacket allocates the announced length first).
 func readPacket(r io.Reader) (packets.ControlPacket, error) {
-	return packets.ReadPacket(&limited{r: r})
-}
-
-// limited fails a read that would take a packet past MaxPacket: ReadPacket
-// reads the header byte by byte, then the body in one ReadFull.
-type limited struct {
-	r io.Reader
-	n int
-}
-
-func (l *limited) Read(b []byte) (int, error) {
-	if l.n+len(b) > MaxPacket+5 {
-		return 0, fmt.Errorf("mqtt: packet over %d bytes", MaxPacket)
+	var b [1]byte
+	if _, err := io.ReadFull(r, b[:]); err != nil {
+		return nil, err
 	}
-	n, err := l.r.Read(b)
-	l.n += n
-	return n, err
+	fh := packets.FixedHeader{MessageType: b[0] >> 4, Dup: b[0]&0x08 != 0, Qos: b[0] >> 1 & 0x03, Retain: b[0]&0x01 != 0}
+	n, shift := 0, 0
+	for i := 0; ; i++ {
+		if i == 4 {
+			return nil, errors.New("mqtt: malformed remaining length")
+		}
+		if _, err := io.ReadFull(r, b[:]); err != nil {
+			return nil, err
+		}
+		n |= int(b[0]&0x7f) << shift
+		shift += 7
+		if b[0]&0x80 == 0 {
+			break
+		}
+	}
+	if n > MaxPacket {
+		return nil, fmt.Errorf("mqtt: packet of %d bytes, over %d", n, MaxPacket)
+	}
+	fh.RemainingLength = n
+	cp, err := packets.NewControlPacketWithHeader(fh)
+	if err != nil {
+		return nil, err
+	}
+	body := make([]byte, n)
+	if _, err := io.ReadFull(r, body); err != nil {
+		return nil, err
+	}
+	if err := cp.Unpack(bytes.NewBuffer(body)); err != nil {
+		return nil, fmt.Errorf("mqtt: %w", err)
+	}
+	return cp, nil
 }
 
 type conn struct {
@@ -198,12 +220,16 @@ func (t *token) complete(err error) {
 func (c *conn) Done() <-chan struct{} { return c.done }
 
 // Close disconnects cleanly: the broker does not publish the last will.
+// When a write is stuck (a peer that stopped reading) it does not wait for
+// it: the socket is closed, which ends that write.
 func (c *conn) Close() {
 	c.mu.Lock()
 	closed := c.closed
 	c.mu.Unlock()
-	if !closed {
-		_ = c.write(packets.NewControlPacket(packets.Disconnect), time.Second)
+	if !closed && c.wmu.TryLock() {
+		_ = c.nc.SetWriteDeadline(time.Now().Add(250 * time.Millisecond))
+		_ = packets.NewControlPacket(packets.Disconnect).Write(c.nc)
+		c.wmu.Unlock()
 	}
 	c.fail(ErrClosed)
 }

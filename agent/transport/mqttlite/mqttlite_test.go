@@ -2,7 +2,9 @@ package mqttlite
 
 import (
 	"context"
+	"errors"
 	"net"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -44,6 +46,8 @@ func TestRefusesOversizedPacket(t *testing.T) {
 	// A PUBLISH announcing 200 MB: the connection ends, nothing that size
 	// is allocated.
 	url := fakeBroker(t, connack, []byte{0x30, 0x80, 0x80, 0x80, 0x64})
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
 	c, err := (&Transport{}).Connect(context.Background(), transport.ConnectParams{URL: url, ClientID: "x"})
 	if err != nil {
 		t.Fatal(err)
@@ -54,8 +58,12 @@ func TestRefusesOversizedPacket(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("an oversized packet did not end the connection")
 	}
+	runtime.ReadMemStats(&after)
 	if err := c.(*conn).err; err == nil || !strings.Contains(err.Error(), "over") {
 		t.Fatalf("err %v, want the size refusal", err)
+	}
+	if n := after.TotalAlloc - before.TotalAlloc; n > 16<<20 {
+		t.Fatalf("%d bytes allocated while refusing a 200 MB packet", n)
 	}
 }
 
@@ -67,6 +75,7 @@ func TestHandshakeMistakes(t *testing.T) {
 		"not a connack":   {[]byte{0xd0, 0}, "before CONNACK"},
 		"refused":         {[]byte{0x20, 2, 0, 3}, "refused"},
 		"truncated":       {[]byte{0x20, 2, 0}, "EOF"},
+		"bad length":      {[]byte{0x20, 0xff, 0xff, 0xff, 0xff, 0x01}, "malformed remaining length"},
 		"bad credentials": {[]byte{0x20, 2, 0, 4}, transport.ErrNotAuthorized.Error()},
 	} {
 		t.Run(name, func(t *testing.T) {
@@ -85,5 +94,43 @@ func TestHandshakeMistakes(t *testing.T) {
 	}
 	if _, err := (&Transport{}).Connect(context.Background(), transport.ConnectParams{URL: "ws://x:1"}); err == nil || !strings.Contains(err.Error(), "scheme") {
 		t.Fatalf("ws:// scheme: %v", err)
+	}
+}
+
+// TestCloseDoesNotWaitForAStuckWrite: a peer that stopped reading leaves a
+// publish blocked in its write; Close ends it at once instead of waiting
+// for the write timeout.
+func TestCloseDoesNotWaitForAStuckWrite(t *testing.T) {
+	url := fakeBroker(t, connack, []byte{}) // answers CONNECT, then reads nothing
+	c, err := (&Transport{ConnectTimeout: 30 * time.Second}).Connect(context.Background(), transport.ConnectParams{URL: url, ClientID: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	big := make([]byte, 512<<10)
+	stuck := make(chan transport.Token, 1)
+	go func() {
+		var tok transport.Token
+		for range 64 { // far more than the socket buffers hold
+			tok = c.Publish("a/b", big)
+		}
+		stuck <- tok
+	}()
+	time.Sleep(500 * time.Millisecond)
+	closed := make(chan struct{})
+	go func() { c.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(2 * time.Second): // the peer hangs up after 5 s; the write timeout is 30 s
+		t.Fatal("Close waited for a stuck write")
+	}
+	select {
+	case tok := <-stuck:
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := tok.Wait(ctx); err == nil || errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("publish on a closed connection: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the stuck publish did not return after Close")
 	}
 }
