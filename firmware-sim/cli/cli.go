@@ -134,6 +134,9 @@ func setMemoryLimit(s string) error {
 			if err != nil || n <= 0 {
 				return fmt.Errorf("--memory-limit %q: a size such as 400MiB", s)
 			}
+			if n*u.mult < 16<<20 {
+				return fmt.Errorf("--memory-limit %q: below 16MiB (a unit is needed: 400MiB)", s)
+			}
 			debug.SetMemoryLimit(n * u.mult)
 			return nil
 		}

@@ -63,7 +63,7 @@ type Fleet struct {
 	MemoryOutbox bool `yaml:"memory_outbox" json:"memory_outbox,omitempty"`
 	// MQTTClient is the drones' MQTT transport: paho (default, the agent
 	// binary's) or lite (one goroutine per connection instead of ten: a
-	// quarter of the memory per drone, for 10,000 drones in a process).
+	// ninth of the memory per connection, for 10,000 drones in a process).
 	MQTTClient string `yaml:"mqtt_client" json:"mqtt_client,omitempty"`
 }
 
