@@ -56,7 +56,7 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	}
 	o.Logger = slog.New(slog.NewTextHandler(g.env.Stderr, &slog.HandlerOptions{Level: level}))
 	if *memLimit != "" {
-		n, err := parseBytes(*memLimit)
+		n, err := ParseBytes(*memLimit)
 		if err != nil {
 			return fmt.Errorf("%w: --memory-limit: %v", ErrUsage, err)
 		}
@@ -96,7 +96,7 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 		o.RootKeys = append(o.RootKeys, k)
 	}
 	var err error
-	if o.MaxArtifact, err = parseBytes(*maxArtifact); err != nil {
+	if o.MaxArtifact, err = ParseBytes(*maxArtifact); err != nil {
 		return fmt.Errorf("%w: --max-artifact: %v", ErrUsage, err)
 	}
 	srv, err := server.New(o)
@@ -135,9 +135,9 @@ func trimNL(b []byte) []byte {
 	return b
 }
 
-// parseBytes reads sizes such as 512MiB, 2GiB, 300MB or a plain number of
+// ParseBytes reads sizes such as 512MiB, 2GiB, 300MB or a plain number of
 // bytes.
-func parseBytes(s string) (int64, error) {
+func ParseBytes(s string) (int64, error) {
 	units := []struct {
 		suffix string
 		mult   int64

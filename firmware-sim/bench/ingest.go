@@ -23,6 +23,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/hangarfleet/hangar/agent/clock"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -529,13 +530,7 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 	return res, nil
 }
 
+// sleepCtx waits d, or less when ctx ends first (then false).
 func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
+	return clock.Sleep(clock.Real{}, d, ctx.Done())
 }

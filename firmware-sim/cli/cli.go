@@ -13,10 +13,10 @@ import (
 	_ "net/http/pprof" // for --pprof
 	"os"
 	"runtime/debug"
-	"strconv"
 	"strings"
 	"time"
 
+	hcli "github.com/hangarfleet/hangar/controlplane/cli"
 	"github.com/hangarfleet/hangar/firmware-sim/sim"
 )
 
@@ -124,23 +124,14 @@ func setMemoryLimit(s string) error {
 	if s == "" {
 		return nil
 	}
-	units := []struct {
-		suffix string
-		mult   int64
-	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"GB", 1e9}, {"MB", 1e6}, {"B", 1}, {"", 1}}
-	for _, u := range units {
-		if num, ok := strings.CutSuffix(s, u.suffix); ok {
-			n, err := strconv.ParseInt(strings.TrimSpace(num), 10, 64)
-			if err != nil || n <= 0 {
-				return fmt.Errorf("--memory-limit %q: a size such as 400MiB", s)
-			}
-			if n*u.mult < 16<<20 {
-				return fmt.Errorf("--memory-limit %q: below 16MiB (a unit is needed: 400MiB)", s)
-			}
-			debug.SetMemoryLimit(n * u.mult)
-			return nil
-		}
+	n, err := hcli.ParseBytes(s)
+	if err != nil {
+		return fmt.Errorf("--memory-limit: %w", err)
 	}
+	if n < 16<<20 {
+		return fmt.Errorf("--memory-limit %q: below 16MiB (a unit is needed: 400MiB)", s)
+	}
+	debug.SetMemoryLimit(n)
 	return nil
 }
 

@@ -109,21 +109,16 @@ func (r *recorder) Running(m proto.Manifest) bool {
 }
 func (r *recorder) Installed(m proto.Manifest) bool { return r.Running(m) }
 
-// TestInterruptedDownload: the artifact download is cut three times in the
-// middle; the agent resumes each time where it stopped (HTTP Range) and
-// fetches only the rest.
-func TestInterruptedDownload(t *testing.T) {
-	kit := newReleaseKit(t)
-	cp := startControlPlane(t, server.Options{RootKeys: []ed25519.PublicKey{kit.rootKey(t)}})
-	up, _ := url.Parse(cp.URL())
-	const size = 6 << 20
-	proxy := &cuttingProxy{upstream: up, rp: httputil.NewSingleHostReverseProxy(up), cutAfter: 1 << 20}
-	proxy.cuts.Store(3)
+// updateThrough pushes a random artifact of size bytes as fc-firmware
+// 2.0.0, runs an agent that reaches the control plane through proxy (and
+// uses client for HTTP when not nil), offers it the release and waits for
+// the commit. It returns the artifact and what the agent installed.
+func updateThrough(t *testing.T, kit *releaseKit, cp *controlPlane, proxy *cuttingProxy, device string, size int, client *http.Client) (content, installed []byte) {
+	t.Helper()
 	ps := httptest.NewServer(proxy)
 	t.Cleanup(ps.Close)
-
 	artifact := filepath.Join(t.TempDir(), "fc-firmware.bin")
-	content := make([]byte, size)
+	content = make([]byte, size)
 	rand.Read(content)
 	os.WriteFile(artifact, content, 0o644)
 	kit.cli(t, "", "release", "sign", "--key", kit.relKey, "--artifact", artifact, "--version", "2.0.0", "--hardware", "rev-b",
@@ -133,9 +128,9 @@ func TestInterruptedDownload(t *testing.T) {
 
 	rec := &recorder{}
 	a, err := agent.New(agent.Options{
-		DeviceID: "drone-dl", Hardware: "rev-b", Version: "1.0.0", ServerURL: ps.URL, EnrollToken: cp.enrollToken(t),
+		DeviceID: device, Hardware: "rev-b", Version: "1.0.0", ServerURL: ps.URL, EnrollToken: cp.enrollToken(t),
 		StateDir: t.TempDir(), SampleInterval: 100 * time.Millisecond, BackoffMin: 50 * time.Millisecond, BackoffMax: time.Second,
-		Logger: testLogger(t),
+		HTTPClient: client, Logger: testLogger(t),
 		Update: &agent.UpdateOptions{Roots: []ed25519.PublicKey{kit.rootKey(t)}, Policy: update.Policy{AllowUnknownFlight: true},
 			TrialSoak: time.Millisecond, Installers: map[string]update.Installer{"fc-firmware": rec}},
 	})
@@ -147,17 +142,30 @@ func TestInterruptedDownload(t *testing.T) {
 	go func() { a.Run(ctx); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
 	waitFor(t, 30*time.Second, "agent online", func() (bool, string) {
-		d, _ := cp.Store().Device(ctx, "drone-dl")
+		d, _ := cp.Store().Device(ctx, device)
 		return d.Online, "offline"
 	})
-	kit.cli(t, cp.URL(), "device", "update", "drone-dl", "--release", "fc-firmware@2.0.0", "--token-file", filepath.Join(cp.dataDir, server.AdminTokenFile))
+	kit.cli(t, cp.URL(), "device", "update", device, "--release", "fc-firmware@2.0.0", "--token-file", filepath.Join(cp.dataDir, server.AdminTokenFile))
 	waitFor(t, 60*time.Second, "2.0.0 committed", func() (bool, string) {
-		u, _ := updateState(cp, "drone-dl", 20)
+		u, _ := updateState(cp, device, 20)
 		return u.State == "committed", u.State
 	})
 	rec.mu.Lock()
-	got := rec.installed
-	rec.mu.Unlock()
+	defer rec.mu.Unlock()
+	return content, rec.installed
+}
+
+// TestInterruptedDownload: the artifact download is cut three times in the
+// middle; the agent resumes each time where it stopped (HTTP Range) and
+// fetches only the rest.
+func TestInterruptedDownload(t *testing.T) {
+	kit := newReleaseKit(t)
+	cp := startControlPlane(t, server.Options{RootKeys: []ed25519.PublicKey{kit.rootKey(t)}})
+	up, _ := url.Parse(cp.URL())
+	const size = 6 << 20
+	proxy := &cuttingProxy{upstream: up, rp: httputil.NewSingleHostReverseProxy(up), cutAfter: 1 << 20}
+	proxy.cuts.Store(3)
+	content, got := updateThrough(t, kit, cp, proxy, "drone-dl", size, nil)
 	if string(got) != string(content) {
 		t.Fatal("installed bytes differ from the release")
 	}
@@ -170,7 +178,7 @@ func TestInterruptedDownload(t *testing.T) {
 	if served > size+64<<10 {
 		t.Errorf("fetched %d bytes for a %d byte artifact: downloads started over instead of resuming", served, size)
 	}
-	if d, _ := cp.Store().Device(ctx, "drone-dl"); d.Payloads["fc-firmware"] != "2.0.0" {
+	if d, _ := cp.Store().Device(context.Background(), "drone-dl"); d.Payloads["fc-firmware"] != "2.0.0" {
 		t.Errorf("device payloads %v", d.Payloads)
 	}
 }
@@ -184,42 +192,7 @@ func TestSlowDownloadOutlastsRequestTimeout(t *testing.T) {
 	up, _ := url.Parse(cp.URL())
 	const size = 1 << 20
 	proxy := &cuttingProxy{upstream: up, rp: httputil.NewSingleHostReverseProxy(up), rate: 400 << 10} // ~2.5 s
-	ps := httptest.NewServer(proxy)
-	t.Cleanup(ps.Close)
-
-	artifact := filepath.Join(t.TempDir(), "fc-firmware.bin")
-	content := make([]byte, size)
-	rand.Read(content)
-	os.WriteFile(artifact, content, 0o644)
-	kit.cli(t, "", "release", "sign", "--key", kit.relKey, "--artifact", artifact, "--version", "2.0.0", "--hardware", "rev-b",
-		"--target", "fc-firmware", "--counter", "20", "--out", artifact+".manifest")
-	kit.cli(t, cp.URL(), "release", "push", "--manifest", artifact+".manifest", "--keys", kit.keysFile, "--artifact", artifact,
-		"--token-file", filepath.Join(cp.dataDir, server.AdminTokenFile))
-
-	rec := &recorder{}
-	a, err := agent.New(agent.Options{
-		DeviceID: "drone-slow", Hardware: "rev-b", Version: "1.0.0", ServerURL: ps.URL, EnrollToken: cp.enrollToken(t),
-		StateDir: t.TempDir(), SampleInterval: 100 * time.Millisecond, BackoffMin: 50 * time.Millisecond, BackoffMax: time.Second,
-		HTTPClient: &http.Client{Timeout: time.Second}, Logger: testLogger(t),
-		Update: &agent.UpdateOptions{Roots: []ed25519.PublicKey{kit.rootKey(t)}, Policy: update.Policy{AllowUnknownFlight: true},
-			TrialSoak: time.Millisecond, Installers: map[string]update.Installer{"fc-firmware": rec}},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { a.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	waitFor(t, 30*time.Second, "agent online", func() (bool, string) {
-		d, _ := cp.Store().Device(ctx, "drone-slow")
-		return d.Online, "offline"
-	})
-	kit.cli(t, cp.URL(), "device", "update", "drone-slow", "--release", "fc-firmware@2.0.0", "--token-file", filepath.Join(cp.dataDir, server.AdminTokenFile))
-	waitFor(t, 60*time.Second, "2.0.0 committed", func() (bool, string) {
-		u, _ := updateState(cp, "drone-slow", 20)
-		return u.State == "committed", u.State
-	})
+	updateThrough(t, kit, cp, proxy, "drone-slow", size, &http.Client{Timeout: time.Second})
 	if n := proxy.requests.Load(); n != 1 {
 		t.Errorf("%d download requests for one slow download, want 1: the request timeout cut it", n)
 	}

@@ -20,6 +20,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/hangarfleet/hangar/agent/clock"
 	hcli "github.com/hangarfleet/hangar/controlplane/cli"
 	"github.com/hangarfleet/hangar/controlplane/rollout"
 	"github.com/hangarfleet/hangar/controlplane/store"
@@ -348,15 +349,9 @@ func (r *runner) waitOnline(ctx context.Context, timeout time.Duration) error {
 	}
 }
 
+// sleepCtx waits d, or less when ctx ends first (then false).
 func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
+	return clock.Sleep(clock.Real{}, d, ctx.Done())
 }
 
 func (r *runner) playTimeline(ctx context.Context) error {

@@ -8,6 +8,7 @@ import (
 	"crypto/ed25519"
 	"errors"
 	"fmt"
+	"github.com/hangarfleet/hangar/agent/clock"
 	"hash/fnv"
 	"log/slog"
 	"net"
@@ -496,15 +497,9 @@ func maxTime(a, b time.Time) time.Time {
 	return b
 }
 
+// sleep waits d, or less when ctx ends first (then false).
 func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
+	return clock.Sleep(clock.Real{}, d, ctx.Done())
 }
 
 // Drones returns the drones started so far.
