@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 
 	"github.com/labstack/echo/v4"
@@ -244,7 +245,11 @@ func (a *API) actRollout(c echo.Context) error {
 // rolloutDevices lists the rollout's devices and where each stands;
 // ?state=failed (committed, in_progress, deferred, ...) filters.
 func (a *API) rolloutDevices(c echo.Context) error {
-	ms, err := a.rollouts.Devices(c.Request().Context(), c.Param("id"), c.QueryParam("state"))
+	state := c.QueryParam("state")
+	if state != "" && !slices.Contains(rollout.MemberStates, state) {
+		return echo.NewHTTPError(http.StatusBadRequest, "state must be one of "+strings.Join(rollout.MemberStates, ", "))
+	}
+	ms, err := a.rollouts.Devices(c.Request().Context(), c.Param("id"), state)
 	if err != nil {
 		return notFound(err, "rollout "+c.Param("id"))
 	}

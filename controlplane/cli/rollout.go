@@ -325,7 +325,7 @@ func rolloutEvents(ctx context.Context, g *globals, args []string) error {
 func rolloutDevices(ctx context.Context, g *globals, args []string) error {
 	var state *string
 	id, err := rolloutID(g, "devices", args, func(fs fsAdder) {
-		state = fs.String("state", "", "only devices in this state: pending, in_progress, deferred, deferred_past_deadline, committed, failed, timed_out, gone")
+		state = fs.String("state", "", "only devices in this state: "+strings.Join(rollout.MemberStates, ", "))
 	})
 	if err != nil {
 		return err

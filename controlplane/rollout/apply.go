@@ -576,7 +576,7 @@ func (a *Applier) Devices(ctx context.Context, id, state string) ([]MemberReport
 		mr := MemberReport{Device: dev, Stage: m.Stage + 1, State: r.Spec.memberState(m, d, now),
 			Offered: at(m.Offered), Canceled: at(m.Canceled), Reverted: at(m.Reverted)}
 		if d == nil {
-			mr.State = "gone"
+			mr.State = MGone
 		} else {
 			mr.Version, mr.Online, mr.Update, mr.Revert = d.Version, d.Online, d.Update, d.Revert
 		}

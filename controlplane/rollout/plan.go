@@ -142,7 +142,11 @@ const (
 	MCommitted = "committed"
 	MFailed    = "failed"
 	MTimedOut  = "timed_out"
+	MGone      = "gone" // a member no longer enrolled (rollout device view only)
 )
+
+// MemberStates lists every member state, for filters and their checks.
+var MemberStates = []string{MPending, MOffered, MDeferred, MLate, MCommitted, MFailed, MTimedOut, MGone}
 
 // GateResult is one gate's measurement, for operators.
 type GateResult struct {

@@ -5,6 +5,7 @@ import (
 	"crypto/ed25519"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -159,6 +160,23 @@ func TestRollouts(t *testing.T) {
 		}
 		if got := strings.Join(transitions, ","); got != "stage 2,stage 3,stage 4,completed" {
 			t.Errorf("transitions %s", got)
+		}
+		// The per-device view: every member committed; a state that does
+		// not exist is refused, not answered with an empty list.
+		var ms []rollout.MemberReport
+		out := kit.cli(t, cp.URL(), "rollout", "devices", id, "--state", "committed", "-o", "json", "--token-file", filepath.Join(cp.dataDir, server.AdminTokenFile))
+		if err := json.Unmarshal([]byte(out), &ms); err != nil || len(ms) != n {
+			t.Errorf("rollout devices --state committed: %d devices (want %d), %v", len(ms), n, err)
+		}
+		req, _ := http.NewRequest(http.MethodGet, cp.URL()+"/api/v1/rollouts/"+id+"/devices?state=comitted", nil)
+		req.Header.Set("Authorization", "Bearer "+cp.adminToken(t))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("devices?state=comitted: %s, want 400", resp.Status)
 		}
 		t.Logf("%d drones from canary to 100%% in %v", n, time.Since(start).Round(time.Second))
 	})
