@@ -183,7 +183,7 @@ type Agent struct {
 	connected bool
 	lastErr   error
 
-	cmds         chan proto.Command
+	cmds         chan inbound
 	started      time.Time
 	updater      *update.Updater
 	latest       atomic.Pointer[proto.Sample]
@@ -202,7 +202,7 @@ func New(opts Options) (*Agent, error) {
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
-	a := &Agent{opts: opts, clk: opts.Clock, cmds: make(chan proto.Command, 8), helloNow: make(chan struct{}, 1)}
+	a := &Agent{opts: opts, clk: opts.Clock, cmds: make(chan inbound, 8), helloNow: make(chan struct{}, 1)}
 	a.log = opts.Logger.With("component", "agent", "device", opts.DeviceID)
 	a.store = opts.Store
 	if a.store == nil {

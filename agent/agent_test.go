@@ -274,7 +274,7 @@ func TestPingAndMalformedCommand(t *testing.T) {
 	if a.errors.Load() != 1 {
 		t.Fatalf("errors = %d", a.errors.Load())
 	}
-	a.handle(context.Background(), <-a.cmds)
+	a.dispatch(context.Background(), <-a.cmds)
 	recs, err := a.box.Peek(10)
 	if err != nil || len(recs) != 1 {
 		t.Fatalf("peek: %v %v", recs, err)

@@ -645,6 +645,35 @@ func (r *hostileRig) assertRejected(cmd string, check proto.Check) {
 	}
 }
 
+// assertAddressed checks that every report of cmd is filed under the
+// release its manifest names (target and counter, even when the manifest
+// failed verification): the control plane matches reports to a rollout by
+// target and counter, and an unaddressed refusal looks like silence until
+// the rollout's device timeout. Each report must also give a reason when
+// it refuses or defers.
+func (r *hostileRig) assertAddressed(cmd string, manifest []byte) {
+	r.t.Helper()
+	claimed, err := proto.DecodeManifestUnverified(manifest)
+	reps := r.rep.forCmd(cmd)
+	if len(reps) == 0 {
+		r.t.Errorf("%s: no report", cmd)
+	}
+	for _, rep := range reps {
+		if err == nil && (rep.Target != claimed.Target || rep.Counter != claimed.Counter || rep.Version != claimed.Version) {
+			r.t.Errorf("%s: reported %s under %s #%d, want the offered %s %s #%d", cmd, rep, rep.Target, rep.Counter, claimed.Target, claimed.Version, claimed.Counter)
+		}
+		if rep.Rollout != "r-hostile" {
+			r.t.Errorf("%s: reported %s for rollout %q, want the offer's", cmd, rep, rep.Rollout)
+		}
+		switch rep.State {
+		case proto.UpdateRejected, proto.UpdateFailed, proto.UpdateDeferred:
+			if rep.Reason == "" {
+				r.t.Errorf("%s: reported %s without a reason", cmd, rep)
+			}
+		}
+	}
+}
+
 // assertNotInstalled checks that nothing was installed: Install, Activate
 // and exec never called, the binary unchanged byte for byte, no sibling
 // left beside it, nothing reported as installing, on trial or committed

@@ -277,6 +277,7 @@ func TestHostileOfferRefused(t *testing.T) {
 				t.Errorf("Offer: check %q (%v), want %q", got, err, tc.check)
 			}
 			r.assertRejected(cmd, tc.check)
+			r.assertAddressed(cmd, manifest)
 			r.assertNotInstalled(cmd, proto.UpdateOffered, proto.UpdateDownloading, proto.UpdateVerified, proto.UpdateInstalling)
 			if n := r.srv.totalHits(); n != 0 {
 				t.Errorf("%d requests to the release server after a refused offer", n)
@@ -407,7 +408,9 @@ func TestHostileKeyListRollbackRefused(t *testing.T) {
 
 // After a manifest created at T was accepted, a clock set back before T
 // (a spoofed time source making an expired manifest look valid) is not
-// trusted, across a restart.
+// trusted, across a restart: a manifest that expired before T is refused
+// for good (it is expired whatever the clock says, as the time cannot be
+// before T), and one still valid at T waits for a trustworthy clock.
 func TestHostileClockSetBackBelowAcceptedMetadata(t *testing.T) {
 	r := newHostileRig(t)
 	base := prototest.Base / 1000
@@ -420,11 +423,22 @@ func TestHostileClockSetBackBelowAcceptedMetadata(t *testing.T) {
 	r.clk.Set(time.Unix(base+2*86400, 0))
 	stale := newHostileRelease(t, 14, "1.6.0", hostilePayload(0x14, 64<<10), func(m *proto.Manifest) { m.Created, m.Expires = base+86400, base+3*86400 })
 	r.srv.route(stale.path, hostileHonest(stale.data))
-	if err := r.offer("c-14-stale", stale, r.keys); proto.CheckOf(err) != proto.CheckClock {
-		t.Errorf("Offer = %v, want a %q refusal", err, proto.CheckClock)
+	if err := r.offer("c-14-stale", stale, r.keys); proto.CheckOf(err) != proto.CheckExpired {
+		t.Errorf("Offer = %v, want an %q refusal", err, proto.CheckExpired)
 	}
-	r.assertRejected("c-14-stale", proto.CheckClock)
-	r.assertNotInstalled("c-14-stale", proto.UpdateOffered, proto.UpdateDownloading, proto.UpdateVerified, proto.UpdateInstalling)
+	r.assertRejected("c-14-stale", proto.CheckExpired)
+	r.assertNotInstalled("c-14-stale", proto.UpdateOffered, proto.UpdateDownloading, proto.UpdateVerified, proto.UpdateInstalling, proto.UpdateDeferred)
+	// Valid at T, and also at the (untrusted) clock's reading: it waits.
+	early := newHostileRelease(t, 15, "1.7.0", hostilePayload(0x15, 64<<10), func(m *proto.Manifest) { m.Created, m.Expires = base+86400, base+30*86400 })
+	r.srv.route(early.path, hostileHonest(early.data))
+	if err := r.offer("c-15-early", early, r.keys); proto.CheckOf(err) != proto.CheckClock {
+		t.Errorf("Offer = %v, want a %q deferral", err, proto.CheckClock)
+	}
+	r.assertRejected("c-15-early", proto.CheckClock)
+	r.assertNotInstalled("c-15-early", proto.UpdateOffered, proto.UpdateDownloading, proto.UpdateVerified, proto.UpdateInstalling, proto.UpdateRejected)
+	if n := r.srv.hitsOf(stale.path) + r.srv.hitsOf(early.path); n != 0 {
+		t.Errorf("%d downloads while the clock reads before the accepted metadata", n)
+	}
 }
 
 // downloadRefused offers rel (signed, valid) while the server serves what

@@ -17,18 +17,24 @@ func (u *Updater) job() *job {
 	return u.st.Job
 }
 
-func (u *Updater) clockWaiting() bool {
+func (u *Updater) hasWaiting() bool {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	return u.clockWait != nil
+	return u.waiting != nil
 }
 
-// retryClockWait offers again the release that waited for a trustworthy
-// clock, once the clock is; it reports whether it did.
-func (u *Updater) retryClockWait() bool {
+// retryWaiting offers again the release that waited for a device
+// condition (a trustworthy clock, the end of another update), once it
+// cleared; it reports whether it did. An offer may replace a job that has
+// not started installing, so it is retried then too.
+func (u *Updater) retryWaiting() bool {
 	u.mu.Lock()
-	cmd := u.clockWait
-	if cmd == nil {
+	w := u.waiting
+	if w == nil {
+		u.mu.Unlock()
+		return false
+	}
+	if j := u.st.Job; j != nil && j.Phase != phaseDownload && j.Phase != phaseVerified {
 		u.mu.Unlock()
 		return false
 	}
@@ -36,10 +42,10 @@ func (u *Updater) retryClockWait() bool {
 		u.mu.Unlock()
 		return false
 	}
-	u.clockWait = nil
+	u.waiting = nil
 	u.mu.Unlock()
-	u.log.Info("the clock is trustworthy again: verifying the waiting release")
-	u.Offer(*cmd)
+	u.log.Info("verifying the release that waited", "cmd", w.cmd.ID, "version", w.j.m.Version)
+	u.Offer(w.cmd)
 	return true
 }
 
@@ -153,13 +159,13 @@ func (u *Updater) Run(ctx context.Context) error {
 	retry := u.opts.RetryMin
 	stalled := 0
 	for ctx.Err() == nil {
+		if u.retryWaiting() {
+			continue
+		}
 		j := u.job()
 		if j == nil {
-			if u.retryClockWait() {
-				continue
-			}
 			var clockCheck <-chan time.Time
-			if u.clockWaiting() {
+			if u.hasWaiting() {
 				clockCheck = tick.C()
 			}
 			select {

@@ -10,6 +10,7 @@
 package update
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"encoding/json"
@@ -148,13 +149,19 @@ type Updater struct {
 	wake      chan struct{}
 	confirmed map[uint64]bool
 	furthest  map[uint64]uint64 // download progress per release, across attempts (Run only)
-	// clockWait is the last offer refused only because the clock could
-	// not be trusted (it read before the floor): a device condition, like
-	// a low battery, not a verdict on the release. It is verified again
-	// from the start once the clock is trustworthy. Kept in memory only (a
-	// refused offer writes nothing): after a restart the control plane's
-	// next offer starts over.
-	clockWait *proto.Command
+	// waiting is the last offer deferred for a condition of the device,
+	// not a verdict on the release: the clock could not be trusted (it read
+	// before the floor), or another update was installing. It passed every
+	// check that does not need trusted time, and is verified again from
+	// the start once the condition clears. Kept in memory only (a deferred
+	// offer writes nothing).
+	waiting *waitingOffer
+}
+
+// waitingOffer is an offer deferred until a device condition clears.
+type waitingOffer struct {
+	cmd proto.Command
+	j   *job // for its reports
 }
 
 // ErrNoUpdater is returned for an offer of a target without installer.
@@ -271,7 +278,7 @@ func (u *Updater) report(j *job, st proto.UpdateState, mutate func(*proto.Update
 // trusted time, and nothing that expires can be judged.
 func (u *Updater) trustedNow() (time.Time, error) {
 	now := u.opts.Clock.Now()
-	floor := max(u.opts.BuildTime.Unix(), u.st.TimeFloor)
+	floor := u.floor().Unix()
 	if now.Unix() < floor {
 		return now, &proto.VerifyError{Check: proto.CheckClock,
 			Err: fmt.Errorf("the clock reads %s, before %s", now.UTC().Format(time.RFC3339), time.Unix(floor, 0).UTC().Format(time.RFC3339))}
@@ -279,26 +286,44 @@ func (u *Updater) trustedNow() (time.Time, error) {
 	return now, nil
 }
 
+// floor is the earliest the time can be: the build time, or the creation
+// of the newest metadata accepted.
+func (u *Updater) floor() time.Time {
+	return time.Unix(max(u.opts.BuildTime.Unix(), u.st.TimeFloor), 0)
+}
+
 // Offer handles an update command: verify it completely before anything
-// is written, then start (or continue) the job. It returns the refusal, if
-// any, after reporting it.
+// is written, then start (or continue) the job. Every offer is answered
+// with a report before Offer returns: offered, committed (already
+// installed), the state of the job it repeats, deferred (a condition of
+// the device: untrusted clock, another update installing), rejected (a
+// verdict on the offer, with its check) or failed (the device could not
+// record it). It returns the refusal or deferral, if any.
 func (u *Updater) Offer(cmd proto.Command) error {
 	o := cmd.Update
+	if o == nil {
+		err := &proto.VerifyError{Check: proto.CheckFormat, Err: errors.New("update command without an offer")}
+		u.log.Warn("release refused", "check", proto.CheckFormat, "err", err)
+		u.opts.Report(RefusalReport(cmd, proto.CheckFormat, err.Error()), cmd.ID)
+		return err
+	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	m, kl, err := u.verifyLocked(o.Manifest, o.Keys)
+	m, clockErr, err := u.verifyLocked(o.Manifest, o.Keys)
 	j := &job{Manifest: o.Manifest, URL: o.URL, Rollout: cmd.Rollout, Cmd: cmd.ID, m: m}
 	if err != nil {
+		if j.m.Counter == 0 && identify(&j.m, o.Manifest) && u.holdsLocked(j.m) {
+			// The claims name a release this device holds (installed,
+			// pending, waiting): a refused copy of it must not be filed
+			// over that release's own state.
+			j.m = proto.Manifest{}
+		}
 		check := proto.CheckOf(err)
-		if check == proto.CheckClock {
-			// Not a refusal: wait for the clock (NTP, GPS time) and try
-			// again. Deferred, so that a rollout counts it as not done
-			// rather than as a failure of the release.
-			c := cmd
-			u.clockWait = &c
-			u.log.Warn("release deferred until the clock can be trusted", "err", err)
-			u.report(j, proto.UpdateDeferred, func(r *proto.UpdateReport) { r.Check, r.Reason = string(check), err.Error() })
-			u.poke()
+		if check == "" {
+			// Not a verdict on the release: the device could not keep
+			// what it verified (its state directory).
+			u.log.Error("offer not handled", "err", err)
+			u.report(j, proto.UpdateFailed, func(r *proto.UpdateReport) { r.Reason = err.Error() })
 			return err
 		}
 		u.log.Warn("release refused", "check", check, "err", err)
@@ -311,70 +336,197 @@ func (u *Updater) Offer(cmd proto.Command) error {
 	case inst.Counter == m.Counter && slices.Equal(inst.SHA256, m.SHA256),
 		u.st.Job == nil && installer.Running(m) && installer.Installed(m):
 		// Already installed: acknowledge, install nothing.
+		var err error
 		if inst.Counter != m.Counter {
 			u.st.Installed[m.Target] = installed{Version: m.Version, Counter: m.Counter, SHA256: m.SHA256}
 			u.st.HighestSeen = max(u.st.HighestSeen, m.Counter)
-			if err := u.saveLocked(); err != nil {
-				return fmt.Errorf("update state: %w", err)
+			if err = u.saveLocked(); err != nil {
+				err = fmt.Errorf("update state: %w", err)
+				u.log.Error("installed release not recorded", "version", m.Version, "err", err)
 			}
 		}
 		u.report(j, proto.UpdateCommitted, func(r *proto.UpdateReport) { r.Reason = "already installed" })
-		return nil
+		return err
 	case u.st.Job != nil && u.st.Job.m.Counter == m.Counter && slices.Equal(u.st.Job.m.SHA256, m.SHA256):
 		// The same offer again (the control plane re-sends until it hears
 		// back): say where it stands.
 		cur := u.st.Job
-		u.report(cur, cur.state(), func(r *proto.UpdateReport) { r.Reason = cur.Deferred })
+		u.report(cur, cur.state(), func(r *proto.UpdateReport) {
+			r.Reason = cur.Deferred
+			if cur.Phase == phaseRollback {
+				r.Reason = cur.Reason
+			}
+		})
 		u.poke()
 		return nil
-	case m.Counter <= inst.Counter || m.Counter <= u.st.Spent || m.Counter < u.st.HighestSeen ||
-		(m.Counter == u.st.HighestSeen && !slices.Equal(m.SHA256, u.st.HighestSHA)) ||
-		(u.st.Job != nil && m.Counter < u.st.Job.m.Counter):
-		pending := uint64(0)
-		if u.st.Job != nil {
-			pending = u.st.Job.m.Counter
-		}
-		err := &proto.VerifyError{Check: proto.CheckCounter, Err: fmt.Errorf("counter %d is not above the installed %d, the highest seen %d (or another release of it) and the pending %d",
-			m.Counter, inst.Counter, u.st.HighestSeen, pending)}
+	}
+	if err := u.counterLocked(m); err != nil {
 		u.log.Warn("release refused", "check", proto.CheckCounter, "err", err)
 		u.report(j, proto.UpdateRejected, func(r *proto.UpdateReport) { r.Check, r.Reason = string(proto.CheckCounter), err.Error() })
 		return err
-	case u.st.Job != nil && u.st.Job.Phase != phaseDownload && u.st.Job.Phase != phaseVerified:
-		err := fmt.Errorf("busy installing %s %s", u.st.Job.m.Target, u.st.Job.m.Version)
+	}
+	if err := u.checkURL(o.URL); err != nil {
+		u.log.Warn("release refused", "check", proto.CheckFormat, "err", err)
+		u.report(j, proto.UpdateRejected, func(r *proto.UpdateReport) { r.Check, r.Reason = string(proto.CheckFormat), err.Error() })
+		return err
+	}
+	if clockErr != nil {
+		// Not a refusal: every check that does not need the time passed.
+		// Wait for the clock (NTP, GPS time) and verify again. Deferred,
+		// so that a rollout counts it as not done rather than as a
+		// failure of the release.
+		u.log.Warn("release deferred until the clock can be trusted", "err", clockErr)
+		u.unwaitLocked(j)
+		u.waiting = &waitingOffer{cmd: cmd, j: j}
+		u.report(j, proto.UpdateDeferred, func(r *proto.UpdateReport) { r.Check, r.Reason = string(proto.CheckClock), clockErr.Error() })
+		u.poke()
+		return clockErr
+	}
+	if cur := u.st.Job; cur != nil && cur.Phase != phaseDownload && cur.Phase != phaseVerified {
+		// Another update is past the point of no return: this one waits
+		// for it to end (commit or roll back), then starts over.
+		doing := map[string]string{phaseInstall: "installing", phaseTrial: "on trial", phaseRollback: "rolling back"}[cur.Phase]
+		err := fmt.Errorf("another update is in progress: %s %s is %s; this release follows when it ends", cur.m.Target, cur.m.Version, doing)
+		u.log.Info("release deferred", "version", m.Version, "reason", err)
+		u.unwaitLocked(j)
+		u.waiting = &waitingOffer{cmd: cmd, j: j}
 		u.report(j, proto.UpdateDeferred, func(r *proto.UpdateReport) { r.Reason = err.Error() })
 		return err
 	}
-	// Accepted: it replaces a job that had not started installing. Its
-	// counter becomes the highest seen (nothing older is accepted any
-	// more), but only an install spends it: the same release may be
-	// offered again if its download fails or is cancelled.
+	// Accepted: it replaces a job that had not started installing, and an
+	// offer that waited. Its counter becomes the highest seen (nothing
+	// older is accepted any more), but only an install spends it: the
+	// same release may be offered again if its download fails or is
+	// cancelled.
 	if u.st.Job != nil {
 		u.report(u.st.Job, proto.UpdateFailed, func(r *proto.UpdateReport) { r.Reason = "superseded by " + m.Version })
 	}
+	u.unwaitLocked(j)
+	prev := u.st
 	u.st.HighestSeen, u.st.HighestSHA = m.Counter, m.SHA256
 	u.st.TimeFloor = max(u.st.TimeFloor, m.Created)
-	_ = kl
 	j.Phase = phaseDownload
 	u.st.Job = j
 	if err := u.saveLocked(); err != nil {
-		u.st.Job = nil
-		return fmt.Errorf("update state: %w", err)
+		// Nothing was recorded: the device goes on as before the offer,
+		// and says so (the same release may be offered again).
+		u.st.HighestSeen, u.st.HighestSHA, u.st.TimeFloor, u.st.Job = prev.HighestSeen, prev.HighestSHA, prev.TimeFloor, prev.Job
+		err = fmt.Errorf("update state: %w", err)
+		u.log.Error("offer not recorded", "version", m.Version, "err", err)
+		u.report(j, proto.UpdateFailed, func(r *proto.UpdateReport) { r.Reason = "could not record the offer: " + err.Error() })
+		return err
 	}
 	u.report(j, proto.UpdateOffered, nil)
 	u.poke()
 	return nil
 }
 
+// counterLocked refuses a release that is not newer than what the device
+// installed, spent (an install began: it committed or rolled back),
+// accepted, or has pending, naming which.
+func (u *Updater) counterLocked(m proto.Manifest) error {
+	inst := u.st.Installed[m.Target]
+	var why string
+	switch {
+	case m.Counter < inst.Counter:
+		why = fmt.Sprintf("counter %d is older than the installed %s %s (counter %d)", m.Counter, m.Target, inst.Version, inst.Counter)
+	case m.Counter == inst.Counter:
+		why = fmt.Sprintf("counter %d is the installed %s %s, but this is another artifact under that counter", m.Counter, m.Target, inst.Version)
+	case m.Counter <= u.st.Spent:
+		why = fmt.Sprintf("counter %d was installed before and rolled back (or its install failed): a spent release is never installed again, a fix needs a new release", m.Counter)
+		if m.Counter < u.st.Spent {
+			why = fmt.Sprintf("counter %d is below the last installed or rolled-back release %d", m.Counter, u.st.Spent)
+		}
+	case m.Counter < u.st.HighestSeen:
+		why = fmt.Sprintf("counter %d is below the highest release ever accepted, %d", m.Counter, u.st.HighestSeen)
+	case m.Counter == u.st.HighestSeen && !slices.Equal(m.SHA256, u.st.HighestSHA):
+		why = fmt.Sprintf("counter %d was already accepted for another artifact", m.Counter)
+	case u.st.Job != nil && m.Counter < u.st.Job.m.Counter:
+		why = fmt.Sprintf("counter %d is below the pending %s %s (counter %d)", m.Counter, u.st.Job.m.Target, u.st.Job.m.Version, u.st.Job.m.Counter)
+	default:
+		return nil
+	}
+	return &proto.VerifyError{Check: proto.CheckCounter, Err: errors.New(why)}
+}
+
+// checkURL refuses an artifact URL that cannot be downloaded: the offer is
+// refused at once rather than after the download's retries.
+func (u *Updater) checkURL(raw string) error {
+	if raw == "" {
+		return &proto.VerifyError{Check: proto.CheckFormat, Err: errors.New("the offer has no artifact URL")}
+	}
+	abs, err := u.resolve(raw)
+	if err != nil {
+		return &proto.VerifyError{Check: proto.CheckFormat, Err: fmt.Errorf("artifact URL %q: %v", raw, err)}
+	}
+	if p, err := url.Parse(abs); err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" {
+		return &proto.VerifyError{Check: proto.CheckFormat, Err: fmt.Errorf("artifact URL %q is not an http(s) URL (relative to the control plane %q)", raw, u.opts.BaseURL)}
+	}
+	return nil
+}
+
+// unwaitLocked drops the waiting offer. Unless it is next's own (the same
+// manifest, offered again), it is reported failed: next superseded it.
+func (u *Updater) unwaitLocked(next *job) {
+	if w := u.waiting; w != nil && !bytes.Equal(w.j.Manifest, next.Manifest) {
+		u.report(w.j, proto.UpdateFailed, func(r *proto.UpdateReport) { r.Reason = "superseded by " + next.m.Version })
+	}
+	u.waiting = nil
+}
+
+// identify fills the release's identity (target, version, counter, size)
+// from a manifest that did not pass verification, so that the refusal is
+// filed under the release the control plane offered. These are the
+// manifest's claims, unverified: they address a report, nothing else.
+func identify(m *proto.Manifest, signed []byte) bool {
+	if m.Target != "" && m.Counter != 0 {
+		return true
+	}
+	claimed, err := proto.DecodeManifestUnverified(signed)
+	if err != nil {
+		return false
+	}
+	m.Target, m.Version, m.Counter, m.Size = claimed.Target, claimed.Version, claimed.Counter, claimed.Size
+	return true
+}
+
+// holdsLocked reports whether m's target and counter are of a release the
+// device installed, is installing or keeps waiting.
+func (u *Updater) holdsLocked(m proto.Manifest) bool {
+	same := func(o proto.Manifest) bool { return o.Target == m.Target && o.Counter == m.Counter }
+	return u.st.Installed[m.Target].Counter == m.Counter ||
+		(u.st.Job != nil && same(u.st.Job.m)) || (u.waiting != nil && same(u.waiting.j.m))
+}
+
+// RefusalReport is the rejected report of an offer refused before its
+// manifest was verified (the agent has no root key to verify it with, the
+// command is malformed), addressed with the manifest's unverified claims.
+func RefusalReport(cmd proto.Command, check proto.Check, reason string) proto.UpdateReport {
+	r := proto.UpdateReport{State: proto.UpdateRejected, Check: string(check), Reason: reason, Rollout: cmd.Rollout}
+	if cmd.Update != nil {
+		var m proto.Manifest
+		if identify(&m, cmd.Update.Manifest) {
+			r.Target, r.Version, r.Counter, r.Size = m.Target, m.Version, m.Counter, m.Size
+		}
+	}
+	return r
+}
+
 // verifyLocked runs every check on a manifest (and the key list that
 // comes with it, or the one held), in the order of the trust model.
-func (u *Updater) verifyLocked(signed, keys []byte) (proto.Manifest, proto.KeyList, error) {
-	var m proto.Manifest
+//
+// When the clock cannot be trusted (it reads before the floor), the checks
+// run at the floor instead, the earliest the time can really be: what
+// fails there (a bad signature, the wrong hardware, metadata expired even
+// then) is refused for good, and clockErr says that what passed still
+// needs trusted time. Nothing is written then.
+func (u *Updater) verifyLocked(signed, keys []byte) (m proto.Manifest, clockErr, err error) {
 	if len(signed) > proto.MaxManifestSize {
-		return m, proto.KeyList{}, &proto.VerifyError{Check: proto.CheckSize, Err: fmt.Errorf("manifest of %d bytes", len(signed))}
+		return m, nil, &proto.VerifyError{Check: proto.CheckSize, Err: fmt.Errorf("manifest of %d bytes", len(signed))}
 	}
-	now, err := u.trustedNow()
-	if err != nil {
-		return m, proto.KeyList{}, err
+	now, clockErr := u.trustedNow()
+	if clockErr != nil {
+		now = u.floor()
 	}
 	var held *proto.KeyList
 	if u.st.KeyList != nil {
@@ -386,46 +538,60 @@ func (u *Updater) verifyLocked(signed, keys []byte) (proto.Manifest, proto.KeyLi
 	switch {
 	case keys != nil:
 		if kl, err = proto.OpenKeyList(keys, u.opts.Roots); err != nil {
-			return m, kl, err
+			return m, clockErr, err
 		}
 		if err := kl.Check(held, now); err != nil {
-			return m, kl, err
+			return m, clockErr, err
 		}
-		if held == nil || kl.Version > held.Version {
+		if clockErr == nil && (held == nil || kl.Version > held.Version) {
 			// A newer list (rotations, revocations) holds from now on,
 			// whatever becomes of the manifest that brought it.
 			u.st.KeyList = keys
 			if err := u.saveLocked(); err != nil {
-				return m, kl, fmt.Errorf("update state: %w", err)
+				return m, clockErr, fmt.Errorf("update state: %w", err)
 			}
 		}
 	case held != nil:
 		kl = *held
 		if err := kl.Check(nil, now); err != nil {
-			return m, kl, err
+			return m, clockErr, err
 		}
 	default:
-		return m, kl, &proto.VerifyError{Check: proto.CheckKeyList, Err: errors.New("no release key list offered or held")}
+		return m, clockErr, &proto.VerifyError{Check: proto.CheckKeyList, Err: errors.New("no release key list offered or held")}
 	}
 	if m, err = proto.OpenManifest(signed, kl, now); err != nil {
-		return m, kl, err
+		return m, clockErr, err
 	}
 	if _, ok := u.opts.Installers[m.Target]; !ok {
-		return m, kl, &proto.VerifyError{Check: proto.CheckTarget, Err: fmt.Errorf("%w %q", ErrNoUpdater, m.Target)}
+		return m, clockErr, &proto.VerifyError{Check: proto.CheckTarget, Err: fmt.Errorf("%w %q: this device installs %s", ErrNoUpdater, m.Target, u.targets())}
 	}
 	if !slices.Contains(m.Hardware, u.opts.Hardware) {
-		return m, kl, &proto.VerifyError{Check: proto.CheckHardware, Err: fmt.Errorf("built for %v, this device is %q", m.Hardware, u.opts.Hardware)}
+		this := fmt.Sprintf("this device is hardware %q", u.opts.Hardware)
+		if u.opts.Hardware == "" {
+			this = "this device has no hardware revision configured"
+		}
+		return m, clockErr, &proto.VerifyError{Check: proto.CheckHardware, Err: fmt.Errorf("%s, the release is for %s", this, strings.Join(m.Hardware, ", "))}
 	}
 	if len(m.Arch) > 0 && !slices.Contains(m.Arch, u.opts.Arch) {
-		return m, kl, &proto.VerifyError{Check: proto.CheckHardware, Err: fmt.Errorf("built for %v, this device is %s", m.Arch, u.opts.Arch)}
+		return m, clockErr, &proto.VerifyError{Check: proto.CheckHardware, Err: fmt.Errorf("this device is %s, the release is for %s", u.opts.Arch, strings.Join(m.Arch, ", "))}
 	}
 	if m.Size > u.opts.MaxArtifactSize {
-		return m, kl, &proto.VerifyError{Check: proto.CheckSize, Err: fmt.Errorf("artifact of %d bytes, more than %d", m.Size, u.opts.MaxArtifactSize)}
+		return m, clockErr, &proto.VerifyError{Check: proto.CheckSize, Err: fmt.Errorf("artifact of %d bytes, more than %d", m.Size, u.opts.MaxArtifactSize)}
 	}
 	if m.Delta != nil {
-		return m, kl, &proto.VerifyError{Check: proto.CheckFormat, Err: errors.New("delta releases are not supported by this agent")}
+		return m, clockErr, &proto.VerifyError{Check: proto.CheckFormat, Err: errors.New("delta releases are not supported by this agent")}
 	}
-	return m, kl, nil
+	return m, clockErr, nil
+}
+
+// targets lists the targets this device has installers for.
+func (u *Updater) targets() string {
+	var ts []string
+	for t := range u.opts.Installers {
+		ts = append(ts, t)
+	}
+	slices.Sort(ts)
+	return strings.Join(ts, ", ")
 }
 
 // Confirm records the control plane's acknowledgement of a trial.
@@ -436,10 +602,15 @@ func (u *Updater) Confirm(counter uint64) {
 	u.poke()
 }
 
-// Cancel abandons a job that has not started installing.
+// Cancel abandons a job that has not started installing, and an offer
+// that waits for a device condition.
 func (u *Updater) Cancel() {
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	if w := u.waiting; w != nil {
+		u.report(w.j, proto.UpdateFailed, func(r *proto.UpdateReport) { r.Reason = "cancelled by the control plane" })
+		u.waiting = nil
+	}
 	if j := u.st.Job; j != nil && (j.Phase == phaseDownload || j.Phase == phaseVerified) {
 		u.report(j, proto.UpdateFailed, func(r *proto.UpdateReport) { r.Reason = "cancelled by the control plane" })
 		u.st.Job = nil
