@@ -34,6 +34,12 @@ type Store interface {
 	Events(ctx context.Context, id string, after int64, limit int) ([]store.Event, error)
 	FleetHealth(ctx context.Context) (store.FleetHealth, error)
 	TokenHash(ctx context.Context, name string) ([]byte, error)
+	SetLabels(ctx context.Context, changes []store.LabelChange) error
+	Import(ctx context.Context, devices []store.LabelChange, now time.Time) (int, error)
+	SetProfile(ctx context.Context, name string, hash []byte, labels map[string]string, now time.Time) error
+	Profiles(ctx context.Context) ([]store.Profile, error)
+	DeleteProfile(ctx context.Context, name string) error
+	ProfileByToken(ctx context.Context, hash []byte) (store.Profile, error)
 	AddAudit(ctx context.Context, a store.Audit) (int64, error)
 	AuditLog(ctx context.Context, target string, limit int) ([]store.Audit, error)
 }
@@ -74,8 +80,12 @@ type API struct {
 	limit    echo.MiddlewareFunc
 }
 
-// MaxBody caps request bodies (release uploads have their own limit).
+// MaxBody caps request bodies (release uploads and inventory imports have
+// their own limits).
 const MaxBody = 64 << 10
+
+// MaxImportBody caps an inventory import: 100,000 devices with a few labels.
+const MaxImportBody = 16 << 20
 
 // New builds the handler.
 func New(opts Options) *API {
@@ -106,10 +116,17 @@ func New(opts Options) *API {
 			a.routeRollouts(opts.Rollouts)
 		}
 	}
+	// An inventory of a whole fleet is larger than other bodies.
+	e.POST("/api/v1/devices/import", a.importDevices, auth, middleware.BodyLimit(fmt.Sprint(MaxImportBody>>10)+"K"))
 	g := e.Group("/api/v1", auth, a.limit)
 	g.GET("/devices", a.listDevices)
 	g.POST("/devices", a.addDevice)
 	g.GET("/devices/:id", a.getDevice)
+	g.PATCH("/devices/:id/labels", a.labelDevice)
+	g.POST("/devices/labels", a.labelDevices)
+	g.GET("/enroll-profiles", a.listProfiles)
+	g.POST("/enroll-profiles", a.createProfile)
+	g.DELETE("/enroll-profiles/:name", a.deleteProfile)
 	g.DELETE("/devices/:id", a.revokeDevice)
 	g.GET("/devices/:id/telemetry", a.telemetry)
 	g.GET("/devices/:id/events", a.deviceEvents)
@@ -157,7 +174,11 @@ func (a *API) errorHandler(err error, c echo.Context) {
 		a.log.Error("request failed", "method", c.Request().Method, "path", c.Path(), "err", err)
 	}
 	if code == http.StatusRequestEntityTooLarge {
-		msg = fmt.Sprintf("request body larger than %d bytes", MaxBody)
+		limit := MaxBody
+		if c.Path() == "/api/v1/devices/import" {
+			limit = MaxImportBody
+		}
+		msg = fmt.Sprintf("request body larger than %d bytes", limit)
 	}
 	if c.Request().Method == http.MethodHead {
 		_ = c.NoContent(code)

@@ -127,6 +127,16 @@ func TestEnrollAndDevices(t *testing.T) {
 	if code, body := e.do(t, "POST", "/api/v1/enroll", e.enroll, `{"device_id":"d2"}`); code != 200 {
 		t.Fatalf("enroll with bearer: %d %s", code, body)
 	}
+	// What a device says about itself does not group it: only an
+	// operator's label does.
+	code, body = e.do(t, "GET", "/api/v1/devices?selector=base=zurich", e.admin, "")
+	if code != 200 || strings.TrimSpace(body) != "[]" {
+		t.Fatalf("a device's own label selected it: %d %s", code, body)
+	}
+	if code, body := e.do(t, "PATCH", "/api/v1/devices/d1/labels", e.admin, `{"set":{"base":"zurich","hw":"rev-b"}}`); code != 200 ||
+		!strings.Contains(body, `"labels":{"base":"zurich","hw":"rev-b"}`) || !strings.Contains(body, `"reported_labels":{"base":"zurich"}`) {
+		t.Fatalf("label: %d %s", code, body)
+	}
 	code, body = e.do(t, "GET", "/api/v1/devices?selector=base=zurich", e.admin, "")
 	if code != 200 || !strings.Contains(body, `"id":"d1"`) || strings.Contains(body, `"id":"d2"`) {
 		t.Fatalf("list: %d %s", code, body)

@@ -2,6 +2,7 @@ package api
 
 import (
 	"errors"
+	"fmt"
 	"net/http"
 	"strconv"
 	"time"
@@ -41,12 +42,18 @@ func (a *API) enroll(c echo.Context) error {
 	if tok == "" {
 		tok = bearer(c.Request())
 	}
-	if !a.checkToken(c.Request().Context(), TokenEnroll, tok) {
+	ctx := c.Request().Context()
+	var profile store.Profile
+	var err error
+	if tok != "" {
+		profile, err = a.opts.Store.ProfileByToken(ctx, broker.HashPassword(tok))
+	}
+	if tok == "" || err != nil {
 		a.opts.Metrics.Enrollments.WithLabelValues("bad_token").Inc()
 		a.log.Warn("enrollment refused: bad token", "device", req.DeviceID, "remote", c.RealIP())
 		return echo.NewHTTPError(http.StatusUnauthorized, "invalid enrollment token")
 	}
-	cred, err := a.issue(c, req.DeviceID, req.Hardware, req.Labels, false)
+	cred, err := a.issue(c, enrollment{id: req.DeviceID, hardware: req.Hardware, labels: req.Labels, profile: profile})
 	if errors.Is(err, store.ErrRevoked) {
 		a.opts.Metrics.Enrollments.WithLabelValues("revoked").Inc()
 		return echo.NewHTTPError(http.StatusForbidden, "device "+req.DeviceID+" is revoked; an operator must add it again")
@@ -56,42 +63,55 @@ func (a *API) enroll(c echo.Context) error {
 		return err
 	}
 	a.opts.Metrics.Enrollments.WithLabelValues("ok").Inc()
-	a.log.Info("device enrolled", "device", req.DeviceID, "hardware", req.Hardware)
+	a.log.Debug("device enrolled", "device", req.DeviceID, "hardware", req.Hardware, "profile", profile.Name)
 	return c.JSON(http.StatusOK, cred)
+}
+
+// enrollment is a credential to issue: a device's own enrollment (with the
+// profile of its token) or an operator's add.
+type enrollment struct {
+	id, hardware string
+	labels       map[string]string
+	profile      store.Profile
+	operator     bool
 }
 
 // issue validates and stores a new credential for a device and hands it to
 // the broker.
-func (a *API) issue(c echo.Context, id, hardware string, labels map[string]string, operator bool) (Credential, error) {
-	if err := proto.ValidateDeviceID(id); err != nil {
+func (a *API) issue(c echo.Context, e enrollment) (Credential, error) {
+	if err := proto.ValidateDeviceID(e.id); err != nil {
 		return Credential{}, badRequest("%v", err)
 	}
-	if err := proto.ValidateLabels(labels); err != nil {
+	if err := proto.ValidateLabels(e.labels); err != nil {
 		return Credential{}, badRequest("%v", err)
 	}
-	if len(hardware) > proto.MaxLabelValueLen {
+	if len(e.hardware) > proto.MaxLabelValueLen {
 		return Credential{}, badRequest("hardware longer than %d characters", proto.MaxLabelValueLen)
 	}
 	password := NewSecret("hgd_")
 	ctx := c.Request().Context()
 	if _, err := a.opts.Store.Enroll(ctx, store.Enrollment{
-		ID: id, Hardware: hardware, Labels: labels, Operator: operator,
+		ID: e.id, Hardware: e.hardware, Labels: e.labels, Profile: e.profile.Labels, Operator: e.operator,
 		CredHash: broker.HashPassword(password), Now: a.opts.Now(),
 	}); err != nil {
 		return Credential{}, err
 	}
-	if err := a.opts.Bus.Provision(ctx, id, password); err != nil {
+	if err := a.opts.Bus.Provision(ctx, e.id, password); err != nil {
 		return Credential{}, echo.NewHTTPError(http.StatusBadGateway, "broker refused the device account").SetInternal(err)
 	}
-	actor := "device:" + id
+	actor := "device:" + e.id
 	action := "device.enroll"
-	if operator {
+	var attrs map[string]string
+	if e.profile.Name != "" && e.profile.Name != TokenEnroll {
+		attrs = map[string]string{"profile": e.profile.Name}
+	}
+	if e.operator {
 		actor, action = a.actor(c), "device.add"
 	}
-	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: actor, Action: action, Target: id})
+	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: actor, Action: action, Target: e.id, Attrs: attrs})
 	return Credential{
-		DeviceID: id, MQTTURL: a.opts.MQTTURL(c.Request()), Username: id, Password: password,
-		TopicPrefix: proto.TopicPrefix + "/dev/" + id,
+		DeviceID: e.id, MQTTURL: a.opts.MQTTURL(c.Request()), Username: e.id, Password: password,
+		TopicPrefix: proto.TopicPrefix + "/dev/" + e.id,
 	}, nil
 }
 
@@ -107,7 +127,7 @@ func (a *API) addDevice(c echo.Context) error {
 	if err := decodeJSON(c, &req); err != nil {
 		return err
 	}
-	cred, err := a.issue(c, req.ID, req.Hardware, req.Labels, true)
+	cred, err := a.issue(c, enrollment{id: req.ID, hardware: req.Hardware, labels: req.Labels, operator: true})
 	if err != nil {
 		return err
 	}
@@ -291,4 +311,189 @@ func (a *API) fleetHealth(c echo.Context) error {
 		return err
 	}
 	return c.JSON(http.StatusOK, h)
+}
+
+// LabelRequest is the body of PATCH /api/v1/devices/:id/labels: operator
+// labels to set and to remove.
+type LabelRequest struct {
+	Set    map[string]string `json:"set,omitempty"`
+	Remove []string          `json:"remove,omitempty"`
+}
+
+// LabelsRequest is the body of POST /api/v1/devices/labels (several
+// devices in one change) and POST /api/v1/devices/import (devices not
+// known yet are pre-provisioned).
+type LabelsRequest struct {
+	Devices []store.LabelChange `json:"devices"`
+}
+
+// checkLabelChanges validates label changes; an import may name a device
+// with no labels (pre-provisioned all the same), a label change may not.
+func (a *API) checkLabelChanges(cs []store.LabelChange, allowEmpty bool) error {
+	if len(cs) == 0 {
+		return badRequest("no devices")
+	}
+	seen := make(map[string]bool, len(cs))
+	for _, c := range cs {
+		if err := proto.ValidateDeviceID(c.Device); err != nil {
+			return badRequest("%v", err)
+		}
+		if seen[c.Device] {
+			return badRequest("device %s appears twice", c.Device)
+		}
+		seen[c.Device] = true
+		if err := proto.ValidateLabels(c.Set); err != nil {
+			return badRequest("device %s: %v", c.Device, err)
+		}
+		for _, k := range c.Remove {
+			if err := proto.ValidateLabels(map[string]string{k: "x"}); err != nil {
+				return badRequest("device %s: remove: %v", c.Device, err)
+			}
+			if _, ok := c.Set[k]; ok {
+				return badRequest("device %s: label %s both set and removed", c.Device, k)
+			}
+		}
+		if len(c.Set) == 0 && len(c.Remove) == 0 && !allowEmpty {
+			return badRequest("device %s: nothing to set or remove", c.Device)
+		}
+	}
+	return nil
+}
+
+func (a *API) setLabels(c echo.Context, cs []store.LabelChange) error {
+	if err := a.checkLabelChanges(cs, false); err != nil {
+		return err
+	}
+	ctx := c.Request().Context()
+	if err := a.opts.Store.SetLabels(ctx, cs); err != nil {
+		if errors.Is(err, store.ErrNotFound) {
+			return echo.NewHTTPError(http.StatusNotFound, err.Error()+" (nothing was changed; pre-provision devices with import)")
+		}
+		return err
+	}
+	for _, ch := range cs {
+		_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: a.actor(c), Action: "device.label", Target: ch.Device,
+			Attrs: labelAttrs(ch)})
+	}
+	return nil
+}
+
+func labelAttrs(ch store.LabelChange) map[string]string {
+	attrs := map[string]string{}
+	for k, v := range ch.Set {
+		attrs["set:"+k] = v
+	}
+	for _, k := range ch.Remove {
+		attrs["remove:"+k] = ""
+	}
+	return attrs
+}
+
+func (a *API) labelDevice(c echo.Context) error {
+	id, err := a.deviceID(c)
+	if err != nil {
+		return err
+	}
+	var req LabelRequest
+	if err := decodeJSON(c, &req); err != nil {
+		return err
+	}
+	if err := a.setLabels(c, []store.LabelChange{{Device: id, Set: req.Set, Remove: req.Remove}}); err != nil {
+		return err
+	}
+	d, err := a.opts.Store.Device(c.Request().Context(), id)
+	if err != nil {
+		return notFound(err, "device "+id)
+	}
+	return c.JSON(http.StatusOK, d)
+}
+
+func (a *API) labelDevices(c echo.Context) error {
+	var req LabelsRequest
+	if err := decodeJSON(c, &req); err != nil {
+		return err
+	}
+	if err := a.setLabels(c, req.Devices); err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, map[string]int{"labelled": len(req.Devices)})
+}
+
+// ImportResult is the answer to an inventory import.
+type ImportResult struct {
+	Created  int `json:"created"`  // pre-provisioned: awaiting their enrollment
+	Labelled int `json:"labelled"` // known already: labels set
+}
+
+func (a *API) importDevices(c echo.Context) error {
+	var req LabelsRequest
+	if err := decodeJSON(c, &req); err != nil {
+		return err
+	}
+	if err := a.checkLabelChanges(req.Devices, true); err != nil {
+		return err
+	}
+	ctx := c.Request().Context()
+	created, err := a.opts.Store.Import(ctx, req.Devices, a.opts.Now())
+	if err != nil {
+		return err
+	}
+	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: a.actor(c), Action: "device.import",
+		Attrs: map[string]string{"devices": fmt.Sprint(len(req.Devices)), "created": fmt.Sprint(created)}})
+	return c.JSON(http.StatusOK, ImportResult{Created: created, Labelled: len(req.Devices) - created})
+}
+
+// ProfileRequest is the body of POST /api/v1/enroll-profiles.
+type ProfileRequest struct {
+	Name   string            `json:"name"`
+	Labels map[string]string `json:"labels"`
+}
+
+// ProfileToken is a new enrollment profile with its token (shown once).
+type ProfileToken struct {
+	store.Profile
+	Token string `json:"token"`
+}
+
+func (a *API) createProfile(c echo.Context) error {
+	var req ProfileRequest
+	if err := decodeJSON(c, &req); err != nil {
+		return err
+	}
+	if err := proto.ValidateLabels(map[string]string{req.Name: "x"}); err != nil || req.Name == "" {
+		return badRequest("profile name %q: letters, digits, '-', '_' and '.', as a label key", req.Name)
+	}
+	if err := proto.ValidateLabels(req.Labels); err != nil {
+		return badRequest("%v", err)
+	}
+	if len(req.Labels) == 0 {
+		return badRequest("a profile gives labels: at least one")
+	}
+	tok := NewSecret("hge_")
+	now := a.opts.Now()
+	ctx := c.Request().Context()
+	if err := a.opts.Store.SetProfile(ctx, req.Name, broker.HashPassword(tok), req.Labels, now); err != nil {
+		return err
+	}
+	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: now, Actor: a.actor(c), Action: "enroll-profile.create", Target: req.Name,
+		Attrs: req.Labels})
+	return c.JSON(http.StatusCreated, ProfileToken{Profile: store.Profile{Name: req.Name, Labels: req.Labels, Created: now.UTC()}, Token: tok})
+}
+
+func (a *API) listProfiles(c echo.Context) error {
+	ps, err := a.opts.Store.Profiles(c.Request().Context())
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, ps)
+}
+
+func (a *API) deleteProfile(c echo.Context) error {
+	name := c.Param("name")
+	ctx := c.Request().Context()
+	if err := a.opts.Store.DeleteProfile(ctx, name); err != nil {
+		return notFound(err, "enrollment profile "+name)
+	}
+	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: a.actor(c), Action: "enroll-profile.delete", Target: name})
+	return c.NoContent(http.StatusNoContent)
 }

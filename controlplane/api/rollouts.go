@@ -17,12 +17,12 @@ import (
 
 // Rollouts is what the rollout endpoints need (rollout.Applier).
 type Rollouts interface {
-	Create(ctx context.Context, s rollout.Spec, actor string) (rollout.Rollout, error)
-	Act(ctx context.Context, id, op, actor, reason string) (rollout.Rollout, error)
+	Create(ctx context.Context, s rollout.Spec, actor string) (rollout.Rollout, rollout.Preview, error)
+	Act(ctx context.Context, id string, op rollout.Op, actor, reason string) (rollout.Rollout, error)
 	Status(ctx context.Context, id string) (rollout.StatusReport, error)
 	List(ctx context.Context) ([]rollout.Rollout, error)
-	DryRun(ctx context.Context, s rollout.Spec) (map[int][]string, int, error)
-	Devices(ctx context.Context, id, state string) ([]rollout.MemberReport, error)
+	DryRun(ctx context.Context, s rollout.Spec) (rollout.Preview, error)
+	Devices(ctx context.Context, id string, state rollout.MemberState) ([]rollout.MemberReport, error)
 }
 
 // CreateRollout is the body of POST /api/v1/rollouts.
@@ -39,6 +39,7 @@ type CreateRollout struct {
 	Budgets          []string         `json:"budgets,omitempty"` // label:N or label:P%
 	Windows          []string         `json:"windows,omitempty"` // HH:MM-HH:MM UTC
 	DeferredDeadline rollout.Duration `json:"deferred_deadline,omitempty"`
+	OfflineDeadline  rollout.Duration `json:"offline_deadline,omitempty"`
 	OnFailure        string           `json:"on_failure,omitempty"`
 	AutoRevert       bool             `json:"auto_revert,omitempty"`
 	Start            bool             `json:"start,omitempty"`
@@ -46,17 +47,11 @@ type CreateRollout struct {
 	Reason           string           `json:"reason,omitempty"`
 }
 
-// DryRunResult shows which devices each stage would take.
-type DryRunResult struct {
-	Targeted int           `json:"targeted"`
-	Stages   []DryRunStage `json:"stages"`
-	Spec     rollout.Spec  `json:"spec"`
-}
-
-// DryRunStage is one stage of a dry run.
-type DryRunStage struct {
-	Stage   string   `json:"stage"`
-	Devices []string `json:"devices"`
+// CreateResult is the answer to POST /api/v1/rollouts: the rollout
+// created (absent for a dry run) and the devices each stage takes.
+type CreateResult struct {
+	Rollout *rollout.Rollout `json:"rollout,omitempty"`
+	rollout.Preview
 }
 
 // ActRequest is the body of POST /api/v1/rollouts/:id/:action.
@@ -141,7 +136,7 @@ func (a *API) specFrom(ctx context.Context, req CreateRollout) (rollout.Spec, er
 		s.Limits.Windows = append(s.Limits.Windows, win)
 	}
 	s.FromVersions, s.MinCanary, s.Gates, s.OnFailure, s.AutoRevert = req.FromVersions, req.MinCanary, req.Gates, req.OnFailure, req.AutoRevert
-	s.Limits.MaxInFlight, s.Limits.DeferredDeadline = req.MaxInFlight, req.DeferredDeadline
+	s.Limits.MaxInFlight, s.Limits.DeferredDeadline, s.Limits.OfflineDeadline = req.MaxInFlight, req.DeferredDeadline, req.OfflineDeadline
 	if req.Strata != nil {
 		s.Strata = req.Strata
 	}
@@ -163,26 +158,39 @@ func (a *API) createRollout(c echo.Context) error {
 		return err
 	}
 	if req.DryRun {
-		stages, targeted, err := a.rollouts.DryRun(ctx, spec)
+		p, err := a.rollouts.DryRun(ctx, spec)
 		if err != nil {
-			return err
+			return rolloutError(err)
 		}
-		out := DryRunResult{Targeted: targeted, Spec: spec}
-		for i, st := range spec.Stages {
-			out.Stages = append(out.Stages, DryRunStage{Stage: st.String(), Devices: append([]string{}, stages[i]...)})
-		}
-		return c.JSON(http.StatusOK, out)
+		return c.JSON(http.StatusOK, CreateResult{Preview: p})
 	}
-	r, err := a.rollouts.Create(ctx, spec, a.actor(c))
+	r, p, err := a.rollouts.Create(ctx, spec, a.actor(c))
 	if err != nil {
-		return badRequest("%v", err)
+		return rolloutError(err)
 	}
 	if req.Start {
 		if r, err = a.rollouts.Act(ctx, r.Spec.ID, rollout.OpStart, a.actor(c), req.Reason); err != nil {
 			return err
 		}
 	}
-	return c.JSON(http.StatusCreated, r)
+	return c.JSON(http.StatusCreated, CreateResult{Rollout: &r, Preview: p})
+}
+
+// rolloutError maps the engine's refusals to client errors.
+func rolloutError(err error) error {
+	switch {
+	case errors.Is(err, rollout.ErrNoTargets):
+		return echo.NewHTTPError(http.StatusUnprocessableEntity, err.Error())
+	case errors.Is(err, rollout.ErrState):
+		return echo.NewHTTPError(http.StatusConflict, err.Error())
+	case errors.Is(err, store.ErrNotFound):
+		return err
+	}
+	var he *echo.HTTPError
+	if errors.As(err, &he) {
+		return err
+	}
+	return badRequest("%v", err)
 }
 
 func (a *API) listRollouts(c echo.Context) error {
@@ -217,11 +225,9 @@ func (a *API) rolloutEvents(c echo.Context) error {
 }
 
 func (a *API) actRollout(c echo.Context) error {
-	op := c.Param("action")
-	switch op {
-	case rollout.OpStart, rollout.OpPause, rollout.OpResume, rollout.OpAbort, rollout.OpPromote, rollout.OpRevert:
-	default:
-		return echo.NewHTTPError(http.StatusNotFound, "unknown rollout action "+op)
+	op := rollout.Op(c.Param("action"))
+	if !slices.Contains(rollout.Ops, op) {
+		return echo.NewHTTPError(http.StatusNotFound, "unknown rollout action "+string(op))
 	}
 	var req ActRequest
 	if c.Request().ContentLength != 0 {
@@ -229,25 +235,26 @@ func (a *API) actRollout(c echo.Context) error {
 			return err
 		}
 	}
-	if op == rollout.OpPromote && req.Reason == "" {
-		return badRequest("promote needs a reason (it skips the rest of the stage's soak)")
-	}
 	r, err := a.rollouts.Act(c.Request().Context(), c.Param("id"), op, a.actor(c), req.Reason)
-	switch {
-	case errors.Is(err, rollout.ErrState):
-		return echo.NewHTTPError(http.StatusConflict, err.Error())
-	case err != nil:
+	if errors.Is(err, store.ErrNotFound) {
 		return notFound(err, "rollout "+c.Param("id"))
+	}
+	if err != nil {
+		return rolloutError(err)
 	}
 	return c.JSON(http.StatusOK, r)
 }
 
 // rolloutDevices lists the rollout's devices and where each stands;
-// ?state=failed (committed, in_progress, deferred, ...) filters.
+// ?state=failed (committed, in_progress, waiting, ...) filters.
 func (a *API) rolloutDevices(c echo.Context) error {
-	state := c.QueryParam("state")
+	state := rollout.MemberState(c.QueryParam("state"))
 	if state != "" && !slices.Contains(rollout.MemberStates, state) {
-		return echo.NewHTTPError(http.StatusBadRequest, "state must be one of "+strings.Join(rollout.MemberStates, ", "))
+		names := make([]string, len(rollout.MemberStates))
+		for i, s := range rollout.MemberStates {
+			names[i] = string(s)
+		}
+		return echo.NewHTTPError(http.StatusBadRequest, "state must be one of "+strings.Join(names, ", "))
 	}
 	ms, err := a.rollouts.Devices(c.Request().Context(), c.Param("id"), state)
 	if err != nil {

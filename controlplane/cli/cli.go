@@ -33,7 +33,8 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"serve", "[flags]", "run the control plane (embedded MQTT broker and SQLite by default)", runServe},
-		{"device", "ls|show|add|rm|update ...", "list, inspect, pre-provision, revoke and update devices", runDevice},
+		{"device", "ls|show|add|rm|update|label|import", "list, inspect, pre-provision, label, revoke and update devices", runDevice},
+		{"enroll-profile", "create|ls|rm", "enrollment tokens that give their devices labels", runProfile},
 		{"release", "keygen|keys|sign|verify|push|ls", "sign releases offline, push and list them", runRelease},
 		{"rollout", "create|ls|status|watch|start|...", "staged canary rollouts gated on health", runRollout},
 		{"events", "[--device ID]", "show recent device events", runEvents},
@@ -49,7 +50,7 @@ func commands() []command {
 func usage(w io.Writer) {
 	fmt.Fprintf(w, "hangar %s: control plane and operator CLI for drone fleets\n\nUsage: hangar COMMAND [flags]\n\nCommands:\n", Version)
 	for _, c := range commands() {
-		fmt.Fprintf(w, "  %-8s %-28s %s\n", c.name, c.args, c.help)
+		fmt.Fprintf(w, "  %-14s %-34s %s\n", c.name, c.args, c.help)
 	}
 	fmt.Fprintf(w, "\nOperator commands take --server URL (or HANGAR_SERVER, default %s), --token (or HANGAR_TOKEN,\n"+
 		"or the file given by --token-file, default %s) and -o table|json.\nRun 'hangar COMMAND -h' for a command's flags.\n", defaultServer, defaultTokenFile)

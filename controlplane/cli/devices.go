@@ -1,12 +1,15 @@
 package cli
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
+	"os"
 	"net/url"
 	"sort"
 	"strings"
@@ -36,8 +39,22 @@ func runDevice(ctx context.Context, g *globals, args []string) error {
 		return deviceUpdate(ctx, g, args)
 	case "updates":
 		return deviceUpdates(ctx, g, args)
+	case "label":
+		return deviceLabel(ctx, g, args)
+	case "import":
+		return deviceImport(ctx, g, args)
 	}
-	fmt.Fprintln(g.env.Stderr, "Usage: hangar device ls|show ID|add ID|rm ID|update ID --release V|updates ID [flags]")
+	fmt.Fprintln(g.env.Stderr, `Usage: hangar device ls|show|add|rm|update|updates|label|import ...
+
+  ls [--selector k=v] [--online true] [--version V]
+  show ID | updates ID
+  add ID [--hardware H] [--label k=v]   pre-provision with a credential (shown once)
+  rm ID [--reason R]                    revoke and disconnect
+  update ID --release V
+  label ID k=v [k2=v2] [k-]             set operator labels (k- removes k)
+  label --file FILE                     the same for many devices: lines "ID k=v k2=v2 k3-"
+  import FILE                           pre-provision devices not enrolled yet with their labels
+                                        (lines "ID k=v ..."), label those that are`)
 	return fmt.Errorf("%w: unknown device command %q", ErrUsage, sub)
 }
 
@@ -175,8 +192,18 @@ func deviceShow(ctx context.Context, g *globals, args []string) error {
 	row("id", d.ID)
 	row("status", onlineString(d))
 	row("version", dash(d.Version))
-	row("hardware", dash(d.Hardware))
+	row("hardware", dash(d.Hardware)+"  (reported)")
 	row("labels", labelString(d.Labels))
+	if len(d.ReportedLabels) > 0 {
+		row("reported labels", labelString(d.ReportedLabels)+"  (what the device says; not used for grouping)")
+	}
+	if d.HardwareMismatch {
+		row("hardware check", fmt.Sprintf("MISMATCH: labelled %s=%s, the device reports %s; left out of rollouts of hardware-specific releases",
+			store.HardwareLabel, d.Labels[store.HardwareLabel], d.Hardware))
+	}
+	if d.AwaitingEnrollment {
+		row("enrollment", "pre-provisioned, not enrolled yet")
+	}
 	row("last seen", ago(d.LastSeen))
 	row("boot epoch", fmt.Sprint(d.Boot))
 	row("dropped samples", fmt.Sprint(d.Dropped))
@@ -377,4 +404,239 @@ func plural(n int) string {
 		return ""
 	}
 	return "s"
+}
+
+// parseLabelArgs reads "k=v" (set) and "k-" (remove) arguments.
+func parseLabelArgs(args []string) (store.LabelChange, error) {
+	var ch store.LabelChange
+	for _, a := range args {
+		if k, ok := strings.CutSuffix(a, "-"); ok && !strings.Contains(a, "=") {
+			ch.Remove = append(ch.Remove, k)
+			continue
+		}
+		kv, err := proto.ParseSelector(a)
+		if err != nil || len(kv) == 0 {
+			return ch, fmt.Errorf("%q: want key=value or key- (remove)", a)
+		}
+		if ch.Set == nil {
+			ch.Set = map[string]string{}
+		}
+		maps.Copy(ch.Set, kv)
+	}
+	if err := proto.ValidateLabels(ch.Set); err != nil {
+		return ch, err
+	}
+	return ch, nil
+}
+
+// readInventory reads lines "ID k=v k2=v2 k3-" (or comma separated);
+// blank lines and lines starting with # are skipped.
+func readInventory(path string, env Env) ([]store.LabelChange, error) {
+	var r io.Reader = os.Stdin
+	if path != "-" {
+		f, err := os.Open(path)
+		if err != nil {
+			return nil, err
+		}
+		defer f.Close()
+		r = f
+	}
+	var out []store.LabelChange
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for n := 1; sc.Scan(); n++ {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		fields := strings.FieldsFunc(line, func(r rune) bool { return r == ',' || r == ' ' || r == '\t' })
+		if err := proto.ValidateDeviceID(fields[0]); err != nil {
+			return nil, fmt.Errorf("%s:%d: %v", path, n, err)
+		}
+		ch, err := parseLabelArgs(fields[1:])
+		if err != nil {
+			return nil, fmt.Errorf("%s:%d: %v", path, n, err)
+		}
+		ch.Device = fields[0]
+		out = append(out, ch)
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("%s: no devices", path)
+	}
+	return out, nil
+}
+
+func deviceLabel(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("device label")
+	g.register(fs)
+	file := fs.String("file", "", `label many devices: lines "ID k=v k2=v2 k3-" (- for standard input)`)
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	var changes []store.LabelChange
+	switch {
+	case *file != "" && len(pos) > 0:
+		return fmt.Errorf("%w: device label takes --file or ID LABELS, not both", ErrUsage)
+	case *file != "":
+		if changes, err = readInventory(*file, g.env); err != nil {
+			return err
+		}
+	case len(pos) < 2:
+		return fmt.Errorf("%w: device label ID key=value... (key- removes a label)", ErrUsage)
+	default:
+		if err := proto.ValidateDeviceID(pos[0]); err != nil {
+			return fmt.Errorf("%w: %v", ErrUsage, err)
+		}
+		ch, err := parseLabelArgs(pos[1:])
+		if err != nil {
+			return fmt.Errorf("%w: %v", ErrUsage, err)
+		}
+		ch.Device = pos[0]
+		changes = []store.LabelChange{ch}
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	if len(changes) == 1 {
+		var d store.Device
+		ch := changes[0]
+		if err := c.Do(ctx, http.MethodPatch, "/api/v1/devices/"+url.PathEscape(ch.Device)+"/labels", nil,
+			api.LabelRequest{Set: ch.Set, Remove: ch.Remove}, &d); err != nil {
+			return err
+		}
+		if g.output == "json" {
+			return printJSON(g.env.Stdout, d)
+		}
+		fmt.Fprintf(g.env.Stdout, "device %s: labels %s\n", d.ID, labelString(d.Labels))
+		return nil
+	}
+	for len(changes) > 0 {
+		chunk := changes[:min(len(changes), 500)]
+		changes = changes[len(chunk):]
+		if err := c.Do(ctx, http.MethodPost, "/api/v1/devices/labels", nil, api.LabelsRequest{Devices: chunk}, nil); err != nil {
+			return err
+		}
+		fmt.Fprintf(g.env.Stdout, "labelled %d devices\n", len(chunk))
+	}
+	return nil
+}
+
+func deviceImport(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("device import")
+	g.register(fs)
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return fmt.Errorf(`%w: device import FILE (lines "ID k=v k2=v2"; - for standard input)`, ErrUsage)
+	}
+	changes, err := readInventory(pos[0], g.env)
+	if err != nil {
+		return err
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	var total api.ImportResult
+	for len(changes) > 0 {
+		chunk := changes[:min(len(changes), 5000)]
+		changes = changes[len(chunk):]
+		var res api.ImportResult
+		if err := c.Do(ctx, http.MethodPost, "/api/v1/devices/import", nil, api.LabelsRequest{Devices: chunk}, &res); err != nil {
+			return err
+		}
+		total.Created += res.Created
+		total.Labelled += res.Labelled
+	}
+	if g.output == "json" {
+		return printJSON(g.env.Stdout, total)
+	}
+	fmt.Fprintf(g.env.Stdout, "%d devices pre-provisioned (they take their labels when they enroll), %d already known relabelled\n",
+		total.Created, total.Labelled)
+	return nil
+}
+
+func runProfile(ctx context.Context, g *globals, args []string) error {
+	sub := ""
+	if len(args) > 0 {
+		sub, args = args[0], args[1:]
+	}
+	fs := g.newFlags("enroll-profile " + sub)
+	g.register(fs)
+	var labels labelFlag
+	if sub == "create" {
+		fs.Var(&labels, "label", "label k=v given to devices that enroll with the profile's token (repeat)")
+	}
+	out := fs.String("out", "", "create: write the token to this file (mode 0600) instead of printing it")
+	switch sub {
+	case "create", "ls", "list", "rm", "delete":
+	default:
+		fmt.Fprintln(g.env.Stderr, `Usage: hangar enroll-profile create NAME --label k=v [--out FILE] | ls | rm NAME
+
+A profile is a named enrollment token: a device that enrolls with it gets
+the profile's labels (labels an operator pre-provisioned for it win).`)
+		return fmt.Errorf("%w: unknown enroll-profile command %q", ErrUsage, sub)
+	}
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	switch sub {
+	case "ls", "list":
+		var ps []store.Profile
+		if err := c.Do(ctx, http.MethodGet, "/api/v1/enroll-profiles", nil, nil, &ps); err != nil {
+			return err
+		}
+		if g.output == "json" {
+			return printJSON(g.env.Stdout, ps)
+		}
+		tw := tabwriter.NewWriter(g.env.Stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "NAME\tLABELS\tCREATED")
+		for _, p := range ps {
+			fmt.Fprintf(tw, "%s\t%s\t%s\n", p.Name, labelString(p.Labels), p.Created.Local().Format(time.DateTime))
+		}
+		return tw.Flush()
+	case "rm", "delete":
+		if len(pos) != 1 {
+			return fmt.Errorf("%w: enroll-profile rm NAME", ErrUsage)
+		}
+		if err := c.Do(ctx, http.MethodDelete, "/api/v1/enroll-profiles/"+url.PathEscape(pos[0]), nil, nil, nil); err != nil {
+			return err
+		}
+		fmt.Fprintf(g.env.Stdout, "enrollment profile %s removed: its token no longer enrolls devices\n", pos[0])
+		return nil
+	}
+	if len(pos) != 1 {
+		return fmt.Errorf("%w: enroll-profile create NAME --label k=v", ErrUsage)
+	}
+	if len(labels.m) == 0 {
+		return fmt.Errorf("%w: enroll-profile create needs --label k=v (the labels its devices get)", ErrUsage)
+	}
+	var pt api.ProfileToken
+	if err := c.Do(ctx, http.MethodPost, "/api/v1/enroll-profiles", nil, api.ProfileRequest{Name: pos[0], Labels: labels.m}, &pt); err != nil {
+		return err
+	}
+	if *out != "" {
+		if err := os.WriteFile(*out, []byte(pt.Token+"\n"), 0o600); err != nil {
+			return err
+		}
+		fmt.Fprintf(g.env.Stdout, "enrollment profile %s (%s): token written to %s\n", pt.Name, labelString(pt.Labels), *out)
+		return nil
+	}
+	if g.output == "json" {
+		return printJSON(g.env.Stdout, pt)
+	}
+	fmt.Fprintf(g.env.Stdout, "enrollment profile %s (%s). Its token (shown once):\n  %s\n", pt.Name, labelString(pt.Labels), pt.Token)
+	return nil
 }

@@ -4,8 +4,10 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/url"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -34,14 +36,15 @@ func runRollout(ctx context.Context, g *globals, args []string) error {
 		return rolloutEvents(ctx, g, args)
 	case "devices":
 		return rolloutDevices(ctx, g, args)
-	case rollout.OpStart, rollout.OpPause, rollout.OpResume, rollout.OpAbort, rollout.OpPromote, rollout.OpRevert:
-		return rolloutAct(ctx, g, sub, args)
+	}
+	if slices.Contains(rollout.Ops, rollout.Op(sub)) {
+		return rolloutAct(ctx, g, rollout.Op(sub), args)
 	}
 	fmt.Fprintln(g.env.Stderr, `Usage: hangar rollout create|ls|status|watch|events|devices|start|pause|resume|abort|promote|revert ...
 
   create --release V --selector k=v --stages 1%,10%,50%,100% [gates] [--dry-run] [--start]
   status ID | watch ID | events ID
-  devices ID [--state failed]  each device: stage, state, version, last report
+  devices ID [--state waiting] each device: stage, state, version, last report
   start|pause|resume|abort|revert ID [--reason R]
   promote ID --reason R      skip the rest of the current stage's soak`)
 	return fmt.Errorf("%w: unknown rollout command %q", ErrUsage, sub)
@@ -70,7 +73,9 @@ func rolloutCreate(ctx context.Context, g *globals, args []string) error {
 	soak := fs.Duration("soak", d.Soak.D(), "time a stage runs, healthy, before the next starts")
 	fs.Float64Var(&req.Gates.HealthMargin, "health-margin", d.HealthMargin, "how much worse (0.5 = 50%) the updated devices may be than the others")
 	fs.BoolVar(&req.Gates.HealthOff, "no-health", false, "do not compare health")
-	timeout := fs.Duration("device-timeout", d.DeviceTimeout.D(), "a device that neither commits nor fails within this counts as failed")
+	timeout := fs.Duration("device-timeout", d.DeviceTimeout.D(), "a device that acknowledged the offer and neither commits nor fails within this counts as failed")
+	replace := fs.Duration("replace-after", d.ReplaceAfter.D(), "a canary member unreachable this long is replaced by a reachable device of its stratum")
+	offline := fs.Duration("offline-deadline", rollout.DefaultLimits.OfflineDeadline.D(), "after completing, go on offering the release to members that come back for this long")
 	fs.IntVar(&req.MaxInFlight, "max-in-flight", rollout.DefaultLimits.MaxInFlight, "devices updating at once, at most")
 	fs.Var(&budgets, "budget", "keep devices of each value of a label ready: label:N or label:P% (repeat)")
 	fs.Var(&windows, "window", "offer only in this UTC window, HH:MM-HH:MM (repeat)")
@@ -87,36 +92,65 @@ func rolloutCreate(ctx context.Context, g *globals, args []string) error {
 		return err
 	}
 	req.Gates.Soak, req.Gates.DeviceTimeout, req.DeferredDeadline = rollout.Duration(*soak), rollout.Duration(*timeout), rollout.Duration(*deferred)
+	req.Gates.ReplaceAfter, req.OfflineDeadline = rollout.Duration(*replace), rollout.Duration(*offline)
 	req.Budgets, req.Windows, req.FromVersions = budgets, windows, from
 	c, err := g.client()
 	if err != nil {
 		return err
 	}
-	if req.DryRun {
-		var dr api.DryRunResult
-		if err := c.Do(ctx, http.MethodPost, "/api/v1/rollouts", nil, req, &dr); err != nil {
-			return err
-		}
-		if g.output == "json" {
-			return printJSON(g.env.Stdout, dr)
-		}
-		fmt.Fprintf(g.env.Stdout, "dry run: %s to %d devices\n", dr.Spec.Release, dr.Targeted)
-		total := 0
-		for i, st := range dr.Stages {
-			total += len(st.Devices)
-			fmt.Fprintf(g.env.Stdout, "stage %d (%s): %d new devices, %d in all: %s\n", i+1, st.Stage, len(st.Devices), total, preview(st.Devices, 8))
-		}
-		return nil
-	}
-	var r rollout.Rollout
-	if err := c.Do(ctx, http.MethodPost, "/api/v1/rollouts", nil, req, &r); err != nil {
+	var res api.CreateResult
+	if err := c.Do(ctx, http.MethodPost, "/api/v1/rollouts", nil, req, &res); err != nil {
 		return err
 	}
 	if g.output == "json" {
-		return printJSON(g.env.Stdout, r)
+		return printJSON(g.env.Stdout, res)
 	}
-	fmt.Fprintf(g.env.Stdout, "rollout %s: %s, %s, stages %s\n", r.Spec.ID, r.Spec.Release, r.State.Status, req.Stages)
+	w := g.env.Stdout
+	if req.DryRun {
+		fmt.Fprintf(w, "dry run: %s to %d devices (create with the same flags takes these, as long as the fleet does not change)\n", res.Spec.Release, res.Targeted)
+	} else {
+		fmt.Fprintf(w, "rollout %s: %s to %d devices, %s, stages %s\n", res.Rollout.Spec.ID, res.Spec.Release, res.Targeted, res.Rollout.State.Status, stagesList(res.Spec.Stages))
+	}
+	printPreview(w, res.Preview)
 	return nil
+}
+
+func stagesList(ss []rollout.Stage) string {
+	parts := make([]string, len(ss))
+	for i, s := range ss {
+		parts[i] = s.String()
+	}
+	return strings.Join(parts, ",")
+}
+
+// printPreview shows which devices each stage takes and which the
+// selector matches but the rollout leaves out.
+func printPreview(w io.Writer, p rollout.Preview) {
+	total := 0
+	for i, st := range p.Stages {
+		total += len(st.Devices)
+		offline := ""
+		if len(st.Offline) > 0 {
+			offline = fmt.Sprintf(" (%d offline now: offered when they come back)", len(st.Offline))
+		}
+		fmt.Fprintf(w, "stage %d (%s): %d new devices, %d in all%s: %s\n", i+1, st.Stage, len(st.Devices), total, offline, preview(st.Devices, 8))
+	}
+	if p.Canary != "" {
+		fmt.Fprintf(w, "canary: %s\n", p.Canary)
+	}
+	if len(p.Excluded) > 0 {
+		by := rollout.ExclusionCounts(p.Excluded)
+		fmt.Fprintf(w, "left out: %d devices the selector matches\n", len(p.Excluded))
+		for _, r := range slices.Sorted(maps.Keys(by)) {
+			var ids []string
+			for _, e := range p.Excluded {
+				if e.Reason == r {
+					ids = append(ids, e.Device)
+				}
+			}
+			fmt.Fprintf(w, "  %d %s: %s\n", by[r], r, preview(ids, 5))
+		}
+	}
 }
 
 func preview(ids []string, n int) string {
@@ -172,9 +206,9 @@ type fsAdder interface {
 	String(name, value, usage string) *string
 }
 
-func rolloutAct(ctx context.Context, g *globals, op string, args []string) error {
+func rolloutAct(ctx context.Context, g *globals, op rollout.Op, args []string) error {
 	var reason *string
-	id, err := rolloutID(g, op, args, func(fs fsAdder) { reason = fs.String("reason", "", "why (recorded in the rollout's events)") })
+	id, err := rolloutID(g, string(op), args, func(fs fsAdder) { reason = fs.String("reason", "", "why (recorded in the rollout's events)") })
 	if err != nil {
 		return err
 	}
@@ -183,7 +217,7 @@ func rolloutAct(ctx context.Context, g *globals, op string, args []string) error
 		return err
 	}
 	var r rollout.Rollout
-	if err := c.Do(ctx, http.MethodPost, "/api/v1/rollouts/"+url.PathEscape(id)+"/"+op, nil, api.ActRequest{Reason: *reason}, &r); err != nil {
+	if err := c.Do(ctx, http.MethodPost, "/api/v1/rollouts/"+url.PathEscape(id)+"/"+string(op), nil, api.ActRequest{Reason: *reason}, &r); err != nil {
 		return err
 	}
 	if g.output == "json" {
@@ -203,9 +237,9 @@ func bar(done, total, width int) string {
 
 func printStatus(w io.Writer, rep rollout.StatusReport) {
 	s, st := rep.Spec, rep.State
-	n := rep.Targeted
-	if rep.State.Status != rollout.StatusCreated {
-		n = rep.Members // once started, its devices are its members
+	n := rep.Members
+	if n == 0 {
+		n = rep.Targeted
 	}
 	sel := labelString(s.Selector)
 	if sel == "" {
@@ -221,6 +255,12 @@ func printStatus(w io.Writer, rep rollout.StatusReport) {
 		fmt.Fprintf(w, " (%s)", st.Reason)
 	}
 	fmt.Fprintln(w)
+	if rep.Unreached > 0 {
+		fmt.Fprintf(w, "waiting: %d members whose devices are off (not failures: offered when they come back)\n", rep.Unreached)
+	}
+	if st.Canary != "" {
+		fmt.Fprintf(w, "canary:  %s\n", st.Canary)
+	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "STAGE\tDEVICES\tPROGRESS\tSTATES")
 	for i, sr := range rep.Stages {
@@ -236,19 +276,52 @@ func printStatus(w io.Writer, rep rollout.StatusReport) {
 		fmt.Fprintf(tw, "%s%d (%s)\t%d\t%s\t%s\n", mark, i+1, sr.Stage, sr.Devices, bar(sr.States[rollout.MCommitted], sr.Devices, 20), strings.Join(parts, " "))
 	}
 	tw.Flush()
-	fmt.Fprintln(w, "gates of the current stage:")
-	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	for _, gr := range rep.Gates {
-		verdict := "holds"
-		switch {
-		case !gr.Judged:
-			verdict = "not judged yet"
-		case !gr.OK:
-			verdict = "FAILS"
+	if len(rep.Gates) > 0 {
+		fmt.Fprintln(w, "gates of the current stage:")
+		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		for _, gr := range rep.Gates {
+			fmt.Fprintf(tw, "  %s\t%.3g / %.3g\t%s\t%s\n", gr.Name, gr.Value, gr.Threshold, strings.ToUpper(verdictOf(gr)), gr.Why)
 		}
-		fmt.Fprintf(tw, "  %s\t%.3g / %.3g\t%s\t%s\n", gr.Name, gr.Value, gr.Threshold, verdict, gr.Why)
+		tw.Flush()
 	}
-	tw.Flush()
+	if len(rep.Strata) > 1 {
+		fmt.Fprintf(w, "by %s (judged within each as well):\n", rep.Strata[0].Label)
+		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "  VALUE\tMEMBERS\tCANARY\tREACHABLE\tCOMMITTED\tFAILED\tGATES")
+		for _, sr := range rep.Strata {
+			var gs []string
+			for _, gr := range sr.Gates {
+				if gr.Judged || len(sr.Gates) == 1 {
+					gs = append(gs, gr.Name+" "+verdictOf(gr))
+				}
+			}
+			held := ""
+			if sr.Held {
+				held = " (held: waiting for a canary device of its kind)"
+			}
+			fmt.Fprintf(tw, "  %s\t%d\t%d\t%d\t%d\t%d\t%s%s\n", dash(sr.Value), sr.Members, sr.Canary, sr.Reachable, sr.Committed, sr.Failed, strings.Join(gs, ", "), held)
+		}
+		tw.Flush()
+	}
+	if len(rep.Excluded) > 0 {
+		fmt.Fprintln(w, "left out:")
+		for _, r := range slices.Sorted(maps.Keys(rep.Excluded)) {
+			fmt.Fprintf(w, "  %d %s\n", rep.Excluded[r], r)
+		}
+	}
+}
+
+func verdictOf(g rollout.GateResult) string {
+	if g.Verdict != "" {
+		return g.Verdict
+	}
+	switch {
+	case !g.Judged:
+		return rollout.VerdictUnknown
+	case !g.OK:
+		return rollout.VerdictFails
+	}
+	return rollout.VerdictHolds
 }
 
 func rolloutStatus(ctx context.Context, g *globals, args []string, watch bool) error {
@@ -325,7 +398,11 @@ func rolloutEvents(ctx context.Context, g *globals, args []string) error {
 func rolloutDevices(ctx context.Context, g *globals, args []string) error {
 	var state *string
 	id, err := rolloutID(g, "devices", args, func(fs fsAdder) {
-		state = fs.String("state", "", "only devices in this state: "+strings.Join(rollout.MemberStates, ", "))
+		names := make([]string, len(rollout.MemberStates))
+		for i, s := range rollout.MemberStates {
+			names[i] = string(s)
+		}
+		state = fs.String("state", "", "only devices in this state: "+strings.Join(names, ", "))
 	})
 	if err != nil {
 		return err
@@ -352,7 +429,13 @@ func rolloutDevices(ctx context.Context, g *globals, args []string) error {
 		if m.Update != nil {
 			report, reason = string(m.Update.State), m.Update.Reason
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%v\t%s\t%s\n", m.Device, m.Stage, m.State, m.Version, m.Online, report, reason)
+		switch {
+		case m.ReplacedBy != "":
+			reason = strings.TrimSpace(reason + " (canary place given to " + m.ReplacedBy + " while unreachable)")
+		case m.Replaces != "":
+			reason = strings.TrimSpace(reason + " (in the canary instead of " + m.Replaces + ")")
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%v\t%s\t%s\n", m.Device, m.Stage, m.State, dash(m.Version), m.Online, dash(report), reason)
 	}
 	return tw.Flush()
 }

@@ -9,24 +9,25 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
-	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
 	"github.com/hangarfleet/hangar/proto"
 )
 
 // Store is what the applier reads and writes.
 type Store interface {
-	CreateRollout(ctx context.Context, r sqlite.RolloutRow, a store.Audit) error
-	Rollout(ctx context.Context, id string) (sqlite.RolloutRow, error)
-	Rollouts(ctx context.Context, statuses ...string) ([]sqlite.RolloutRow, error)
-	Members(ctx context.Context, rollout string) ([]sqlite.MemberRow, error)
+	CreateRollout(ctx context.Context, r store.RolloutRow, members []store.MemberRow, a store.Audit) error
+	Rollout(ctx context.Context, id string) (store.RolloutRow, error)
+	Rollouts(ctx context.Context, statuses ...string) ([]store.RolloutRow, error)
+	Members(ctx context.Context, rollout string) ([]store.MemberRow, error)
 	BusyDevices(ctx context.Context, statuses ...string) (map[string]string, error)
-	ApplyRollout(ctx context.Context, id string, state []byte, status string, members []sqlite.MemberRow, cmds []store.Command, audits []store.Audit, now time.Time) error
-	SetRolloutState(ctx context.Context, id string, state []byte, status string, a store.Audit) error
+	RolloutAcks(ctx context.Context, rollout string) (map[string]int64, error)
+	ApplyRollout(ctx context.Context, c store.RolloutChange) error
 	Devices(ctx context.Context, f store.DeviceFilter) ([]store.Device, error)
 	DeviceUpdates(ctx context.Context, device, target string, counter uint64) ([]store.DeviceUpdate, error)
 	Telemetry(ctx context.Context, id string, from, to time.Time, limit int) ([]store.TelemetryRow, error)
@@ -47,21 +48,48 @@ type Rollout struct {
 	Updated   time.Time `json:"updated"`
 }
 
-// Status is a rollout with what its last plan measured.
+// StatusReport is a rollout with what its last plan measured.
 type StatusReport struct {
 	Rollout
-	Stages   []StageReport  `json:"stages"`
-	Gates    []GateResult   `json:"gates"`
-	Counts   map[string]int `json:"counts"` // member states, stages up to the current one
-	Targeted int            `json:"targeted"`
-	Members  int            `json:"members"`
+	Stages   []StageReport       `json:"stages"`
+	Gates    []GateResult        `json:"gates"`
+	Strata   []StratumReport     `json:"strata,omitempty"`
+	Counts   map[MemberState]int `json:"counts"` // member states, stages up to the current one
+	Targeted int                 `json:"targeted"`
+	Members  int                 `json:"members"`
+	// Unreached counts members whose stage came and whose device is off.
+	Unreached int `json:"unreached"`
+	// Excluded summarises the devices the selector matches and the
+	// rollout leaves out, by reason.
+	Excluded map[string]int `json:"excluded,omitempty"`
 }
 
 // StageReport counts a stage's members.
 type StageReport struct {
-	Stage   string         `json:"stage"`
-	Devices int            `json:"devices"`
-	States  map[string]int `json:"states"`
+	Stage   string              `json:"stage"`
+	Devices int                 `json:"devices"`
+	States  map[MemberState]int `json:"states"`
+}
+
+// Preview is which devices each stage takes: what a dry run shows, and
+// what create took.
+type Preview struct {
+	Spec     Spec           `json:"spec"`
+	Targeted int            `json:"targeted"`
+	Stages   []PreviewStage `json:"stages"`
+	// Canary says why the first stage is larger than it asks.
+	Canary string `json:"canary,omitempty"`
+	// Excluded are the devices the selector matches that the rollout
+	// leaves out, each with why.
+	Excluded []Exclusion `json:"excluded"`
+}
+
+// PreviewStage is one stage of a Preview: the devices it adds, and of
+// those the ones offline now (offered when they come back).
+type PreviewStage struct {
+	Stage   string   `json:"stage"`
+	Devices []string `json:"devices"`
+	Offline []string `json:"offline"`
 }
 
 // Options configure an Applier.
@@ -71,8 +99,10 @@ type Options struct {
 	Logger   *slog.Logger
 	Now      func() time.Time
 	Interval time.Duration // between plans of every active rollout (default 2 s)
-	// HealthSample caps the devices whose telemetry is read per cohort.
-	HealthSample int
+	// HealthSample caps the devices whose telemetry is read per cohort,
+	// beside up to HealthPerStratum of each value of the first stratum.
+	HealthSample     int
+	HealthPerStratum int
 }
 
 // Applier runs Plan for active rollouts and carries out its decisions.
@@ -81,13 +111,9 @@ type Applier struct {
 	log  *slog.Logger
 	mu   sync.Mutex // one plan at a time
 	wake chan struct{}
-	// last outcome per rollout, for status reports
-	lastMu sync.Mutex
-	last   map[string]Outcome
 }
 
-// active statuses hold their devices; a reverting aborted rollout still
-// plans (to send reverts).
+// active statuses hold their devices.
 var activeStatuses = []string{string(StatusRunning), string(StatusPaused)}
 
 // New returns an applier.
@@ -104,7 +130,10 @@ func New(opts Options) *Applier {
 	if opts.HealthSample == 0 {
 		opts.HealthSample = 300
 	}
-	return &Applier{opts: opts, log: opts.Logger.With("component", "rollout"), wake: make(chan struct{}, 1), last: map[string]Outcome{}}
+	if opts.HealthPerStratum == 0 {
+		opts.HealthPerStratum = 30
+	}
+	return &Applier{opts: opts, log: opts.Logger.With("component", "rollout"), wake: make(chan struct{}, 1)}
 }
 
 // Poke plans at once (a device reported, an operator acted).
@@ -130,9 +159,11 @@ func (a *Applier) Run(ctx context.Context) {
 	}
 }
 
-// StepAll plans every rollout that is running, paused or reverting.
+// StepAll plans every rollout that is running or paused, aborted and
+// withdrawing or reverting, or completed and delivering to members that
+// come back.
 func (a *Applier) StepAll(ctx context.Context) {
-	rows, err := a.opts.Store.Rollouts(ctx, string(StatusRunning), string(StatusPaused), string(StatusAborted))
+	rows, err := a.opts.Store.Rollouts(ctx, string(StatusRunning), string(StatusPaused), string(StatusAborted), string(StatusCompleted))
 	if err != nil {
 		if ctx.Err() == nil {
 			a.log.Error("list rollouts", "err", err)
@@ -144,7 +175,7 @@ func (a *Applier) StepAll(ctx context.Context) {
 		var spec Spec
 		var st State
 		if json.Unmarshal(r.Spec, &spec) == nil && json.Unmarshal(r.State, &st) == nil && spec.Settled(st, now) {
-			continue // an old aborted rollout: not worth loading its members
+			continue // nothing left to do: not worth loading its members
 		}
 		if err := a.Step(ctx, r.ID); err != nil && ctx.Err() == nil {
 			a.log.Error("rollout step failed", "rollout", r.ID, "err", err)
@@ -152,25 +183,36 @@ func (a *Applier) StepAll(ctx context.Context) {
 	}
 }
 
+func rolloutOf(row store.RolloutRow) (Rollout, error) {
+	r := Rollout{Created: row.Created, CreatedBy: row.CreatedBy, Updated: row.Updated}
+	if err := json.Unmarshal(row.Spec, &r.Spec); err != nil {
+		return r, fmt.Errorf("rollout %s spec: %w", row.ID, err)
+	}
+	if err := json.Unmarshal(row.State, &r.State); err != nil {
+		return r, fmt.Errorf("rollout %s state: %w", row.ID, err)
+	}
+	return r, nil
+}
+
 func (a *Applier) load(ctx context.Context, id string) (Rollout, error) {
 	row, err := a.opts.Store.Rollout(ctx, id)
 	if err != nil {
 		return Rollout{}, err
 	}
-	r := Rollout{Created: row.Created, CreatedBy: row.CreatedBy, Updated: row.Updated}
-	if err := json.Unmarshal(row.Spec, &r.Spec); err != nil {
-		return r, fmt.Errorf("rollout %s spec: %w", id, err)
-	}
-	if err := json.Unmarshal(row.State, &r.State); err != nil {
-		return r, fmt.Errorf("rollout %s state: %w", id, err)
+	r, err := rolloutOf(row)
+	if err != nil {
+		return r, err
 	}
 	ms, err := a.opts.Store.Members(ctx, id)
 	if err != nil {
 		return r, err
 	}
 	r.State.Members = make(map[string]*Member, len(ms))
-	for _, m := range ms {
-		r.State.Members[m.Device] = &Member{Stage: m.Stage, Offered: m.Offered, Reverted: m.Reverted, Canceled: m.Canceled}
+	all := make([]Member, len(ms))
+	for i, m := range ms {
+		all[i] = Member{Stage: m.Stage, Offered: m.Offered, Offers: m.Offers, Withdrawn: m.Withdrawn, Reverted: m.Reverted,
+			Canceled: m.Canceled, ReplacedBy: m.ReplacedBy, Replaces: m.Replaces}
+		r.State.Members[m.Device] = &all[i]
 	}
 	return r, nil
 }
@@ -185,6 +227,12 @@ func (a *Applier) observe(ctx context.Context, r Rollout, now time.Time) ([]Devi
 	busy, err := a.opts.Store.BusyDevices(ctx, activeStatuses...)
 	if err != nil {
 		return nil, err
+	}
+	acks := map[string]int64{}
+	if len(r.State.Members) > 0 && s.ID != "" {
+		if acks, err = a.opts.Store.RolloutAcks(ctx, s.ID); err != nil {
+			return nil, err
+		}
 	}
 	reports := func(rel *ReleaseRef) (map[string]*Report, error) {
 		out := map[string]*Report{}
@@ -213,9 +261,16 @@ func (a *Applier) observe(ctx context.Context, r Rollout, now time.Time) ([]Devi
 		if d.Revoked {
 			continue
 		}
-		dev := Device{ID: d.ID, Labels: d.Labels, Version: d.Version, Online: d.Online, Update: upd[d.ID], Revert: rev[d.ID]}
+		dev := Device{ID: d.ID, Labels: d.Labels, Hardware: d.Hardware, Version: d.Version, Online: d.Online,
+			AwaitingEnrollment: d.AwaitingEnrollment, Update: upd[d.ID], Revert: rev[d.ID]}
+		if d.LastSeen != nil {
+			dev.LastSeen = d.LastSeen.UnixMilli()
+		}
 		if b := busy[d.ID]; b != "" && b != s.ID {
 			dev.Busy = b
+		}
+		if m := r.State.Members[d.ID]; m != nil && m.Offered > 0 {
+			dev.Acked = acks[OfferID(s.ID, d.ID, m.Offers)]
 		}
 		devs = append(devs, dev)
 	}
@@ -226,8 +281,11 @@ func (a *Applier) observe(ctx context.Context, r Rollout, now time.Time) ([]Devi
 }
 
 // health measures the updated devices and a sample of those not updated
-// yet over the soak window.
+// yet over the soak window: the first HealthSample of each cohort by rank,
+// and up to HealthPerStratum of each value of the first stratum label, so
+// that a rare hardware revision is compared with its own kind.
 func (a *Applier) health(ctx context.Context, r Rollout, devs []Device, from, to time.Time) {
+	spec := r.Spec.WithDefaults()
 	var updated, pending []*Device
 	for i := range devs {
 		d := &devs[i]
@@ -236,18 +294,22 @@ func (a *Applier) health(ctx context.Context, r Rollout, devs []Device, from, to
 			continue
 		}
 		switch {
-		case m.Stage <= r.State.Stage && m.Offered > 0 && r.Spec.memberState(m, d, to) == MCommitted:
+		case m.Stage <= r.State.Stage && m.live() && spec.memberState(m, d, true, r.State, to) == MCommitted:
 			updated = append(updated, d)
 		case m.Stage > r.State.Stage && m.Offered == 0:
 			pending = append(pending, d)
 		}
 	}
+	seed := spec.seed()
 	for _, group := range [][]*Device{updated, pending} {
-		slices.SortFunc(group, func(x, y *Device) int { return cmp.Compare(rank(x.ID, r.Spec.ID), rank(y.ID, r.Spec.ID)) })
-		if len(group) > a.opts.HealthSample {
-			group = group[:a.opts.HealthSample]
-		}
-		for _, d := range group {
+		slices.SortFunc(group, func(x, y *Device) int { return cmp.Compare(rank(x.ID, seed), rank(y.ID, seed)) })
+		perValue := map[string]int{}
+		for i, d := range group {
+			v := spec.stratumOf(d)
+			if i >= a.opts.HealthSample && perValue[v] >= a.opts.HealthPerStratum {
+				continue
+			}
+			perValue[v]++
 			rows, err := a.opts.Store.Telemetry(ctx, d.ID, from, to, 100000)
 			if err != nil {
 				continue
@@ -263,8 +325,8 @@ func (a *Applier) health(ctx context.Context, r Rollout, devs []Device, from, to
 }
 
 // Step plans one rollout and carries out the result: state, members,
-// commands and transitions are stored in one durable transaction, then the
-// commands are published.
+// commands, withdrawals and transitions are stored in one durable
+// transaction, then the commands are published.
 func (a *Applier) Step(ctx context.Context, id string) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -283,9 +345,6 @@ func (a *Applier) Step(ctx context.Context, id string) error {
 	}
 	t1 := time.Now()
 	out := Plan(r.Spec, r.State, devs, now)
-	a.lastMu.Lock()
-	a.last[id] = out
-	a.lastMu.Unlock()
 	t2 := time.Now()
 	err = a.apply(ctx, r, out, now)
 	a.log.Debug("rollout planned", "rollout", id, "devices", len(devs), "actions", len(out.Actions),
@@ -293,34 +352,44 @@ func (a *Applier) Step(ctx context.Context, id string) error {
 	return err
 }
 
-func (a *Applier) apply(ctx context.Context, r Rollout, out Outcome, now time.Time) error {
-	var members []sqlite.MemberRow
-	for dev, m := range out.State.Members {
-		old := r.State.Members[dev]
-		if old == m { // Plan copies on write: unchanged members are shared
+// changedMembers are the members Plan changed (it copies on write:
+// unchanged members are shared with the old state).
+func changedMembers(old, now map[string]*Member) []store.MemberRow {
+	var out []store.MemberRow
+	for dev, m := range now {
+		o := old[dev]
+		if o == m || (o != nil && *o == *m) {
 			continue
 		}
-		if old == nil || *old != *m {
-			members = append(members, sqlite.MemberRow{Device: dev, Stage: m.Stage, Offered: m.Offered, Reverted: m.Reverted, Canceled: m.Canceled})
-		}
+		out = append(out, store.MemberRow{Device: dev, Stage: m.Stage, Offered: m.Offered, Offers: m.Offers, Withdrawn: m.Withdrawn,
+			Reverted: m.Reverted, Canceled: m.Canceled, ReplacedBy: m.ReplacedBy, Replaces: m.Replaces})
 	}
-	stateChanged := out.State.Status != r.State.Status || out.State.Stage != r.State.Stage || out.State.GatesSince != r.State.GatesSince ||
-		out.State.Reverting != r.State.Reverting || out.State.Reason != r.State.Reason || out.State.Promoted != r.State.Promoted
-	if len(members) == 0 && len(out.Actions) == 0 && len(out.Transitions) == 0 && !stateChanged {
+	return out
+}
+
+func (a *Applier) apply(ctx context.Context, r Rollout, out Outcome, now time.Time) error {
+	members := changedMembers(r.State.Members, out.State.Members)
+	state, _ := json.Marshal(out.State)
+	old, _ := json.Marshal(r.State)
+	if len(members) == 0 && len(out.Actions) == 0 && len(out.Transitions) == 0 && string(old) == string(state) {
 		return nil
 	}
-	cmds, err := a.commands(ctx, r.Spec, out.Actions, now)
+	cmds, withdraw, err := a.commands(ctx, r.Spec, out.State, out.Actions, now)
 	if err != nil {
 		return err
 	}
 	var audits []store.Audit
 	for _, t := range out.Transitions {
-		audits = append(audits, store.Audit{Time: now, Actor: "rollout-engine", Action: "rollout.transition", Target: r.Spec.ID,
+		action := "rollout.transition"
+		if t.Action != "" {
+			action = "rollout." + t.Action
+		}
+		audits = append(audits, store.Audit{Time: now, Actor: "rollout-engine", Action: action, Target: r.Spec.ID,
 			Reason: t.Reason, Attrs: map[string]string{"from": t.From, "to": t.To, "stage": fmt.Sprint(t.Stage + 1)}})
-		a.log.Info("rollout transition", "rollout", r.Spec.ID, "from", t.From, "to", t.To, "reason", t.Reason)
+		a.log.Info("rollout "+strings.TrimPrefix(action, "rollout."), "rollout", r.Spec.ID, "from", t.From, "to", t.To, "reason", t.Reason)
 	}
-	state, _ := json.Marshal(out.State)
-	if err := a.opts.Store.ApplyRollout(ctx, r.Spec.ID, state, string(out.State.Status), members, cmds, audits, now); err != nil {
+	if err := a.opts.Store.ApplyRollout(ctx, store.RolloutChange{ID: r.Spec.ID, State: state, Status: string(out.State.Status),
+		Members: members, Commands: cmds, Withdraw: withdraw, Audits: audits, Now: now}); err != nil {
 		return err
 	}
 	if len(cmds) > 0 {
@@ -329,12 +398,27 @@ func (a *Applier) apply(ctx context.Context, r Rollout, out Outcome, now time.Ti
 	return nil
 }
 
-// commands turns actions into stored commands. Their ids are derived from
-// the rollout, device and kind, so a repeated action would be refused by
-// the store rather than sent twice.
-func (a *Applier) commands(ctx context.Context, s Spec, acts []Action, now time.Time) ([]store.Command, error) {
+// commandID derives a command's id from the rollout, the device, the kind
+// and the offer it belongs to, so that a repeated action is refused by the
+// store rather than sent twice, and an offer made again (after a
+// withdrawal) is a command of its own.
+func commandID(rollout, device, kind string, offers int) string {
+	switch kind {
+	case ActOffer:
+		return OfferID(rollout, device, offers)
+	case ActCancel:
+		if offers > 1 {
+			return fmt.Sprintf("%s:%s:cancel:%d", rollout, device, offers)
+		}
+	}
+	return rollout + ":" + device + ":" + kind
+}
+
+// commands turns actions into stored commands, and withdrawals into the
+// ids of the offers no longer to send.
+func (a *Applier) commands(ctx context.Context, s Spec, st State, acts []Action, now time.Time) ([]store.Command, []string, error) {
 	if len(acts) == 0 {
-		return nil, nil
+		return nil, nil, nil
 	}
 	var rel, rev store.Release
 	var err error
@@ -344,17 +428,26 @@ func (a *Applier) commands(ctx context.Context, s Spec, acts []Action, now time.
 	}
 	if need[ActOffer] {
 		if rel, err = a.opts.Store.Release(ctx, s.Release.Target, s.Release.Version); err != nil {
-			return nil, fmt.Errorf("release %s: %w", s.Release, err)
+			return nil, nil, fmt.Errorf("release %s: %w", s.Release, err)
 		}
 	}
 	if need[ActRevert] {
 		if rev, err = a.opts.Store.Release(ctx, s.Revert.Target, s.Revert.Version); err != nil {
-			return nil, fmt.Errorf("revert release %s: %w", s.Revert, err)
+			return nil, nil, fmt.Errorf("revert release %s: %w", s.Revert, err)
 		}
 	}
 	out := make([]store.Command, 0, len(acts))
+	var withdraw []string
 	for _, act := range acts {
-		c := proto.Command{ID: s.ID + ":" + act.Device + ":" + act.Kind, Rollout: s.ID, Issued: now.UnixMilli()}
+		offers := 0
+		if m := st.Members[act.Device]; m != nil {
+			offers = m.Offers
+		}
+		if act.Kind == ActWithdraw {
+			withdraw = append(withdraw, OfferID(s.ID, act.Device, offers))
+			continue
+		}
+		c := proto.Command{ID: commandID(s.ID, act.Device, act.Kind, offers), Rollout: s.ID, Issued: now.UnixMilli()}
 		switch act.Kind {
 		case ActOffer:
 			c.Kind, c.Update = proto.CmdUpdate, rel.Offer()
@@ -365,11 +458,11 @@ func (a *Applier) commands(ctx context.Context, s Spec, acts []Action, now time.
 		}
 		body, err := proto.Marshal(&c)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		out = append(out, store.Command{ID: c.ID, Device: act.Device, Kind: string(c.Kind), Body: body, Rollout: s.ID, Created: now})
 	}
-	return out, nil
+	return out, withdraw, nil
 }
 
 // NewID returns a rollout id.
@@ -379,93 +472,184 @@ func NewID() string {
 	return "r-" + hex.EncodeToString(b[:])
 }
 
-// Create validates and stores a rollout (status created).
-func (a *Applier) Create(ctx context.Context, s Spec, actor string) (Rollout, error) {
+// ErrNoTargets is returned for a rollout that would take no device.
+var ErrNoTargets = errors.New("no device to roll out to")
+
+// prepare fills a new spec's defaults, seed and id.
+func prepare(s Spec) (Spec, error) {
+	s = s.WithDefaults()
+	if err := s.Validate(); err != nil {
+		return s, err
+	}
+	if s.Seed == "" {
+		s.Seed = s.DeriveSeed()
+	}
+	return s, nil
+}
+
+// preview plans a rollout that has not started: which devices each stage
+// takes, and which the selector matches but the rollout leaves out.
+func (a *Applier) preview(ctx context.Context, s Spec, now time.Time) (Preview, State, error) {
+	st := State{Status: StatusCreated, Members: map[string]*Member{}}
+	devs, err := a.observe(ctx, Rollout{Spec: s, State: st}, now)
+	if err != nil {
+		return Preview{}, st, err
+	}
+	out := Plan(s, st, devs, now)
+	p := Preview{Spec: s, Targeted: out.Targeted, Canary: out.State.Canary, Excluded: out.Excluded}
+	if p.Excluded == nil {
+		p.Excluded = []Exclusion{}
+	}
+	if out.Targeted == 0 {
+		return p, out.State, noTargets(s, devs, out.Excluded)
+	}
+	online := make(map[string]bool, len(devs))
+	for _, d := range devs {
+		online[d.ID] = d.Online
+	}
+	p.Stages = make([]PreviewStage, len(s.Stages))
+	for i, stage := range s.Stages {
+		p.Stages[i] = PreviewStage{Stage: stage.String(), Devices: []string{}, Offline: []string{}}
+	}
+	for id, m := range out.State.Members {
+		ps := &p.Stages[m.Stage]
+		ps.Devices = append(ps.Devices, id)
+		if !online[id] {
+			ps.Offline = append(ps.Offline, id)
+		}
+	}
+	for i := range p.Stages {
+		slices.Sort(p.Stages[i].Devices)
+		slices.Sort(p.Stages[i].Offline)
+	}
+	return p, out.State, nil
+}
+
+// noTargets says why a rollout would take nothing: the selector matches no
+// device, or every one it matches is left out (grouped by reason).
+func noTargets(s Spec, devs []Device, excl []Exclusion) error {
+	sel := selectorString(s.Selector)
+	if len(devs) == 0 || len(excl) == 0 {
+		if sel == "" {
+			return fmt.Errorf("%w: no device is enrolled", ErrNoTargets)
+		}
+		return fmt.Errorf("%w: selector %s matches no device", ErrNoTargets, sel)
+	}
+	by := ExclusionCounts(excl)
+	reasons := slices.Sorted(maps.Keys(by))
+	parts := make([]string, len(reasons))
+	for i, r := range reasons {
+		parts[i] = fmt.Sprintf("%d %s", by[r], r)
+	}
+	what := "every device"
+	if sel != "" {
+		what = "every device the selector " + sel + " matches"
+	}
+	return fmt.Errorf("%w: %s is left out: %s", ErrNoTargets, what, strings.Join(parts, "; "))
+}
+
+// ExclusionCounts counts exclusions by reason.
+func ExclusionCounts(excl []Exclusion) map[string]int {
+	by := map[string]int{}
+	for _, e := range excl {
+		by[e.Reason]++
+	}
+	return by
+}
+
+func selectorString(sel map[string]string) string {
+	keys := slices.Sorted(maps.Keys(sel))
+	parts := make([]string, len(keys))
+	for i, k := range keys {
+		parts[i] = k + "=" + sel[k]
+	}
+	return strings.Join(parts, ",")
+}
+
+// DryRun shows which devices each stage of a rollout would take, and which
+// are left out and why; Create with the same spec takes the same devices
+// as long as the fleet has not changed.
+func (a *Applier) DryRun(ctx context.Context, s Spec) (Preview, error) {
+	s, err := prepare(s)
+	if err != nil {
+		return Preview{}, err
+	}
+	if s.ID == "" {
+		s.ID = "dry-run"
+	}
+	p, _, err := a.preview(ctx, s, a.opts.Now())
+	return p, err
+}
+
+// Create validates a rollout and stores it (status created) with its
+// members: the devices each stage takes are decided now, as the dry run
+// showed them.
+func (a *Applier) Create(ctx context.Context, s Spec, actor string) (Rollout, Preview, error) {
+	s, err := prepare(s)
+	if err != nil {
+		return Rollout{}, Preview{}, err
+	}
 	if s.ID == "" {
 		s.ID = NewID()
 	}
-	s = s.WithDefaults()
-	if err := s.Validate(); err != nil {
-		return Rollout{}, err
-	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
 	now := a.opts.Now()
-	st := State{Status: StatusCreated}
+	p, st, err := a.preview(ctx, s, now)
+	if err != nil {
+		return Rollout{}, p, err
+	}
 	spec, _ := json.Marshal(s)
 	state, _ := json.Marshal(st)
-	err := a.opts.Store.CreateRollout(ctx, sqlite.RolloutRow{ID: s.ID, Spec: spec, State: state, Status: string(st.Status),
-		Created: now, CreatedBy: actor, Updated: now},
-		store.Audit{Time: now, Actor: actor, Action: "rollout.create", Target: s.ID,
-			Attrs: map[string]string{"release": s.Release.String(), "stages": stagesString(s.Stages)}})
-	if err != nil {
-		return Rollout{}, err
+	members := changedMembers(nil, st.Members)
+	attrs := map[string]string{"release": s.Release.String(), "stages": stagesString(s.Stages), "members": fmt.Sprint(len(members))}
+	if st.Canary != "" {
+		attrs["canary"] = st.Canary
 	}
-	return Rollout{Spec: s, State: st, Created: now, CreatedBy: actor, Updated: now}, nil
+	err = a.opts.Store.CreateRollout(ctx, store.RolloutRow{ID: s.ID, Spec: spec, State: state, Status: string(st.Status),
+		Created: now, CreatedBy: actor, Updated: now}, members,
+		store.Audit{Time: now, Actor: actor, Action: "rollout.create", Target: s.ID, Attrs: attrs})
+	if err != nil {
+		return Rollout{}, p, err
+	}
+	st.Members = nil
+	return Rollout{Spec: s, State: st, Created: now, CreatedBy: actor, Updated: now}, p, nil
 }
 
 func stagesString(ss []Stage) string {
-	out := ""
+	parts := make([]string, len(ss))
 	for i, s := range ss {
-		if i > 0 {
-			out += ","
-		}
-		out += s.String()
+		parts[i] = s.String()
 	}
-	return out
+	return strings.Join(parts, ",")
 }
 
-// Operator actions.
-const (
-	OpStart   = "start"
-	OpPause   = "pause"
-	OpResume  = "resume"
-	OpAbort   = "abort"
-	OpPromote = "promote"
-	OpRevert  = "revert"
-)
-
-// ErrState is returned for an operator action the rollout's status does
-// not allow.
-var ErrState = errors.New("not allowed in this state")
-
-// Act applies an operator's action, recorded with who and why.
-func (a *Applier) Act(ctx context.Context, id, op, actor, reason string) (Rollout, error) {
+// Act applies an operator's action (State.Apply), recorded with who and
+// why.
+func (a *Applier) Act(ctx context.Context, id string, op Op, actor, reason string) (Rollout, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	r, err := a.load(ctx, id)
+	row, err := a.opts.Store.Rollout(ctx, id)
+	if err != nil {
+		return Rollout{}, err
+	}
+	r, err := rolloutOf(row)
 	if err != nil {
 		return r, err
 	}
-	st := &r.State
 	now := a.opts.Now()
-	from := st.Status
-	switch {
-	case op == OpStart && st.Status == StatusCreated:
-		st.Status, st.Stage, st.StageStarted = StatusRunning, 0, now.UnixMilli()
-	case op == OpPause && st.Status == StatusRunning:
-		st.Status, st.Reason = StatusPaused, "paused by "+actor
-	case op == OpResume && st.Status == StatusPaused:
-		st.Status, st.Reason, st.GatesSince = StatusRunning, "", 0
-	case op == OpAbort && (st.Status == StatusRunning || st.Status == StatusPaused || st.Status == StatusCreated):
-		st.Status, st.Reason, st.Ended = StatusAborted, "aborted by "+actor, now.UnixMilli()
-	case op == OpPromote && (st.Status == StatusRunning || st.Status == StatusPaused):
-		st.Promoted = true
-	case op == OpRevert && r.Spec.Revert != nil && st.Status != StatusCompleted && st.Status != StatusCreated:
-		st.Reverting = true
-		if st.Status == StatusRunning {
-			st.Status = StatusPaused
-		}
-	default:
-		return r, fmt.Errorf("%s a rollout that is %s: %w", op, st.Status, ErrState)
-	}
-	if reason != "" && (op == OpPause || op == OpAbort) {
-		st.Reason += ": " + reason
-	}
-	state, _ := json.Marshal(st)
-	err = a.opts.Store.SetRolloutState(ctx, id, state, string(st.Status), store.Audit{Time: now, Actor: actor, Action: "rollout." + op,
-		Target: id, Reason: reason, Attrs: map[string]string{"from": string(from), "to": string(st.Status), "stage": fmt.Sprint(st.Stage + 1)}})
+	next, tr, err := r.State.Apply(r.Spec.WithDefaults(), op, actor, reason, now)
 	if err != nil {
 		return r, err
 	}
+	state, _ := json.Marshal(next)
+	err = a.opts.Store.ApplyRollout(ctx, store.RolloutChange{ID: id, State: state, Status: string(next.Status), Now: now,
+		Audits: []store.Audit{{Time: now, Actor: actor, Action: "rollout." + string(op), Target: id, Reason: reason,
+			Attrs: map[string]string{"from": tr.From, "to": tr.To, "stage": fmt.Sprint(next.Stage + 1)}}}})
+	if err != nil {
+		return r, err
+	}
+	r.State = next
 	a.Poke()
 	return r, nil
 }
@@ -481,17 +665,15 @@ func (a *Applier) List(ctx context.Context) ([]Rollout, error) {
 	}
 	out := make([]Rollout, 0, len(rows))
 	for _, row := range rows {
-		r := Rollout{Created: row.Created, CreatedBy: row.CreatedBy, Updated: row.Updated}
-		_ = json.Unmarshal(row.Spec, &r.Spec)
-		_ = json.Unmarshal(row.State, &r.State)
+		r, _ := rolloutOf(row)
 		out = append(out, r)
 	}
 	return out, nil
 }
 
 // Status reports a rollout with what the engine measures now: per stage
-// counts and each gate against its threshold. For a rollout not planned
-// by the applier (created, completed), it plans without acting.
+// counts, each gate against its threshold, overall and per stratum. It
+// plans without acting.
 func (a *Applier) Status(ctx context.Context, id string) (StatusReport, error) {
 	r, err := a.load(ctx, id)
 	if err != nil {
@@ -502,54 +684,63 @@ func (a *Applier) Status(ctx context.Context, id string) (StatusReport, error) {
 	if err != nil {
 		return StatusReport{}, err
 	}
-	st := r.State.Clone()
-	if st.Status == StatusCreated {
-		// The blast radius: which devices each stage would take.
-		st.Status = StatusRunning
-	}
-	out := Plan(r.Spec, st, devs, now)
-	rep := StatusReport{Rollout: r, Gates: out.Gates, Counts: out.Counts, Targeted: out.Targeted, Members: len(out.State.Members)}
-	byID := map[string]*Device{}
+	out := Plan(r.Spec, r.State.Clone(), devs, now)
+	rep := StatusReport{Rollout: r, Gates: out.Gates, Strata: out.Strata, Counts: out.Counts, Targeted: out.Targeted,
+		Members: len(r.State.Members), Unreached: out.Unreached, Excluded: ExclusionCounts(out.Excluded)}
+	rep.State.Members = nil
+	byID := make(map[string]*Device, len(devs))
 	for i := range devs {
 		byID[devs[i].ID] = &devs[i]
 	}
 	spec := r.Spec.WithDefaults()
 	rep.Stages = make([]StageReport, len(spec.Stages))
 	for i, s := range spec.Stages {
-		rep.Stages[i] = StageReport{Stage: s.String(), States: map[string]int{}}
+		rep.Stages[i] = StageReport{Stage: s.String(), States: map[MemberState]int{}}
 	}
-	for dev, m := range out.State.Members {
+	targeted := targetedSet(out)
+	for dev, m := range r.State.Members {
 		if m.Stage < len(rep.Stages) {
 			rep.Stages[m.Stage].Devices++
-			orig := r.State.Members[dev]
-			if orig == nil {
-				orig = &Member{Stage: m.Stage}
-			}
-			rep.Stages[m.Stage].States[spec.memberState(orig, byID[dev], now)]++
+			rep.Stages[m.Stage].States[spec.memberState(m, byID[dev], targeted[dev], r.State, now)]++
 		}
 	}
 	return rep, nil
 }
 
-// Plan runs the engine on a rollout without acting: which devices each
-// stage would take (the dry run).
+// targetedSet: every device but those the outcome left out.
+func targetedSet(out Outcome) map[string]bool {
+	ex := make(map[string]bool, len(out.Excluded))
+	for _, e := range out.Excluded {
+		ex[e.Device] = true
+	}
+	t := make(map[string]bool, len(out.State.Members))
+	for id := range out.State.Members {
+		t[id] = !ex[id]
+	}
+	return t
+}
+
 // MemberReport is where one device stands in a rollout.
 type MemberReport struct {
-	Device   string     `json:"device"`
-	Stage    int        `json:"stage"` // 1-based
-	State    string     `json:"state"`
-	Version  string     `json:"version,omitempty"`
-	Online   bool       `json:"online"`
-	Offered  *time.Time `json:"offered,omitempty"`
-	Canceled *time.Time `json:"canceled,omitempty"`
-	Reverted *time.Time `json:"reverted,omitempty"`
-	Update   *Report    `json:"update,omitempty"` // the device's last report on the release
-	Revert   *Report    `json:"revert,omitempty"` // and on the revert release
+	Device     string      `json:"device"`
+	Stage      int         `json:"stage"` // 1-based
+	State      MemberState `json:"state"`
+	Version    string      `json:"version,omitempty"`
+	Online     bool        `json:"online"`
+	Offered    *time.Time  `json:"offered,omitempty"`
+	Acked      *time.Time  `json:"acked,omitempty"`
+	Withdrawn  *time.Time  `json:"withdrawn,omitempty"`
+	Canceled   *time.Time  `json:"canceled,omitempty"`
+	Reverted   *time.Time  `json:"reverted,omitempty"`
+	ReplacedBy string      `json:"replaced_by,omitempty"`
+	Replaces   string      `json:"replaces,omitempty"`
+	Update     *Report     `json:"update,omitempty"` // the device's last report on the release
+	Revert     *Report     `json:"revert,omitempty"` // and on the revert release
 }
 
 // Devices lists a rollout's members, in stage then device order, with
 // their state (all states when state is empty).
-func (a *Applier) Devices(ctx context.Context, id, state string) ([]MemberReport, error) {
+func (a *Applier) Devices(ctx context.Context, id string, state MemberState) ([]MemberReport, error) {
 	r, err := a.load(ctx, id)
 	if err != nil {
 		return nil, err
@@ -559,6 +750,8 @@ func (a *Applier) Devices(ctx context.Context, id, state string) ([]MemberReport
 	if err != nil {
 		return nil, err
 	}
+	out0 := Plan(r.Spec, r.State.Clone(), devs, now)
+	targeted := targetedSet(out0)
 	byID := make(map[string]*Device, len(devs))
 	for i := range devs {
 		byID[devs[i].ID] = &devs[i]
@@ -570,15 +763,18 @@ func (a *Applier) Devices(ctx context.Context, id, state string) ([]MemberReport
 		t := time.UnixMilli(ms).UTC()
 		return &t
 	}
+	spec := r.Spec.WithDefaults()
 	out := []MemberReport{}
 	for dev, m := range r.State.Members {
 		d := byID[dev]
-		mr := MemberReport{Device: dev, Stage: m.Stage + 1, State: r.Spec.memberState(m, d, now),
-			Offered: at(m.Offered), Canceled: at(m.Canceled), Reverted: at(m.Reverted)}
-		if d == nil {
-			mr.State = MGone
-		} else {
+		mr := MemberReport{Device: dev, Stage: m.Stage + 1, State: spec.memberState(m, d, targeted[dev], r.State, now),
+			Offered: at(m.Offered), Withdrawn: at(m.Withdrawn), Canceled: at(m.Canceled), Reverted: at(m.Reverted),
+			ReplacedBy: m.ReplacedBy, Replaces: m.Replaces}
+		if d != nil {
 			mr.Version, mr.Online, mr.Update, mr.Revert = d.Version, d.Online, d.Update, d.Revert
+			if ack, ok := acked(m, d); ok {
+				mr.Acked = at(ack)
+			}
 		}
 		if state == "" || mr.State == state {
 			out = append(out, mr)
@@ -588,24 +784,4 @@ func (a *Applier) Devices(ctx context.Context, id, state string) ([]MemberReport
 		return cmp.Or(cmp.Compare(x.Stage, y.Stage), cmp.Compare(x.Device, y.Device))
 	})
 	return out, nil
-}
-
-func (a *Applier) DryRun(ctx context.Context, s Spec) (map[int][]string, int, error) {
-	s = s.WithDefaults()
-	if s.ID == "" {
-		s.ID = "dry-run"
-	}
-	devs, err := a.observe(ctx, Rollout{Spec: s, State: State{Status: StatusRunning, Members: map[string]*Member{}}}, a.opts.Now())
-	if err != nil {
-		return nil, 0, err
-	}
-	out := Plan(s, State{Status: StatusRunning, Members: map[string]*Member{}}, devs, a.opts.Now())
-	stages := map[int][]string{}
-	for id, m := range out.State.Members {
-		stages[m.Stage] = append(stages[m.Stage], id)
-	}
-	for k := range stages {
-		slices.Sort(stages[k])
-	}
-	return stages, out.Targeted, nil
 }

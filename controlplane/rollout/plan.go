@@ -11,81 +11,29 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/proto"
 )
 
-// Status of a rollout.
-type Status string
-
-// Statuses. Created: waiting for start. Running: offering and judging.
-// Paused: judged, nothing offered, until resumed. Aborted and Completed
-// are final (an aborted rollout may still be reverting).
-const (
-	StatusCreated   Status = "created"
-	StatusRunning   Status = "running"
-	StatusPaused    Status = "paused"
-	StatusAborted   Status = "aborted"
-	StatusCompleted Status = "completed"
-)
-
-// Final says whether no operator action can change the status any more.
-func (s Status) Final() bool { return s == StatusAborted || s == StatusCompleted }
-
-// Settled says whether planning st can change nothing any more: completed,
-// or aborted longer than a device timeout ago (every offered device has
-// finished or counts as timed out).
+// Settled says whether planning st can change nothing any more: completed
+// and past its offline deadline (or with nobody left to reach), or aborted
+// longer than a device timeout ago (every offered device has finished or
+// counts as timed out).
 func (s Spec) Settled(st State, now time.Time) bool {
+	s = s.WithDefaults()
 	switch st.Status {
 	case StatusCompleted:
-		return true
+		return st.Unreached == 0 || now.Sub(time.UnixMilli(st.Ended)) > s.Limits.OfflineDeadline.D()
 	case StatusAborted:
-		return now.Sub(time.UnixMilli(st.Ended)) > s.WithDefaults().Gates.DeviceTimeout.D()
+		return now.Sub(time.UnixMilli(st.Ended)) > s.Gates.DeviceTimeout.D()
 	}
 	return false
-}
-
-// Member is a device's place in a rollout. It never changes stage.
-type Member struct {
-	Stage    int   `json:"stage"`
-	Offered  int64 `json:"offered,omitempty"`  // unix ms the release was offered; 0 not yet
-	Reverted int64 `json:"reverted,omitempty"` // unix ms the revert was offered
-	Canceled int64 `json:"canceled,omitempty"` // unix ms the offer was withdrawn
-}
-
-// State is a rollout's progress; the applier persists it.
-type State struct {
-	Status       Status `json:"status"`
-	Stage        int    `json:"stage"`         // the stage being rolled out (earlier ones passed)
-	StageStarted int64  `json:"stage_started"` // unix ms
-	GatesSince   int64  `json:"gates_since"`   // unix ms the gates (but the soak) first held in this stage
-	Promoted     bool   `json:"promoted,omitempty"`
-	Reverting    bool   `json:"reverting,omitempty"`
-	Reason       string `json:"reason,omitempty"`
-	// Ended is when the rollout became final (unix ms). An aborted
-	// rollout is still planned for a device timeout after that, to
-	// withdraw offers not yet installing and to revert late commits.
-	Ended   int64              `json:"ended,omitempty"`
-	Members map[string]*Member `json:"-"` // persisted per device
-}
-
-// Clone copies a state (members too).
-func (s State) Clone() State {
-	c := s
-	c.Members = make(map[string]*Member, len(s.Members))
-	all := make([]Member, len(s.Members)) // one allocation, not one per member
-	i := 0
-	for id, m := range s.Members {
-		all[i] = *m
-		c.Members[id] = &all[i]
-		i++
-	}
-	return c
 }
 
 // Report is a device's latest update report for one release.
 type Report struct {
 	State  proto.UpdateState `json:"state"`
-	At     int64             `json:"at"`
+	At     int64             `json:"at"` // unix ms the control plane received it
 	Reason string            `json:"reason,omitempty"`
 }
 
@@ -102,12 +50,19 @@ type Health struct {
 
 // Device is what the control plane knows of one device.
 type Device struct {
-	ID      string            `json:"id"`
-	Labels  map[string]string `json:"labels"`
-	Version string            `json:"version"`
-	Online  bool              `json:"online"`
+	ID       string            `json:"id"`
+	Labels   map[string]string `json:"labels"` // the operators'
+	Hardware string            `json:"hardware,omitempty"`
+	Version  string            `json:"version"`
+	Online   bool              `json:"online"`
+	LastSeen int64             `json:"last_seen,omitempty"` // unix ms
+	// AwaitingEnrollment: pre-provisioned, never enrolled.
+	AwaitingEnrollment bool `json:"awaiting_enrollment,omitempty"`
 	// Busy names another active rollout this device belongs to.
-	Busy   string  `json:"busy,omitempty"`
+	Busy string `json:"busy,omitempty"`
+	// Acked is when the device acknowledged its latest offer from this
+	// rollout (unix ms; 0 not yet).
+	Acked  int64   `json:"acked,omitempty"`
 	Update *Report `json:"update,omitempty"` // for the release
 	Revert *Report `json:"revert,omitempty"` // for the revert release
 	Health *Health `json:"health,omitempty"` // over the current stage's soak
@@ -115,9 +70,10 @@ type Device struct {
 
 // Action kinds.
 const (
-	ActOffer  = "offer"
-	ActRevert = "revert"
-	ActCancel = "cancel"
+	ActOffer    = "offer"
+	ActRevert   = "revert"
+	ActCancel   = "cancel"   // the device acknowledged the offer: ask it to drop the update
+	ActWithdraw = "withdraw" // it never did: the offer is not sent again
 )
 
 // Action is a command for a device.
@@ -126,36 +82,102 @@ type Action struct {
 	Device string `json:"device"`
 }
 
-// Transition is a change of status or stage, recorded with its reason.
+// Transition is a change of status or stage (or, with Action "replace", of
+// a canary member), recorded with its reason.
 type Transition struct {
 	From, To string
 	Stage    int
 	Reason   string
+	Action   string // the operator's action, "replace", or empty: the engine's decision
 }
 
-// Member states, as the engine sees them.
+// MemberState is where a member stands, as the engine sees it.
+type MemberState string
+
+// Member states.
 const (
-	MPending   = "pending"
-	MOffered   = "in_progress"
-	MDeferred  = "deferred"
-	MLate      = "deferred_past_deadline"
-	MCommitted = "committed"
-	MFailed    = "failed"
-	MTimedOut  = "timed_out"
-	MGone      = "gone" // a member no longer enrolled (rollout device view only)
+	MPending   MemberState = "pending"     // its stage has not come, or it is next in line
+	MWaiting   MemberState = "waiting"     // its stage came and the device is unreachable: off, or the offer not acknowledged
+	MOffered   MemberState = "in_progress" // offered and acknowledged (or on its way to an online device)
+	MDeferred  MemberState = "deferred"
+	MLate      MemberState = "deferred_past_deadline"
+	MCommitted MemberState = "committed"
+	MFailed    MemberState = "failed"
+	MTimedOut  MemberState = "timed_out"
+	MCanceled  MemberState = "canceled" // the offer was withdrawn or cancelled: paused, aborted or reverting
+	MExcluded  MemberState = "excluded" // no longer targeted: in another rollout, relabelled, hardware in question
+	MGone      MemberState = "gone"     // no longer enrolled
 )
 
 // MemberStates lists every member state, for filters and their checks.
-var MemberStates = []string{MPending, MOffered, MDeferred, MLate, MCommitted, MFailed, MTimedOut, MGone}
+var MemberStates = []MemberState{MPending, MWaiting, MOffered, MDeferred, MLate, MCommitted, MFailed, MTimedOut, MCanceled, MExcluded, MGone}
+
+// finished: the member's part is over, one way or another.
+func (m MemberState) finished() bool {
+	return m == MCommitted || m == MFailed || m == MTimedOut || m == MLate
+}
+
+// reachable: counted by the gates (the device could be, or was, reached).
+func (m MemberState) reachable() bool {
+	return m != MWaiting && m != MGone && m != MExcluded
+}
+
+func (m MemberState) inFlight() bool { return m == MOffered || m == MDeferred || m == MLate }
+
+// occupies says whether a member takes an in-flight slot: updating, or
+// offered and not acknowledged yet (the device went off as the offer went
+// out; the offer is withdrawn after a device timeout, freeing the slot).
+func occupies(m *Member, ms MemberState) bool { return ms.inFlight() || (ms == MWaiting && m.live()) }
+
+// Gate verdicts.
+const (
+	VerdictHolds   = "holds"
+	VerdictFails   = "fails"
+	VerdictWaiting = "waiting"    // not failed: time or devices still to come (the soak)
+	VerdictUnknown = "not judged" // not enough data yet
+)
 
 // GateResult is one gate's measurement, for operators.
 type GateResult struct {
 	Name      string  `json:"name"`
+	Stratum   string  `json:"stratum,omitempty"` // label=value: judged within it
 	Value     float64 `json:"value"`
 	Threshold float64 `json:"threshold"`
 	OK        bool    `json:"ok"`
 	Judged    bool    `json:"judged"` // false: not enough data yet
+	Verdict   string  `json:"verdict"`
 	Why       string  `json:"why"`
+}
+
+func (g *GateResult) verdict() {
+	switch {
+	case !g.Judged:
+		g.Verdict = VerdictUnknown
+	case g.OK:
+		g.Verdict = VerdictHolds
+	default:
+		g.Verdict = VerdictFails
+	}
+}
+
+// StratumReport is one value of the first stratum label, over the stages
+// rolled out so far.
+type StratumReport struct {
+	Label     string       `json:"label"`
+	Value     string       `json:"value"`
+	Members   int          `json:"members"`   // in the stages up to the current
+	Canary    int          `json:"canary"`    // of them in the first stage
+	Reachable int          `json:"reachable"` // counted by the gates
+	Committed int          `json:"committed"`
+	Failed    int          `json:"failed"` // failed, rolled back or timed out
+	Held      bool         `json:"held,omitempty"`
+	Gates     []GateResult `json:"gates"`
+}
+
+// Exclusion is a device the selector matches that the rollout leaves out.
+type Exclusion struct {
+	Device string `json:"device"`
+	Reason string `json:"reason"`
 }
 
 // Outcome is what Plan decided.
@@ -164,14 +186,19 @@ type Outcome struct {
 	Actions     []Action
 	Transitions []Transition
 	Gates       []GateResult
-	Counts      map[string]int // member states in the current stage
+	Strata      []StratumReport
+	Counts      map[MemberState]int // member states in the stages up to the current (all, once completed)
 	Targeted    int
+	Excluded    []Exclusion
+	// Unreached counts members whose stage came but whose device has not
+	// been reached (waiting).
+	Unreached int
 }
 
 // rank places a device in a rollout: deterministic, uniform in [0, 1).
-func rank(device, rollout string) float64 {
+func rank(device, seed string) float64 {
 	h := fnv.New64a()
-	h.Write([]byte(rollout))
+	h.Write([]byte(seed))
 	h.Write([]byte{0})
 	h.Write([]byte(device))
 	x := h.Sum64()
@@ -183,24 +210,47 @@ func rank(device, rollout string) float64 {
 	return float64(x>>11) / float64(1<<53)
 }
 
-// Targets reports whether the spec targets d (ignoring other rollouts).
-func (s Spec) Targets(d Device) bool {
+// Exclusion says why the spec leaves out a device its selector matches
+// ("" when it targets it). Other rollouts are the caller's to check.
+func (s Spec) Exclusion(d Device) string {
 	for k, v := range s.Selector {
 		if d.Labels[k] != v {
-			return false
+			return "not selected"
 		}
 	}
-	if len(s.Hardware) > 0 && !slices.Contains(s.Hardware, d.Labels["hw"]) {
-		return false
+	if d.AwaitingEnrollment {
+		return "pre-provisioned, not enrolled yet"
+	}
+	if len(s.Hardware) > 0 {
+		hw := d.Labels[store.HardwareLabel]
+		switch {
+		case hw == "":
+			return fmt.Sprintf("no %s label (the release is for %s; the device reports %q): label it", store.HardwareLabel, strings.Join(s.Hardware, ", "), d.Hardware)
+		case !slices.Contains(s.Hardware, hw):
+			return fmt.Sprintf("hardware %s (the release is for %s)", hw, strings.Join(s.Hardware, ", "))
+		case store.Mismatch(d.Labels, d.Hardware):
+			return fmt.Sprintf("labelled %s=%s but reports hardware %s", store.HardwareLabel, hw, d.Hardware)
+		}
 	}
 	if len(s.FromVersions) > 0 && !slices.Contains(s.FromVersions, d.Version) && d.Version != s.Release.Version {
-		return false
+		return fmt.Sprintf("runs %s, not a --from-version", orDash(d.Version))
 	}
-	return true
+	return ""
 }
 
-// stageSizes are the cumulative member counts of each stage for n targets.
-func (s Spec) stageSizes(n int) []int {
+// Targets reports whether the spec targets d (ignoring other rollouts).
+func (s Spec) Targets(d Device) bool { return s.Exclusion(d) == "" }
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// stageSizes are the cumulative member counts of each stage for n
+// targets, the first at least first.
+func (s Spec) stageSizes(n, first int) []int {
 	out := make([]int, len(s.Stages))
 	for i, st := range s.Stages {
 		c := st.Count
@@ -208,7 +258,7 @@ func (s Spec) stageSizes(n int) []int {
 			c = int(math.Ceil(st.Percent / 100 * float64(n)))
 		}
 		if i == 0 {
-			c = max(c, s.MinCanary)
+			c = max(c, s.MinCanary, first)
 		}
 		if i > 0 {
 			c = max(c, out[i-1])
@@ -221,101 +271,239 @@ func (s Spec) stageSizes(n int) []int {
 	return out
 }
 
-func (s Spec) stratum(d Device) string {
-	parts := make([]string, len(s.Strata))
-	for i, l := range s.Strata {
-		parts[i] = d.Labels[l]
+// firstLabel is the stratum label the canary covers and the gates judge
+// within ("" without strata).
+func (s Spec) firstLabel() string {
+	if len(s.Strata) == 0 {
+		return ""
 	}
-	return strings.Join(parts, "\x00")
+	return s.Strata[0]
 }
 
-// assign places devices that are not members yet. The first assignment
-// (an empty rollout) is stratified: devices are taken round-robin across
-// strata, each stratum in rank order, so that every hardware revision and
-// base has devices in the canary where the canary is big enough. Devices
-// that join later go to the stage their rank falls in.
-func (s Spec) assign(st *State, fresh []*Device) {
-	if len(fresh) == 0 {
+func (s Spec) stratumOf(d *Device) string {
+	if d == nil || len(s.Strata) == 0 {
+		return ""
+	}
+	return d.Labels[s.Strata[0]]
+}
+
+// member is a member with its device (nil when gone) and where it stands,
+// for one plan.
+type member struct {
+	id       string
+	m        *Member
+	d        *Device // nil: gone
+	targeted bool
+	state    MemberState
+	rank     float64
+}
+
+// planner holds one Plan's work: the spec, the state being changed (its
+// members copied on write) and the outcome.
+type planner struct {
+	spec    Spec
+	st      State
+	now     time.Time
+	nowMS   int64
+	orig    map[string]*Member
+	vals    []Member // copies of the members this plan changes
+	members []member
+	fresh   []*Device
+	out     Outcome
+	// held: first-stratum values whose members outside the canary wait
+	// until a canary member of theirs has finished.
+	held, blocked map[string]bool
+	inFlight      int
+}
+
+// Plan decides the next step of a rollout. It is pure: same inputs, same
+// outcome. Its phases: join (new targets become members), classify (where
+// each member stands), judge (gates, overall and per stratum; stage
+// advance, pause, abort, completion), replace (canary members that stay
+// unreachable), offer, undo (withdraw, cancel, revert).
+func Plan(spec Spec, st State, devs []Device, now time.Time) Outcome {
+	p := newPlanner(spec.WithDefaults(), st, devs, now)
+	p.join()
+	p.classify()
+	p.judge()
+	p.replace()
+	p.offer()
+	p.undo()
+	return p.finish()
+}
+
+func newPlanner(spec Spec, st State, devs []Device, now time.Time) *planner {
+	p := &planner{spec: spec, now: now, nowMS: now.UnixMilli(), orig: st.Members, out: Outcome{Counts: map[MemberState]int{}}}
+	// Copy on write: the members map is copied (cheap: no rehash) and a
+	// member is copied only when this plan changes it (own). The caller's
+	// state is never touched, and an unchanged member keeps its pointer.
+	st.Members = maps.Clone(st.Members)
+	if st.Members == nil {
+		st.Members = map[string]*Member{}
+	}
+	p.st = st
+	p.vals = make([]Member, 0, 64)
+	p.members = make([]member, 0, len(st.Members)+len(devs)/8)
+	seed := spec.seed()
+	for i := range devs {
+		d := &devs[i]
+		why := spec.Exclusion(*d)
+		if why == "" && d.Busy != "" && d.Busy != spec.ID {
+			why = "in rollout " + d.Busy
+		}
+		targeted := why == ""
+		if targeted {
+			p.out.Targeted++
+		} else if why != "not selected" {
+			p.out.Excluded = append(p.out.Excluded, Exclusion{Device: d.ID, Reason: why})
+		}
+		if m := p.orig[d.ID]; m != nil {
+			p.members = append(p.members, member{id: d.ID, m: m, d: d, targeted: targeted, rank: rank(d.ID, seed)})
+		} else if targeted {
+			p.fresh = append(p.fresh, d)
+		}
+	}
+	if len(p.members) < len(p.orig) { // devices gone (revoked, deleted)
+		seen := make(map[string]bool, len(p.members))
+		for _, e := range p.members {
+			seen[e.id] = true
+		}
+		for id, m := range p.orig {
+			if !seen[id] {
+				p.members = append(p.members, member{id: id, m: m, rank: rank(id, seed)})
+			}
+		}
+	}
+	return p
+}
+
+// own makes e's member this plan's to change.
+func (p *planner) own(e *member) *Member {
+	if p.orig[e.id] == e.m {
+		if len(p.vals) == cap(p.vals) {
+			p.vals = make([]Member, 0, 2*cap(p.vals)) // pointers into the old one stay valid
+		}
+		p.vals = append(p.vals, *e.m)
+		e.m = &p.vals[len(p.vals)-1]
+		p.st.Members[e.id] = e.m
+	}
+	return e.m
+}
+
+func (p *planner) transition(to Status, stage int, reason string) {
+	p.out.Transitions = append(p.out.Transitions, Transition{From: string(p.st.Status), To: string(to), Stage: stage, Reason: reason})
+	p.st.Status, p.st.Reason = to, reason
+	if to.Final() {
+		p.st.Ended = p.nowMS
+	}
+}
+
+// join makes the targets that are not members yet members, while the
+// rollout has not ended.
+func (p *planner) join() {
+	if p.st.Status.Final() || len(p.fresh) == 0 {
 		return
 	}
-	type ranked struct {
-		d    *Device
-		rank float64
+	first := len(p.st.Members) == 0
+	placed := p.spec.place(p.fresh, len(p.st.Members), first)
+	all := make([]Member, len(p.fresh))
+	seed := p.spec.seed()
+	for i, d := range p.fresh {
+		all[i].Stage = placed.stage[i]
+		p.st.Members[d.ID] = &all[i]
+		p.members = append(p.members, member{id: d.ID, m: &all[i], d: d, targeted: true, rank: rank(d.ID, seed)})
 	}
-	if len(st.Members) == 0 {
-		groups := map[string][]ranked{}
-		for _, d := range fresh {
-			k := s.stratum(*d)
-			groups[k] = append(groups[k], ranked{d, rank(d.ID, s.ID)})
-		}
-		var keys []string
-		for k, g := range groups {
-			slices.SortFunc(g, func(a, b ranked) int { return cmp.Compare(a.rank, b.rank) })
-			keys = append(keys, k)
-		}
-		// Strata take turns in the order of their best-ranked device.
-		slices.SortFunc(keys, func(a, b string) int { return cmp.Compare(groups[a][0].rank, groups[b][0].rank) })
-		order := make([]*Device, 0, len(fresh))
-		for i := 0; len(order) < len(fresh); i++ {
-			for _, k := range keys {
-				if i < len(groups[k]) {
-					order = append(order, groups[k][i].d)
-				}
-			}
-		}
-		sizes := s.stageSizes(len(order))
-		stage := 0
-		all := make([]Member, len(order))
-		for i, d := range order {
-			for stage < len(sizes)-1 && i >= sizes[stage] {
-				stage++
-			}
-			all[i].Stage = stage
-			st.Members[d.ID] = &all[i]
-		}
-		return
+	if first {
+		p.st.Canary = placed.note
 	}
-	n := len(st.Members) + len(fresh)
-	sizes := s.stageSizes(n)
-	for _, d := range fresh {
-		r := rank(d.ID, s.ID)
-		stage := len(sizes) - 1
-		for i, c := range sizes {
-			if r < float64(c)/float64(n) {
-				stage = i
-				break
-			}
+}
+
+// classify says where each member stands.
+func (p *planner) classify() {
+	for i := range p.members {
+		e := &p.members[i]
+		e.state = p.spec.memberState(e.m, e.d, e.targeted, p.st, p.now)
+		if occupies(e.m, e.state) {
+			p.inFlight++
 		}
-		st.Members[d.ID] = &Member{Stage: stage}
 	}
+	p.held, p.blocked = p.spec.heldStrata(p.members, p.st)
+}
+
+// acked says whether the device acknowledged the member's latest offer,
+// and when: the command's acknowledgement, or a report on the release
+// received since the offer.
+func acked(m *Member, d *Device) (int64, bool) {
+	if d == nil || m.Offered == 0 {
+		return 0, false
+	}
+	at := int64(0)
+	if d.Acked >= m.Offered {
+		at = d.Acked
+	}
+	if r := d.Update; r != nil && r.At >= m.Offered && (at == 0 || r.At < at) {
+		at = r.At
+	}
+	return at, at > 0
 }
 
 // memberState says where a member stands.
-func (s Spec) memberState(m *Member, d *Device, now time.Time) string {
-	// A device that already runs the release without being offered it
-	// counts as committed. One that was offered it is judged by its own
-	// report only: during its trial boot it already reports the new
-	// version, and a trial is not a commit.
-	if d != nil && m.Offered == 0 && d.Version == s.Release.Version && (d.Update == nil || !failed(d.Update.State)) {
-		return MCommitted
+func (s Spec) memberState(m *Member, d *Device, targeted bool, st State, now time.Time) MemberState {
+	if d == nil {
+		return MGone
 	}
-	if d != nil && d.Update != nil && m.Offered > 0 {
-		switch {
-		case d.Update.State == proto.UpdateCommitted:
+	u := d.Update
+	if !m.live() {
+		// Not offered, or the offer was taken back. A device that runs
+		// the release anyway (updated by hand, or it acted on the offer
+		// before the withdrawal reached it) counts as committed.
+		if d.Version == s.Release.Version && (u == nil || u.State == proto.UpdateCommitted) {
 			return MCommitted
-		case failed(d.Update.State):
-			return MFailed
-		case d.Update.State == proto.UpdateDeferred:
-			if now.Sub(time.UnixMilli(m.Offered)) > s.Limits.DeferredDeadline.D() {
-				return MLate
-			}
-			return MDeferred
 		}
-	}
-	if m.Offered == 0 {
+		if !targeted {
+			return MExcluded
+		}
+		switch st.Status {
+		case StatusRunning, StatusCompleted:
+			// A withdrawn or cancelled offer is made again (resumed).
+			if st.Status == StatusRunning && m.Stage > st.Stage {
+				return MPending
+			}
+			if !d.Online {
+				return MWaiting
+			}
+			return MPending
+		}
+		if m.Offered > 0 {
+			return MCanceled
+		}
 		return MPending
 	}
-	if now.Sub(time.UnixMilli(m.Offered)) > s.Gates.DeviceTimeout.D() {
+	// Offered: judged by the device's own reports since the offer. During
+	// its trial boot it already reports the new version, and a trial is
+	// not a commit.
+	if u != nil && u.At >= m.Offered {
+		switch {
+		case u.State == proto.UpdateCommitted:
+			return MCommitted
+		case failed(u.State):
+			return MFailed
+		}
+	}
+	at, ok := acked(m, d)
+	if !ok {
+		if d.Online {
+			return MOffered // on its way
+		}
+		return MWaiting
+	}
+	if u != nil && u.At >= m.Offered && u.State == proto.UpdateDeferred {
+		if now.Sub(time.UnixMilli(at)) > s.Limits.DeferredDeadline.D() {
+			return MLate
+		}
+		return MDeferred
+	}
+	if now.Sub(time.UnixMilli(at)) > s.Gates.DeviceTimeout.D() {
 		return MTimedOut
 	}
 	return MOffered
@@ -325,328 +513,451 @@ func failed(u proto.UpdateState) bool {
 	return u == proto.UpdateRolledBack || u == proto.UpdateRejected || u == proto.UpdateFailed
 }
 
-// Health floors: a difference smaller than these is noise, whatever the
-// ratio.
-const (
-	floorReboots = 0.5  // per hour
-	floorErrors  = 5.0  // per hour
-	floorLink    = 0.05 // share of samples
-	floorDrain   = 5.0  // percent per flight hour
-)
-
-// significance is how unlikely an excess over the limit must be under
-// the limit's own rate before the health gate fails: a handful of events
-// on a few device-minutes of telemetry is not evidence.
-const significance = 0.01
-
-type cohort struct {
-	n, samples, noLink                  int
-	hours, reboots, errors, flightHours float64
-	drain                               float64
+// heldStrata are the first-stratum values without evidence from the
+// canary yet, once the rollout is past it: none of their first-stage
+// members committed. Their members in later stages wait, and one of them
+// joins the canary (replace), so that a build bad on one hardware revision
+// meets it in the canary even when the revision's canary devices were
+// switched off. A canary member that failed stops the rollout by the
+// stratum's failure gate; once completed (no gates), that value is
+// blocked: it gets nothing more.
+func (s Spec) heldStrata(members []member, st State) (held, blocked map[string]bool) {
+	if st.Stage == 0 || s.firstLabel() == "" || st.Status == StatusCreated {
+		return nil, nil
+	}
+	evidence, bad, present := map[string]bool{}, map[string]bool{}, map[string]bool{}
+	for _, e := range members {
+		if !e.targeted {
+			continue
+		}
+		v := s.stratumOf(e.d)
+		present[v] = true
+		if e.m.Stage != 0 {
+			continue
+		}
+		switch e.state {
+		case MCommitted:
+			evidence[v] = true
+		case MFailed, MTimedOut:
+			bad[v] = true
+		}
+	}
+	held, blocked = map[string]bool{}, map[string]bool{}
+	for v := range present {
+		if !evidence[v] {
+			held[v] = true
+			blocked[v] = bad[v]
+		}
+	}
+	return held, blocked
 }
 
-func (c *cohort) add(h *Health) {
-	if h == nil || h.Hours <= 0 {
+// tally counts what the gates judge, overall or within one stratum.
+type tally struct {
+	members, canary, reachable, eligible int
+	committed, failed, late, finished    int
+	updated, baseline                    cohort
+}
+
+// add counts a member; held: its stratum waits for the canary, and it is
+// not in the canary (it cannot finish yet).
+func (t *tally) add(e *member, held bool) {
+	t.members++
+	if e.m.Stage == 0 {
+		t.canary++
+	}
+	if !e.state.reachable() {
 		return
 	}
-	c.n++
-	c.hours += h.Hours
-	c.reboots += h.Reboots
-	c.errors += h.Errors
-	c.flightHours += h.FlightHours
-	c.drain += h.Drain
-	c.samples += h.Samples
-	c.noLink += int(math.Round(h.LinkLoss * float64(h.Samples)))
+	t.reachable++
+	if !held {
+		t.eligible++
+	}
+	switch e.state {
+	case MCommitted:
+		t.committed++
+		if e.m.Offered > 0 {
+			t.updated.add(healthOf(e.d))
+		}
+	case MFailed, MTimedOut:
+		t.failed++
+	case MLate:
+		t.late++
+	}
+	if e.state.finished() {
+		t.finished++
+	}
 }
 
-func (c cohort) rates() (reboots, errors, link, drain float64, hasDrain bool) {
-	if c.hours == 0 {
-		return 0, 0, 0, 0, false
+// failGate judges failures among finished members, once enough finished:
+// MinFinished, or all of those that can finish now where fewer can (a
+// stratum held for the canary: its canary members, so that the one canary
+// device of a rare revision is judged on its own).
+func (s Spec) failGate(t tally, stratum string) GateResult {
+	g := s.Gates
+	fin := t.committed + t.failed
+	r := ratio(t.failed, fin)
+	need := min(g.MinFinished, t.eligible)
+	judged := fin >= need && fin > 0
+	res := GateResult{Name: "failed", Stratum: stratum, Value: r, Threshold: g.MaxFailed, OK: !judged || r <= g.MaxFailed, Judged: judged,
+		Why: fmt.Sprintf("%d of %d finished devices failed, rolled back or timed out", t.failed, fin)}
+	if !judged {
+		res.Why += fmt.Sprintf(" (judged from %d finished)", max(need, 1))
 	}
-	reboots, errors = c.reboots/c.hours, c.errors/c.hours
-	if c.samples > 0 {
-		link = float64(c.noLink) / float64(c.samples)
-	}
-	if c.flightHours > 0.05 {
-		return reboots, errors, link, c.drain / c.flightHours, true
-	}
-	return reboots, errors, link, 0, false
+	res.verdict()
+	return res
 }
 
-// healthGates compares the updated devices with the not yet updated.
-func (s Spec) healthGates(updated, baseline cohort) []GateResult {
-	if updated.n == 0 || baseline.n == 0 {
-		why := "no updated devices reporting yet"
-		if baseline.n == 0 {
-			why = "no devices left to compare with"
-		}
-		return []GateResult{{Name: "health", OK: true, Judged: false, Why: why}}
-	}
-	ur, ue, ul, ud, uok := updated.rates()
-	br, be, bl, bd, bok := baseline.rates()
-	m := 1 + s.Gates.HealthMargin
-	// A metric fails when the updated cohort's rate is over the limit
-	// and an excess that large would be unlikely (p < significance) if
-	// the cohort's true rate were the limit itself.
-	check := func(name string, u, b, floor float64, unit string, tail func(limit float64) float64) GateResult {
-		limit := max(b*m, b+floor)
-		g := GateResult{Name: "health:" + name, Value: u, Threshold: limit, OK: true, Judged: true,
-			Why: fmt.Sprintf("updated %.2f %s, not yet updated %.2f: limit %.2f", u, unit, b, limit)}
-		if u > limit {
-			p := 0.0
-			if tail != nil {
-				p = tail(limit)
-			}
-			g.OK = p >= significance
-			if g.OK {
-				g.Why += fmt.Sprintf(", over it but not significant (p=%.2g)", p)
-			} else if tail != nil {
-				g.Why += fmt.Sprintf(" (p=%.2g)", p)
+// judge measures the gates of the current stage and decides: pause or
+// abort on a failure, advance after the soak, complete after the last.
+func (p *planner) judge() {
+	st, spec := &p.st, p.spec
+	if st.Status == StatusCompleted {
+		for _, e := range p.members {
+			p.out.Counts[e.state]++
+			if e.state == MWaiting || (e.state == MPending && e.targeted) {
+				p.out.Unreached++
 			}
 		}
-		return g
+		return
 	}
-	// Two tests, both must reject: the updated cohort's count against the
-	// limit (one sample: is it above the limit at all?), and against the
-	// other cohort over the same window (two samples: given all the events
-	// seen, are there too many on the updated side for its share of the
-	// exposure, margin included?). A short window with one background
-	// error on an updated device fails the first but not the second.
-	twoSample := func(ku, kb, eu, eb float64) float64 {
-		k := int(math.Round(ku + kb))
-		if k == 0 || eu <= 0 {
-			return 1
-		}
-		share := eu * m / (eu*m + eb)
-		return binomialTail(k, share, int(math.Round(ku)))
+	if st.Status != StatusRunning && st.Status != StatusPaused {
+		return
 	}
-	poisson := func(events, hours, baseEvents, baseHours float64) func(float64) float64 {
-		return func(limit float64) float64 {
-			return max(poissonTail(limit*hours, int(math.Round(events))), twoSample(events, baseEvents, hours, baseHours))
-		}
-	}
-	out := []GateResult{
-		check("reboots", ur, br, floorReboots, "reboots/h", poisson(updated.reboots, updated.hours, baseline.reboots, baseline.hours)),
-		check("errors", ue, be, floorErrors, "errors/h", poisson(updated.errors, updated.hours, baseline.errors, baseline.hours)),
-		check("link_loss", ul, bl, floorLink, "of samples", func(limit float64) float64 {
-			return max(binomialTail(updated.samples, limit, updated.noLink),
-				twoSample(float64(updated.noLink), float64(baseline.noLink), float64(updated.samples), float64(baseline.samples)))
-		}),
-	}
-	if uok && bok {
-		out = append(out, check("battery_drain", ud, bd, floorDrain, "%/flight h", nil))
-	}
-	return out
-}
-
-// Plan decides the next step of a rollout. It is pure: same inputs, same
-// outcome.
-func Plan(spec Spec, st State, devs []Device, now time.Time) Outcome {
-	spec = spec.WithDefaults()
-	// Copy on write: the members map is copied (cheap: no rehash) and
-	// each member is read once into a contiguous copy that this plan works
-	// on; the map takes the copy only of members this plan changes (own).
-	// The caller's state is never touched, and an unchanged member keeps
-	// its pointer.
-	orig := st.Members
-	st.Members = maps.Clone(orig)
-	if st.Members == nil {
-		st.Members = map[string]*Member{}
-	}
-	vals := make([]Member, 0, len(orig)) // never grows: pointers into it stay valid
-	copyOf := func(m *Member) *Member {
-		vals = append(vals, *m)
-		return &vals[len(vals)-1]
-	}
-	own := func(e *member) *Member {
-		st.Members[e.id] = e.m
-		return e.m
-	}
-	out := Outcome{Counts: map[string]int{}}
-	nowMS := now.UnixMilli()
-	transition := func(to Status, stage int, reason string) {
-		out.Transitions = append(out.Transitions, Transition{From: string(st.Status), To: string(to), Stage: stage, Reason: reason})
-		st.Status, st.Reason = to, reason
-		if to.Final() {
-			st.Ended = nowMS
-		}
-	}
-
-	// Members with their devices, in one pass over the devices (map
-	// lookups per member and per pass are what a plan costs at 100k
-	// devices). Targets that are not members yet join while the rollout
-	// is active.
-	members := make([]member, 0, len(st.Members)+len(devs)/8)
-	var fresh []*Device
-	for i := range devs {
-		d := &devs[i]
-		targeted := (d.Busy == "" || d.Busy == spec.ID) && spec.Targets(*d)
-		if targeted {
-			out.Targeted++
-		}
-		if m := orig[d.ID]; m != nil {
-			members = append(members, member{id: d.ID, m: copyOf(m), d: d, targeted: targeted})
-		} else if targeted {
-			fresh = append(fresh, d)
-		}
-	}
-	if len(members) < len(orig) { // devices gone (revoked, deleted)
-		seen := make(map[string]bool, len(members))
-		for _, e := range members {
-			seen[e.id] = true
-		}
-		for id, m := range orig {
-			if !seen[id] {
-				members = append(members, member{id: id, m: copyOf(m)})
-			}
-		}
-	}
-	if (st.Status == StatusRunning || st.Status == StatusPaused) && len(fresh) > 0 {
-		spec.assign(&st, fresh)
-		for _, d := range fresh {
-			members = append(members, member{id: d.ID, m: st.Members[d.ID], d: d, targeted: true})
-		}
-	}
-
-	// Where each member stands.
-	inFlight := 0
-	for i := range members {
-		e := &members[i]
-		e.state = spec.memberState(e.m, e.d, now)
-		if e.state == MOffered || e.state == MDeferred || e.state == MLate {
-			inFlight++
-		}
-	}
-
-	// Judge the current stage.
-	if st.Status == StatusRunning || st.Status == StatusPaused {
-		var total, committed, failedN, late int
-		var updated, baseline cohort
-		for _, e := range members {
-			ms := e.state
-			if e.m.Stage > st.Stage {
-				if ms == MPending {
-					baseline.add(healthOf(e.d))
+	label := spec.firstLabel()
+	var all tally
+	per := map[string]*tally{}
+	for i := range p.members {
+		e := &p.members[i]
+		if e.m.Stage > st.Stage {
+			if e.m.Offered == 0 && (e.state == MPending || e.state == MWaiting) {
+				all.baseline.add(healthOf(e.d))
+				if v := spec.stratumOf(e.d); label != "" && e.d != nil {
+					if per[v] == nil {
+						per[v] = &tally{}
+					}
+					per[v].baseline.add(healthOf(e.d))
 				}
+			}
+			continue
+		}
+		if e.d == nil {
+			continue // gone: not counted
+		}
+		p.out.Counts[e.state]++
+		if e.state == MWaiting {
+			p.out.Unreached++
+		}
+		v := spec.stratumOf(e.d)
+		held := p.held[v] && e.m.Stage != 0
+		all.add(e, held)
+		if label != "" {
+			if per[v] == nil {
+				per[v] = &tally{}
+			}
+			per[v].add(e, held)
+		}
+	}
+	g := spec.Gates
+	last := st.Stage == len(spec.Stages)-1
+	failGate := spec.failGate(all, "")
+	var advance GateResult
+	if last {
+		// The last stage completes once every member that could be
+		// reached has finished; --min-committed gates advances only.
+		fin := all.finished
+		advance = GateResult{Name: "finished", Value: ratio(fin, all.reachable), Threshold: 1, Judged: true,
+			OK: all.reachable > 0 && fin == all.reachable,
+			Why: fmt.Sprintf("%d of %d reachable devices finished (%d committed, %d failed, %d deferred past the deadline); %d waiting for their device",
+				fin, all.reachable, all.committed, all.failed, all.late, p.out.Unreached)}
+	} else {
+		cr := ratio(all.committed, all.reachable)
+		advance = GateResult{Name: "committed", Value: cr, Threshold: g.MinCommitted, OK: all.reachable > 0 && cr >= g.MinCommitted, Judged: true,
+			Why: fmt.Sprintf("%d of %d reachable devices of stages 1-%d committed (%d deferred past the deadline, %d waiting for their device)",
+				all.committed, all.reachable, st.Stage+1, all.late, p.out.Unreached)}
+	}
+	advance.verdict()
+	if !advance.OK {
+		advance.Verdict = VerdictWaiting // devices still to finish: not a failure
+	}
+	p.out.Gates = append(p.out.Gates, advance, failGate)
+	var health []GateResult
+	if !g.HealthOff && st.GatesSince > 0 {
+		health = spec.healthGates(all.updated, all.baseline, "")
+		p.out.Gates = append(p.out.Gates, health...)
+	}
+	var broken []string
+	if !failGate.OK {
+		broken = append(broken, fmt.Sprintf("failures %.0f%% over %.0f%%", failGate.Value*100, g.MaxFailed*100))
+	}
+	for _, h := range health {
+		if h.Judged && !h.OK {
+			broken = append(broken, h.Name+": "+h.Why)
+		}
+	}
+	// The same within each value of the first stratum label: a build that
+	// fails on every device of a rare revision is stopped although the
+	// overall share stays under the threshold.
+	values := slices.Sorted(maps.Keys(per))
+	for _, v := range values {
+		t := per[v]
+		if t.members == 0 {
+			continue
+		}
+		name := label + "=" + v
+		sr := StratumReport{Label: label, Value: v, Members: t.members, Canary: t.canary, Reachable: t.reachable,
+			Committed: t.committed, Failed: t.failed, Held: p.held[v]}
+		fg := spec.failGate(*t, name)
+		sr.Gates = append(sr.Gates, fg)
+		if !fg.OK {
+			broken = append(broken, fmt.Sprintf("failures on %s %.0f%% over %.0f%% (%d of %d)", name, fg.Value*100, g.MaxFailed*100, t.failed, t.committed+t.failed))
+		}
+		if !g.HealthOff && st.GatesSince > 0 && len(values) > 1 {
+			base := t.baseline
+			if base.n == 0 {
+				base = all.baseline // none of the same stratum left to compare with
+			}
+			for _, h := range spec.healthGates(t.updated, base, name) {
+				sr.Gates = append(sr.Gates, h)
+				if h.Judged && !h.OK {
+					broken = append(broken, h.Name+" on "+name+": "+h.Why)
+				}
+			}
+		}
+		p.out.Strata = append(p.out.Strata, sr)
+	}
+
+	soakFor := g.Soak.D()
+	soaked := st.GatesSince > 0 && (st.Promoted || p.now.Sub(time.UnixMilli(st.GatesSince)) >= soakFor)
+	switch {
+	case len(broken) > 0 && st.Status == StatusRunning:
+		reason := fmt.Sprintf("stage %d (%s) failed its gates: %s", st.Stage+1, spec.Stages[st.Stage], strings.Join(broken, "; "))
+		to := StatusPaused
+		if spec.OnFailure == OnFailureAbort {
+			to = StatusAborted
+		}
+		p.transition(to, st.Stage, reason)
+		if spec.AutoRevert {
+			st.Reverting = true
+		}
+	case len(broken) == 0 && st.Status == StatusRunning:
+		if advance.OK && st.GatesSince == 0 {
+			st.GatesSince = p.nowMS
+		}
+		if !advance.OK && st.GatesSince > 0 && !st.Promoted {
+			st.GatesSince = 0 // a device left or failed late: soak again
+		}
+		soaked = st.GatesSince > 0 && (st.Promoted || p.now.Sub(time.UnixMilli(st.GatesSince)) >= soakFor)
+		if advance.OK && soaked {
+			if last {
+				reason := fmt.Sprintf("all %d stages passed: %d of %d reachable devices committed, %d failed, %d deferred past the deadline",
+					len(spec.Stages), all.committed, all.reachable, all.failed, all.late)
+				if p.out.Unreached > 0 {
+					reason += fmt.Sprintf("; %d unreachable get the release as they come back, until %s", p.out.Unreached,
+						p.now.Add(spec.Limits.OfflineDeadline.D()).UTC().Format("2006-01-02 15:04 MST"))
+				}
+				p.transition(StatusCompleted, st.Stage, reason)
+				st.Unreached = p.out.Unreached
+			} else {
+				p.out.Transitions = append(p.out.Transitions, Transition{From: fmt.Sprintf("stage %d", st.Stage+1),
+					To: fmt.Sprintf("stage %d", st.Stage+2), Stage: st.Stage + 1,
+					Reason: fmt.Sprintf("stage %d passed: %d of %d reachable committed, %d failed, soaked %v", st.Stage+1, all.committed, all.reachable, all.failed, soakFor)})
+				st.Stage++
+				st.StageStarted, st.GatesSince, st.Promoted = p.nowMS, 0, false
+			}
+		}
+	}
+	soak := GateResult{Name: "soak", Threshold: soakFor.Seconds(), Judged: st.GatesSince > 0, OK: soaked}
+	switch {
+	case st.GatesSince > 0 && soaked:
+		soak.Value = p.now.Sub(time.UnixMilli(st.GatesSince)).Seconds()
+		soak.Verdict, soak.Why = VerdictHolds, fmt.Sprintf("%v of %v soaked", p.now.Sub(time.UnixMilli(st.GatesSince)).Round(time.Second), soakFor)
+		if st.Promoted {
+			soak.Why += " (promoted: the rest is skipped)"
+		}
+	case st.GatesSince > 0:
+		soak.Value = p.now.Sub(time.UnixMilli(st.GatesSince)).Seconds()
+		soak.Verdict, soak.Why = VerdictWaiting, fmt.Sprintf("soaking: %v of %v", p.now.Sub(time.UnixMilli(st.GatesSince)).Round(time.Second), soakFor)
+	default:
+		soak.Verdict, soak.Why = VerdictWaiting, "starts when the other gates hold"
+	}
+	p.out.Gates = append(p.out.Gates, soak)
+}
+
+// replace keeps the canary's coverage while devices are switched off: a
+// first-stage member unreachable for ReplaceAfter since its stage started
+// swaps places with a reachable device of the same stratum from a later
+// stage; past the canary, a held stratum (no evidence from the canary)
+// has one reachable device join the canary.
+func (p *planner) replace() {
+	st, spec := &p.st, p.spec
+	if st.Status != StatusRunning && !(st.Status == StatusCompleted && p.delivering()) {
+		return
+	}
+	// The stage may have just advanced: what is held is decided anew.
+	p.held, p.blocked = spec.heldStrata(p.members, *st)
+	full := func(d *Device) string {
+		parts := make([]string, len(spec.Strata))
+		for i, l := range spec.Strata {
+			parts[i] = d.Labels[l]
+		}
+		return strings.Join(parts, "\x00")
+	}
+	// Replacement candidates: reachable, never offered, in a later stage.
+	var cands []*member
+	for i := range p.members {
+		e := &p.members[i]
+		if e.targeted && e.m.Stage > 0 && e.m.Offered == 0 && e.state == MPending && e.d.Online {
+			cands = append(cands, e)
+		}
+	}
+	slices.SortFunc(cands, func(a, b *member) int { return cmp.Or(cmp.Compare(a.m.Stage, b.m.Stage), cmp.Compare(a.rank, b.rank)) })
+	taken := map[string]bool{}
+	pick := func(match func(*member) bool) *member {
+		for _, c := range cands {
+			if !taken[c.id] && match(c) {
+				taken[c.id] = true
+				return c
+			}
+		}
+		return nil
+	}
+	if st.Stage == 0 && st.Status == StatusRunning {
+		after := spec.Gates.ReplaceAfter.D()
+		var out []*member
+		for i := range p.members {
+			e := &p.members[i]
+			if e.m.Stage != 0 || e.state != MWaiting || e.m.Offered != 0 || e.d == nil {
 				continue
 			}
-			if e.d == nil {
-				continue // gone (revoked, relabelled): not counted
+			since := max(st.StageStarted, e.d.LastSeen)
+			if p.now.Sub(time.UnixMilli(since)) < after {
+				continue
 			}
-			total++
-			out.Counts[ms]++
-			switch ms {
-			case MCommitted:
-				committed++
-				updated.add(healthOf(e.d))
-			case MFailed, MTimedOut:
-				failedN++
-			case MLate:
-				late++
-			}
+			out = append(out, e)
 		}
-		g := spec.Gates
-		finished := committed + failedN
-		failRatio := ratio(failedN, finished)
-		judged := finished >= min(g.MinFinished, total) && finished > 0
-		failGate := GateResult{Name: "failed", Value: failRatio, Threshold: g.MaxFailed, OK: !judged || failRatio <= g.MaxFailed, Judged: judged,
-			Why: fmt.Sprintf("%d of %d finished devices failed, rolled back or timed out", failedN, finished)}
-		if !judged {
-			failGate.Why += fmt.Sprintf(" (judged from %d finished)", min(g.MinFinished, total))
+		slices.SortFunc(out, func(a, b *member) int { return cmp.Compare(a.rank, b.rank) })
+		for _, e := range out {
+			key, v := full(e.d), spec.stratumOf(e.d)
+			r := pick(func(c *member) bool { return full(c.d) == key })
+			if r == nil {
+				r = pick(func(c *member) bool { return spec.stratumOf(c.d) == v })
+			}
+			if r == nil {
+				continue
+			}
+			me, mr := p.own(e), p.own(r)
+			me.Stage, mr.Stage = mr.Stage, 0
+			me.ReplacedBy, mr.Replaces = r.id, e.id
+			p.out.Transitions = append(p.out.Transitions, Transition{From: e.id, To: r.id, Stage: 0, Action: "replace",
+				Reason: fmt.Sprintf("canary member %s unreachable for %v: replaced by %s (%s), which moves from stage %d",
+					e.id, p.now.Sub(time.UnixMilli(max(st.StageStarted, e.d.LastSeen))).Round(time.Second), r.id, labelsOf(r.d, spec.Strata), me.Stage+1)})
 		}
-		commitRatio := ratio(committed, total)
-		commitGate := GateResult{Name: "committed", Value: commitRatio, Threshold: g.MinCommitted, OK: total > 0 && commitRatio >= g.MinCommitted, Judged: true,
-			Why: fmt.Sprintf("%d of %d devices of stages 1-%d committed (%d deferred past the deadline)", committed, total, st.Stage+1, late)}
-		out.Gates = append(out.Gates, commitGate, failGate)
-		var health []GateResult
-		if !g.HealthOff && st.GatesSince > 0 {
-			health = spec.healthGates(updated, baseline)
-			out.Gates = append(out.Gates, health...)
-		}
-		soakFor := g.Soak.D()
-		soaked := st.GatesSince > 0 && (st.Promoted || now.Sub(time.UnixMilli(st.GatesSince)) >= soakFor)
-		soakGate := GateResult{Name: "soak", Threshold: soakFor.Seconds(), Judged: st.GatesSince > 0, OK: soaked}
-		if st.GatesSince > 0 {
-			soakGate.Value = now.Sub(time.UnixMilli(st.GatesSince)).Seconds()
-			soakGate.Why = fmt.Sprintf("%v of %v soaked", now.Sub(time.UnixMilli(st.GatesSince)).Round(time.Second), soakFor)
-			if st.Promoted {
-				soakGate.Why += " (promoted: the rest is skipped)"
-			}
-		} else {
-			soakGate.Why = "starts when the other gates hold"
-		}
-		out.Gates = append(out.Gates, soakGate)
-
-		var broken []string
-		if !failGate.OK {
-			broken = append(broken, fmt.Sprintf("failures %.0f%% over %.0f%%", failRatio*100, g.MaxFailed*100))
-		}
-		for _, h := range health {
-			if h.Judged && !h.OK {
-				broken = append(broken, h.Name+": "+h.Why)
-			}
-		}
-		switch {
-		case len(broken) > 0 && st.Status == StatusRunning:
-			reason := fmt.Sprintf("stage %d (%s) failed its gates: %s", st.Stage+1, spec.Stages[st.Stage], strings.Join(broken, "; "))
-			to := StatusPaused
-			if spec.OnFailure == OnFailureAbort {
-				to = StatusAborted
-			}
-			transition(to, st.Stage, reason)
-			if spec.AutoRevert {
-				st.Reverting = true
-			}
-		case len(broken) == 0 && st.Status == StatusRunning:
-			if commitGate.OK && st.GatesSince == 0 {
-				st.GatesSince = nowMS
-			}
-			if !commitGate.OK && st.GatesSince > 0 && !st.Promoted {
-				st.GatesSince = 0 // a device left or failed late: soak again
-			}
-			soaked = st.GatesSince > 0 && (st.Promoted || now.Sub(time.UnixMilli(st.GatesSince)) >= soakFor)
-			if commitGate.OK && soaked {
-				if st.Stage == len(spec.Stages)-1 {
-					transition(StatusCompleted, st.Stage, fmt.Sprintf("all %d stages passed", len(spec.Stages)))
-				} else {
-					out.Transitions = append(out.Transitions, Transition{From: fmt.Sprintf("stage %d", st.Stage+1),
-						To: fmt.Sprintf("stage %d", st.Stage+2), Stage: st.Stage + 1,
-						Reason: fmt.Sprintf("stage %d passed: %d of %d committed, %d failed, soaked %v", st.Stage+1, committed, total, failedN, soakFor)})
-					st.Stage++
-					st.StageStarted, st.GatesSince, st.Promoted = nowMS, 0, false
-				}
-			}
-		}
+		return
 	}
-
-	// Offers.
-	if st.Status == StatusRunning && inWindow(spec.Limits.Windows, now) {
-		offers := spec.offers(members, inFlight, st.Stage)
-		out.Actions = slices.Grow(out.Actions, len(offers))
-		for _, e := range offers {
-			own(e).Offered = nowMS
-			out.Actions = append(out.Actions, Action{Kind: ActOffer, Device: e.id})
+	for _, v := range slices.Sorted(maps.Keys(p.held)) {
+		if p.blocked[v] {
+			continue
 		}
+		busy := false // a canary member of v is on it already
+		for _, e := range p.members {
+			if e.m.Stage == 0 && e.targeted && spec.stratumOf(e.d) == v && (e.state == MOffered || e.state == MDeferred || (e.state == MPending && e.d.Online)) {
+				busy = true
+				break
+			}
+		}
+		if busy {
+			continue
+		}
+		r := pick(func(c *member) bool { return spec.stratumOf(c.d) == v })
+		if r == nil {
+			continue
+		}
+		from := r.m.Stage
+		p.own(r).Stage = 0
+		p.out.Transitions = append(p.out.Transitions, Transition{From: "", To: r.id, Stage: 0, Action: "replace",
+			Reason: fmt.Sprintf("%s joins the canary from stage %d: no %s=%s device of the canary has finished", r.id, from+1, spec.firstLabel(), v)})
 	}
+}
+
+func labelsOf(d *Device, keys []string) string {
+	parts := make([]string, 0, len(keys))
+	for _, k := range keys {
+		parts = append(parts, k+"="+d.Labels[k])
+	}
+	return strings.Join(parts, ", ")
+}
+
+// offer picks the members to offer the release to: running and in a
+// window, or completed and delivering to those that come back.
+func (p *planner) offer() {
+	st := p.st
+	if (st.Status != StatusRunning && !(st.Status == StatusCompleted && p.delivering())) || !inWindow(p.spec.Limits.Windows, p.now) {
+		return
+	}
+	stage := st.Stage
+	if st.Status == StatusCompleted {
+		stage = len(p.spec.Stages) - 1
+	}
+	offers := p.spec.offers(p.members, p.inFlight, stage, p.held)
+	p.out.Actions = slices.Grow(p.out.Actions, len(offers))
+	for _, e := range offers {
+		m := p.own(e)
+		m.Offered = p.nowMS
+		m.Offers = max(m.Offers, 1) + boolInt(m.Offers > 0 || m.Withdrawn > 0 || m.Canceled > 0)
+		p.out.Actions = append(p.out.Actions, Action{Kind: ActOffer, Device: e.id})
+	}
+}
+
+// undo takes offers back: while the rollout is paused or has aborted, an
+// offer the device never acknowledged is withdrawn (never sent again), one
+// it is working on is cancelled while it is not installing yet; while it
+// runs, an offer unacknowledged for a device timeout is withdrawn; and
+// while reverting, the devices that committed are offered the revert
+// release.
+func (p *planner) undo() {
+	st := p.st
 	var undo []Action
-	// On failure: withdraw offers not yet installing, and revert.
-	if st.Status == StatusPaused || st.Status == StatusAborted {
-		for i := range members {
-			e := &members[i]
-			m, d := e.m, e.d
-			if m.Offered > 0 && m.Canceled == 0 && d != nil && d.Update != nil &&
-				(d.Update.State == proto.UpdateOffered || d.Update.State == proto.UpdateDownloading ||
-					d.Update.State == proto.UpdateVerified || d.Update.State == proto.UpdateDeferred) {
-				own(e).Canceled = nowMS
-				undo = append(undo, Action{Kind: ActCancel, Device: e.id})
+	if st.Status == StatusRunning || st.Status == StatusCompleted {
+		// An offer the device has not acknowledged for a device timeout
+		// (it went off as the offer went out) is withdrawn: the slot is
+		// freed, and the device is offered again when it is back.
+		for i := range p.members {
+			e := &p.members[i]
+			if e.state == MWaiting && e.m.live() && p.now.Sub(time.UnixMilli(e.m.Offered)) > p.spec.Gates.DeviceTimeout.D() {
+				p.own(e).Withdrawn = p.nowMS
+				undo = append(undo, Action{Kind: ActWithdraw, Device: e.id})
 			}
 		}
 	}
-	if st.Reverting && spec.Revert != nil {
-		for i := range members {
-			e := &members[i]
+	if st.Status == StatusPaused || st.Status == StatusAborted {
+		for i := range p.members {
+			e := &p.members[i]
+			m, d := e.m, e.d
+			if d == nil || m.Offered == 0 || m.Canceled >= m.Offered {
+				continue
+			}
+			u := d.Update
+			working := u != nil && u.At >= m.Offered && (u.State == proto.UpdateOffered || u.State == proto.UpdateDownloading ||
+				u.State == proto.UpdateVerified || u.State == proto.UpdateDeferred)
+			_, ack := acked(m, d)
+			switch {
+			case working:
+				// Acknowledged (or acting on it although withdrawn: the
+				// withdrawal raced the delivery).
+				p.own(e).Canceled = p.nowMS
+				undo = append(undo, Action{Kind: ActCancel, Device: e.id})
+			case !ack && m.live():
+				p.own(e).Withdrawn = p.nowMS
+				undo = append(undo, Action{Kind: ActWithdraw, Device: e.id})
+			}
+		}
+	}
+	if st.Reverting && p.spec.Revert != nil {
+		for i := range p.members {
+			e := &p.members[i]
 			if e.m.Reverted == 0 && e.m.Offered > 0 && e.state == MCommitted {
-				own(e).Reverted = nowMS
+				p.own(e).Reverted = p.nowMS
 				undo = append(undo, Action{Kind: ActRevert, Device: e.id})
 			}
 		}
@@ -656,9 +967,22 @@ func Plan(spec Spec, st State, devs []Device, now time.Time) Outcome {
 	slices.SortFunc(undo, func(a, b Action) int {
 		return cmp.Or(cmp.Compare(a.Kind, b.Kind), cmp.Compare(a.Device, b.Device))
 	})
-	out.Actions = append(out.Actions, undo...)
-	out.State = st
-	return out
+	p.out.Actions = append(p.out.Actions, undo...)
+}
+
+// delivering: completed, and still offering the release to members that
+// come back.
+func (p *planner) delivering() bool {
+	return p.st.Status == StatusCompleted && p.now.Sub(time.UnixMilli(p.st.Ended)) <= p.spec.Limits.OfflineDeadline.D()
+}
+
+func (p *planner) finish() Outcome {
+	if p.st.Status == StatusCompleted {
+		p.st.Unreached = p.out.Unreached
+	}
+	slices.SortFunc(p.out.Excluded, func(a, b Exclusion) int { return cmp.Compare(a.Device, b.Device) })
+	p.out.State = p.st
+	return p.out
 }
 
 func healthOf(d *Device) *Health {
@@ -687,17 +1011,17 @@ func inWindow(ws []Window, now time.Time) bool {
 	return false
 }
 
-// offers picks the members of stages up to the current one to offer the
-// release to, within the in-flight limit and the disruption budgets.
-func (s Spec) offers(members []member, inFlight, stage int) []*member {
-	// Candidates in offer order: earlier stage first, online first, then
-	// by rank. The keys are computed once (a comparator that hashes and
-	// looks members up costs n log n of each).
+// offers picks members of stages up to stage to offer the release to:
+// reachable now (online), not held, within the in-flight limit and the
+// disruption budgets.
+func (s Spec) offers(members []member, inFlight, stage int, held map[string]bool) []*member {
+	// Candidates in offer order: earlier stage first, then by rank. The
+	// keys are computed once (a comparator that hashes and looks members
+	// up costs n log n of each).
 	type cand struct {
-		stage   int
-		offline bool
-		rank    float64
-		e       *member
+		stage int
+		rank  float64
+		e     *member
 	}
 	slots := len(members)
 	if s.Limits.MaxInFlight > 0 {
@@ -721,16 +1045,16 @@ func (s Spec) offers(members []member, inFlight, stage int) []*member {
 		for _, b := range s.Limits.Budgets {
 			v := e.d.Labels[b.Label]
 			groupSize[b.Label][v]++
-			if ms == MOffered || ms == MDeferred || ms == MLate {
+			if occupies(e.m, ms) {
 				busyBy[b.Label][v]++
 			}
 		}
-		if e.m.Stage <= stage && e.m.Offered == 0 && ms == MPending {
-			cands = append(cands, cand{stage: e.m.Stage, offline: !e.d.Online, rank: rank(e.id, s.ID), e: e})
+		if e.m.Stage <= stage && !e.m.live() && ms == MPending && e.d.Online && (e.m.Stage == 0 || !held[s.stratumOf(e.d)]) {
+			cands = append(cands, cand{stage: e.m.Stage, rank: e.rank, e: e})
 		}
 	}
 	less := func(a, b cand) int {
-		return cmp.Or(cmp.Compare(a.stage, b.stage), cmp.Compare(boolInt(a.offline), boolInt(b.offline)), cmp.Compare(a.rank, b.rank))
+		return cmp.Or(cmp.Compare(a.stage, b.stage), cmp.Compare(a.rank, b.rank))
 	}
 	if len(s.Limits.Budgets) == 0 && slots < len(cands)/4 {
 		// Only the first slots candidates can be offered: select them
@@ -795,16 +1119,6 @@ func selectFirst[T any](xs []T, k int, cmpf func(a, b T) int) []T {
 		}
 	}
 	return xs[:k]
-}
-
-// member is a member with its device (nil when gone) and where it stands,
-// for one plan.
-type member struct {
-	id       string
-	m        *Member
-	d        *Device // nil: gone
-	targeted bool
-	state    string
 }
 
 func boolInt(b bool) int {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -18,8 +19,27 @@ var t0 = time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
 func fleet(n int, hws, bases []string) []Device {
 	devs := make([]Device, n)
 	for i := range devs {
-		devs[i] = Device{ID: fmt.Sprintf("d%04d", i), Online: true, Version: "1.0.0",
-			Labels: map[string]string{"hw": hws[i%len(hws)], "base": bases[(i/len(hws))%len(bases)]}}
+		hw := hws[i%len(hws)]
+		devs[i] = Device{ID: fmt.Sprintf("d%04d", i), Online: true, Version: "1.0.0", Hardware: hw,
+			Labels: map[string]string{"hw": hw, "base": bases[(i/len(hws))%len(bases)]}}
+	}
+	return devs
+}
+
+// skewed is a fleet with count[i] devices of hws[i], bases in turn.
+func skewed(counts map[string]int, bases []string) []Device {
+	var devs []Device
+	for _, hw := range slices.Sorted(func(yield func(string) bool) {
+		for k := range counts {
+			if !yield(k) {
+				return
+			}
+		}
+	}) {
+		for j := range counts[hw] {
+			devs = append(devs, Device{ID: fmt.Sprintf("%s-%04d", hw, j), Online: true, Version: "1.0.0", Hardware: hw,
+				Labels: map[string]string{"hw": hw, "base": bases[j%len(bases)]}})
+		}
 	}
 	return devs
 }
@@ -29,58 +49,160 @@ func testSpec() Spec {
 		Gates: Gates{Soak: Duration(time.Minute), HealthOff: true}}.WithDefaults()
 }
 
+func running() State { return State{Status: StatusRunning, Members: map[string]*Member{}} }
+
+// world plays the devices' side: an offer reaches a device while it is
+// online (it acknowledges), waits in the command queue while it is not,
+// and a withdrawn offer is never delivered.
+type world struct {
+	devs   []Device
+	idx    map[string]int
+	queued map[string]bool // offer not delivered yet
+}
+
+func newWorld(devs []Device) *world {
+	w := &world{devs: devs, idx: map[string]int{}, queued: map[string]bool{}}
+	for i := range devs {
+		w.idx[devs[i].ID] = i
+	}
+	return w
+}
+
+func (w *world) dev(id string) *Device { return &w.devs[w.idx[id]] }
+
+// deliver carries out a plan's actions and delivers queued offers to
+// online devices.
+func (w *world) deliver(out Outcome, now time.Time) {
+	for _, a := range out.Actions {
+		switch a.Kind {
+		case ActOffer:
+			w.queued[a.Device] = true
+		case ActWithdraw:
+			delete(w.queued, a.Device)
+		}
+	}
+	for id := range w.queued {
+		if d := w.dev(id); d.Online {
+			d.Acked = now.UnixMilli()
+			delete(w.queued, id)
+		}
+	}
+}
+
+// report sets the device's report (received now).
+func (w *world) report(id string, s proto.UpdateState, now time.Time) {
+	d := w.dev(id)
+	d.Update = &Report{State: s, At: now.UnixMilli()}
+	if s == proto.UpdateCommitted {
+		d.Version = "2.0.0"
+	}
+}
+
+func offered(out Outcome) []string {
+	var ids []string
+	for _, a := range out.Actions {
+		if a.Kind == ActOffer {
+			ids = append(ids, a.Device)
+		}
+	}
+	return ids
+}
+
 func TestStageSizes(t *testing.T) {
 	s := testSpec()
 	for _, c := range []struct {
-		n    int
-		want []int
+		n, first int
+		want     []int
 	}{
-		{1000, []int{10, 100, 500, 1000}},
-		{100, []int{3, 10, 50, 100}}, // the canary is at least MinCanary
-		{2, []int{2, 2, 2, 2}},
-		{0, []int{0, 0, 0, 0}},
+		{1000, 0, []int{10, 100, 500, 1000}},
+		{100, 0, []int{3, 10, 50, 100}}, // the canary is at least MinCanary
+		{100, 7, []int{7, 10, 50, 100}}, // and holds every hardware revision
+		{2, 0, []int{2, 2, 2, 2}},
+		{0, 0, []int{0, 0, 0, 0}},
 	} {
-		if got := s.stageSizes(c.n); fmt.Sprint(got) != fmt.Sprint(c.want) {
-			t.Errorf("stageSizes(%d) = %v, want %v", c.n, got, c.want)
+		if got := s.stageSizes(c.n, c.first); fmt.Sprint(got) != fmt.Sprint(c.want) {
+			t.Errorf("stageSizes(%d, %d) = %v, want %v", c.n, c.first, got, c.want)
 		}
 	}
 	s.Stages = []Stage{{Count: 5}, {Count: 20}, {Percent: 100}}
-	if got := s.stageSizes(100); fmt.Sprint(got) != "[5 20 100]" {
+	if got := s.stageSizes(100, 0); fmt.Sprint(got) != "[5 20 100]" {
 		t.Errorf("counts: %v", got)
 	}
 }
 
-// The canary holds every hardware revision and base, and membership is
-// deterministic and sticky.
-func TestStratifiedCanary(t *testing.T) {
-	s := testSpec()
-	s.MinCanary = 6
-	devs := fleet(600, []string{"rev-a", "rev-b", "rev-c"}, []string{"zurich", "bern"})
-	st := State{Status: StatusRunning, Members: map[string]*Member{}}
-	out := Plan(s, st, devs, t0)
-	canary := map[string]bool{}
-	n := 0
-	for id, m := range out.State.Members {
-		if m.Stage == 0 {
-			n++
-			for _, d := range devs {
-				if d.ID == id {
-					canary[d.Labels["hw"]+"/"+d.Labels["base"]] = true
-				}
-			}
+func stages(out Outcome, devs []Device) map[int][]*Device {
+	by := map[int][]*Device{}
+	for i := range devs {
+		if m := out.State.Members[devs[i].ID]; m != nil {
+			by[m.Stage] = append(by[m.Stage], &devs[i])
 		}
 	}
-	if n != 6 || len(canary) != 6 {
-		t.Fatalf("canary of %d devices covers %d strata %v, want 6 and 6", n, len(canary), canary)
+	return by
+}
+
+// The canary holds a device of every hardware revision, however rare,
+// spreads over the bases, grows to fit when it must and says so; later
+// stages keep the fleet's proportions.
+func TestCanaryCoverage(t *testing.T) {
+	s := testSpec()
+	devs := skewed(map[string]int{"rev-a": 880, "rev-b": 100, "rev-c": 19, "rev-d": 1}, []string{"zurich", "bern", "geneva", "basel", "lyon"})
+	out := Plan(s, running(), devs, t0)
+	by := stages(out, devs)
+	hws, bases := map[string]int{}, map[string]bool{}
+	for _, d := range by[0] {
+		hws[d.Labels["hw"]]++
+		bases[d.Labels["base"]] = true
 	}
-	again := Plan(s, State{Status: StatusRunning, Members: map[string]*Member{}}, devs, t0)
+	if len(by[0]) != 10 || len(hws) != 4 || len(bases) != 5 {
+		t.Fatalf("canary of %d covers hardware %v and bases %v: want 10 devices, 4 revisions, 5 bases", len(by[0]), hws, bases)
+	}
+	if out.State.Canary != "" {
+		t.Errorf("a canary big enough says it grew: %s", out.State.Canary)
+	}
+	// Stage 3 (50%): every revision near its share of the fleet.
+	share := map[string]int{}
+	for st := 0; st <= 2; st++ {
+		for _, d := range by[st] {
+			share[d.Labels["hw"]]++
+		}
+	}
+	for hw, want := range map[string]int{"rev-a": 440, "rev-b": 50, "rev-c": 10} {
+		if got := share[hw]; got < want-2 || got > want+2 {
+			t.Errorf("the first three stages hold %d of %s, want about %d: %v", got, hw, want, share)
+		}
+	}
+
+	// Five revisions, a 1% canary of 100 (1, min 3): it grows to 5.
+	devs = fleet(100, []string{"rev-a", "rev-b", "rev-c", "rev-d", "rev-e"}, []string{"zurich"})
+	out = Plan(s, running(), devs, t0)
+	by = stages(out, devs)
+	if len(by[0]) != 5 || !strings.Contains(out.State.Canary, "5 devices, not 3") || !strings.Contains(out.State.Canary, "rev-e") {
+		t.Fatalf("canary %d devices, note %q", len(by[0]), out.State.Canary)
+	}
+	// Online devices go first: none of the canary is off.
+	devs = fleet(300, []string{"rev-a", "rev-b", "rev-c"}, []string{"zurich", "bern"})
+	for i := range devs {
+		devs[i].Online = i%4 != 0
+	}
+	for _, d := range stages(Plan(s, running(), devs, t0), devs)[0] {
+		if !d.Online {
+			t.Errorf("offline %s in the canary while online devices of its kind exist", d.ID)
+		}
+	}
+}
+
+// Membership is deterministic and sticky; a device that joins later goes
+// to the stage its rank falls in and nobody else moves.
+func TestStickyMembership(t *testing.T) {
+	s := testSpec()
+	devs := fleet(600, []string{"rev-a", "rev-b", "rev-c"}, []string{"zurich", "bern"})
+	out := Plan(s, running(), devs, t0)
+	again := Plan(s, running(), devs, t0)
 	for id, m := range out.State.Members {
 		if again.State.Members[id].Stage != m.Stage {
 			t.Fatal("membership is not deterministic")
 		}
 	}
-	// A device that joins later goes to the stage its rank falls in; nobody
-	// else moves.
 	devs = append(devs, Device{ID: "late", Online: true, Version: "1.0.0", Labels: map[string]string{"hw": "rev-a", "base": "zurich"}})
 	later := Plan(s, out.State, devs, t0.Add(time.Second))
 	for id, m := range out.State.Members {
@@ -93,60 +215,355 @@ func TestStratifiedCanary(t *testing.T) {
 	}
 }
 
-func report(s proto.UpdateState) *Report { return &Report{State: s, At: t0.UnixMilli()} }
-
-// A good stage advances after its soak; a bad canary pauses the rollout and
-// nothing reaches stage 2.
-func TestGatesAdvanceAndPause(t *testing.T) {
-	s := testSpec()
-	devs := fleet(300, []string{"rev-b"}, []string{"zurich"})
-	st := State{Status: StatusRunning, Members: map[string]*Member{}}
-	out := Plan(s, st, devs, t0)
-	if len(out.Actions) != 3 {
-		t.Fatalf("canary offers: %v", out.Actions)
+// A dry run (id "dry-run") and the create that follows (another id) take
+// the same devices: membership hashes the seed derived from what the
+// rollout targets, not its id.
+func TestDryRunIsTheRun(t *testing.T) {
+	devs := fleet(500, []string{"rev-a", "rev-b", "rev-c"}, []string{"zurich", "bern"})
+	dry, real := testSpec(), testSpec()
+	dry.ID, real.ID = "dry-run", "r-0a1b2c"
+	dry.Seed, real.Seed = dry.DeriveSeed(), real.DeriveSeed()
+	a := Plan(dry, State{Status: StatusCreated}, devs, t0)
+	b := Plan(real, State{Status: StatusCreated}, devs, t0.Add(time.Minute))
+	if len(a.State.Members) != 500 || len(b.State.Members) != 500 {
+		t.Fatalf("members %d and %d", len(a.State.Members), len(b.State.Members))
 	}
-	for _, a := range out.Actions {
-		for i := range devs {
-			if devs[i].ID == a.Device {
-				devs[i].Update, devs[i].Version = report(proto.UpdateCommitted), "2.0.0"
-			}
+	for id, m := range a.State.Members {
+		if b.State.Members[id].Stage != m.Stage {
+			t.Fatalf("%s: stage %d in the dry run, %d in the rollout", id, m.Stage+1, b.State.Members[id].Stage+1)
 		}
 	}
+	other := testSpec()
+	other.Selector = map[string]string{"base": "zurich"}
+	if other.DeriveSeed() == dry.DeriveSeed() {
+		t.Error("another selector, the same seed")
+	}
+}
+
+// A good stage advances after its soak; a bad canary pauses the rollout
+// and nothing reaches stage 2. A soak in progress is waiting, not failing.
+func TestGatesAdvanceAndPause(t *testing.T) {
+	s := testSpec()
+	w := newWorld(fleet(300, []string{"rev-b"}, []string{"zurich"}))
+	out := Plan(s, running(), w.devs, t0)
+	if len(offered(out)) != 3 {
+		t.Fatalf("canary offers: %v", out.Actions)
+	}
+	w.deliver(out, t0)
+	for _, id := range offered(out) {
+		w.report(id, proto.UpdateCommitted, t0)
+	}
 	now := t0.Add(time.Second)
-	out = Plan(s, out.State, devs, now)
+	out = Plan(s, out.State, w.devs, now)
 	if out.State.GatesSince == 0 || out.State.Stage != 0 {
 		t.Fatalf("gates should hold and the soak start: %+v", out.State)
 	}
-	out = Plan(s, out.State, devs, now.Add(30*time.Second))
+	out = Plan(s, out.State, w.devs, now.Add(30*time.Second))
 	if out.State.Stage != 0 {
 		t.Fatal("left the stage before the soak")
 	}
-	out = Plan(s, out.State, devs, now.Add(61*time.Second))
+	for _, g := range out.Gates {
+		if g.Name == "soak" && (g.Verdict != VerdictWaiting || strings.Contains(g.Why, "fail")) {
+			t.Errorf("soak in progress reads %s: %s", g.Verdict, g.Why)
+		}
+		if g.Verdict == VerdictFails {
+			t.Errorf("gate %s fails while nothing failed: %s", g.Name, g.Why)
+		}
+	}
+	out = Plan(s, out.State, w.devs, now.Add(61*time.Second))
 	if out.State.Stage != 1 || len(out.Transitions) != 1 {
 		t.Fatalf("stage after soak: %d, transitions %+v", out.State.Stage, out.Transitions)
 	}
-	if len(out.Actions) != 27 {
-		t.Fatalf("stage 2 offers: %d, want 27 (30 - 3)", len(out.Actions))
+	if len(offered(out)) != 27 {
+		t.Fatalf("stage 2 offers: %d, want 27 (30 - 3)", len(offered(out)))
 	}
 
 	// A bad canary.
-	devs = fleet(300, []string{"rev-b"}, []string{"zurich"})
-	out = Plan(s, State{Status: StatusRunning, Members: map[string]*Member{}}, devs, t0)
-	for _, a := range out.Actions {
-		for i := range devs {
-			if devs[i].ID == a.Device {
-				devs[i].Update = report(proto.UpdateRolledBack)
+	w = newWorld(fleet(300, []string{"rev-b"}, []string{"zurich"}))
+	out = Plan(s, running(), w.devs, t0)
+	w.deliver(out, t0)
+	for _, id := range offered(out) {
+		w.report(id, proto.UpdateRolledBack, t0)
+	}
+	paused := Plan(s, out.State, w.devs, t0.Add(time.Second))
+	if paused.State.Status != StatusPaused || len(paused.Actions) != 0 {
+		t.Fatalf("bad canary: status %s, actions %v", paused.State.Status, paused.Actions)
+	}
+	s.OnFailure = OnFailureAbort
+	if got := Plan(s, out.State, w.devs, t0.Add(2*time.Second)); got.State.Status != StatusAborted {
+		t.Fatalf("abort on failure: %s", got.State.Status)
+	}
+}
+
+// A build that fails on every device of a revision that is 2% of the fleet
+// is stopped at the canary although the overall share of failures is under
+// the threshold, and status shows the per-revision gate.
+func TestPerStratumGate(t *testing.T) {
+	s := testSpec()
+	s.Gates.MaxFailed = 0.2
+	w := newWorld(skewed(map[string]int{"rev-a": 980, "rev-c": 20}, []string{"zurich", "bern"}))
+	s.MinCanary = 10
+	out := Plan(s, running(), w.devs, t0)
+	w.deliver(out, t0)
+	rc := 0
+	for _, id := range offered(out) {
+		if w.dev(id).Labels["hw"] == "rev-c" {
+			w.report(id, proto.UpdateRolledBack, t0)
+			rc++
+		} else {
+			w.report(id, proto.UpdateCommitted, t0)
+		}
+	}
+	if rc == 0 || rc*5 >= len(offered(out)) {
+		t.Fatalf("the canary holds %d rev-c of %d: the test wants some, under the overall threshold", rc, len(offered(out)))
+	}
+	out = Plan(s, out.State, w.devs, t0.Add(time.Second))
+	if out.State.Status != StatusPaused || !strings.Contains(out.State.Reason, "hw=rev-c") {
+		t.Fatalf("status %s (%s): want paused on hw=rev-c", out.State.Status, out.State.Reason)
+	}
+	var seen bool
+	for _, sr := range out.Strata {
+		if sr.Value == "rev-c" {
+			seen = true
+			if sr.Failed != rc || sr.Gates[0].Verdict != VerdictFails {
+				t.Errorf("rev-c stratum: %+v", sr)
 			}
 		}
 	}
-	out = Plan(s, out.State, devs, t0.Add(time.Second))
-	if out.State.Status != StatusPaused || len(out.Actions) != 0 {
-		t.Fatalf("bad canary: status %s, actions %v", out.State.Status, out.Actions)
+	if !seen {
+		t.Error("status has no rev-c stratum")
 	}
-	s.OnFailure = OnFailureAbort
-	out2 := Plan(s, State{Status: StatusRunning, Stage: out.State.Stage, Members: out.State.Clone().Members}, devs, t0.Add(2*time.Second))
-	if out2.State.Status != StatusAborted {
-		t.Fatalf("abort on failure: %s", out2.State.Status)
+}
+
+// Switched-off devices are waiting, not failing: they are not offered
+// while off, a device that acknowledged and then went silent times out
+// from its acknowledgement, the rollout completes for the rest, counts
+// those still waiting, and delivers to them as they come back until its
+// offline deadline.
+func TestOfflineMembers(t *testing.T) {
+	s := testSpec()
+	s.Gates.DeviceTimeout = Duration(10 * time.Minute)
+	s.Limits.OfflineDeadline = Duration(24 * time.Hour)
+	s.Stages = []Stage{{Percent: 10}, {Percent: 100}}
+	w := newWorld(fleet(90, []string{"rev-a", "rev-b", "rev-c"}, []string{"zurich", "bern"}))
+	for i := range w.devs {
+		w.devs[i].Online = i%3 != 0 // a third in the hangar
+	}
+	st := running()
+	now := t0
+	var out Outcome
+	for step := 0; step < 400 && st.Status == StatusRunning; step++ {
+		out = Plan(s, st, w.devs, now)
+		for _, a := range offered(out) {
+			if !w.dev(a).Online {
+				t.Fatalf("offline %s offered", a)
+			}
+		}
+		w.deliver(out, now)
+		for id, m := range out.State.Members {
+			d := w.dev(id)
+			if m.Offered > 0 && d.Acked > 0 && d.Update == nil {
+				w.report(id, proto.UpdateCommitted, now)
+			}
+			if st := s.memberState(m, d, true, out.State, now); !d.Online && (st == MFailed || st == MTimedOut) {
+				t.Fatalf("%s (off) is %s", id, st)
+			}
+		}
+		st = out.State
+		now = now.Add(20 * time.Second)
+	}
+	if st.Status != StatusCompleted || st.Unreached != 30 {
+		t.Fatalf("status %s, unreached %d (%s): want completed with 30 waiting", st.Status, st.Unreached, st.Reason)
+	}
+	// One comes back: offered, although completed.
+	back := "d0003"
+	w.dev(back).Online = true
+	out = Plan(s, st, w.devs, now)
+	if got := offered(out); len(got) != 1 || got[0] != back {
+		t.Fatalf("a returning member was offered %v", got)
+	}
+	// One acknowledges and goes silent (a brick): timed out, from its
+	// acknowledgement.
+	w.deliver(out, now)
+	w.dev(back).Online = false
+	m := out.State.Members[back]
+	if got := s.memberState(m, w.dev(back), true, out.State, now.Add(9*time.Minute)); got != MOffered {
+		t.Errorf("silent for 9 minutes after acknowledging: %s", got)
+	}
+	if got := s.memberState(m, w.dev(back), true, out.State, now.Add(11*time.Minute)); got != MTimedOut {
+		t.Errorf("silent for 11 minutes after acknowledging: %s", got)
+	}
+	// Past the deadline nothing more is offered.
+	w.dev("d0006").Online = true
+	if late := Plan(s, out.State, w.devs, now.Add(25*time.Hour)); len(offered(late)) != 0 {
+		t.Fatalf("offered after the offline deadline: %v", late.Actions)
+	}
+	if !s.Settled(out.State, now.Add(25*time.Hour)) {
+		t.Error("a completed rollout past its offline deadline is not settled")
+	}
+}
+
+// A canary member that stays off is replaced by a reachable device of its
+// stratum, and the swap is recorded.
+func TestCanaryReplacement(t *testing.T) {
+	s := testSpec()
+	s.Gates.ReplaceAfter = Duration(5 * time.Minute)
+	w := newWorld(fleet(300, []string{"rev-a", "rev-b", "rev-c"}, []string{"zurich"}))
+	st := Plan(s, State{Status: StatusCreated}, w.devs, t0).State
+	st, _, _ = st.Apply(s, OpStart, "op", "", t0)
+	var gone string
+	for id, m := range st.Members {
+		if m.Stage == 0 && w.dev(id).Labels["hw"] == "rev-c" {
+			gone = id
+		}
+	}
+	w.dev(gone).Online = false
+	w.dev(gone).LastSeen = t0.UnixMilli()
+	out := Plan(s, st, w.devs, t0.Add(time.Minute))
+	if slices.Contains(offered(out), gone) || out.State.Members[gone].Stage != 0 {
+		t.Fatalf("off for a minute: offered or replaced already")
+	}
+	out = Plan(s, out.State, w.devs, t0.Add(6*time.Minute))
+	m := out.State.Members[gone]
+	if m.Stage == 0 || m.ReplacedBy == "" {
+		t.Fatalf("off for 6 minutes, still in the canary: %+v", m)
+	}
+	r := out.State.Members[m.ReplacedBy]
+	if r.Stage != 0 || r.Replaces != gone || w.dev(m.ReplacedBy).Labels["hw"] != "rev-c" || !slices.Contains(offered(out), m.ReplacedBy) {
+		t.Fatalf("replacement %s %+v (hw %s), offers %v", m.ReplacedBy, r, w.dev(m.ReplacedBy).Labels["hw"], offered(out))
+	}
+	if len(out.Transitions) != 1 || out.Transitions[0].Action != "replace" {
+		t.Fatalf("transitions %+v", out.Transitions)
+	}
+}
+
+// Past the canary, a revision none of whose canary devices finished (they
+// were off) is held: its devices in later stages are not offered, and one
+// that is reachable joins the canary; if it fails, the rollout stops with
+// one device of that revision hit.
+func TestHeldStratum(t *testing.T) {
+	s := testSpec()
+	s.Gates.ReplaceAfter = Duration(time.Hour) // no replacement within the test: the hold alone
+	s.Stages = []Stage{{Percent: 10}, {Percent: 100}}
+	w := newWorld(skewed(map[string]int{"rev-a": 90, "rev-c": 10}, []string{"zurich"}))
+	st := Plan(s, State{Status: StatusCreated}, w.devs, t0).State
+	st, _, _ = st.Apply(s, OpStart, "op", "", t0)
+	for id, m := range st.Members {
+		if m.Stage == 0 && w.dev(id).Labels["hw"] == "rev-c" {
+			w.dev(id).Online = false
+		}
+	}
+	now := t0
+	var out Outcome
+	var joined []string
+	for step := 0; step < 60 && st.Status == StatusRunning && len(joined) == 0; step++ {
+		out = Plan(s, st, w.devs, now)
+		w.deliver(out, now)
+		for _, id := range offered(out) {
+			if w.dev(id).Labels["hw"] != "rev-c" {
+				w.report(id, proto.UpdateCommitted, now)
+				continue
+			}
+			if out.State.Members[id].Stage != 0 || out.State.Stage == 0 {
+				t.Fatalf("rev-c %s offered in stage %d (rollout at stage %d) before any rev-c finished in the canary",
+					id, out.State.Members[id].Stage+1, out.State.Stage+1)
+			}
+			joined = append(joined, id)
+		}
+		st, now = out.State, now.Add(20*time.Second)
+	}
+	if len(joined) != 1 || st.Stage != 1 {
+		t.Fatalf("rev-c devices joining the canary: %v (stage %d)", joined, st.Stage+1)
+	}
+	if tr := out.Transitions; len(tr) == 0 || tr[len(tr)-1].Action != "replace" || !strings.Contains(tr[len(tr)-1].Reason, "joins the canary") {
+		t.Errorf("the join is not recorded: %+v", tr)
+	}
+	w.deliver(out, now)
+	w.report(joined[0], proto.UpdateRolledBack, now)
+	out = Plan(s, out.State, w.devs, now.Add(time.Second))
+	if out.State.Status != StatusPaused {
+		t.Fatalf("the rev-c canary failed: status %s", out.State.Status)
+	}
+}
+
+// Pausing withdraws the offers no device acknowledged (a device that comes
+// back is not offered), cancels those being downloaded; resuming offers
+// them again as new commands. After an abort, nothing reaches a device
+// that comes back.
+func TestPauseWithdrawsAndResumeOffersAgain(t *testing.T) {
+	s := testSpec()
+	s.MinCanary = 6
+	w := newWorld(fleet(300, []string{"rev-b"}, []string{"zurich"}))
+	out := Plan(s, running(), w.devs, t0)
+	ids := offered(out)
+	if len(ids) != 6 {
+		t.Fatalf("offers %v", ids)
+	}
+	// Three went off before the offer reached them; two are downloading.
+	for _, id := range ids[:3] {
+		w.dev(id).Online = false
+	}
+	w.deliver(out, t0)
+	w.report(ids[3], proto.UpdateDownloading, t0)
+	w.report(ids[4], proto.UpdateDownloading, t0)
+	for _, id := range ids[:3] {
+		if got := s.memberState(out.State.Members[id], w.dev(id), true, out.State, t0.Add(time.Hour)); got != MWaiting {
+			t.Fatalf("%s off, offer not acknowledged, an hour on: %s", id, got)
+		}
+	}
+	st, _, err := out.State.Apply(s, OpPause, "op", "check", t0.Add(time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out = Plan(s, st, w.devs, t0.Add(2*time.Second))
+	kinds := map[string][]string{}
+	for _, a := range out.Actions {
+		kinds[a.Kind] = append(kinds[a.Kind], a.Device)
+	}
+	if len(kinds[ActWithdraw]) != 3 || len(kinds[ActCancel]) != 2 || len(kinds[ActOffer]) != 0 {
+		t.Fatalf("pause: %v", kinds)
+	}
+	w.deliver(out, t0.Add(2*time.Second))
+	for _, id := range ids[:3] {
+		w.dev(id).Online = true
+	}
+	w.deliver(Outcome{}, t0.Add(3*time.Second))
+	for _, id := range ids[:3] {
+		if w.dev(id).Acked != 0 {
+			t.Fatalf("%s came back while paused and got the withdrawn offer", id)
+		}
+		if got := s.memberState(out.State.Members[id], w.dev(id), true, out.State, t0.Add(3*time.Second)); got != MCanceled {
+			t.Errorf("%s withdrawn while paused: %s", id, got)
+		}
+	}
+	st, _, _ = out.State.Apply(s, OpResume, "op", "", t0.Add(4*time.Second))
+	out = Plan(s, st, w.devs, t0.Add(5*time.Second))
+	again := offered(out)
+	for _, id := range append(ids[:3], ids[3:5]...) {
+		if !slices.Contains(again, id) || out.State.Members[id].Offers != 2 {
+			t.Errorf("%s not offered again on resume (offers %d): %v", id, out.State.Members[id].Offers, again)
+		}
+	}
+	// Abort with an offer in transit to a device that then went off:
+	// withdrawn, and never delivered when it comes back.
+	w.deliver(Outcome{}, t0) // nothing queued
+	late := ids[0]
+	w.dev(late).Online = false
+	out.Actions = []Action{{Kind: ActOffer, Device: late}}
+	w.deliver(out, t0.Add(5*time.Second))
+	st, _, _ = out.State.Apply(s, OpAbort, "op", "bad", t0.Add(6*time.Second))
+	out = Plan(s, st, w.devs, t0.Add(7*time.Second))
+	w.deliver(out, t0.Add(7*time.Second))
+	w.dev(late).Online = true
+	w.deliver(Outcome{}, t0.Add(8*time.Second))
+	if w.dev(late).Acked >= out.State.Members[late].Offered {
+		t.Fatalf("%s got the offer after the abort", late)
+	}
+	if got := s.memberState(out.State.Members[late], w.dev(late), true, out.State, t0.Add(8*time.Second)); got != MCanceled {
+		t.Errorf("withdrawn in an aborted rollout: %s", got)
+	}
+	if n := len(offered(Plan(s, out.State, w.devs, t0.Add(9*time.Second)))); n != 0 {
+		t.Errorf("aborted rollout offered %d", n)
 	}
 }
 
@@ -154,57 +571,47 @@ func TestGatesAdvanceAndPause(t *testing.T) {
 func TestHealthGate(t *testing.T) {
 	s := testSpec()
 	s.Gates.HealthOff = false
-	devs := fleet(100, []string{"rev-b"}, []string{"zurich"})
-	out := Plan(s, State{Status: StatusRunning, Members: map[string]*Member{}}, devs, t0)
-	for _, a := range out.Actions {
-		for i := range devs {
-			if devs[i].ID == a.Device {
-				devs[i].Update, devs[i].Version = report(proto.UpdateCommitted), "2.0.0"
-			}
-		}
+	w := newWorld(fleet(100, []string{"rev-b"}, []string{"zurich"}))
+	out := Plan(s, running(), w.devs, t0)
+	w.deliver(out, t0)
+	for _, id := range offered(out) {
+		w.report(id, proto.UpdateCommitted, t0)
 	}
-	out = Plan(s, out.State, devs, t0.Add(time.Second))
-	for i := range devs {
+	out = Plan(s, out.State, w.devs, t0.Add(time.Second))
+	for i := range w.devs {
 		h := &Health{Hours: 0.5, Errors: 1}
-		if devs[i].Version == "2.0.0" {
+		if w.devs[i].Version == "2.0.0" {
 			h.Errors = 40 // 80 errors/h against 2
 		}
-		devs[i].Health = h
+		w.devs[i].Health = h
 	}
-	out = Plan(s, out.State, devs, t0.Add(30*time.Second))
-	if out.State.Status != StatusPaused {
-		t.Fatalf("unhealthy canary: %s %v", out.State.Status, out.Gates)
+	bad := Plan(s, out.State, w.devs, t0.Add(30*time.Second))
+	if bad.State.Status != StatusPaused {
+		t.Fatalf("unhealthy canary: %s %v", bad.State.Status, bad.Gates)
 	}
-	// The same canary as healthy as the rest passes.
-	for i := range devs {
-		devs[i].Health = &Health{Hours: 0.5, Errors: 1, Reboots: 0}
+	for i := range w.devs {
+		w.devs[i].Health = &Health{Hours: 0.5, Errors: 1}
 	}
-	st := out.State
-	st.Status = StatusRunning
-	out = Plan(s, st, devs, t0.Add(90*time.Second))
-	if out.State.Status != StatusRunning {
-		t.Fatalf("healthy canary: %s %+v", out.State.Status, out.Gates)
+	if good := Plan(s, out.State, w.devs, t0.Add(30*time.Second)); good.State.Status != StatusRunning {
+		t.Fatalf("healthy canary: %s %+v", good.State.Status, good.Gates)
 	}
 }
 
 // Automatic revert offers the revert release to the devices that took the
-// new one, and withdraws offers not yet installing.
+// new one, and cancels offers not yet installing.
 func TestAutoRevert(t *testing.T) {
 	s := testSpec()
 	s.AutoRevert = true
 	s.Revert = &ReleaseRef{Target: "agent", Version: "1.0.0", Counter: 21}
 	s.MinCanary = 5
-	devs := fleet(100, []string{"rev-b"}, []string{"zurich"})
-	out := Plan(s, State{Status: StatusRunning, Members: map[string]*Member{}}, devs, t0)
+	w := newWorld(fleet(100, []string{"rev-b"}, []string{"zurich"}))
+	out := Plan(s, running(), w.devs, t0)
+	w.deliver(out, t0)
 	states := []proto.UpdateState{proto.UpdateCommitted, proto.UpdateCommitted, proto.UpdateRolledBack, proto.UpdateRolledBack, proto.UpdateDownloading}
-	for k, a := range out.Actions {
-		for i := range devs {
-			if devs[i].ID == a.Device {
-				devs[i].Update = report(states[k])
-			}
-		}
+	for k, id := range offered(out) {
+		w.report(id, states[k], t0)
 	}
-	out = Plan(s, out.State, devs, t0.Add(time.Second))
+	out = Plan(s, out.State, w.devs, t0.Add(time.Second))
 	kinds := map[string]int{}
 	for _, a := range out.Actions {
 		kinds[a.Kind]++
@@ -212,11 +619,10 @@ func TestAutoRevert(t *testing.T) {
 	if out.State.Status != StatusPaused || !out.State.Reverting || kinds[ActRevert] != 2 || kinds[ActCancel] != 1 {
 		t.Fatalf("status %s reverting %v actions %v", out.State.Status, out.State.Reverting, out.Actions)
 	}
-	// Reverts are offered once.
-	out = Plan(s, out.State, devs, t0.Add(2*time.Second))
+	out = Plan(s, out.State, w.devs, t0.Add(2*time.Second))
 	for _, a := range out.Actions {
-		if a.Kind == ActRevert {
-			t.Fatalf("revert offered twice: %v", out.Actions)
+		if a.Kind == ActRevert || a.Kind == ActCancel {
+			t.Fatalf("sent twice: %v", out.Actions)
 		}
 	}
 }
@@ -240,6 +646,11 @@ func TestWindowsAndSpecValidate(t *testing.T) {
 	if err := s.Validate(); err == nil {
 		t.Error("a revert release with a lower counter accepted")
 	}
+	s = testSpec()
+	s.Gates.ReplaceAfter = Duration(-time.Second)
+	if err := s.Validate(); err == nil {
+		t.Error("a negative duration accepted")
+	}
 	if _, err := ParseStages("1%,10%,x"); err == nil {
 		t.Error("bad stage accepted")
 	}
@@ -248,20 +659,55 @@ func TestWindowsAndSpecValidate(t *testing.T) {
 	}
 }
 
-// TestPlanProperties runs random fleets through random report sequences
-// and checks the engine's invariants after every step.
+// Devices the rollout leaves out are listed with why.
+func TestExclusions(t *testing.T) {
+	s := testSpec()
+	s.Hardware = []string{"rev-b"}
+	s.FromVersions = []string{"1.0.0"}
+	devs := fleet(6, []string{"rev-b"}, []string{"zurich"})
+	devs[1].Labels = map[string]string{"base": "zurich"}                                                       // no hw label
+	devs[2].Labels = map[string]string{"hw": "rev-a", "base": "zurich"}                                        // another revision
+	devs[3].Hardware = "rev-c"                                                                                 // labelled rev-b, reports rev-c
+	devs[4].Version = "0.9.0"                                                                                  // not a from-version
+	devs[5].Busy = "r-other"                                                                                   // in another rollout
+	devs = append(devs, Device{ID: "pre", AwaitingEnrollment: true, Labels: map[string]string{"hw": "rev-b"}}) // never enrolled
+	out := Plan(s, running(), devs, t0)
+	if out.Targeted != 1 || len(out.Excluded) != 6 {
+		t.Fatalf("targeted %d, excluded %+v", out.Targeted, out.Excluded)
+	}
+	want := map[string]string{"d0001": "no hw label", "d0002": "hardware rev-a", "d0003": "reports hardware rev-c",
+		"d0004": "runs 0.9.0", "d0005": "in rollout r-other", "pre": "not enrolled"}
+	for _, e := range out.Excluded {
+		if !strings.Contains(e.Reason, want[e.Device]) {
+			t.Errorf("%s left out because %q, want %q", e.Device, e.Reason, want[e.Device])
+		}
+	}
+}
+
+// TestPlanProperties runs random fleets (skewed hardware mixes down to one
+// device of a revision, a random share switched off, devices that come and
+// go) and builds through random report sequences, and checks the engine's
+// invariants after every step.
 func TestPlanProperties(t *testing.T) {
 	rapid.Check(t, func(rt *rapid.T) {
-		n := rapid.IntRange(1, 150).Draw(rt, "devices")
-		hws := []string{"rev-a", "rev-b", "rev-c"}[:rapid.IntRange(1, 3).Draw(rt, "hws")]
+		revs := []string{"rev-a", "rev-b", "rev-c", "rev-d"}[:rapid.IntRange(1, 4).Draw(rt, "revisions")]
+		counts := map[string]int{}
+		for _, r := range revs {
+			counts[r] = rapid.SampledFrom([]int{1, 2, 3, 10, 40, 100}).Draw(rt, "count "+r)
+		}
 		bases := []string{"zurich", "bern", "geneva", "basel"}[:rapid.IntRange(1, 4).Draw(rt, "bases")]
-		devs := fleet(n, hws, bases)
+		w := newWorld(skewed(counts, bases))
+		offP := rapid.SampledFrom([]float64{0, 0.1, 0.33, 0.6}).Draw(rt, "offline share")
+		for i := range w.devs {
+			w.devs[i].Online = rapid.Float64Range(0, 1).Draw(rt, "off") >= offP
+		}
 		spec := Spec{ID: rapid.StringMatching(`r-[a-z0-9]{4}`).Draw(rt, "id"),
 			Release: ReleaseRef{Target: "agent", Version: "2.0.0", Counter: 20},
+			Stages:  []Stage{{Percent: 1}, {Percent: 10}, {Percent: 50}, {Percent: 100}},
 			Gates: Gates{Soak: Duration(time.Duration(rapid.IntRange(0, 120).Draw(rt, "soak")) * time.Second), HealthOff: true,
 				MaxFailed:     rapid.SampledFrom([]float64{0.05, 0.2, 0.5}).Draw(rt, "maxFailed"),
 				MinCommitted:  rapid.SampledFrom([]float64{0.5, 0.9, 1}).Draw(rt, "minCommitted"),
-				DeviceTimeout: Duration(10 * time.Minute)},
+				DeviceTimeout: Duration(10 * time.Minute), ReplaceAfter: Duration(time.Duration(rapid.IntRange(1, 10).Draw(rt, "replace")) * time.Minute)},
 			Limits:    Limits{MaxInFlight: rapid.IntRange(1, 40).Draw(rt, "maxInFlight")},
 			OnFailure: rapid.SampledFrom([]string{OnFailurePause, OnFailureAbort}).Draw(rt, "onFailure"),
 		}
@@ -270,106 +716,192 @@ func TestPlanProperties(t *testing.T) {
 				KeepPercent: rapid.SampledFrom([]float64{0, 25, 50}).Draw(rt, "keepPct")}}
 		}
 		spec = spec.WithDefaults()
-		failP := rapid.SampledFrom([]float64{0, 0.05, 0.3, 1}).Draw(rt, "failP")
-		st := State{Status: StatusRunning, Members: map[string]*Member{}}
-		now := t0
-		offered := map[string]int{}
-		canaryBroken := false
-		byID := map[string]*Device{}
-		for i := range devs {
-			byID[devs[i].ID] = &devs[i]
+		// The build is bad on one revision (on every device of it), or
+		// fails at random.
+		badRev := ""
+		if rapid.Bool().Draw(rt, "bad revision") {
+			badRev = rapid.SampledFrom(revs).Draw(rt, "which")
 		}
-		for step := 0; step < 200 && st.Status == StatusRunning; step++ {
-			out := Plan(spec, st, devs, now)
-			// Invariant: a stage starts only when the previous one's gates
-			// held in this very plan.
-			for _, tr := range out.Transitions {
-				if tr.To == fmt.Sprintf("stage %d", st.Stage+2) {
-					for _, g := range out.Gates {
-						if (g.Name == "committed" || g.Name == "soak") && !g.OK {
-							rt.Fatalf("stage %d left with gate %s not holding: %+v", st.Stage+1, g.Name, g)
-						}
-						if g.Name == "failed" && !g.OK {
-							rt.Fatalf("stage left with failures over the threshold: %+v", g)
-						}
-					}
-				}
+		failP := rapid.SampledFrom([]float64{0, 0.05, 0.3}).Draw(rt, "failP")
+		abortAt := rapid.IntRange(5, 400).Draw(rt, "operator aborts at step")
+
+		st := Plan(spec, State{Status: StatusCreated}, w.devs, t0).State
+		// The first stage holds every revision.
+		inCanary := map[string]bool{}
+		for id, m := range st.Members {
+			if m.Stage == 0 {
+				inCanary[w.dev(id).Labels["hw"]] = true
 			}
-			// Canary failure ratio as observed before this plan's offers.
-			cf, cfin := 0, 0
-			for id, m := range out.State.Members {
-				if m.Stage != 0 {
-					continue
-				}
-				switch spec.memberState(m, byID[id], now) {
-				case MFailed, MTimedOut:
-					cf++
-					cfin++
-				case MCommitted:
-					cfin++
-				}
+		}
+		for _, r := range revs {
+			if !inCanary[r] {
+				rt.Fatalf("no %s in the canary %v (fleet %v)", r, inCanary, counts)
 			}
-			judged := cfin >= min(spec.Gates.MinFinished, len(devs)) && cfin > 0
-			if judged && ratio(cf, cfin) > spec.Gates.MaxFailed {
-				canaryBroken = true
+		}
+		st, _, _ = st.Apply(spec, OpStart, "op", "", t0)
+		now := t0
+		offers := map[string]int{}
+		everAcked := map[string]bool{}
+		var abortedAt int64
+		for step := 0; step < 300 && !spec.Settled(st, now); step++ {
+			if step == abortAt && !st.Status.Final() {
+				st, _, _ = st.Apply(spec, OpAbort, "op", "enough", now)
+				abortedAt = now.UnixMilli()
+			}
+			out := Plan(spec, st, w.devs, now)
+			if out.State.Status == StatusAborted && abortedAt == 0 {
+				abortedAt = now.UnixMilli()
+			}
+			for _, id := range offered(out) {
+				offers[id]++
+				m := out.State.Members[id]
+				if m.Offers != offers[id] {
+					rt.Fatalf("%s: offer %d counted as %d", id, offers[id], m.Offers)
+				}
+				if !w.dev(id).Online {
+					rt.Fatalf("%s offered while off", id)
+				}
+				if w.dev(id).Labels["hw"] == badRev && m.Stage != 0 {
+					rt.Fatalf("%s (%s, the bad revision) offered in stage %d", id, badRev, m.Stage+1)
+				}
+				if abortedAt > 0 {
+					rt.Fatalf("%s offered after the abort", id)
+				}
 			}
 			inFlight := 0
-			busy := map[string]int{}
-			group := map[string]int{}
-			for _, a := range out.Actions {
-				if a.Kind != ActOffer {
-					continue
-				}
-				offered[a.Device]++
-				if offered[a.Device] > 1 {
-					rt.Fatalf("%s offered the release twice", a.Device)
-				}
-				if out.State.Members[a.Device].Stage > 0 && canaryBroken {
-					rt.Fatalf("%s (stage %d) offered after the canary's failures went over %.0f%%", a.Device, out.State.Members[a.Device].Stage+1, spec.Gates.MaxFailed*100)
-				}
-			}
 			for id, m := range out.State.Members {
-				ms := spec.memberState(m, byID[id], now)
-				if ms == MOffered || ms == MDeferred || ms == MLate {
-					inFlight++
-					busy[byID[id].Labels["base"]]++
+				d := w.dev(id)
+				ms := spec.memberState(m, d, true, out.State, now)
+				if !everAcked[id] && (ms == MFailed || ms == MTimedOut) && (d.Update == nil || d.Update.At < m.Offered) {
+					rt.Fatalf("%s never reached, counted %s", id, ms)
 				}
-				group[byID[id].Labels["base"]]++
+				if occupies(m, ms) {
+					inFlight++
+				}
 			}
 			if inFlight > spec.Limits.MaxInFlight {
 				rt.Fatalf("%d devices in flight, limit %d", inFlight, spec.Limits.MaxInFlight)
 			}
-			for _, b := range spec.Limits.Budgets {
-				for v, size := range group {
-					keep := max(b.KeepMin, int(math.Ceil(b.KeepPercent/100*float64(size))))
-					if busy[v] > max(0, size-keep) {
-						rt.Fatalf("budget of base %s broken: %d of %d updating, keep %d", v, busy[v], size, keep)
+			// Some switch off just as the offer goes out: it waits in the
+			// queue for them.
+			for _, id := range offered(out) {
+				if rapid.IntRange(0, 4).Draw(rt, "off before delivery") == 0 {
+					w.dev(id).Online, w.dev(id).LastSeen = false, now.UnixMilli()
+				}
+			}
+			before := map[string]int64{}
+			for id := range w.queued {
+				before[id] = 1
+			}
+			for _, id := range offered(out) {
+				before[id] = 1
+			}
+			w.deliver(out, now)
+			for id := range before {
+				if _, still := w.queued[id]; !still && w.dev(id).Acked == now.UnixMilli() {
+					everAcked[id] = true
+					if abortedAt > 0 && abortedAt < now.UnixMilli() {
+						rt.Fatalf("%s: an offer reached it after the abort", id)
 					}
 				}
 			}
+			for _, id := range offered(out) {
+				if w.dev(id).Acked == now.UnixMilli() {
+					everAcked[id] = true
+				}
+			}
 			st = out.State
-			// Devices move on.
 			now = now.Add(time.Duration(rapid.IntRange(1, 90).Draw(rt, "dt")) * time.Second)
+			// Devices move on: acknowledged ones report; some switch on or off.
 			for id, m := range st.Members {
-				d := byID[id]
-				if m.Offered == 0 || (d.Update != nil && (d.Update.State == proto.UpdateCommitted || failed(d.Update.State))) {
+				d := w.dev(id)
+				if m.Offered == 0 || d.Acked < m.Offered || (d.Update != nil && d.Update.At >= m.Offered &&
+					(d.Update.State == proto.UpdateCommitted || failed(d.Update.State))) {
 					continue
+				}
+				if !d.Online {
+					continue // off: it says nothing
 				}
 				switch r := rapid.IntRange(0, 9).Draw(rt, "progress"); {
 				case r < 3:
 				case r < 4:
-					d.Update = &Report{State: proto.UpdateDeferred, At: now.UnixMilli()}
+					w.report(id, proto.UpdateDeferred, now)
 				default:
-					if rapid.Float64Range(0, 1).Draw(rt, "fail") < failP {
-						d.Update = &Report{State: proto.UpdateRolledBack, At: now.UnixMilli()}
+					if d.Labels["hw"] == badRev || rapid.Float64Range(0, 1).Draw(rt, "fail") < failP {
+						w.report(id, proto.UpdateRolledBack, now)
 					} else {
-						d.Update = &Report{State: proto.UpdateCommitted, At: now.UnixMilli()}
-						d.Version = "2.0.0"
+						w.report(id, proto.UpdateCommitted, now)
 					}
+				}
+			}
+			if rapid.IntRange(0, 4).Draw(rt, "flip") == 0 {
+				d := &w.devs[rapid.IntRange(0, len(w.devs)-1).Draw(rt, "who")]
+				d.Online = !d.Online
+				if !d.Online {
+					d.LastSeen = now.UnixMilli()
 				}
 			}
 		}
 	})
+}
+
+// Operator actions: a pure transition, property-tested over random states
+// and action sequences.
+func TestApplyProperties(t *testing.T) {
+	rapid.Check(t, func(rt *rapid.T) {
+		spec := testSpec()
+		if rapid.Bool().Draw(rt, "revert release") {
+			spec.Revert = &ReleaseRef{Target: "agent", Version: "1.0.0+revert.1", Counter: 21}
+		}
+		st := State{Status: StatusCreated, Members: map[string]*Member{"d1": {Stage: 0}}}
+		now := t0
+		for range 30 {
+			op := rapid.SampledFrom(Ops).Draw(rt, "op")
+			reason := rapid.SampledFrom([]string{"", "why"}).Draw(rt, "reason")
+			now = now.Add(time.Minute)
+			next, tr, err := st.Apply(spec, op, "alice", reason, now)
+			if err != nil {
+				if !errorsIs(err, ErrState) || next.Status != st.Status || next.Reverting != st.Reverting || next.Promoted != st.Promoted {
+					rt.Fatalf("%s refused (%v) but the state changed: %+v -> %+v", op, err, st, next)
+				}
+				if len(err.Error()) < 40 {
+					rt.Fatalf("%s refused without saying what it needs: %v", op, err)
+				}
+				continue
+			}
+			if next.Members == nil || len(next.Members) != 1 {
+				rt.Fatalf("%s touched the members", op)
+			}
+			if tr.From != string(st.Status) || tr.To != string(next.Status) || tr.Action != string(op) {
+				rt.Fatalf("transition %+v for %s from %s to %s", tr, op, st.Status, next.Status)
+			}
+			switch {
+			case st.Status.Final() && next.Status != st.Status:
+				rt.Fatalf("%s moved a %s rollout to %s", op, st.Status, next.Status)
+			case next.Status.Final() && next.Ended == 0:
+				rt.Fatalf("%s ended a rollout without an end time", op)
+			case op == OpRevert && (spec.Revert == nil || next.Status == StatusRunning):
+				rt.Fatalf("revert accepted without a revert release or left it running: %+v", next)
+			case op == OpPromote && reason == "":
+				rt.Fatal("promote accepted without a reason")
+			case op == OpResume && (st.Reverting || next.Status != StatusRunning):
+				rt.Fatalf("resume from %+v to %+v", st, next)
+			case op == OpStart && (st.Status != StatusCreated || next.StageStarted != now.UnixMilli()):
+				rt.Fatalf("start from %s", st.Status)
+			}
+			st = next
+		}
+	})
+	// The refusals say what is needed.
+	s := testSpec()
+	_, _, err := State{Status: StatusAborted}.Apply(s, OpRevert, "op", "", t0)
+	if err == nil || !strings.Contains(err.Error(), "revert release") || !strings.Contains(err.Error(), "counter above 20") {
+		t.Errorf("revert without a revert release: %v", err)
+	}
+}
+
+func errorsIs(err, target error) bool {
+	return err != nil && strings.HasPrefix(err.Error(), target.Error())
 }
 
 // A few events over a short window are noise, even when the rate looks
@@ -379,32 +911,32 @@ func TestHealthGateSignificance(t *testing.T) {
 	s.Gates.HealthMargin = 1
 	base := cohort{n: 450, hours: 450 * 3.0 / 3600, errors: 6.7, samples: 450 * 15}
 	few := cohort{n: 50, hours: 50 * 3.0 / 3600, errors: 2, samples: 50 * 15} // 48/h against 18/h
-	for _, g := range s.healthGates(few, base) {
+	for _, g := range s.healthGates(few, base, "") {
 		if !g.OK {
 			t.Errorf("2 errors over 2.5 device-minutes failed %s: %s", g.Name, g.Why)
 		}
 	}
 	many := cohort{n: 50, hours: 50 * 3.0, errors: 7200, samples: 50 * 15} // same rate, 3600 times the exposure
 	base.hours, base.errors = 450*3.0, 24300
-	var failed []string
-	for _, g := range s.healthGates(many, base) {
+	var failedGates []string
+	for _, g := range s.healthGates(many, base, "") {
 		if !g.OK {
-			failed = append(failed, g.Name)
+			failedGates = append(failedGates, g.Name)
 		}
 	}
-	if len(failed) != 1 || failed[0] != "health:errors" {
-		t.Errorf("48 errors/h against 18 over 150 device-hours: failed %v", failed)
+	if len(failedGates) != 1 || failedGates[0] != "health:errors" {
+		t.Errorf("48 errors/h against 18 over 150 device-hours: failed %v", failedGates)
 	}
 	// Link loss: 3 samples of 750 without link is not 5 % worse; 200 is.
 	few = cohort{n: 50, hours: 1, samples: 750, noLink: 3}
 	base = cohort{n: 450, hours: 9, samples: 6750}
-	for _, g := range s.healthGates(few, base) {
+	for _, g := range s.healthGates(few, base, "") {
 		if !g.OK {
 			t.Errorf("%s failed: %s", g.Name, g.Why)
 		}
 	}
 	few.noLink = 200
-	if gs := s.healthGates(few, base); gs[2].OK {
+	if gs := s.healthGates(few, base, ""); gs[2].OK || gs[2].Verdict != VerdictFails {
 		t.Errorf("27%% link loss against 0 passed: %s", gs[2].Why)
 	}
 }
@@ -440,63 +972,48 @@ func TestTails(t *testing.T) {
 // a commit, and a canary that then rolls back must stop the rollout.
 func TestTrialIsNotCommitted(t *testing.T) {
 	s := testSpec()
-	devs := fleet(300, []string{"rev-b"}, []string{"zurich"})
-	out := Plan(s, State{Status: StatusRunning, Members: map[string]*Member{}}, devs, t0)
-	set := func(state proto.UpdateState) {
-		for _, a := range out.Actions {
-			for i := range devs {
-				if devs[i].ID == a.Device {
-					devs[i].Update, devs[i].Version = report(state), "2.0.0"
-				}
-			}
-		}
+	w := newWorld(fleet(300, []string{"rev-b"}, []string{"zurich"}))
+	out := Plan(s, running(), w.devs, t0)
+	w.deliver(out, t0)
+	offers := offered(out)
+	for _, id := range offers {
+		w.report(id, proto.UpdateTrial, t0)
+		w.dev(id).Version = "2.0.0"
 	}
-	offers := out.Actions
-	set(proto.UpdateTrial)
 	for i := 1; i <= 5; i++ {
-		next := Plan(s, out.State, devs, t0.Add(time.Duration(i)*time.Minute))
+		next := Plan(s, out.State, w.devs, t0.Add(time.Duration(i)*time.Minute))
 		if next.State.GatesSince != 0 || next.State.Stage != 0 || len(next.Transitions) != 0 {
 			t.Fatalf("devices in trial passed the gates: %+v", next.State)
 		}
 		out.State = next.State
 	}
-	out.Actions = offers
-	set(proto.UpdateRolledBack)
-	for i := range devs {
-		if devs[i].Update != nil {
-			devs[i].Version = "1.0.0"
-		}
+	for _, id := range offers {
+		w.report(id, proto.UpdateRolledBack, t0.Add(6*time.Minute))
+		w.dev(id).Version = "1.0.0"
 	}
-	if got := Plan(s, out.State, devs, t0.Add(6*time.Minute)); got.State.Status != StatusPaused {
+	if got := Plan(s, out.State, w.devs, t0.Add(6*time.Minute)); got.State.Status != StatusPaused {
 		t.Fatalf("rolled-back canary: %s", got.State.Status)
 	}
 }
 
-// An operator's abort withdraws the offers not yet installing, and an
+// An operator's abort cancels the offers not yet installing, and an
 // aborted rollout stops being planned a device timeout later.
-func TestAbortWithdrawsOffers(t *testing.T) {
+func TestAbortCancelsOffers(t *testing.T) {
 	s := testSpec()
-	devs := fleet(300, []string{"rev-b"}, []string{"zurich"})
-	out := Plan(s, State{Status: StatusRunning, Members: map[string]*Member{}}, devs, t0)
-	if len(out.Actions) == 0 {
-		t.Fatal("no canary offers")
-	}
+	w := newWorld(fleet(300, []string{"rev-b"}, []string{"zurich"}))
+	out := Plan(s, running(), w.devs, t0)
+	w.deliver(out, t0)
 	states := []proto.UpdateState{proto.UpdateDownloading, proto.UpdateInstalling, proto.UpdateCommitted}
 	want := map[string]bool{}
-	for i, a := range out.Actions {
-		for j := range devs {
-			if devs[j].ID == a.Device {
-				devs[j].Update = report(states[i%len(states)])
-				if i%len(states) == 0 {
-					want[a.Device] = true
-				}
-			}
+	for i, id := range offered(out) {
+		w.report(id, states[i%len(states)], t0)
+		if i%len(states) == 0 {
+			want[id] = true
 		}
 	}
-	st := out.State
-	st.Status, st.Ended = StatusAborted, t0.Add(time.Second).UnixMilli()
+	st, _, _ := out.State.Apply(s, OpAbort, "op", "", t0.Add(time.Second))
 	now := t0.Add(2 * time.Second)
-	out = Plan(s, st, devs, now)
+	out = Plan(s, st, w.devs, now)
 	got := map[string]bool{}
 	for _, a := range out.Actions {
 		if a.Kind != ActCancel {
@@ -507,7 +1024,7 @@ func TestAbortWithdrawsOffers(t *testing.T) {
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("cancels %v, want %v (the devices still downloading)", got, want)
 	}
-	if again := Plan(s, out.State, devs, now.Add(time.Second)); len(again.Actions) != 0 {
+	if again := Plan(s, out.State, w.devs, now.Add(time.Second)); len(again.Actions) != 0 {
 		t.Fatalf("cancels sent twice: %v", again.Actions)
 	}
 	if s.Settled(out.State, now) || !s.Settled(out.State, now.Add(s.Gates.DeviceTimeout.D()+time.Second)) {
@@ -549,7 +1066,7 @@ func TestHealthGateShortWindow(t *testing.T) {
 	for range 95 {
 		baseline.add(&Health{Hours: window, Samples: 20})
 	}
-	for _, g := range s.healthGates(updated, baseline) {
+	for _, g := range s.healthGates(updated, baseline, "") {
 		if !g.OK {
 			t.Errorf("%s failed on one error in a short window: %s", g.Name, g.Why)
 		}
@@ -558,11 +1075,11 @@ func TestHealthGateShortWindow(t *testing.T) {
 	for range 5 {
 		bad.add(&Health{Hours: window, Samples: 20, Errors: 20})
 	}
-	failed := false
-	for _, g := range s.healthGates(bad, baseline) {
-		failed = failed || (g.Name == "health:errors" && !g.OK)
+	failedGate := false
+	for _, g := range s.healthGates(bad, baseline, "") {
+		failedGate = failedGate || (g.Name == "health:errors" && !g.OK)
 	}
-	if !failed {
+	if !failedGate {
 		t.Error("100 errors over 20 device-seconds against none passed the health gate")
 	}
 }

@@ -6,8 +6,11 @@
 package rollout
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 )
@@ -73,10 +76,16 @@ type Gates struct {
 	HealthMargin float64 `json:"health_margin"`
 	// HealthOff turns the health comparison off.
 	HealthOff bool `json:"health_off,omitempty"`
-	// DeviceTimeout: a device offered the release that neither commits
-	// nor fails within it counts as failed (timed out). Deferred time does
-	// not count.
+	// DeviceTimeout: a device that acknowledged the offer and neither
+	// commits nor fails within it counts as failed (timed out): a build
+	// that bricks a drone makes it silent. The time runs from the
+	// acknowledgement, not from the offer: a device that is switched off
+	// is waiting, not failing. Deferred time does not count.
 	DeviceTimeout Duration `json:"device_timeout"`
+	// ReplaceAfter: a canary member that has been unreachable this long
+	// (offline, never offered) since its stage started is replaced by a
+	// reachable device of the same stratum.
+	ReplaceAfter Duration `json:"replace_after"`
 }
 
 // Budget keeps a minimum of devices not updating for each value of a
@@ -117,6 +126,9 @@ type Limits struct {
 	Budgets          []Budget `json:"budgets,omitempty"`
 	Windows          []Window `json:"windows,omitempty"` // none: any time
 	DeferredDeadline Duration `json:"deferred_deadline"`
+	// OfflineDeadline: a completed rollout goes on offering the release
+	// to members that were unreachable, as they come back, for this long.
+	OfflineDeadline Duration `json:"offline_deadline"`
 }
 
 // Failure actions.
@@ -127,7 +139,11 @@ const (
 
 // Spec is what an operator asks for.
 type Spec struct {
-	ID       string            `json:"id"`
+	ID string `json:"id"`
+	// Seed places devices in stages (with the device id, in a hash). By
+	// default it is derived from what the rollout targets, not from its id,
+	// so that a dry run and the create that follows take the same devices.
+	Seed     string            `json:"seed,omitempty"`
 	Release  ReleaseRef        `json:"release"`
 	Revert   *ReleaseRef       `json:"revert,omitempty"` // signed re-release of the previous build (higher counter)
 	Selector map[string]string `json:"selector"`
@@ -136,7 +152,10 @@ type Spec struct {
 	Hardware     []string `json:"hardware,omitempty"` // the release's hardware: others are not targeted
 	Stages       []Stage  `json:"stages"`
 	MinCanary    int      `json:"min_canary"`
-	// Strata are the labels the canary covers every value of.
+	// Strata are the labels membership is stratified by. The canary holds
+	// a device of every value of the first (the hardware revision by
+	// default) and spreads over the next; the failure and health gates
+	// are judged within each value of the first as well as overall.
 	Strata     []string `json:"strata"`
 	Gates      Gates    `json:"gates"`
 	Limits     Limits   `json:"limits"`
@@ -148,8 +167,8 @@ type Spec struct {
 var (
 	DefaultStages = []Stage{{Percent: 1}, {Percent: 10}, {Percent: 50}, {Percent: 100}}
 	DefaultGates  = Gates{MinCommitted: 0.9, MaxFailed: 0.05, MinFinished: 3, Soak: Duration(10 * time.Minute),
-		HealthMargin: 0.5, DeviceTimeout: Duration(30 * time.Minute)}
-	DefaultLimits = Limits{MaxInFlight: 100, DeferredDeadline: Duration(2 * time.Hour)}
+		HealthMargin: 0.5, DeviceTimeout: Duration(30 * time.Minute), ReplaceAfter: Duration(5 * time.Minute)}
+	DefaultLimits = Limits{MaxInFlight: 100, DeferredDeadline: Duration(2 * time.Hour), OfflineDeadline: Duration(7 * 24 * time.Hour)}
 	DefaultStrata = []string{"hw", "base"}
 )
 
@@ -186,11 +205,17 @@ func (s Spec) WithDefaults() Spec {
 	if g.DeviceTimeout == 0 {
 		g.DeviceTimeout = d.DeviceTimeout
 	}
+	if g.ReplaceAfter == 0 {
+		g.ReplaceAfter = d.ReplaceAfter
+	}
 	if s.Limits.MaxInFlight == 0 {
 		s.Limits.MaxInFlight = DefaultLimits.MaxInFlight
 	}
 	if s.Limits.DeferredDeadline == 0 {
 		s.Limits.DeferredDeadline = DefaultLimits.DeferredDeadline
+	}
+	if s.Limits.OfflineDeadline == 0 {
+		s.Limits.OfflineDeadline = DefaultLimits.OfflineDeadline
 	}
 	if s.OnFailure == "" {
 		s.OnFailure = OnFailurePause
@@ -235,6 +260,12 @@ func (s Spec) Validate() error {
 	if s.Revert != nil && s.Revert.Counter <= s.Release.Counter {
 		errs = append(errs, fmt.Errorf("the revert release's counter %d must be above the release's %d: devices refuse lower counters", s.Revert.Counter, s.Release.Counter))
 	}
+	if g.DeviceTimeout < 0 || g.ReplaceAfter < 0 || g.Soak < 0 || s.Limits.DeferredDeadline < 0 || s.Limits.OfflineDeadline < 0 {
+		errs = append(errs, errors.New("durations are not negative"))
+	}
+	if s.MinCanary < 0 || g.MinFinished < 0 {
+		errs = append(errs, errors.New("counts are not negative"))
+	}
 	if s.Limits.MaxInFlight < 0 {
 		errs = append(errs, errors.New("max in flight is negative"))
 	}
@@ -265,3 +296,30 @@ func (d *Duration) UnmarshalJSON(b []byte) error {
 
 // D is the time.Duration.
 func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// DeriveSeed is the default Seed: a digest of what the rollout targets
+// (release, selector, hardware and version filters, strata), so that the
+// same request takes the same devices, in a dry run and in earnest.
+func (s Spec) DeriveSeed() string {
+	h := sha256.New()
+	fmt.Fprintf(h, "%s@%s#%d\x00", s.Release.Target, s.Release.Version, s.Release.Counter)
+	keys := make([]string, 0, len(s.Selector))
+	for k := range s.Selector {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		fmt.Fprintf(h, "%s=%s\x00", k, s.Selector[k])
+	}
+	fmt.Fprintf(h, "\x01%s\x01%s\x01%s", strings.Join(s.Hardware, ","), strings.Join(s.FromVersions, ","), strings.Join(s.Strata, ","))
+	return hex.EncodeToString(h.Sum(nil)[:8])
+}
+
+// seed is what ranks hash: the rollout id for rollouts made before seeds
+// existed, whose members were placed by it.
+func (s Spec) seed() string {
+	if s.Seed != "" {
+		return s.Seed
+	}
+	return s.ID
+}

@@ -67,7 +67,7 @@ func sent(s *server.Server) int {
 // have been sent; it returns the time from start to the last of them.
 func startAndWait(b *testing.B, s *server.Server, spec rollout.Spec, want int) time.Duration {
 	ctx := context.Background()
-	r, err := s.Rollouts().Create(ctx, spec, "bench")
+	r, _, err := s.Rollouts().Create(ctx, spec, "bench")
 	if err != nil {
 		b.Fatal(err)
 	}

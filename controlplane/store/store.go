@@ -6,7 +6,6 @@ package store
 
 import (
 	"errors"
-	"maps"
 	"time"
 
 	"github.com/hangarfleet/hangar/proto"
@@ -19,36 +18,47 @@ var (
 	ErrExists   = errors.New("already exists")
 )
 
-// Device is one drone as the control plane knows it.
+// Device is one drone as the control plane knows it. Its Labels are the
+// operators': selectors, rollout strata and budgets read them and nothing
+// the device says changes them. What the device reports about itself
+// (Hardware, ReportedLabels, Version, Payloads) is evidence, kept apart.
 type Device struct {
-	ID         string            `json:"id"`
-	Hardware   string            `json:"hardware"`
-	Arch       string            `json:"arch,omitempty"`
-	Version    string            `json:"version"`
-	Release    uint64            `json:"release,omitempty"`
-	Labels     map[string]string `json:"labels"` // effective labels: reported, overridden by operator labels
-	Online     bool              `json:"online"`
-	Revoked    bool              `json:"revoked,omitempty"`
-	EnrolledAt *time.Time        `json:"enrolled_at,omitempty"`
-	FirstSeen  *time.Time        `json:"first_seen,omitempty"`
-	LastSeen   *time.Time        `json:"last_seen"`
-	Boot       uint64            `json:"boot_epoch,omitempty"`
-	Proto      uint16            `json:"protocol,omitempty"`
-	Payloads   map[string]string `json:"payloads,omitempty"`
-	Dropped    uint64            `json:"dropped_samples"` // samples the agent's outbox dropped, total reported
-	Latest     *proto.Reading    `json:"latest,omitempty"`
-	// OperatorLabels are the labels set by operators; they win over what the
-	// device reports about itself.
-	OperatorLabels map[string]string `json:"-"`
-	ReportedLabels map[string]string `json:"-"`
+	ID       string            `json:"id"`
+	Labels   map[string]string `json:"labels"`             // set by operators
+	Hardware string            `json:"hardware,omitempty"` // reported by the device
+	// ReportedLabels are the labels the device asserts about itself.
+	ReportedLabels map[string]string `json:"reported_labels,omitempty"`
+	// HardwareMismatch: the operators' hw label and the hardware the
+	// device reports differ; rollouts of hardware-specific releases leave
+	// it out until someone looks.
+	HardwareMismatch bool `json:"hardware_mismatch,omitempty"`
+	// AwaitingEnrollment: pre-provisioned by an operator (labels, no
+	// credential); the device's first enrollment takes this record.
+	AwaitingEnrollment bool              `json:"awaiting_enrollment,omitempty"`
+	Arch               string            `json:"arch,omitempty"`
+	Version            string            `json:"version"`
+	Release            uint64            `json:"release,omitempty"`
+	Online             bool              `json:"online"`
+	Revoked            bool              `json:"revoked,omitempty"`
+	EnrolledAt         *time.Time        `json:"enrolled_at,omitempty"`
+	FirstSeen          *time.Time        `json:"first_seen,omitempty"`
+	LastSeen           *time.Time        `json:"last_seen"`
+	Boot               uint64            `json:"boot_epoch,omitempty"`
+	Proto              uint16            `json:"protocol,omitempty"`
+	Payloads           map[string]string `json:"payloads,omitempty"`
+	Dropped            uint64            `json:"dropped_samples"` // samples the agent's outbox dropped, total reported
+	Latest             *proto.Reading    `json:"latest,omitempty"`
 }
 
-// MergeLabels returns reported overridden by operator.
-func MergeLabels(reported, operator map[string]string) map[string]string {
-	out := make(map[string]string, len(reported)+len(operator))
-	maps.Copy(out, reported)
-	maps.Copy(out, operator)
-	return out
+// HardwareLabel is the operators' label naming a device's hardware
+// revision; a release's hardware list is matched against it.
+const HardwareLabel = "hw"
+
+// Mismatch says whether the operators' hardware label and what the device
+// reports disagree (both known, different).
+func Mismatch(labels map[string]string, reported string) bool {
+	hw := labels[HardwareLabel]
+	return hw != "" && reported != "" && hw != reported
 }
 
 // DeviceFilter selects devices. Zero values match everything.
@@ -65,11 +75,30 @@ type DeviceFilter struct {
 // Enrollment creates or re-keys a device.
 type Enrollment struct {
 	ID       string
-	Hardware string
+	Hardware string            // reported by the device (enroll); for an operator's add, the hw label
 	Labels   map[string]string // reported by the device (enroll) or set by an operator (add)
-	Operator bool              // Labels are operator labels, and a revoked device is reinstated
-	CredHash []byte            // SHA-256 of the MQTT password
+	// Profile holds the labels of the enrollment profile whose token the
+	// device used: operator labels given to a device enrolling for the
+	// first time (labels pre-provisioned for it win).
+	Profile  map[string]string
+	Operator bool   // an operator's add: Labels are operator labels, and a revoked device is reinstated
+	CredHash []byte // SHA-256 of the MQTT password; nil with Operator: pre-provision, awaiting enrollment
 	Now      time.Time
+}
+
+// LabelChange sets and removes operator labels of a device.
+type LabelChange struct {
+	Device string            `json:"id"`
+	Set    map[string]string `json:"set,omitempty"`
+	Remove []string          `json:"remove,omitempty"`
+}
+
+// Profile is a named enrollment token: a device that enrolls with it gets
+// the profile's labels.
+type Profile struct {
+	Name    string            `json:"name"`
+	Labels  map[string]string `json:"labels"`
+	Created time.Time         `json:"created"`
 }
 
 // TelemetryRow is one stored sample.
@@ -109,6 +138,10 @@ type IngestResult struct {
 	Unknown    int // messages from devices the store does not know
 	Events     int
 	States     int
+	// Refused counts update reports whose boot epoch is ahead of both the
+	// device's current connection and the control plane's clock (plus the
+	// allowance): stored as events, not believed.
+	Refused int
 }
 
 // Event is a stored device event.
@@ -179,6 +212,47 @@ type Release struct {
 	PushedBy string    `json:"pushed_by"`
 	Manifest []byte    `json:"-"` // signed
 	Keys     []byte    `json:"-"` // signed key list
+}
+
+// RolloutRow is a rollout as stored: spec and state as JSON (the rollout
+// package owns their shape), members apart.
+type RolloutRow struct {
+	ID        string
+	Spec      []byte
+	State     []byte
+	Status    string
+	Created   time.Time
+	CreatedBy string
+	Updated   time.Time
+}
+
+// MemberRow is one device's place in a rollout (rollout.Member, as stored).
+type MemberRow struct {
+	Device     string
+	Stage      int
+	Offered    int64 // unix ms of the latest offer; 0: never offered
+	Offers     int   // offers made (a withdrawn or cancelled offer is made again on resume)
+	Withdrawn  int64 // unix ms the unacknowledged offer was withdrawn
+	Reverted   int64
+	Canceled   int64
+	ReplacedBy string // a canary member that stayed unreachable: who took its place
+	Replaces   string // the canary member this one replaced
+}
+
+// RolloutChange is one decision of the rollout engine, stored in one
+// transaction before anything of it is sent.
+type RolloutChange struct {
+	ID       string
+	State    []byte
+	Status   string
+	Members  []MemberRow // changed members only
+	Commands []Command   // to send once stored
+	// Withdraw lists commands that must not be sent any more: offers the
+	// device never acknowledged, withdrawn when the rollout paused or
+	// aborted. A command acknowledged meanwhile is left as it is.
+	Withdraw []string
+	Audits   []Audit
+	Now      time.Time
 }
 
 // Command is a command to a device, kept until the device acknowledges it.

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"strings"
 	"time"
 
@@ -14,7 +15,11 @@ import (
 )
 
 // Enroll creates the device or gives it a new credential. A revoked device
-// is refused unless the enrollment comes from an operator.
+// is refused unless the enrollment comes from an operator. What a device
+// says about itself at enrollment (hardware, labels) is kept as reported;
+// the operator labels are those pre-provisioned for it, else those of its
+// enrollment profile, and a device's enrollment never changes them once
+// it has enrolled.
 func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, error) {
 	labels, err := json.Marshal(orEmpty(e.Labels))
 	if err != nil {
@@ -25,27 +30,63 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 		return store.Device{}, fmt.Errorf("enroll %s: %w", e.ID, err)
 	}
 	defer tx.Rollback()
-	var revoked bool
-	err = tx.QueryRowContext(ctx, `SELECT revoked FROM devices WHERE id = ?`, e.ID).Scan(&revoked)
+	var (
+		revoked  bool
+		enrolled sql.NullInt64
+		opLabels string
+	)
+	var enrolledAt any = ms(e.Now)
+	if e.Operator && e.CredHash == nil {
+		enrolledAt = nil // pre-provisioned: awaiting the device's enrollment
+	}
+	err = tx.QueryRowContext(ctx, `SELECT revoked, enrolled_at, labels FROM devices WHERE id = ?`, e.ID).Scan(&revoked, &enrolled, &opLabels)
 	switch {
-	case errors.Is(err, sql.ErrNoRows):
-		col := "labels"
-		if e.Operator {
-			col = "op_labels"
+	case errors.Is(err, sql.ErrNoRows) && e.Operator:
+		op := orEmpty(maps.Clone(e.Labels))
+		if e.Hardware != "" && op[store.HardwareLabel] == "" {
+			op[store.HardwareLabel] = e.Hardware
 		}
-		_, err = tx.ExecContext(ctx, `INSERT INTO devices (id, hardware, `+col+`, cred_hash, enrolled_at) VALUES (?, ?, ?, ?, ?)`,
-			e.ID, e.Hardware, string(labels), e.CredHash, ms(e.Now))
+		opJSON, _ := json.Marshal(op)
+		_, err = tx.ExecContext(ctx, `INSERT INTO devices (id, labels, cred_hash, enrolled_at) VALUES (?, ?, ?, ?)`,
+			e.ID, string(opJSON), e.CredHash, enrolledAt)
+	case errors.Is(err, sql.ErrNoRows):
+		profile, _ := json.Marshal(orEmpty(e.Profile))
+		_, err = tx.ExecContext(ctx, `INSERT INTO devices (id, hardware, reported_labels, labels, cred_hash, enrolled_at) VALUES (?, ?, ?, ?, ?, ?)`,
+			e.ID, e.Hardware, string(labels), string(profile), e.CredHash, ms(e.Now))
 	case err != nil:
 	case revoked && !e.Operator:
 		return store.Device{}, fmt.Errorf("enroll %s: %w", e.ID, store.ErrRevoked)
 	case e.Operator:
-		_, err = tx.ExecContext(ctx, `UPDATE devices SET op_labels = ?, cred_hash = ?, revoked = 0, enrolled_at = ?,
-			hardware = CASE WHEN ? != '' THEN ? ELSE hardware END WHERE id = ?`,
-			string(labels), e.CredHash, ms(e.Now), e.Hardware, e.Hardware, e.ID)
+		op := parseLabels(opLabels)
+		maps.Copy(op, e.Labels)
+		if e.Hardware != "" {
+			op[store.HardwareLabel] = e.Hardware
+		}
+		opJSON, _ := json.Marshal(op)
+		// A reinstated device starts a new history: nothing it reported
+		// before (a boot epoch far ahead, say) outranks what it reports now.
+		_, err = tx.ExecContext(ctx, `UPDATE devices SET labels = ?, cred_hash = coalesce(?, cred_hash), revoked = 0,
+			enrolled_at = CASE WHEN ? IS NULL THEN enrolled_at ELSE ? END, boot = 0, conn = 0 WHERE id = ?`,
+			string(opJSON), e.CredHash, enrolledAt, enrolledAt, e.ID)
+		if err == nil && revoked {
+			err = resetUpdateOrder(ctx, tx, e.ID)
+		}
 	default:
-		_, err = tx.ExecContext(ctx, `UPDATE devices SET labels = ?, cred_hash = ?, enrolled_at = ?,
+		// The device's own enrollment: what it reports is kept as
+		// reported; a pre-provisioned record takes the profile's labels
+		// where an operator set none.
+		op := parseLabels(opLabels)
+		if !enrolled.Valid {
+			for k, v := range e.Profile {
+				if _, ok := op[k]; !ok {
+					op[k] = v
+				}
+			}
+		}
+		opJSON, _ := json.Marshal(op)
+		_, err = tx.ExecContext(ctx, `UPDATE devices SET reported_labels = ?, labels = ?, cred_hash = ?, enrolled_at = ?,
 			hardware = CASE WHEN ? != '' THEN ? ELSE hardware END WHERE id = ?`,
-			string(labels), e.CredHash, ms(e.Now), e.Hardware, e.Hardware, e.ID)
+			string(labels), string(opJSON), e.CredHash, ms(e.Now), e.Hardware, e.Hardware, e.ID)
 	}
 	if err != nil {
 		return store.Device{}, fmt.Errorf("enroll %s: %w", e.ID, err)
@@ -58,6 +99,86 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 		return store.Device{}, fmt.Errorf("enroll %s: %w", e.ID, err)
 	}
 	return d, nil
+}
+
+// resetUpdateOrder forgets the (boot, seq) order of a device's update
+// reports, so that the first report after a revocation wins whatever the
+// device claimed before.
+func resetUpdateOrder(ctx context.Context, tx *sql.Tx, id string) error {
+	_, err := tx.ExecContext(ctx, `UPDATE device_updates SET boot = 0, seq = 0 WHERE dev = (SELECT num FROM devices WHERE id = ?)`, id)
+	return err
+}
+
+// SetLabels applies operators' label changes. Every device must exist: a
+// typo in an id is an error (store.ErrNotFound, naming it), and nothing is
+// changed then.
+func (db *DB) SetLabels(ctx context.Context, changes []store.LabelChange) error {
+	tx, err := db.w.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("set labels: %w", err)
+	}
+	defer tx.Rollback()
+	for _, c := range changes {
+		var cur string
+		err := tx.QueryRowContext(ctx, `SELECT labels FROM devices WHERE id = ?`, c.Device).Scan(&cur)
+		if errors.Is(err, sql.ErrNoRows) {
+			return fmt.Errorf("set labels: device %s: %w", c.Device, store.ErrNotFound)
+		}
+		if err != nil {
+			return fmt.Errorf("set labels %s: %w", c.Device, err)
+		}
+		l := parseLabels(cur)
+		for _, k := range c.Remove {
+			delete(l, k)
+		}
+		maps.Copy(l, c.Set)
+		b, _ := json.Marshal(l)
+		if _, err := tx.ExecContext(ctx, `UPDATE devices SET labels = ? WHERE id = ?`, string(b), c.Device); err != nil {
+			return fmt.Errorf("set labels %s: %w", c.Device, err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("set labels: %w", err)
+	}
+	return nil
+}
+
+// Import pre-provisions the devices that are not known yet (operator
+// labels, no credential: their first enrollment takes the record) and
+// sets the labels of those that are. It reports how many it created.
+func (db *DB) Import(ctx context.Context, devices []store.LabelChange, now time.Time) (created int, err error) {
+	tx, err := db.w.BeginTx(ctx, nil)
+	if err != nil {
+		return 0, fmt.Errorf("import: %w", err)
+	}
+	defer tx.Rollback()
+	for _, c := range devices {
+		var cur string
+		switch err := tx.QueryRowContext(ctx, `SELECT labels FROM devices WHERE id = ?`, c.Device).Scan(&cur); {
+		case errors.Is(err, sql.ErrNoRows):
+			b, _ := json.Marshal(orEmpty(c.Set))
+			if _, err := tx.ExecContext(ctx, `INSERT INTO devices (id, labels) VALUES (?, ?)`, c.Device, string(b)); err != nil {
+				return 0, fmt.Errorf("import %s: %w", c.Device, err)
+			}
+			created++
+		case err != nil:
+			return 0, fmt.Errorf("import %s: %w", c.Device, err)
+		default:
+			l := parseLabels(cur)
+			for _, k := range c.Remove {
+				delete(l, k)
+			}
+			maps.Copy(l, c.Set)
+			b, _ := json.Marshal(l)
+			if _, err := tx.ExecContext(ctx, `UPDATE devices SET labels = ? WHERE id = ?`, string(b), c.Device); err != nil {
+				return 0, fmt.Errorf("import %s: %w", c.Device, err)
+			}
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return 0, fmt.Errorf("import: %w", err)
+	}
+	return created, nil
 }
 
 // Revoke removes the device's credential and marks it revoked; its history
@@ -87,14 +208,17 @@ func (db *DB) Credential(ctx context.Context, id string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("credential %s: %w", id, err)
 	}
-	if revoked || h == nil {
+	if revoked {
 		return nil, store.ErrRevoked
+	}
+	if h == nil {
+		return nil, store.ErrNotFound // pre-provisioned, not enrolled yet
 	}
 	return h, nil
 }
 
-const deviceCols = `id, hardware, arch, version, release, labels, op_labels, payloads, revoked, enrolled_at,
-	first_seen, last_seen, connected, boot, proto, dropped, sample_ts, sample`
+const deviceCols = `id, hardware, arch, version, release, labels, reported_labels, payloads, revoked, enrolled_at,
+	cred_hash IS NULL, first_seen, last_seen, connected, boot, proto, dropped, sample_ts, sample`
 
 type rowScanner interface{ Scan(...any) error }
 
@@ -153,26 +277,22 @@ func parseLabels(s string) map[string]string {
 	return out
 }
 
-const briefCols = `id, version, labels, op_labels, revoked, last_seen, connected`
+const briefCols = `id, version, hardware, labels, revoked, enrolled_at IS NULL AND cred_hash IS NULL, last_seen, connected`
 
 func scanBrief(r rowScanner, cutoff time.Time) (store.Device, error) {
 	var (
-		d                store.Device
-		labels, opLabels string
-		last             sql.NullInt64
-		connected        bool
+		d         store.Device
+		labels    string
+		last      sql.NullInt64
+		connected bool
 	)
-	if err := r.Scan(&d.ID, &d.Version, &labels, &opLabels, &d.Revoked, &last, &connected); err != nil {
+	if err := r.Scan(&d.ID, &d.Version, &d.Hardware, &labels, &d.Revoked, &d.AwaitingEnrollment, &last, &connected); err != nil {
 		return d, err
 	}
-	d.ReportedLabels = parseLabels(labels)
-	if opLabels != "" && opLabels != "{}" && opLabels != "null" {
-		d.OperatorLabels = parseLabels(opLabels)
-	}
-	d.Labels = d.ReportedLabels
-	if len(d.OperatorLabels) > 0 {
-		d.Labels = store.MergeLabels(d.ReportedLabels, d.OperatorLabels)
-	}
+	d.Labels = parseLabels(labels)
+	d.AwaitingEnrollment = d.AwaitingEnrollment && !d.Revoked
+	d.HardwareMismatch = store.Mismatch(d.Labels, d.Hardware)
+	d.LastSeen = fromMS(last)
 	d.Online = connected && last.Valid && last.Int64 >= ms(cutoff)
 	return d, nil
 }
@@ -180,20 +300,23 @@ func scanBrief(r rowScanner, cutoff time.Time) (store.Device, error) {
 func scanDevice(r rowScanner, cutoff time.Time) (store.Device, error) {
 	var (
 		d                               store.Device
-		labels, opLabels, payloads      string
+		labels, reported, payloads      string
 		enrolled, first, last, sampleTS sql.NullInt64
-		connected                       bool
+		noCred, connected               bool
 		sample                          []byte
 	)
-	err := r.Scan(&d.ID, &d.Hardware, &d.Arch, &d.Version, &d.Release, &labels, &opLabels, &payloads, &d.Revoked,
-		&enrolled, &first, &last, &connected, &d.Boot, &d.Proto, &d.Dropped, &sampleTS, &sample)
+	err := r.Scan(&d.ID, &d.Hardware, &d.Arch, &d.Version, &d.Release, &labels, &reported, &payloads, &d.Revoked,
+		&enrolled, &noCred, &first, &last, &connected, &d.Boot, &d.Proto, &d.Dropped, &sampleTS, &sample)
 	if err != nil {
 		return d, err
 	}
-	_ = json.Unmarshal([]byte(labels), &d.ReportedLabels)
-	_ = json.Unmarshal([]byte(opLabels), &d.OperatorLabels)
+	d.Labels = parseLabels(labels)
+	if r := parseLabels(reported); len(r) > 0 {
+		d.ReportedLabels = r
+	}
 	_ = json.Unmarshal([]byte(payloads), &d.Payloads)
-	d.Labels = store.MergeLabels(d.ReportedLabels, d.OperatorLabels)
+	d.HardwareMismatch = store.Mismatch(d.Labels, d.Hardware)
+	d.AwaitingEnrollment = !d.Revoked && !enrolled.Valid && noCred
 	d.EnrolledAt, d.FirstSeen, d.LastSeen = fromMS(enrolled), fromMS(first), fromMS(last)
 	d.Online = connected && last.Valid && last.Int64 >= ms(cutoff)
 	if sample != nil && sampleTS.Valid {
@@ -233,8 +356,8 @@ func (db *DB) Devices(ctx context.Context, f store.DeviceFilter) ([]store.Device
 	var args []any
 	for k, v := range f.Labels {
 		path := `$."` + strings.ReplaceAll(k, `"`, ``) + `"`
-		where = append(where, `coalesce(json_extract(op_labels, ?), json_extract(labels, ?)) = ?`)
-		args = append(args, path, path, v)
+		where = append(where, `json_extract(labels, ?) = ?`)
+		args = append(args, path, v)
 	}
 	if f.Online != nil {
 		if *f.Online {
@@ -315,4 +438,74 @@ func orEmpty(m map[string]string) map[string]string {
 		return map[string]string{}
 	}
 	return m
+}
+
+// profilePrefix names enrollment profiles among the tokens; the fleet's
+// default enrollment token ("enroll") is the profile without labels.
+const profilePrefix = "enroll:"
+
+// SetProfile creates or replaces an enrollment profile: a token (its hash)
+// whose devices get labels.
+func (db *DB) SetProfile(ctx context.Context, name string, hash []byte, labels map[string]string, now time.Time) error {
+	b, _ := json.Marshal(orEmpty(labels))
+	_, err := db.w.ExecContext(ctx, `INSERT INTO tokens (name, hash, created, labels) VALUES (?, ?, ?, ?)
+		ON CONFLICT (name) DO UPDATE SET hash = excluded.hash, created = excluded.created, labels = excluded.labels`,
+		profilePrefix+name, hash, ms(now), string(b))
+	if err != nil {
+		return fmt.Errorf("set profile %s: %w", name, err)
+	}
+	return nil
+}
+
+// Profiles lists the enrollment profiles.
+func (db *DB) Profiles(ctx context.Context) ([]store.Profile, error) {
+	rows, err := db.r.QueryContext(ctx, `SELECT name, labels, created FROM tokens WHERE name LIKE 'enroll:%' ORDER BY name`)
+	if err != nil {
+		return nil, fmt.Errorf("profiles: %w", err)
+	}
+	defer rows.Close()
+	out := []store.Profile{}
+	for rows.Next() {
+		var p store.Profile
+		var labels string
+		var created int64
+		if err := rows.Scan(&p.Name, &labels, &created); err != nil {
+			return nil, fmt.Errorf("profiles: %w", err)
+		}
+		p.Name = strings.TrimPrefix(p.Name, profilePrefix)
+		p.Labels, p.Created = parseLabels(labels), time.UnixMilli(created).UTC()
+		out = append(out, p)
+	}
+	return out, rows.Err()
+}
+
+// DeleteProfile removes an enrollment profile; its token stops working.
+func (db *DB) DeleteProfile(ctx context.Context, name string) error {
+	r, err := db.w.ExecContext(ctx, `DELETE FROM tokens WHERE name = ?`, profilePrefix+name)
+	if err != nil {
+		return fmt.Errorf("delete profile %s: %w", name, err)
+	}
+	if n, _ := r.RowsAffected(); n == 0 {
+		return fmt.Errorf("profile %s: %w", name, store.ErrNotFound)
+	}
+	return nil
+}
+
+// ProfileByToken finds the enrollment profile whose token hashes to hash:
+// the fleet's enrollment token ("enroll", no labels) or a named profile.
+func (db *DB) ProfileByToken(ctx context.Context, hash []byte) (store.Profile, error) {
+	var p store.Profile
+	var labels string
+	var created int64
+	err := db.r.QueryRowContext(ctx, `SELECT name, labels, created FROM tokens WHERE hash = ? AND (name = 'enroll' OR name LIKE 'enroll:%')`, hash).
+		Scan(&p.Name, &labels, &created)
+	if errors.Is(err, sql.ErrNoRows) {
+		return p, store.ErrNotFound
+	}
+	if err != nil {
+		return p, fmt.Errorf("profile: %w", err)
+	}
+	p.Name = strings.TrimPrefix(p.Name, profilePrefix)
+	p.Labels, p.Created = parseLabels(labels), time.UnixMilli(created).UTC()
+	return p, nil
 }

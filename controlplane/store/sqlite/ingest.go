@@ -89,7 +89,10 @@ func (db *DB) flushSeenLocked(ctx context.Context, tx *sql.Tx, all bool) ([]int6
 			sample, _ = proto.Marshal(s.sample)
 			sampleTS = s.sampleTS
 		}
-		if _, err := st.ExecContext(ctx, s.last, s.dropped, sampleTS, sample, num); err != nil {
+		// A latest sample dated beyond the clock allowance gives way to
+		// any later one: a clock far ahead must not pin the reading.
+		ahead := db.opts.Now().Add(db.opts.ClockAllowance).UnixMilli()
+		if _, err := st.ExecContext(ctx, s.last, s.dropped, sampleTS, sample, num, ahead); err != nil {
 			return nil, err
 		}
 		done = append(done, num)
@@ -249,6 +252,11 @@ func (w *ingestTx) applyState(ctx context.Context, num int64, it *store.IngestIt
 		_, err := w.tx.ExecContext(ctx, `UPDATE devices SET connected = 0 WHERE num = ? AND boot = ? AND conn = ?`, num, s.Boot, s.Conn)
 		return err
 	}
+	// A hello is what the device sends first on a new connection, and
+	// waits for, so the order hellos arrive in is the order of the
+	// device's connections: the latest one received is the current one,
+	// whatever boot epoch it claims. Within one boot, connection numbers
+	// grow, and an older one arriving late changes nothing.
 	labels, _ := json.Marshal(orEmpty(s.Labels))
 	payloads, _ := json.Marshal(orEmpty(s.Payloads))
 	_, err := w.tx.ExecContext(ctx, `UPDATE devices SET connected = 1, boot = ?, conn = ?, proto = ?,
@@ -256,11 +264,11 @@ func (w *ingestTx) applyState(ctx context.Context, num int64, it *store.IngestIt
 		arch = CASE WHEN ? != '' THEN ? ELSE arch END,
 		hardware = CASE WHEN ? != '' THEN ? ELSE hardware END,
 		release = ?, payloads = ?,
-		labels = CASE WHEN ? THEN ? ELSE labels END
-		WHERE num = ? AND (boot < ? OR (boot = ? AND conn <= ?))`,
+		reported_labels = CASE WHEN ? THEN ? ELSE reported_labels END
+		WHERE num = ? AND NOT (boot = ? AND conn > ?)`,
 		s.Boot, s.Conn, s.Proto, s.Version, s.Version, s.Arch, s.Arch, s.Hardware, s.Hardware,
 		s.Release, string(payloads), len(s.Labels) > 0, string(labels),
-		num, s.Boot, s.Boot, s.Conn)
+		num, s.Boot, s.Conn)
 	return err
 }
 
@@ -278,7 +286,7 @@ func (w *ingestTx) applyBatch(ctx context.Context, num int64, it *store.IngestIt
 		s := &b.Samples[i]
 		ts := b.Base + int64(s.T)
 		first, last = min(first, ts), max(last, ts)
-		if seen.sample == nil || ts >= seen.sampleTS {
+		if seen.sample == nil || ts >= seen.sampleTS || seen.sampleTS > it.Received.Add(w.db.opts.ClockAllowance).UnixMilli() {
 			seen.sample, seen.sampleTS = s, ts
 		}
 	}
@@ -311,21 +319,40 @@ func (w *ingestTx) applyEvent(ctx context.Context, num int64, it *store.IngestIt
 	}
 	res.Events++
 	if u := e.Update; u != nil {
-		// Keep the latest report per release: a late redelivery of an
-		// older one (lower boot and sequence) changes nothing.
-		_, err := w.tx.ExecContext(ctx, `INSERT INTO device_updates (dev, target, counter, version, state, reason, check_name,
-			progress, rollout, boot, seq, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-			ON CONFLICT (dev, target, counter) DO UPDATE SET version = excluded.version, state = excluded.state,
-				reason = excluded.reason, check_name = excluded.check_name, progress = excluded.progress,
-				rollout = CASE WHEN excluded.rollout != '' THEN excluded.rollout ELSE rollout END,
-				boot = excluded.boot, seq = excluded.seq, updated = excluded.updated
-			WHERE excluded.boot > device_updates.boot OR (excluded.boot = device_updates.boot AND excluded.seq > device_updates.seq)`,
-			num, u.Target, u.Counter, u.Version, string(u.State), u.Reason, u.Check, u.Progress, u.Rollout, e.Boot, e.Seq, ms(it.Received))
-		if err != nil {
-			return err
-		}
+		return w.applyUpdate(ctx, num, it, res)
 	}
 	return nil
+}
+
+// applyUpdate keeps the latest update report per release. Reports are
+// ordered by (boot epoch, sequence), numbers the device chooses, so they
+// are bounded by what the control plane saw itself: the boot epoch of the
+// device's current connection (its latest hello). A report from a boot
+// above that, beyond the clock allowance, is refused; a stored report from
+// a boot above the current one (the device claimed an epoch it no longer
+// runs) is beaten by any report. So a report with an epoch far ahead pins
+// nothing past the device's next connection.
+func (w *ingestTx) applyUpdate(ctx context.Context, num int64, it *store.IngestItem, res *store.IngestResult) error {
+	e, u := it.Event, it.Event.Update
+	var current uint64
+	if err := w.tx.QueryRowContext(ctx, `SELECT boot FROM devices WHERE num = ?`, num).Scan(&current); err != nil {
+		return err
+	}
+	if e.Boot > current && e.Boot > uint64(it.Received.Add(w.db.opts.ClockAllowance).Unix()) {
+		res.Refused++
+		return nil
+	}
+	_, err := w.tx.ExecContext(ctx, `INSERT INTO device_updates (dev, target, counter, version, state, reason, check_name,
+		progress, rollout, boot, seq, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+		ON CONFLICT (dev, target, counter) DO UPDATE SET version = excluded.version, state = excluded.state,
+			reason = excluded.reason, check_name = excluded.check_name, progress = excluded.progress,
+			rollout = CASE WHEN excluded.rollout != '' THEN excluded.rollout ELSE rollout END,
+			boot = excluded.boot, seq = excluded.seq, updated = excluded.updated
+		WHERE device_updates.boot > ? OR excluded.boot > device_updates.boot
+			OR (excluded.boot = device_updates.boot AND excluded.seq > device_updates.seq)`,
+		num, u.Target, u.Counter, u.Version, string(u.State), u.Reason, u.Check, u.Progress, u.Rollout, e.Boot, e.Seq, ms(it.Received),
+		current)
+	return err
 }
 
 type eventBody struct {

@@ -202,7 +202,7 @@ func (db *DB) AckCommand(ctx context.Context, device, id string, at time.Time) e
 // device, or (device "") of every device, sent before sentBefore.
 func (db *DB) PendingCommands(ctx context.Context, device string, sentBefore time.Time) ([]store.Command, error) {
 	q := `SELECT c.id, d.id, c.kind, c.body, c.rollout, c.created, c.sent, c.attempts FROM commands c
-		JOIN devices d ON d.num = c.dev WHERE c.acked IS NULL AND d.revoked = 0 AND coalesce(c.sent, 0) < ?`
+		JOIN devices d ON d.num = c.dev WHERE c.acked IS NULL AND c.withdrawn IS NULL AND d.revoked = 0 AND coalesce(c.sent, 0) < ?`
 	args := []any{ms(sentBefore)}
 	if device != "" {
 		q += ` AND d.id = ?`

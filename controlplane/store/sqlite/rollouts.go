@@ -12,29 +12,9 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/store"
 )
 
-// RolloutRow is a rollout as stored: spec and state as JSON (the rollout
-// package owns their shape), members apart.
-type RolloutRow struct {
-	ID        string
-	Spec      []byte
-	State     []byte
-	Status    string
-	Created   time.Time
-	CreatedBy string
-	Updated   time.Time
-}
-
-// MemberRow is one device's place in a rollout.
-type MemberRow struct {
-	Device   string
-	Stage    int
-	Offered  int64
-	Reverted int64
-	Canceled int64
-}
-
-// CreateRollout stores a new rollout with its audit entry.
-func (db *DB) CreateRollout(ctx context.Context, r RolloutRow, a store.Audit) error {
+// CreateRollout stores a new rollout, its members and its audit entry in
+// one transaction.
+func (db *DB) CreateRollout(ctx context.Context, r store.RolloutRow, members []store.MemberRow, a store.Audit) error {
 	tx, err := db.w.BeginTx(ctx, nil)
 	if err != nil {
 		return fmt.Errorf("create rollout: %w", err)
@@ -44,6 +24,9 @@ func (db *DB) CreateRollout(ctx context.Context, r RolloutRow, a store.Audit) er
 		r.ID, string(r.Spec), string(r.State), r.Status, ms(r.Created), r.CreatedBy, ms(r.Updated)); err != nil {
 		return fmt.Errorf("create rollout: %w", err)
 	}
+	if err := insertMembers(ctx, tx, r.ID, members); err != nil {
+		return err
+	}
 	if err := addAudit(ctx, tx, a); err != nil {
 		return err
 	}
@@ -52,8 +35,8 @@ func (db *DB) CreateRollout(ctx context.Context, r RolloutRow, a store.Audit) er
 
 const rolloutCols = `id, spec, state, status, created, created_by, updated`
 
-func scanRollout(r rowScanner) (RolloutRow, error) {
-	var row RolloutRow
+func scanRollout(r rowScanner) (store.RolloutRow, error) {
+	var row store.RolloutRow
 	var spec, state string
 	var created, updated int64
 	if err := r.Scan(&row.ID, &spec, &state, &row.Status, &created, &row.CreatedBy, &updated); err != nil {
@@ -65,7 +48,7 @@ func scanRollout(r rowScanner) (RolloutRow, error) {
 }
 
 // Rollout returns one rollout.
-func (db *DB) Rollout(ctx context.Context, id string) (RolloutRow, error) {
+func (db *DB) Rollout(ctx context.Context, id string) (store.RolloutRow, error) {
 	row, err := scanRollout(db.r.QueryRowContext(ctx, `SELECT `+rolloutCols+` FROM rollouts WHERE id = ?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return row, store.ErrNotFound
@@ -74,7 +57,7 @@ func (db *DB) Rollout(ctx context.Context, id string) (RolloutRow, error) {
 }
 
 // Rollouts lists rollouts, newest first; with statuses, only those.
-func (db *DB) Rollouts(ctx context.Context, statuses ...string) ([]RolloutRow, error) {
+func (db *DB) Rollouts(ctx context.Context, statuses ...string) ([]store.RolloutRow, error) {
 	q := `SELECT ` + rolloutCols + ` FROM rollouts`
 	var args []any
 	if len(statuses) > 0 {
@@ -88,7 +71,7 @@ func (db *DB) Rollouts(ctx context.Context, statuses ...string) ([]RolloutRow, e
 		return nil, fmt.Errorf("rollouts: %w", err)
 	}
 	defer rows.Close()
-	var out []RolloutRow
+	var out []store.RolloutRow
 	for rows.Next() {
 		r, err := scanRollout(rows)
 		if err != nil {
@@ -108,16 +91,17 @@ func repeat(s string, n int) string {
 }
 
 // Members returns a rollout's members.
-func (db *DB) Members(ctx context.Context, rollout string) ([]MemberRow, error) {
-	rows, err := db.r.QueryContext(ctx, `SELECT device, stage, offered, reverted, canceled FROM rollout_members WHERE rollout = ?`, rollout)
+func (db *DB) Members(ctx context.Context, rollout string) ([]store.MemberRow, error) {
+	rows, err := db.r.QueryContext(ctx, `SELECT device, stage, offered, offers, withdrawn, reverted, canceled, replaced_by, replaces
+		FROM rollout_members WHERE rollout = ?`, rollout)
 	if err != nil {
 		return nil, fmt.Errorf("rollout members: %w", err)
 	}
 	defer rows.Close()
-	var out []MemberRow
+	var out []store.MemberRow
 	for rows.Next() {
-		var m MemberRow
-		if err := rows.Scan(&m.Device, &m.Stage, &m.Offered, &m.Reverted, &m.Canceled); err != nil {
+		var m store.MemberRow
+		if err := rows.Scan(&m.Device, &m.Stage, &m.Offered, &m.Offers, &m.Withdrawn, &m.Reverted, &m.Canceled, &m.ReplacedBy, &m.Replaces); err != nil {
 			return nil, err
 		}
 		out = append(out, m)
@@ -154,10 +138,10 @@ func toAny(ss []string) []any {
 }
 
 // ApplyRollout stores a rollout's new state, its changed members, the
-// commands it decided and the audit entries of its transitions in one
-// transaction, with synchronous=FULL: once it returns, a power cut keeps
-// all of it, and nothing is sent before it returns.
-func (db *DB) ApplyRollout(ctx context.Context, id string, state []byte, status string, members []MemberRow, cmds []store.Command, audits []store.Audit, now time.Time) error {
+// commands it decided, the offers it withdrew and the audit entries of its
+// transitions in one transaction, with synchronous=FULL: once it returns, a
+// power cut keeps all of it, and nothing is sent before it returns.
+func (db *DB) ApplyRollout(ctx context.Context, c store.RolloutChange) error {
 	conn, err := db.w.Conn(ctx)
 	if err != nil {
 		return fmt.Errorf("apply rollout: %w", err)
@@ -172,44 +156,40 @@ func (db *DB) ApplyRollout(ctx context.Context, id string, state []byte, status 
 		return fmt.Errorf("apply rollout: %w", err)
 	}
 	defer tx.Rollback()
-	if _, err := tx.ExecContext(ctx, `UPDATE rollouts SET state = ?, status = ?, updated = ? WHERE id = ?`, string(state), status, ms(now), id); err != nil {
-		return fmt.Errorf("apply rollout: %w", err)
-	}
-	// Many rows per statement: a rollout's first plan writes every member
-	// of the fleet, and one statement per row costs a cgo round trip each.
-	// In key order, the B-tree insertions append instead of splitting
-	// pages all over the tree.
-	const memberRows = 500
-	members = slices.Clone(members)
-	slices.SortFunc(members, func(a, b MemberRow) int { return strings.Compare(a.Device, b.Device) })
-	for len(members) > 0 {
-		chunk := members[:min(memberRows, len(members))]
-		members = members[len(chunk):]
-		q := `INSERT INTO rollout_members (rollout, device, stage, offered, reverted, canceled) VALUES ` +
-			strings.TrimSuffix(strings.Repeat(`(?, ?, ?, ?, ?, ?),`, len(chunk)), `,`) +
-			` ON CONFLICT (rollout, device) DO UPDATE SET stage = excluded.stage, offered = excluded.offered, reverted = excluded.reverted, canceled = excluded.canceled`
-		args := make([]any, 0, 6*len(chunk))
-		for _, m := range chunk {
-			args = append(args, id, m.Device, m.Stage, m.Offered, m.Reverted, m.Canceled)
-		}
-		if _, err := tx.ExecContext(ctx, q, args...); err != nil {
+	if c.State != nil {
+		if _, err := tx.ExecContext(ctx, `UPDATE rollouts SET state = ?, status = ?, updated = ? WHERE id = ?`, string(c.State), c.Status, ms(c.Now), c.ID); err != nil {
 			return fmt.Errorf("apply rollout: %w", err)
 		}
 	}
-	if len(cmds) > 0 {
+	if err := insertMembers(ctx, tx, c.ID, c.Members); err != nil {
+		return err
+	}
+	if len(c.Withdraw) > 0 {
+		ws, err := tx.PrepareContext(ctx, `UPDATE commands SET withdrawn = ? WHERE id = ? AND acked IS NULL`)
+		if err != nil {
+			return fmt.Errorf("apply rollout: %w", err)
+		}
+		defer ws.Close()
+		for _, id := range c.Withdraw {
+			if _, err := ws.ExecContext(ctx, ms(c.Now), id); err != nil {
+				return fmt.Errorf("apply rollout: %w", err)
+			}
+		}
+	}
+	if len(c.Commands) > 0 {
 		cs, err := tx.PrepareContext(ctx, `INSERT INTO commands (id, dev, kind, body, rollout, created)
 			SELECT ?, num, ?, ?, ?, ? FROM devices WHERE id = ?`)
 		if err != nil {
 			return fmt.Errorf("apply rollout: %w", err)
 		}
 		defer cs.Close()
-		for _, c := range cmds {
-			if _, err := cs.ExecContext(ctx, c.ID, c.Kind, c.Body, c.Rollout, ms(c.Created), c.Device); err != nil {
+		for _, cmd := range c.Commands {
+			if _, err := cs.ExecContext(ctx, cmd.ID, cmd.Kind, cmd.Body, cmd.Rollout, ms(cmd.Created), cmd.Device); err != nil {
 				return fmt.Errorf("apply rollout: %w", err)
 			}
 		}
 	}
-	for _, a := range audits {
+	for _, a := range c.Audits {
 		if err := addAudit(ctx, tx, a); err != nil {
 			return err
 		}
@@ -217,12 +197,59 @@ func (db *DB) ApplyRollout(ctx context.Context, id string, state []byte, status 
 	return tx.Commit()
 }
 
+// RolloutAcks maps the commands of a rollout that their devices
+// acknowledged to when they did (unix ms).
+func (db *DB) RolloutAcks(ctx context.Context, rollout string) (map[string]int64, error) {
+	rows, err := db.r.QueryContext(ctx, `SELECT id, acked FROM commands WHERE rollout = ? AND acked IS NOT NULL AND withdrawn IS NULL`, rollout)
+	if err != nil {
+		return nil, fmt.Errorf("rollout acks: %w", err)
+	}
+	defer rows.Close()
+	out := map[string]int64{}
+	for rows.Next() {
+		var id string
+		var at int64
+		if err := rows.Scan(&id, &at); err != nil {
+			return nil, fmt.Errorf("rollout acks: %w", err)
+		}
+		out[id] = at
+	}
+	return out, rows.Err()
+}
+
 // SetRolloutState records an operator's change of a rollout (start, pause,
 // resume, abort, promote) with its audit entry.
 func (db *DB) SetRolloutState(ctx context.Context, id string, state []byte, status string, a store.Audit) error {
-	return db.ApplyRollout(ctx, id, state, status, nil, nil, []store.Audit{a}, a.Time)
+	return db.ApplyRollout(ctx, store.RolloutChange{ID: id, State: state, Status: status, Audits: []store.Audit{a}, Now: a.Time})
 }
 
 type execer interface {
 	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+}
+
+// insertMembers writes members, many rows per statement: a rollout's
+// first plan writes every member of the fleet, and one statement per row
+// costs a cgo round trip each. In key order, the B-tree insertions append
+// instead of splitting pages all over the tree.
+func insertMembers(ctx context.Context, tx *sql.Tx, rollout string, members []store.MemberRow) error {
+	const memberRows = 300
+	members = slices.Clone(members)
+	slices.SortFunc(members, func(a, b store.MemberRow) int { return strings.Compare(a.Device, b.Device) })
+	for len(members) > 0 {
+		chunk := members[:min(memberRows, len(members))]
+		members = members[len(chunk):]
+		q := `INSERT INTO rollout_members (rollout, device, stage, offered, offers, withdrawn, reverted, canceled, replaced_by, replaces) VALUES ` +
+			strings.TrimSuffix(strings.Repeat(`(?, ?, ?, ?, ?, ?, ?, ?, ?, ?),`, len(chunk)), `,`) +
+			` ON CONFLICT (rollout, device) DO UPDATE SET stage = excluded.stage, offered = excluded.offered, offers = excluded.offers,
+			withdrawn = excluded.withdrawn, reverted = excluded.reverted, canceled = excluded.canceled,
+			replaced_by = excluded.replaced_by, replaces = excluded.replaces`
+		args := make([]any, 0, 10*len(chunk))
+		for _, m := range chunk {
+			args = append(args, rollout, m.Device, m.Stage, m.Offered, m.Offers, m.Withdrawn, m.Reverted, m.Canceled, m.ReplacedBy, m.Replaces)
+		}
+		if _, err := tx.ExecContext(ctx, q, args...); err != nil {
+			return fmt.Errorf("rollout members: %w", err)
+		}
+	}
+	return nil
 }

@@ -39,7 +39,15 @@ type Options struct {
 	// WAL into the database, instead of the writer doing it in the middle
 	// of an ingest commit (default 1 s).
 	CheckpointInterval time.Duration
+	// ClockAllowance is how far ahead of the control plane's clock a
+	// device's clock may be before what it dates by it (boot epochs of
+	// update reports, the time of its latest sample) is not believed
+	// (default DefaultClockAllowance).
+	ClockAllowance time.Duration
 }
+
+// DefaultClockAllowance bounds device clocks ahead of the control plane's.
+const DefaultClockAllowance = time.Hour
 
 // DB is the SQLite store.
 type DB struct {
@@ -82,6 +90,9 @@ func Open(path string, opts Options) (*DB, error) {
 	}
 	if opts.CheckpointInterval <= 0 {
 		opts.CheckpointInterval = time.Second
+	}
+	if opts.ClockAllowance <= 0 {
+		opts.ClockAllowance = DefaultClockAllowance
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("open store: %w", err)
@@ -159,8 +170,8 @@ func (db *DB) prepare() error {
 			last_seen = max(coalesce(last_seen, 0), ?1),
 			first_seen = coalesce(first_seen, ?1),
 			dropped = dropped + ?2,
-			sample = CASE WHEN ?3 IS NOT NULL AND ?3 >= coalesce(sample_ts, 0) THEN ?4 ELSE sample END,
-			sample_ts = CASE WHEN ?3 IS NOT NULL AND ?3 >= coalesce(sample_ts, 0) THEN ?3 ELSE sample_ts END
+			sample = CASE WHEN ?3 IS NOT NULL AND (?3 >= coalesce(sample_ts, 0) OR sample_ts > ?6) THEN ?4 ELSE sample END,
+			sample_ts = CASE WHEN ?3 IS NOT NULL AND (?3 >= coalesce(sample_ts, 0) OR sample_ts > ?6) THEN ?3 ELSE sample_ts END
 			WHERE num = ?5`},
 	} {
 		s, err := db.w.Prepare(p.q)
@@ -365,6 +376,19 @@ var migrations = []string{
 		PRIMARY KEY (rollout, device)
 	) WITHOUT ROWID;
 	CREATE INDEX rollout_members_device ON rollout_members(device);`,
+	// Grouping labels are the operators': the labels in effect until now
+	// (reported, overridden by operator labels) become operator labels,
+	// and what devices report about themselves is kept apart from here on.
+	`UPDATE devices SET op_labels = json_patch(labels, op_labels);
+	ALTER TABLE devices RENAME COLUMN labels TO reported_labels;
+	ALTER TABLE devices RENAME COLUMN op_labels TO labels;
+	ALTER TABLE rollout_members ADD COLUMN offers INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE rollout_members ADD COLUMN withdrawn INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE rollout_members ADD COLUMN replaced_by TEXT NOT NULL DEFAULT '';
+	ALTER TABLE rollout_members ADD COLUMN replaces TEXT NOT NULL DEFAULT '';
+	ALTER TABLE commands ADD COLUMN withdrawn INTEGER;
+	CREATE INDEX commands_rollout ON commands(rollout) WHERE rollout != '';
+	ALTER TABLE tokens ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';`,
 }
 
 func (db *DB) migrate(ctx context.Context) error {

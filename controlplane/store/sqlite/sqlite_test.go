@@ -38,9 +38,10 @@ func open(t *testing.T) (*sqlite.DB, *testClock) {
 	return db, clk
 }
 
+// enroll enrolls a device with an enrollment profile giving it labels.
 func enroll(t *testing.T, db *sqlite.DB, id string, labels map[string]string) {
 	t.Helper()
-	_, err := db.Enroll(t.Context(), store.Enrollment{ID: id, Hardware: "rev-b", Labels: labels, CredHash: []byte("h-" + id), Now: time.UnixMilli(prototest.Base)})
+	_, err := db.Enroll(t.Context(), store.Enrollment{ID: id, Hardware: "rev-b", Profile: labels, CredHash: []byte("h-" + id), Now: time.UnixMilli(prototest.Base)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -277,5 +278,9 @@ func TestDevicesBrief(t *testing.T) {
 	}
 	if brief[1].Labels["base"] != "lyon" || brief[1].Labels["hw"] != "rev-a" {
 		t.Errorf("operator labels not merged: %v", brief[1].Labels)
+	}
+	if brief[0].Hardware != full[0].Hardware || brief[1].AwaitingEnrollment || !brief[1].HardwareMismatch {
+		t.Errorf("brief hardware %q (full %q), awaiting %v, mismatch %v (labelled rev-a, reports rev-b)",
+			brief[0].Hardware, full[0].Hardware, brief[1].AwaitingEnrollment, brief[1].HardwareMismatch)
 	}
 }

@@ -1,0 +1,5 @@
+package sqlite
+
+// Migrations exposes the schema migrations to tests that build a database
+// as an earlier release left it.
+func Migrations() []string { return migrations }
