@@ -62,6 +62,11 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("log level: %w", err)
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	// Refuse a fleet the process cannot hold before any drone starts (it
+	// would fail with "too many open files" and no drone online).
+	if err := checkLimits(sim.Load{Devices: *n, MemoryOutbox: *memOutbox, SourceAddrs: len(splitList(*sources))}); err != nil {
+		return err
+	}
 	if err := setMemoryLimit(*memLimit); err != nil {
 		return err
 	}

@@ -61,10 +61,14 @@ func runScenario(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err != nil {
 		return err
 	}
+	o.SourceAddrs = splitList(*sources)
+	// Before the control plane and the drones start.
+	if err := checkLimits(scenarioLoad(s, o)); err != nil {
+		return err
+	}
 	if err := setMemoryLimit(*memLimit); err != nil {
 		return err
 	}
-	o.SourceAddrs = splitList(*sources)
 	stop, err := servePprof(*pprofAddr)
 	if err != nil {
 		return err
