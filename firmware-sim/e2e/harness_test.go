@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hangarfleet/hangar/controlplane/cli"
 	"github.com/hangarfleet/hangar/controlplane/server"
 	"github.com/hangarfleet/hangar/firmware-sim/sim"
 )
@@ -123,6 +124,7 @@ func newTestFleet(t testing.TB, cp endpoint, n int, tweak func(*sim.FleetOptions
 	if err != nil {
 		t.Fatal(err)
 	}
+	importInventory(t, cp, f)
 	ctx, cancel := context.WithCancel(context.Background())
 	tf := &testFleet{Fleet: f, cancel: cancel}
 	tf.wg.Add(1)
@@ -134,6 +136,27 @@ func newTestFleet(t testing.TB, cp endpoint, n int, tweak func(*sim.FleetOptions
 	}()
 	t.Cleanup(tf.stop)
 	return tf
+}
+
+// importInventory does the operator's part before the drones enroll:
+// their hardware and base become labels (what the drones say about
+// themselves never does).
+func importInventory(t testing.TB, cp endpoint, f *sim.Fleet) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "inventory")
+	file, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.WriteInventory(file); err != nil {
+		t.Fatal(err)
+	}
+	file.Close()
+	var out strings.Builder
+	if err := cli.Run(context.Background(), []string{"device", "import", path, "--server", cp.URL(), "--token-file", adminTokenFile(cp)},
+		cli.Env{Stdout: &out, Stderr: &out, Getenv: func(string) string { return "" }}); err != nil {
+		t.Fatalf("device import: %v\n%s", err, out.String())
+	}
 }
 
 func (f *testFleet) stop() {

@@ -67,15 +67,21 @@ type RolloutSample struct {
 
 // RolloutReport is a rollout at the end, with its history.
 type RolloutReport struct {
-	ID      string               `json:"id"`
-	Release string               `json:"release"`
-	Status  string               `json:"status"`
-	Stage   int                  `json:"stage"`
-	Reason  string               `json:"reason,omitempty"`
-	Counts  map[string]int       `json:"counts"`
-	Gates   []rollout.GateResult `json:"gates"`
-	Events  []RolloutEvent       `json:"events"`
-	Canary  []string             `json:"canary"`
+	ID      string                      `json:"id"`
+	Release string                      `json:"release"`
+	Status  string                      `json:"status"`
+	Stage   int                         `json:"stage"`
+	Reason  string                      `json:"reason,omitempty"`
+	Counts  map[rollout.MemberState]int `json:"counts"`
+	Gates   []rollout.GateResult        `json:"gates"`
+	Events  []RolloutEvent              `json:"events"`
+	Canary  []string                    `json:"canary"`
+	// Members counts the members by where they stand at the end (all
+	// stages); Fakes are members that are not in the inventory.
+	Members map[rollout.MemberState]int `json:"members"`
+	Fakes   []string                    `json:"fakes,omitempty"`
+	// CompletedAt is when it completed, seconds after the start (0: not).
+	CompletedAt float64 `json:"completed_at_s,omitempty"`
 }
 
 // RolloutEvent is a transition or an operator action, at seconds after
@@ -95,6 +101,10 @@ type BlastRadius struct {
 	Behaviour string  `json:"behaviour"`
 	Devices   int     `json:"devices"`
 	Percent   float64 `json:"percent"`
+	// Hardware: the build misbehaves there only; OnHardware of the
+	// devices that ran it are of that revision.
+	Hardware   string `json:"hardware,omitempty"`
+	OnHardware int    `json:"on_hardware,omitempty"`
 }
 
 // Figures are the run's measurements.

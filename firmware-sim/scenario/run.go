@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/hangarfleet/hangar/agent/clock"
+	"github.com/hangarfleet/hangar/controlplane/api"
 	hcli "github.com/hangarfleet/hangar/controlplane/cli"
 	"github.com/hangarfleet/hangar/controlplane/rollout"
 	"github.com/hangarfleet/hangar/controlplane/store"
@@ -58,7 +59,9 @@ type Options struct {
 // that could not be carried out (not for expectations that fail).
 func Run(ctx context.Context, s Scenario, o Options) (*Report, error) {
 	if o.Devices > 0 {
-		s.Fleet.Devices = o.Devices
+		// A scenario may need more drones than asked: a rare revision
+		// must exist in the fleet at all.
+		s.Fleet.Devices = max(o.Devices, s.Fleet.MinDevices)
 	}
 	if o.MQTTClient != "" {
 		s.Fleet.MQTTClient = o.MQTTClient
@@ -97,7 +100,13 @@ type runner struct {
 	relKey, keyList, rootPub string
 
 	fleet *sim.Fleet
-	start time.Time
+	// fakes are fleets of devices that lie about where they belong (not
+	// in the inventory); they run until the end.
+	fakes    []*sim.Fleet
+	fakesRun sync.WaitGroup
+	fakeCtx  context.Context
+	root     ed25519.PublicKey
+	start    time.Time
 
 	mu      sync.Mutex
 	ids     map[string]string                   // rollout name -> id
@@ -133,6 +142,9 @@ func (r *runner) run(ctx context.Context) error {
 	fleetDone := make(chan error, 1)
 	go func() { fleetDone <- r.fleet.Run(fleetCtx) }()
 	defer func() { stopFleet(); <-fleetDone }()
+	var stopFakes context.CancelFunc
+	r.fakeCtx, stopFakes = context.WithCancel(ctx)
+	defer func() { stopFakes(); r.fakesRun.Wait() }()
 
 	setupStart := time.Now()
 	if err := r.waitOnline(ctx, 3*time.Minute); err != nil {
@@ -235,6 +247,7 @@ func (r *runner) setUp(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("root key: %w", err)
 	}
+	r.root = root
 	var hw sim.Mix
 	for _, k := range sortedKeys(fl.Hardware) {
 		hw = append(hw, sim.Weighted{Value: k, Weight: fl.Hardware[k]})
@@ -248,7 +261,34 @@ func (r *runner) setUp(ctx context.Context) error {
 		TrialSoak: time.Duration(fl.TrialSoak), TrialDeadline: time.Duration(fl.TrialDeadline), MinBattery: fl.MinBattery,
 		OnBoot: r.booted, MemoryOutbox: fl.MemoryOutbox, MQTTClient: fl.MQTTClient, SourceAddrs: r.o.SourceAddrs,
 	})
-	return err
+	if err != nil {
+		return err
+	}
+	return r.importInventory(ctx)
+}
+
+// importInventory does the operator's part before the drones enroll: the
+// drones' hardware and bases, as the factory knows them, become their
+// labels (what a drone says about itself never does).
+func (r *runner) importInventory(ctx context.Context) error {
+	path := filepath.Join(r.o.WorkDir, "inventory")
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if err := r.fleet.WriteInventory(f); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	out, err := r.hangar(ctx, r.url, "device", "import", path)
+	if err != nil {
+		return err
+	}
+	r.progress("inventory imported: %s", strings.TrimSpace(out))
+	return nil
 }
 
 // keys makes a root key, a release key and the signed key list.
@@ -396,14 +436,18 @@ func (r *runner) do(ctx context.Context, st Step, rng *rand.Rand) (string, error
 		if err != nil {
 			return what, err
 		}
-		var ro rollout.Rollout
-		if err := json.Unmarshal([]byte(out), &ro); err != nil {
-			return what, fmt.Errorf("rollout create: %w", err)
+		var res api.CreateResult
+		if err := json.Unmarshal([]byte(out), &res); err != nil || res.Rollout == nil {
+			return what, fmt.Errorf("rollout create: %v: %s", err, out)
 		}
+		id := res.Rollout.Spec.ID
 		r.mu.Lock()
-		r.ids[rs.Name] = ro.Spec.ID
+		r.ids[rs.Name] = id
 		r.mu.Unlock()
-		return what + " (" + ro.Spec.ID + ")", nil
+		if res.Canary != "" {
+			what += "; " + res.Canary
+		}
+		return what + " (" + id + ")", nil
 	case st.Pause != "", st.Resume != "", st.Abort != "", st.Promote != "", st.Revert != "":
 		op, name := "pause", st.Pause
 		for _, c := range []struct{ op, name string }{{"resume", st.Resume}, {"abort", st.Abort}, {"promote", st.Promote}, {"revert", st.Revert}} {
@@ -506,6 +550,16 @@ func (r *runner) do(ctx context.Context, st Step, rng *rand.Rand) (string, error
 			d.SetClock(0)
 		}
 		return "every drone's clock set right", nil
+	case st.Fakes != nil:
+		what := fmt.Sprintf("%d fake devices claiming %v enroll", st.Fakes.Count, st.Fakes.Claims)
+		f, err := r.startFakes(r.fakeCtx, st.Fakes)
+		if err != nil {
+			return what, err
+		}
+		r.mu.Lock()
+		r.fakes = append(r.fakes, f)
+		r.mu.Unlock()
+		return what, nil
 	case st.HostileDevice != nil:
 		victim := st.HostileDevice.Victim
 		if victim == "" {
@@ -541,6 +595,54 @@ func (r *runner) do(ctx context.Context, st Step, rng *rand.Rand) (string, error
 	}
 	return "", errors.New("empty step")
 }
+
+// startFakes starts devices that enroll with the fleet's token and claim
+// labels; they are not in the inventory, so no operator vouched for them.
+func (r *runner) startFakes(ctx context.Context, fk *Fakes) (*sim.Fleet, error) {
+	fl := r.s.Fleet
+	r.mu.Lock()
+	n := len(r.fakes)
+	r.mu.Unlock()
+	f, err := sim.NewFleet(sim.FleetOptions{
+		ServerURL: r.droneURL, EnrollToken: r.enroll, Devices: fk.Count, Prefix: fmt.Sprintf("fake%d-", n),
+		StateRoot: filepath.Join(r.o.WorkDir, fmt.Sprintf("fakes-%d", n)), Version: fl.Version, Claims: fk.Claims,
+		SampleInterval: time.Duration(fl.SampleInterval), BatchSize: fl.BatchSize, HeartbeatInterval: 5 * time.Second,
+		BackoffMin: 100 * time.Millisecond, BackoffMax: 2 * time.Second, Seed: fl.Seed + 7, Logger: r.o.Logger,
+		Roots: []ed25519.PublicKey{r.root}, Grounded: true, OnBoot: r.booted, MemoryOutbox: true,
+	})
+	if err != nil {
+		return nil, err
+	}
+	r.fakesRun.Add(1)
+	go func() {
+		defer r.fakesRun.Done()
+		if err := f.Run(ctx); err != nil && ctx.Err() == nil {
+			r.progress("fakes: %v", err)
+		}
+	}()
+	// The fakes are enrolled and connected (the broker acknowledged their
+	// messages) before the step is done: what follows meets them.
+	deadline := time.Now().Add(time.Minute)
+	for {
+		up := 0
+		for _, d := range f.Drones() {
+			if a := d.Agent(); a != nil && a.Acked() > 0 {
+				up++
+			}
+		}
+		if up == fk.Count {
+			return f, nil
+		}
+		if time.Now().After(deadline) {
+			return f, fmt.Errorf("fakes: %d of %d connected after a minute", up, fk.Count)
+		}
+		if !sleepCtx(ctx, 100*time.Millisecond) {
+			return f, ctx.Err()
+		}
+	}
+}
+
+func (r *runner) isFake(id string) bool { return strings.HasPrefix(id, "fake") }
 
 func (r *runner) id(name string) string {
 	r.mu.Lock()
@@ -703,9 +805,19 @@ func (r *runner) collect(ctx context.Context) error {
 		if err := json.Unmarshal([]byte(out), &ms); err != nil {
 			return err
 		}
+		rr.Members = map[rollout.MemberState]int{}
 		for _, m := range ms {
 			if m.Stage == 1 {
 				rr.Canary = append(rr.Canary, m.Device)
+			}
+			rr.Members[m.State]++
+			if r.isFake(m.Device) {
+				rr.Fakes = append(rr.Fakes, m.Device)
+			}
+		}
+		for _, e := range rr.Events {
+			if e.Action == "rollout.transition" && e.To == string(rollout.StatusCompleted) {
+				rr.CompletedAt = e.At
 			}
 		}
 		r.rep.Rollouts[name] = rr
@@ -714,10 +826,19 @@ func (r *runner) collect(ctx context.Context) error {
 	for v, devs := range r.ran {
 		r.rep.EverRan[v] = len(devs)
 	}
+	hw := r.hardware()
 	for _, b := range r.s.Builds {
 		if b.Behaviour != sim.Good {
-			r.rep.BlastRadius = append(r.rep.BlastRadius, BlastRadius{Version: b.Version, Behaviour: b.Behaviour,
-				Devices: len(r.ran[b.Version]), Percent: 100 * float64(len(r.ran[b.Version])) / float64(r.s.Fleet.Devices)})
+			br := BlastRadius{Version: b.Version, Behaviour: b.Behaviour, Hardware: b.OnlyHardware,
+				Devices: len(r.ran[b.Version]), Percent: 100 * float64(len(r.ran[b.Version])) / float64(r.s.Fleet.Devices)}
+			if b.OnlyHardware != "" {
+				for dev := range r.ran[b.Version] {
+					if hw[dev] == b.OnlyHardware {
+						br.OnHardware++
+					}
+				}
+			}
+			r.rep.BlastRadius = append(r.rep.BlastRadius, br)
 		}
 	}
 	for _, d := range r.fleet.Drones() {
@@ -753,6 +874,15 @@ func (r *runner) collect(ctx context.Context) error {
 	return nil
 }
 
+// hardware maps each drone of the fleet to its revision.
+func (r *runner) hardware() map[string]string {
+	out := map[string]string{}
+	for _, it := range r.fleet.Inventory() {
+		out[it.ID] = it.Labels["hw"]
+	}
+	return out
+}
+
 // judge evaluates every expectation.
 func (r *runner) judge() {
 	rep := r.rep
@@ -767,15 +897,31 @@ func (r *runner) judge() {
 			res.Detail = fmt.Sprintf("%s at stage %d: %s", got.Status, got.Stage, got.Reason)
 		case e.NeverOutsideCanary != nil:
 			canary := rep.Rollouts[e.NeverOutsideCanary.Rollout].Canary
+			want := e.NeverOutsideCanary.Hardware
+			hw := r.hardware()
 			var outside []string
+			ran, inCanary := 0, 0
 			for dev := range r.ran[e.NeverOutsideCanary.Version] {
+				if want != "" && hw[dev] != want {
+					continue
+				}
+				ran++
 				if !slices.Contains(canary, dev) {
 					outside = append(outside, dev)
 				}
 			}
+			for _, dev := range canary {
+				if want == "" || hw[dev] == want {
+					inCanary++
+				}
+			}
 			slices.Sort(outside)
 			res.OK = len(outside) == 0
-			res.Detail = fmt.Sprintf("%d devices ran it, canary of %d", len(r.ran[e.NeverOutsideCanary.Version]), len(canary))
+			what := "devices"
+			if want != "" {
+				what = want + " devices"
+			}
+			res.Detail = fmt.Sprintf("%d %s ran it; the canary holds %d %s", ran, what, inCanary, what)
 			if !res.OK {
 				res.Detail += fmt.Sprintf("; outside the canary: %v", outside[:min(10, len(outside))])
 			}
@@ -860,6 +1006,36 @@ func (r *runner) judge() {
 				res.Detail = fmt.Sprintf("%d messages stored from %d devices; %d missing on %d devices (outboxes dropped %d samples)",
 					g.Messages, g.Devices, g.Missing, g.DevicesMissing, g.Dropped)
 			}
+		case e.FakesExcluded:
+			var members []string
+			for _, rr := range rep.Rollouts {
+				members = append(members, rr.Fakes...)
+			}
+			var ran []string
+			for v, devs := range r.ran {
+				if v == r.s.Fleet.Version {
+					continue
+				}
+				for dev := range devs {
+					if r.isFake(dev) {
+						ran = append(ran, dev+" ran "+v)
+					}
+				}
+			}
+			fakes := 0
+			for _, f := range r.fakes {
+				fakes += len(f.Drones())
+			}
+			res.OK = fakes > 0 && len(members) == 0 && len(ran) == 0
+			res.Detail = fmt.Sprintf("%d fakes enrolled; %d rollout memberships, %d builds run", fakes, len(members), len(ran))
+			if fakes == 0 {
+				res.Detail += ": no fakes step ran, the expectation tests nothing"
+			}
+		case e.NoneFailed != "":
+			rr := rep.Rollouts[e.NoneFailed]
+			bad := rr.Members[rollout.MFailed] + rr.Members[rollout.MTimedOut]
+			res.OK = len(rr.Members) > 0 && bad == 0
+			res.Detail = fmt.Sprintf("members %v", rr.Members)
 		case e.NoneBricked:
 			res.OK = len(rep.Bricked) == 0
 			res.Detail = fmt.Sprintf("%d bricked", len(rep.Bricked))

@@ -43,6 +43,9 @@ type Scenario struct {
 // Fleet is the simulated fleet.
 type Fleet struct {
 	Devices int `yaml:"devices" json:"devices"`
+	// MinDevices: a smaller --devices is raised to this (a rare hardware
+	// revision needs a fleet large enough to hold some).
+	MinDevices int `yaml:"min_devices" json:"min_devices,omitempty"`
 	// Hardware revisions and their shares (default rev-a 20%, rev-b 50%,
 	// rev-c 30%).
 	Hardware map[string]float64 `yaml:"hardware" json:"hardware,omitempty"`
@@ -80,13 +83,16 @@ type Build struct {
 	BrickFraction   float64  `yaml:"brick_fraction" json:"brick_fraction,omitempty"`
 	BrickHardware   string   `yaml:"brick_hardware" json:"brick_hardware,omitempty"`
 	Size            int      `yaml:"size" json:"size,omitempty"` // artifact bytes, default 64 KiB
+	// OnlyHardware: the behaviour shows on this hardware revision only;
+	// elsewhere the build is good.
+	OnlyHardware string `yaml:"only_hardware" json:"only_hardware,omitempty"`
 }
 
 // Firmware is the simulated firmware of b.
 func (b Build) Firmware() sim.Firmware {
 	return sim.Firmware{Version: b.Version, Behaviour: b.Behaviour, ErrorsPerMinute: b.ErrorsPerMinute,
 		RebootEvery: sim.Duration(b.RebootEvery), DrainFactor: b.DrainFactor, BootDelay: sim.Duration(b.BootDelay),
-		BrickFraction: b.BrickFraction, BrickHardware: b.BrickHardware, Size: b.Size}
+		BrickFraction: b.BrickFraction, BrickHardware: b.BrickHardware, Size: b.Size, OnlyHardware: b.OnlyHardware}
 }
 
 // Step is one thing that happens at a time after the start. Exactly one
@@ -128,6 +134,16 @@ type Step struct {
 	HostileDevice *Hostile `yaml:"hostile_device" json:"hostile_device,omitempty"`
 	// SlowLink caps downloads (per connection) from now on; 0 lifts it.
 	SlowLink *SlowLink `yaml:"slow_link" json:"slow_link,omitempty"`
+	// Fakes enrolls devices that are not in the operator's inventory and
+	// claim labels (a base, a hardware revision): real agents, with the
+	// fleet's enrollment token, saying what they like about themselves.
+	Fakes *Fakes `yaml:"fakes" json:"fakes,omitempty"`
+}
+
+// Fakes are enrolled devices that lie about where they belong.
+type Fakes struct {
+	Count  int               `yaml:"count" json:"count"`
+	Claims map[string]string `yaml:"claims" json:"claims"`
 }
 
 // Hostile is a misbehaving device.
@@ -211,6 +227,12 @@ type Expectation struct {
 	// ConnectRateAtMost: the broker never accepts more connections than
 	// this in one second (measured while drones reconnect).
 	ConnectRateAtMost int `yaml:"connect_rate_at_most" json:"connect_rate_at_most,omitempty"`
+	// FakesExcluded: no fake (a fakes step) is a member of any rollout or
+	// ever runs a build it was offered.
+	FakesExcluded bool `yaml:"fakes_excluded" json:"fakes_excluded,omitempty"`
+	// NoneFailed: no member of the rollout failed or timed out (a drone
+	// switched off is waiting, not failing).
+	NoneFailed string `yaml:"none_failed" json:"none_failed,omitempty"`
 }
 
 type RolloutStatus struct {
@@ -221,6 +243,9 @@ type RolloutStatus struct {
 type RolloutVersion struct {
 	Rollout string `yaml:"rollout" json:"rollout"`
 	Version string `yaml:"version" json:"version"`
+	// Hardware narrows it to the drones of this revision: none outside
+	// the canary's devices of that revision ever ran the version.
+	Hardware string `yaml:"hardware" json:"hardware,omitempty"`
 }
 
 type VersionShare struct {
@@ -244,6 +269,8 @@ func (e Expectation) String() string {
 	switch {
 	case e.RolloutStatus != nil:
 		return fmt.Sprintf("rollout %s ends %s", e.RolloutStatus.Rollout, e.RolloutStatus.Status)
+	case e.NeverOutsideCanary != nil && e.NeverOutsideCanary.Hardware != "":
+		return fmt.Sprintf("no %s device outside the canary of %s ever runs %s", e.NeverOutsideCanary.Hardware, e.NeverOutsideCanary.Rollout, e.NeverOutsideCanary.Version)
 	case e.NeverOutsideCanary != nil:
 		return fmt.Sprintf("no device outside the canary of %s ever runs %s", e.NeverOutsideCanary.Rollout, e.NeverOutsideCanary.Version)
 	case e.AtMostRan != nil:
@@ -262,6 +289,10 @@ func (e Expectation) String() string {
 		return fmt.Sprintf("every drone reconnects within %v of a restart", time.Duration(e.ReconnectWithin))
 	case e.ConnectRateAtMost != 0:
 		return fmt.Sprintf("the broker accepts at most %d connections a second", e.ConnectRateAtMost)
+	case e.FakesExcluded:
+		return "no fake device is a member of a rollout or runs a build"
+	case e.NoneFailed != "":
+		return fmt.Sprintf("no member of %s failed or timed out", e.NoneFailed)
 	}
 	return "?"
 }
@@ -405,7 +436,7 @@ func (s Scenario) Validate() error {
 		n := 0
 		for _, set := range []bool{st.Push != "", st.Rollout != nil, st.Pause != "", st.Resume != "", st.Abort != "", st.Promote != "",
 			st.Revert != "", st.PowerCut != nil, st.KillControlPlane != nil, st.RestartControlPlane != nil, st.LinkLoss != nil, st.SlowLink != nil,
-			st.HostileDevice != nil, st.Offline != nil, st.ClockSkew != nil, st.ClockSync} {
+			st.HostileDevice != nil, st.Offline != nil, st.ClockSkew != nil, st.ClockSync, st.Fakes != nil} {
 			if set {
 				n++
 			}
@@ -446,6 +477,9 @@ func (s Scenario) Validate() error {
 		if st.Offline != nil && (st.Offline.Percent <= 0 || st.Offline.Percent > 100 || st.Offline.Off <= 0) {
 			errs = append(errs, fmt.Errorf("timeline[%d]: offline needs percent in (0, 100] and off", i))
 		}
+		if st.Fakes != nil && (st.Fakes.Count <= 0 || len(st.Fakes.Claims) == 0) {
+			errs = append(errs, fmt.Errorf("timeline[%d]: fakes need a positive count and claims", i))
+		}
 		if st.PowerCut != nil && (st.PowerCut.Percent <= 0 || st.PowerCut.Percent > 100) {
 			errs = append(errs, fmt.Errorf("timeline[%d]: power_cut.percent must be in (0, 100]", i))
 		}
@@ -453,7 +487,7 @@ func (s Scenario) Validate() error {
 	for i, e := range s.Expect {
 		n := 0
 		for _, set := range []bool{e.RolloutStatus != nil, e.NeverOutsideCanary != nil, e.AtMostRan != nil, e.AllOn != nil, e.CanaryBackOn != nil, e.NoneBricked,
-			e.ReconnectWithin != 0, e.ConnectRateAtMost != 0, e.HostileContained, e.NoneLost} {
+			e.ReconnectWithin != 0, e.ConnectRateAtMost != 0, e.HostileContained, e.NoneLost, e.FakesExcluded, e.NoneFailed != ""} {
 			if set {
 				n++
 			}
@@ -473,6 +507,8 @@ func (s Scenario) Validate() error {
 			refs = append(refs, e.NeverOutsideCanary.Rollout)
 		case e.CanaryBackOn != nil:
 			refs = append(refs, e.CanaryBackOn.Rollout)
+		case e.NoneFailed != "":
+			refs = append(refs, e.NoneFailed)
 		}
 		for _, ref := range refs {
 			if !rollouts[ref] {

@@ -33,6 +33,9 @@ type Firmware struct {
 	BootDelay       Duration `json:"boot_delay,omitempty"`
 	BrickFraction   float64  `json:"brick_fraction,omitempty"`
 	BrickHardware   string   `json:"brick_hardware,omitempty"`
+	// OnlyHardware: the behaviour shows on this hardware revision only;
+	// on every other the build is good (a driver bug, say).
+	OnlyHardware string `json:"only_hardware,omitempty"`
 	// Size pads the artifact to this many bytes (a realistic download).
 	Size int `json:"size,omitempty"`
 }
@@ -66,6 +69,14 @@ func ParseArtifact(b []byte) (Firmware, error) {
 		return fw, fmt.Errorf("simulated firmware: %w", err)
 	}
 	return fw, nil
+}
+
+// On is the build as it behaves on hardware hw.
+func (fw Firmware) On(hw string) Firmware {
+	if fw.OnlyHardware != "" && fw.OnlyHardware != hw {
+		fw.Behaviour = Good
+	}
+	return fw
 }
 
 // Bricks reports whether this build never starts on device id of

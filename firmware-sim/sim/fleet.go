@@ -4,13 +4,15 @@
 package sim
 
 import (
+	"bufio"
 	"context"
 	"crypto/ed25519"
 	"errors"
 	"fmt"
-	"github.com/hangarfleet/hangar/agent/clock"
 	"hash/fnv"
+	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -19,6 +21,7 @@ import (
 	"time"
 
 	"github.com/hangarfleet/hangar/agent"
+	"github.com/hangarfleet/hangar/agent/clock"
 	"github.com/hangarfleet/hangar/agent/transport/mqtt"
 	"github.com/hangarfleet/hangar/agent/transport/mqttlite"
 	"github.com/hangarfleet/hangar/agent/update"
@@ -96,6 +99,9 @@ type FleetOptions struct {
 	// source address has its own range of ephemeral ports towards the
 	// control plane, so more drones fit than one address allows.
 	SourceAddrs []string
+	// Claims are labels every drone asserts about itself, over its
+	// hardware and base: enrolled fakes that pretend to be somewhere.
+	Claims map[string]string
 	// OnBoot, when set, is called each time a drone boots a build (before
 	// it runs, bricked or not): who ever ran what.
 	OnBoot func(device string, fw Firmware)
@@ -335,11 +341,44 @@ func (f *Fleet) Run(ctx context.Context) error {
 	return err
 }
 
+// InventoryItem is one drone as the factory knows it.
+type InventoryItem struct {
+	ID     string
+	Labels map[string]string
+}
+
+// Inventory is what the factory knows of the fleet: each drone's id, its
+// hardware revision and home base. The drones report the same about
+// themselves, but the control plane groups devices only by operators'
+// labels: importing this (hangar device import) is the operator's part.
+// Claims (fakes) are not in it.
+func (f *Fleet) Inventory() []InventoryItem {
+	out := make([]InventoryItem, f.opts.Devices)
+	for i := range out {
+		hw, base := f.place(f.ID(i))
+		out[i] = InventoryItem{ID: f.ID(i), Labels: map[string]string{"hw": hw, "base": base.Name}}
+	}
+	return out
+}
+
+// WriteInventory writes the inventory as "hangar device import" reads it.
+func (f *Fleet) WriteInventory(w io.Writer) error {
+	bw := bufio.NewWriter(w)
+	for _, it := range f.Inventory() {
+		fmt.Fprintf(bw, "%s hw=%s base=%s\n", it.ID, it.Labels["hw"], it.Labels["base"])
+	}
+	return bw.Flush()
+}
+
+func (f *Fleet) place(id string) (hw string, base Base) {
+	return f.opts.Hardware.Pick(hash01(id, "hw")), f.opts.Bases[int(hash01(id, "base")*float64(len(f.opts.Bases)))]
+}
+
 func (f *Fleet) newDrone(i int) (*SimDrone, error) {
 	id := f.ID(i)
-	hw := f.opts.Hardware.Pick(hash01(id, "hw"))
-	base := f.opts.Bases[int(hash01(id, "base")*float64(len(f.opts.Bases)))]
+	hw, base := f.place(id)
 	labels := map[string]string{"hw": hw, "base": base.Name}
+	maps.Copy(labels, f.opts.Claims)
 	seed := f.opts.Seed ^ uint64(i)*0x9e3779b97f4a7c15
 	sensors := NewDrone(base, seed)
 	sensors.Grounded = f.opts.Grounded
@@ -363,8 +402,9 @@ func (d *SimDrone) boot() (Firmware, error) {
 	if err != nil {
 		return Firmware{}, err
 	}
+	in.hw = d.hw
 	fw := in.current()
-	d.Sensors.SetBuild(fw, o.SampleInterval)
+	d.Sensors.SetBuild(fw.On(d.hw), o.SampleInterval)
 	opts := agent.Options{
 		DeviceID: d.ID, Hardware: d.hw, Labels: d.Labels, Version: fw.Version,
 		ServerURL: o.ServerURL, EnrollToken: o.EnrollToken,
@@ -432,6 +472,7 @@ func (d *SimDrone) start(ctx context.Context, first bool) (a *agent.Agent, runCt
 			return nil, nil, nil, false, false
 		}
 	}
+	fw = fw.On(d.hw)
 	if fw.Bricks(d.ID, d.hw) {
 		d.mu.Lock()
 		d.bricked = true

@@ -30,6 +30,7 @@ type installer struct {
 	st   firmwareState
 	// running is the build this agent instance runs.
 	running Firmware
+	hw      string // the drone's hardware: a build may misbehave on one revision only
 }
 
 var _ update.Installer = (*installer)(nil)
@@ -96,7 +97,7 @@ func (in *installer) Install(ctx context.Context, m proto.Manifest, artifact str
 func (in *installer) Activate(ctx context.Context, m proto.Manifest) error { return update.ErrRestart }
 
 func (in *installer) Check(ctx context.Context, m proto.Manifest) error {
-	if in.running.Behaviour == FailHealth {
+	if in.running.On(in.hw).Behaviour == FailHealth {
 		return errors.New("simulated build fails its health check")
 	}
 	return nil
