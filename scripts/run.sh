@@ -25,6 +25,12 @@ for _ in $(seq 1 100); do
 	sleep 0.1
 done
 
+# The operator's part: the drones' hardware revisions and bases, as the
+# factory lists them, become their labels (the control plane groups
+# devices by operators' labels only, never by what a device says).
+./bin/hangar-sim inventory --devices "$DEVICES" >"$DATA/inventory"
+./bin/hangar device import "$DATA/inventory" --server "http://$HTTP" --token-file "$DATA/admin.token" >/dev/null
+
 ./bin/hangar-sim --server "http://$HTTP" --enroll-token "$DATA/enroll.token" --devices "$DEVICES" &
 pids+=($!)
 

@@ -28,6 +28,9 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) > 0 && args[0] == "run" {
 		return runScenario(ctx, args[1:], stdout, stderr)
 	}
+	if len(args) > 0 && args[0] == "inventory" {
+		return runInventory(args[1:], stdout, stderr)
+	}
 	fs := flag.NewFlagSet("hangar-sim", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	server := fs.String("server", envOr("HANGAR_SERVER", "http://127.0.0.1:8080"), "control plane URL (env HANGAR_SERVER)")
@@ -48,7 +51,9 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	pprofAddr := fs.String("pprof", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6061; off when empty")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "hangar-sim: run a fleet of simulated drones (the real agent code) against a control plane\n\n"+
-			"Usage: hangar-sim [flags]\n       hangar-sim run SCENARIO [flags]   (rehearse a release; see firmware-sim/scenarios)\n       hangar-sim bench ingest [flags]   (measure ingest; see docs/benchmarks.md)\n\n")
+			"Usage: hangar-sim [flags]\n       hangar-sim run SCENARIO [flags]   (rehearse a release; see firmware-sim/scenarios)\n"+
+			"       hangar-sim inventory [--devices N] [--prefix P]   (the fleet's hardware and bases, for hangar device import)\n"+
+			"       hangar-sim bench ingest [flags]   (measure ingest; see docs/benchmarks.md)\n\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -111,6 +116,32 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			fmt.Fprintf(stdout, "hangar-sim: %d/%d drones connected, %d messages acknowledged\n", connected, len(drones), acked)
 		}
 	}
+}
+
+// runInventory prints the inventory of the fleet `hangar-sim --devices N
+// --prefix P` runs: each drone's hardware and base, as a factory would hand
+// them to the operator ("hangar device import" reads it). The control plane
+// groups drones only by such operator labels, never by what they report.
+func runInventory(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("hangar-sim inventory", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	n := fs.Int("devices", 100, "number of simulated drones")
+	prefix := fs.String("prefix", "sim-", "device id prefix")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("hangar-sim inventory takes flags only, not %q", fs.Arg(0))
+	}
+	fleet, err := sim.NewFleet(sim.FleetOptions{Devices: *n, Prefix: *prefix, StateRoot: os.TempDir()}) // nothing runs: no state
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "# hangar-sim fleet of %d drones (prefix %s): id, operator labels\n", *n, *prefix)
+	return fleet.WriteInventory(stdout)
 }
 
 func splitList(s string) []string {
