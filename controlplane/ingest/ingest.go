@@ -66,7 +66,7 @@ type Ingester struct {
 	// decode holds one queue per decoder goroutine.
 	decode []chan decodeReq
 
-	lastDecodeLog atomic.Int64
+	lastDecodeLog, lastRefusedLog atomic.Int64
 }
 
 // New returns an ingester writing to st. Run must be running for Handle to
@@ -185,6 +185,17 @@ func (in *Ingester) logDecodeError(m broker.Message, err error) {
 	in.log.Warn("malformed device message dropped", "device", m.Device, "kind", string(m.Kind), "bytes", len(m.Payload), "err", err)
 }
 
+// logRefused logs refused reports at most once a second.
+func (in *Ingester) logRefused(n int) {
+	now := time.Now().UnixNano()
+	last := in.lastRefusedLog.Load()
+	if now-last < int64(time.Second) || !in.lastRefusedLog.CompareAndSwap(last, now) {
+		return
+	}
+	in.log.Warn("update reports not believed: their boot epoch is ahead of the device's connection and of this clock "+
+		"(a device clock far ahead, or a device rigging its history); see hangar_ingest_refused_reports_total", "reports", n)
+}
+
 // flusher is implemented by stores that write device rows behind.
 type flusher interface {
 	FlushSeen(ctx context.Context) error
@@ -286,6 +297,10 @@ func (in *Ingester) write(ctx context.Context, group []job, items []store.Ingest
 		m.Samples.Add(float64(res.Samples))
 		m.Duplicates.Add(float64(res.Duplicates))
 		m.UnknownDevice.Add(float64(res.Unknown))
+		if res.Refused > 0 {
+			m.Refused.Add(float64(res.Refused))
+			in.logRefused(res.Refused)
+		}
 		for i := range items {
 			it := &items[i]
 			if it.Kind == store.IngestBatch {

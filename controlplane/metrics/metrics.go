@@ -19,6 +19,7 @@ type Metrics struct {
 	Samples        prometheus.Counter
 	Duplicates     prometheus.Counter
 	UnknownDevice  prometheus.Counter
+	Refused        prometheus.Counter     // update reports not believed (boot epoch ahead)
 	DecodeErrors   *prometheus.CounterVec // malformed messages, by kind
 	AgentDropped   prometheus.Counter     // samples the agents' outboxes dropped, as they report
 	StoreLatency   prometheus.Histogram   // one group write to SQLite
@@ -55,6 +56,10 @@ func New(connected func() float64) *Metrics {
 		}),
 		UnknownDevice: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "hangar_ingest_unknown_device_total", Help: "Messages from devices the store does not know or has revoked.",
+		}),
+		Refused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "hangar_ingest_refused_reports_total",
+			Help: "Update reports not believed: dated by a boot epoch ahead of the device's current connection and of the control plane's clock.",
 		}),
 		DecodeErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "hangar_ingest_decode_errors_total", Help: "Malformed device messages, by kind.",
@@ -97,7 +102,7 @@ func New(connected func() float64) *Metrics {
 			Name: "hangar_mqtt_accept_rate_peak", Help: "Most connections the embedded broker accepted within any one second since it started.",
 		}),
 	}
-	r.MustRegister(m.Messages, m.Samples, m.Duplicates, m.UnknownDevice, m.DecodeErrors, m.AgentDropped,
+	r.MustRegister(m.Messages, m.Samples, m.Duplicates, m.UnknownDevice, m.Refused, m.DecodeErrors, m.AgentDropped,
 		m.StoreLatency, m.GroupSize, m.StoreErrors, m.IngestDelay, m.AuthFailures, m.ACLDenials, m.Enrollments, m.CommandsSent, m.Accepted, m.AcceptPeak)
 	if connected != nil {
 		m.ConnectedGauge = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
