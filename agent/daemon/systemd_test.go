@@ -25,24 +25,45 @@ func TestWatchdogPingsOnlyWhileAlive(t *testing.T) {
 		t.Fatalf("got %q, %v", buf[:n], err)
 	}
 	var alive atomic.Bool
+	var asked atomic.Int64 // ticks at which the watchdog asked alive
 	alive.Store(true)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go watchdog(ctx, alive.Load)
+	go watchdog(ctx, func() bool { asked.Add(1); return alive.Load() })
 	conn.SetReadDeadline(time.Now().Add(2 * time.Second))
 	if n, err := conn.Read(buf); err != nil || string(buf[:n]) != "WATCHDOG=1" {
 		t.Fatalf("got %q, %v", buf[:n], err)
 	}
-	alive.Store(false)
-	time.Sleep(30 * time.Millisecond) // let a ping already in flight land
-	for {
-		conn.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
-		if _, err := conn.Read(buf); err != nil {
-			break // drained
+	// waitTicks waits until the watchdog asked alive n times in all. The
+	// loop sends a tick's ping before it waits for the next tick, and a
+	// unixgram send is in the receiver's buffer when it returns: once a
+	// tick has asked, every earlier tick's ping can be read.
+	waitTicks := func(n int64) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for asked.Load() < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("the watchdog asked %d times in 5 s, want %d", asked.Load(), n)
+			}
+			time.Sleep(time.Millisecond)
 		}
 	}
-	conn.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
-	if n, err := conn.Read(buf); err == nil {
-		t.Fatalf("a stuck agent pinged the watchdog: %q", buf[:n])
+	drain := func() (pings int) {
+		for {
+			conn.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
+			if _, err := conn.Read(buf); err != nil {
+				return pings
+			}
+			pings++
+		}
+	}
+	alive.Store(false)
+	// Ticks that asked before the switch may have pinged: drain them.
+	waitTicks(asked.Load() + 1)
+	drain()
+	// Five ticks that saw a stuck agent: no ping.
+	waitTicks(asked.Load() + 6)
+	if n := drain(); n != 0 {
+		t.Fatalf("a stuck agent pinged the watchdog %d times", n)
 	}
 }

@@ -295,6 +295,8 @@ func TestFlightMalformed(t *testing.T) {
 			}
 			clock.Advance(malformedLogEvery)
 			sendRaw(t, f, []byte("again"))
+			// The warning is logged after the datagram is counted.
+			waitFor(t, "the warning a minute later", func() bool { return logs.count("dropped malformed flight input") >= 2 })
 			if n := logs.count("dropped malformed flight input"); n != 2 {
 				t.Errorf("%d warnings a minute later, want 2", n)
 			}

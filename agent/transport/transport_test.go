@@ -55,11 +55,38 @@ func (h *authHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool {
 	return !strings.HasPrefix(topic, "denied/")
 }
 
-func startBroker(t *testing.T) string {
+// disconnectHook records the clients the broker is done with: mochi calls
+// OnDisconnect after it published the client's will, if any.
+type disconnectHook struct {
+	mochi.HookBase
+	mu   sync.Mutex
+	gone map[string]bool
+}
+
+func (h *disconnectHook) ID() string           { return "test-disconnects" }
+func (h *disconnectHook) Provides(b byte) bool { return b == mochi.OnDisconnect }
+func (h *disconnectHook) OnDisconnect(cl *mochi.Client, _ error, _ bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.gone == nil {
+		h.gone = map[string]bool{}
+	}
+	h.gone[cl.ID] = true
+}
+
+func (h *disconnectHook) done(id string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.gone[id]
+}
+
+func startBroker(t *testing.T, hooks ...mochi.Hook) string {
 	t.Helper()
 	srv := mochi.New(&mochi.Options{Logger: slog.New(slog.DiscardHandler)})
-	if err := srv.AddHook(new(authHook), nil); err != nil {
-		t.Fatal(err)
+	for _, h := range append([]mochi.Hook{new(authHook)}, hooks...) {
+		if err := srv.AddHook(h, nil); err != nil {
+			t.Fatal(err)
+		}
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -266,7 +293,8 @@ func waitDone(t *testing.T, c transport.Conn, within time.Duration, what string)
 
 func TestLastWillOnlyWhenLost(t *testing.T) {
 	forEach(t, func(t *testing.T, tr transport.Transport) {
-		url := startBroker(t)
+		disconnects := &disconnectHook{}
+		url := startBroker(t, disconnects)
 		in := newInbox()
 		op := params(url, "observer")
 		op.Username, op.OnMessage = "obs", in.on
@@ -294,15 +322,30 @@ func TestLastWillOnlyWhenLost(t *testing.T) {
 		lost := connect(t, tr, p)
 		px.cut()
 		waitDone(t, lost, 10*time.Second, "cut link")
-		got := in.wait(t, 1)
-		time.Sleep(200 * time.Millisecond) // a will for the clean close would have come by now
-		got = in.wait(t, 1)
-		if len(got) != 1 || got[0] != "will/lost=gone" {
-			t.Fatalf("wills %q, want only will/lost", got)
+		in.wait(t, 1)
+		// Once the broker is done with the clean client, a will of its
+		// would be queued to the observer: a marker published after that
+		// comes after it.
+		deadline := time.Now().Add(10 * time.Second)
+		for !disconnects.done("clean") || !disconnects.done("lost") {
+			if time.Now().After(deadline) {
+				t.Fatal("the broker did not see both clients go")
+			}
+			time.Sleep(time.Millisecond)
 		}
-		// A publish on a lost connection fails rather than hanging.
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
+		if err := obs.Publish("will/marker", []byte("end")).Wait(ctx); err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for n := 1; !slices.Contains(got, "will/marker=end"); n = len(got) + 1 {
+			got = in.wait(t, n)
+		}
+		if len(got) != 2 || got[0] != "will/lost=gone" {
+			t.Fatalf("wills %q, want only will/lost (then the marker)", got)
+		}
+		// A publish on a lost connection fails rather than hanging.
 		if err := lost.Publish("x/y", []byte("z")).Wait(ctx); err == nil || errors.Is(err, context.DeadlineExceeded) {
 			t.Fatalf("publish after loss: %v, want a connection error", err)
 		}
@@ -341,25 +384,53 @@ func TestConnectHonoursContext(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer ln.Close()
+		accepted := make(chan struct{}, 1)
 		go func() {
 			for {
 				c, err := ln.Accept()
 				if err != nil {
 					return
 				}
+				select {
+				case accepted <- struct{}{}:
+				default:
+				}
 				go io.Copy(io.Discard, c)
 			}
 		}()
-		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
-		start := time.Now()
-		c, err := tr.Connect(ctx, params("tcp://"+ln.Addr().String(), "x"))
-		if err == nil {
-			c.Close()
-			t.Fatal("connected to a mute listener")
+		type result struct {
+			c   transport.Conn
+			err error
 		}
-		if waited := time.Since(start); waited > 10*time.Second {
-			t.Fatalf("Connect returned after %s: it did not honour its context", waited)
+		res := make(chan result, 1)
+		go func() {
+			c, err := tr.Connect(ctx, params("tcp://"+ln.Addr().String(), "x"))
+			res <- result{c, err}
+		}()
+		// Cancel in the handshake (the listener took the connection and
+		// will never answer), then Connect must return: well before its
+		// own 30 s timeout would end it.
+		select {
+		case <-accepted:
+		case r := <-res:
+			if r.c != nil {
+				r.c.Close()
+			}
+			t.Fatalf("Connect returned before the listener accepted: %v", r.err)
+		case <-time.After(10 * time.Second):
+			t.Fatal("the listener accepted nothing")
+		}
+		cancel()
+		select {
+		case r := <-res:
+			if r.err == nil {
+				r.c.Close()
+				t.Fatal("connected to a mute listener")
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("Connect did not return 10 s after its context ended: it does not honour it")
 		}
 	})
 }

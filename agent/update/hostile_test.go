@@ -15,6 +15,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -700,7 +701,11 @@ func onlyKeyListChanged(t *testing.T, before, after []byte) bool {
 // clock is right again (NTP, GPS) it verifies the waiting offer from the
 // start and installs.
 func TestClockWaitThenInstall(t *testing.T) {
-	r := newHostileRig(t)
+	var clk *readCountingClock
+	r := newHostileRig(t, func(o *Options) {
+		clk = &readCountingClock{hostileClock: o.Clock.(*hostileClock)}
+		o.Clock = clk
+	})
 	now := r.clk.Now()
 	r.clk.Set(time.Unix(0, 0))
 	rel := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, 64<<10))
@@ -709,7 +714,16 @@ func TestClockWaitThenInstall(t *testing.T) {
 		t.Fatalf("Offer at 1970 = %v, want a clock deferral", err)
 	}
 	r.assertRejected("c-1970", proto.CheckClock) // reported deferred, check clock
-	time.Sleep(100 * time.Millisecond)           // ten ticks of the updater: still waiting
+	// Ten passes of the updater's loop, each asking the clock whether it
+	// can be trusted yet: still waiting.
+	reads := clk.reads.Load()
+	deadline := time.Now().Add(hostileWait)
+	for clk.reads.Load() < reads+10 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the updater read the clock %d times in %v, want 10", clk.reads.Load()-reads, hostileWait)
+		}
+		time.Sleep(time.Millisecond)
+	}
 	if n := r.srv.totalHits(); n != 0 {
 		t.Fatalf("%d downloads while the clock is untrusted", n)
 	}
@@ -718,4 +732,16 @@ func TestClockWaitThenInstall(t *testing.T) {
 	if installs, _, _, _, _ := r.inst.calls(); len(installs) != 1 {
 		t.Fatalf("%d installs after the clock came right, want 1", len(installs))
 	}
+}
+
+// readCountingClock counts reads of the time: the updater reads it once a
+// pass of its loop while an offer waits for a trustworthy clock.
+type readCountingClock struct {
+	*hostileClock
+	reads atomic.Int64
+}
+
+func (c *readCountingClock) Now() time.Time {
+	c.reads.Add(1)
+	return c.hostileClock.Now()
 }

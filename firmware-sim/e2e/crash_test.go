@@ -176,11 +176,27 @@ func TestRolloutSurvivesKill9(t *testing.T) {
 		})
 	}
 	online()
+	// How long a kill and restart take here, with the fleet streaming
+	// (not counted as the rollout's kills).
+	var restart time.Duration
+	for range 2 {
+		t0 := time.Now()
+		cp.Kill()
+		cp.start()
+		restart = max(restart, time.Since(t0))
+		online()
+	}
 	kit.simRelease(t, cp, sim.Firmware{Version: "1.1.0", Behaviour: sim.Good}, 110)
 	kit.simRelease(t, cp, sim.Firmware{Version: "1.2.0", Behaviour: sim.Good}, 120)
-	// A kill and restart take about a second: the soak is long enough for
-	// the kills to fall across all three stages.
-	soak := max(6*time.Second, time.Duration(kills)*600*time.Millisecond)
+	// A kill cycle is the pauses around the kill (850 ms on average) and
+	// the restart, counted twice for a machine also busy with the
+	// rollout: the three stages' soaks together last at least one and a
+	// half times the cycles of the kills wanted (and 1.8 s a kill), so
+	// that the kills fall across all three stages however slowly the
+	// machine restarts a control plane.
+	cycle := 850*time.Millisecond + 2*restart
+	soak := max(6*time.Second, time.Duration(kills)*600*time.Millisecond, time.Duration(kills)*cycle/2).Round(time.Second)
+	t.Logf("a restart takes %v: soak %v per stage", restart.Round(time.Millisecond), soak)
 	gates := []string{"--stages", "5%,30%,100%", "--min-canary", "4", "--soak", soak.String(), "--max-in-flight", "60",
 		"--device-timeout", "5m", "--health-margin", "1", "--start", "-o", "json"}
 	create := func(version string) string {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -34,6 +35,8 @@ type cuttingProxy struct {
 	rate     int64
 	served   atomic.Int64 // artifact body bytes sent to the agent
 	requests atomic.Int32
+	active   atomic.Int32 // artifact requests being served
+	longest  atomic.Int64 // nanoseconds the longest artifact response took
 }
 
 func (p *cuttingProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -42,6 +45,16 @@ func (p *cuttingProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	p.requests.Add(1)
+	p.active.Add(1)
+	defer p.active.Add(-1)
+	start := time.Now()
+	defer func() {
+		for d := int64(time.Since(start)); ; {
+			if old := p.longest.Load(); d <= old || p.longest.CompareAndSwap(old, d) {
+				break
+			}
+		}
+	}()
 	req, _ := http.NewRequestWithContext(r.Context(), r.Method, p.upstream.String()+r.URL.RequestURI(), nil)
 	req.Header = r.Header.Clone()
 	resp, err := http.DefaultTransport.RoundTrip(req)
@@ -82,6 +95,17 @@ func (p *cuttingProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// Drop the connection mid-body.
 		panic(http.ErrAbortHandler)
 	}
+}
+
+// waitIdle waits until no artifact request is being served: the agent may
+// read the last byte, verify, install and report before the handler that
+// sent it has counted it.
+func (p *cuttingProxy) waitIdle(t *testing.T) {
+	t.Helper()
+	waitFor(t, 10*time.Second, "artifact downloads finished", func() (bool, string) {
+		n := p.active.Load()
+		return n == 0, fmt.Sprintf("%d artifact requests in progress", n)
+	})
 }
 
 // recorder is an installer that keeps what it was given.
@@ -169,6 +193,7 @@ func TestInterruptedDownload(t *testing.T) {
 	if string(got) != string(content) {
 		t.Fatal("installed bytes differ from the release")
 	}
+	proxy.waitIdle(t)
 	served := proxy.served.Load()
 	t.Logf("artifact %d bytes, cut 3 times after 1 MiB each: %d requests, %d body bytes fetched (%.3fx the artifact)",
 		size, proxy.requests.Load(), served, float64(served)/size)
@@ -178,9 +203,16 @@ func TestInterruptedDownload(t *testing.T) {
 	if served > size+64<<10 {
 		t.Errorf("fetched %d bytes for a %d byte artifact: downloads started over instead of resuming", served, size)
 	}
-	if d, _ := cp.Store().Device(context.Background(), "drone-dl"); d.Payloads["fc-firmware"] != "2.0.0" {
-		t.Errorf("device payloads %v", d.Payloads)
-	}
+	// The agent reports the commit (an event) and then says hello again
+	// with its new payload versions (a state message): the second comes
+	// after the first.
+	waitFor(t, 30*time.Second, "fc-firmware 2.0.0 in the device's payloads", func() (bool, string) {
+		d, err := cp.Store().Device(context.Background(), "drone-dl")
+		if err != nil {
+			return false, err.Error()
+		}
+		return d.Payloads["fc-firmware"] == "2.0.0", fmt.Sprintf("device payloads %v", d.Payloads)
+	})
 }
 
 // TestSlowDownloadOutlastsRequestTimeout: a download that takes longer
@@ -192,7 +224,14 @@ func TestSlowDownloadOutlastsRequestTimeout(t *testing.T) {
 	up, _ := url.Parse(cp.URL())
 	const size = 1 << 20
 	proxy := &cuttingProxy{upstream: up, rp: httputil.NewSingleHostReverseProxy(up), rate: 400 << 10} // ~2.5 s
-	updateThrough(t, kit, cp, proxy, "drone-slow", size, &http.Client{Timeout: time.Second})
+	const timeout = time.Second
+	updateThrough(t, kit, cp, proxy, "drone-slow", size, &http.Client{Timeout: timeout})
+	proxy.waitIdle(t)
+	// The premise: the download did take longer than the timeout (the
+	// rate limit sleeps at least 2.5 s in all).
+	if d := time.Duration(proxy.longest.Load()); d <= timeout {
+		t.Fatalf("the download took %v, not longer than the %v request timeout: the test proves nothing", d, timeout)
+	}
 	if n := proxy.requests.Load(); n != 1 {
 		t.Errorf("%d download requests for one slow download, want 1: the request timeout cut it", n)
 	}

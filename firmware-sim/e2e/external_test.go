@@ -53,6 +53,7 @@ func TestExternalBrokerFleet(t *testing.T) {
 	})
 
 	victim := fleet.ID(5)
+	refusedBefore := refusedEnrollments(cp)
 	if err := st.Revoke(ctx, victim); err != nil {
 		t.Fatal(err)
 	}
@@ -70,7 +71,9 @@ func TestExternalBrokerFleet(t *testing.T) {
 	waitFor(t, 10*time.Second, "revoked drone disconnected by Mosquitto", func() (bool, string) {
 		return !connected(victim), "still connected"
 	})
-	time.Sleep(500 * time.Millisecond)
+	// It keeps trying (Mosquitto refuses it, re-enrollment is refused)
+	// and never reconnects.
+	waitRefusedEnrollments(t, cp, refusedBefore+2)
 	if connected(victim) {
 		t.Fatal("revoked drone reconnected")
 	}

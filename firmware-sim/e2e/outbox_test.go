@@ -131,15 +131,30 @@ func TestAgentKilledMidStream(t *testing.T) {
 	// A last run drains what the killed runs left queued, then stops
 	// cleanly (SIGTERM flushes the samples in hand).
 	cmd := start()
+	var final uint64
 	waitFor(t, 20*time.Second, "agent reconnected", func() (bool, string) {
 		d, _ := cp.Store().Device(ctx, "real-1")
+		final = d.Boot
 		return d.Boot > boots[len(boots)-1] && d.Online, fmt.Sprintf("boot %d", d.Boot)
 	})
-	time.Sleep(300 * time.Millisecond)
+	// The outbox sends telemetry oldest first, across restarts: once a
+	// batch of this run is stored, what the killed runs left queued is.
+	waitFor(t, 20*time.Second, "the killed runs' backlog sent", func() (bool, string) {
+		rows, _ := cp.Store().Telemetry(ctx, "real-1", time.Now().Add(-time.Hour), time.Now().Add(time.Hour), 100000)
+		for _, r := range rows {
+			if r.Boot == final {
+				return true, ""
+			}
+		}
+		return false, fmt.Sprintf("no telemetry of boot %d among %d samples stored", final, len(rows))
+	})
 	cmd.Process.Signal(syscall.SIGTERM)
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("agent did not stop cleanly: %v", err)
 	}
+	// Stopping the control plane stores what ingest was handed and
+	// compacts the inbox, so that every batch is counted below.
+	cp.stop()
 	seqs, rows := storedSeqs(t, cp.dataDir, "real-1")
 	if len(seqs) != 4 {
 		t.Fatalf("stored %d boot epochs, want 4", len(seqs))
@@ -177,8 +192,20 @@ func TestControlPlaneRestart(t *testing.T) {
 	waitFor(t, 30*time.Second, "fleet online", func() (bool, string) { return online(cp) })
 	for round := range 2 {
 		cp.stop()
-		// Let the drones queue telemetry while the control plane is down.
-		time.Sleep(300 * time.Millisecond)
+		// Let the drones queue telemetry while the control plane is down:
+		// each one has seen its link go and queued a message since.
+		queuedAtStop := map[string]uint64{}
+		for _, d := range fleet.Drones() {
+			queuedAtStop[d.ID] = d.Agent().LastSeq()
+		}
+		waitFor(t, 30*time.Second, fmt.Sprintf("drones queueing while the control plane is down (%d)", round+1), func() (bool, string) {
+			for _, d := range fleet.Drones() {
+				if a := d.Agent(); a.Connected() || a.LastSeq() <= queuedAtStop[d.ID] {
+					return false, fmt.Sprintf("%s: connected %v, queued %d since the stop", d.ID, a.Connected(), a.LastSeq()-queuedAtStop[d.ID])
+				}
+			}
+			return true, ""
+		})
 		httpLn, err := netListen(httpAddr)
 		if err != nil {
 			t.Fatal(err)

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/hangarfleet/hangar/controlplane/server"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/firmware-sim/sim"
@@ -48,6 +50,7 @@ func TestFleetTelemetry(t *testing.T) {
 
 	// Revoke one drone: it is disconnected and cannot come back.
 	victim := fleet.ID(3)
+	refusedBefore := refusedEnrollments(cp)
 	if err := st.Revoke(ctx, victim); err != nil {
 		t.Fatal(err)
 	}
@@ -66,16 +69,34 @@ func TestFleetTelemetry(t *testing.T) {
 		return !agentOf(victim), "still connected"
 	})
 	// It keeps trying (re-enrollment is refused) and never reconnects.
-	time.Sleep(500 * time.Millisecond)
+	waitRefusedEnrollments(t, cp, refusedBefore+2)
 	if agentOf(victim) {
 		t.Fatal("revoked drone reconnected")
 	}
 	if d, _ := st.Device(ctx, victim); d.Online || !d.Revoked {
 		t.Fatalf("revoked device %+v", d)
 	}
-	if got := cp.Bus().Connected(); got != n-1 {
-		t.Errorf("broker has %d clients, want %d", got, n-1)
-	}
+	waitFor(t, 10*time.Second, "the broker without the revoked drone", func() (bool, string) {
+		got := cp.Bus().Connected()
+		return got == n-1, fmt.Sprintf("broker has %d clients, want %d", got, n-1)
+	})
+}
+
+// refusedEnrollments is how many enrollments of revoked devices the control
+// plane refused.
+func refusedEnrollments(cp *controlPlane) float64 {
+	return testutil.ToFloat64(cp.Metrics().Enrollments.WithLabelValues("revoked"))
+}
+
+// waitRefusedEnrollments waits until the control plane refused want
+// enrollments of revoked devices in all: a revoked agent tried again, and
+// more than once, rather than a pause that may be too short to see it.
+func waitRefusedEnrollments(t *testing.T, cp *controlPlane, want float64) {
+	t.Helper()
+	waitFor(t, 30*time.Second, fmt.Sprintf("%v refused enrollments of revoked devices", want), func() (bool, string) {
+		got := refusedEnrollments(cp)
+		return got >= want, fmt.Sprintf("%v refused", got)
+	})
 }
 
 // TestFleetLiteTransportFromSourceAddresses: drones on the lightweight
@@ -102,15 +123,20 @@ func TestFleetLiteTransportFromSourceAddresses(t *testing.T) {
 		ok := count(ds, func(d store.Device) bool { return d.Online && d.Latest != nil })
 		return ok == n, fmt.Sprintf("%d of %d online with telemetry", ok, n)
 	})
-	from, err := tcpConnsTo(brokerPort)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, src := range sources {
-		if from[src] != n/len(sources) {
-			t.Errorf("%d broker connections from %s, want %d (all: %v)", from[src], src, n/len(sources), from)
+	// A drone seen online may be between two connections (the store
+	// learns of a drop from the will): poll the socket table.
+	waitFor(t, 30*time.Second, "the broker connections spread over the source addresses", func() (bool, string) {
+		from, err := tcpConnsTo(brokerPort)
+		if err != nil {
+			t.Fatal(err)
 		}
-	}
+		for _, src := range sources {
+			if from[src] != n/len(sources) {
+				return false, fmt.Sprintf("%d broker connections from %s, want %d (all: %v)", from[src], src, n/len(sources), from)
+			}
+		}
+		return true, ""
+	})
 }
 
 // tcpConnsTo counts established TCP connections to port on this machine by

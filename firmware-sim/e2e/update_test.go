@@ -257,16 +257,29 @@ func TestRealAgentUpdate(t *testing.T) {
 		t.Fatalf("previous binary kept after commit: %v", err)
 	}
 	// The same release offered again is acknowledged without reinstalling.
+	sup.mu.Lock()
+	starts := sup.starts
+	sup.mu.Unlock()
 	kit.cli(t, cp.URL(), "device", "update", "drone-1", "--release", "1.1.0", "--token-file", filepath.Join(cp.dataDir, server.AdminTokenFile))
+	waitFor(t, 30*time.Second, "re-offer of 1.1.0 acknowledged as already installed", func() (bool, string) {
+		u, _ := updateState(cp, "drone-1", 110)
+		return u.State == "committed" && u.Reason == "already installed", u.State + " " + u.Reason
+	})
+	sup.mu.Lock()
+	restarted := sup.starts != starts
+	sup.mu.Unlock()
+	if restarted || version() != "1.1.0" || !sameFile(t, installed, v2) {
+		t.Fatalf("the re-offer of 1.1.0 reinstalled it (agent restarted: %v, version %s)", restarted, version())
+	}
 
 	// A build that cannot reach the broker fails its trial and rolls back.
 	kit.release(t, cp, bad, "1.2.0", 120)
 	kit.cli(t, cp.URL(), "device", "update", "drone-1", "--release", "1.2.0", "--token-file", filepath.Join(cp.dataDir, server.AdminTokenFile))
+	var u store.DeviceUpdate
 	waitFor(t, 90*time.Second, "1.2.0 rolled back", func() (bool, string) {
-		u, _ := updateState(cp, "drone-1", 120)
+		u, _ = updateState(cp, "drone-1", 120)
 		return u.State == "rolled_back" && version() == "1.1.0", u.State + " " + version()
 	})
-	u, _ := updateState(cp, "drone-1", 120)
 	if !strings.Contains(u.Reason, "health check not passed") {
 		t.Errorf("rollback reason %q", u.Reason)
 	}
@@ -279,10 +292,9 @@ func TestRealAgentUpdate(t *testing.T) {
 	kit.release(t, cp, crash, "1.3.0", 130)
 	kit.cli(t, cp.URL(), "device", "update", "drone-1", "--release", "1.3.0", "--token-file", filepath.Join(cp.dataDir, server.AdminTokenFile))
 	waitFor(t, 90*time.Second, "1.3.0 rolled back", func() (bool, string) {
-		u, _ := updateState(cp, "drone-1", 130)
+		u, _ = updateState(cp, "drone-1", 130)
 		return u.State == "rolled_back" && version() == "1.1.0", u.State + " " + version()
 	})
-	u, _ = updateState(cp, "drone-1", 130)
 	if !strings.Contains(u.Reason, "crash loop") {
 		t.Errorf("rollback reason %q", u.Reason)
 	}
@@ -375,16 +387,26 @@ func TestAgentKilledAtEachUpdateState(t *testing.T) {
 		return n > size/4 && n < size*3/4, fmt.Sprint(n)
 	})
 	kill("downloading")
+	var u store.DeviceUpdate
 	waitFor(t, 60*time.Second, "install deferred by the maintenance lock", func() (bool, string) {
-		u, _ := updateState(cp, "drone-k", 110)
+		u, _ = updateState(cp, "drone-k", 110)
 		return u.State == "deferred", u.State
 	})
-	u, _ := updateState(cp, "drone-k", 110)
 	if !strings.Contains(u.Reason, "maintenance lock") {
 		t.Errorf("deferred because %q", u.Reason)
 	}
+	d, _ := cp.Store().Device(ctx, "drone-k")
 	kill("deferred")
-	time.Sleep(time.Second)
+	// The lock goes only once the new process runs (it is online with a
+	// new boot epoch): it must resume the deferred install, not have it
+	// done before it started.
+	waitFor(t, 30*time.Second, "agent back online after the kill while deferred", func() (bool, string) {
+		now, _ := cp.Store().Device(ctx, "drone-k")
+		return now.Online && now.Boot > d.Boot, fmt.Sprintf("online %v, boot %d (was %d)", now.Online, now.Boot, d.Boot)
+	})
+	if u, _ := updateState(cp, "drone-k", 110); u.State != "deferred" {
+		t.Fatalf("after the restart with the maintenance lock held: %s %q, want still deferred", u.State, u.Reason)
+	}
 	os.Remove(lock)
 	waitFor(t, 60*time.Second, "new build in trial", func() (bool, string) {
 		u, _ := updateState(cp, "drone-k", 110)
@@ -399,6 +421,7 @@ func TestAgentKilledAtEachUpdateState(t *testing.T) {
 	if !sameFile(t, installed, v2) {
 		t.Fatal("the installed binary is not 1.1.0")
 	}
+	proxy.waitIdle(t)
 	fetched := proxy.served.Load()
 	t.Logf("killed while downloading, deferred and in trial: %d artifact bytes fetched for %d (%.3fx)", fetched, size, float64(fetched)/float64(size))
 	if fetched > size+size/10 {

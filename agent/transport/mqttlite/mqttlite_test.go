@@ -13,14 +13,16 @@ import (
 )
 
 // fakeBroker answers CONNECT with the bytes of reply, then with after and
-// holds the connection open (or closes it when after is nil).
+// holds the connection open, reading nothing more, until the test ends (or
+// closes it when after is nil).
 func fakeBroker(t *testing.T, reply, after []byte) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
+	quit := make(chan struct{})
+	t.Cleanup(func() { close(quit); ln.Close() })
 	go func() {
 		c, err := ln.Accept()
 		if err != nil {
@@ -34,7 +36,7 @@ func fakeBroker(t *testing.T, reply, after []byte) string {
 		c.Write(reply)
 		if after != nil {
 			c.Write(after)
-			time.Sleep(5 * time.Second)
+			<-quit
 		}
 	}()
 	return "tcp://" + ln.Addr().String()
@@ -115,12 +117,12 @@ func TestCloseDoesNotWaitForAStuckWrite(t *testing.T) {
 		}
 		stuck <- tok
 	}()
-	time.Sleep(500 * time.Millisecond)
+	waitStuckWrite(t)
 	closed := make(chan struct{})
 	go func() { c.Close(); close(closed) }()
 	select {
 	case <-closed:
-	case <-time.After(2 * time.Second): // the peer hangs up after 5 s; the write timeout is 30 s
+	case <-time.After(10 * time.Second): // the peer never hangs up; the write timeout is 30 s
 		t.Fatal("Close waited for a stuck write")
 	}
 	select {
@@ -132,5 +134,25 @@ func TestCloseDoesNotWaitForAStuckWrite(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the stuck publish did not return after Close")
+	}
+}
+
+// waitStuckWrite waits until a goroutine is parked in a write of the
+// connection, waiting for the socket to take more bytes.
+func waitStuckWrite(t *testing.T) {
+	t.Helper()
+	buf := make([]byte, 1<<20)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		n := runtime.Stack(buf, true)
+		for _, g := range strings.Split(string(buf[:n]), "\n\n") {
+			if strings.Contains(g, "[IO wait") && strings.Contains(g, "waitWrite") && strings.Contains(g, "mqttlite.(*conn).write") {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no write stuck after 10 s:\n%s", buf[:n])
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
