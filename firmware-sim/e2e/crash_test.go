@@ -221,8 +221,8 @@ func TestRolloutSurvivesKill9(t *testing.T) {
 			rep := status(id)
 			if rep.State.Status == rollout.StatusPaused || rep.State.Status == rollout.StatusAborted {
 				t.Fatalf("rollout %s: %s\nfailed devices:\n%s\ntimed out:\n%s", rep.State.Status, rep.State.Reason,
-					k(t, kit, cp, "rollout", "devices", id, "--state", rollout.MFailed),
-					k(t, kit, cp, "rollout", "devices", id, "--state", rollout.MTimedOut))
+					k(t, kit, cp, "rollout", "devices", id, "--state", string(rollout.MFailed)),
+					k(t, kit, cp, "rollout", "devices", id, "--state", string(rollout.MTimedOut)))
 			}
 			return over(rep), fmt.Sprintf("%s stage %d %v %s", rep.State.Status, rep.State.Stage+1, rep.Counts, rep.State.Reason)
 		}
