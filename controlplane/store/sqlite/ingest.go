@@ -265,7 +265,7 @@ func (w *ingestTx) applyState(ctx context.Context, num int64, it *store.IngestIt
 		hardware = CASE WHEN ? != '' THEN ? ELSE hardware END,
 		release = ?, payloads = ?,
 		reported_labels = CASE WHEN ? THEN ? ELSE reported_labels END
-		WHERE num = ? AND NOT (boot = ? AND conn > ?)`,
+		WHERE num = ? AND revoked = 0 AND NOT (boot = ? AND conn > ?)`,
 		s.Boot, s.Conn, s.Proto, s.Version, s.Version, s.Arch, s.Arch, s.Hardware, s.Hardware,
 		s.Release, string(payloads), len(s.Labels) > 0, string(labels),
 		num, s.Boot, s.Conn)

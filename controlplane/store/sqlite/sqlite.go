@@ -172,7 +172,7 @@ func (db *DB) prepare() error {
 			dropped = dropped + ?2,
 			sample = CASE WHEN ?3 IS NOT NULL AND (?3 >= coalesce(sample_ts, 0) OR sample_ts > ?6) THEN ?4 ELSE sample END,
 			sample_ts = CASE WHEN ?3 IS NOT NULL AND (?3 >= coalesce(sample_ts, 0) OR sample_ts > ?6) THEN ?3 ELSE sample_ts END
-			WHERE num = ?5`},
+			WHERE num = ?5 AND revoked = 0`},
 	} {
 		s, err := db.w.Prepare(p.q)
 		if err != nil {
