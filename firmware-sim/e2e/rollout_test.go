@@ -36,15 +36,16 @@ func (k *releaseKit) rollout(t *testing.T, cp *controlPlane, args ...string) str
 	t.Helper()
 	out := k.cli(t, cp.URL(), append(append([]string{"rollout", "create"}, args...),
 		"--token-file", filepath.Join(cp.dataDir, server.AdminTokenFile), "-o", "json")...)
-	var r rollout.Rollout
-	if err := json.Unmarshal([]byte(out), &r); err != nil {
+	var res api.CreateResult
+	if err := json.Unmarshal([]byte(out), &res); err != nil || res.Rollout == nil {
 		t.Fatalf("rollout create: %v\n%s", err, out)
 	}
+	r := res.Rollout
 	// One active rollout per device: a subtest that stops early must not
 	// hold the fleet for the next one.
 	t.Cleanup(func() {
 		if rep, err := cp.Rollouts().Status(context.Background(), r.Spec.ID); err == nil && !rep.State.Status.Final() {
-			if _, err := cp.Rollouts().Act(context.Background(), r.Spec.ID, "abort", "test", "subtest ended"); err != nil {
+			if _, err := cp.Rollouts().Act(context.Background(), r.Spec.ID, rollout.OpAbort, "test", "subtest ended"); err != nil {
 				t.Errorf("abort %s: %v", r.Spec.ID, err)
 			}
 		}
@@ -191,8 +192,13 @@ func TestRollouts(t *testing.T) {
 			t.Fatalf("%d devices outside the canary offered the bad build: %v%s", len(out), out[:min(len(out), 5)], story(t, cp, id))
 		}
 		canary := canaryOf(t, cp, id)
-		// The version (in the device's hello) and the rolled_back report (an
-		// event) arrive separately: wait for both.
+		// The version (in the device's hello) and the final report (an
+		// event) arrive separately: wait for both. A canary device still
+		// downloading when the rollout aborted was cancelled (failed,
+		// "cancelled"); every other rolled back.
+		final := func(u store.DeviceUpdate) bool {
+			return u.State == "rolled_back" || (u.State == "failed" && strings.Contains(u.Reason, "cancelled"))
+		}
 		waitFor(t, time.Minute, "canary rolled back to 1.1.0 and reported it", func() (bool, string) {
 			for _, dev := range canary {
 				d, _ := cp.Store().Device(ctx, dev)
@@ -202,20 +208,27 @@ func TestRollouts(t *testing.T) {
 			}
 			us, _ := cp.Store().DeviceUpdates(ctx, "", "agent", 120)
 			for _, u := range us {
-				if u.State == "trial" || u.State == "installing" {
+				if !final(u) {
 					return false, u.Device + " reported " + u.State
 				}
 			}
 			return true, ""
 		})
 		us, _ := cp.Store().DeviceUpdates(ctx, "", "agent", 120)
+		rolledBack := 0
 		for _, u := range us {
 			if !contains(canary, u.Device) {
 				t.Errorf("%s, outside the canary, reported on 1.2.0: %s", u.Device, u.State)
 			}
-			if u.State != "rolled_back" {
-				t.Errorf("%s: 1.2.0 %s, want rolled_back", u.Device, u.State)
+			if !final(u) {
+				t.Errorf("%s: 1.2.0 %s (%s), want rolled_back", u.Device, u.State, u.Reason)
 			}
+			if u.State == "rolled_back" {
+				rolledBack++
+			}
+		}
+		if rolledBack < 3 {
+			t.Errorf("%d canary devices rolled back, want at least --min-finished (3)", rolledBack)
 		}
 	})
 
@@ -308,4 +321,4 @@ func contains(xs []string, s string) bool {
 	return false
 }
 
-var _ = api.CreateRollout{}
+

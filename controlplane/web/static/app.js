@@ -100,13 +100,29 @@ async function refreshRollouts() {
   gt.append(el("tr")); gt.lastChild.append(el("th", "gate"), el("th", "value"), el("th", "threshold"), el("th", ""), el("th", "why"));
   for (const g of rep.gates || []) {
     const tr = el("tr");
-    const verdict = !g.judged ? "not judged yet" : g.ok ? "holds" : "FAILS";
+    const verdict = g.verdict || (!g.judged ? "not judged" : g.ok ? "holds" : "fails");
     tr.append(el("td", g.name), el("td", g.value != null ? (+g.value).toFixed(3) : ""), el("td", g.threshold != null ? (+g.threshold).toFixed(3) : ""),
-      el("td", verdict, g.judged ? (g.ok ? "on" : "error") : "off"), el("td", g.why || ""));
+      el("td", verdict, verdict === "fails" ? "error" : verdict === "holds" ? "on" : "off"), el("td", g.why || ""));
     gt.append(tr);
   }
   gates.append(gt);
   const row = el("div", undefined, "row"); row.append(stages, gates); box.append(row);
+  if (rep.unreached) box.append(el("p", rep.unreached + " members waiting: their devices are off (not failures; offered when they come back)"));
+  if (rep.state.canary) box.append(el("p", "Canary: " + rep.state.canary));
+  if (rep.strata && rep.strata.length > 1) {
+    const st = el("table");
+    st.append(el("tr")); st.lastChild.append(el("th", rep.strata[0].label), el("th", "members"), el("th", "canary"), el("th", "reachable"),
+      el("th", "committed"), el("th", "failed"), el("th", "gates"));
+    for (const x of rep.strata) {
+      const tr = el("tr");
+      const verdicts = (x.gates || []).filter(g => g.judged).map(g => g.name + " " + g.verdict).join(", ") || "not judged";
+      tr.append(el("td", x.value || "-"), el("td", String(x.members)), el("td", String(x.canary)), el("td", String(x.reachable)),
+        el("td", String(x.committed)), el("td", String(x.failed)),
+        el("td", verdicts + (x.held ? " (held: waiting for a canary device of its kind)" : ""), (x.gates || []).some(g => g.verdict === "fails") ? "error" : ""));
+      st.append(tr);
+    }
+    box.append(el("h3", "By " + rep.strata[0].label + " (judged within each)"), st);
+  }
   const evs = await api("/api/v1/rollouts/" + encodeURIComponent(selectedRollout) + "/events");
   const et = el("table");
   et.append(el("tr")); et.lastChild.append(el("th", "time"), el("th", "who"), el("th", "what"), el("th", "to"), el("th", "why"));
