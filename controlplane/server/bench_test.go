@@ -17,19 +17,21 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/rollout"
 	"github.com/hangarfleet/hangar/controlplane/server"
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/proto"
 )
 
 // benchServer runs a control plane (embedded broker, SQLite file) with n
-// enrolled devices and a pushed release, as it is after a fleet enrolled.
-// The devices are not connected: the figures are the control plane's own
-// work (plan, durable state, commands handed to the broker and marked
-// sent), not the network's.
+// enrolled devices, labelled by an enrollment profile, and a pushed
+// release, as it is after a fleet enrolled and said hello (a rollout
+// offers only to devices online). No device is actually connected: the
+// figures are the control plane's own work (plan, durable state, commands
+// handed to the broker and marked sent), not the network's.
 func benchServer(b *testing.B, n int) *server.Server {
 	b.Helper()
 	httpLn, _ := net.Listen("tcp", "127.0.0.1:0")
 	mqttLn, _ := net.Listen("tcp", "127.0.0.1:0")
 	s, err := server.New(server.Options{DataDir: b.TempDir(), HTTPListener: httpLn, MQTTListener: mqttLn,
-		RolloutInterval: time.Hour, Logger: benchLogger()}) // planned when poked, as start does
+		RolloutInterval: time.Hour, Logger: benchLogger(), OnlineTimeout: 24 * time.Hour}) // planned when poked, as start does
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -42,9 +44,23 @@ func benchServer(b *testing.B, n int) *server.Server {
 	for i := range n {
 		hash := sha256.Sum256([]byte(strconv.Itoa(i)))
 		if _, err := db.Enroll(ctx, store.Enrollment{ID: fmt.Sprintf("drone-%06d", i), Hardware: hws[i%3],
-			Labels: map[string]string{"hw": hws[i%3], "base": bases[(i/3)%5]}, CredHash: hash[:], Now: time.Now()}); err != nil {
+			Profile: map[string]string{"hw": hws[i%3], "base": bases[(i/3)%5]}, CredHash: hash[:], Now: time.Now()}); err != nil {
 			b.Fatal(err)
 		}
+	}
+	hellos := make([]store.IngestItem, 0, 1000)
+	for i := range n {
+		st := &proto.State{Proto: proto.ProtocolVersion, Online: true, Boot: uint64(time.Now().Unix()), Conn: 1, Version: "1.0.0", Hardware: hws[i%3]}
+		hellos = append(hellos, store.IngestItem{Device: fmt.Sprintf("drone-%06d", i), Kind: store.IngestState, State: st, Received: time.Now()})
+		if len(hellos) == cap(hellos) || i == n-1 {
+			if _, err := db.WriteIngest(ctx, hellos); err != nil {
+				b.Fatal(err)
+			}
+			hellos = hellos[:0]
+		}
+	}
+	if err := db.FlushSeen(ctx); err != nil {
+		b.Fatal(err)
 	}
 	manifest, keys := make([]byte, 420), make([]byte, 180) // the sizes of real ones
 	rand.Read(manifest)
