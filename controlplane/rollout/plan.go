@@ -699,6 +699,7 @@ func (p *planner) judge() {
 	// fails on every device of a rare revision is stopped although the
 	// overall share stays under the threshold.
 	values := slices.Sorted(maps.Keys(per))
+	var lagging []string // strata under --min-committed
 	for _, v := range values {
 		t := per[v]
 		if t.members == 0 {
@@ -708,6 +709,20 @@ func (p *planner) judge() {
 		sr := StratumReport{Label: label, Value: v, Members: t.members, Canary: t.canary, Reachable: t.reachable,
 			Committed: t.committed, Failed: t.failed, Held: p.held[v]}
 		fg := spec.failGate(*t, name)
+		if !last {
+			// Each revision must commit like the whole: the canary is not
+			// left while its one rev-c device is still on trial.
+			cr := ratio(t.committed, t.eligible)
+			cg := GateResult{Name: "committed", Stratum: name, Value: cr, Threshold: g.MinCommitted, Judged: true,
+				OK: t.eligible == 0 || cr >= g.MinCommitted,
+				Why: fmt.Sprintf("%d of %d reachable %s devices that may update committed", t.committed, t.eligible, name)}
+			cg.verdict()
+			if !cg.OK {
+				cg.Verdict = VerdictWaiting
+				lagging = append(lagging, fmt.Sprintf("%s %d of %d", name, t.committed, t.eligible))
+			}
+			sr.Gates = append(sr.Gates, cg)
+		}
 		sr.Gates = append(sr.Gates, fg)
 		if !fg.OK {
 			broken = append(broken, fmt.Sprintf("failures on %s %.0f%% over %.0f%% (%d of %d)", name, fg.Value*100, g.MaxFailed*100, t.failed, t.committed+t.failed))
@@ -725,6 +740,11 @@ func (p *planner) judge() {
 			}
 		}
 		p.out.Strata = append(p.out.Strata, sr)
+	}
+	if len(lagging) > 0 && advance.OK {
+		advance.OK, advance.Verdict = false, VerdictWaiting
+		advance.Why += "; not yet within " + strings.Join(lagging, ", ")
+		p.out.Gates[0] = advance
 	}
 
 	soakFor := g.Soak.D()

@@ -325,7 +325,11 @@ func TestPerStratumGate(t *testing.T) {
 	for _, sr := range out.Strata {
 		if sr.Value == "rev-c" {
 			seen = true
-			if sr.Failed != rc || sr.Gates[0].Verdict != VerdictFails {
+			verdicts := map[string]string{}
+			for _, g := range sr.Gates {
+				verdicts[g.Name] = g.Verdict
+			}
+			if sr.Failed != rc || verdicts["failed"] != VerdictFails || verdicts["committed"] != VerdictWaiting {
 				t.Errorf("rev-c stratum: %+v", sr)
 			}
 		}
@@ -749,6 +753,16 @@ func TestPlanProperties(t *testing.T) {
 				abortedAt = now.UnixMilli()
 			}
 			out := Plan(spec, st, w.devs, now)
+			// The canary is not left while a device of the bad revision
+			// in it can still be judged.
+			if out.State.Stage > 0 && st.Stage == 0 {
+				for id, m := range st.Members {
+					if ms := spec.memberState(m, w.dev(id), true, st, now); m.Stage == 0 && w.dev(id).Labels["hw"] == badRev &&
+						ms.reachable() && m.Offered > 0 {
+						rt.Fatalf("left the canary with %s (the bad revision) %s in it", id, ms)
+					}
+				}
+			}
 			if out.State.Status == StatusAborted && abortedAt == 0 {
 				abortedAt = now.UnixMilli()
 			}
