@@ -36,7 +36,7 @@ type Store interface {
 	TokenHash(ctx context.Context, name string) ([]byte, error)
 	SetLabels(ctx context.Context, changes []store.LabelChange) error
 	Import(ctx context.Context, devices []store.LabelChange, now time.Time) (int, error)
-	SetProfile(ctx context.Context, name string, hash []byte, labels map[string]string, now time.Time) error
+	SetProfile(ctx context.Context, name string, hash []byte, labels map[string]string, replace bool, now time.Time) error
 	Profiles(ctx context.Context) ([]store.Profile, error)
 	DeleteProfile(ctx context.Context, name string) error
 	ProfileByToken(ctx context.Context, hash []byte) (store.Profile, error)
@@ -105,7 +105,7 @@ func New(opts Options) *API {
 	e.HTTPErrorHandler = a.errorHandler
 	e.Use(middleware.Recover())
 	// JSON bodies are small; release pushes have their own limit.
-	a.limit = middleware.BodyLimit(fmt.Sprint(MaxBody/1024) + "K")
+	a.limit = middleware.BodyLimit(fmt.Sprint(MaxBody)) // bytes (a "K" suffix would mean 1,000)
 	e.GET("/healthz", a.healthz)
 	e.POST("/api/v1/enroll", a.enroll, a.limit)
 	auth := a.requireAdmin
@@ -116,14 +116,16 @@ func New(opts Options) *API {
 			a.routeRollouts(opts.Rollouts)
 		}
 	}
-	// An inventory of a whole fleet is larger than other bodies.
-	e.POST("/api/v1/devices/import", a.importDevices, auth, middleware.BodyLimit(fmt.Sprint(MaxImportBody>>10)+"K"))
+	// An inventory of a whole fleet (or its relabelling, in one change) is
+	// larger than other bodies.
+	big := middleware.BodyLimit(fmt.Sprint(MaxImportBody))
+	e.POST("/api/v1/devices/import", a.importDevices, auth, big)
+	e.POST("/api/v1/devices/labels", a.labelDevices, auth, big)
 	g := e.Group("/api/v1", auth, a.limit)
 	g.GET("/devices", a.listDevices)
 	g.POST("/devices", a.addDevice)
 	g.GET("/devices/:id", a.getDevice)
 	g.PATCH("/devices/:id/labels", a.labelDevice)
-	g.POST("/devices/labels", a.labelDevices)
 	g.GET("/enroll-profiles", a.listProfiles)
 	g.POST("/enroll-profiles", a.createProfile)
 	g.DELETE("/enroll-profiles/:name", a.deleteProfile)
@@ -170,12 +172,14 @@ func (a *API) errorHandler(err error, c echo.Context) {
 		}
 	case errors.Is(err, store.ErrNotFound):
 		code, msg = http.StatusNotFound, err.Error()
+	case errors.Is(err, store.ErrInvalid):
+		code, msg = http.StatusBadRequest, err.Error()
 	default:
 		a.log.Error("request failed", "method", c.Request().Method, "path", c.Path(), "err", err)
 	}
 	if code == http.StatusRequestEntityTooLarge {
 		limit := MaxBody
-		if c.Path() == "/api/v1/devices/import" {
+		if c.Path() == "/api/v1/devices/import" || c.Path() == "/api/v1/devices/labels" {
 			limit = MaxImportBody
 		}
 		msg = fmt.Sprintf("request body larger than %d bytes", limit)

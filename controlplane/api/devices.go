@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 	"strconv"
 	"time"
 
@@ -90,6 +91,12 @@ func (a *API) issue(c echo.Context, e enrollment) (Credential, error) {
 	}
 	password := NewSecret("hgd_")
 	ctx := c.Request().Context()
+	existed := false
+	if !e.operator {
+		if d, err := a.opts.Store.Device(ctx, e.id); err == nil && !d.AwaitingEnrollment && !d.Revoked {
+			existed = true
+		}
+	}
 	if _, err := a.opts.Store.Enroll(ctx, store.Enrollment{
 		ID: e.id, Hardware: e.hardware, Labels: e.labels, Profile: e.profile.Labels, Operator: e.operator,
 		CredHash: broker.HashPassword(password), Now: a.opts.Now(),
@@ -101,6 +108,12 @@ func (a *API) issue(c echo.Context, e enrollment) (Credential, error) {
 	}
 	actor := "device:" + e.id
 	action := "device.enroll"
+	if existed {
+		// The fleet token re-keys an enrolled device (an agent whose
+		// credential was refused enrolls again): worth an operator's look.
+		action = "device.re-enroll"
+		a.log.Warn("enrolled device enrolled again: its old credential no longer works", "device", e.id, "remote", c.RealIP())
+	}
 	var attrs map[string]string
 	if e.profile.Name != "" && e.profile.Name != TokenEnroll {
 		attrs = map[string]string{"profile": e.profile.Name}
@@ -371,12 +384,21 @@ func (a *API) setLabels(c echo.Context, cs []store.LabelChange) error {
 		}
 		return err
 	}
+	if len(cs) > maxAuditedChanges {
+		_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: a.actor(c), Action: "device.label",
+			Attrs: map[string]string{"devices": fmt.Sprint(len(cs))}})
+		return nil
+	}
 	for _, ch := range cs {
 		_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: a.actor(c), Action: "device.label", Target: ch.Device,
 			Attrs: labelAttrs(ch)})
 	}
 	return nil
 }
+
+// maxAuditedChanges: a label change of more devices is audited as one
+// entry (with the count), not one per device.
+const maxAuditedChanges = 100
 
 func labelAttrs(ch store.LabelChange) map[string]string {
 	attrs := map[string]string{}
@@ -447,6 +469,8 @@ func (a *API) importDevices(c echo.Context) error {
 type ProfileRequest struct {
 	Name   string            `json:"name"`
 	Labels map[string]string `json:"labels"`
+	// Replace an existing profile of that name (its token stops working).
+	Replace bool `json:"replace,omitempty"`
 }
 
 // ProfileToken is a new enrollment profile with its token (shown once).
@@ -460,8 +484,8 @@ func (a *API) createProfile(c echo.Context) error {
 	if err := decodeJSON(c, &req); err != nil {
 		return err
 	}
-	if err := proto.ValidateLabels(map[string]string{req.Name: "x"}); err != nil || req.Name == "" {
-		return badRequest("profile name %q: letters, digits, '-', '_' and '.', as a label key", req.Name)
+	if err := proto.ValidateLabels(map[string]string{req.Name: "x"}); err != nil || req.Name == "" || strings.Contains(req.Name, "/") {
+		return badRequest("profile name %q: 1 to 63 letters, digits, '-', '_' and '.'", req.Name)
 	}
 	if err := proto.ValidateLabels(req.Labels); err != nil {
 		return badRequest("%v", err)
@@ -472,7 +496,10 @@ func (a *API) createProfile(c echo.Context) error {
 	tok := NewSecret("hge_")
 	now := a.opts.Now()
 	ctx := c.Request().Context()
-	if err := a.opts.Store.SetProfile(ctx, req.Name, broker.HashPassword(tok), req.Labels, now); err != nil {
+	if err := a.opts.Store.SetProfile(ctx, req.Name, broker.HashPassword(tok), req.Labels, req.Replace, now); err != nil {
+		if errors.Is(err, store.ErrExists) {
+			return echo.NewHTTPError(http.StatusConflict, "enrollment profile "+req.Name+" exists: its token is in use; replace it explicitly (replace: true, hangar enroll-profile create --replace) or choose another name")
+		}
 		return err
 	}
 	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: now, Actor: a.actor(c), Action: "enroll-profile.create", Target: req.Name,

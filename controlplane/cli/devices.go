@@ -442,6 +442,7 @@ func readInventory(path string, env Env) ([]store.LabelChange, error) {
 		r = f
 	}
 	var out []store.LabelChange
+	seen := map[string]bool{}
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for n := 1; sc.Scan(); n++ {
@@ -450,6 +451,13 @@ func readInventory(path string, env Env) ([]store.LabelChange, error) {
 			continue
 		}
 		fields := strings.FieldsFunc(line, func(r rune) bool { return r == ',' || r == ' ' || r == '\t' })
+		if len(fields) == 0 {
+			continue
+		}
+		if seen[fields[0]] {
+			return nil, fmt.Errorf("%s:%d: device %s appears twice", path, n, fields[0])
+		}
+		seen[fields[0]] = true
 		if err := proto.ValidateDeviceID(fields[0]); err != nil {
 			return nil, fmt.Errorf("%s:%d: %v", path, n, err)
 		}
@@ -515,14 +523,11 @@ func deviceLabel(ctx context.Context, g *globals, args []string) error {
 		fmt.Fprintf(g.env.Stdout, "device %s: labels %s\n", d.ID, labelString(d.Labels))
 		return nil
 	}
-	for len(changes) > 0 {
-		chunk := changes[:min(len(changes), 500)]
-		changes = changes[len(chunk):]
-		if err := c.Do(ctx, http.MethodPost, "/api/v1/devices/labels", nil, api.LabelsRequest{Devices: chunk}, nil); err != nil {
-			return err
-		}
-		fmt.Fprintf(g.env.Stdout, "labelled %d devices\n", len(chunk))
+	// One change, all or nothing.
+	if err := c.Do(ctx, http.MethodPost, "/api/v1/devices/labels", nil, api.LabelsRequest{Devices: changes}, nil); err != nil {
+		return err
 	}
+	fmt.Fprintf(g.env.Stdout, "labelled %d devices\n", len(changes))
 	return nil
 }
 
@@ -544,16 +549,9 @@ func deviceImport(ctx context.Context, g *globals, args []string) error {
 	if err != nil {
 		return err
 	}
-	var total api.ImportResult
-	for len(changes) > 0 {
-		chunk := changes[:min(len(changes), 5000)]
-		changes = changes[len(chunk):]
-		var res api.ImportResult
-		if err := c.Do(ctx, http.MethodPost, "/api/v1/devices/import", nil, api.LabelsRequest{Devices: chunk}, &res); err != nil {
-			return err
-		}
-		total.Created += res.Created
-		total.Labelled += res.Labelled
+	var total api.ImportResult // one request: all or nothing
+	if err := c.Do(ctx, http.MethodPost, "/api/v1/devices/import", nil, api.LabelsRequest{Devices: changes}, &total); err != nil {
+		return err
 	}
 	if g.output == "json" {
 		return printJSON(g.env.Stdout, total)
@@ -575,6 +573,7 @@ func runProfile(ctx context.Context, g *globals, args []string) error {
 		fs.Var(&labels, "label", "label k=v given to devices that enroll with the profile's token (repeat)")
 	}
 	out := fs.String("out", "", "create: write the token to this file (mode 0600) instead of printing it")
+	replace := fs.Bool("replace", false, "create: replace an existing profile of that name (its old token stops working)")
 	switch sub {
 	case "create", "ls", "list", "rm", "delete":
 	default:
@@ -624,7 +623,7 @@ the profile's labels (labels an operator pre-provisioned for it win).`)
 		return fmt.Errorf("%w: enroll-profile create needs --label k=v (the labels its devices get)", ErrUsage)
 	}
 	var pt api.ProfileToken
-	if err := c.Do(ctx, http.MethodPost, "/api/v1/enroll-profiles", nil, api.ProfileRequest{Name: pos[0], Labels: labels.m}, &pt); err != nil {
+	if err := c.Do(ctx, http.MethodPost, "/api/v1/enroll-profiles", nil, api.ProfileRequest{Name: pos[0], Labels: labels.m, Replace: *replace}, &pt); err != nil {
 		return err
 	}
 	if *out != "" {

@@ -217,9 +217,18 @@ func TestLabelCommands(t *testing.T) {
 	if out, _, err = run(t, c, "device", "import", inv); err != nil || !strings.Contains(out, "2 devices pre-provisioned") || !strings.Contains(out, "1 already known") {
 		t.Fatalf("import: %v %s", err, out)
 	}
-	os.WriteFile(inv, []byte("n3 hw=rev-c\nn3 base=x\n"), 0o644)
-	if _, _, err := run(t, c, "device", "import", inv); !errors.As(err, &apiErr) || !strings.Contains(err.Error(), "twice") {
+	os.WriteFile(inv, []byte("n3 hw=rev-c\n,\nn3 base=x\n"), 0o644)
+	if _, _, err := run(t, c, "device", "import", inv); err == nil || !strings.Contains(err.Error(), "twice") {
 		t.Errorf("an id twice: %v", err)
+	}
+	// A label change of many devices is one change: an unknown id on the
+	// last line changes nothing at all.
+	os.WriteFile(inv, []byte("n1 base=far\nn2 base=far\nghost base=far\n"), 0o644)
+	if _, _, err := run(t, c, "device", "label", "--file", inv); !errors.As(err, &apiErr) || apiErr.Status != 404 {
+		t.Errorf("label --file with an unknown id: %v", err)
+	}
+	if out, _, _ := run(t, c, "device", "show", "n1"); strings.Contains(out, "base=far") {
+		t.Errorf("a refused label change applied in part:\n%s", out)
 	}
 	out, _, _ = run(t, c, "device", "show", "n1", "-o", "json")
 	var d store.Device
@@ -235,6 +244,16 @@ func TestLabelCommands(t *testing.T) {
 	}
 	if out, _, _ := run(t, c, "enroll-profile", "ls"); !strings.Contains(out, "base=zurich,fleet=survey") || strings.Contains(out, pt.Token) {
 		t.Fatalf("profile ls:\n%s", out)
+	}
+	// The same name again would silently kill the token in use: refused
+	// unless --replace.
+	if _, _, err := run(t, c, "enroll-profile", "create", "zurich-factory", "--label", "base=bern"); !errors.As(err, &apiErr) || apiErr.Status != 409 {
+		t.Errorf("a profile created twice: %v", err)
+	}
+	for _, bad := range []string{"a/b", ""} {
+		if _, _, err := run(t, c, "enroll-profile", "create", bad, "--label", "base=x"); err == nil {
+			t.Errorf("profile name %q accepted", bad)
+		}
 	}
 	if _, _, err := run(t, c, "enroll-profile", "create", "empty"); !errors.Is(err, cli.ErrUsage) {
 		t.Errorf("a profile without labels: %v", err)

@@ -16,6 +16,7 @@ var (
 	ErrNotFound = errors.New("not found")
 	ErrRevoked  = errors.New("device revoked")
 	ErrExists   = errors.New("already exists")
+	ErrInvalid  = errors.New("invalid")
 )
 
 // Device is one drone as the control plane knows it. Its Labels are the

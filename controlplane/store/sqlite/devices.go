@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mattn/go-sqlite3"
+
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/proto"
 )
@@ -62,15 +64,19 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 		if e.Hardware != "" {
 			op[store.HardwareLabel] = e.Hardware
 		}
+		if err = proto.ValidateLabels(op); err != nil {
+			return store.Device{}, fmt.Errorf("enroll %s: %w: %v", e.ID, store.ErrInvalid, err)
+		}
 		opJSON, _ := json.Marshal(op)
 		// A reinstated device starts a new history: nothing it reported
-		// before (a boot epoch far ahead, say) outranks what it reports now.
+		// before it was revoked (a boot epoch far ahead, say) outranks
+		// what it reports now. A device that was not revoked keeps its
+		// connection and the order of its reports.
 		_, err = tx.ExecContext(ctx, `UPDATE devices SET labels = ?, cred_hash = coalesce(?, cred_hash), revoked = 0,
-			enrolled_at = CASE WHEN ? IS NULL THEN enrolled_at ELSE ? END, boot = 0, conn = 0 WHERE id = ?`,
-			string(opJSON), e.CredHash, enrolledAt, enrolledAt, e.ID)
-		if err == nil && revoked {
-			err = resetUpdateOrder(ctx, tx, e.ID)
-		}
+			enrolled_at = CASE WHEN ? IS NULL THEN enrolled_at ELSE ? END,
+			boot = CASE WHEN revoked THEN 0 ELSE boot END, conn = CASE WHEN revoked THEN 0 ELSE conn END,
+			reinstated = CASE WHEN revoked THEN ? ELSE reinstated END WHERE id = ?`,
+			string(opJSON), e.CredHash, enrolledAt, enrolledAt, ms(e.Now), e.ID)
 	default:
 		// The device's own enrollment: what it reports is kept as
 		// reported; a pre-provisioned record takes the profile's labels
@@ -101,14 +107,6 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 	return d, nil
 }
 
-// resetUpdateOrder forgets the (boot, seq) order of a device's update
-// reports, so that the first report after a revocation wins whatever the
-// device claimed before.
-func resetUpdateOrder(ctx context.Context, tx *sql.Tx, id string) error {
-	_, err := tx.ExecContext(ctx, `UPDATE device_updates SET boot = 0, seq = 0 WHERE dev = (SELECT num FROM devices WHERE id = ?)`, id)
-	return err
-}
-
 // SetLabels applies operators' label changes. Every device must exist: a
 // typo in an id is an error (store.ErrNotFound, naming it), and nothing is
 // changed then.
@@ -127,13 +125,11 @@ func (db *DB) SetLabels(ctx context.Context, changes []store.LabelChange) error 
 		if err != nil {
 			return fmt.Errorf("set labels %s: %w", c.Device, err)
 		}
-		l := parseLabels(cur)
-		for _, k := range c.Remove {
-			delete(l, k)
+		l, err := applyLabels(cur, c)
+		if err != nil {
+			return err
 		}
-		maps.Copy(l, c.Set)
-		b, _ := json.Marshal(l)
-		if _, err := tx.ExecContext(ctx, `UPDATE devices SET labels = ? WHERE id = ?`, string(b), c.Device); err != nil {
+		if _, err := tx.ExecContext(ctx, `UPDATE devices SET labels = ? WHERE id = ?`, l, c.Device); err != nil {
 			return fmt.Errorf("set labels %s: %w", c.Device, err)
 		}
 	}
@@ -141,6 +137,21 @@ func (db *DB) SetLabels(ctx context.Context, changes []store.LabelChange) error 
 		return fmt.Errorf("set labels: %w", err)
 	}
 	return nil
+}
+
+// applyLabels applies a label change to stored labels and checks the
+// result (the limits hold for the labels a device ends with).
+func applyLabels(cur string, c store.LabelChange) (string, error) {
+	l := parseLabels(cur)
+	for _, k := range c.Remove {
+		delete(l, k)
+	}
+	maps.Copy(l, c.Set)
+	if err := proto.ValidateLabels(l); err != nil {
+		return "", fmt.Errorf("device %s: %w: %v", c.Device, store.ErrInvalid, err)
+	}
+	b, _ := json.Marshal(l)
+	return string(b), nil
 }
 
 // Import pre-provisions the devices that are not known yet (operator
@@ -164,13 +175,11 @@ func (db *DB) Import(ctx context.Context, devices []store.LabelChange, now time.
 		case err != nil:
 			return 0, fmt.Errorf("import %s: %w", c.Device, err)
 		default:
-			l := parseLabels(cur)
-			for _, k := range c.Remove {
-				delete(l, k)
+			l, err := applyLabels(cur, c)
+			if err != nil {
+				return 0, err
 			}
-			maps.Copy(l, c.Set)
-			b, _ := json.Marshal(l)
-			if _, err := tx.ExecContext(ctx, `UPDATE devices SET labels = ? WHERE id = ?`, string(b), c.Device); err != nil {
+			if _, err := tx.ExecContext(ctx, `UPDATE devices SET labels = ? WHERE id = ?`, l, c.Device); err != nil {
 				return 0, fmt.Errorf("import %s: %w", c.Device, err)
 			}
 		}
@@ -444,13 +453,20 @@ func orEmpty(m map[string]string) map[string]string {
 // default enrollment token ("enroll") is the profile without labels.
 const profilePrefix = "enroll:"
 
-// SetProfile creates or replaces an enrollment profile: a token (its hash)
-// whose devices get labels.
-func (db *DB) SetProfile(ctx context.Context, name string, hash []byte, labels map[string]string, now time.Time) error {
+// SetProfile creates an enrollment profile: a token (its hash) whose
+// devices get labels. An existing profile of that name is replaced (its
+// old token stops working) only with replace; otherwise store.ErrExists.
+func (db *DB) SetProfile(ctx context.Context, name string, hash []byte, labels map[string]string, replace bool, now time.Time) error {
 	b, _ := json.Marshal(orEmpty(labels))
-	_, err := db.w.ExecContext(ctx, `INSERT INTO tokens (name, hash, created, labels) VALUES (?, ?, ?, ?)
-		ON CONFLICT (name) DO UPDATE SET hash = excluded.hash, created = excluded.created, labels = excluded.labels`,
-		profilePrefix+name, hash, ms(now), string(b))
+	q := `INSERT INTO tokens (name, hash, created, labels) VALUES (?, ?, ?, ?)`
+	if replace {
+		q += ` ON CONFLICT (name) DO UPDATE SET hash = excluded.hash, created = excluded.created, labels = excluded.labels`
+	}
+	_, err := db.w.ExecContext(ctx, q, profilePrefix+name, hash, ms(now), string(b))
+	var se sqlite3.Error
+	if errors.As(err, &se) && se.Code == sqlite3.ErrConstraint {
+		return fmt.Errorf("profile %s: %w", name, store.ErrExists)
+	}
 	if err != nil {
 		return fmt.Errorf("set profile %s: %w", name, err)
 	}

@@ -65,7 +65,8 @@ func (db *DB) mergeSeen(s *devSeen) {
 	}
 	p.last = max(p.last, s.last)
 	p.dropped += s.dropped
-	if s.sample != nil && (p.sample == nil || s.sampleTS >= p.sampleTS) {
+	ahead := db.opts.Now().Add(db.opts.ClockAllowance).UnixMilli()
+	if s.sample != nil && (p.sample == nil || s.sampleTS >= p.sampleTS || p.sampleTS > ahead) {
 		p.sample, p.sampleTS = s.sample, s.sampleTS
 	}
 }
@@ -335,7 +336,8 @@ func (w *ingestTx) applyEvent(ctx context.Context, num int64, it *store.IngestIt
 func (w *ingestTx) applyUpdate(ctx context.Context, num int64, it *store.IngestItem, res *store.IngestResult) error {
 	e, u := it.Event, it.Event.Update
 	var current uint64
-	if err := w.tx.QueryRowContext(ctx, `SELECT boot FROM devices WHERE num = ?`, num).Scan(&current); err != nil {
+	var reinstated int64
+	if err := w.tx.QueryRowContext(ctx, `SELECT boot, reinstated FROM devices WHERE num = ?`, num).Scan(&current, &reinstated); err != nil {
 		return err
 	}
 	if e.Boot > current && e.Boot > uint64(it.Received.Add(w.db.opts.ClockAllowance).Unix()) {
@@ -348,10 +350,10 @@ func (w *ingestTx) applyUpdate(ctx context.Context, num int64, it *store.IngestI
 			reason = excluded.reason, check_name = excluded.check_name, progress = excluded.progress,
 			rollout = CASE WHEN excluded.rollout != '' THEN excluded.rollout ELSE rollout END,
 			boot = excluded.boot, seq = excluded.seq, updated = excluded.updated
-		WHERE device_updates.boot > ? OR excluded.boot > device_updates.boot
+		WHERE device_updates.boot > ? OR device_updates.updated < ? OR excluded.boot > device_updates.boot
 			OR (excluded.boot = device_updates.boot AND excluded.seq > device_updates.seq)`,
 		num, u.Target, u.Counter, u.Version, string(u.State), u.Reason, u.Check, u.Progress, u.Rollout, e.Boot, e.Seq, ms(it.Received),
-		current)
+		current, reinstated)
 	return err
 }
 

@@ -379,7 +379,10 @@ var migrations = []string{
 	// Grouping labels are the operators': the labels in effect until now
 	// (reported, overridden by operator labels) become operator labels,
 	// and what devices report about themselves is kept apart from here on.
-	`UPDATE devices SET op_labels = json_patch(labels, op_labels);
+	`UPDATE devices SET
+		labels = CASE WHEN json_valid(labels) AND json_type(labels) = 'object' THEN labels ELSE '{}' END,
+		op_labels = CASE WHEN json_valid(op_labels) AND json_type(op_labels) = 'object' THEN op_labels ELSE '{}' END;
+	UPDATE devices SET op_labels = json_patch(labels, op_labels);
 	ALTER TABLE devices RENAME COLUMN labels TO reported_labels;
 	ALTER TABLE devices RENAME COLUMN op_labels TO labels;
 	ALTER TABLE rollout_members ADD COLUMN offers INTEGER NOT NULL DEFAULT 0;
@@ -388,7 +391,10 @@ var migrations = []string{
 	ALTER TABLE rollout_members ADD COLUMN replaces TEXT NOT NULL DEFAULT '';
 	ALTER TABLE commands ADD COLUMN withdrawn INTEGER;
 	CREATE INDEX commands_rollout ON commands(rollout) WHERE rollout != '';
-	ALTER TABLE tokens ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';`,
+	ALTER TABLE tokens ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+	-- When an operator last reinstated the device: update reports stored
+	-- before it no longer outrank new ones, whatever epoch they claimed.
+	ALTER TABLE devices ADD COLUMN reinstated INTEGER NOT NULL DEFAULT 0;`,
 }
 
 func (db *DB) migrate(ctx context.Context) error {

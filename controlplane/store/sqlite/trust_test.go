@@ -170,6 +170,20 @@ func TestBootEpochCannotPin(t *testing.T) {
 		t.Fatalf("an older report won: %s", got)
 	}
 
+	// An operator's add of the live device (a new credential, labels)
+	// keeps its connection and the order of its reports.
+	if _, err := db.Enroll(ctx, store.Enrollment{ID: "d1", Operator: true, Labels: map[string]string{"team": "a"}, CredHash: []byte("k2"), Now: now.Add(time.Minute)}); err != nil {
+		t.Fatal(err)
+	}
+	late := updateEvent(genuine+60, 2, proto.UpdateDownloading)
+	write(store.IngestItem{Device: "d1", Kind: store.IngestEvent, Event: &late, Received: now.Add(time.Minute)})
+	if got := updateState(t, db, "d1"); got != string(proto.UpdateRolledBack) {
+		t.Fatalf("after an operator's add of the live device, a late report rewound it: %s", got)
+	}
+	if d, _ := db.Device(ctx, "d1"); d.Boot != genuine+60 {
+		t.Fatalf("an operator's add reset the live connection: boot %d", d.Boot)
+	}
+
 	// Revoke and re-add: nothing reported before outranks what comes next.
 	write(store.IngestItem{Device: "d1", Kind: store.IngestState, State: &riggedHello, Received: now.Add(2 * time.Minute)})
 	rigged.Seq = 3
@@ -229,7 +243,9 @@ func TestMigrationFromPreviousRelease(t *testing.T) {
 		`PRAGMA user_version = 3`,
 		`INSERT INTO devices (id, hardware, labels, op_labels, cred_hash, enrolled_at) VALUES
 			('d1', 'rev-b', '{"base":"zurich","hw":"rev-b"}', '{}', x'0102', 1),
-			('d2', 'rev-c', '{"base":"zurich","hw":"rev-c"}', '{"base":"bern"}', x'0304', 1)`,
+			('d2', 'rev-c', '{"base":"zurich","hw":"rev-c"}', '{"base":"bern"}', x'0304', 1),
+			('d3', 'rev-a', '[1]', 'null', x'0506', 1),
+			('d4', 'rev-a', '{"base":"oslo"}', '"x"', x'0708', 1)`,
 		`INSERT INTO rollouts (id, spec, state, status, created, created_by, updated) VALUES ('r-old', '{"id":"r-old"}', '{"status":"running"}', 'running', 1, 'admin', 1)`,
 		`INSERT INTO rollout_members (rollout, device, stage, offered) VALUES ('r-old', 'd1', 0, 5)`,
 		`INSERT INTO commands (id, dev, kind, body, rollout, created) VALUES ('r-old:d1:offer', 1, 'update', x'00', 'r-old', 5)`,
@@ -253,6 +269,11 @@ func TestMigrationFromPreviousRelease(t *testing.T) {
 	}
 	if d2.Labels["base"] != "bern" || d2.Labels["hw"] != "rev-c" || d2.ReportedLabels["base"] != "zurich" {
 		t.Fatalf("d2: operator label lost or reported label taken: %+v", d2)
+	}
+	d3, _ := db.Device(ctx, "d3")
+	d4, _ := db.Device(ctx, "d4")
+	if len(d3.Labels) != 0 || d4.Labels["base"] != "oslo" {
+		t.Fatalf("odd stored labels: d3 %v, d4 %v (reported labels kept, a malformed operator set dropped)", d3.Labels, d4.Labels)
 	}
 	if h, err := db.Credential(ctx, "d1"); err != nil || len(h) != 2 {
 		t.Fatalf("credential kept: %x %v", h, err)
