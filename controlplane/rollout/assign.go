@@ -77,11 +77,16 @@ func (s Spec) place(fresh []*Device, existing int, first bool) placement {
 		cands []cand // in preference order; cands[taken:] are left
 		size  int
 		taken int
+		nexts map[string]int // second-label values among cands[taken:]
 	}
 	groups := make([]*group, 0, len(byValue))
 	for v, cs := range byValue {
 		slices.SortFunc(cs, better)
-		groups = append(groups, &group{value: v, cands: cs, size: len(cs)})
+		g := &group{value: v, cands: cs, size: len(cs), nexts: map[string]int{}}
+		for _, c := range cs {
+			g.nexts[c.next]++
+		}
+		groups = append(groups, g)
 	}
 	// Values take turns in the order of their best device.
 	slices.SortFunc(groups, func(a, b *group) int { return better(a.cands[0], b.cands[0]) })
@@ -104,7 +109,14 @@ func (s Spec) place(fresh []*Device, existing int, first bool) placement {
 	// second-label value is not covered yet, if any.
 	take := func(g *group, inCanary bool) cand {
 		k := g.taken
-		if inCanary && len(s.Strata) > 1 {
+		uncovered := false // does g still hold a value not in the canary? (few values: cheap)
+		for v, n := range g.nexts {
+			if n > 0 && !covered[v] {
+				uncovered = true
+				break
+			}
+		}
+		if inCanary && len(s.Strata) > 1 && uncovered {
 			// An uncovered base, but not at the price of an offline
 			// device when an online one is left.
 			for j := g.taken; j < len(g.cands) && g.cands[j].offline == g.cands[g.taken].offline; j++ {
@@ -117,6 +129,7 @@ func (s Spec) place(fresh []*Device, existing int, first bool) placement {
 		c := g.cands[k]
 		copy(g.cands[g.taken+1:k+1], g.cands[g.taken:k]) // the others keep their order
 		g.taken++
+		g.nexts[c.next]--
 		if inCanary {
 			covered[c.next] = true
 		}

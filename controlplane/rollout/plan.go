@@ -212,7 +212,9 @@ func rank(device, seed string) float64 {
 
 // Exclusion says why the spec leaves out a device its selector matches
 // ("" when it targets it). Other rollouts are the caller's to check.
-func (s Spec) Exclusion(d Device) string {
+func (s Spec) Exclusion(d Device) string { return s.exclusion(&d) }
+
+func (s Spec) exclusion(d *Device) string {
 	for k, v := range s.Selector {
 		if d.Labels[k] != v {
 			return "not selected"
@@ -295,7 +297,8 @@ type member struct {
 	d        *Device // nil: gone
 	targeted bool
 	state    MemberState
-	rank     float64
+	rank     float64 // computed where an order is needed (offers, replacements)
+	stratum  string  // value of the first stratum label
 }
 
 // planner holds one Plan's work: the spec, the state being changed (its
@@ -312,8 +315,9 @@ type planner struct {
 	out     Outcome
 	// held: first-stratum values whose members outside the canary wait
 	// until a canary member of theirs has finished.
-	held, blocked map[string]bool
-	inFlight      int
+	held, blocked   map[string]bool
+	classifiedStage int // the stage held was decided for
+	inFlight        int
 }
 
 // Plan decides the next step of a rollout. It is pure: same inputs, same
@@ -344,10 +348,9 @@ func newPlanner(spec Spec, st State, devs []Device, now time.Time) *planner {
 	p.st = st
 	p.vals = make([]Member, 0, 64)
 	p.members = make([]member, 0, len(st.Members)+len(devs)/8)
-	seed := spec.seed()
 	for i := range devs {
 		d := &devs[i]
-		why := spec.Exclusion(*d)
+		why := spec.exclusion(d)
 		if why == "" && d.Busy != "" && d.Busy != spec.ID {
 			why = "in rollout " + d.Busy
 		}
@@ -358,7 +361,7 @@ func newPlanner(spec Spec, st State, devs []Device, now time.Time) *planner {
 			p.out.Excluded = append(p.out.Excluded, Exclusion{Device: d.ID, Reason: why})
 		}
 		if m := p.orig[d.ID]; m != nil {
-			p.members = append(p.members, member{id: d.ID, m: m, d: d, targeted: targeted, rank: rank(d.ID, seed)})
+			p.members = append(p.members, member{id: d.ID, m: m, d: d, targeted: targeted, stratum: spec.stratumOf(d)})
 		} else if targeted {
 			p.fresh = append(p.fresh, d)
 		}
@@ -370,7 +373,7 @@ func newPlanner(spec Spec, st State, devs []Device, now time.Time) *planner {
 		}
 		for id, m := range p.orig {
 			if !seen[id] {
-				p.members = append(p.members, member{id: id, m: m, rank: rank(id, seed)})
+				p.members = append(p.members, member{id: id, m: m})
 			}
 		}
 	}
@@ -407,11 +410,10 @@ func (p *planner) join() {
 	first := len(p.st.Members) == 0
 	placed := p.spec.place(p.fresh, len(p.st.Members), first)
 	all := make([]Member, len(p.fresh))
-	seed := p.spec.seed()
 	for i, d := range p.fresh {
 		all[i].Stage = placed.stage[i]
 		p.st.Members[d.ID] = &all[i]
-		p.members = append(p.members, member{id: d.ID, m: &all[i], d: d, targeted: true, rank: rank(d.ID, seed)})
+		p.members = append(p.members, member{id: d.ID, m: &all[i], d: d, targeted: true, stratum: p.spec.stratumOf(d)})
 	}
 	if first {
 		p.st.Canary = placed.note
@@ -428,6 +430,7 @@ func (p *planner) classify() {
 		}
 	}
 	p.held, p.blocked = p.spec.heldStrata(p.members, p.st)
+	p.classifiedStage = p.st.Stage
 }
 
 // acked says whether the device acknowledged the member's latest offer,
@@ -530,7 +533,7 @@ func (s Spec) heldStrata(members []member, st State) (held, blocked map[string]b
 		if !e.targeted {
 			continue
 		}
-		v := s.stratumOf(e.d)
+		v := e.stratum
 		present[v] = true
 		if e.m.Stage != 0 {
 			continue
@@ -632,7 +635,7 @@ func (p *planner) judge() {
 		if e.m.Stage > st.Stage {
 			if e.m.Offered == 0 && (e.state == MPending || e.state == MWaiting) {
 				all.baseline.add(healthOf(e.d))
-				if v := spec.stratumOf(e.d); label != "" && e.d != nil {
+				if v := e.stratum; label != "" && e.d != nil {
 					if per[v] == nil {
 						per[v] = &tally{}
 					}
@@ -648,7 +651,7 @@ func (p *planner) judge() {
 		if e.state == MWaiting {
 			p.out.Unreached++
 		}
-		v := spec.stratumOf(e.d)
+		v := e.stratum
 		held := p.held[v] && e.m.Stage != 0
 		all.add(e, held)
 		if label != "" {
@@ -714,7 +717,7 @@ func (p *planner) judge() {
 			// left while its one rev-c device is still on trial.
 			cr := ratio(t.committed, t.eligible)
 			cg := GateResult{Name: "committed", Stratum: name, Value: cr, Threshold: g.MinCommitted, Judged: true,
-				OK: t.eligible == 0 || cr >= g.MinCommitted,
+				OK:  t.eligible == 0 || cr >= g.MinCommitted,
 				Why: fmt.Sprintf("%d of %d reachable %s devices that may update committed", t.committed, t.eligible, name)}
 			cg.verdict()
 			if !cg.OK {
@@ -808,28 +811,67 @@ func (p *planner) judge() {
 // first-stage member unreachable for ReplaceAfter since its stage started
 // swaps places with a reachable device of the same stratum from a later
 // stage; past the canary, a held stratum (no evidence from the canary)
-// has one reachable device join the canary.
+// has one reachable device join the canary. Most plans have nothing to
+// replace: the candidates are gathered only when something is.
 func (p *planner) replace() {
 	st, spec := &p.st, p.spec
 	if st.Status != StatusRunning && !(st.Status == StatusCompleted && p.delivering()) {
 		return
 	}
-	// The stage may have just advanced: what is held is decided anew.
-	p.held, p.blocked = spec.heldStrata(p.members, *st)
-	full := func(d *Device) string {
-		parts := make([]string, len(spec.Strata))
-		for i, l := range spec.Strata {
-			parts[i] = d.Labels[l]
-		}
-		return strings.Join(parts, "\x00")
+	if st.Stage != p.classifiedStage {
+		// The stage has just advanced: what is held is decided anew.
+		p.held, p.blocked = spec.heldStrata(p.members, *st)
 	}
-	// Replacement candidates: reachable, never offered, in a later stage.
+	var gone []*member // canary members to replace
+	var join []string  // held strata that need a device in the canary
+	if st.Stage == 0 && st.Status == StatusRunning {
+		after := spec.Gates.ReplaceAfter.D()
+		for i := range p.members {
+			e := &p.members[i]
+			if e.m.Stage == 0 && e.state == MWaiting && e.m.Offered == 0 && e.d != nil &&
+				p.now.Sub(time.UnixMilli(max(st.StageStarted, e.d.LastSeen))) >= after {
+				gone = append(gone, e)
+			}
+		}
+	} else if len(p.held) > 0 {
+		busy := map[string]bool{} // a canary member of the stratum is on it already
+		for i := range p.members {
+			e := &p.members[i]
+			if e.m.Stage == 0 && e.targeted && (e.state == MOffered || e.state == MDeferred || (e.state == MPending && e.d.Online)) {
+				busy[e.stratum] = true
+			}
+		}
+		for _, v := range slices.Sorted(maps.Keys(p.held)) {
+			if !p.blocked[v] && !busy[v] {
+				join = append(join, v)
+			}
+		}
+	}
+	if len(gone) == 0 && len(join) == 0 {
+		return
+	}
+	need := map[string]bool{}
+	for _, e := range gone {
+		need[e.stratum] = true
+	}
+	for _, v := range join {
+		need[v] = true
+	}
+	// Candidates: reachable, never offered, in a later stage, of a
+	// stratum that needs one; earliest stage first, then by rank.
 	var cands []*member
 	for i := range p.members {
 		e := &p.members[i]
-		if e.targeted && e.m.Stage > 0 && e.m.Offered == 0 && e.state == MPending && e.d.Online {
+		if e.targeted && e.m.Stage > 0 && e.m.Offered == 0 && e.state == MPending && e.d.Online && need[e.stratum] {
 			cands = append(cands, e)
 		}
+	}
+	seed := spec.seed()
+	for _, c := range cands {
+		c.rank = rank(c.id, seed)
+	}
+	for _, e := range gone {
+		e.rank = rank(e.id, seed)
 	}
 	slices.SortFunc(cands, func(a, b *member) int { return cmp.Or(cmp.Compare(a.m.Stage, b.m.Stage), cmp.Compare(a.rank, b.rank)) })
 	taken := map[string]bool{}
@@ -842,61 +884,39 @@ func (p *planner) replace() {
 		}
 		return nil
 	}
-	if st.Stage == 0 && st.Status == StatusRunning {
-		after := spec.Gates.ReplaceAfter.D()
-		var out []*member
-		for i := range p.members {
-			e := &p.members[i]
-			if e.m.Stage != 0 || e.state != MWaiting || e.m.Offered != 0 || e.d == nil {
-				continue
-			}
-			since := max(st.StageStarted, e.d.LastSeen)
-			if p.now.Sub(time.UnixMilli(since)) < after {
-				continue
-			}
-			out = append(out, e)
+	full := func(d *Device) string {
+		parts := make([]string, len(spec.Strata))
+		for i, l := range spec.Strata {
+			parts[i] = d.Labels[l]
 		}
-		slices.SortFunc(out, func(a, b *member) int { return cmp.Compare(a.rank, b.rank) })
-		for _, e := range out {
-			key, v := full(e.d), spec.stratumOf(e.d)
-			r := pick(func(c *member) bool { return full(c.d) == key })
-			if r == nil {
-				r = pick(func(c *member) bool { return spec.stratumOf(c.d) == v })
-			}
-			if r == nil {
-				continue
-			}
-			me, mr := p.own(e), p.own(r)
-			me.Stage, mr.Stage = mr.Stage, 0
-			me.ReplacedBy, mr.Replaces = r.id, e.id
-			p.out.Transitions = append(p.out.Transitions, Transition{From: e.id, To: r.id, Stage: 0, Action: "replace",
-				Reason: fmt.Sprintf("canary member %s unreachable for %v: replaced by %s (%s), which moves from stage %d",
-					e.id, p.now.Sub(time.UnixMilli(max(st.StageStarted, e.d.LastSeen))).Round(time.Second), r.id, labelsOf(r.d, spec.Strata), me.Stage+1)})
-		}
-		return
+		return strings.Join(parts, "\x00")
 	}
-	for _, v := range slices.Sorted(maps.Keys(p.held)) {
-		if p.blocked[v] {
+	slices.SortFunc(gone, func(a, b *member) int { return cmp.Compare(a.rank, b.rank) })
+	for _, e := range gone {
+		key, v := full(e.d), e.stratum
+		r := pick(func(c *member) bool { return full(c.d) == key })
+		if r == nil {
+			r = pick(func(c *member) bool { return c.stratum == v })
+		}
+		if r == nil {
 			continue
 		}
-		busy := false // a canary member of v is on it already
-		for _, e := range p.members {
-			if e.m.Stage == 0 && e.targeted && spec.stratumOf(e.d) == v && (e.state == MOffered || e.state == MDeferred || (e.state == MPending && e.d.Online)) {
-				busy = true
-				break
-			}
-		}
-		if busy {
-			continue
-		}
-		r := pick(func(c *member) bool { return spec.stratumOf(c.d) == v })
+		me, mr := p.own(e), p.own(r)
+		me.Stage, mr.Stage = mr.Stage, 0
+		me.ReplacedBy, mr.Replaces = r.id, e.id
+		p.out.Transitions = append(p.out.Transitions, Transition{From: e.id, To: r.id, Stage: 0, Action: "replace",
+			Reason: fmt.Sprintf("canary member %s unreachable for %v: replaced by %s (%s), which moves from stage %d",
+				e.id, p.now.Sub(time.UnixMilli(max(st.StageStarted, e.d.LastSeen))).Round(time.Second), r.id, labelsOf(r.d, spec.Strata), me.Stage+1)})
+	}
+	for _, v := range join {
+		r := pick(func(c *member) bool { return c.stratum == v })
 		if r == nil {
 			continue
 		}
 		from := r.m.Stage
 		p.own(r).Stage = 0
 		p.out.Transitions = append(p.out.Transitions, Transition{From: "", To: r.id, Stage: 0, Action: "replace",
-			Reason: fmt.Sprintf("%s joins the canary from stage %d: no %s=%s device of the canary has finished", r.id, from+1, spec.firstLabel(), v)})
+			Reason: fmt.Sprintf("%s joins the canary from stage %d: no %s=%s device of the canary has committed", r.id, from+1, spec.firstLabel(), v)})
 	}
 }
 
@@ -1051,6 +1071,7 @@ func (s Spec) offers(members []member, inFlight, stage int, held map[string]bool
 		return nil
 	}
 	var cands []cand
+	seed := s.seed()
 	busyBy := map[string]map[string]int{} // label -> value -> in flight
 	groupSize := map[string]map[string]int{}
 	for _, b := range s.Limits.Budgets {
@@ -1069,8 +1090,8 @@ func (s Spec) offers(members []member, inFlight, stage int, held map[string]bool
 				busyBy[b.Label][v]++
 			}
 		}
-		if e.m.Stage <= stage && !e.m.live() && ms == MPending && e.d.Online && (e.m.Stage == 0 || !held[s.stratumOf(e.d)]) {
-			cands = append(cands, cand{stage: e.m.Stage, rank: e.rank, e: e})
+		if e.m.Stage <= stage && !e.m.live() && ms == MPending && e.d.Online && (e.m.Stage == 0 || !held[e.stratum]) {
+			cands = append(cands, cand{stage: e.m.Stage, rank: rank(e.id, seed), e: e})
 		}
 	}
 	less := func(a, b cand) int {
