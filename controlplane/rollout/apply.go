@@ -113,8 +113,9 @@ type Applier struct {
 	wake chan struct{}
 }
 
-// active statuses hold their devices.
-var activeStatuses = []string{string(StatusRunning), string(StatusPaused)}
+// active statuses hold their devices: a created rollout too (it placed its
+// members, and another rollout taking them would offer them twice).
+var activeStatuses = []string{string(StatusCreated), string(StatusRunning), string(StatusPaused)}
 
 // New returns an applier.
 func New(opts Options) *Applier {
@@ -223,6 +224,27 @@ func (a *Applier) observe(ctx context.Context, r Rollout, now time.Time) ([]Devi
 	ds, err := a.opts.Store.Devices(ctx, store.DeviceFilter{Labels: s.Selector, Brief: true})
 	if err != nil {
 		return nil, err
+	}
+	if len(s.Selector) > 0 && len(r.State.Members) > 0 {
+		// Members the selector no longer matches (relabelled) are still
+		// members: seen as left out, so that their offers are taken back.
+		seen := make(map[string]bool, len(ds))
+		for _, d := range ds {
+			seen[d.ID] = true
+		}
+		var missing []string
+		for id := range r.State.Members {
+			if !seen[id] {
+				missing = append(missing, id)
+			}
+		}
+		if len(missing) > 0 {
+			more, err := a.opts.Store.Devices(ctx, store.DeviceFilter{IDs: missing, Brief: true})
+			if err != nil {
+				return nil, err
+			}
+			ds = append(ds, more...)
+		}
 	}
 	busy, err := a.opts.Store.BusyDevices(ctx, activeStatuses...)
 	if err != nil {
@@ -697,7 +719,7 @@ func (a *Applier) Status(ctx context.Context, id string) (StatusReport, error) {
 	for i, s := range spec.Stages {
 		rep.Stages[i] = StageReport{Stage: s.String(), States: map[MemberState]int{}}
 	}
-	targeted := targetedSet(out)
+	targeted := targetedSet(spec, devs)
 	for dev, m := range r.State.Members {
 		if m.Stage < len(rep.Stages) {
 			rep.Stages[m.Stage].Devices++
@@ -707,15 +729,12 @@ func (a *Applier) Status(ctx context.Context, id string) (StatusReport, error) {
 	return rep, nil
 }
 
-// targetedSet: every device but those the outcome left out.
-func targetedSet(out Outcome) map[string]bool {
-	ex := make(map[string]bool, len(out.Excluded))
-	for _, e := range out.Excluded {
-		ex[e.Device] = true
-	}
-	t := make(map[string]bool, len(out.State.Members))
-	for id := range out.State.Members {
-		t[id] = !ex[id]
+// targetedSet says which devices the spec targets now.
+func targetedSet(s Spec, devs []Device) map[string]bool {
+	t := make(map[string]bool, len(devs))
+	for i := range devs {
+		d := &devs[i]
+		t[d.ID] = s.exclusion(d) == "" && (d.Busy == "" || d.Busy == s.ID)
 	}
 	return t
 }
@@ -750,8 +769,8 @@ func (a *Applier) Devices(ctx context.Context, id string, state MemberState) ([]
 	if err != nil {
 		return nil, err
 	}
-	out0 := Plan(r.Spec, r.State.Clone(), devs, now)
-	targeted := targetedSet(out0)
+	spec := r.Spec.WithDefaults()
+	targeted := targetedSet(spec, devs)
 	byID := make(map[string]*Device, len(devs))
 	for i := range devs {
 		byID[devs[i].ID] = &devs[i]
@@ -763,7 +782,6 @@ func (a *Applier) Devices(ctx context.Context, id string, state MemberState) ([]
 		t := time.UnixMilli(ms).UTC()
 		return &t
 	}
-	spec := r.Spec.WithDefaults()
 	out := []MemberReport{}
 	for dev, m := range r.State.Members {
 		d := byID[dev]

@@ -17,23 +17,24 @@ import (
 // fakeStore keeps the applier's records in memory. ApplyFn, when set,
 // replaces ApplyRollout (to fail it, or to watch the order of effects).
 type fakeStore struct {
-	mu       sync.Mutex
-	rollouts map[string]store.RolloutRow
-	members  map[string]map[string]store.MemberRow
-	commands map[string]store.Command
-	acked    map[string]int64
-	devices  []store.Device
-	updates  map[string][]store.DeviceUpdate // by target@counter
-	audits   []store.Audit
-	applies  []store.RolloutChange
-	ApplyFn  func(store.RolloutChange) error
+	mu        sync.Mutex
+	rollouts  map[string]store.RolloutRow
+	members   map[string]map[string]store.MemberRow
+	commands  map[string]store.Command
+	acked     map[string]int64
+	withdrawn map[string]bool
+	devices   []store.Device
+	updates   map[string][]store.DeviceUpdate // by target@counter
+	audits    []store.Audit
+	applies   []store.RolloutChange
+	ApplyFn   func(store.RolloutChange) error
 }
 
 var _ Store = (*fakeStore)(nil)
 
 func newFakeStore(devs []store.Device) *fakeStore {
 	return &fakeStore{rollouts: map[string]store.RolloutRow{}, members: map[string]map[string]store.MemberRow{},
-		commands: map[string]store.Command{}, acked: map[string]int64{}, devices: devs, updates: map[string][]store.DeviceUpdate{}}
+		commands: map[string]store.Command{}, acked: map[string]int64{}, withdrawn: map[string]bool{}, devices: devs, updates: map[string][]store.DeviceUpdate{}}
 }
 
 func (f *fakeStore) CreateRollout(_ context.Context, r store.RolloutRow, ms []store.MemberRow, a store.Audit) error {
@@ -87,11 +88,17 @@ func (f *fakeStore) BusyDevices(_ context.Context, statuses ...string) (map[stri
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	out := map[string]string{}
-	for id, r := range f.rollouts {
+	var rs []store.RolloutRow
+	for _, r := range f.rollouts {
 		if slices.Contains(statuses, r.Status) {
-			for dev := range f.members[id] {
-				out[dev] = id
-			}
+			rs = append(rs, r)
+		}
+	}
+	// As the store: the oldest owns a device in two.
+	slices.SortFunc(rs, func(a, b store.RolloutRow) int { return b.Created.Compare(a.Created) })
+	for _, r := range rs {
+		for dev := range f.members[r.ID] {
+			out[dev] = r.ID
 		}
 	}
 	return out, nil
@@ -102,7 +109,7 @@ func (f *fakeStore) RolloutAcks(_ context.Context, id string) (map[string]int64,
 	defer f.mu.Unlock()
 	out := map[string]int64{}
 	for cid, at := range f.acked {
-		if c, ok := f.commands[cid]; ok && c.Rollout == id {
+		if c, ok := f.commands[cid]; ok && c.Rollout == id && !f.withdrawn[cid] {
 			out[cid] = at
 		}
 	}
@@ -135,7 +142,7 @@ func (f *fakeStore) ApplyRollout(_ context.Context, c store.RolloutChange) error
 	}
 	for _, id := range c.Withdraw {
 		if _, ok := f.acked[id]; !ok {
-			delete(f.commands, id)
+			f.withdrawn[id] = true
 		}
 	}
 	f.audits = append(f.audits, c.Audits...)
@@ -148,7 +155,7 @@ func (f *fakeStore) Devices(_ context.Context, fl store.DeviceFilter) ([]store.D
 	defer f.mu.Unlock()
 	var out []store.Device
 	for _, d := range f.devices {
-		ok := true
+		ok := len(fl.IDs) == 0 || slices.Contains(fl.IDs, d.ID)
 		for k, v := range fl.Labels {
 			ok = ok && d.Labels[k] == v
 		}
@@ -184,7 +191,9 @@ func (f *fakeStore) report(dev string, st proto.UpdateState, at time.Time) {
 func (f *fakeStore) ack(id string, at time.Time) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.acked[id] = at.UnixMilli()
+	if _, ok := f.commands[id]; ok {
+		f.acked[id] = at.UnixMilli()
+	}
 }
 
 // fakePublisher records what is published, and checks it was stored first.
@@ -399,5 +408,54 @@ func TestApplierActRefused(t *testing.T) {
 	}
 	if _, err := a.Act(ctx, "r-nope", OpStart, "bob", ""); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("unknown rollout: %v", err)
+	}
+}
+
+// Two rollouts created over the same devices do not both take them: a
+// created rollout holds its members. A member relabelled out of the
+// selector is still seen, as left out, and its offer is taken back.
+func TestApplierExclusiveMembersAndRelabelled(t *testing.T) {
+	a, st, _, clk := newTestApplier(t, 30)
+	ctx := t.Context()
+	s := spec20()
+	s.Selector = map[string]string{"base": "zurich"}
+	first, _, err := a.Create(ctx, s, "alice")
+	if err != nil {
+		t.Fatal(err)
+	}
+	clk.Add(time.Second)
+	s2 := spec20()
+	s2.Release.Version = "2.0.1"
+	if _, _, err := a.Create(ctx, s2, "bob"); !errors.Is(err, ErrNoTargets) || !strings.Contains(err.Error(), "in rollout "+first.Spec.ID) {
+		t.Fatalf("a second rollout over the same devices: %v", err)
+	}
+	a.Act(ctx, first.Spec.ID, OpStart, "alice", "")
+	if err := a.Step(ctx, first.Spec.ID); err != nil {
+		t.Fatal(err)
+	}
+	var offeredDev string
+	for id, m := range st.members[first.Spec.ID] {
+		if m.Offered > 0 {
+			offeredDev = id
+		}
+	}
+	st.mu.Lock()
+	for i := range st.devices {
+		if st.devices[i].ID == offeredDev {
+			st.devices[i].Labels = map[string]string{"hw": st.devices[i].Labels["hw"], "base": "bern"} // moved
+		}
+	}
+	st.mu.Unlock()
+	clk.Add(time.Second)
+	if err := a.Step(ctx, first.Spec.ID); err != nil {
+		t.Fatal(err)
+	}
+	last := st.applies[len(st.applies)-1]
+	if !slices.Contains(last.Withdraw, OfferID(first.Spec.ID, offeredDev, 1)) {
+		t.Fatalf("the offer of %s, moved to bern, was not withdrawn: %+v", offeredDev, last)
+	}
+	ms, _ := a.Devices(ctx, first.Spec.ID, MExcluded)
+	if len(ms) != 1 || ms[0].Device != offeredDev {
+		t.Fatalf("excluded members %+v", ms)
 	}
 }

@@ -16,16 +16,17 @@ import (
 )
 
 // Settled says whether planning st can change nothing any more: completed
-// and past its offline deadline (or with nobody left to reach), or aborted
-// longer than a device timeout ago (every offered device has finished or
-// counts as timed out).
+// with nobody left to reach, or closed at its offline deadline (the offers
+// still out withdrawn); or aborted longer than a device timeout ago (and
+// than a revert asked for since).
 func (s Spec) Settled(st State, now time.Time) bool {
 	s = s.WithDefaults()
 	switch st.Status {
 	case StatusCompleted:
-		return st.Unreached == 0 || now.Sub(time.UnixMilli(st.Ended)) > s.Limits.OfflineDeadline.D()
+		return st.Unreached == 0 || st.Closed
 	case StatusAborted:
-		return now.Sub(time.UnixMilli(st.Ended)) > s.Gates.DeviceTimeout.D()
+		// A revert asked for later is planned a device timeout from then.
+		return now.Sub(time.UnixMilli(max(st.Ended, st.RevertAt))) > s.Gates.DeviceTimeout.D()
 	}
 	return false
 }
@@ -480,6 +481,9 @@ func (s Spec) memberState(m *Member, d *Device, targeted bool, st State, now tim
 		if m.Offered > 0 {
 			return MCanceled
 		}
+		if st.Status != StatusCreated && m.Stage <= st.Stage && !d.Online {
+			return MWaiting
+		}
 		return MPending
 	}
 	// Offered: judged by the device's own reports since the offer. During
@@ -506,7 +510,14 @@ func (s Spec) memberState(m *Member, d *Device, targeted bool, st State, now tim
 		}
 		return MDeferred
 	}
-	if now.Sub(time.UnixMilli(at)) > s.Gates.DeviceTimeout.D() {
+	// The device timeout is silence: it runs from the device's latest word
+	// on this offer (its acknowledgement, or a report since), so time spent
+	// deferred, or a slow download that reports progress, does not count.
+	last := at
+	if u != nil && u.At >= m.Offered {
+		last = max(last, u.At)
+	}
+	if now.Sub(time.UnixMilli(last)) > s.Gates.DeviceTimeout.D() {
 		return MTimedOut
 	}
 	return MOffered
@@ -618,8 +629,9 @@ func (p *planner) judge() {
 	if st.Status == StatusCompleted {
 		for _, e := range p.members {
 			p.out.Counts[e.state]++
-			if e.state == MWaiting || (e.state == MPending && e.targeted) {
-				p.out.Unreached++
+			_, ack := acked(e.m, e.d)
+			if e.state == MWaiting || (e.state == MPending && e.targeted) || (e.m.live() && !ack) {
+				p.out.Unreached++ // still to reach, or an offer not acknowledged yet
 			}
 		}
 		return
@@ -767,11 +779,14 @@ func (p *planner) judge() {
 		if advance.OK && st.GatesSince == 0 {
 			st.GatesSince = p.nowMS
 		}
-		if !advance.OK && st.GatesSince > 0 && !st.Promoted {
-			st.GatesSince = 0 // a device left or failed late: soak again
+		if !advance.OK && st.GatesSince > 0 && !st.Promoted && !last {
+			// A device left or failed late: soak again. In the last stage,
+			// a member that comes back during the soak does not restart it:
+			// it is delivered to after completion like the others.
+			st.GatesSince = 0
 		}
 		soaked = st.GatesSince > 0 && (st.Promoted || p.now.Sub(time.UnixMilli(st.GatesSince)) >= soakFor)
-		if advance.OK && soaked {
+		if (advance.OK || (last && st.GatesSince > 0)) && soaked {
 			if last {
 				reason := fmt.Sprintf("all %d stages passed: %d of %d reachable devices committed, %d failed, %d deferred past the deadline",
 					len(spec.Stages), all.committed, all.reachable, all.failed, all.late)
@@ -828,7 +843,7 @@ func (p *planner) replace() {
 		after := spec.Gates.ReplaceAfter.D()
 		for i := range p.members {
 			e := &p.members[i]
-			if e.m.Stage == 0 && e.state == MWaiting && e.m.Offered == 0 && e.d != nil &&
+			if e.m.Stage == 0 && e.state == MWaiting && !e.m.live() && e.d != nil && e.d.Acked == 0 &&
 				p.now.Sub(time.UnixMilli(max(st.StageStarted, e.d.LastSeen))) >= after {
 				gone = append(gone, e)
 			}
@@ -858,32 +873,8 @@ func (p *planner) replace() {
 		need[v] = true
 	}
 	// Candidates: reachable, never offered, in a later stage, of a
-	// stratum that needs one; earliest stage first, then by rank.
-	var cands []*member
-	for i := range p.members {
-		e := &p.members[i]
-		if e.targeted && e.m.Stage > 0 && e.m.Offered == 0 && e.state == MPending && e.d.Online && need[e.stratum] {
-			cands = append(cands, e)
-		}
-	}
-	seed := spec.seed()
-	for _, c := range cands {
-		c.rank = rank(c.id, seed)
-	}
-	for _, e := range gone {
-		e.rank = rank(e.id, seed)
-	}
-	slices.SortFunc(cands, func(a, b *member) int { return cmp.Or(cmp.Compare(a.m.Stage, b.m.Stage), cmp.Compare(a.rank, b.rank)) })
-	taken := map[string]bool{}
-	pick := func(match func(*member) bool) *member {
-		for _, c := range cands {
-			if !taken[c.id] && match(c) {
-				taken[c.id] = true
-				return c
-			}
-		}
-		return nil
-	}
+	// stratum that needs one; earliest stage first, then by rank, in
+	// queues by full stratum key and by first-label value.
 	full := func(d *Device) string {
 		parts := make([]string, len(spec.Strata))
 		for i, l := range spec.Strata {
@@ -891,12 +882,42 @@ func (p *planner) replace() {
 		}
 		return strings.Join(parts, "\x00")
 	}
+	seed := spec.seed()
+	var cands []*member
+	for i := range p.members {
+		e := &p.members[i]
+		if e.targeted && e.m.Stage > 0 && e.m.Offered == 0 && e.state == MPending && e.d.Online && need[e.stratum] {
+			e.rank = rank(e.id, seed)
+			cands = append(cands, e)
+		}
+	}
+	for _, e := range gone {
+		e.rank = rank(e.id, seed)
+	}
+	slices.SortFunc(cands, func(a, b *member) int { return cmp.Or(cmp.Compare(a.m.Stage, b.m.Stage), cmp.Compare(a.rank, b.rank)) })
+	byKey, byValue := map[string][]*member{}, map[string][]*member{}
+	for _, c := range cands {
+		k := full(c.d)
+		byKey[k] = append(byKey[k], c)
+		byValue[c.stratum] = append(byValue[c.stratum], c)
+	}
+	taken := map[*member]bool{}
+	pick := func(q map[string][]*member, k string) *member {
+		for len(q[k]) > 0 {
+			c := q[k][0]
+			q[k] = q[k][1:]
+			if !taken[c] {
+				taken[c] = true
+				return c
+			}
+		}
+		return nil
+	}
 	slices.SortFunc(gone, func(a, b *member) int { return cmp.Compare(a.rank, b.rank) })
 	for _, e := range gone {
-		key, v := full(e.d), e.stratum
-		r := pick(func(c *member) bool { return full(c.d) == key })
+		r := pick(byKey, full(e.d))
 		if r == nil {
-			r = pick(func(c *member) bool { return c.stratum == v })
+			r = pick(byValue, e.stratum)
 		}
 		if r == nil {
 			continue
@@ -909,7 +930,7 @@ func (p *planner) replace() {
 				e.id, p.now.Sub(time.UnixMilli(max(st.StageStarted, e.d.LastSeen))).Round(time.Second), r.id, labelsOf(r.d, spec.Strata), me.Stage+1)})
 	}
 	for _, v := range join {
-		r := pick(func(c *member) bool { return c.stratum == v })
+		r := pick(byValue, v)
 		if r == nil {
 			continue
 		}
@@ -949,28 +970,38 @@ func (p *planner) offer() {
 	}
 }
 
-// undo takes offers back: while the rollout is paused or has aborted, an
-// offer the device never acknowledged is withdrawn (never sent again), one
-// it is working on is cancelled while it is not installing yet; while it
-// runs, an offer unacknowledged for a device timeout is withdrawn; and
-// while reverting, the devices that committed are offered the revert
-// release.
+// undo takes offers back: while the rollout is paused or has aborted (and,
+// running, from members no longer targeted: relabelled, in another
+// rollout), an offer the device never acknowledged is withdrawn (never
+// sent again), one it is working on is cancelled while it is not
+// installing yet; an offer unacknowledged for a device timeout is
+// withdrawn; and while reverting, the targeted devices that committed are
+// offered the revert release.
 func (p *planner) undo() {
 	st := p.st
 	var undo []Action
+	closing := st.Status == StatusCompleted && !p.delivering() && !st.Closed
 	if st.Status == StatusRunning || st.Status == StatusCompleted {
 		// An offer the device has not acknowledged for a device timeout
-		// (it went off as the offer went out) is withdrawn: the slot is
-		// freed, and the device is offered again when it is back.
+		// (it went off as the offer went out, or it does not answer) is
+		// withdrawn: the slot is freed, and the device is offered again
+		// when it is reachable. At the offline deadline, every offer still
+		// unacknowledged is withdrawn, and the rollout closes.
 		for i := range p.members {
 			e := &p.members[i]
-			if e.state == MWaiting && e.m.live() && p.now.Sub(time.UnixMilli(e.m.Offered)) > p.spec.Gates.DeviceTimeout.D() {
+			if !e.m.live() || e.d == nil {
+				continue
+			}
+			if _, ack := acked(e.m, e.d); !ack && (closing || p.now.Sub(time.UnixMilli(e.m.Offered)) > p.spec.Gates.DeviceTimeout.D()) {
 				p.own(e).Withdrawn = p.nowMS
 				undo = append(undo, Action{Kind: ActWithdraw, Device: e.id})
 			}
 		}
+		if closing {
+			p.st.Closed = true
+		}
 	}
-	if st.Status == StatusPaused || st.Status == StatusAborted {
+	if st.Status == StatusPaused || st.Status == StatusAborted || st.Status == StatusRunning {
 		for i := range p.members {
 			e := &p.members[i]
 			m, d := e.m, e.d
@@ -981,6 +1012,9 @@ func (p *planner) undo() {
 			working := u != nil && u.At >= m.Offered && (u.State == proto.UpdateOffered || u.State == proto.UpdateDownloading ||
 				u.State == proto.UpdateVerified || u.State == proto.UpdateDeferred)
 			_, ack := acked(m, d)
+			if st.Status == StatusRunning && e.targeted {
+				continue // running: only members no longer targeted are taken back
+			}
 			switch {
 			case working:
 				// Acknowledged (or acting on it although withdrawn: the
@@ -996,7 +1030,7 @@ func (p *planner) undo() {
 	if st.Reverting && p.spec.Revert != nil {
 		for i := range p.members {
 			e := &p.members[i]
-			if e.m.Reverted == 0 && e.m.Offered > 0 && e.state == MCommitted {
+			if e.m.Reverted == 0 && e.m.Offered > 0 && e.state == MCommitted && e.targeted {
 				p.own(e).Reverted = p.nowMS
 				undo = append(undo, Action{Kind: ActRevert, Device: e.id})
 			}

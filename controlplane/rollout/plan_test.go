@@ -399,11 +399,12 @@ func TestOfflineMembers(t *testing.T) {
 	}
 	// Past the deadline nothing more is offered.
 	w.dev("d0006").Online = true
-	if late := Plan(s, out.State, w.devs, now.Add(25*time.Hour)); len(offered(late)) != 0 {
+	late := Plan(s, out.State, w.devs, now.Add(25*time.Hour))
+	if len(offered(late)) != 0 {
 		t.Fatalf("offered after the offline deadline: %v", late.Actions)
 	}
-	if !s.Settled(out.State, now.Add(25*time.Hour)) {
-		t.Error("a completed rollout past its offline deadline is not settled")
+	if s.Settled(out.State, now.Add(25*time.Hour)) || !s.Settled(late.State, now.Add(25*time.Hour)) || !late.State.Closed {
+		t.Error("a completed rollout closes (and settles) at the first plan past its offline deadline")
 	}
 }
 
@@ -1096,4 +1097,113 @@ func TestHealthGateShortWindow(t *testing.T) {
 	if !failedGate {
 		t.Error("100 errors over 20 device-seconds against none passed the health gate")
 	}
+}
+
+// Cases found in review, each once.
+func TestReviewedCases(t *testing.T) {
+	t.Run("a revert asked for after an aborted rollout settled is sent", func(t *testing.T) {
+		s := testSpec()
+		s.Revert = &ReleaseRef{Target: "agent", Version: "1.0.0+revert.1", Counter: 21}
+		w := newWorld(fleet(100, []string{"rev-b"}, []string{"zurich"}))
+		out := Plan(s, running(), w.devs, t0)
+		w.deliver(out, t0)
+		for _, id := range offered(out) {
+			w.report(id, proto.UpdateCommitted, t0)
+		}
+		st, _, _ := out.State.Apply(s, OpAbort, "op", "", t0.Add(time.Minute))
+		later := t0.Add(time.Minute + s.Gates.DeviceTimeout.D() + time.Minute)
+		if !s.Settled(st, later) {
+			t.Fatal("an aborted rollout does not settle")
+		}
+		st, _, err := st.Apply(s, OpRevert, "op", "late", later)
+		if err != nil || s.Settled(st, later) {
+			t.Fatalf("revert accepted (%v) but the rollout stays settled", err)
+		}
+		reverts := 0
+		for _, a := range Plan(s, st, w.devs, later).Actions {
+			if a.Kind == ActRevert {
+				reverts++
+			}
+		}
+		if reverts != 3 {
+			t.Fatalf("%d reverts, want the 3 committed canary devices", reverts)
+		}
+	})
+	t.Run("time deferred and reported progress are not silence", func(t *testing.T) {
+		s := testSpec()
+		s.Gates.DeviceTimeout = Duration(30 * time.Minute)
+		w := newWorld(fleet(30, []string{"rev-b"}, []string{"zurich"}))
+		out := Plan(s, running(), w.devs, t0)
+		w.deliver(out, t0)
+		id := offered(out)[0]
+		w.report(id, proto.UpdateDeferred, t0)
+		w.report(id, proto.UpdateDownloading, t0.Add(49*time.Minute)) // landed after 49 minutes of flying
+		if got := s.memberState(out.State.Members[id], w.dev(id), true, out.State, t0.Add(50*time.Minute)); got != MOffered {
+			t.Fatalf("downloading a minute after a long deferral: %s", got)
+		}
+		if got := s.memberState(out.State.Members[id], w.dev(id), true, out.State, t0.Add(80*time.Minute)); got != MTimedOut {
+			t.Fatalf("silent for 31 minutes since: %s", got)
+		}
+	})
+	t.Run("an offer that an online device never acknowledges is withdrawn after a device timeout", func(t *testing.T) {
+		s := testSpec()
+		w := newWorld(fleet(30, []string{"rev-b"}, []string{"zurich"}))
+		out := Plan(s, running(), w.devs, t0) // not delivered: the devices never answer
+		ids := offered(out)
+		late := Plan(s, out.State, w.devs, t0.Add(s.Gates.DeviceTimeout.D()+time.Second))
+		var withdrawn []string
+		for _, a := range late.Actions {
+			if a.Kind == ActWithdraw {
+				withdrawn = append(withdrawn, a.Device)
+			}
+		}
+		slices.Sort(withdrawn)
+		slices.Sort(ids)
+		if !slices.Equal(withdrawn, ids) {
+			t.Fatalf("withdrawn %v, offered %v", withdrawn, ids)
+		}
+	})
+	t.Run("a member no longer targeted has its offer taken back", func(t *testing.T) {
+		s := testSpec()
+		w := newWorld(fleet(30, []string{"rev-b"}, []string{"zurich"}))
+		out := Plan(s, running(), w.devs, t0)
+		ids := offered(out)
+		w.dev(ids[0]).Busy = "r-other" // taken by another rollout before the offer reached it
+		w.dev(ids[1]).Labels = map[string]string{"hw": "rev-z"}
+		s2 := s
+		s2.Hardware = []string{"rev-b"}
+		next := Plan(s2, out.State, w.devs, t0.Add(time.Second))
+		got := map[string]string{}
+		for _, a := range next.Actions {
+			got[a.Device] = a.Kind
+		}
+		if got[ids[0]] != ActWithdraw || got[ids[1]] != ActWithdraw || got[ids[2]] != "" {
+			t.Fatalf("actions %v (offers %v)", next.Actions, ids)
+		}
+	})
+	t.Run("members coming back during the last soak do not hold completion", func(t *testing.T) {
+		s := testSpec()
+		s.Stages = []Stage{{Percent: 100}}
+		w := newWorld(fleet(60, []string{"rev-b"}, []string{"zurich"}))
+		for i := 0; i < 20; i++ {
+			w.devs[i].Online = false
+		}
+		st, now := running(), t0
+		back := 0
+		for step := 0; step < 200 && st.Status == StatusRunning; step++ {
+			out := Plan(s, st, w.devs, now)
+			w.deliver(out, now)
+			for _, id := range offered(out) {
+				w.report(id, proto.UpdateCommitted, now)
+			}
+			st, now = out.State, now.Add(10*time.Second)
+			if step%2 == 0 && back < 20 { // one comes back every 20 s, the soak is a minute
+				w.devs[back].Online = true
+				back++
+			}
+		}
+		if st.Status != StatusCompleted || back == 20 {
+			t.Fatalf("status %s after %v, %d of 20 back: the soak restarted with every return", st.Status, now.Sub(t0), back)
+		}
+	})
 }

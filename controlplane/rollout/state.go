@@ -93,8 +93,13 @@ type State struct {
 	// Unreached: once completed, the members still to reach (their
 	// devices were off); the rollout delivers to them until its offline
 	// deadline.
-	Unreached int                `json:"unreached,omitempty"`
-	Members   map[string]*Member `json:"-"` // persisted per device
+	Unreached int `json:"unreached,omitempty"`
+	// Closed: completed, past its offline deadline, nothing more offered.
+	Closed bool `json:"closed,omitempty"`
+	// RevertAt is when a revert was asked for (unix ms): an aborted
+	// rollout is planned a device timeout from then, to send the reverts.
+	RevertAt int64              `json:"revert_at,omitempty"`
+	Members  map[string]*Member `json:"-"` // persisted per device
 }
 
 // Clone copies a state (members too).
@@ -182,7 +187,7 @@ func (st State) Apply(spec Spec, op Op, actor, reason string, now time.Time) (St
 		case st.Reverting:
 			return st, tr, refuse("rollout %s is already reverting to %s", spec.ID, spec.revertName())
 		}
-		next.Reverting = true
+		next.Reverting, next.RevertAt = true, now.UnixMilli()
 		if st.Status == StatusRunning {
 			next.Status, next.Reason = StatusPaused, by("reverted")
 		}

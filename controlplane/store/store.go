@@ -67,6 +67,7 @@ type DeviceFilter struct {
 	Labels  map[string]string // all must match the effective labels
 	Online  *bool
 	Version string
+	IDs     []string // only these devices (none: any)
 	Limit   int
 	// Brief fills only id, version, labels, revoked and online: what a
 	// rollout plan reads, at a fraction of the cost for a whole fleet.

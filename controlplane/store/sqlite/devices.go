@@ -380,6 +380,12 @@ func (db *DB) Devices(ctx context.Context, f store.DeviceFilter) ([]store.Device
 		where = append(where, `version = ?`)
 		args = append(args, f.Version)
 	}
+	if len(f.IDs) > 0 {
+		// Through a JSON array: any number of ids, one bound parameter.
+		ids, _ := json.Marshal(f.IDs)
+		where = append(where, `id IN (SELECT value FROM json_each(?))`)
+		args = append(args, string(ids))
+	}
 	cols, scan := deviceCols, scanDevice
 	if f.Brief {
 		cols, scan = briefCols, scanBrief

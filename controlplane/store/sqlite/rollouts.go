@@ -110,10 +110,12 @@ func (db *DB) Members(ctx context.Context, rollout string) ([]store.MemberRow, e
 }
 
 // BusyDevices maps devices that are members of rollouts in one of
-// statuses to their rollout.
+// statuses to their rollout (the oldest, if several).
 func (db *DB) BusyDevices(ctx context.Context, statuses ...string) (map[string]string, error) {
+	// Newest first: where a device is a member of two, the oldest
+	// rollout, written last, owns it (whatever order rows come in).
 	rows, err := db.r.QueryContext(ctx, `SELECT m.device, m.rollout FROM rollout_members m JOIN rollouts r ON r.id = m.rollout
-		WHERE r.status IN (?`+repeat(",?", len(statuses)-1)+`)`, toAny(statuses)...)
+		WHERE r.status IN (?`+repeat(",?", len(statuses)-1)+`) ORDER BY r.created DESC, r.id DESC`, toAny(statuses)...)
 	if err != nil {
 		return nil, fmt.Errorf("busy devices: %w", err)
 	}
@@ -177,8 +179,10 @@ func (db *DB) ApplyRollout(ctx context.Context, c store.RolloutChange) error {
 		}
 	}
 	if len(c.Commands) > 0 {
+		// A decision already stored (an id seen) is not stored twice, and
+		// does not fail the rest of this one.
 		cs, err := tx.PrepareContext(ctx, `INSERT INTO commands (id, dev, kind, body, rollout, created)
-			SELECT ?, num, ?, ?, ?, ? FROM devices WHERE id = ?`)
+			SELECT ?, num, ?, ?, ?, ? FROM devices WHERE id = ? ON CONFLICT (id) DO NOTHING`)
 		if err != nil {
 			return fmt.Errorf("apply rollout: %w", err)
 		}
