@@ -73,7 +73,7 @@ func rolloutCreate(ctx context.Context, g *globals, args []string) error {
 	soak := fs.Duration("soak", d.Soak.D(), "time a stage runs, healthy, before the next starts")
 	fs.Float64Var(&req.Gates.HealthMargin, "health-margin", d.HealthMargin, "how much worse (0.5 = 50%) the updated devices may be than the others")
 	fs.BoolVar(&req.Gates.HealthOff, "no-health", false, "do not compare health")
-	timeout := fs.Duration("device-timeout", d.DeviceTimeout.D(), "a device that acknowledged the offer and neither commits nor fails within this counts as failed")
+	timeout := fs.Duration("device-timeout", d.DeviceTimeout.D(), "a device silent this long after acknowledging the offer (no report) counts as failed (timed out)")
 	replace := fs.Duration("replace-after", d.ReplaceAfter.D(), "a canary member unreachable this long is replaced by a reachable device of its stratum")
 	offline := fs.Duration("offline-deadline", rollout.DefaultLimits.OfflineDeadline.D(), "after completing, go on offering the release to members that come back for this long")
 	fs.IntVar(&req.MaxInFlight, "max-in-flight", rollout.DefaultLimits.MaxInFlight, "devices updating at once, at most")

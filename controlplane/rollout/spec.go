@@ -76,11 +76,11 @@ type Gates struct {
 	HealthMargin float64 `json:"health_margin"`
 	// HealthOff turns the health comparison off.
 	HealthOff bool `json:"health_off,omitempty"`
-	// DeviceTimeout: a device that acknowledged the offer and neither
-	// commits nor fails within it counts as failed (timed out): a build
-	// that bricks a drone makes it silent. The time runs from the
-	// acknowledgement, not from the offer: a device that is switched off
-	// is waiting, not failing. Deferred time does not count.
+	// DeviceTimeout: a device silent this long after it acknowledged the
+	// offer (no report since its acknowledgement or its latest report)
+	// counts as failed (timed out): a build that bricks a drone makes it
+	// silent. It never runs before the acknowledgement: a device that is
+	// switched off is waiting, not failing. Time deferred does not count.
 	DeviceTimeout Duration `json:"device_timeout"`
 	// ReplaceAfter: a canary member that has been unreachable this long
 	// (offline, never offered) since its stage started is replaced by a
