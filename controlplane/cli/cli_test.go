@@ -20,12 +20,17 @@ type cp struct {
 	url, dataDir string
 }
 
-func startServer(t *testing.T) cp {
+func startServer(t *testing.T) cp { return startServerWith(t, server.Options{}) }
+
+// startServerWith runs a control plane with opts on free ports and a
+// fresh data directory.
+func startServerWith(t *testing.T, opts server.Options) cp {
 	t.Helper()
 	ln, _ := net.Listen("tcp", "127.0.0.1:0")
 	mq, _ := net.Listen("tcp", "127.0.0.1:0")
 	dir := t.TempDir()
-	srv, err := server.New(server.Options{DataDir: dir, HTTPListener: ln, MQTTListener: mq})
+	opts.DataDir, opts.HTTPListener, opts.MQTTListener = dir, ln, mq
+	srv, err := server.New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -45,18 +44,7 @@ func startReleaseServer(t *testing.T) cp {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, _ := net.Listen("tcp", "127.0.0.1:0")
-	mq, _ := net.Listen("tcp", "127.0.0.1:0")
-	dir := t.TempDir()
-	srv, err := server.New(server.Options{DataDir: dir, HTTPListener: ln, MQTTListener: mq, RootKeys: []ed25519.PublicKey{root}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { srv.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	c := cp{url: srv.URL(), dataDir: dir}
+	c := startServerWith(t, server.Options{RootKeys: []ed25519.PublicKey{root}})
 	art := filepath.Join(keys, "agent-2.0.0")
 	os.WriteFile(art, []byte("build 2.0.0"), 0o644)
 	must("release", "sign", "--key", filepath.Join(keys, "rel.key"), "--artifact", art, "--version", "2.0.0",
