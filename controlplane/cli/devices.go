@@ -92,6 +92,8 @@ func onlineString(d store.Device) string {
 	switch {
 	case d.Revoked:
 		return "revoked"
+	case d.AwaitingEnrollment:
+		return "not enrolled"
 	case d.Online:
 		return "online"
 	}
