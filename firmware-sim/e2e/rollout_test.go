@@ -320,5 +320,3 @@ func contains(xs []string, s string) bool {
 	}
 	return false
 }
-
-
