@@ -211,10 +211,8 @@ func rank(device, seed string) float64 {
 	return float64(x>>11) / float64(1<<53)
 }
 
-// Exclusion says why the spec leaves out a device its selector matches
+// exclusion says why the spec leaves out a device its selector matches
 // ("" when it targets it). Other rollouts are the caller's to check.
-func (s Spec) Exclusion(d Device) string { return s.exclusion(&d) }
-
 func (s Spec) exclusion(d *Device) string {
 	for k, v := range s.Selector {
 		if d.Labels[k] != v {
@@ -240,9 +238,6 @@ func (s Spec) exclusion(d *Device) string {
 	}
 	return ""
 }
-
-// Targets reports whether the spec targets d (ignoring other rollouts).
-func (s Spec) Targets(d Device) bool { return s.Exclusion(d) == "" }
 
 func orDash(s string) string {
 	if s == "" {
