@@ -112,7 +112,7 @@ func TestRollouts(t *testing.T) {
 		o.Roots = []ed25519.PublicKey{kit.rootKey(t)}
 		o.Grounded = true
 		o.TrialSoak = 500 * time.Millisecond
-		o.TrialDeadline = 10 * time.Second
+		o.TrialDeadline = 30 * time.Second // the trial waits for the control plane's confirmation: slow under CI load
 		o.SampleInterval, o.BatchSize = 200*time.Millisecond, 5
 		o.StartRate = 500
 	})
@@ -150,7 +150,19 @@ func TestRollouts(t *testing.T) {
 		})
 		waitFor(t, 30*time.Second, "every drone on 1.1.0", func() (bool, string) {
 			ds, _ := cp.Store().Devices(ctx, store.DeviceFilter{Version: "1.1.0"})
-			return len(ds) == n, fmt.Sprintf("%d on 1.1.0, drones: %v", len(ds), versions())
+			if len(ds) == n {
+				return true, ""
+			}
+			// Say which members are not there and what they reported.
+			ms, _ := cp.Rollouts().Devices(ctx, id, "")
+			var behind []string
+			for _, m := range ms {
+				if m.State != rollout.MCommitted {
+					b, _ := json.Marshal(m)
+					behind = append(behind, string(b))
+				}
+			}
+			return false, fmt.Sprintf("%d on 1.1.0, drones: %v; members not committed: %v", len(ds), versions(), behind)
 		})
 		evs, _ := cp.Store().AuditLog(ctx, id, 100)
 		var transitions []string
