@@ -706,3 +706,14 @@ func (r *hostileRig) assertNotInstalled(cmd string, forbidden ...proto.UpdateSta
 		r.t.Errorf("%s: the updater records agent release %d as installed, want %d", cmd, c, r.counter)
 	}
 }
+
+// newLockedRig is a rig whose device is in a maintenance lock (offers are
+// deferred until the lock file is removed); it returns the lock's path.
+func newLockedRig(t *testing.T) (*hostileRig, string) {
+	t.Helper()
+	lock := filepath.Join(t.TempDir(), "maintenance.lock")
+	if err := os.WriteFile(lock, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return newHostileRig(t, func(o *Options) { o.Policy.LockFile = lock }), lock
+}

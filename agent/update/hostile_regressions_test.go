@@ -6,7 +6,6 @@ package update
 import (
 	"net/http"
 	"os"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -108,11 +107,7 @@ func TestHostileRegressionStallAfterDeclaredSize(t *testing.T) {
 // staged file's hash only. The design says expired metadata blocks new
 // installs; and the device contradicts its own report.
 func TestHostileRegressionExpiredWhileDeferredStillInstalls(t *testing.T) {
-	lock := filepath.Join(t.TempDir(), "maintenance.lock")
-	if err := os.WriteFile(lock, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	r := newHostileRig(t, func(o *Options) { o.Policy.LockFile = lock })
+	r, lock := newLockedRig(t)
 	rel := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, 64<<10))
 	r.srv.route(rel.path, hostileHonest(rel.data))
 	if err := r.offer("c-13", rel, r.keys); err != nil {
@@ -144,11 +139,7 @@ func TestHostileRegressionExpiredWhileDeferredStillInstalls(t *testing.T) {
 // lock, while Offer reads them under it (job.state, and json.Marshal of the
 // state when it saves): a data race. This test fails under -race.
 func TestHostileRegressionReofferDuringDownloadRaces(t *testing.T) {
-	lock := filepath.Join(t.TempDir(), "maintenance.lock")
-	if err := os.WriteFile(lock, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	r := newHostileRig(t, func(o *Options) { o.Policy.LockFile = lock })
+	r, _ := newLockedRig(t)
 	rel := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, 4<<20))
 	r.srv.route(rel.path, hostileHonest(rel.data))
 	cmd := hostileCmd("c-13", rel.signed, r.keys, rel.path)

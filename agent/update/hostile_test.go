@@ -11,7 +11,6 @@ import (
 	"crypto/ed25519"
 	"encoding/json"
 	"os"
-	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
@@ -332,11 +331,7 @@ func TestHostileRollbackRefused(t *testing.T) {
 // Rollback below the highest counter ever seen, even when that release was
 // never installed (accepted, then cancelled), across a restart.
 func TestHostileRollbackBelowHighestSeen(t *testing.T) {
-	lock := filepath.Join(t.TempDir(), "maintenance.lock")
-	if err := os.WriteFile(lock, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	r := newHostileRig(t, func(o *Options) { o.Policy.LockFile = lock })
+	r, _ := newLockedRig(t)
 	high := newHostileRelease(t, 20, "2.0.0", hostilePayload(0x20, 16<<10))
 	r.srv.route(high.path, hostileHonest(high.data))
 	if err := r.offer("c-20", high, r.keys); err != nil {
@@ -582,11 +577,7 @@ func TestHostileStagedFileSwapped(t *testing.T) {
 			name = "while the agent is down"
 		}
 		t.Run(name, func(t *testing.T) {
-			lock := filepath.Join(t.TempDir(), "maintenance.lock")
-			if err := os.WriteFile(lock, nil, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			r := newHostileRig(t, func(o *Options) { o.Policy.LockFile = lock })
+			r, lock := newLockedRig(t)
 			rel := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, 64<<10))
 			r.srv.route(rel.path, hostileHonest(rel.data))
 			if err := r.offer("c-swap", rel, r.keys); err != nil {

@@ -271,11 +271,7 @@ func TestCounterRefusalReasons(t *testing.T) {
 		r.assertAddressed("c-13-again", rel.signed)
 	})
 	t.Run("below the highest accepted", func(t *testing.T) {
-		lock := filepath.Join(t.TempDir(), "maintenance.lock")
-		if err := os.WriteFile(lock, nil, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		r := newHostileRig(t, func(o *Options) { o.Policy.LockFile = lock })
+		r, _ := newLockedRig(t)
 		high := newHostileRelease(t, 20, "2.0.0", hostilePayload(0x20, 16<<10))
 		r.srv.route(high.path, hostileHonest(high.data))
 		if err := r.offer("c-20", high, r.keys); err != nil {
