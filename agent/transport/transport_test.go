@@ -96,7 +96,15 @@ func startBroker(t *testing.T, hooks ...mochi.Hook) string {
 		t.Fatal(err)
 	}
 	go srv.Serve()
-	t.Cleanup(func() { srv.Close() })
+	t.Cleanup(func() {
+		// mochi's Close read-locks its client list twice over while a
+		// client it is detaching waits to write-lock it: a deadlock.
+		// Let the clients go first (the tests close theirs before this).
+		for deadline := time.Now().Add(5 * time.Second); srv.Clients.Len() > 0 && time.Now().Before(deadline); {
+			time.Sleep(time.Millisecond)
+		}
+		srv.Close()
+	})
 	return "tcp://" + ln.Addr().String()
 }
 

@@ -124,9 +124,13 @@ func (c *conn) Subscribe(ctx context.Context, topic string) error {
 		return fmt.Errorf("subscribe %s: %w", topic, err)
 	}
 	if st, ok := t.(*paho.SubscribeToken); ok {
+		// MQTT 3.1.1 grants with 0, 1 or 2 and refuses with 0x80; a
+		// broker may answer another failure code (mochi says 0x91 when it
+		// mistakes the packet id for one in flight): anything at or above
+		// 0x80 is no subscription.
 		for _, code := range st.Result() {
-			if code == 0x80 {
-				return fmt.Errorf("subscribe %s: refused by the broker", topic)
+			if code >= 0x80 {
+				return fmt.Errorf("subscribe %s: refused by the broker (code %#x)", topic, code)
 			}
 		}
 	}

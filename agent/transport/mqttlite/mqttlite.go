@@ -331,8 +331,8 @@ func (c *conn) Subscribe(ctx context.Context, topic string) error {
 		return err
 	}
 	for _, code := range t.result {
-		if code == 0x80 {
-			return fmt.Errorf("subscribe %s: refused by the broker", topic)
+		if code >= 0x80 { // 0x80 refuses; a broker may send another failure code (see the paho transport)
+			return fmt.Errorf("subscribe %s: refused by the broker (code %#x)", topic, code)
 		}
 	}
 	return nil

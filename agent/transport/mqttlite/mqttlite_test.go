@@ -156,3 +156,44 @@ func waitStuckWrite(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// A SUBACK with a failure code other than 0x80 (mochi answers 0x91 when it
+// takes the packet id for one of its own in flight) is no subscription.
+func TestSubackFailureCodes(t *testing.T) {
+	for _, code := range []byte{0x80, 0x91} {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func() {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			buf := make([]byte, 512)
+			if _, err := c.Read(buf); err != nil { // CONNECT
+				return
+			}
+			c.Write(connack)
+			n, err := c.Read(buf) // SUBSCRIBE: 0x82, length, packet id
+			if err != nil || n < 4 || buf[0] != 0x82 {
+				return
+			}
+			c.Write([]byte{0x90, 3, buf[2], buf[3], code})
+			c.Read(buf) // hold the connection until the client closes it
+		}()
+		cn, err := (&Transport{}).Connect(context.Background(), transport.ConnectParams{URL: "tcp://" + ln.Addr().String(), ClientID: "x"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err = cn.Subscribe(ctx, "dev/x/cmd")
+		cancel()
+		cn.Close()
+		if err == nil || !strings.Contains(err.Error(), "refused") {
+			t.Errorf("SUBACK code %#x: %v, want refused", code, err)
+		}
+	}
+}
