@@ -27,3 +27,23 @@ func TestDeps(t *testing.T) {
 		}
 	}
 }
+
+// TestGuardDeps keeps the trial guard tiny and independent of agent
+// releases: the standard library, the guard and its file-system seam.
+func TestGuardDeps(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", "github.com/hangarfleet/hangar/agent/cmd/hangar-guard").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go list: %v\n%s", err, out)
+	}
+	allowed := map[string]bool{
+		"github.com/hangarfleet/hangar/agent/cmd/hangar-guard": true,
+		"github.com/hangarfleet/hangar/agent/guard":            true,
+		"github.com/hangarfleet/hangar/agent/safefs":           true,
+	}
+	for _, dep := range strings.Fields(string(out)) {
+		first, _, _ := strings.Cut(dep, "/")
+		if strings.Contains(first, ".") && !allowed[dep] {
+			t.Errorf("hangar-guard depends on %s", dep)
+		}
+	}
+}

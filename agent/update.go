@@ -33,7 +33,14 @@ type UpdateOptions struct {
 	// Installers replace the defaults (the simulator installs simulated
 	// firmware); keys are targets.
 	Installers map[string]update.Installer
+	// Guard is the trial guard the agent runs under (the daemon reads it
+	// from the environment the guard sets).
+	Guard update.Guard
 }
+
+// PayloadGuard is the payload name under which the agent reports the
+// version of the trial guard it runs under.
+const PayloadGuard = "hangar-guard"
 
 func (a *Agent) setupUpdater() error {
 	uo := a.opts.Update
@@ -55,7 +62,12 @@ func (a *Agent) setupUpdater() error {
 				return fmt.Errorf("update: %w", err)
 			}
 		}
-		installers[proto.TargetAgent] = &update.Binary{Path: exe, Version: a.opts.Version, Mode: uo.RestartMode}
+		deadline := uo.TrialDeadline
+		if deadline <= 0 {
+			deadline = update.DefaultTrialDeadline
+		}
+		installers[proto.TargetAgent] = &update.Binary{Path: exe, Version: a.opts.Version, Mode: uo.RestartMode, Guard: uo.Guard,
+			MaxStarts: uo.MaxTrialBoots, TrialTime: deadline + update.GuardGrace(deadline)}
 	}
 	for t, in := range uo.Installers {
 		installers[t] = in
@@ -149,6 +161,12 @@ func (a *Agent) installed() (uint64, map[string]string) {
 			payloads = map[string]string{}
 		}
 		payloads[t] = in.Version
+	}
+	if v := a.opts.Update.Guard.Version; v != "" {
+		if payloads == nil {
+			payloads = map[string]string{}
+		}
+		payloads[PayloadGuard] = v
 	}
 	return a.updater.AgentCounter(), payloads
 }

@@ -31,6 +31,7 @@ type Config struct {
 	SysRoot           string
 	LogLevel          string
 	ShowVersion       bool
+	CheckConfig       bool
 	// Updates.
 	RootKeys           []string // files or base64 of pinned root public keys
 	RestartMode        string
@@ -103,6 +104,7 @@ func newFlagSet(c *Config, w io.Writer) (*flag.FlagSet, *string, *string) {
 	fs.StringVar(&c.SysRoot, "sysroot", "/", "root of /proc and /sys for system sensors")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.BoolVar(&c.ShowVersion, "version", false, "print the version and exit")
+	fs.BoolVar(&c.CheckConfig, "check-config", false, "check the configuration (flags, environment, config file, root keys), print the version and exit; a new build is run so before it is installed")
 	fs.Var(listFlag{&c.RootKeys}, "root-key", "pinned root public key for signed updates: a PEM file or base64 (repeat for several); without one, updates are refused")
 	fs.StringVar(&c.RestartMode, "restart-mode", "exec", "how to start a new build of the agent: exec (replace the process) or exit (status 75, the supervisor restarts it)")
 	fs.IntVar(&c.MinBattery, "min-battery", 30, "install only with the battery at or above this percentage")

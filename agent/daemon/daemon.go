@@ -15,9 +15,11 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/hangarfleet/hangar/agent"
+	"github.com/hangarfleet/hangar/agent/guard"
 	"github.com/hangarfleet/hangar/agent/sensors"
 	"github.com/hangarfleet/hangar/agent/update"
 	"github.com/hangarfleet/hangar/proto"
@@ -46,6 +48,26 @@ func RunWith(ctx context.Context, args []string, getenv func(string) string, std
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(cfg.LogLevel)); err != nil {
 		return fmt.Errorf("log level: %w", err)
+	}
+	uo, err := updateOptions(cfg)
+	if err != nil {
+		return err
+	}
+	opts := agent.Options{
+		Update:   uo,
+		DeviceID: cfg.DeviceID, Hardware: cfg.Hardware, Labels: cfg.Labels, Version: agent.BuildVersion,
+		ServerURL: cfg.Server, EnrollToken: cfg.EnrollToken, StateDir: cfg.StateDir, OutboxMaxBytes: cfg.OutboxMaxBytes,
+		SampleInterval: cfg.SampleInterval, BatchSize: cfg.BatchSize, HeartbeatInterval: cfg.HeartbeatInterval,
+	}
+	if err := opts.Validate(); err != nil {
+		return err
+	}
+	if cfg.CheckConfig {
+		// What a start would refuse, without starting anything: the agent
+		// that installs this build runs it so, with its own arguments and
+		// environment, before the swap.
+		fmt.Fprintln(stdout, agent.BuildVersion)
+		return nil
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	ds := &deviceSensors{linux: sensors.NewLinux(sensors.LinuxOptions{Root: cfg.SysRoot, Logger: log})}
@@ -77,20 +99,13 @@ func RunWith(ctx context.Context, args []string, getenv func(string) string, std
 		}()
 		log.Info("listening for the flight stack", "addr", fl.Addr())
 	}
-	uo, err := updateOptions(cfg)
-	if err != nil {
-		return err
-	}
 	if uo == nil {
 		log.Warn("no --root-key: signed updates are refused")
+	} else {
+		uo.Guard = guardFromEnv(getenv, log)
 	}
-	opts := agent.Options{
-		Update:   uo,
-		DeviceID: cfg.DeviceID, Hardware: cfg.Hardware, Labels: cfg.Labels, Version: agent.BuildVersion,
-		ServerURL: cfg.Server, EnrollToken: cfg.EnrollToken, StateDir: cfg.StateDir, OutboxMaxBytes: cfg.OutboxMaxBytes,
-		SampleInterval: cfg.SampleInterval, BatchSize: cfg.BatchSize, HeartbeatInterval: cfg.HeartbeatInterval,
-		Sensors: ds, Logger: log,
-	}
+	opts.Update = uo
+	opts.Sensors, opts.Logger = ds, log
 	if edit != nil {
 		edit(&opts)
 	}
@@ -109,6 +124,29 @@ func RunWith(ctx context.Context, args []string, getenv func(string) string, std
 		return ErrRestart
 	}
 	return err
+}
+
+// guardFromEnv is the trial guard the agent runs under, from what the
+// guard put in its environment.
+func guardFromEnv(getenv func(string) string, log *slog.Logger) update.Guard {
+	g := update.Guard{Path: getenv(guard.EnvGuard), Version: getenv(guard.EnvVersion)}
+	if g.Path == "" {
+		log.Warn("not started through hangar-guard: a new build that dies before its own code runs cannot be rolled back (see docs/operations.md)")
+		return update.Guard{}
+	}
+	if fd, err := strconv.Atoi(getenv(guard.EnvNotify)); err == nil && fd > 2 {
+		// This process is a new build on trial, run by the guard as its
+		// child. Its pipe is this process's only: children (hooks, smoke
+		// tests) must not hold it.
+		syscall.CloseOnExec(fd)
+		if f := os.NewFile(uintptr(fd), "hangar-guard"); f != nil {
+			if _, err := f.Stat(); err == nil {
+				g.Notify = f
+			}
+		}
+	}
+	log.Info("started through the trial guard", "guard", g.Path, "guard_version", g.Version, "on_trial", g.Notify != nil)
+	return g
 }
 
 // ErrRestart: the agent exits with update.ExitRestart for its supervisor

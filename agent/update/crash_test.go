@@ -875,10 +875,13 @@ func TestCrashStepCounts(t *testing.T) {
 			"remove " + crashNext, "create " + crashNext,
 			"write " + crashNext, "write " + crashNext, "write " + crashNext, "write " + crashNext,
 			"sync " + crashNext, "remove " + crashPrev, "link " + crashTarget + " -> " + crashPrev, "syncdir " + crashDir + "/",
+			"create " + crashTrial + ".tmp", "write " + crashTrial + ".tmp", "sync " + crashTrial + ".tmp",
+			"rename " + crashTrial + ".tmp -> " + crashTrial, "syncdir " + crashDir + "/",
 			"rename " + crashNext + " -> " + crashTarget, "syncdir " + crashDir + "/",
 		},
-		"rollback": {"syncdir " + crashDir + "/", "rename " + crashPrev + " -> " + crashTarget, "syncdir " + crashDir + "/"},
-		"commit":   {"remove " + crashPrev, "syncdir " + crashDir + "/"},
+		"rollback": {"syncdir " + crashDir + "/", "rename " + crashPrev + " -> " + crashTarget, "syncdir " + crashDir + "/",
+			"remove " + crashTrial, "syncdir " + crashDir + "/"},
+		"commit": {"remove " + crashTrial, "syncdir " + crashDir + "/", "remove " + crashPrev, "syncdir " + crashDir + "/"},
 	}
 	seq := func(f *memFS) []string {
 		var s []string

@@ -87,6 +87,15 @@ func (u *Updater) finish(j *job, done *installed) error {
 func (u *Updater) Boot(ctx context.Context) error {
 	j := u.job()
 	if j == nil {
+		// No trial goes on: a guard's record left by a cut between the
+		// steps of a commit must not count the next starts.
+		for t, inst := range u.opts.Installers {
+			if g, ok := inst.(guarded); ok {
+				if err := g.Settle(); err != nil {
+					u.log.Warn("stale trial record not removed", "target", t, "err", err)
+				}
+			}
+		}
 		return nil
 	}
 	inst := u.opts.Installers[j.m.Target]
@@ -114,6 +123,10 @@ func (u *Updater) Boot(ctx context.Context) error {
 				return err
 			}
 			return inst.Activate(ctx, j.m)
+		case verdictOf(inst, j.m) != "":
+			// Swapped, then the new build died before its own code ran,
+			// and the guard put the previous build back.
+			return u.restoredByGuard(j, inst)
 		default:
 			// The swap never happened: install again when allowed.
 			if err := u.set(j, func(j *job) { j.Phase = phaseVerified }); err != nil {
@@ -137,16 +150,60 @@ func (u *Updater) Boot(ctx context.Context) error {
 		if inst.Installed(j.m) {
 			return inst.Activate(ctx, j.m)
 		}
-		// The previous build is back in place without our rollback (an
-		// operator restored it): the trial failed.
-		u.report(j, proto.UpdateRolledBack, func(r *proto.UpdateReport) { r.Reason = "the previous build was restored outside the agent" })
-		return u.finish(j, nil)
+		// The previous build is back in place without our rollback: the
+		// trial guard restored it (the new build kept dying), or an
+		// operator did. The trial failed.
+		return u.restoredByGuard(j, inst)
 	}
 	if err := u.set(j, func(j *job) { j.TrialBoots++ }); err != nil {
 		return err
 	}
 	if boots := u.view(j).TrialBoots; boots > u.opts.MaxTrialBoots {
 		return u.rollback(ctx, j, fmt.Sprintf("crash loop: started %d times without passing the trial", boots))
+	}
+	if g, ok := inst.(guarded); ok {
+		g.TrialRunning(j.m)
+	}
+	return nil
+}
+
+// guarded is an installer whose trials something outside the new build
+// watches too: the agent's Binary under the trial guard, which restores
+// the previous build when the new one keeps dying, even before its own
+// code runs.
+type guarded interface {
+	// TrialRunning says that the new build's own trial code runs.
+	TrialRunning(m proto.Manifest)
+	// Verdict is the guard's reason for restoring the previous build
+	// instead of m ("" when it did not).
+	Verdict(m proto.Manifest) string
+	// Settle forgets the record of a trial that is over.
+	Settle() error
+}
+
+func verdictOf(inst Installer, m proto.Manifest) string {
+	if g, ok := inst.(guarded); ok {
+		return g.Verdict(m)
+	}
+	return ""
+}
+
+// restoredByGuard ends a job whose previous build came back without the
+// agent's rollback, and reports why.
+func (u *Updater) restoredByGuard(j *job, inst Installer) error {
+	reason := verdictOf(inst, j.m)
+	if reason == "" {
+		reason = "the previous build was restored outside the agent"
+	}
+	u.log.Warn("the new build was rolled back by the trial guard", "target", j.m.Target, "version", j.m.Version, "reason", reason)
+	u.report(j, proto.UpdateRolledBack, func(r *proto.UpdateReport) { r.Reason = reason })
+	if err := u.finish(j, nil); err != nil {
+		return err
+	}
+	if g, ok := inst.(guarded); ok {
+		if err := g.Settle(); err != nil {
+			u.log.Warn("trial record not removed", "err", err)
+		}
 	}
 	return nil
 }
