@@ -16,8 +16,8 @@ help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: build
-build: ## build hangar, hangar-agent and hangar-sim into bin/
-	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/ ./controlplane/cmd/hangar ./agent/cmd/hangar-agent ./firmware-sim/cmd/hangar-sim
+build: ## build hangar, hangar-agent, hangar-guard and hangar-sim into bin/
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/ ./controlplane/cmd/hangar ./agent/cmd/hangar-agent ./agent/cmd/hangar-guard ./firmware-sim/cmd/hangar-sim
 
 .PHONY: run
 run: build ## run the control plane (embedded broker, SQLite in ./data) and $(SIM_DEVICES) simulated drones
@@ -42,10 +42,12 @@ soak: ## kill -9 the control plane during rollouts, ROUNDS (10) times KILLS (60)
 	./scripts/kill-soak.sh $${ROUNDS:-10} $${KILLS:-60}
 
 .PHONY: cross
-cross: ## static hangar-agent for linux/arm64 and linux/arm (GOARM=7) into bin/
+cross: ## static hangar-agent and hangar-guard for linux/arm64 and linux/arm (GOARM=7) into bin/
 	CGO_ENABLED=0 GOOS=linux GOARCH=arm64 $(GO) build -trimpath -ldflags "-s -w $(LDFLAGS)" -o bin/hangar-agent-linux-arm64 ./agent/cmd/hangar-agent
 	CGO_ENABLED=0 GOOS=linux GOARCH=arm GOARM=7 $(GO) build -trimpath -ldflags "-s -w $(LDFLAGS)" -o bin/hangar-agent-linux-armv7 ./agent/cmd/hangar-agent
-	@ls -l bin/hangar-agent-linux-*
+	CGO_ENABLED=0 GOOS=linux GOARCH=arm64 $(GO) build -trimpath -ldflags "-s -w" -o bin/hangar-guard-linux-arm64 ./agent/cmd/hangar-guard
+	CGO_ENABLED=0 GOOS=linux GOARCH=arm GOARM=7 $(GO) build -trimpath -ldflags "-s -w" -o bin/hangar-guard-linux-armv7 ./agent/cmd/hangar-guard
+	@ls -l bin/hangar-agent-linux-* bin/hangar-guard-linux-*
 
 .PHONY: fuzz
 fuzz: ## run every fuzz target for FUZZTIME (default 30s) each

@@ -27,10 +27,11 @@ const (
 func (a Action) String() string { return [...]string{"exec", "start", "restore"}[a] }
 
 // Decide is the guard's decision at a start, from the trial record (nil:
-// none) and the digest of the binary in place. It reads no clock: the
-// trial's time is the run time the guard measured, so a wall clock that
-// jumps (no RTC, NTP catching up) never restores a build, nor keeps one.
-func Decide(r *Record, sum []byte) (Action, string) {
+// none), the digest of the binary in place and whether the previous build
+// is still kept beside it. It reads no clock: the trial's time is the run
+// time the guard measured, so a wall clock that jumps (no RTC, NTP
+// catching up) never restores a build, nor keeps one.
+func Decide(r *Record, sum []byte, prevKept bool) (Action, string) {
 	switch {
 	case !r.Live(sum):
 		return Exec, ""
@@ -38,6 +39,10 @@ func Decide(r *Record, sum []byte) (Action, string) {
 		return Exec, ""
 	case r.Verdict != "":
 		return Restore, r.Verdict
+	case !prevKept:
+		// Every build drops the previous one when it commits, also a
+		// build from before the guard that leaves the record alone.
+		return Exec, ""
 	case r.Starts >= r.MaxStarts:
 		return Restore, r.failed(fmt.Sprintf("started %d times without committing", r.Starts))
 	case r.Used >= r.Budget:

@@ -63,18 +63,21 @@ func TestDecide(t *testing.T) {
 		sum  []byte
 		want Action
 		says string
+		gone bool // the previous build is not kept
 	}{
-		{"no record", nil, sum, Exec, ""},
-		{"another build in place", fresh(func(r *Record) {}), other, Exec, ""},
-		{"first start", fresh(func(r *Record) {}), sum, Start, ""},
-		{"starts left", fresh(func(r *Record) { r.Starts = 2 }), sum, Start, ""},
-		{"out of starts", fresh(func(r *Record) { r.Starts = 3 }), sum, Restore, "started 3 times"},
-		{"out of time", fresh(func(r *Record) { r.Used = time.Minute }), sum, Restore, "within 1m0s of run time"},
-		{"restore begun", fresh(func(r *Record) { r.Verdict = "earlier verdict" }), sum, Restore, "earlier verdict"},
-		{"restore done", fresh(func(r *Record) { r.Verdict = "earlier verdict" }), other, Exec, ""},
-		{"gave up", fresh(func(r *Record) { r.Starts, r.GaveUp = 9, true }), sum, Exec, ""},
+		{"no record", nil, sum, Exec, "", false},
+		{"another build in place", fresh(func(r *Record) {}), other, Exec, "", false},
+		{"first start", fresh(func(r *Record) {}), sum, Start, "", false},
+		{"starts left", fresh(func(r *Record) { r.Starts = 2 }), sum, Start, "", false},
+		{"out of starts", fresh(func(r *Record) { r.Starts = 3 }), sum, Restore, "started 3 times", false},
+		{"out of time", fresh(func(r *Record) { r.Used = time.Minute }), sum, Restore, "within 1m0s of run time", false},
+		{"restore begun", fresh(func(r *Record) { r.Verdict = "earlier verdict" }), sum, Restore, "earlier verdict", false},
+		{"restore done", fresh(func(r *Record) { r.Verdict = "earlier verdict" }), other, Exec, "", false},
+		{"gave up", fresh(func(r *Record) { r.Starts, r.GaveUp = 9, true }), sum, Exec, "", false},
+		{"committed by a build that keeps the record", fresh(func(r *Record) { r.Starts = 3 }), sum, Exec, "", true},
+		{"restore begun, previous build gone", fresh(func(r *Record) { r.Verdict = "v" }), sum, Restore, "v", true},
 	} {
-		got, says := Decide(c.r, c.sum)
+		got, says := Decide(c.r, c.sum, !c.gone)
 		if got != c.want || !strings.Contains(says, c.says) {
 			t.Errorf("%s: %v %q, want %v saying %q", c.name, got, says, c.want, c.says)
 		}

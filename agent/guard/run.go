@@ -153,9 +153,17 @@ func Prepare(fsys safefs.FS, agent string, logf func(string, ...any)) (Action, *
 				return Exec, nil
 			}
 		}
-		action, reason := Decide(r, sum)
+		prevKept := prevExists(fsys, agent)
+		action, reason := Decide(r, sum, prevKept)
 		switch action {
 		case Exec:
+			if r.Live(sum) && !prevKept && r.Verdict == "" {
+				// Committed by a build that does not know the record.
+				logf("the new build %s committed; trial record removed", r.Version)
+				if err := Remove(fsys, agent); err != nil {
+					logf("%v", err)
+				}
+			}
 			if r != nil {
 				// A restore, or the agent's own rollback, may not be
 				// durable yet: make it so before running on it.
@@ -371,7 +379,12 @@ func (g *guard) onTrial(r *Record) bool {
 		return false
 	}
 	sum, err := safefs.Digest(g.opts.FS, g.agent)
-	return err == nil && cur.Live(sum)
+	return err == nil && cur.Live(sum) && prevExists(g.opts.FS, g.agent)
+}
+
+func prevExists(fsys safefs.FS, agent string) bool {
+	_, err := fsys.Stat(PrevPath(agent))
+	return err == nil
 }
 
 func isStop(sig os.Signal) bool {

@@ -196,6 +196,9 @@ func deviceShow(ctx context.Context, g *globals, args []string) error {
 	row("version", dash(d.Version))
 	row("hardware", dash(d.Hardware)+"  (reported)")
 	row("labels", labelString(d.Labels))
+	if len(d.Payloads) > 0 {
+		row("payloads", labelString(d.Payloads)+"  (reported)")
+	}
 	if len(d.ReportedLabels) > 0 {
 		row("reported labels", labelString(d.ReportedLabels)+"  (what the device says; not used for grouping)")
 	}
