@@ -329,3 +329,27 @@ func TestGuardVersion(t *testing.T) {
 		t.Error("no agent: want status 2")
 	}
 }
+
+// The supervisor's watchdog (systemd sends SIGABRT to a service that
+// stopped pinging) ends the guard too, and counts as a failed start.
+func TestGuardWatchdog(t *testing.T) {
+	r := newRig(t, "wait")
+	r.record()
+	done := make(chan int)
+	go func() { done <- r.run() }()
+	deadline := time.Now().Add(time.Minute)
+	for rec := r.load(); rec == nil || !rec.Reached; rec = r.load() {
+		if time.Now().After(deadline) {
+			t.Fatal("the new build never reached its trial")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := syscall.Kill(os.Getpid(), syscall.SIGABRT); err != nil {
+		t.Fatal(err)
+	}
+	status := <-done
+	rec := r.load()
+	if status == 0 || r.inPlace() != "new" || rec.Starts != 1 || !strings.Contains(rec.Last, "watchdog") {
+		t.Errorf("after the watchdog: status %d, %s in place, record %+v", status, r.inPlace(), rec)
+	}
+}

@@ -326,9 +326,25 @@ func (b *Binary) Verdict(m proto.Manifest) string {
 	return r.Verdict
 }
 
-// Settle drops a trial record left by a trial that is over (a cut between
-// the commit's steps).
-func (b *Binary) Settle() error { return guard.Remove(b.fs(), b.Path) }
+// EndWatch removes the trial record: the new build passed its trial.
+func (b *Binary) EndWatch() error { return guard.Remove(b.fs(), b.Path) }
+
+// Settle drops a trial record that no longer watches the binary in place
+// (a guard's verdict, once reported; a record of a build that was never
+// swapped in). A record still live for the binary in place, with the
+// previous build kept, stays: only the guard ends that trial.
+func (b *Binary) Settle() error {
+	fsys := b.fs()
+	r, err := guard.Load(fsys, b.Path)
+	if err == nil && r != nil {
+		sum, derr := safefs.Digest(fsys, b.Path)
+		_, perr := fsys.Stat(guard.PrevPath(b.Path))
+		if derr == nil && r.Live(sum) && perr == nil && r.Verdict == "" {
+			return nil
+		}
+	}
+	return guard.Remove(fsys, b.Path)
+}
 
 // Running reports whether this process is the build of m.
 func (b *Binary) Running(m proto.Manifest) bool { return b.Version == m.Version }

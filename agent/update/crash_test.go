@@ -794,7 +794,7 @@ func TestCrashUpdaterCommit(t *testing.T) {
 			case !bytes.Equal(got, crashOld) || d.u.job() != nil:
 				t.Errorf("%s: trial past its deadline: job %+v, %s is old: %v", label, d.u.job(), crashTarget, bytes.Equal(got, crashOld))
 			}
-		}, 1)
+		}, 3)
 }
 
 // crashOffer is an update command for another agent release.

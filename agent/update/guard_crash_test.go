@@ -146,3 +146,46 @@ func TestGuardRestoreRefusesAnotherPrevious(t *testing.T) {
 		t.Fatalf("second start: the guard would %v", action)
 	}
 }
+
+// TestCrashCommitThenGuard: a commit cut at any step, on the start the
+// guard would count last, then the guard's decision at the next start and
+// the agent's boot. The guard never restores over a build recorded as
+// committed, and whatever runs after agrees with the state.
+func TestCrashCommitThenGuard(t *testing.T) {
+	ctx := t.Context()
+	lastStart := func(t *testing.T) *crashDevice {
+		d := crashTrialDevice(t)
+		r, err := guard.Load(d.fs, crashTarget)
+		if err != nil || r == nil {
+			t.Fatalf("no trial record: %v", err)
+		}
+		r.Starts = r.MaxStarts
+		if err := guard.Save(d.fs, crashTarget, r); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	crashCut(t, "commit on the last start", lastStart,
+		func(t *testing.T, d *crashDevice) error { return d.u.commit(ctx, d.u.job()) },
+		func(t *testing.T, label string, crashed *crashDevice) {
+			committed := crashed.store.state(t).Job == nil
+			d := crashed.restart(t, crashNewVer)
+			guard.Prepare(d.fs, crashTarget, guardLog(t))
+			running := crashRunning(t, d.fs)
+			if committed && running != crashNewVer {
+				t.Fatalf("%s: the commit was recorded, and the guard restored the previous build over it", label)
+			}
+			// The start runs what the guard left in place.
+			d = newCrashDevice(t, d.fs, d.store, d.staging, d.clk, running)
+			if err := d.u.Boot(ctx); err != nil {
+				t.Fatalf("%s: Boot: %v", label, err)
+			}
+			st := d.store.state(t)
+			switch {
+			case st.Job == nil && st.Installed[proto.TargetAgent].Version != crashRunning(t, d.fs):
+				t.Errorf("%s: no job, %s recorded as installed, %s in place", label, st.Installed[proto.TargetAgent].Version, crashRunning(t, d.fs))
+			case st.Job != nil && (st.Job.Phase != phaseTrial || crashRunning(t, d.fs) != crashNewVer):
+				t.Errorf("%s: job in phase %s with %s in place", label, st.Job.Phase, crashRunning(t, d.fs))
+			}
+		}, 3)
+}

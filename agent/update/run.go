@@ -87,8 +87,9 @@ func (u *Updater) finish(j *job, done *installed) error {
 func (u *Updater) Boot(ctx context.Context) error {
 	j := u.job()
 	if j == nil {
-		// No trial goes on: a guard's record left by a cut between the
-		// steps of a commit must not count the next starts.
+		// No job: a guard's record left over for another build goes. One
+		// that still watches the build in place stays (this build cannot
+		// account for its trial: the guard decides).
 		for t, inst := range u.opts.Installers {
 			if g, ok := inst.(guarded); ok {
 				if err := g.Settle(); err != nil {
@@ -177,7 +178,10 @@ type guarded interface {
 	// Verdict is the guard's reason for restoring the previous build
 	// instead of m ("" when it did not).
 	Verdict(m proto.Manifest) string
-	// Settle forgets the record of a trial that is over.
+	// EndWatch tells the guard that the trial passed (at commit).
+	EndWatch() error
+	// Settle forgets the record of a trial that is over, with no job to
+	// account for it; a record still watching the build in place stays.
 	Settle() error
 }
 
@@ -474,6 +478,14 @@ func (u *Updater) trial(ctx context.Context, j *job, tick clock.Ticker) error {
 
 func (u *Updater) commit(ctx context.Context, j *job) error {
 	inst := u.opts.Installers[j.m.Target]
+	// End the guard's watch before the commit is recorded: a cut in
+	// between leaves a trial that the agent goes on with (and commits
+	// again), never a committed build that the guard would restore over.
+	if g, ok := inst.(guarded); ok {
+		if err := g.EndWatch(); err != nil {
+			return fmt.Errorf("commit: %w", err)
+		}
+	}
 	// Record the commit before dropping the previous build: a cut in
 	// between leaves a harmless leftover, never a trial without a way back.
 	if err := u.finish(j, &installed{Version: j.m.Version, Counter: j.m.Counter, SHA256: j.m.SHA256}); err != nil {
