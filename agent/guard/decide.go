@@ -93,7 +93,9 @@ func DoRestore(fsys safefs.FS, agent string, r *Record, reason string) error {
 		err = fmt.Errorf("%w: %s is gone", ErrCannotRestore, prev)
 	case err != nil:
 		return fmt.Errorf("restore: read %s: %w", prev, err)
-	case len(r.PrevSHA256) > 0 && !bytes.Equal(sum, r.PrevSHA256):
+	case len(r.PrevSHA256) == 0:
+		err = fmt.Errorf("%w: the record names no previous build", ErrCannotRestore)
+	case !bytes.Equal(sum, r.PrevSHA256):
 		err = fmt.Errorf("%w: %s has sha256 %x, the record says %x", ErrCannotRestore, prev, sum, r.PrevSHA256)
 	}
 	if err != nil {

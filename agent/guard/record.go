@@ -61,8 +61,14 @@ type Record struct {
 // Live reports whether the record guards the binary whose digest is sum.
 func (r *Record) Live(sum []byte) bool { return r != nil && bytes.Equal(r.SHA256, sum) }
 
-// oneLine keeps a value on its line.
+// maxText bounds a text value of the record (it ends up in a report).
+const maxText = 1024
+
+// oneLine keeps a value on its line, and short.
 func oneLine(s string) string {
+	if len(s) > maxText {
+		s = s[:maxText]
+	}
 	return strings.Map(func(r rune) rune {
 		if r == '\n' || r == '\r' {
 			return ' '
@@ -124,7 +130,7 @@ func Unmarshal(data []byte) (*Record, error) {
 		k, v, _ := strings.Cut(sc.Text(), " ")
 		switch k {
 		case "version":
-			r.Version = v
+			r.Version = oneLine(v)
 		case "sha256", "prev-sha256":
 			sum, e := hex.DecodeString(v)
 			if e != nil || len(sum) != 32 {
@@ -146,9 +152,9 @@ func Unmarshal(data []byte) (*Record, error) {
 		case "reached":
 			r.Reached = v == "1"
 		case "last":
-			r.Last = v
+			r.Last = oneLine(v)
 		case "verdict":
-			r.Verdict = v
+			r.Verdict = oneLine(v)
 		case "gave-up":
 			r.GaveUp = v == "1"
 		}
@@ -168,6 +174,18 @@ func Unmarshal(data []byte) (*Record, error) {
 // Load reads the trial record of the agent binary at path; it returns nil,
 // nil when there is none.
 func Load(fsys safefs.FS, agent string) (*Record, error) {
+	st, err := fsys.Stat(TrialPath(agent))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if !st.Mode().IsRegular() {
+		// A FIFO or a device would block or never end the read: the guard
+		// must always get to start an agent.
+		return nil, fmt.Errorf("trial record: not a regular file (%v)", st.Mode())
+	}
 	f, err := fsys.Open(TrialPath(agent))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil

@@ -207,6 +207,19 @@ func (g *guard) env(notify bool) []string {
 func (g *guard) exec() int {
 	if g.sigs != nil {
 		signal.Stop(g.sigs)
+		// A stop that came while the guard was between two starts (or
+		// restoring) ends the service here.
+		for pending := true; pending; {
+			select {
+			case sig := <-g.sigs:
+				if isStop(sig) || sig == syscall.SIGABRT {
+					g.logf("stopped by %s", signalName(sig.(syscall.Signal)))
+					return 0
+				}
+			default:
+				pending = false
+			}
+		}
 	}
 	argv := append([]string{g.agent}, g.args...)
 	if err := g.opts.Exec(g.agent, argv, g.env(false)); err != nil {
@@ -248,7 +261,11 @@ func (g *guard) supervise(r *Record) (status int, done bool) {
 	cmd.Env = g.env(true)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.ExtraFiles = []*os.File{pw}
-	// The build dies with the guard, as it would with its service.
+	// The build dies with the guard, as it would with its service. Linux
+	// sends Pdeathsig when the *thread* that forked the child ends; Go ends
+	// threads only under a goroutine locked to one, which the guard never
+	// does. (What the build itself starts is not covered: the service's
+	// control group is.)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	began := time.Now()
 	err = cmd.Start()
@@ -259,8 +276,9 @@ func (g *guard) supervise(r *Record) (status int, done bool) {
 		g.account(r, 0)
 		return g.pause()
 	}
-	reached := make(chan struct{})
+	reached, pipeDone := make(chan struct{}), make(chan struct{})
 	go func() {
+		defer close(pipeDone)
 		defer pr.Close()
 		var b [64]byte
 		if n, _ := pr.Read(b[:]); n > 0 {
@@ -284,7 +302,10 @@ wait:
 		select {
 		case <-reachedC:
 			reachedC = nil
-			if !r.Reached {
+			// Durably, so that a power cut later in this start does not
+			// read as a build that never ran; but never bring back a
+			// record the build removed meanwhile (it committed).
+			if !r.Reached && g.onTrial(r) {
 				r.Reached = true
 				if err := Save(g.opts.FS, g.agent, r); err != nil {
 					g.logf("cannot record the trial: %v", err)
@@ -312,13 +333,27 @@ wait:
 		}
 	}
 	ran := time.Since(began)
+	// A build that said it reached its trial and exited at once: the
+	// word may still be in the pipe.
+	select {
+	case <-pipeDone:
+	case <-time.After(time.Second):
+	}
+	select {
+	case <-reached:
+		r.Reached = true
+	default:
+	}
 	how := describe(cmd.ProcessState, ran)
 	status = exitStatus(cmd.ProcessState)
 	if !g.onTrial(r) {
 		// The trial ended while the build ran: it committed, or rolled
 		// back by itself. The guard has nothing more to decide.
 		g.logf("the new build %s is no longer on trial (%s)", r.Version, how)
-		if stopped != nil || watchdog || status != ExitRestart {
+		switch {
+		case stopped != nil && status == 128+int(stopped.(syscall.Signal)):
+			return 0, true // the stop went as asked
+		case stopped != nil || watchdog || status != ExitRestart:
 			return status, true
 		}
 		return 0, false
@@ -328,10 +363,15 @@ wait:
 		r.Last = fmt.Sprintf("hung: stopped at the end of its %v of run time (%s)", r.Budget, how)
 	case watchdog:
 		r.Last = "killed by the supervisor's watchdog (" + how + ")"
-	case stopped != nil:
-		// A stop is not a failure of the build; its run time counts.
+	case stopped != nil && r.Reached:
+		// A stop of a build that runs its trial is not a failure of the
+		// build; its run time counts.
 		r.Starts--
 		r.Last = fmt.Sprintf("stopped by %s (%s)", signalName(stopped.(syscall.Signal)), how)
+	case stopped != nil:
+		// Before its trial code ran, a stop counts: it is also how a
+		// supervisor ends a start that hangs (systemd's TimeoutStartSec=).
+		r.Last = fmt.Sprintf("stopped by %s before it reached its trial (%s)", signalName(stopped.(syscall.Signal)), how)
 	default:
 		r.Last = how
 	}

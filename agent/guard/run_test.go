@@ -46,6 +46,8 @@ func newBuild(mode string) {
 	case "hang": // hangs before its trial code, ignoring SIGTERM
 		signalIgnore(syscall.SIGTERM)
 		guardtest.Hang()
+	case "hang-quietly": // hangs before its trial code; SIGTERM ends it
+		guardtest.Hang()
 	case "trial-crash": // runs its trial, crashes before committing
 		notifyTrial()
 		os.Exit(2)
@@ -294,6 +296,11 @@ func TestGuardNoTrial(t *testing.T) {
 				t.Fatal(err)
 			}
 		},
+		"a FIFO in place of the record": func(r *rig) {
+			if err := syscall.Mkfifo(TrialPath(r.agent), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		},
 		"unreadable record": func(r *rig) {
 			if err := os.WriteFile(TrialPath(r.agent), []byte("hangar-trial 99\n"), 0o600); err != nil {
 				t.Fatal(err)
@@ -351,5 +358,29 @@ func TestGuardWatchdog(t *testing.T) {
 	rec := r.load()
 	if status == 0 || r.inPlace() != "new" || rec.Starts != 1 || !strings.Contains(rec.Last, "watchdog") {
 		t.Errorf("after the watchdog: status %d, %s in place, record %+v", status, r.inPlace(), rec)
+	}
+}
+
+// A stop before the build reached its trial counts as a failed start: it
+// is how systemd ends a start that hangs (TimeoutStartSec=).
+func TestGuardStopBeforeTrialCounts(t *testing.T) {
+	r := newRig(t, "hang-quietly")
+	r.record()
+	done := make(chan int)
+	go func() { done <- r.run() }()
+	deadline := time.Now().Add(time.Minute)
+	for rec := r.load(); rec == nil || rec.Starts == 0; rec = r.load() {
+		if time.Now().After(deadline) {
+			t.Fatal("the new build was never started")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := syscall.Kill(os.Getpid(), syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	status := <-done
+	rec := r.load()
+	if status != 0 || rec.Starts != 1 || !strings.Contains(rec.Last, "before it reached its trial") {
+		t.Errorf("after a stop before the trial: status %d, record %+v", status, rec)
 	}
 }
