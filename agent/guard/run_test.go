@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -131,7 +132,7 @@ func (r *rig) run(args ...string) int {
 					r.t.Errorf("exec with %s", kv)
 				}
 			}
-			if !slicesContains(env, EnvGuard+"=/usr/libexec/hangar-guard") || !slicesContains(env, EnvVersion+"="+Version) {
+			if !slices.Contains(env, EnvGuard+"=/usr/libexec/hangar-guard") || !slices.Contains(env, EnvVersion+"="+Version) {
 				r.t.Errorf("the agent is not told of its guard: env %q", env)
 			}
 			return nil
@@ -147,13 +148,23 @@ func (r *rig) run(args ...string) int {
 	return status
 }
 
-func slicesContains(s []string, v string) bool {
-	for _, x := range s {
-		if x == v {
-			return true
+// runAndSignal runs the guard, waits until its record is ready, then
+// sends sig to this process (the guard catches it, as a service's main
+// process would get it) and returns the guard's status.
+func (r *rig) runAndSignal(ready func(*Record) bool, sig syscall.Signal) int {
+	done := make(chan int)
+	go func() { done <- r.run() }()
+	deadline := time.Now().Add(time.Minute)
+	for rec := r.load(); rec == nil || !ready(rec); rec = r.load() {
+		if time.Now().After(deadline) {
+			r.t.Fatal("the guard's record never got ready for the signal")
 		}
+		time.Sleep(5 * time.Millisecond)
 	}
-	return false
+	if err := syscall.Kill(os.Getpid(), sig); err != nil {
+		r.t.Fatal(err)
+	}
+	return <-done
 }
 
 func (r *rig) inPlace() string {
@@ -219,7 +230,7 @@ func TestGuardExitAtStart(t *testing.T) {
 	if rec.Starts != 3 {
 		t.Errorf("starts %d, want 3", rec.Starts)
 	}
-	if got := r.execs[0][1:]; !slicesContains(got, "--config") || got[0] != r.agent {
+	if got := r.execs[0][1:]; !slices.Contains(got, "--config") || got[0] != r.agent {
 		t.Errorf("exec argv %q, want the agent's arguments", got)
 	}
 }
@@ -267,19 +278,7 @@ func TestGuardCommit(t *testing.T) {
 func TestGuardStop(t *testing.T) {
 	r := newRig(t, "wait")
 	r.record()
-	done := make(chan int)
-	go func() { done <- r.run() }()
-	deadline := time.Now().Add(time.Minute)
-	for rec := r.load(); rec == nil || !rec.Reached; rec = r.load() {
-		if time.Now().After(deadline) {
-			t.Fatal("the new build never reached its trial")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	if err := syscall.Kill(os.Getpid(), syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	status := <-done
+	status := r.runAndSignal(func(rec *Record) bool { return rec.Reached }, syscall.SIGTERM)
 	rec := r.load()
 	if status != 0 || r.inPlace() != "new" || rec.Starts != 0 || !strings.Contains(rec.Last, "stopped by SIGTERM") {
 		t.Errorf("after a stop: status %d, %s in place, record %+v", status, r.inPlace(), rec)
@@ -342,19 +341,7 @@ func TestGuardVersion(t *testing.T) {
 func TestGuardWatchdog(t *testing.T) {
 	r := newRig(t, "wait")
 	r.record()
-	done := make(chan int)
-	go func() { done <- r.run() }()
-	deadline := time.Now().Add(time.Minute)
-	for rec := r.load(); rec == nil || !rec.Reached; rec = r.load() {
-		if time.Now().After(deadline) {
-			t.Fatal("the new build never reached its trial")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	if err := syscall.Kill(os.Getpid(), syscall.SIGABRT); err != nil {
-		t.Fatal(err)
-	}
-	status := <-done
+	status := r.runAndSignal(func(rec *Record) bool { return rec.Reached }, syscall.SIGABRT)
 	rec := r.load()
 	if status == 0 || r.inPlace() != "new" || rec.Starts != 1 || !strings.Contains(rec.Last, "watchdog") {
 		t.Errorf("after the watchdog: status %d, %s in place, record %+v", status, r.inPlace(), rec)
@@ -366,19 +353,7 @@ func TestGuardWatchdog(t *testing.T) {
 func TestGuardStopBeforeTrialCounts(t *testing.T) {
 	r := newRig(t, "hang-quietly")
 	r.record()
-	done := make(chan int)
-	go func() { done <- r.run() }()
-	deadline := time.Now().Add(time.Minute)
-	for rec := r.load(); rec == nil || rec.Starts == 0; rec = r.load() {
-		if time.Now().After(deadline) {
-			t.Fatal("the new build was never started")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	if err := syscall.Kill(os.Getpid(), syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	status := <-done
+	status := r.runAndSignal(func(rec *Record) bool { return rec.Starts > 0 }, syscall.SIGTERM)
 	rec := r.load()
 	if status != 0 || rec.Starts != 1 || !strings.Contains(rec.Last, "before it reached its trial") {
 		t.Errorf("after a stop before the trial: status %d, record %+v", status, rec)
