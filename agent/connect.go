@@ -41,7 +41,8 @@ func (a *Agent) linkDown(err error, attempt *int) time.Duration {
 	a.lastErr = err
 	a.mu.Unlock()
 	wait := a.backoff(*attempt)
-	if errors.Is(err, ErrRevoked) {
+	if errors.Is(err, ErrRevoked) || errors.Is(err, ErrAlreadyEnrolled) {
+		// Only an operator changes this: ask rarely.
 		wait = a.opts.BackoffMax
 	}
 	if errSessionWorked(err) {

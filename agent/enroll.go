@@ -38,6 +38,11 @@ func loadCredential(s Store) (*Credential, error) {
 // device for good (an operator revoked it).
 var ErrRevoked = errors.New("device revoked by the control plane")
 
+// ErrAlreadyEnrolled is returned by enrollment when the device id has a
+// credential already: the control plane never re-keys it on the fleet
+// token's word; an operator must allow it (hangar device rekey).
+var ErrAlreadyEnrolled = errors.New("device already enrolled; an operator must allow it to enroll again")
+
 // enroll asks the control plane for an MQTT credential with the fleet
 // enrollment token, and stores it.
 func (a *Agent) enroll(ctx context.Context) (*Credential, error) {
@@ -71,8 +76,11 @@ func (a *Agent) enroll(ctx context.Context) (*Credential, error) {
 			Error string `json:"error"`
 		}
 		_ = json.Unmarshal(data, &e)
-		if resp.StatusCode == http.StatusForbidden {
+		switch resp.StatusCode {
+		case http.StatusForbidden:
 			return nil, fmt.Errorf("enroll: %w: %s", ErrRevoked, e.Error)
+		case http.StatusConflict:
+			return nil, fmt.Errorf("enroll: %w: %s", ErrAlreadyEnrolled, e.Error)
 		}
 		return nil, fmt.Errorf("enroll: HTTP %d: %s", resp.StatusCode, e.Error)
 	}

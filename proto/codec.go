@@ -126,6 +126,11 @@ func DecodeEvent(b []byte) (Event, error) {
 func DecodeCommand(b []byte) (Command, error) {
 	var m Command
 	err := Unmarshal(b, &m)
+	if err == nil && m.Update != nil && len(m.Update.Keys) == 0 {
+		// An empty key list is no key list: absent and empty mean the
+		// same (the device uses the one it holds).
+		m.Update.Keys = nil
+	}
 	return m, err
 }
 

@@ -58,3 +58,15 @@ func FuzzDecodeCommand(f *testing.F) {
 func FuzzDecodeFlightInput(f *testing.F) {
 	fuzzRoundTrip(f, []proto.FlightInput{prototest.FlightInput()}, proto.DecodeFlightInput)
 }
+
+// An offer whose key list is present but empty decodes as an offer
+// without one: the two mean the same on the wire and in the agent.
+func TestDecodeCommandEmptyKeyList(t *testing.T) {
+	c, err := proto.DecodeCommand([]byte("\xa3\x00ac\x01fupdate\x03\xa3\x00@\x01@\x02`"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Update == nil || c.Update.Keys != nil {
+		t.Fatalf("offer %+v: want Keys nil", c.Update)
+	}
+}

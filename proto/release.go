@@ -152,6 +152,7 @@ const (
 	CheckCounter   Check = "counter"  // not newer than installed and highest seen (rollback)
 	CheckClock     Check = "clock"    // the device's clock cannot be trusted
 	CheckExpired   Check = "expired"  // manifest expired (freeze)
+	CheckCreated   Check = "created"  // manifest created in the future, beyond the allowance
 	CheckHash      Check = "hash"     // artifact digest
 	CheckSmoke     Check = "smoke"    // the new build does not start
 )

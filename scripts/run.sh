@@ -31,7 +31,10 @@ done
 ./bin/hangar-sim inventory --devices "$DEVICES" >"$DATA/inventory"
 ./bin/hangar device import "$DATA/inventory" --server "http://$HTTP" --token-file "$DATA/admin.token" >/dev/null
 
-./bin/hangar-sim --server "http://$HTTP" --enroll-token "$DATA/enroll.token" --devices "$DEVICES" &
+# The drones keep their state (credentials, outboxes) beside the control
+# plane's: a second run finds them enrolled (the enrollment token never
+# re-keys an enrolled device).
+./bin/hangar-sim --server "http://$HTTP" --enroll-token "$DATA/enroll.token" --devices "$DEVICES" --state-dir "$DATA/sim" &
 pids+=($!)
 
 cat <<EOT

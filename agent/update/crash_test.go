@@ -556,8 +556,8 @@ func crashVerifiedDevice(t *testing.T) *crashDevice {
 		t.Fatal(err)
 	}
 	st := state{
-		KeyList:     keys,
-		HighestSeen: m.Counter, HighestSHA: m.SHA256,
+		KeyList:   keys,
+		Targets:   map[string]counters{proto.TargetAgent: {Seen: m.Counter, SeenSHA: m.SHA256}},
 		Installed: map[string]installed{proto.TargetAgent: {Version: crashOldVer, Counter: m.Counter - 1, SHA256: oldSum[:]}},
 		Job:       &job{Manifest: signed, URL: "/api/v1/releases/1.5.0/artifact", Phase: phaseVerified},
 	}

@@ -108,8 +108,8 @@ func TestCrashGuardRestore(t *testing.T) {
 		if st.Job != nil || st.Installed[proto.TargetAgent].Version != crashOldVer {
 			t.Errorf("%s: after the previous build's boot: job %+v, installed %+v", label, st.Job, st.Installed[proto.TargetAgent])
 		}
-		if st.Spent < m.Counter {
-			t.Errorf("%s: the release's counter %d is not spent (%d): it would be installed again", label, m.Counter, st.Spent)
+		if spent := st.target(m.Target).Spent; spent < m.Counter {
+			t.Errorf("%s: the release's counter %d is not spent (%d): it would be installed again", label, m.Counter, spent)
 		}
 		d.mu.Lock()
 		reports := append([]proto.UpdateReport(nil), d.reports...)

@@ -52,7 +52,7 @@ func TestHostileRegressionFailedDownloadBurnsTheCounter(t *testing.T) {
 			if err := r.offer("c-again", rel, r.keys); err != nil {
 				t.Errorf("the same signed release (counter %d), re-offered after its download %s, is refused: %v\n"+
 					"\twant it accepted and installed: nothing of it was installed, so this is no rollback "+
-					"(updater.go Offer sets HighestSeen when it accepts an offer, before the download, and refuses m.Counter <= HighestSeen)",
+					"(a counter accepted before the download must not count as spent)",
 					rel.m.Counter, tc.state, err)
 				return
 			}

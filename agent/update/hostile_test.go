@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"crypto/ed25519"
 	"encoding/json"
+	"math"
 	"os"
 	"runtime"
 	"slices"
@@ -328,30 +329,68 @@ func TestHostileRollbackRefused(t *testing.T) {
 	}
 }
 
-// Rollback below the highest counter ever seen, even when that release was
-// never installed (accepted, then cancelled), across a restart.
-func TestHostileRollbackBelowHighestSeen(t *testing.T) {
-	r, _ := newLockedRig(t)
-	high := newHostileRelease(t, 20, "2.0.0", hostilePayload(0x20, 16<<10))
-	r.srv.route(high.path, hostileHonest(high.data))
-	if err := r.offer("c-20", high, r.keys); err != nil {
+// A leaked release key cannot freeze a device. With it an attacker (who
+// also holds the control plane) offers the last counter there is, a
+// manifest created 50 years ahead, and a release far ahead that never
+// installs; the first two are refused, the third waits. Then the key is
+// revoked by a new key list that comes with the fix, signed by the new
+// key under a lower counter: the pending release of the leaked key is
+// dropped, the fix installs, and a restart changes nothing.
+func TestHostileLeakedKeyCannotFreeze(t *testing.T) {
+	r, lock := newLockedRig(t)
+	base := prototest.Base / 1000
+	now := r.clk.Now().Unix()
+
+	maxed := newHostileRelease(t, math.MaxUint64, "9.9.9", hostilePayload(0x99, 16<<10))
+	r.srv.route(maxed.path, hostileHonest(maxed.data))
+	if err := r.offer("c-max", maxed, r.keys); proto.CheckOf(err) != proto.CheckCounter {
+		t.Errorf("counter 2^64-1: Offer = %v, want a %q refusal", err, proto.CheckCounter)
+	}
+	r.assertRejected("c-max", proto.CheckCounter)
+
+	future := newHostileRelease(t, 30, "3.0.0", hostilePayload(0x30, 16<<10), func(m *proto.Manifest) {
+		m.Created, m.Expires = now+50*365*86400, now+51*365*86400
+	})
+	r.srv.route(future.path, hostileHonest(future.data))
+	if err := r.offer("c-future", future, r.keys); proto.CheckOf(err) != proto.CheckCreated {
+		t.Errorf("created 50 years ahead: Offer = %v, want a %q refusal", err, proto.CheckCreated)
+	}
+	r.assertRejected("c-future", proto.CheckCreated)
+
+	ahead := newHostileRelease(t, 1<<39, "8.0.0", hostilePayload(0x80, 16<<10))
+	r.srv.route(ahead.path, hostileHonest(ahead.data))
+	if err := r.offer("c-ahead", ahead, r.keys); err != nil {
+		t.Fatalf("a release far ahead, validly signed: %v", err)
+	}
+	r.rep.waitState(t, "c-ahead", proto.UpdateDeferred) // downloaded, held by the maintenance lock
+
+	// The revocation, with the fix.
+	otherPub := prototest.OtherKey.Public().(ed25519.PublicKey)
+	v2 := prototest.KeyList()
+	v2.Version = 2
+	v2.Keys = []proto.ReleaseKey{{ID: proto.KeyID(otherPub), Public: otherPub, Expires: base + 365*86400}}
+	v2.Revoked = []string{hostileReleaseID}
+	keysV2 := hostileSignKeys(t, prototest.RootKey, v2)
+	fix := newHostileRelease(t, 20, "2.0.0", hostilePayload(0x20, 16<<10))
+	fix.signed = hostileSignManifest(t, prototest.OtherKey, fix.m)
+	r.srv.route(fix.path, hostileHonest(fix.data))
+	if err := r.offer("c-fix", fix, keysV2); err != nil {
+		t.Fatalf("the fix is refused: %v", err)
+	}
+	r.assertRejected("c-ahead", proto.CheckRevoked)
+	r.assertNotInstalled("c-ahead", proto.UpdateInstalling)
+	if err := os.Remove(lock); err != nil {
 		t.Fatal(err)
 	}
-	r.rep.waitState(t, "c-20", proto.UpdateDeferred)
-	r.u.Cancel()
-	mid := newHostileRelease(t, 15, "1.9.0", hostilePayload(0x15, 16<<10))
-	r.srv.route(mid.path, hostileHonest(mid.data))
-	for _, cmd := range []string{"c-15", "c-15-after-restart"} {
-		if cmd == "c-15-after-restart" {
-			r.restart(hostileOldVersion)
-		}
-		if err := r.offer(cmd, mid, r.keys); proto.CheckOf(err) != proto.CheckCounter {
-			t.Errorf("%s: Offer = %v, want a %q refusal", cmd, err, proto.CheckCounter)
-		}
-		r.assertRejected(cmd, proto.CheckCounter)
-		r.assertNotInstalled(cmd, proto.UpdateOffered, proto.UpdateDownloading, proto.UpdateVerified, proto.UpdateInstalling)
+	r.installGood("c-fix", fix, keysV2)
+	r.restart("2.0.0")
+	if c := r.u.AgentCounter(); c != 20 {
+		t.Fatalf("after a restart the agent's counter is %d", c)
 	}
-	r.assertNotInstalled("c-20")
+	// And the time floor did not move ahead of the clock.
+	if f := r.u.floor().Unix(); f > r.clk.Now().Unix() {
+		t.Errorf("time floor %d is ahead of the clock %d", f, r.clk.Now().Unix())
+	}
 }
 
 // Key list rollback: once key list 2 (which rotates the release key:

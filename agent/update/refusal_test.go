@@ -270,7 +270,7 @@ func TestCounterRefusalReasons(t *testing.T) {
 		}
 		r.assertAddressed("c-13-again", rel.signed)
 	})
-	t.Run("below the highest accepted", func(t *testing.T) {
+	t.Run("below the pending release", func(t *testing.T) {
 		r, _ := newLockedRig(t)
 		high := newHostileRelease(t, 20, "2.0.0", hostilePayload(0x20, 16<<10))
 		r.srv.route(high.path, hostileHonest(high.data))
@@ -278,7 +278,7 @@ func TestCounterRefusalReasons(t *testing.T) {
 			t.Fatal(err)
 		}
 		r.offer("c-15", newHostileRelease(t, 15, "1.9.0", hostilePayload(0x15, 16<<10)), r.keys)
-		if rep := r.reportNow("c-15", proto.UpdateRejected); !strings.Contains(rep.Reason, "below the highest release ever accepted, 20") {
+		if rep := r.reportNow("c-15", proto.UpdateRejected); !strings.Contains(rep.Reason, "below the pending agent 2.0.0 (counter 20)") {
 			t.Errorf("reason %q", rep.Reason)
 		}
 	})

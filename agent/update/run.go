@@ -404,7 +404,9 @@ func (u *Updater) install(ctx context.Context, j *job) error {
 	// is never installed again.
 	if err := u.set(j, func(j *job) {
 		j.Phase = phaseInstall
-		u.st.Spent = max(u.st.Spent, j.m.Counter)
+		c := u.st.target(j.m.Target)
+		c.Spent = max(c.Spent, j.m.Counter)
+		u.st.setTarget(j.m.Target, c)
 	}); err != nil {
 		return err
 	}

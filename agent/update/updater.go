@@ -97,16 +97,73 @@ type Options struct {
 
 // state is persisted in the state directory.
 type state struct {
-	HighestSeen uint64 `json:"highest_seen"` // highest counter ever accepted
-	// HighestSHA is the artifact of HighestSeen: the same release may be
-	// offered again (its download failed, it was cancelled) until Spent.
-	HighestSHA []byte `json:"highest_sha,omitempty"`
-	// Spent is the highest counter whose install began: never again.
-	Spent     uint64               `json:"spent,omitempty"`
+	// Targets is the anti-rollback state of each target: release counters
+	// are a sequence per target.
+	Targets   map[string]counters  `json:"targets,omitempty"`
 	TimeFloor int64                `json:"time_floor"` // unix seconds the clock may not read below
 	KeyList   []byte               `json:"key_list,omitempty"`
 	Installed map[string]installed `json:"installed"`
 	Job       *job                 `json:"job,omitempty"`
+
+	// Written by agents before per-target state; read once, then dropped.
+	LegacyHighestSeen uint64 `json:"highest_seen,omitempty"`
+	LegacyHighestSHA  []byte `json:"highest_sha,omitempty"`
+	LegacySpent       uint64 `json:"spent,omitempty"`
+}
+
+// counters is the anti-rollback state of one target.
+type counters struct {
+	// Spent is the highest counter whose install began: never again. Only
+	// an install moves it: a release that was only offered (whatever
+	// counter a leaked key gave it) blocks nothing once it is gone.
+	Spent uint64 `json:"spent,omitempty"`
+	// Seen and SeenSHA are the latest release accepted: the same counter
+	// may come again (its download failed, it was cancelled), but never
+	// for another artifact.
+	Seen    uint64 `json:"seen,omitempty"`
+	SeenSHA []byte `json:"seen_sha,omitempty"`
+}
+
+// MaxCounterJump bounds how far above the installed release a counter may
+// be: a leaked key cannot spend the counter space (2^64-1) and leave the
+// fix no number above it.
+const MaxCounterJump = 1 << 40
+
+// CreatedAllowance is how far in the future (by the trusted clock) a
+// manifest may say it was created: release engineers' clocks are not
+// exact, but a manifest from years ahead would push the device's time
+// floor there.
+const CreatedAllowance = 24 * time.Hour
+
+func (s *state) target(t string) counters { return s.Targets[t] }
+
+func (s *state) setTarget(t string, c counters) {
+	if s.Targets == nil {
+		s.Targets = map[string]counters{}
+	}
+	s.Targets[t] = c
+}
+
+// upgradeLegacy carries the single counters of earlier agents over to
+// every target this device installs: what was spent stays spent (the
+// counters were shared, so which target spent them is unknown).
+func (s *state) upgradeLegacy(targets []string) {
+	if s.LegacySpent == 0 && s.LegacyHighestSeen == 0 {
+		return
+	}
+	for _, t := range targets {
+		c := s.target(t)
+		c.Spent = max(c.Spent, s.LegacySpent)
+		s.setTarget(t, c)
+	}
+	if s.LegacyHighestSeen > 0 {
+		c := s.target(proto.TargetAgent)
+		if c.Seen < s.LegacyHighestSeen {
+			c.Seen, c.SeenSHA = s.LegacyHighestSeen, s.LegacyHighestSHA
+		}
+		s.setTarget(proto.TargetAgent, c)
+	}
+	s.LegacySpent, s.LegacyHighestSeen, s.LegacyHighestSHA = 0, 0, nil
 }
 
 type installed struct {
@@ -228,6 +285,11 @@ func New(opts Options) (*Updater, error) {
 	if u.st.Installed == nil {
 		u.st.Installed = map[string]installed{}
 	}
+	targets := make([]string, 0, len(opts.Installers))
+	for t := range opts.Installers {
+		targets = append(targets, t)
+	}
+	u.st.upgradeLegacy(targets)
 	if u.st.Job != nil {
 		if m, err := proto.DecodeManifestUnverified(u.st.Job.Manifest); err == nil {
 			u.st.Job.m = m
@@ -339,7 +401,6 @@ func (u *Updater) Offer(cmd proto.Command) error {
 		var err error
 		if inst.Counter != m.Counter {
 			u.st.Installed[m.Target] = installed{Version: m.Version, Counter: m.Counter, SHA256: m.SHA256}
-			u.st.HighestSeen = max(u.st.HighestSeen, m.Counter)
 			if err = u.saveLocked(); err != nil {
 				err = fmt.Errorf("update state: %w", err)
 				u.log.Error("installed release not recorded", "version", m.Version, "err", err)
@@ -402,15 +463,21 @@ func (u *Updater) Offer(cmd proto.Command) error {
 		u.report(u.st.Job, proto.UpdateFailed, func(r *proto.UpdateReport) { r.Reason = "superseded by " + m.Version })
 	}
 	u.unwaitLocked(j)
-	prev := u.st
-	u.st.HighestSeen, u.st.HighestSHA = m.Counter, m.SHA256
-	u.st.TimeFloor = max(u.st.TimeFloor, m.Created)
+	prev, prevTarget := u.st, u.st.target(m.Target)
+	u.st.setTarget(m.Target, counters{Spent: prevTarget.Spent, Seen: m.Counter, SeenSHA: m.SHA256})
+	// The floor follows the metadata, but never past the trusted clock: a
+	// manifest created a little ahead (an engineer's clock) must not make
+	// the device distrust its own time.
+	if now, err := u.trustedNow(); err == nil {
+		u.st.TimeFloor = max(u.st.TimeFloor, min(m.Created, now.Unix()))
+	}
 	j.Phase = phaseDownload
 	u.st.Job = j
 	if err := u.saveLocked(); err != nil {
 		// Nothing was recorded: the device goes on as before the offer,
 		// and says so (the same release may be offered again).
-		u.st.HighestSeen, u.st.HighestSHA, u.st.TimeFloor, u.st.Job = prev.HighestSeen, prev.HighestSHA, prev.TimeFloor, prev.Job
+		u.st.TimeFloor, u.st.Job = prev.TimeFloor, prev.Job
+		u.st.setTarget(m.Target, prevTarget)
 		err = fmt.Errorf("update state: %w", err)
 		u.log.Error("offer not recorded", "version", m.Version, "err", err)
 		u.report(j, proto.UpdateFailed, func(r *proto.UpdateReport) { r.Reason = "could not record the offer: " + err.Error() })
@@ -426,22 +493,23 @@ func (u *Updater) Offer(cmd proto.Command) error {
 // accepted, or has pending, naming which.
 func (u *Updater) counterLocked(m proto.Manifest) error {
 	inst := u.st.Installed[m.Target]
+	c := u.st.target(m.Target)
 	var why string
 	switch {
 	case m.Counter < inst.Counter:
 		why = fmt.Sprintf("counter %d is older than the installed %s %s (counter %d)", m.Counter, m.Target, inst.Version, inst.Counter)
 	case m.Counter == inst.Counter:
 		why = fmt.Sprintf("counter %d is the installed %s %s, but this is another artifact under that counter", m.Counter, m.Target, inst.Version)
-	case m.Counter <= u.st.Spent:
+	case m.Counter <= c.Spent:
 		why = fmt.Sprintf("counter %d was installed before and rolled back (or its install failed): a spent release is never installed again, a fix needs a new release", m.Counter)
-		if m.Counter < u.st.Spent {
-			why = fmt.Sprintf("counter %d is below the last installed or rolled-back release %d", m.Counter, u.st.Spent)
+		if m.Counter < c.Spent {
+			why = fmt.Sprintf("counter %d is below the last installed or rolled-back %s release %d", m.Counter, m.Target, c.Spent)
 		}
-	case m.Counter < u.st.HighestSeen:
-		why = fmt.Sprintf("counter %d is below the highest release ever accepted, %d", m.Counter, u.st.HighestSeen)
-	case m.Counter == u.st.HighestSeen && !slices.Equal(m.SHA256, u.st.HighestSHA):
+	case m.Counter-max(inst.Counter, c.Spent) > MaxCounterJump:
+		why = fmt.Sprintf("counter %d is more than 2^40 above the installed %s release (%d): it would leave no counter for later releases", m.Counter, m.Target, max(inst.Counter, c.Spent))
+	case m.Counter == c.Seen && !slices.Equal(m.SHA256, c.SeenSHA):
 		why = fmt.Sprintf("counter %d was already accepted for another artifact", m.Counter)
-	case u.st.Job != nil && m.Counter < u.st.Job.m.Counter:
+	case u.st.Job != nil && u.st.Job.m.Target == m.Target && m.Counter < u.st.Job.m.Counter:
 		why = fmt.Sprintf("counter %d is below the pending %s %s (counter %d)", m.Counter, u.st.Job.m.Target, u.st.Job.m.Version, u.st.Job.m.Counter)
 	default:
 		return nil
@@ -536,17 +604,21 @@ func (u *Updater) verifyLocked(signed, keys []byte) (m proto.Manifest, clockErr,
 	}
 	kl := proto.KeyList{}
 	switch {
-	case keys != nil:
+	case len(keys) > 0:
 		if kl, err = proto.OpenKeyList(keys, u.opts.Roots); err != nil {
 			return m, clockErr, err
 		}
 		if err := kl.Check(held, now); err != nil {
 			return m, clockErr, err
 		}
-		if clockErr == nil && (held == nil || kl.Version > held.Version) {
+		if held == nil || kl.Version > held.Version {
 			// A newer list (rotations, revocations) holds from now on,
-			// whatever becomes of the manifest that brought it.
+			// whatever becomes of the manifest that brought it, and also
+			// when the clock cannot be trusted (it is the root's word, and
+			// versions only go up): a device that a leaked key tried to
+			// freeze still learns that the key is revoked.
 			u.st.KeyList = keys
+			u.dropRevokedLocked(kl)
 			if err := u.saveLocked(); err != nil {
 				return m, clockErr, fmt.Errorf("update state: %w", err)
 			}
@@ -561,6 +633,10 @@ func (u *Updater) verifyLocked(signed, keys []byte) (m proto.Manifest, clockErr,
 	}
 	if m, err = proto.OpenManifest(signed, kl, now); err != nil {
 		return m, clockErr, err
+	}
+	if clockErr == nil && m.Created > now.Add(CreatedAllowance).Unix() {
+		return m, clockErr, &proto.VerifyError{Check: proto.CheckCreated, Err: fmt.Errorf("the manifest says it was created %s, more than %v after now (%s)",
+			time.Unix(m.Created, 0).UTC().Format(time.RFC3339), CreatedAllowance, now.UTC().Format(time.RFC3339))}
 	}
 	if _, ok := u.opts.Installers[m.Target]; !ok {
 		return m, clockErr, &proto.VerifyError{Check: proto.CheckTarget, Err: fmt.Errorf("%w %q: this device installs %s", ErrNoUpdater, m.Target, u.targets())}
@@ -582,6 +658,36 @@ func (u *Updater) verifyLocked(signed, keys []byte) (m proto.Manifest, clockErr,
 		return m, clockErr, &proto.VerifyError{Check: proto.CheckFormat, Err: errors.New("delta releases are not supported by this agent")}
 	}
 	return m, clockErr, nil
+}
+
+// dropRevokedLocked ends a job that has not started installing, and the
+// waiting offer, when a newer key list no longer accepts the key that
+// signed them (it was revoked, or left out): what a leaked key offered
+// must not stay pending once its revocation arrives.
+func (u *Updater) dropRevokedLocked(kl proto.KeyList) {
+	signedBy := func(manifest []byte) error {
+		// Time is not the question here: the list's own check of the
+		// signing key is (with a date far back, no expiry applies).
+		_, err := proto.OpenManifest(manifest, kl, time.Unix(0, 0))
+		if c := proto.CheckOf(err); c == proto.CheckRevoked || c == proto.CheckKey || c == proto.CheckSignature {
+			return err
+		}
+		return nil
+	}
+	if j := u.st.Job; j != nil && (j.Phase == phaseDownload || j.Phase == phaseVerified) {
+		if err := signedBy(j.Manifest); err != nil {
+			u.log.Warn("pending release dropped: the new key list refuses its signer", "version", j.m.Version, "err", err)
+			u.report(j, proto.UpdateRejected, func(r *proto.UpdateReport) { r.Check, r.Reason = string(proto.CheckOf(err)), err.Error() })
+			u.st.Job = nil
+			_ = os.Remove(u.stagedPath(j.m))
+		}
+	}
+	if w := u.waiting; w != nil {
+		if err := signedBy(w.j.Manifest); err != nil {
+			u.report(w.j, proto.UpdateRejected, func(r *proto.UpdateReport) { r.Check, r.Reason = string(proto.CheckOf(err)), err.Error() })
+			u.waiting = nil
+		}
+	}
 }
 
 // targets lists the targets this device has installers for.

@@ -40,6 +40,7 @@ type Store interface {
 	Profiles(ctx context.Context) ([]store.Profile, error)
 	DeleteProfile(ctx context.Context, name string) error
 	ProfileByToken(ctx context.Context, hash []byte) (store.Profile, error)
+	AllowRekey(ctx context.Context, id string, until time.Time) error
 	AddAudit(ctx context.Context, a store.Audit) (int64, error)
 	AuditLog(ctx context.Context, target string, limit int) ([]store.Audit, error)
 }
@@ -130,6 +131,7 @@ func New(opts Options) *API {
 	g.POST("/enroll-profiles", a.createProfile)
 	g.DELETE("/enroll-profiles/:name", a.deleteProfile)
 	g.DELETE("/devices/:id", a.revokeDevice)
+	g.POST("/devices/:id/rekey", a.rekeyDevice)
 	g.GET("/devices/:id/telemetry", a.telemetry)
 	g.GET("/devices/:id/events", a.deviceEvents)
 	g.GET("/events", a.events)
@@ -268,11 +270,24 @@ func (a *API) healthz(c echo.Context) error {
 	return c.JSON(http.StatusOK, map[string]string{"status": "ok", "version": a.opts.Version})
 }
 
+// actor is who the audit log records for an operator's request: the
+// identity of the token that authenticated it. What the client says about
+// whom it acts for (X-Hangar-Actor) is recorded as that, unverified.
 func (a *API) actor(c echo.Context) string {
-	if u := c.Request().Header.Get("X-Hangar-Actor"); u != "" && len(u) < 64 {
-		return "admin:" + u
+	actor := TokenAdmin
+	if u := c.Request().Header.Get("X-Hangar-Actor"); u != "" && len(u) <= 64 && printableASCII(u) {
+		actor += fmt.Sprintf(" on behalf of %q (unverified)", u)
 	}
-	return "admin"
+	return actor
+}
+
+func printableASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] > 0x7e {
+			return false
+		}
+	}
+	return true
 }
 
 func (a *API) audit(c echo.Context) error {

@@ -165,7 +165,7 @@ func TestEnrollAndDevices(t *testing.T) {
 	}
 	code, body = e.do(t, "GET", "/api/v1/audit?target=d1", e.admin, "")
 	if code != 200 || !strings.Contains(body, `"action":"device.revoke"`) || !strings.Contains(body, `"reason":"lost"`) ||
-		!strings.Contains(body, `"actor":"admin:alice"`) {
+		!strings.Contains(body, `"actor":"admin on behalf of \"alice\" (unverified)"`) {
 		t.Fatalf("audit: %d %s", code, body)
 	}
 }
@@ -245,5 +245,67 @@ func TestHealthzAndMetrics(t *testing.T) {
 	code, body := e.do(t, "GET", "/metrics", e.admin, "")
 	if code != 200 || !strings.Contains(body, `hangar_enrollments_total{result="bad_token"} 1`) {
 		t.Fatalf("metrics %d:\n%s", code, body)
+	}
+}
+
+// TestEnrollNoTakeover: the fleet token does not re-key an enrolled
+// device; the attempt is refused, logged and audited, and the real
+// device's credential keeps working. An operator's rekey lets the device
+// enroll again, once.
+func TestEnrollNoTakeover(t *testing.T) {
+	e := newEnv(t)
+	enroll := func() (int, string) {
+		return e.do(t, "POST", "/api/v1/enroll", "", `{"enroll_token":"`+e.enroll+`","device_id":"d1","hardware":"rev-b"}`)
+	}
+	code, body := enroll()
+	if code != 200 {
+		t.Fatalf("enroll: %d %s", code, body)
+	}
+	var cred api.Credential
+	json.Unmarshal([]byte(body), &cred)
+
+	code, body = enroll()
+	if code != http.StatusConflict || !strings.Contains(body, "hangar device rekey d1") {
+		t.Fatalf("takeover attempt: %d %s", code, body)
+	}
+	h, _ := e.db.Credential(context.Background(), "d1")
+	if !broker.CheckPassword(h, cred.Password) || e.bus.provisioned["d1"] != cred.Password {
+		t.Fatal("the refused enrollment changed the device's credential")
+	}
+	code, body = e.do(t, "GET", "/api/v1/audit?target=d1", e.admin, "")
+	if code != 200 || !strings.Contains(body, `"action":"device.enroll-refused"`) || !strings.Contains(body, `"remote":"127.0.0.1"`) {
+		t.Fatalf("audit: %d %s", code, body)
+	}
+
+	for _, bad := range []string{`{"within":"-1h"}`, `{"within":"10000h"}`, `{"within":"soon"}`} {
+		if code, body := e.do(t, "POST", "/api/v1/devices/d1/rekey", e.admin, bad); code != 400 {
+			t.Errorf("rekey %s: %d %s", bad, code, body)
+		}
+	}
+	if code, _ := e.do(t, "POST", "/api/v1/devices/d1/rekey", "", ""); code != 401 {
+		t.Errorf("rekey without a token: %d", code)
+	}
+	if code, body := e.do(t, "POST", "/api/v1/devices/nobody/rekey", e.admin, ""); code != 404 {
+		t.Errorf("rekey of an unknown device: %d %s", code, body)
+	}
+	if code, body := e.do(t, "POST", "/api/v1/devices/d1/rekey", e.admin, `{"within":"1h"}`); code != 200 {
+		t.Fatalf("rekey: %d %s", code, body)
+	}
+	code, body = enroll()
+	if code != 200 {
+		t.Fatalf("enroll after the operator's rekey: %d %s", code, body)
+	}
+	var again api.Credential
+	json.Unmarshal([]byte(body), &again)
+	h, _ = e.db.Credential(context.Background(), "d1")
+	if again.Password == cred.Password || !broker.CheckPassword(h, again.Password) || broker.CheckPassword(h, cred.Password) {
+		t.Fatal("the rekey did not replace the credential")
+	}
+	if code, _ := enroll(); code != http.StatusConflict {
+		t.Fatalf("the rekey allowance served twice: %d", code)
+	}
+	code, body = e.do(t, "GET", "/api/v1/audit?target=d1", e.admin, "")
+	if !strings.Contains(body, `"action":"device.rekey"`) || !strings.Contains(body, `"action":"device.rekeyed"`) {
+		t.Fatalf("audit: %d %s", code, body)
 	}
 }

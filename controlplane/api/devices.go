@@ -51,13 +51,28 @@ func (a *API) enroll(c echo.Context) error {
 	}
 	if tok == "" || err != nil {
 		a.opts.Metrics.Enrollments.WithLabelValues("bad_token").Inc()
-		a.log.Warn("enrollment refused: bad token", "device", req.DeviceID, "remote", c.RealIP())
+		id := req.DeviceID
+		if proto.ValidateDeviceID(id) != nil {
+			id = fmt.Sprintf("(not a device id, %d bytes)", len(id))
+		}
+		a.log.Warn("enrollment refused: bad token", "device", id, "remote", c.RealIP())
 		return echo.NewHTTPError(http.StatusUnauthorized, "invalid enrollment token")
 	}
 	cred, err := a.issue(c, enrollment{id: req.DeviceID, hardware: req.Hardware, labels: req.Labels, profile: profile})
 	if errors.Is(err, store.ErrRevoked) {
 		a.opts.Metrics.Enrollments.WithLabelValues("revoked").Inc()
 		return echo.NewHTTPError(http.StatusForbidden, "device "+req.DeviceID+" is revoked; an operator must add it again")
+	}
+	if errors.Is(err, store.ErrEnrolled) {
+		// Someone with the fleet token asks for a credential of a device
+		// that has one: a takeover, or a device that lost its credential.
+		// Either way an operator decides.
+		a.opts.Metrics.Enrollments.WithLabelValues("already_enrolled").Inc()
+		a.log.Warn("enrollment refused: the device is already enrolled (a takeover attempt, or a device that lost its credential: hangar device rekey)",
+			"device", req.DeviceID, "remote", c.RealIP())
+		_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: "enrollment token", Action: "device.enroll-refused",
+			Target: req.DeviceID, Reason: "already enrolled", Attrs: map[string]string{"remote": c.RealIP()}})
+		return echo.NewHTTPError(http.StatusConflict, "device "+req.DeviceID+" is already enrolled; an operator must allow it to enroll again (hangar device rekey "+req.DeviceID+")")
 	}
 	if err != nil {
 		a.opts.Metrics.Enrollments.WithLabelValues("error").Inc()
@@ -109,10 +124,10 @@ func (a *API) issue(c echo.Context, e enrollment) (Credential, error) {
 	actor := "device:" + e.id
 	action := "device.enroll"
 	if existed {
-		// The fleet token re-keys an enrolled device (an agent whose
-		// credential was refused enrolls again): worth an operator's look.
-		action = "device.re-enroll"
-		a.log.Warn("enrolled device enrolled again: its old credential no longer works", "device", e.id, "remote", c.RealIP())
+		// Only an operator's rekey lets an enrolled device enroll again
+		// (the store refuses otherwise).
+		action = "device.rekeyed"
+		a.log.Warn("enrolled device re-keyed, as an operator allowed: its old credential no longer works", "device", e.id, "remote", c.RealIP())
 	}
 	var attrs map[string]string
 	if e.profile.Name != "" && e.profile.Name != TokenEnroll {
@@ -126,6 +141,50 @@ func (a *API) issue(c echo.Context, e enrollment) (Credential, error) {
 		DeviceID: e.id, MQTTURL: a.opts.MQTTURL(c.Request()), Username: e.id, Password: password,
 		TopicPrefix: proto.TopicPrefix + "/dev/" + e.id,
 	}, nil
+}
+
+// RekeyRequest is the body of POST /api/v1/devices/:id/rekey.
+type RekeyRequest struct {
+	// Within is how long the device's next enrollment may re-key it (a
+	// Go duration; default 24h, at most 30 days).
+	Within string `json:"within,omitempty"`
+}
+
+// DefaultRekeyWithin is how long a rekey allowance lasts by default.
+const DefaultRekeyWithin = 24 * time.Hour
+
+// rekeyDevice lets an enrolled device enroll again once, for a while: the
+// operator's answer to a drone that lost its credential (a wiped state
+// directory, a restored control-plane database).
+func (a *API) rekeyDevice(c echo.Context) error {
+	id, err := a.deviceID(c)
+	if err != nil {
+		return err
+	}
+	var req RekeyRequest
+	if c.Request().ContentLength != 0 {
+		if err := decodeJSON(c, &req); err != nil {
+			return err
+		}
+	}
+	within := DefaultRekeyWithin
+	if req.Within != "" {
+		if within, err = time.ParseDuration(req.Within); err != nil || within <= 0 || within > 30*24*time.Hour {
+			return badRequest("within must be a duration from 1s to 720h, not %q", req.Within)
+		}
+	}
+	ctx := c.Request().Context()
+	until := a.opts.Now().Add(within)
+	if err := a.opts.Store.AllowRekey(ctx, id, until); err != nil {
+		if errors.Is(err, store.ErrRevoked) {
+			return echo.NewHTTPError(http.StatusConflict, "device "+id+" is revoked: add it again (hangar device add) to give it a credential")
+		}
+		return notFound(err, "device "+id)
+	}
+	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: a.actor(c), Action: "device.rekey", Target: id,
+		Reason: c.QueryParam("reason"), Attrs: map[string]string{"until": until.UTC().Format(time.RFC3339)}})
+	a.log.Info("device may enroll again", "device", id, "until", until)
+	return c.JSON(http.StatusOK, map[string]any{"device": id, "until": until.UTC()})
 }
 
 // AddDeviceRequest is the body of POST /api/v1/devices.

@@ -85,6 +85,12 @@ func TestDeviceCommands(t *testing.T) {
 	if err != nil || !strings.Contains(out, "base=zurich,hw=rev-b") {
 		t.Fatalf("show: %v\n%s", err, out)
 	}
+	if out, _, err = run(t, c, "device", "rekey", "drone-1", "--within", "2h", "--reason", "state lost"); err != nil || !strings.Contains(out, "may enroll again, once") {
+		t.Fatalf("rekey: %v %s", err, out)
+	}
+	if _, _, err = run(t, c, "device", "rekey", "nobody"); err == nil {
+		t.Fatal("rekey of an unknown device succeeded")
+	}
 	if out, _, err = run(t, c, "device", "rm", "drone-1", "--reason", "crashed"); err != nil || !strings.Contains(out, "revoked") {
 		t.Fatalf("rm: %v %s", err, out)
 	}

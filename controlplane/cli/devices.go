@@ -35,6 +35,8 @@ func runDevice(ctx context.Context, g *globals, args []string) error {
 		return deviceAdd(ctx, g, args)
 	case "rm", "revoke":
 		return deviceRemove(ctx, g, args)
+	case "rekey":
+		return deviceRekey(ctx, g, args)
 	case "update":
 		return deviceUpdate(ctx, g, args)
 	case "updates":
@@ -44,12 +46,13 @@ func runDevice(ctx context.Context, g *globals, args []string) error {
 	case "import":
 		return deviceImport(ctx, g, args)
 	}
-	fmt.Fprintln(g.env.Stderr, `Usage: hangar device ls|show|add|rm|update|updates|label|import ...
+	fmt.Fprintln(g.env.Stderr, `Usage: hangar device ls|show|add|rm|rekey|update|updates|label|import ...
 
   ls [--selector k=v] [--online true] [--version V]
   show ID | updates ID
   add ID [--hardware H] [--label k=v]   pre-provision with a credential (shown once)
   rm ID [--reason R]                    revoke and disconnect
+  rekey ID [--within 24h] [--reason R]  let an enrolled device that lost its credential enroll again, once
   update ID --release V
   label ID k=v [k2=v2] [k-]             set operator labels (k- removes k)
   label --file FILE                     the same for many devices: lines "ID k=v k2=v2 k3-"
@@ -272,6 +275,33 @@ func deviceRemove(ctx context.Context, g *globals, args []string) error {
 		return err
 	}
 	fmt.Fprintf(g.env.Stdout, "device %s revoked and disconnected\n", id)
+	return nil
+}
+
+func deviceRekey(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("device rekey")
+	g.register(fs)
+	reason := fs.String("reason", "", "why (recorded in the audit log)")
+	within := fs.Duration("within", api.DefaultRekeyWithin, "how long the device's next enrollment may re-key it")
+	id, err := oneID(fs, args, "device rekey")
+	if err != nil {
+		return err
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	q := url.Values{}
+	if *reason != "" {
+		q.Set("reason", *reason)
+	}
+	var out struct {
+		Until time.Time `json:"until"`
+	}
+	if err := c.Do(ctx, http.MethodPost, "/api/v1/devices/"+id+"/rekey", q, api.RekeyRequest{Within: within.String()}, &out); err != nil {
+		return err
+	}
+	fmt.Fprintf(g.env.Stdout, "device %s may enroll again, once, until %s (its current credential works until it does)\n", id, out.Until.Local().Format(time.DateTime))
 	return nil
 }
 

@@ -17,6 +17,9 @@ var (
 	ErrRevoked  = errors.New("device revoked")
 	ErrExists   = errors.New("already exists")
 	ErrInvalid  = errors.New("invalid")
+	// ErrEnrolled: the device id is enrolled (and not revoked); its own
+	// enrollment may not re-key it unless an operator allowed it.
+	ErrEnrolled = errors.New("device already enrolled")
 )
 
 // Device is one drone as the control plane knows it. Its Labels are the

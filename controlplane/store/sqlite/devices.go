@@ -35,13 +35,14 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 	var (
 		revoked  bool
 		enrolled sql.NullInt64
+		rekey    sql.NullInt64
 		opLabels string
 	)
 	var enrolledAt any = ms(e.Now)
 	if e.Operator && e.CredHash == nil {
 		enrolledAt = nil // pre-provisioned: awaiting the device's enrollment
 	}
-	err = tx.QueryRowContext(ctx, `SELECT revoked, enrolled_at, labels FROM devices WHERE id = ?`, e.ID).Scan(&revoked, &enrolled, &opLabels)
+	err = tx.QueryRowContext(ctx, `SELECT revoked, enrolled_at, rekey_until, labels FROM devices WHERE id = ?`, e.ID).Scan(&revoked, &enrolled, &rekey, &opLabels)
 	switch {
 	case errors.Is(err, sql.ErrNoRows) && e.Operator:
 		op := orEmpty(maps.Clone(e.Labels))
@@ -58,6 +59,10 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 	case err != nil:
 	case revoked && !e.Operator:
 		return store.Device{}, fmt.Errorf("enroll %s: %w", e.ID, store.ErrRevoked)
+	case enrolled.Valid && !e.Operator && !(rekey.Valid && rekey.Int64 > ms(e.Now)):
+		// Whoever holds the fleet token must not take an enrolled
+		// device's place: only an operator's rekey lets it enroll again.
+		return store.Device{}, fmt.Errorf("enroll %s: %w", e.ID, store.ErrEnrolled)
 	case e.Operator:
 		op := parseLabels(opLabels)
 		maps.Copy(op, e.Labels)
@@ -90,7 +95,7 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 			}
 		}
 		opJSON, _ := json.Marshal(op)
-		_, err = tx.ExecContext(ctx, `UPDATE devices SET reported_labels = ?, labels = ?, cred_hash = ?, enrolled_at = ?,
+		_, err = tx.ExecContext(ctx, `UPDATE devices SET reported_labels = ?, labels = ?, cred_hash = ?, enrolled_at = ?, rekey_until = NULL,
 			hardware = CASE WHEN ? != '' THEN ? ELSE hardware END WHERE id = ?`,
 			string(labels), string(opJSON), e.CredHash, ms(e.Now), e.Hardware, e.Hardware, e.ID)
 	}
@@ -105,6 +110,23 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 		return store.Device{}, fmt.Errorf("enroll %s: %w", e.ID, err)
 	}
 	return d, nil
+}
+
+// AllowRekey lets the device's own enrollment re-key it once, until the
+// given time: an operator's answer to a device that lost its credential.
+// A revoked device is reinstated by an operator's add instead.
+func (db *DB) AllowRekey(ctx context.Context, id string, until time.Time) error {
+	res, err := db.w.ExecContext(ctx, `UPDATE devices SET rekey_until = ? WHERE id = ? AND NOT revoked`, ms(until), id)
+	if err != nil {
+		return fmt.Errorf("allow rekey %s: %w", id, err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		if _, err := db.Device(ctx, id); err != nil {
+			return fmt.Errorf("allow rekey %s: %w", id, err)
+		}
+		return fmt.Errorf("allow rekey %s: %w", id, store.ErrRevoked)
+	}
+	return nil
 }
 
 // SetLabels applies operators' label changes. Every device must exist: a

@@ -395,6 +395,9 @@ var migrations = []string{
 	-- When an operator last reinstated the device: update reports stored
 	-- before it no longer outrank new ones, whatever epoch they claimed.
 	ALTER TABLE devices ADD COLUMN reinstated INTEGER NOT NULL DEFAULT 0;`,
+	// Until when (unix ms) an operator allows the device's own enrollment
+	// to re-key an enrolled device (hangar device rekey); NULL: never.
+	`ALTER TABLE devices ADD COLUMN rekey_until INTEGER;`,
 }
 
 func (db *DB) migrate(ctx context.Context) error {

@@ -1,6 +1,7 @@
 package sqlite_test
 
 import (
+	"bytes"
 	"database/sql"
 	"errors"
 	"path/filepath"
@@ -42,8 +43,32 @@ func TestReportedLabelsNeverGroup(t *testing.T) {
 	if _, err := db.Enroll(ctx, store.Enrollment{ID: "p1", Profile: map[string]string{"base": "bern"}, CredHash: []byte("x"), Now: clk.Now()}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := db.Enroll(ctx, store.Enrollment{ID: "p1", Profile: map[string]string{"base": "zurich"}, CredHash: []byte("y"), Now: clk.Now()}); err != nil {
+	// Enrolling an enrolled id again is refused: the fleet token never
+	// re-keys a device ...
+	if _, err := db.Enroll(ctx, store.Enrollment{ID: "p1", Profile: map[string]string{"base": "zurich"}, CredHash: []byte("y"), Now: clk.Now()}); !errors.Is(err, store.ErrEnrolled) {
+		t.Fatalf("re-enrollment of an enrolled device: %v, want ErrEnrolled", err)
+	}
+	if c, _ := db.Credential(ctx, "p1"); !bytes.Equal(c, []byte("x")) {
+		t.Fatalf("a refused re-enrollment changed the credential: %q", c)
+	}
+	// ... unless an operator allowed it, once, until a deadline.
+	if err := db.AllowRekey(ctx, "p1", clk.Now().Add(time.Hour)); err != nil {
 		t.Fatal(err)
+	}
+	if _, err := db.Enroll(ctx, store.Enrollment{ID: "p1", Profile: map[string]string{"base": "zurich"}, CredHash: []byte("y"), Now: clk.Now()}); err != nil {
+		t.Fatalf("re-enrollment an operator allowed: %v", err)
+	}
+	if _, err := db.Enroll(ctx, store.Enrollment{ID: "p1", CredHash: []byte("z"), Now: clk.Now()}); !errors.Is(err, store.ErrEnrolled) {
+		t.Fatalf("a rekey allowance served twice: %v", err)
+	}
+	if err := db.AllowRekey(ctx, "p1", clk.Now().Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Enroll(ctx, store.Enrollment{ID: "p1", CredHash: []byte("z"), Now: clk.Now().Add(2 * time.Minute)}); !errors.Is(err, store.ErrEnrolled) {
+		t.Fatalf("an expired rekey allowance served: %v", err)
+	}
+	if err := db.AllowRekey(ctx, "nobody", clk.Now()); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("rekey of an unknown device: %v", err)
 	}
 	if d, _ := db.Device(ctx, "p1"); d.Labels["base"] != "bern" {
 		t.Fatalf("re-enrollment with another profile relabelled the device: %v", d.Labels)
