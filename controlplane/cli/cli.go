@@ -61,6 +61,10 @@ func Run(ctx context.Context, args []string, env Env) error {
 	if env.Stdout == nil {
 		env.Stdout = os.Stdout
 	}
+	// Devices supply much of what the CLI prints (versions, hardware,
+	// event text): no control character of theirs reaches the terminal.
+	env.Stdout = &Escaper{W: env.Stdout}
+	env.Stderr = &Escaper{W: env.Stderr}
 	if env.Stderr == nil {
 		env.Stderr = os.Stderr
 	}
@@ -107,7 +111,9 @@ func (g *globals) register(fs *flag.FlagSet) {
 		def = defaultServer
 	}
 	fs.StringVar(&g.server, "server", def, "control plane URL (env HANGAR_SERVER)")
-	fs.StringVar(&g.token, "token", g.env.Getenv("HANGAR_TOKEN"), "admin API token (env HANGAR_TOKEN)")
+	// The default stays empty: --help prints defaults, and a token is a
+	// secret. HANGAR_TOKEN is read when the client is made.
+	fs.StringVar(&g.token, "token", "", "admin API token (default: from HANGAR_TOKEN)")
 	fs.StringVar(&g.tokenFile, "token-file", defaultTokenFile, "file holding the admin token, used when --token is not given")
 	fs.StringVar(&g.output, "o", "table", "output format: table or json")
 }
@@ -143,6 +149,9 @@ func (g *globals) client() (*Client, error) {
 		return nil, fmt.Errorf("%w: -o must be table or json, not %q", ErrUsage, g.output)
 	}
 	tok := g.token
+	if tok == "" {
+		tok = g.env.Getenv("HANGAR_TOKEN")
+	}
 	if tok == "" {
 		b, err := os.ReadFile(g.tokenFile)
 		if err != nil {

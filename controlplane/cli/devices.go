@@ -77,7 +77,7 @@ func labelString(m map[string]string) string {
 	for i, k := range keys {
 		parts[i] = k + "=" + m[k]
 	}
-	return strings.Join(parts, ",")
+	return oneLine(strings.Join(parts, ","))
 }
 
 func ago(t *time.Time) string {
@@ -153,11 +153,12 @@ func deviceList(ctx context.Context, g *globals, args []string) error {
 	return nil
 }
 
+// dash shows a value (often one a device reported) in a table cell.
 func dash(s string) string {
 	if s == "" {
 		return "-"
 	}
-	return s
+	return oneLine(s)
 }
 
 func oneID(fs *flag.FlagSet, args []string, what string) (string, error) {
@@ -360,7 +361,7 @@ func runEvents(ctx context.Context, g *globals, args []string) error {
 				what += " (" + u.Reason + ")"
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", e.Time.Local().Format(time.DateTime), e.Device, e.Kind, e.Severity, what)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", e.Time.Local().Format(time.DateTime), e.Device, e.Kind, e.Severity, oneLine(what))
 	}
 	return tw.Flush()
 }

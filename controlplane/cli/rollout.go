@@ -353,7 +353,12 @@ func rolloutStatus(ctx context.Context, g *globals, args []string, watch bool) e
 			}
 		} else {
 			if watch {
-				fmt.Fprint(g.env.Stdout, "\033[H\033[2J")
+				// The CLI's own control codes pass; a device's do not.
+				raw := g.env.Stdout
+				if e, ok := raw.(*Escaper); ok {
+					raw = e.W
+				}
+				fmt.Fprint(raw, "\033[H\033[2J")
 				fmt.Fprintln(g.env.Stdout, time.Now().Format(time.TimeOnly))
 			}
 			printStatus(g.env.Stdout, rep)
