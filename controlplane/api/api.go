@@ -13,6 +13,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -43,6 +44,7 @@ type Store interface {
 	AllowRekey(ctx context.Context, id string, until time.Time) error
 	AddAudit(ctx context.Context, a store.Audit) (int64, error)
 	AuditLog(ctx context.Context, target string, limit int) ([]store.Audit, error)
+	VerifyAudit(ctx context.Context, at int64) (store.AuditVerification, error)
 }
 
 // Token names in the store.
@@ -137,6 +139,7 @@ func New(opts Options) *API {
 	g.GET("/events", a.events)
 	g.GET("/fleet/health", a.fleetHealth)
 	g.GET("/audit", a.audit)
+	g.GET("/audit/verify", a.verifyAudit)
 	if opts.Static != nil {
 		e.GET("/*", echo.WrapHandler(opts.Static))
 	}
@@ -288,6 +291,24 @@ func printableASCII(s string) bool {
 		}
 	}
 	return true
+}
+
+// verifyAudit walks the audit log's hash chain (?at=ID: and returns the
+// hash of entry ID, to compare with a head kept elsewhere).
+func (a *API) verifyAudit(c echo.Context) error {
+	var at int64
+	if s := c.QueryParam("at"); s != "" {
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil || n < 1 {
+			return badRequest("at must be an entry id, not %q", s)
+		}
+		at = n
+	}
+	v, err := a.opts.Store.VerifyAudit(c.Request().Context(), at)
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, v)
 }
 
 func (a *API) audit(c echo.Context) error {

@@ -39,7 +39,7 @@ func commands() []command {
 		{"rollout", "create|ls|status|watch|start|...", "staged canary rollouts gated on health", runRollout},
 		{"events", "[--device ID]", "show recent device events", runEvents},
 		{"health", "", "show the fleet health summary", runHealth},
-		{"audit", "[--target ID]", "show who did what, when and why", runAudit},
+		{"audit", "[--target ID] | verify [--head ID:HASH]", "show who did what, when and why; verify the log's hash chain", runAudit},
 		{"version", "", "print the version", func(_ context.Context, g *globals, _ []string) error {
 			fmt.Fprintln(g.env.Stdout, Version)
 			return nil

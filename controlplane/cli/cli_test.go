@@ -3,6 +3,7 @@ package cli_test
 import (
 	"bytes"
 	"context"
+	"database/sql"
 	"encoding/json"
 	"errors"
 	"net"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/hangarfleet/hangar/controlplane/cli"
 	"github.com/hangarfleet/hangar/controlplane/server"
+	_ "github.com/mattn/go-sqlite3"
 )
 
 type cp struct {
@@ -178,5 +180,40 @@ func TestServeWritesTokens(t *testing.T) {
 	}
 	if !strings.Contains(out.String(), "admin token:") || !strings.Contains(out.String(), "dashboard and API: http://127.0.0.1:") {
 		t.Fatalf("serve output:\n%s", out.String())
+	}
+}
+
+// audit verify: intact, then holding the head it printed, then broken by
+// an edit made behind the control plane's back.
+func TestAuditVerify(t *testing.T) {
+	c := startServer(t)
+	for _, id := range []string{"drone-1", "drone-2", "drone-3"} {
+		if _, _, err := run(t, c, "device", "add", id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, _, err := run(t, c, "audit", "verify")
+	if err != nil || !strings.Contains(out, "audit log intact: 3 entries") {
+		t.Fatalf("verify: %v %s", err, out)
+	}
+	head := strings.Fields(out[strings.Index(out, "head ")+5:])[0]
+	run(t, c, "device", "add", "drone-4")
+	if out, _, err := run(t, c, "audit", "verify", "--head", head); err != nil {
+		t.Fatalf("verify --head %s after one more entry: %v %s", head, err, out)
+	}
+	if _, _, err := run(t, c, "audit", "verify", "--head", "2:"+strings.Repeat("00", 32)); !errors.Is(err, cli.ErrAuditBroken) {
+		t.Fatalf("verify against a head the log never had: %v", err)
+	}
+	raw, err := sql.Open("sqlite3", filepath.Join(c.dataDir, server.DBFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	if _, err := raw.Exec(`UPDATE audit SET actor = 'someone else' WHERE id = 2`); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = run(t, c, "audit", "verify")
+	if !errors.Is(err, cli.ErrAuditBroken) || !strings.Contains(err.Error(), "entry 2") {
+		t.Fatalf("verify after an edit: %v", err)
 	}
 }

@@ -2,8 +2,11 @@ package cli
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -12,6 +15,7 @@ import (
 	"net/url"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -404,7 +408,14 @@ func runHealth(ctx context.Context, g *globals, args []string) error {
 	return nil
 }
 
+// ErrAuditBroken: audit verify found the chain broken, or not holding a
+// head recorded earlier.
+var ErrAuditBroken = errors.New("audit log tampered with")
+
 func runAudit(ctx context.Context, g *globals, args []string) error {
+	if len(args) > 0 && args[0] == "verify" {
+		return auditVerify(ctx, g, args[1:])
+	}
 	fs := g.newFlags("audit")
 	g.register(fs)
 	target := fs.String("target", "", "only entries about this device or rollout")
@@ -433,6 +444,56 @@ func runAudit(ctx context.Context, g *globals, args []string) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", a.Time.Local().Format(time.DateTime), a.Actor, a.Action, a.Target, a.Reason)
 	}
 	return tw.Flush()
+}
+
+// auditVerify walks the audit log's hash chain on the server and, given a
+// head printed by an earlier verify (ID:HASH), checks the log still holds
+// it: a log cut short, or rewritten with its hashes recomputed, does not.
+func auditVerify(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("audit verify")
+	g.register(fs)
+	head := fs.String("head", "", "a head printed by an earlier verify (ID:HASH), kept outside the control plane")
+	if _, err := parse(fs, args); err != nil {
+		return err
+	}
+	var at int64
+	var want []byte
+	if *head != "" {
+		id, h, ok := strings.Cut(*head, ":")
+		n, err := strconv.ParseInt(id, 10, 64)
+		sum, herr := hex.DecodeString(h)
+		if !ok || err != nil || n < 1 || herr != nil || len(sum) != 32 {
+			return fmt.Errorf("%w: --head must be ID:HASH as audit verify prints it, not %q", ErrUsage, *head)
+		}
+		at, want = n, sum
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	q := url.Values{}
+	if at > 0 {
+		q.Set("at", fmt.Sprint(at))
+	}
+	var v store.AuditVerification
+	if err := c.Do(ctx, http.MethodGet, "/api/v1/audit/verify", q, nil, &v); err != nil {
+		return err
+	}
+	if g.output == "json" {
+		if err := printJSON(g.env.Stdout, v); err != nil {
+			return err
+		}
+	}
+	switch {
+	case v.Broken != nil:
+		return fmt.Errorf("%w: the chain breaks at entry %d: %s", ErrAuditBroken, v.Broken.ID, v.Broken.Why)
+	case at > 0 && !bytes.Equal(v.At, want):
+		return fmt.Errorf("%w: entry %d no longer has the hash recorded (the log was cut short or rewritten from there on)", ErrAuditBroken, at)
+	}
+	if g.output != "json" {
+		fmt.Fprintf(g.env.Stdout, "audit log intact: %d entries; head %d:%x (keep it outside the control plane: audit verify --head checks it later)\n", v.Entries, v.HeadID, v.Head)
+	}
+	return nil
 }
 
 func plural(n int) string {

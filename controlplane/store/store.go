@@ -178,6 +178,21 @@ type Audit struct {
 	Attrs  map[string]string `json:"attrs,omitempty"`
 }
 
+// AuditVerification is the result of walking the audit log's hash chain.
+type AuditVerification struct {
+	Entries int64       `json:"entries"`
+	HeadID  int64       `json:"head_id"`
+	Head    []byte      `json:"head"`             // the last entry's hash: keep it elsewhere to check later
+	Broken  *AuditBreak `json:"broken,omitempty"` // the first entry where the chain breaks
+	At      []byte      `json:"at,omitempty"`     // the hash of the entry asked about
+}
+
+// AuditBreak is where the audit chain first breaks, and why.
+type AuditBreak struct {
+	ID  int64  `json:"id"`
+	Why string `json:"why"`
+}
+
 // Histogram is a count per labelled bucket, in bucket order.
 type Histogram []Bucket
 

@@ -122,22 +122,24 @@ func (db *DB) Events(ctx context.Context, id string, after int64, limit int) ([]
 
 // AddAudit records something the control plane or an operator did.
 func (db *DB) AddAudit(ctx context.Context, a store.Audit) (int64, error) {
-	attrs, _ := json.Marshal(orEmpty(a.Attrs))
-	r, err := db.w.ExecContext(ctx, `INSERT INTO audit (ts, actor, action, target, reason, attrs) VALUES (?, ?, ?, ?, ?, ?)`,
-		ms(a.Time), a.Actor, a.Action, a.Target, a.Reason, string(attrs))
+	tx, err := db.w.BeginTx(ctx, nil)
 	if err != nil {
 		return 0, fmt.Errorf("audit %s: %w", a.Action, err)
 	}
-	return r.LastInsertId()
+	defer tx.Rollback()
+	id, err := appendAudit(ctx, tx, a)
+	if err != nil {
+		return 0, err
+	}
+	if err := tx.Commit(); err != nil {
+		return 0, fmt.Errorf("audit %s: %w", a.Action, err)
+	}
+	return id, nil
 }
 
-func addAudit(ctx context.Context, x execer, a store.Audit) error {
-	attrs, _ := json.Marshal(orEmpty(a.Attrs))
-	if _, err := x.ExecContext(ctx, `INSERT INTO audit (ts, actor, action, target, reason, attrs) VALUES (?, ?, ?, ?, ?, ?)`,
-		ms(a.Time), a.Actor, a.Action, a.Target, a.Reason, string(attrs)); err != nil {
-		return fmt.Errorf("audit %s: %w", a.Action, err)
-	}
-	return nil
+func addAudit(ctx context.Context, tx *sql.Tx, a store.Audit) error {
+	_, err := appendAudit(ctx, tx, a)
+	return err
 }
 
 // AuditLog returns audit entries about target (all when empty), newest first.

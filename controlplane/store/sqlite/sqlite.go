@@ -131,6 +131,10 @@ func Open(path string, opts Options) (*DB, error) {
 		w.Close()
 		return nil, err
 	}
+	if err := db.chainAudit(context.Background()); err != nil {
+		w.Close()
+		return nil, err
+	}
 	if err := db.prepare(); err != nil {
 		w.Close()
 		return nil, err
@@ -398,6 +402,9 @@ var migrations = []string{
 	// Until when (unix ms) an operator allows the device's own enrollment
 	// to re-key an enrolled device (hangar device rekey); NULL: never.
 	`ALTER TABLE devices ADD COLUMN rekey_until INTEGER;`,
+	// The audit log is a hash chain (audit.go); entries written before it
+	// are chained when the store opens.
+	`ALTER TABLE audit ADD COLUMN hash BLOB;`,
 }
 
 func (db *DB) migrate(ctx context.Context) error {
