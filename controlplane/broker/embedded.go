@@ -46,6 +46,10 @@ type EmbeddedOptions struct {
 	ConnectRate int
 	// MaxClients caps concurrent connections (0: no cap).
 	MaxClients int64
+	// ConnectTimeout and MaxConnectSize bound a connection before it
+	// authenticates (defaults DefaultConnectTimeout, DefaultMaxConnectSize).
+	ConnectTimeout time.Duration
+	MaxConnectSize int
 }
 
 // Embedded is an in-process mochi-mqtt broker.
@@ -122,7 +126,14 @@ func NewEmbedded(opts EmbeddedOptions) (*Embedded, error) {
 		ln.Close()
 		return nil, fmt.Errorf("embedded broker: %w", err)
 	}
-	e.ln = &listener{ln: ln, log: log, rate: opts.ConnectRate, metrics: opts.Metrics}
+	if opts.ConnectTimeout <= 0 {
+		opts.ConnectTimeout = DefaultConnectTimeout
+	}
+	if opts.MaxConnectSize <= 0 {
+		opts.MaxConnectSize = DefaultMaxConnectSize
+	}
+	e.ln = &listener{ln: ln, log: log, rate: opts.ConnectRate, metrics: opts.Metrics,
+		connectTimeout: opts.ConnectTimeout, maxConnect: opts.MaxConnectSize}
 	if err := srv.AddListener(e.ln); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("embedded broker: %w", err)
@@ -499,6 +510,9 @@ type listener struct {
 	wg      sync.WaitGroup
 	end     atomic.Bool
 	window  acceptWindow
+
+	connectTimeout time.Duration
+	maxConnect     int
 }
 
 // acceptWindow finds the most accepts within any one second: the accept
@@ -556,6 +570,9 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 		if peak, grew := l.window.add(time.Now()); grew {
 			l.metrics.AcceptPeak.Set(float64(peak))
 		}
+		conn = guardConnect(conn, l.connectTimeout, l.maxConnect, func(reason string) {
+			l.metrics.PreconnectRefused.WithLabelValues(reason).Inc()
+		})
 		go func() {
 			if err := establish(l.ID(), conn); err != nil {
 				l.log.Debug("connection ended", "remote", conn.RemoteAddr().String(), "err", err)

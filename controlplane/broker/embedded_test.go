@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -305,5 +306,87 @@ func TestEmbeddedConnectRateCap(t *testing.T) {
 	}
 	if peak := testutil.ToFloat64(m.AcceptPeak); peak > 41 || peak < 20 {
 		t.Fatalf("peak accept rate %v in one second, want about 40 and never above 41", peak)
+	}
+}
+
+// TestEmbeddedPreconnectFlood: connections that never authenticate cost
+// the broker little and end: 3,000 announcing a 256 MiB CONNECT are
+// closed at once, 1,000 that send part of a header and 500 that send part
+// of a small CONNECT are closed at the connect deadline; the heap stays
+// bounded meanwhile, and a good device stays connected throughout.
+func TestEmbeddedPreconnectFlood(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := metrics.New(nil)
+	e, err := broker.NewEmbedded(broker.EmbeddedOptions{Listener: ln, Credentials: fakeCreds{"d1": "pw1"}, Metrics: m, ConnectTimeout: 3 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Start(t.Context(), syncHandler(nil).async); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	good, err := dialEmb(t, ln.Addr().String(), "d1", "d1", "pw1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	heap := func() uint64 {
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return ms.HeapInuse
+	}
+	before := heap()
+	var conns []net.Conn
+	t.Cleanup(func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	flood := func(n int, first []byte) {
+		for range n {
+			c, err := net.Dial("tcp", ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			conns = append(conns, c)
+			if _, err := c.Write(first); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	flood(3000, []byte{0x10, 0xff, 0xff, 0xff, 0x7f}) // CONNECT of 256 MiB, announced
+	flood(1000, []byte{0x10, 0x80})                   // a header that never ends
+	flood(500, []byte{0x10, 0x80, 0x7d, 0, 4, 'M'})   // 16,000 bytes announced, 3 sent
+	refused := func(reason string) float64 { return testutil.ToFloat64(m.PreconnectRefused.WithLabelValues(reason)) }
+	waitCond(t, 30*time.Second, "the oversized CONNECTs refused", func() bool { return refused("too_large") == 3000 })
+	during := heap()
+	t.Logf("heap: %.1f MB before, %.1f MB with 1,500 half-open connections waiting for their deadline (%d refused as too large)",
+		float64(before)/1e6, float64(during)/1e6, int(refused("too_large")))
+	if grew := int64(during) - int64(before); grew > 48<<20 {
+		t.Errorf("the heap grew by %d MB for connections that never authenticated", grew>>20)
+	}
+	waitCond(t, 30*time.Second, "the stalled connections closed at the deadline", func() bool { return refused("timeout") == 1500 })
+	for _, c := range conns[:10] {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); err == nil {
+			t.Fatal("a refused connection is still open")
+		}
+	}
+	if !good.IsConnectionOpen() {
+		t.Fatal("the good device was disconnected by the flood")
+	}
+}
+
+func waitCond(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

@@ -36,6 +36,10 @@ type Metrics struct {
 	// --connect-rate caps).
 	Accepted   prometheus.Counter
 	AcceptPeak prometheus.Gauge
+	// PreconnectRefused counts connections closed before they
+	// authenticated, by reason: timeout (no CONNECT in time), too_large,
+	// not_connect, closed.
+	PreconnectRefused *prometheus.CounterVec
 }
 
 // New creates the collectors in a fresh registry. connected reports the
@@ -101,9 +105,13 @@ func New(connected func() float64) *Metrics {
 		AcceptPeak: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "hangar_mqtt_accept_rate_peak", Help: "Most connections the embedded broker accepted within any one second since it started.",
 		}),
+		PreconnectRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_mqtt_preconnect_refused_total", Help: "Connections closed before their CONNECT was read, by reason (timeout, too_large, not_connect, closed).",
+		}, []string{"reason"}),
 	}
 	r.MustRegister(m.Messages, m.Samples, m.Duplicates, m.UnknownDevice, m.Refused, m.DecodeErrors, m.AgentDropped,
-		m.StoreLatency, m.GroupSize, m.StoreErrors, m.IngestDelay, m.AuthFailures, m.ACLDenials, m.Enrollments, m.CommandsSent, m.Accepted, m.AcceptPeak)
+		m.StoreLatency, m.GroupSize, m.StoreErrors, m.IngestDelay, m.AuthFailures, m.ACLDenials, m.Enrollments, m.CommandsSent, m.Accepted, m.AcceptPeak,
+		m.PreconnectRefused)
 	if connected != nil {
 		m.ConnectedGauge = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "hangar_mqtt_connected_clients", Help: "Clients connected to the embedded broker.",
