@@ -16,7 +16,8 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
-./bin/hangar serve --data "$DATA" --http "$HTTP" --mqtt "$MQTT" &
+# The whole simulated fleet enrolls from 127.0.0.1: no per-address limit.
+./bin/hangar serve --data "$DATA" --http "$HTTP" --mqtt "$MQTT" --enroll-rate 0 &
 pids+=($!)
 
 for _ in $(seq 1 100); do

@@ -23,6 +23,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/broker"
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/controlplane/throttle"
 )
 
 // Store is what the API reads and writes.
@@ -55,11 +56,17 @@ const (
 
 // Options configure the API.
 type Options struct {
-	Store   Store
-	Bus     broker.Bus
-	Metrics *metrics.Metrics
-	Logger  *slog.Logger
-	Now     func() time.Time
+	// EnrollSource and EnrollDevice limit enrollment attempts per source
+	// address and per device id (nil: no limit).
+	EnrollSource, EnrollDevice *throttle.Limiter
+	// BodyTimeout bounds the time to send a small request body (default
+	// SmallBodyTimeout).
+	BodyTimeout time.Duration
+	Store       Store
+	Bus         broker.Bus
+	Metrics     *metrics.Metrics
+	Logger      *slog.Logger
+	Now         func() time.Time
 	// MQTTURL returns the broker address handed to an enrolling device,
 	// given its request (the host it reached the API by).
 	MQTTURL func(r *http.Request) string
@@ -108,7 +115,14 @@ func New(opts Options) *API {
 	e.HTTPErrorHandler = a.errorHandler
 	e.Use(middleware.Recover())
 	// JSON bodies are small; release pushes have their own limit.
-	a.limit = middleware.BodyLimit(fmt.Sprint(MaxBody)) // bytes (a "K" suffix would mean 1,000)
+	bodyLimit := middleware.BodyLimit(fmt.Sprint(MaxBody)) // bytes (a "K" suffix would mean 1,000)
+	// A small body must arrive in time too: a client that sends one byte
+	// a minute holds a connection and a goroutine for nothing.
+	bodyTimeout := opts.BodyTimeout
+	if bodyTimeout <= 0 {
+		bodyTimeout = SmallBodyTimeout
+	}
+	a.limit = func(next echo.HandlerFunc) echo.HandlerFunc { return bodyDeadline(bodyTimeout)(bodyLimit(next)) }
 	e.GET("/healthz", a.healthz)
 	e.POST("/api/v1/enroll", a.enroll, a.limit)
 	auth := a.requireAdmin
@@ -271,6 +285,20 @@ func NewSecret(prefix string) string {
 
 func (a *API) healthz(c echo.Context) error {
 	return c.JSON(http.StatusOK, map[string]string{"status": "ok", "version": a.opts.Version})
+}
+
+// SmallBodyTimeout is how long a request with a small body (everything
+// but release pushes and inventories) may take to send it.
+const SmallBodyTimeout = 10 * time.Second
+
+// bodyDeadline bounds the time to read a request's body.
+func bodyDeadline(d time.Duration) echo.MiddlewareFunc {
+	return func(next echo.HandlerFunc) echo.HandlerFunc {
+		return func(c echo.Context) error {
+			_ = http.NewResponseController(c.Response().Writer).SetReadDeadline(time.Now().Add(d))
+			return next(c)
+		}
+	}
 }
 
 // actor is who the audit log records for an operator's request: the

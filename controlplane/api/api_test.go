@@ -3,7 +3,9 @@ package api_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -14,9 +16,12 @@ import (
 
 	"github.com/hangarfleet/hangar/controlplane/api"
 	"github.com/hangarfleet/hangar/controlplane/broker"
+	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
+	"github.com/hangarfleet/hangar/controlplane/throttle"
 	"github.com/hangarfleet/hangar/proto"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // fakeBus records what the API asks of the broker.
@@ -307,5 +312,78 @@ func TestEnrollNoTakeover(t *testing.T) {
 	code, body = e.do(t, "GET", "/api/v1/audit?target=d1", e.admin, "")
 	if !strings.Contains(body, `"action":"device.rekey"`) || !strings.Contains(body, `"action":"device.rekeyed"`) {
 		t.Fatalf("audit: %d %s", code, body)
+	}
+}
+
+// A client that sends its enrollment body a byte at a time is cut off at
+// the body deadline instead of holding the connection.
+func TestSlowBodyCutOff(t *testing.T) {
+	db, err := sqlite.Open(filepath.Join(t.TempDir(), "h.db"), sqlite.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	srv := httptest.NewServer(api.New(api.Options{Store: db, Bus: &fakeBus{}, BodyTimeout: 300 * time.Millisecond,
+		MQTTURL: func(*http.Request) string { return "tcp://broker:1883" }}))
+	defer srv.Close()
+	c, err := net.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "POST /api/v1/enroll HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+	start := time.Now()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := io.ReadAll(c)
+	if time.Since(start) > 5*time.Second {
+		t.Fatalf("the slow body was still being read after %v (%v)", time.Since(start), err)
+	}
+	t.Logf("slow body ended after %v: %q", time.Since(start).Round(time.Millisecond), firstLine(string(resp)))
+}
+
+func firstLine(s string) string {
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		return s[:i]
+	}
+	return s
+}
+
+// Enrollment attempts are limited per source address and per device id,
+// before anything is checked; other sources and ids are not affected.
+func TestEnrollThrottled(t *testing.T) {
+	db, err := sqlite.Open(filepath.Join(t.TempDir(), "h.db"), sqlite.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	m := metrics.New(nil)
+	srv := httptest.NewServer(api.New(api.Options{Store: db, Bus: &fakeBus{}, Metrics: m,
+		EnrollSource: throttle.New(0.001, 20, 100), EnrollDevice: throttle.New(0.001, 3, 100),
+		MQTTURL: func(*http.Request) string { return "tcp://broker:1883" }}))
+	defer srv.Close()
+	post := func(id string) int {
+		resp, err := http.Post(srv.URL+"/api/v1/enroll", "application/json", strings.NewReader(`{"enroll_token":"wrong","device_id":"`+id+`"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	codes := map[int]int{}
+	for range 5 {
+		codes[post("target")]++
+	}
+	if codes[http.StatusUnauthorized] != 3 || codes[http.StatusTooManyRequests] != 2 {
+		t.Errorf("5 attempts for one id: %v, want 3 checked, 2 throttled", codes)
+	}
+	codes = map[int]int{}
+	for i := range 20 {
+		codes[post(fmt.Sprintf("d%d", i))]++
+	}
+	if codes[http.StatusUnauthorized] != 15 || codes[http.StatusTooManyRequests] != 5 {
+		t.Errorf("20 more from one address: %v, want 15 checked (a burst of 20 in all), 5 throttled", codes)
+	}
+	if got := testutil.ToFloat64(m.AuthThrottled.WithLabelValues("enroll_source")) + testutil.ToFloat64(m.AuthThrottled.WithLabelValues("enroll_device")); got != 7 {
+		t.Errorf("hangar_auth_throttled_total %v, want 7", got)
 	}
 }

@@ -34,10 +34,20 @@ type Credential struct {
 }
 
 func (a *API) enroll(c echo.Context) error {
+	if l := a.opts.EnrollSource; l != nil && !l.Allow(c.RealIP()) {
+		a.opts.Metrics.AuthThrottled.WithLabelValues("enroll_source").Inc()
+		c.Response().Header().Set("Retry-After", "10")
+		return echo.NewHTTPError(http.StatusTooManyRequests, "too many enrollment attempts from this address; retry later")
+	}
 	var req EnrollRequest
 	if err := decodeJSON(c, &req); err != nil {
 		a.opts.Metrics.Enrollments.WithLabelValues("bad_request").Inc()
 		return err
+	}
+	if l := a.opts.EnrollDevice; l != nil && proto.ValidateDeviceID(req.DeviceID) == nil && !l.Allow(req.DeviceID) {
+		a.opts.Metrics.AuthThrottled.WithLabelValues("enroll_device").Inc()
+		c.Response().Header().Set("Retry-After", "60")
+		return echo.NewHTTPError(http.StatusTooManyRequests, "too many enrollment attempts for device "+req.DeviceID+"; retry later")
 	}
 	tok := req.Token
 	if tok == "" {

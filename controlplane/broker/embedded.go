@@ -17,6 +17,7 @@ import (
 
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/controlplane/throttle"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -50,6 +51,11 @@ type EmbeddedOptions struct {
 	// authenticates (defaults DefaultConnectTimeout, DefaultMaxConnectSize).
 	ConnectTimeout time.Duration
 	MaxConnectSize int
+	// FailedAuthSource and FailedAuthDevice count failed authentications
+	// per source address and per device id; once one is spent, CONNECTs
+	// from that source (or for that id) are refused unchecked until it
+	// refills (nil: no limit).
+	FailedAuthSource, FailedAuthDevice *throttle.Limiter
 }
 
 // Embedded is an in-process mochi-mqtt broker.
@@ -261,6 +267,29 @@ func (h *hook) refuse(cl *mqtt.Client, reason string) bool {
 }
 
 func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	id := cl.ID
+	src, _, _ := net.SplitHostPort(cl.Net.Remote)
+	if l := h.e.opts.FailedAuthSource; l != nil && l.Spent(src) {
+		h.e.opts.Metrics.AuthThrottled.WithLabelValues("mqtt_source").Inc()
+		return false
+	}
+	if l := h.e.opts.FailedAuthDevice; l != nil && l.Spent(id) {
+		h.e.opts.Metrics.AuthThrottled.WithLabelValues("mqtt_device").Inc()
+		return false
+	}
+	if !h.authenticate(cl, pk) {
+		if l := h.e.opts.FailedAuthSource; l != nil {
+			l.Allow(src)
+		}
+		if l := h.e.opts.FailedAuthDevice; l != nil && proto.ValidateDeviceID(id) == nil {
+			l.Allow(id)
+		}
+		return false
+	}
+	return true
+}
+
+func (h *hook) authenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	id := cl.ID
 	if err := proto.ValidateDeviceID(id); err != nil {
 		return h.refuse(cl, "bad_client_id")

@@ -17,6 +17,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/broker"
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/controlplane/throttle"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -388,5 +389,57 @@ func waitCond(t *testing.T, timeout time.Duration, what string, cond func() bool
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Failed authentications are limited per source address and per device
+// id: past the limit, CONNECTs are refused unchecked (counted), and other
+// devices are not affected by one id's failures.
+func TestEmbeddedFailedAuthThrottled(t *testing.T) {
+	for _, c := range []struct {
+		name          string
+		src, dev      *throttle.Limiter
+		otherDeviceOK bool
+		kind          string
+	}{
+		{"per device id", nil, throttle.New(0.001, 3, 100), true, "mqtt_device"},
+		{"per source address", throttle.New(0.001, 3, 100), nil, false, "mqtt_source"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			m := metrics.New(nil)
+			e, err := broker.NewEmbedded(broker.EmbeddedOptions{Listener: ln, Credentials: fakeCreds{"d1": "pw1", "d2": "pw2"}, Metrics: m,
+				FailedAuthSource: c.src, FailedAuthDevice: c.dev})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := e.Start(t.Context(), syncHandler(nil).async); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { e.Close() })
+			addr := ln.Addr().String()
+			for range 3 {
+				if _, err := dialEmb(t, addr, "d1", "d1", "guess"); err == nil {
+					t.Fatal("a wrong password was accepted")
+				}
+			}
+			if _, err := dialEmb(t, addr, "d1", "d1", "pw1"); err == nil {
+				t.Fatal("past the limit, a CONNECT was checked and accepted")
+			}
+			// (paho tries MQTT 3.1.1, then 3.1: a dial may be two CONNECTs.)
+			if got := testutil.ToFloat64(m.AuthThrottled.WithLabelValues(c.kind)); got < 1 {
+				t.Errorf("throttled %v, want at least 1", got)
+			}
+			_, err = dialEmb(t, addr, "d2", "d2", "pw2")
+			if c.otherDeviceOK && err != nil {
+				t.Errorf("another device is refused for d1's failures: %v", err)
+			}
+			if !c.otherDeviceOK && err == nil {
+				t.Error("the throttled source connected another device")
+			}
+		})
 	}
 }

@@ -40,6 +40,9 @@ type Metrics struct {
 	// authenticated, by reason: timeout (no CONNECT in time), too_large,
 	// not_connect, closed.
 	PreconnectRefused *prometheus.CounterVec
+	// AuthThrottled counts attempts refused by a rate limit before they
+	// were checked: enroll_source, enroll_device, mqtt_source, mqtt_device.
+	AuthThrottled *prometheus.CounterVec
 }
 
 // New creates the collectors in a fresh registry. connected reports the
@@ -108,10 +111,13 @@ func New(connected func() float64) *Metrics {
 		PreconnectRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "hangar_mqtt_preconnect_refused_total", Help: "Connections closed before their CONNECT was read, by reason (timeout, too_large, not_connect, closed).",
 		}, []string{"reason"}),
+		AuthThrottled: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_auth_throttled_total", Help: "Enrollments and MQTT authentications refused by a rate limit, by kind (enroll_source, enroll_device, mqtt_source, mqtt_device).",
+		}, []string{"kind"}),
 	}
 	r.MustRegister(m.Messages, m.Samples, m.Duplicates, m.UnknownDevice, m.Refused, m.DecodeErrors, m.AgentDropped,
 		m.StoreLatency, m.GroupSize, m.StoreErrors, m.IngestDelay, m.AuthFailures, m.ACLDenials, m.Enrollments, m.CommandsSent, m.Accepted, m.AcceptPeak,
-		m.PreconnectRefused)
+		m.PreconnectRefused, m.AuthThrottled)
 	if connected != nil {
 		m.ConnectedGauge = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "hangar_mqtt_connected_clients", Help: "Clients connected to the embedded broker.",

@@ -27,6 +27,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/rollout"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
+	"github.com/hangarfleet/hangar/controlplane/throttle"
 	"github.com/hangarfleet/hangar/controlplane/web"
 	"github.com/hangarfleet/hangar/proto"
 )
@@ -63,6 +64,15 @@ type Options struct {
 	OnlineTimeout time.Duration
 	// ConnectRate caps MQTT connections accepted per second (embedded).
 	ConnectRate int
+	// EnrollRate limits enrollment attempts per source address (per
+	// second, with a burst of ten seconds' worth; 0: no limit). Each
+	// device id may try 10 times, then once a minute, whatever the rate.
+	EnrollRate float64
+	// AuthFailRate limits failed MQTT authentications per source address
+	// (per second, burst of ten seconds' worth; 0: no limit): past it,
+	// that source's CONNECTs are refused unchecked for a while. Each
+	// device id may fail 10 times, then once every 10 s.
+	AuthFailRate float64
 	// RootKeys are the release root public keys pushed releases must chain
 	// to (none: pushes are refused).
 	RootKeys []ed25519.PublicKey
@@ -140,6 +150,7 @@ func New(opts Options) (*Server, error) {
 		e, err := broker.NewEmbedded(broker.EmbeddedOptions{
 			Addr: opts.MQTTAddr, Listener: opts.MQTTListener, Credentials: db, Metrics: s.metrics,
 			Logger: opts.Logger, ConnectRate: opts.ConnectRate,
+			FailedAuthSource: limiter(opts.AuthFailRate), FailedAuthDevice: throttle.New(0.1, 10, 100_000),
 		})
 		if err != nil {
 			return nil, err
@@ -177,6 +188,7 @@ func New(opts Options) (*Server, error) {
 	s.api = api.New(api.Options{
 		Store: db, Bus: s.bus, Metrics: s.metrics, Logger: opts.Logger, Version: opts.Version,
 		MQTTURL: s.advertisedMQTT, Static: web.Handler(),
+		EnrollSource: limiter(opts.EnrollRate), EnrollDevice: throttle.New(1.0/60, 10, 100_000),
 		Releases: &api.ReleaseOptions{Store: db, Send: s.cmds, Roots: opts.RootKeys,
 			Dir: filepath.Join(opts.DataDir, "artifacts"), MaxArtifact: opts.MaxArtifact},
 		Rollouts: s.roll,
@@ -190,6 +202,15 @@ func New(opts Options) (*Server, error) {
 	s.http = &http.Server{Handler: s.api, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
 	ok = true
 	return s, nil
+}
+
+// limiter is a per-source limiter of rate a second, bursting ten seconds'
+// worth (nil: no limit).
+func limiter(rate float64) *throttle.Limiter {
+	if rate <= 0 {
+		return nil
+	}
+	return throttle.New(rate, 10*rate, 100_000)
 }
 
 // advertisedMQTT fills the host the device reached the API by into the

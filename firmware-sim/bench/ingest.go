@@ -170,7 +170,8 @@ func startControlPlane(bin, dir string, extra []string, env []string, logw io.Wr
 	if err != nil {
 		return nil, err
 	}
-	args := append([]string{"serve", "--data", dir, "--http", fmt.Sprintf("127.0.0.1:%d", port), "--log-level", "warn"}, extra...)
+	// The whole simulated fleet enrolls from this one address.
+	args := append([]string{"serve", "--data", dir, "--http", fmt.Sprintf("127.0.0.1:%d", port), "--log-level", "warn", "--enroll-rate", "0"}, extra...)
 	p, err := start(bin, args, env, logw)
 	if err != nil {
 		return nil, err

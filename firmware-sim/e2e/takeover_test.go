@@ -82,4 +82,3 @@ func telemetryRows(t *testing.T, cp *controlPlane, id string) int {
 	}
 	return len(rows)
 }
-

@@ -85,7 +85,8 @@ func (c *ControlPlane) Starts() int {
 func (c *ControlPlane) Start(ctx context.Context) error {
 	c.mu.Lock()
 	cmd := exec.Command(c.bin, append([]string{"serve", "--data", c.dir, "--http", c.http, "--mqtt", c.mqtt,
-		"--log-level", "warn", "--rollout-interval", "500ms"}, c.args...)...)
+		// A whole simulated fleet enrolls from this one address.
+		"--log-level", "warn", "--rollout-interval", "500ms", "--enroll-rate", "0"}, c.args...)...)
 	cmd.Stdout, cmd.Stderr = &lockedWriter{c}, &lockedWriter{c}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
