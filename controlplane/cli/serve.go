@@ -29,7 +29,7 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	fs.StringVar(&o.BrokerURL, "broker", g.env.Getenv("HANGAR_BROKER"), "use this external MQTT broker (tcp://host:port) instead of the embedded one (env HANGAR_BROKER)")
 	fs.StringVar(&o.BrokerUser, "broker-user", envOr(g, "HANGAR_BROKER_USER", "hangar-admin"), "control plane's account on the external broker")
 	brokerPassFile := fs.String("broker-password-file", g.env.Getenv("HANGAR_BROKER_PASSWORD_FILE"), "file holding that account's password (or env HANGAR_BROKER_PASSWORD)")
-	fs.StringVar(&o.MQTTAdvertise, "mqtt-advertise", g.env.Getenv("HANGAR_MQTT_ADVERTISE"), "broker URL handed to devices at enrollment (default: derived)")
+	fs.StringVar(&o.MQTTAdvertise, "mqtt-advertise", g.env.Getenv("HANGAR_MQTT_ADVERTISE"), "broker URL handed to devices at enrollment (default: the broker's listen address; required when it listens on every address)")
 	fs.DurationVar(&o.Retention, "retention", server.DefaultRetention, "how long telemetry and device events are kept")
 	fs.DurationVar(&o.OnlineTimeout, "online-timeout", 90*time.Second, "a device silent this long is shown offline")
 	fs.DurationVar(&o.RolloutInterval, "rollout-interval", 2*time.Second, "how often active rollouts are judged and advanced")

@@ -15,7 +15,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
-	"strings"
+	"strconv"
 	"sync"
 	"time"
 
@@ -56,8 +56,9 @@ type Options struct {
 	// an external broker; it needs the dynamic-security admin role.
 	BrokerUser, BrokerPassword string
 	// MQTTAdvertise is the broker URL given to devices at enrollment. When
-	// empty it is derived: the external broker URL, or the host the device
-	// used to reach the API with the embedded broker's port.
+	// empty it is the external broker URL, or the embedded broker's listen
+	// address (required when that is every address); never the host an
+	// enrollment request names.
 	MQTTAdvertise string
 	// Retention is how long telemetry and device events are kept.
 	Retention     time.Duration
@@ -156,8 +157,7 @@ func New(opts Options) (*Server, error) {
 			return nil, err
 		}
 		s.bus = e
-		_, port, _ := net.SplitHostPort(e.Addr().String())
-		s.mqttURL = "tcp://{host}:" + port
+		s.mqttURL = listenURL("tcp", e.Addr())
 		// Nobody is connected to a broker that has just started.
 		if err := db.MarkAllOffline(context.Background()); err != nil {
 			return nil, err
@@ -175,6 +175,11 @@ func New(opts Options) (*Server, error) {
 	}
 	if opts.MQTTAdvertise != "" {
 		s.mqttURL = opts.MQTTAdvertise
+	}
+	if s.mqttURL == "" {
+		// Never from the Host header of an enrollment request: an on-path
+		// attacker would send devices to a broker of its own.
+		return nil, fmt.Errorf("the broker listens on every address (%s): give the URL devices must use with --mqtt-advertise (e.g. tcp://hangar.example.com:1883)", opts.MQTTAddr)
 	}
 	s.cmds = commands.New(commands.Options{Store: db, Bus: s.bus, Metrics: s.metrics, Logger: opts.Logger})
 	s.roll = rollout.New(rollout.Options{Store: db, Publish: s.cmds, Logger: opts.Logger, Interval: opts.RolloutInterval})
@@ -213,20 +218,19 @@ func limiter(rate float64) *throttle.Limiter {
 	return throttle.New(rate, 10*rate, 100_000)
 }
 
-// advertisedMQTT fills the host the device reached the API by into the
-// embedded broker's URL.
-func (s *Server) advertisedMQTT(r *http.Request) string {
-	if !strings.Contains(s.mqttURL, "{host}") {
-		return s.mqttURL
+// advertisedMQTT is the broker URL handed to enrolling devices: from the
+// operator's configuration only (--mqtt-advertise, or the broker's own
+// listen address), never from the request.
+func (s *Server) advertisedMQTT(*http.Request) string { return s.mqttURL }
+
+// listenURL is the URL of a listener bound to a specific address; "" when
+// it listens on every address (no single address to give out).
+func listenURL(scheme string, a net.Addr) string {
+	tcp, ok := a.(*net.TCPAddr)
+	if !ok || tcp.IP == nil || tcp.IP.IsUnspecified() {
+		return ""
 	}
-	host := r.Host
-	if h, _, err := net.SplitHostPort(r.Host); err == nil {
-		host = h
-	}
-	if strings.Contains(host, ":") {
-		host = "[" + host + "]"
-	}
-	return strings.Replace(s.mqttURL, "{host}", host, 1)
+	return scheme + "://" + net.JoinHostPort(tcp.IP.String(), strconv.Itoa(tcp.Port))
 }
 
 func (s *Server) initTokens() error {
