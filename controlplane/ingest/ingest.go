@@ -20,6 +20,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/broker"
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/controlplane/throttle"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -49,6 +50,11 @@ type Options struct {
 	OnEvent func(device string, e *proto.Event)
 	// OnState, when set, is called after a state message is stored.
 	OnState func(device string, s *proto.State)
+	// Messages and Bytes are per-device quotas (nil: none): a device's
+	// messages beyond them are acknowledged, counted
+	// (hangar_ingest_over_quota_total) and not stored, so one credential
+	// cannot fill the disk or the writer's queue.
+	Messages, Bytes *throttle.Limiter
 }
 
 type job struct {
@@ -66,7 +72,7 @@ type Ingester struct {
 	// decode holds one queue per decoder goroutine.
 	decode []chan decodeReq
 
-	lastDecodeLog, lastRefusedLog atomic.Int64
+	lastDecodeLog, lastRefusedLog, lastQuotaLog atomic.Int64
 }
 
 // New returns an ingester writing to st. Run must be running for Handle to
@@ -110,18 +116,36 @@ var ErrStopped = errors.New("ingest stopped")
 // goroutine of the connection: thousands of those exist, and a deep
 // decode would grow every one of their stacks for good.
 func (in *Ingester) Handle(ctx context.Context, m broker.Message, done func(error)) {
+	var over string
+	if q := in.opts.Messages; q != nil && !q.Allow(m.Device) {
+		over = "messages"
+	} else if q := in.opts.Bytes; q != nil && !q.AllowN(m.Device, float64(len(m.Payload))) {
+		over = "bytes"
+	}
 	h := fnv.New32a()
 	h.Write([]byte(m.Device))
 	select {
-	case in.decode[h.Sum32()%uint32(len(in.decode))] <- decodeReq{m: m, done: done}:
+	case in.decode[h.Sum32()%uint32(len(in.decode))] <- decodeReq{m: m, done: done, over: over}:
 	case <-ctx.Done():
 		done(ctx.Err())
 	}
 }
 
+// overQuota drops a message beyond its device's quota: not decoded, not
+// stored, counted, and acknowledged in its place (the device must not send
+// it again, and its other acknowledgements keep their order).
+func (in *Ingester) overQuota(m broker.Message, kind string, done func(error)) job {
+	in.opts.Metrics.OverQuota.WithLabelValues(kind).Inc()
+	if now := time.Now().Unix(); in.lastQuotaLog.Swap(now) != now {
+		in.log.Warn("device over its ingest quota: messages dropped", "device", m.Device, "quota", kind)
+	}
+	return job{skip: true, done: done}
+}
+
 type decodeReq struct {
 	m    broker.Message
 	done func(error)
+	over string // the quota the message is beyond ("": none)
 }
 
 func (in *Ingester) decodeLoop(ctx context.Context, reqs <-chan decodeReq) {
@@ -134,7 +158,12 @@ func (in *Ingester) decodeLoop(ctx context.Context, reqs <-chan decodeReq) {
 				r.done(ctx.Err())
 				return
 			}
-			j := in.decodeJob(r.m, r.done)
+			var j job
+			if r.over != "" {
+				j = in.overQuota(r.m, r.over, r.done)
+			} else {
+				j = in.decodeJob(r.m, r.done)
+			}
 			select {
 			case in.q <- j:
 			case <-ctx.Done():

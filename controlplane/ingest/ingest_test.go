@@ -3,6 +3,8 @@ package ingest_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -13,6 +15,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/ingest"
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/controlplane/throttle"
 	"github.com/hangarfleet/hangar/proto"
 	"github.com/hangarfleet/hangar/proto/prototest"
 )
@@ -161,5 +164,54 @@ func TestHandleAfterStop(t *testing.T) {
 		if g == "x" {
 			t.Fatal("a message was acknowledged after shutdown")
 		}
+	}
+}
+
+// TestQuotaDropsAndCounts: a device beyond its quota has the excess
+// acknowledged in order, counted and not stored; another device's
+// messages are stored meanwhile.
+func TestQuotaDropsAndCounts(t *testing.T) {
+	st := &fakeStore{}
+	m := metrics.New(nil)
+	in := ingest.New(st, ingest.Options{Metrics: m, GroupWait: time.Millisecond,
+		Messages: throttle.New(0.001, 5, 100), Bytes: throttle.New(0.001, 1<<20, 100)})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { in.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	var c collect
+	for i := range 20 {
+		b := prototest.Batch(uint64(i+1), 1)
+		raw, _ := proto.Marshal(&b)
+		in.Handle(context.Background(), broker.Message{Device: "flood", Kind: proto.KindTelemetry, Payload: raw, Received: time.Now()}, c.done(fmt.Sprint("f", i)))
+		if i%5 == 0 {
+			in.Handle(context.Background(), broker.Message{Device: "calm", Kind: proto.KindTelemetry, Payload: raw, Received: time.Now()}, c.done(fmt.Sprint("c", i)))
+		}
+	}
+	big := make([]byte, 2<<20)
+	in.Handle(context.Background(), broker.Message{Device: "calm", Kind: proto.KindTelemetry, Payload: big, Received: time.Now()}, c.done("big"))
+	c.wg.Wait()
+	for _, g := range c.got {
+		if strings.Contains(g, ":") {
+			t.Fatalf("a dropped message was not acknowledged: %v", c.got)
+		}
+	}
+	var flood, calm int
+	for _, it := range st.stored() {
+		switch it.Device {
+		case "flood":
+			flood++
+		case "calm":
+			calm++
+		}
+	}
+	if flood != 5 || calm != 4 {
+		t.Errorf("stored %d of the flooding device's messages (want its quota, 5) and %d of the other's (want 4)", flood, calm)
+	}
+	if got := testutil.ToFloat64(m.OverQuota.WithLabelValues("messages")); got != 15 {
+		t.Errorf("over the message quota: %v, want 15", got)
+	}
+	if got := testutil.ToFloat64(m.OverQuota.WithLabelValues("bytes")); got != 1 {
+		t.Errorf("over the byte quota: %v, want 1", got)
 	}
 }

@@ -43,6 +43,9 @@ type Metrics struct {
 	// AuthThrottled counts attempts refused by a rate limit before they
 	// were checked: enroll_source, enroll_device, mqtt_source, mqtt_device.
 	AuthThrottled *prometheus.CounterVec
+	// OverQuota counts device messages dropped beyond the device's ingest
+	// quota, by quota (messages, bytes).
+	OverQuota *prometheus.CounterVec
 }
 
 // New creates the collectors in a fresh registry. connected reports the
@@ -114,10 +117,13 @@ func New(connected func() float64) *Metrics {
 		AuthThrottled: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "hangar_auth_throttled_total", Help: "Enrollments and MQTT authentications refused by a rate limit, by kind (enroll_source, enroll_device, mqtt_source, mqtt_device).",
 		}, []string{"kind"}),
+		OverQuota: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_ingest_over_quota_total", Help: "Device messages dropped beyond the device's ingest quota, by quota (messages, bytes).",
+		}, []string{"quota"}),
 	}
 	r.MustRegister(m.Messages, m.Samples, m.Duplicates, m.UnknownDevice, m.Refused, m.DecodeErrors, m.AgentDropped,
 		m.StoreLatency, m.GroupSize, m.StoreErrors, m.IngestDelay, m.AuthFailures, m.ACLDenials, m.Enrollments, m.CommandsSent, m.Accepted, m.AcceptPeak,
-		m.PreconnectRefused, m.AuthThrottled)
+		m.PreconnectRefused, m.AuthThrottled, m.OverQuota)
 	if connected != nil {
 		m.ConnectedGauge = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "hangar_mqtt_connected_clients", Help: "Clients connected to the embedded broker.",

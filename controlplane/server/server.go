@@ -74,6 +74,11 @@ type Options struct {
 	// that source's CONNECTs are refused unchecked for a while. Each
 	// device id may fail 10 times, then once every 10 s.
 	AuthFailRate float64
+	// DeviceMsgRate and DeviceByteRate are each device's ingest quota, per
+	// second, bursting a minute's worth of messages and 16 MiB (an outbox
+	// draining after a long time offline); beyond them its messages are
+	// dropped and counted. 0: no quota.
+	DeviceMsgRate, DeviceByteRate float64
 	// RootKeys are the release root public keys pushed releases must chain
 	// to (none: pushes are refused).
 	RootKeys []ed25519.PublicKey
@@ -189,7 +194,14 @@ func New(opts Options) (*Server, error) {
 			s.roll.Poke()
 		}
 	}
-	s.ingest = ingest.New(db, ingest.Options{Metrics: s.metrics, Logger: opts.Logger, OnEvent: onEvent, OnState: s.cmds.OnState})
+	io := ingest.Options{Metrics: s.metrics, Logger: opts.Logger, OnEvent: onEvent, OnState: s.cmds.OnState}
+	if opts.DeviceMsgRate > 0 {
+		io.Messages = throttle.New(opts.DeviceMsgRate, 60*opts.DeviceMsgRate, 1_000_000)
+	}
+	if opts.DeviceByteRate > 0 {
+		io.Bytes = throttle.New(opts.DeviceByteRate, max(16<<20, 60*opts.DeviceByteRate), 1_000_000)
+	}
+	s.ingest = ingest.New(db, io)
 	s.api = api.New(api.Options{
 		Store: db, Bus: s.bus, Metrics: s.metrics, Logger: opts.Logger, Version: opts.Version,
 		MQTTURL: s.advertisedMQTT, Static: web.Handler(),

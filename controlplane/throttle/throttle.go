@@ -41,7 +41,11 @@ func (l *Limiter) refill(b *bucket, now time.Time) {
 }
 
 // Allow takes a token of key; false means the event is throttled.
-func (l *Limiter) Allow(key string) bool {
+func (l *Limiter) Allow(key string) bool { return l.AllowN(key, 1) }
+
+// AllowN takes n tokens of key (bytes, say); false means throttled (and
+// nothing is taken).
+func (l *Limiter) AllowN(key string, n float64) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	now := l.Now()
@@ -54,10 +58,10 @@ func (l *Limiter) Allow(key string) bool {
 		l.buckets[key] = b
 	}
 	l.refill(b, now)
-	if b.tokens < 1 {
+	if b.tokens < n {
 		return false
 	}
-	b.tokens--
+	b.tokens -= n
 	return true
 }
 
