@@ -50,9 +50,11 @@ cross: ## static hangar-agent and hangar-guard for linux/arm64 and linux/arm (GO
 	@ls -l bin/hangar-agent-linux-* bin/hangar-guard-linux-*
 
 .PHONY: fuzz
+FUZZ_PKGS := ./proto/ ./agent/guard/ ./agent/transport/mqtt/
+
 fuzz: ## run every fuzz target for FUZZTIME (default 30s) each
-	@for f in $$($(GO) test -list 'Fuzz.*' ./proto/ | grep ^Fuzz); do \
-	$(GO) test -run XXX -fuzz "^$$f$$" -fuzztime $${FUZZTIME:-30s} ./proto/ || exit 1; done
+	@for p in $(FUZZ_PKGS); do for f in $$($(GO) test -list 'Fuzz.*' $$p | grep ^Fuzz); do \
+	$(GO) test -run XXX -fuzz "^$$f$$" -fuzztime $${FUZZTIME:-30s} $$p || exit 1; done; done
 
 .PHONY: clean
 clean: ## remove bin/ (./data is kept: it holds the demo's database and tokens)

@@ -22,8 +22,8 @@ import (
 type Transport struct {
 	// ConnectTimeout bounds the TCP and MQTT handshake (default 30 s).
 	ConnectTimeout time.Duration
-	// Dialer dials the broker (default: paho's). Set its LocalAddr to
-	// choose the source address.
+	// Dialer dials the broker (default: a net.Dialer with the connect
+	// timeout). Set its LocalAddr to choose the source address.
 	Dialer *net.Dialer
 }
 
@@ -55,9 +55,7 @@ func (t *Transport) Connect(ctx context.Context, p transport.ConnectParams) (tra
 		SetOrderMatters(false).
 		SetMessageChannelDepth(16).
 		SetConnectionLostHandler(func(paho.Client, error) { cn.lost() })
-	if t.Dialer != nil {
-		o.SetDialer(t.Dialer)
-	}
+	o.SetCustomOpenConnectionFn(t.openBounded)
 	if p.KeepAlive > 0 {
 		o.SetKeepAlive(p.KeepAlive)
 		o.SetPingTimeout(p.KeepAlive / 2)
