@@ -9,6 +9,7 @@ package agent
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -97,7 +98,11 @@ type Options struct {
 	Store      Store
 	Outbox     Outbox
 	HTTPClient *http.Client
-	Logger     *slog.Logger
+	// TLS, when set, is the only trust the agent has for the control
+	// plane: enrollment, downloads and the broker are reached over TLS
+	// with it, and a plaintext broker URL is refused.
+	TLS    *tls.Config
+	Logger *slog.Logger
 	// Rand drives backoff jitter; seeded randomly when nil.
 	Rand *rand.Rand
 }
@@ -152,6 +157,10 @@ func (o *Options) setDefaults() {
 	}
 	if o.HTTPClient == nil {
 		o.HTTPClient = &http.Client{Timeout: 30 * time.Second}
+		if o.TLS != nil {
+			o.HTTPClient.Transport = &http.Transport{TLSClientConfig: o.TLS, Proxy: http.ProxyFromEnvironment,
+				TLSHandshakeTimeout: 10 * time.Second, IdleConnTimeout: 90 * time.Second}
+		}
 	}
 	if o.Transport == nil {
 		o.Transport = &mqtt.Transport{}

@@ -3,6 +3,8 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
+	"strings"
 	"time"
 
 	"github.com/hangarfleet/hangar/agent/clock"
@@ -104,13 +106,16 @@ func (a *Agent) dial(ctx context.Context) (Conn, uint64, []byte, error) {
 		a.cred, cred = c, c
 		a.mu.Unlock()
 	}
+	if a.opts.TLS != nil && !tlsURL(cred.MQTTURL) {
+		return nil, 0, nil, fmt.Errorf("the control plane gave the broker URL %q: this agent trusts its CA and speaks only TLS to it (tls://, ssl://, mqtts://)", cred.MQTTURL)
+	}
 	connID := a.conns.Add(1)
 	will, _ := proto.Marshal(ptr(a.state(false, connID)))
 	stateTopic := proto.DeviceTopic(a.opts.DeviceID, proto.KindState)
 	conn, err := a.opts.Transport.Connect(ctx, ConnectParams{
 		URL: cred.MQTTURL, ClientID: a.opts.DeviceID, Username: cred.Username, Password: cred.Password,
 		WillTopic: stateTopic, WillPayload: will, KeepAlive: a.opts.KeepAlive,
-		OnMessage: a.onMessage,
+		OnMessage: a.onMessage, TLS: a.opts.TLS,
 	})
 	if errors.Is(err, ErrNotAuthorized) {
 		// The credential is stale (revoked, or the control plane lost its
@@ -226,4 +231,14 @@ func (a *Agent) send(ctx context.Context, conn Conn, connID uint64, hello []byte
 			}
 		}
 	}
+}
+
+// tlsURL reports whether a broker URL speaks TLS.
+func tlsURL(u string) bool {
+	scheme, _, _ := strings.Cut(u, "://")
+	switch scheme {
+	case "tls", "ssl", "tcps", "mqtts":
+		return true
+	}
+	return false
 }

@@ -22,6 +22,7 @@ type Config struct {
 	Labels            map[string]string
 	Server            string
 	EnrollToken       string
+	CAFile            string
 	StateDir          string
 	SampleInterval    time.Duration
 	BatchSize         int
@@ -93,6 +94,7 @@ func newFlagSet(c *Config, w io.Writer) (*flag.FlagSet, *string, *string) {
 	fs.Var(labels(c.Labels), "label", "label k=v reported to the control plane (repeat, or k=v,k2=v2)")
 	fs.StringVar(&c.Server, "server", "", "control plane URL, used to enroll (e.g. https://hangar.example.com)")
 	fs.StringVar(&c.EnrollToken, "enroll-token", "", "fleet enrollment token (prefer --enroll-token-file)")
+	fs.StringVar(&c.CAFile, "ca-file", "", "the control plane's CA certificate (PEM): the only one trusted for enrollment, downloads and the broker, which must then speak TLS")
 	tokenFile := fs.String("enroll-token-file", "", "file holding the fleet enrollment token")
 	fs.StringVar(&c.StateDir, "state-dir", DefaultStateDir, "state directory: credential, outbox, update state")
 	fs.DurationVar(&c.SampleInterval, "sample-interval", agent.DefaultSampleInterval, "time between telemetry samples")

@@ -5,6 +5,8 @@ package daemon
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -58,6 +60,20 @@ func RunWith(ctx context.Context, args []string, getenv func(string) string, std
 		DeviceID: cfg.DeviceID, Hardware: cfg.Hardware, Labels: cfg.Labels, Version: agent.BuildVersion,
 		ServerURL: cfg.Server, EnrollToken: cfg.EnrollToken, StateDir: cfg.StateDir, OutboxMaxBytes: cfg.OutboxMaxBytes,
 		SampleInterval: cfg.SampleInterval, BatchSize: cfg.BatchSize, HeartbeatInterval: cfg.HeartbeatInterval,
+	}
+	if cfg.CAFile != "" {
+		pem, err := os.ReadFile(cfg.CAFile)
+		if err != nil {
+			return fmt.Errorf("--ca-file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return fmt.Errorf("--ca-file %s: no PEM certificate", cfg.CAFile)
+		}
+		opts.TLS = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+		if strings.HasPrefix(cfg.Server, "http://") {
+			return fmt.Errorf("--server %s: with --ca-file the control plane is reached over https://", cfg.Server)
+		}
 	}
 	if err := opts.Validate(); err != nil {
 		return err

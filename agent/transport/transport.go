@@ -5,6 +5,7 @@ package transport
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"time"
 )
@@ -28,6 +29,8 @@ type ConnectParams struct {
 	// OnMessage receives messages on subscribed topics. It is called from
 	// the transport's goroutine and must not block.
 	OnMessage func(topic string, payload []byte)
+	// TLS is the client configuration for tls:// (ssl://, mqtts://) URLs.
+	TLS *tls.Config
 }
 
 // Conn is one live connection.

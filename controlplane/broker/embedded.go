@@ -3,6 +3,7 @@ package broker
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -56,6 +57,8 @@ type EmbeddedOptions struct {
 	// from that source (or for that id) are refused unchecked until it
 	// refills (nil: no limit).
 	FailedAuthSource, FailedAuthDevice *throttle.Limiter
+	// TLS serves MQTT over TLS (nil: plain TCP).
+	TLS *tls.Config
 }
 
 // Embedded is an in-process mochi-mqtt broker.
@@ -99,6 +102,11 @@ func NewEmbedded(opts EmbeddedOptions) (*Embedded, error) {
 		if err != nil {
 			return nil, fmt.Errorf("embedded broker: %w", err)
 		}
+	}
+	if opts.TLS != nil {
+		// The handshake happens on the connection's first read, inside
+		// the pre-CONNECT deadline.
+		ln = tls.NewListener(ln, opts.TLS)
 	}
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = DefaultMaxPacket

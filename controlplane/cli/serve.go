@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -16,6 +17,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hangarfleet/hangar/controlplane/devca"
 	"github.com/hangarfleet/hangar/controlplane/server"
 	"github.com/hangarfleet/hangar/proto"
 )
@@ -38,6 +40,10 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	fs.Float64Var(&o.DeviceMsgRate, "device-msg-rate", 50, "each device's ingest quota in messages per second, bursting a minute's worth; beyond it messages are dropped and counted (0: none)")
 	fs.Float64Var(&o.DeviceByteRate, "device-byte-rate", 256<<10, "each device's ingest quota in bytes per second, bursting 16 MiB (0: none)")
 	fs.Float64Var(&o.AuthFailRate, "auth-fail-rate", 10, "failed MQTT authentications per second per source address before that source is refused for a while (0: no limit)")
+	tlsCert := fs.String("tls-cert", g.env.Getenv("HANGAR_TLS_CERT"), "serve the API, dashboard and embedded broker over TLS with this certificate chain (PEM; env HANGAR_TLS_CERT)")
+	tlsKey := fs.String("tls-key", g.env.Getenv("HANGAR_TLS_KEY"), "the private key of --tls-cert (PEM; env HANGAR_TLS_KEY)")
+	tlsDev := fs.Bool("tls-dev", false, "serve over TLS with a development CA made in DATA/tls (hand DATA/tls/ca.pem to agents as --ca-file)")
+	insecure := fs.Bool("insecure", false, "serve plain HTTP and MQTT without the warning (tests, a closed network)")
 	var rootKeys []string
 	fs.Func("root-key", "release root public key (PEM file); pushed releases must chain to one (repeat for several)", func(v string) error {
 		rootKeys = append(rootKeys, v)
@@ -67,6 +73,35 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 		debug.SetMemoryLimit(n)
 	}
 	o.Version = Version
+	switch {
+	case (*tlsCert == "") != (*tlsKey == ""):
+		return fmt.Errorf("%w: --tls-cert and --tls-key go together", ErrUsage)
+	case *tlsCert != "":
+		cert, err := tls.LoadX509KeyPair(*tlsCert, *tlsKey)
+		if err != nil {
+			return fmt.Errorf("tls: %w", err)
+		}
+		o.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	case *tlsDev:
+		var hosts []string
+		for _, addr := range []string{o.HTTPAddr, o.MQTTAddr} {
+			if h, _, err := net.SplitHostPort(addr); err == nil && h != "" && h != "0.0.0.0" && h != "::" {
+				hosts = append(hosts, h)
+			}
+		}
+		if h, err := os.Hostname(); err == nil {
+			hosts = append(hosts, h)
+		}
+		dir := filepath.Join(o.DataDir, "tls")
+		cfg, err := devca.Ensure(dir, hosts, time.Now())
+		if err != nil {
+			return fmt.Errorf("development CA: %w", err)
+		}
+		o.TLS = cfg
+		o.Logger.Warn("serving over TLS with a development CA: give agents --ca-file "+filepath.Join(dir, devca.CAFile)+"; use --tls-cert/--tls-key in production", "ca", filepath.Join(dir, devca.CAFile))
+	case !*insecure:
+		o.Logger.Warn("SERVING WITHOUT TLS: enrollment tokens, device passwords and telemetry cross the network in clear. Use --tls-cert/--tls-key (or --tls-dev); --insecure silences this")
+	}
 	if o.BrokerURL != "" {
 		o.BrokerPassword = g.env.Getenv("HANGAR_BROKER_PASSWORD")
 		if *brokerPassFile != "" {

@@ -5,6 +5,7 @@ package server
 import (
 	"context"
 	"crypto/ed25519"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -79,6 +80,9 @@ type Options struct {
 	// draining after a long time offline); beyond them its messages are
 	// dropped and counted. 0: no quota.
 	DeviceMsgRate, DeviceByteRate float64
+	// TLS serves the API, the dashboard and the embedded broker over TLS
+	// (nil: plain, for tests and --insecure).
+	TLS *tls.Config
 	// RootKeys are the release root public keys pushed releases must chain
 	// to (none: pushes are refused).
 	RootKeys []ed25519.PublicKey
@@ -157,12 +161,13 @@ func New(opts Options) (*Server, error) {
 			Addr: opts.MQTTAddr, Listener: opts.MQTTListener, Credentials: db, Metrics: s.metrics,
 			Logger: opts.Logger, ConnectRate: opts.ConnectRate,
 			FailedAuthSource: limiter(opts.AuthFailRate), FailedAuthDevice: throttle.New(0.1, 10, 100_000),
+			TLS: opts.TLS,
 		})
 		if err != nil {
 			return nil, err
 		}
 		s.bus = e
-		s.mqttURL = listenURL("tcp", e.Addr())
+		s.mqttURL = listenURL(map[bool]string{true: "tls", false: "tcp"}[opts.TLS != nil], e.Addr())
 		// Nobody is connected to a broker that has just started.
 		if err := db.MarkAllOffline(context.Background()); err != nil {
 			return nil, err
@@ -215,6 +220,9 @@ func New(opts Options) (*Server, error) {
 		if s.httpLn, err = net.Listen("tcp", opts.HTTPAddr); err != nil {
 			return nil, fmt.Errorf("http: %w", err)
 		}
+	}
+	if opts.TLS != nil {
+		s.httpLn = tls.NewListener(s.httpLn, opts.TLS)
 	}
 	s.http = &http.Server{Handler: s.api, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
 	ok = true
@@ -298,7 +306,11 @@ func (s *Server) URL() string {
 	if addr.IP.IsUnspecified() {
 		host = "127.0.0.1"
 	}
-	return (&url.URL{Scheme: "http", Host: net.JoinHostPort(host, fmt.Sprint(addr.Port))}).String()
+	scheme := "http"
+	if s.opts.TLS != nil {
+		scheme = "https"
+	}
+	return (&url.URL{Scheme: scheme, Host: net.JoinHostPort(host, fmt.Sprint(addr.Port))}).String()
 }
 
 // MQTTAddr is the embedded broker's address, or "" with an external broker.

@@ -56,6 +56,9 @@ func (t *Transport) Connect(ctx context.Context, p transport.ConnectParams) (tra
 		SetMessageChannelDepth(16).
 		SetConnectionLostHandler(func(paho.Client, error) { cn.lost() })
 	o.SetCustomOpenConnectionFn(t.openBounded)
+	if p.TLS != nil {
+		o.SetTLSConfig(p.TLS)
+	}
 	if p.KeepAlive > 0 {
 		o.SetKeepAlive(p.KeepAlive)
 		o.SetPingTimeout(p.KeepAlive / 2)

@@ -14,6 +14,7 @@ package mqttlite
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -57,8 +58,13 @@ func (t *Transport) Connect(ctx context.Context, p transport.ConnectParams) (tra
 	if err != nil {
 		return nil, fmt.Errorf("connect %s: %w", p.URL, err)
 	}
-	if u.Scheme != "tcp" && u.Scheme != "mqtt" {
-		return nil, fmt.Errorf("connect %s: scheme %q not supported (tcp://host:port)", p.URL, u.Scheme)
+	secure := false
+	switch u.Scheme {
+	case "tcp", "mqtt":
+	case "tls", "ssl", "tcps", "mqtts":
+		secure = true
+	default:
+		return nil, fmt.Errorf("connect %s: scheme %q not supported (tcp://host:port, tls://host:port)", p.URL, u.Scheme)
 	}
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -74,6 +80,21 @@ func (t *Transport) Connect(ctx context.Context, p transport.ConnectParams) (tra
 	stop := context.AfterFunc(dctx, func() { _ = nc.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 	_ = nc.SetDeadline(time.Now().Add(timeout))
+	if secure {
+		cfg := p.TLS.Clone()
+		if cfg == nil {
+			cfg = &tls.Config{}
+		}
+		if cfg.ServerName == "" {
+			cfg.ServerName = u.Hostname()
+		}
+		tc := tls.Client(nc, cfg)
+		if err := tc.HandshakeContext(dctx); err != nil {
+			nc.Close()
+			return nil, fmt.Errorf("connect %s: %w", p.URL, err)
+		}
+		nc = tc
+	}
 	cp := packets.NewControlPacket(packets.Connect).(*packets.ConnectPacket)
 	cp.ProtocolName, cp.ProtocolVersion = "MQTT", 4
 	cp.CleanSession = true
@@ -239,6 +260,9 @@ func (c *conn) fail(err error) {
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
+		// Another goroutine is ending it: Done is closed when fail returns,
+		// whichever call returns first.
+		<-c.done
 		return
 	}
 	c.closed, c.err = true, err
