@@ -22,13 +22,15 @@ func TestEnrollmentTokenCannotTakeOver(t *testing.T) {
 	fleet := newTestFleet(t, cp, 2, nil)
 	ctx := context.Background()
 	victim := fleet.ID(1)
-	var drone interface{ Connected() bool }
-	for _, d := range fleet.Drones() {
-		if d.ID == victim {
-			drone = d.Agent()
+	connected := func() bool {
+		for _, d := range fleet.Drones() {
+			if d.ID == victim && d.Agent() != nil {
+				return d.Agent().Connected()
+			}
 		}
+		return false
 	}
-	waitFor(t, 30*time.Second, "the drone online", func() (bool, string) { return drone.Connected(), "not connected" })
+	waitFor(t, 30*time.Second, "the drone online", func() (bool, string) { return connected(), "not connected" })
 
 	enroll := func() int {
 		body, _ := json.Marshal(map[string]any{"enroll_token": cp.enrollToken(t), "device_id": victim})
@@ -58,7 +60,7 @@ func TestEnrollmentTokenCannotTakeOver(t *testing.T) {
 	before := telemetryRows(t, cp, victim)
 	waitFor(t, 30*time.Second, "more telemetry from the drone", func() (bool, string) {
 		n := telemetryRows(t, cp, victim)
-		return n > before && drone.Connected(), fmt.Sprintf("%d rows (had %d), connected %v", n, before, drone.Connected())
+		return n > before && connected(), fmt.Sprintf("%d rows (had %d), connected %v", n, before, connected())
 	})
 	if d, _ := cp.Store().Device(ctx, victim); !d.Online {
 		t.Fatalf("the drone is offline after the takeover attempts: %+v", d)
