@@ -4,10 +4,13 @@ package cli
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -61,16 +64,16 @@ func Run(ctx context.Context, args []string, env Env) error {
 	if env.Stdout == nil {
 		env.Stdout = os.Stdout
 	}
-	// Devices supply much of what the CLI prints (versions, hardware,
-	// event text): no control character of theirs reaches the terminal.
-	env.Stdout = &Escaper{W: env.Stdout}
-	env.Stderr = &Escaper{W: env.Stderr}
 	if env.Stderr == nil {
 		env.Stderr = os.Stderr
 	}
 	if env.Getenv == nil {
 		env.Getenv = os.Getenv
 	}
+	// Devices supply much of what the CLI prints (versions, hardware,
+	// event text): no control character of theirs reaches the terminal.
+	env.Stdout = &Escaper{W: env.Stdout}
+	env.Stderr = &Escaper{W: env.Stderr}
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
 		usage(env.Stdout)
 		if len(args) == 0 {
@@ -102,6 +105,7 @@ type globals struct {
 	server    string
 	token     string
 	tokenFile string
+	caFile    string
 	output    string
 }
 
@@ -115,6 +119,7 @@ func (g *globals) register(fs *flag.FlagSet) {
 	// secret. HANGAR_TOKEN is read when the client is made.
 	fs.StringVar(&g.token, "token", "", "admin API token (default: from HANGAR_TOKEN)")
 	fs.StringVar(&g.tokenFile, "token-file", defaultTokenFile, "file holding the admin token, used when --token is not given")
+	fs.StringVar(&g.caFile, "ca-file", g.env.Getenv("HANGAR_CA_FILE"), "CA certificate (PEM) the control plane's TLS certificate must chain to (env HANGAR_CA_FILE; default: the system's)")
 	fs.StringVar(&g.output, "o", "table", "output format: table or json")
 }
 
@@ -160,5 +165,17 @@ func (g *globals) client() (*Client, error) {
 		}
 		tok = strings.TrimSpace(string(b))
 	}
-	return NewClient(g.server, tok), nil
+	c := NewClient(g.server, tok)
+	if g.caFile != "" {
+		pem, err := os.ReadFile(g.caFile)
+		if err != nil {
+			return nil, fmt.Errorf("--ca-file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--ca-file %s: no PEM certificate", g.caFile)
+		}
+		c.http.Transport = &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}, Proxy: http.ProxyFromEnvironment}
+	}
+	return c, nil
 }

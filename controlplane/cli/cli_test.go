@@ -178,7 +178,7 @@ func TestServeWritesTokens(t *testing.T) {
 			t.Errorf("%s has mode %v, want 0600", f, st.Mode().Perm())
 		}
 	}
-	if !strings.Contains(out.String(), "admin token:") || !strings.Contains(out.String(), "dashboard and API: http://127.0.0.1:") {
+	if !strings.Contains(out.String(), "admin token:") || !strings.Contains(out.String(), "dashboard and API: https://127.0.0.1:") {
 		t.Fatalf("serve output:\n%s", out.String())
 	}
 }

@@ -50,3 +50,14 @@ func TestHelpHidesToken(t *testing.T) {
 		t.Errorf("--help does not say where the token comes from:\n%s%s", out.String(), errb.String())
 	}
 }
+
+// The hangar binary calls Run with no writers: they default to the
+// process's, escaped.
+func TestRunDefaultWriters(t *testing.T) {
+	if err := cli.Run(t.Context(), []string{"--version"}, cli.Env{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := cli.Run(t.Context(), []string{"device", "ls", "--no-such-flag"}, cli.Env{}); err == nil {
+		t.Fatal("a bad flag passed")
+	}
+}

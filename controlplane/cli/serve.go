@@ -42,8 +42,8 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	fs.Float64Var(&o.AuthFailRate, "auth-fail-rate", 10, "failed MQTT authentications per second per source address before that source is refused for a while (0: no limit)")
 	tlsCert := fs.String("tls-cert", g.env.Getenv("HANGAR_TLS_CERT"), "serve the API, dashboard and embedded broker over TLS with this certificate chain (PEM; env HANGAR_TLS_CERT)")
 	tlsKey := fs.String("tls-key", g.env.Getenv("HANGAR_TLS_KEY"), "the private key of --tls-cert (PEM; env HANGAR_TLS_KEY)")
-	tlsDev := fs.Bool("tls-dev", false, "serve over TLS with a development CA made in DATA/tls (hand DATA/tls/ca.pem to agents as --ca-file)")
-	insecure := fs.Bool("insecure", false, "serve plain HTTP and MQTT without the warning (tests, a closed network)")
+	fs.Bool("tls-dev", true, "without --tls-cert: serve over TLS with a development CA made in DATA/tls (hand DATA/tls/ca.pem to agents as --ca-file); the default")
+	insecure := fs.Bool("insecure", false, "serve plain HTTP and MQTT, no TLS (tests, a closed network): tokens and passwords cross the network in clear")
 	var rootKeys []string
 	fs.Func("root-key", "release root public key (PEM file); pushed releases must chain to one (repeat for several)", func(v string) error {
 		rootKeys = append(rootKeys, v)
@@ -82,7 +82,9 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 			return fmt.Errorf("tls: %w", err)
 		}
 		o.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
-	case *tlsDev:
+	case *insecure:
+		o.Logger.Warn("SERVING WITHOUT TLS (--insecure): enrollment tokens, device passwords and telemetry cross the network in clear")
+	default:
 		var hosts []string
 		for _, addr := range []string{o.HTTPAddr, o.MQTTAddr} {
 			if h, _, err := net.SplitHostPort(addr); err == nil && h != "" && h != "0.0.0.0" && h != "::" {
@@ -99,8 +101,6 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 		}
 		o.TLS = cfg
 		o.Logger.Warn("serving over TLS with a development CA: give agents --ca-file "+filepath.Join(dir, devca.CAFile)+"; use --tls-cert/--tls-key in production", "ca", filepath.Join(dir, devca.CAFile))
-	case !*insecure:
-		o.Logger.Warn("SERVING WITHOUT TLS: enrollment tokens, device passwords and telemetry cross the network in clear. Use --tls-cert/--tls-key (or --tls-dev); --insecure silences this")
 	}
 	if o.BrokerURL != "" {
 		o.BrokerPassword = g.env.Getenv("HANGAR_BROKER_PASSWORD")

@@ -171,7 +171,7 @@ func startControlPlane(bin, dir string, extra []string, env []string, logw io.Wr
 		return nil, err
 	}
 	// The whole simulated fleet enrolls from this one address.
-	args := append([]string{"serve", "--data", dir, "--http", fmt.Sprintf("127.0.0.1:%d", port), "--log-level", "warn", "--enroll-rate", "0"}, extra...)
+	args := append([]string{"serve", "--data", dir, "--http", fmt.Sprintf("127.0.0.1:%d", port), "--log-level", "warn", "--enroll-rate", "0", "--insecure"}, extra...)
 	p, err := start(bin, args, env, logw)
 	if err != nil {
 		return nil, err

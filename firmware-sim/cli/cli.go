@@ -3,6 +3,8 @@ package cli
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -48,6 +50,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	mqttClient := fs.String("mqtt-client", "paho", "the drones' MQTT transport: paho (the agent binary's) or lite (one goroutine per connection; for 10,000 drones in a process)")
 	sources := fs.String("source-addrs", "", "local IP addresses the drones connect from, comma separated (e.g. 127.0.0.2,127.0.0.3): more drones than one address's ephemeral ports")
 	memLimit := fs.String("memory-limit", "", "soft limit for the simulator's Go heap and stacks, e.g. 400MiB (GOMEMLIMIT); empty: none")
+	caFile := fs.String("ca-file", "", "the control plane's CA certificate (PEM), as agents pin it: the drones then speak only TLS to it")
 	pprofAddr := fs.String("pprof", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6061; off when empty")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "hangar-sim: run a fleet of simulated drones (the real agent code) against a control plane\n\n"+
@@ -86,10 +89,22 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	} else if strings.Contains(tok, "/") || strings.HasSuffix(tok, ".token") {
 		return fmt.Errorf("enroll token: %w", err)
 	}
+	var tlsCfg *tls.Config
+	if *caFile != "" {
+		pem, err := os.ReadFile(*caFile)
+		if err != nil {
+			return fmt.Errorf("--ca-file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return fmt.Errorf("--ca-file %s: no PEM certificate", *caFile)
+		}
+		tlsCfg = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
 	fleet, err := sim.NewFleet(sim.FleetOptions{
 		ServerURL: *server, EnrollToken: tok, Devices: *n, Prefix: *prefix, StateRoot: *stateDir,
 		SampleInterval: *sample, BatchSize: *batch, StartRate: *rate, Version: *version, Seed: *seed, Logger: log, MemoryOutbox: *memOutbox,
-		MQTTClient: *mqttClient, SourceAddrs: splitList(*sources),
+		MQTTClient: *mqttClient, SourceAddrs: splitList(*sources), TLS: tlsCfg,
 	})
 	if err != nil {
 		return err

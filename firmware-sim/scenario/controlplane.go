@@ -85,8 +85,9 @@ func (c *ControlPlane) Starts() int {
 func (c *ControlPlane) Start(ctx context.Context) error {
 	c.mu.Lock()
 	cmd := exec.Command(c.bin, append([]string{"serve", "--data", c.dir, "--http", c.http, "--mqtt", c.mqtt,
-		// A whole simulated fleet enrolls from this one address.
-		"--log-level", "warn", "--rollout-interval", "500ms", "--enroll-rate", "0"}, c.args...)...)
+		// A whole simulated fleet enrolls from this one address, on
+		// loopback: no per-address limit, no TLS.
+		"--log-level", "warn", "--rollout-interval", "500ms", "--enroll-rate", "0", "--insecure"}, c.args...)...)
 	cmd.Stdout, cmd.Stderr = &lockedWriter{c}, &lockedWriter{c}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

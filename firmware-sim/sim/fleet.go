@@ -7,6 +7,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/ed25519"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -60,12 +61,15 @@ var DefaultHardware = Mix{{"rev-a", 0.2}, {"rev-b", 0.5}, {"rev-c", 0.3}}
 type FleetOptions struct {
 	ServerURL   string
 	EnrollToken string
-	Devices     int
-	Prefix      string // device ids are Prefix + zero-padded index
-	StateRoot   string // per-device state directories; a temp dir when empty
-	Hardware    Mix
-	Bases       []Base
-	Version     string
+	// TLS is the drones' trust in the control plane (its CA), as the
+	// agent's --ca-file gives it (nil: plain, or the system's roots).
+	TLS       *tls.Config
+	Devices   int
+	Prefix    string // device ids are Prefix + zero-padded index
+	StateRoot string // per-device state directories; a temp dir when empty
+	Hardware  Mix
+	Bases     []Base
+	Version   string
 
 	SampleInterval    time.Duration
 	BatchSize         int
@@ -236,7 +240,7 @@ func NewFleet(opts FleetOptions) (*Fleet, error) {
 		}
 		opts.StateRoot = dir
 	}
-	links, err := newLinks(opts.MQTTClient, opts.SourceAddrs)
+	links, err := newLinks(opts.MQTTClient, opts.SourceAddrs, opts.TLS)
 	if err != nil {
 		return nil, err
 	}
@@ -250,7 +254,7 @@ type link struct {
 	http      *http.Client
 }
 
-func newLinks(client string, addrs []string) ([]link, error) {
+func newLinks(client string, addrs []string, tlsCfg *tls.Config) ([]link, error) {
 	newTransport := func(d *net.Dialer) agent.Transport {
 		if client == "lite" {
 			return &mqttlite.Transport{Dialer: d}
@@ -277,6 +281,7 @@ func newLinks(client string, addrs []string) ([]link, error) {
 		d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: ip}, Timeout: 30 * time.Second}
 		ht := http.DefaultTransport.(*http.Transport).Clone()
 		ht.DialContext = d.DialContext
+		ht.TLSClientConfig = tlsCfg
 		links = append(links, link{transport: newTransport(d), http: &http.Client{Timeout: 30 * time.Second, Transport: ht}})
 	}
 	return links, nil
@@ -412,7 +417,7 @@ func (d *SimDrone) boot() (Firmware, error) {
 		SampleInterval: o.SampleInterval, BatchSize: o.BatchSize, HeartbeatInterval: o.HeartbeatInterval,
 		BackoffMin: o.BackoffMin, BackoffMax: o.BackoffMax,
 		Sensors: d.Sensors, Logger: o.Logger, Clock: d.clk,
-		Transport: d.link.transport, HTTPClient: d.link.http,
+		Transport: d.link.transport, HTTPClient: d.link.http, TLS: o.TLS,
 	}
 	if o.MemoryOutbox {
 		if d.box == nil {
