@@ -46,7 +46,8 @@ type EmbeddedOptions struct {
 	// ConnectRate caps accepted connections per second (0: no cap). It
 	// smooths a reconnect storm after a restart.
 	ConnectRate int
-	// MaxClients caps concurrent connections (0: no cap).
+	// MaxClients caps concurrent connections, authenticated or not: the
+	// listener closes any beyond it at once (0: no cap).
 	MaxClients int64
 	// ConnectTimeout and MaxConnectSize bound a connection before it
 	// authenticates (defaults DefaultConnectTimeout, DefaultMaxConnectSize).
@@ -147,7 +148,7 @@ func NewEmbedded(opts EmbeddedOptions) (*Embedded, error) {
 		opts.MaxConnectSize = DefaultMaxConnectSize
 	}
 	e.ln = &listener{ln: ln, log: log, rate: opts.ConnectRate, metrics: opts.Metrics,
-		connectTimeout: opts.ConnectTimeout, maxConnect: opts.MaxConnectSize}
+		connectTimeout: opts.ConnectTimeout, maxConnect: opts.MaxConnectSize, maxOpen: opts.MaxClients}
 	if err := srv.AddListener(e.ln); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("embedded broker: %w", err)
@@ -550,6 +551,8 @@ type listener struct {
 
 	connectTimeout time.Duration
 	maxConnect     int
+	maxOpen        int64
+	open           atomic.Int64
 }
 
 // acceptWindow finds the most accepts within any one second: the accept
@@ -607,9 +610,19 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 		if peak, grew := l.window.add(time.Now()); grew {
 			l.metrics.AcceptPeak.Set(float64(peak))
 		}
-		conn = guardConnect(conn, l.connectTimeout, l.maxConnect, func(reason string) {
+		if l.maxOpen > 0 && l.open.Load() >= l.maxOpen {
+			// Full: closed before it costs anything (mochi would read its
+			// CONNECT to answer "server busy").
+			l.metrics.PreconnectRefused.WithLabelValues("max_connections").Inc()
+			conn.Close()
+			continue
+		}
+		l.open.Add(1)
+		g := guardConnect(conn, l.connectTimeout, l.maxConnect, func(reason string) {
 			l.metrics.PreconnectRefused.WithLabelValues(reason).Inc()
 		})
+		g.onClose = func() { l.open.Add(-1) }
+		conn = g
 		go func() {
 			if err := establish(l.ID(), conn); err != nil {
 				l.log.Debug("connection ended", "remote", conn.RemoteAddr().String(), "err", err)

@@ -443,3 +443,51 @@ func TestEmbeddedFailedAuthThrottled(t *testing.T) {
 		})
 	}
 }
+
+// TestEmbeddedMaxConnections: connections beyond the cap, authenticated
+// or not, are closed at once; a slot frees when a connection ends.
+func TestEmbeddedMaxConnections(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := metrics.New(nil)
+	e, err := broker.NewEmbedded(broker.EmbeddedOptions{Listener: ln, Credentials: fakeCreds{"d1": "pw1"}, Metrics: m, MaxClients: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Start(t.Context(), syncHandler(nil).async); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	var held []net.Conn
+	for range 3 {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, c)
+	}
+	over, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	over.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := over.Read(make([]byte, 1)); err == nil || strings.Contains(err.Error(), "timeout") {
+		t.Fatalf("the connection over the cap was not closed: %v", err)
+	}
+	if got := testutil.ToFloat64(m.PreconnectRefused.WithLabelValues("max_connections")); got != 1 {
+		t.Fatalf("refused for the cap: %v", got)
+	}
+	held[0].Close()
+	waitCond(t, 10*time.Second, "a slot freed", func() bool {
+		c, err := dialEmb(t, ln.Addr().String(), "d1", "d1", "pw1")
+		if err == nil {
+			c.Disconnect(0)
+		}
+		return err == nil
+	})
+	for _, c := range held[1:] {
+		c.Close()
+	}
+}

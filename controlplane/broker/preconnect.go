@@ -43,6 +43,20 @@ type connectGuard struct {
 	checked bool
 	pending []byte
 	err     error
+
+	closeOnce sync.Once
+	onClose   func()
+}
+
+// Close closes the connection and tells the listener, once.
+func (g *connectGuard) Close() error {
+	err := g.Conn.Close()
+	g.closeOnce.Do(func() {
+		if g.onClose != nil {
+			g.onClose()
+		}
+	})
+	return err
 }
 
 func guardConnect(c net.Conn, timeout time.Duration, maxSize int, refused func(string)) *connectGuard {
@@ -56,7 +70,7 @@ func (g *connectGuard) Read(p []byte) (int, error) {
 		g.checked = true
 		g.pending, g.err = g.readConnect()
 		if g.err != nil {
-			g.Conn.Close()
+			g.Close()
 		}
 	}
 	if len(g.pending) > 0 {

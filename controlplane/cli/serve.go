@@ -36,6 +36,7 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	fs.DurationVar(&o.OnlineTimeout, "online-timeout", 90*time.Second, "a device silent this long is shown offline")
 	fs.DurationVar(&o.RolloutInterval, "rollout-interval", 2*time.Second, "how often active rollouts are judged and advanced")
 	fs.IntVar(&o.ConnectRate, "connect-rate", 0, "cap on MQTT connections accepted per second by the embedded broker (0: none)")
+	fs.Int64Var(&o.MaxConnections, "max-connections", 0, "cap on the embedded broker's open connections, authenticated or not; beyond it new ones are closed at once (0: none)")
 	fs.Float64Var(&o.EnrollRate, "enroll-rate", 20, "enrollment attempts per second per source address, bursting ten seconds' worth (0: no limit)")
 	fs.Float64Var(&o.DeviceMsgRate, "device-msg-rate", 50, "each device's ingest quota in messages per second, bursting a minute's worth; beyond it messages are dropped and counted (0: none)")
 	fs.Float64Var(&o.DeviceByteRate, "device-byte-rate", 256<<10, "each device's ingest quota in bytes per second, bursting 16 MiB (0: none)")

@@ -66,6 +66,9 @@ type Options struct {
 	OnlineTimeout time.Duration
 	// ConnectRate caps MQTT connections accepted per second (embedded).
 	ConnectRate int
+	// MaxConnections caps the embedded broker's open connections,
+	// authenticated or not (0: no cap).
+	MaxConnections int64
 	// EnrollRate limits enrollment attempts per source address (per
 	// second, with a burst of ten seconds' worth; 0: no limit). Each
 	// device id may try 10 times, then once a minute, whatever the rate.
@@ -159,7 +162,7 @@ func New(opts Options) (*Server, error) {
 	if opts.BrokerURL == "" {
 		e, err := broker.NewEmbedded(broker.EmbeddedOptions{
 			Addr: opts.MQTTAddr, Listener: opts.MQTTListener, Credentials: db, Metrics: s.metrics,
-			Logger: opts.Logger, ConnectRate: opts.ConnectRate,
+			Logger: opts.Logger, ConnectRate: opts.ConnectRate, MaxClients: opts.MaxConnections,
 			FailedAuthSource: limiter(opts.AuthFailRate), FailedAuthDevice: throttle.New(0.1, 10, 100_000),
 			TLS: opts.TLS,
 		})
