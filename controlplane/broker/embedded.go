@@ -148,7 +148,9 @@ func NewEmbedded(opts EmbeddedOptions) (*Embedded, error) {
 		opts.MaxConnectSize = DefaultMaxConnectSize
 	}
 	e.ln = &listener{ln: ln, log: log, rate: opts.ConnectRate, metrics: opts.Metrics,
-		connectTimeout: opts.ConnectTimeout, maxConnect: opts.MaxConnectSize, maxOpen: opts.MaxClients}
+		connectTimeout: opts.ConnectTimeout, maxConnect: opts.MaxConnectSize, maxOpen: opts.MaxClients,
+		unchecked: map[*connectGuard]struct{}{}, serveDone: make(chan struct{})}
+	e.ln.cond = sync.NewCond(&e.ln.mu)
 	if err := srv.AddListener(e.ln); err != nil {
 		ln.Close()
 		return nil, fmt.Errorf("embedded broker: %w", err)
@@ -201,6 +203,7 @@ func (e *Embedded) Close() error {
 		return nil
 	}
 	e.cancel()
+	e.ln.drain()
 	return e.srv.Close()
 }
 
@@ -553,6 +556,33 @@ type listener struct {
 	maxConnect     int
 	maxOpen        int64
 	open           atomic.Int64
+
+	// Connections that have not sent their CONNECT yet: mochi's Close
+	// must not run while one of them is being set up (it races with
+	// NewClient), so drain ends them first and waits.
+	mu        sync.Mutex
+	cond      *sync.Cond
+	unchecked map[*connectGuard]struct{}
+	served    atomic.Bool
+	serveDone chan struct{}
+}
+
+// drain stops accepting, ends the connections that have not sent their
+// CONNECT, and waits until mochi has let go of them.
+func (l *listener) drain() {
+	l.end.Store(true)
+	_ = l.ln.Close()
+	if l.served.Load() {
+		<-l.serveDone
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for g := range l.unchecked {
+		_ = g.Conn.Close()
+	}
+	for len(l.unchecked) > 0 {
+		l.cond.Wait()
+	}
 }
 
 // acceptWindow finds the most accepts within any one second: the accept
@@ -585,6 +615,8 @@ func (l *listener) Protocol() string        { return "tcp" }
 func (l *listener) Init(*slog.Logger) error { return nil }
 
 func (l *listener) Serve(establish listeners.EstablishFn) {
+	l.served.Store(true)
+	defer close(l.serveDone)
 	var interval time.Duration
 	if l.rate > 0 {
 		interval = time.Second / time.Duration(l.rate)
@@ -622,6 +654,15 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 			l.metrics.PreconnectRefused.WithLabelValues(reason).Inc()
 		})
 		g.onClose = func() { l.open.Add(-1) }
+		g.onChecked = func() {
+			l.mu.Lock()
+			delete(l.unchecked, g)
+			l.cond.Broadcast()
+			l.mu.Unlock()
+		}
+		l.mu.Lock()
+		l.unchecked[g] = struct{}{}
+		l.mu.Unlock()
 		conn = g
 		go func() {
 			if err := establish(l.ID(), conn); err != nil {

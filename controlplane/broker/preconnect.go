@@ -46,6 +46,8 @@ type connectGuard struct {
 
 	closeOnce sync.Once
 	onClose   func()
+	// onChecked is called once the first packet was read (or refused).
+	onChecked func()
 }
 
 // Close closes the connection and tells the listener, once.
@@ -71,6 +73,9 @@ func (g *connectGuard) Read(p []byte) (int, error) {
 		g.pending, g.err = g.readConnect()
 		if g.err != nil {
 			g.Close()
+		}
+		if g.onChecked != nil {
+			g.onChecked()
 		}
 	}
 	if len(g.pending) > 0 {
