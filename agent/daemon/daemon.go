@@ -62,15 +62,9 @@ func RunWith(ctx context.Context, args []string, getenv func(string) string, std
 		SampleInterval: cfg.SampleInterval, BatchSize: cfg.BatchSize, HeartbeatInterval: cfg.HeartbeatInterval,
 	}
 	if cfg.CAFile != "" {
-		pem, err := os.ReadFile(cfg.CAFile)
-		if err != nil {
-			return fmt.Errorf("--ca-file: %w", err)
+		if opts.TLS, err = PinnedTLS(cfg.CAFile); err != nil {
+			return err
 		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return fmt.Errorf("--ca-file %s: no PEM certificate", cfg.CAFile)
-		}
-		opts.TLS = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 		if strings.HasPrefix(cfg.Server, "http://") {
 			return fmt.Errorf("--server %s: with --ca-file the control plane is reached over https://", cfg.Server)
 		}
@@ -140,6 +134,20 @@ func RunWith(ctx context.Context, args []string, getenv func(string) string, std
 		return ErrRestart
 	}
 	return err
+}
+
+// PinnedTLS is the client TLS configuration that trusts only the CA
+// certificates in the PEM file caFile (the agent's --ca-file).
+func PinnedTLS(caFile string) (*tls.Config, error) {
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, fmt.Errorf("--ca-file: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("--ca-file %s: no PEM certificate", caFile)
+	}
+	return &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}, nil
 }
 
 // guardFromEnv is the trial guard the agent runs under, from what the

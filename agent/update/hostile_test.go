@@ -26,6 +26,16 @@ import (
 
 var hostileReleaseID = proto.KeyID(prototest.ReleaseKey.Public().(ed25519.PublicKey))
 
+// hostileRotatedKeys is key list 2: ReleaseKey revoked, OtherKey listed.
+func hostileRotatedKeys(t *testing.T) []byte {
+	otherPub := prototest.OtherKey.Public().(ed25519.PublicKey)
+	v2 := prototest.KeyList()
+	v2.Version = 2
+	v2.Keys = []proto.ReleaseKey{{ID: proto.KeyID(otherPub), Public: otherPub, Expires: prototest.Base/1000 + 365*86400}}
+	v2.Revoked = []string{hostileReleaseID}
+	return hostileSignKeys(t, prototest.RootKey, v2)
+}
+
 // installGood runs a legitimate release through the hostile server (honest
 // for its path unless the test routed it already) to commit, and makes it
 // the reference of assertNotInstalled.
@@ -338,7 +348,6 @@ func TestHostileRollbackRefused(t *testing.T) {
 // dropped, the fix installs, and a restart changes nothing.
 func TestHostileLeakedKeyCannotFreeze(t *testing.T) {
 	r, lock := newLockedRig(t)
-	base := prototest.Base / 1000
 	now := r.clk.Now().Unix()
 
 	maxed := newHostileRelease(t, math.MaxUint64, "9.9.9", hostilePayload(0x99, 16<<10))
@@ -365,12 +374,7 @@ func TestHostileLeakedKeyCannotFreeze(t *testing.T) {
 	r.rep.waitState(t, "c-ahead", proto.UpdateDeferred) // downloaded, held by the maintenance lock
 
 	// The revocation, with the fix.
-	otherPub := prototest.OtherKey.Public().(ed25519.PublicKey)
-	v2 := prototest.KeyList()
-	v2.Version = 2
-	v2.Keys = []proto.ReleaseKey{{ID: proto.KeyID(otherPub), Public: otherPub, Expires: base + 365*86400}}
-	v2.Revoked = []string{hostileReleaseID}
-	keysV2 := hostileSignKeys(t, prototest.RootKey, v2)
+	keysV2 := hostileRotatedKeys(t)
 	fix := newHostileRelease(t, 20, "2.0.0", hostilePayload(0x20, 16<<10))
 	fix.signed = hostileSignManifest(t, prototest.OtherKey, fix.m)
 	r.srv.route(fix.path, hostileHonest(fix.data))
@@ -399,13 +403,7 @@ func TestHostileLeakedKeyCannotFreeze(t *testing.T) {
 // held list keeps refusing the revoked key.
 func TestHostileKeyListRollbackRefused(t *testing.T) {
 	r := newHostileRig(t)
-	base := prototest.Base / 1000
-	otherPub := prototest.OtherKey.Public().(ed25519.PublicKey)
-	v2 := prototest.KeyList()
-	v2.Version = 2
-	v2.Keys = []proto.ReleaseKey{{ID: proto.KeyID(otherPub), Public: otherPub, Expires: base + 365*86400}}
-	v2.Revoked = []string{hostileReleaseID}
-	keysV2 := hostileSignKeys(t, prototest.RootKey, v2)
+	keysV2 := hostileRotatedKeys(t)
 
 	rotated := newHostileRelease(t, 13, "1.5.0", hostilePayload(0x13, 64<<10))
 	rotated.signed = hostileSignManifest(t, prototest.OtherKey, rotated.m)

@@ -4,7 +4,6 @@ package cli
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -19,6 +18,7 @@ import (
 	"time"
 
 	hcli "github.com/hangarfleet/hangar/controlplane/cli"
+	"github.com/hangarfleet/hangar/agent/daemon"
 	"github.com/hangarfleet/hangar/firmware-sim/sim"
 )
 
@@ -91,15 +91,9 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	var tlsCfg *tls.Config
 	if *caFile != "" {
-		pem, err := os.ReadFile(*caFile)
-		if err != nil {
-			return fmt.Errorf("--ca-file: %w", err)
+		if tlsCfg, err = daemon.PinnedTLS(*caFile); err != nil {
+			return err
 		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return fmt.Errorf("--ca-file %s: no PEM certificate", *caFile)
-		}
-		tlsCfg = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}
 	fleet, err := sim.NewFleet(sim.FleetOptions{
 		ServerURL: *server, EnrollToken: tok, Devices: *n, Prefix: *prefix, StateRoot: *stateDir,

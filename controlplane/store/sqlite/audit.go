@@ -75,6 +75,25 @@ func appendAudit(ctx context.Context, tx *sql.Tx, a store.Audit) (int64, error) 
 	return r.LastInsertId()
 }
 
+// auditRow is an entry as the chain covers it.
+type auditRow struct {
+	id, ts                               int64
+	actor, action, target, reason, attrs string
+	hash                                 []byte
+}
+
+const auditRowCols = `id, ts, actor, action, target, reason, attrs, hash`
+
+func scanAuditRow(rows *sql.Rows) (auditRow, error) {
+	var r auditRow
+	err := rows.Scan(&r.id, &r.ts, &r.actor, &r.action, &r.target, &r.reason, &r.attrs, &r.hash)
+	return r, err
+}
+
+func (r auditRow) chained(prev []byte) []byte {
+	return auditHash(prev, r.ts, r.actor, r.action, r.target, r.reason, r.attrs)
+}
+
 // chainAudit chains entries written before the log was a chain (a store
 // upgraded in place), in their order.
 func (db *DB) chainAudit(ctx context.Context) error {
@@ -87,7 +106,7 @@ func (db *DB) chainAudit(ctx context.Context) error {
 		return fmt.Errorf("chain audit log: %w", err)
 	}
 	defer tx.Rollback()
-	rows, err := tx.QueryContext(ctx, `SELECT id, ts, actor, action, target, reason, attrs, hash FROM audit ORDER BY id`)
+	rows, err := tx.QueryContext(ctx, `SELECT `+auditRowCols+` FROM audit ORDER BY id`)
 	if err != nil {
 		return fmt.Errorf("chain audit log: %w", err)
 	}
@@ -98,21 +117,16 @@ func (db *DB) chainAudit(ctx context.Context) error {
 	var fixes []fix
 	var prev []byte
 	for rows.Next() {
-		var (
-			id                                   int64
-			ts                                   int64
-			actor, action, target, reason, attrs string
-			hash                                 []byte
-		)
-		if err := rows.Scan(&id, &ts, &actor, &action, &target, &reason, &attrs, &hash); err != nil {
+		r, err := scanAuditRow(rows)
+		if err != nil {
 			rows.Close()
 			return fmt.Errorf("chain audit log: %w", err)
 		}
-		if hash == nil {
-			hash = auditHash(prev, ts, actor, action, target, reason, attrs)
-			fixes = append(fixes, fix{id, hash})
+		if r.hash == nil {
+			r.hash = r.chained(prev)
+			fixes = append(fixes, fix{r.id, r.hash})
 		}
-		prev = hash
+		prev = r.hash
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
@@ -132,7 +146,7 @@ func (db *DB) chainAudit(ctx context.Context) error {
 // hash recomputed, no longer has it).
 func (db *DB) VerifyAudit(ctx context.Context, at int64) (store.AuditVerification, error) {
 	var v store.AuditVerification
-	rows, err := db.r.QueryContext(ctx, `SELECT id, ts, actor, action, target, reason, attrs, hash FROM audit ORDER BY id`)
+	rows, err := db.r.QueryContext(ctx, `SELECT `+auditRowCols+` FROM audit ORDER BY id`)
 	if err != nil {
 		return v, fmt.Errorf("verify audit log: %w", err)
 	}
@@ -140,31 +154,25 @@ func (db *DB) VerifyAudit(ctx context.Context, at int64) (store.AuditVerificatio
 	var prev []byte
 	var lastID int64
 	for rows.Next() {
-		var (
-			id                                   int64
-			ts                                   int64
-			actor, action, target, reason, attrs string
-			hash                                 []byte
-		)
-		if err := rows.Scan(&id, &ts, &actor, &action, &target, &reason, &attrs, &hash); err != nil {
+		r, err := scanAuditRow(rows)
+		if err != nil {
 			return v, fmt.Errorf("verify audit log: %w", err)
 		}
-		want := auditHash(prev, ts, actor, action, target, reason, attrs)
 		if v.Broken == nil {
 			switch {
-			case !bytes.Equal(hash, want):
-				v.Broken = &store.AuditBreak{ID: id, Why: fmt.Sprintf("entry %d (%s %s, %s) does not match its hash: it was changed, or an entry before it was changed, deleted, inserted or moved",
-					id, action, target, time.UnixMilli(ts).UTC().Format(time.RFC3339))}
-			case lastID != 0 && id != lastID+1:
-				v.Broken = &store.AuditBreak{ID: id, Why: fmt.Sprintf("entries %d to %d are missing before entry %d, and the chain was recomputed over the gap", lastID+1, id-1, id)}
+			case !bytes.Equal(r.hash, r.chained(prev)):
+				v.Broken = &store.AuditBreak{ID: r.id, Why: fmt.Sprintf("entry %d (%s %s, %s) does not match its hash: it was changed, or an entry before it was changed, deleted, inserted or moved",
+					r.id, r.action, r.target, time.UnixMilli(r.ts).UTC().Format(time.RFC3339))}
+			case lastID != 0 && r.id != lastID+1:
+				v.Broken = &store.AuditBreak{ID: r.id, Why: fmt.Sprintf("entries %d to %d are missing before entry %d, and the chain was recomputed over the gap", lastID+1, r.id-1, r.id)}
 			}
 		}
-		if id == at {
-			v.At = hash
+		if r.id == at {
+			v.At = r.hash
 		}
-		prev, lastID = hash, id
+		prev, lastID = r.hash, r.id
 		v.Entries++
-		v.HeadID, v.Head = id, hash
+		v.HeadID, v.Head = r.id, r.hash
 	}
 	return v, rows.Err()
 }
