@@ -52,5 +52,9 @@ go test -run XXX -bench 'BenchmarkPlan' -benchmem -benchtime 10x -count 1 ./cont
 go test -run XXX -bench 'BenchmarkRolloutStart|BenchmarkNotify' -benchtime 3x -count 1 -timeout 30m ./controlplane/server/ | grep -E '^Benchmark'
 echo
 
+echo "== a device's connect to the embedded broker: plain TCP (baseline) vs TLS, same run"
+go test -run XXX -bench 'BenchmarkConnect' -benchtime 2s -count 1 ./controlplane/broker/ | grep -E '^Benchmark'
+echo
+
 echo "== MQTT transport footprint per connection: paho (the agent's) vs lite (the simulator's option); broker in another process"
 go test -run XXX -bench 'BenchmarkFootprint' -benchtime 3x -count 1 ./agent/transport/ | grep -E '^Benchmark'
