@@ -565,6 +565,7 @@ type listener struct {
 	unchecked map[*connectGuard]struct{}
 	served    atomic.Bool
 	serveDone chan struct{}
+	closed    atomic.Bool // Close ran (drain only stops accepting)
 }
 
 // drain stops accepting, ends the connections that have not sent their
@@ -680,9 +681,10 @@ func maxTime(a, b time.Time) time.Time {
 }
 
 func (l *listener) Close(closeClients listeners.CloseFn) {
-	if l.end.Swap(true) {
+	if l.closed.Swap(true) {
 		return
 	}
+	l.end.Store(true)
 	l.ln.Close()
 	closeClients(l.ID())
 }

@@ -496,3 +496,39 @@ func TestEmbeddedMaxConnections(t *testing.T) {
 		return testutil.ToFloat64(m.PreconnectRefused.WithLabelValues("closed")) == 3
 	})
 }
+
+// TestEmbeddedCloseWithClients: Close disconnects the clients still
+// connected (and one that has not sent its CONNECT) and returns.
+func TestEmbeddedCloseWithClients(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := broker.NewEmbedded(broker.EmbeddedOptions{Listener: ln, Credentials: fakeCreds{"d1": "pw1", "d2": "pw2"}, Metrics: metrics.New(nil)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Start(t.Context(), syncHandler(nil).async); err != nil {
+		t.Fatal(err)
+	}
+	c1, err := dialEmb(t, ln.Addr().String(), "d1", "d1", "pw1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dialEmb(t, ln.Addr().String(), "d2", "d2", "pw2"); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	done := make(chan error, 1)
+	go func() { done <- e.Close() }()
+	select {
+	case <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("Close hangs with clients connected")
+	}
+	waitCond(t, 10*time.Second, "the client disconnected", func() bool { return !c1.IsConnectionOpen() })
+}
