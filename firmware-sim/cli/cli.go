@@ -17,8 +17,8 @@ import (
 	"strings"
 	"time"
 
-	hcli "github.com/hangarfleet/hangar/controlplane/cli"
 	"github.com/hangarfleet/hangar/agent/daemon"
+	hcli "github.com/hangarfleet/hangar/controlplane/cli"
 	"github.com/hangarfleet/hangar/firmware-sim/sim"
 )
 
