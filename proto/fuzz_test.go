@@ -2,6 +2,7 @@ package proto_test
 
 import (
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/hangarfleet/hangar/proto"
@@ -69,4 +70,29 @@ func TestDecodeCommandEmptyKeyList(t *testing.T) {
 	if c.Update == nil || c.Update.Keys != nil {
 		t.Fatalf("offer %+v: want Keys nil", c.Update)
 	}
+}
+
+// FuzzParseSelector: what the selector parser accepts is valid labels,
+// and written back as k=v,... it parses to the same selector.
+func FuzzParseSelector(f *testing.F) {
+	for _, s := range []string{"", "hw=rev-b", "hw=rev-b,base=zurich", " a=b , c=d ", "a=b,a=c", "=x", "a", "k=v=w"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		sel, err := proto.ParseSelector(s)
+		if err != nil {
+			return
+		}
+		if err := proto.ValidateLabels(sel); err != nil {
+			t.Fatalf("accepted %q with invalid labels: %v", s, err)
+		}
+		var parts []string
+		for k, v := range sel {
+			parts = append(parts, k+"="+v)
+		}
+		again, err := proto.ParseSelector(strings.Join(parts, ","))
+		if err != nil || !reflect.DeepEqual(sel, again) {
+			t.Fatalf("%q: %v, written back: %v (%v)", s, sel, again, err)
+		}
+	})
 }
