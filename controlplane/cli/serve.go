@@ -43,7 +43,7 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	fs.Float64Var(&o.AuthFailRate, "auth-fail-rate", 10, "failed MQTT authentications per second per source address before that source is refused for a while (0: no limit)")
 	tlsCert := fs.String("tls-cert", g.env.Getenv("HANGAR_TLS_CERT"), "serve the API, dashboard and embedded broker over TLS with this certificate chain (PEM; env HANGAR_TLS_CERT)")
 	tlsKey := fs.String("tls-key", g.env.Getenv("HANGAR_TLS_KEY"), "the private key of --tls-cert (PEM; env HANGAR_TLS_KEY)")
-	fs.Bool("tls-dev", true, "without --tls-cert: serve over TLS with a development CA made in DATA/tls (hand DATA/tls/ca.pem to agents as --ca-file); the default")
+	tlsDev := fs.Bool("tls-dev", true, "without --tls-cert: serve over TLS with a development CA made in DATA/tls (hand DATA/tls/ca.pem to agents as --ca-file); the default")
 	insecure := fs.Bool("insecure", false, "serve plain HTTP and MQTT, no TLS (tests, a closed network): tokens and passwords cross the network in clear")
 	var rootKeys []string
 	fs.Func("root-key", "release root public key (PEM file); pushed releases must chain to one (repeat for several)", func(v string) error {
@@ -83,6 +83,8 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 			return fmt.Errorf("tls: %w", err)
 		}
 		o.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	case !*tlsDev && !*insecure:
+		return fmt.Errorf("%w: --tls-dev=false needs --tls-cert/--tls-key, or --insecure for plain HTTP and MQTT", ErrUsage)
 	case *insecure:
 		o.Logger.Warn("SERVING WITHOUT TLS (--insecure): enrollment tokens, device passwords and telemetry cross the network in clear")
 	default:
