@@ -9,9 +9,11 @@ package agent
 
 import (
 	"context"
+	"crypto"
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
@@ -101,7 +103,10 @@ type Options struct {
 	// TLS, when set, is the only trust the agent has for the control
 	// plane: enrollment, downloads and the broker are reached over TLS
 	// with it, and a plaintext broker URL is refused.
-	TLS    *tls.Config
+	TLS *tls.Config
+	// Keys makes and keeps the device's private keys (default FileKeys:
+	// software keys in the state directory).
+	Keys   Keys
 	Logger *slog.Logger
 	// Rand drives backoff jitter; seeded randomly when nil.
 	Rand *rand.Rand
@@ -155,12 +160,8 @@ func (o *Options) setDefaults() {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
-	if o.HTTPClient == nil {
-		o.HTTPClient = &http.Client{Timeout: 30 * time.Second}
-		if o.TLS != nil {
-			o.HTTPClient.Transport = &http.Transport{TLSClientConfig: o.TLS, Proxy: http.ProxyFromEnvironment,
-				TLSHandshakeTimeout: 10 * time.Second, IdleConnTimeout: 90 * time.Second}
-		}
+	if o.Keys == nil {
+		o.Keys = FileKeys{}
 	}
 	if o.Transport == nil {
 		o.Transport = &mqtt.Transport{}
@@ -189,8 +190,19 @@ type Agent struct {
 
 	mu        sync.Mutex
 	cred      *Credential
+	ident     *identity // the device certificate and its key, once issued
 	connected bool
 	lastErr   error
+	// A certificate request in flight over the connection.
+	renewKey    crypto.Signer
+	renewStored []byte
+	renewID     string
+	renewAsked  time.Time
+	// tls is Options.TLS presenting the device certificate when asked.
+	tls *tls.Config
+	// reconnect ends the session so that the next one uses a new
+	// credential.
+	reconnect chan struct{}
 
 	cmds         chan inbound
 	started      time.Time
@@ -211,7 +223,18 @@ func New(opts Options) (*Agent, error) {
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
-	a := &Agent{opts: opts, clk: opts.Clock, cmds: make(chan inbound, 8), helloNow: make(chan struct{}, 1)}
+	a := &Agent{opts: opts, clk: opts.Clock, cmds: make(chan inbound, 8), helloNow: make(chan struct{}, 1), reconnect: make(chan struct{}, 1)}
+	if opts.TLS != nil {
+		a.tls = opts.TLS.Clone()
+		a.tls.GetClientCertificate = a.clientCertificate
+	}
+	if a.opts.HTTPClient == nil {
+		a.opts.HTTPClient = &http.Client{Timeout: 30 * time.Second}
+		if a.tls != nil {
+			a.opts.HTTPClient.Transport = &http.Transport{TLSClientConfig: a.tls, Proxy: http.ProxyFromEnvironment,
+				TLSHandshakeTimeout: 10 * time.Second, IdleConnTimeout: 90 * time.Second}
+		}
+	}
 	a.log = opts.Logger.With("component", "agent", "device", opts.DeviceID)
 	a.store = opts.Store
 	if a.store == nil {
@@ -235,6 +258,12 @@ func New(opts Options) (*Agent, error) {
 	}
 	if c, err := loadCredential(a.store); err == nil {
 		a.cred = c
+		if id, err := a.loadIdentity(); err == nil {
+			a.ident = id
+		} else if !errors.Is(err, fs.ErrNotExist) || c.Password == "" {
+			a.log.Warn("device certificate unreadable; enrolling again", "err", err)
+			a.cred = nil
+		}
 	}
 	if err := a.setupUpdater(); err != nil {
 		a.box.Close()

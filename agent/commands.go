@@ -104,6 +104,8 @@ func (a *Agent) handle(ctx context.Context, cmd proto.Command) {
 	switch cmd.Kind {
 	case proto.CmdPing:
 		a.Emit(proto.Event{Kind: proto.EventAck, Cmd: cmd.ID, Code: "pong"})
+	case proto.CmdCertificate:
+		a.onCertificate(cmd)
 	case proto.CmdUpdate, proto.CmdCancel, proto.CmdConfirm:
 		a.Emit(proto.Event{Kind: proto.EventAck, Cmd: cmd.ID, Code: "received"})
 		if a.updater == nil {

@@ -105,6 +105,18 @@ func (a *Agent) dial(ctx context.Context) (Conn, uint64, []byte, error) {
 		a.mu.Lock()
 		a.cred, cred = c, c
 		a.mu.Unlock()
+	} else if id := a.identity(); id != nil && id.expired(a.clk.Now()) {
+		// Past its certificate's expiry (by this device's clock, which
+		// may be wrong): enroll again, as the control plane allows it
+		// (an operator's rekey, or approval); until then try the
+		// certificate in hand.
+		if c, err := a.enroll(ctx); err == nil {
+			a.mu.Lock()
+			a.cred, cred = c, c
+			a.mu.Unlock()
+		} else {
+			a.log.Warn("device certificate expired and enrolling again failed", "expired", id.leaf.NotAfter.UTC().Format(time.RFC3339), "err", err)
+		}
 	}
 	if a.opts.TLS != nil && !tlsURL(cred.MQTTURL) {
 		return nil, 0, nil, fmt.Errorf("the control plane gave the broker URL %q: this agent trusts its CA and speaks only TLS to it (tls://, ssl://, mqtts://)", cred.MQTTURL)
@@ -115,16 +127,17 @@ func (a *Agent) dial(ctx context.Context) (Conn, uint64, []byte, error) {
 	conn, err := a.opts.Transport.Connect(ctx, ConnectParams{
 		URL: cred.MQTTURL, ClientID: a.opts.DeviceID, Username: cred.Username, Password: cred.Password,
 		WillTopic: stateTopic, WillPayload: will, KeepAlive: a.opts.KeepAlive,
-		OnMessage: a.onMessage, TLS: a.opts.TLS,
+		OnMessage: a.onMessage, TLS: a.tls,
 	})
 	if errors.Is(err, ErrNotAuthorized) {
 		// The credential is stale (revoked, or the control plane lost its
 		// data): enroll again on the next attempt.
 		a.log.Warn("broker refused the credential; enrolling again", "err", err)
 		a.mu.Lock()
-		a.cred = nil
+		a.cred, a.ident = nil, nil
 		a.mu.Unlock()
 		_ = a.store.Remove(credentialFile)
+		_ = a.store.Remove(identityFile)
 		return nil, 0, nil, err
 	}
 	if err != nil {
@@ -140,8 +153,18 @@ func (a *Agent) dial(ctx context.Context) (Conn, uint64, []byte, error) {
 		return nil, 0, nil, err
 	}
 	a.log.Info("connected", "broker", cred.MQTTURL, "conn", connID)
+	a.maybeRenew(ctx, conn)
 	return conn, connID, hello, nil
 }
+
+func (a *Agent) identity() *identity {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.ident
+}
+
+// errReconnect ends a session so that the next one uses a new credential.
+var errReconnect = errors.New("reconnecting with the new certificate")
 
 // goodbye says the device is going offline (a clean shutdown), so that it
 // shows offline at once.
@@ -224,8 +247,12 @@ func (a *Agent) send(ctx context.Context, conn Conn, connID uint64, hello []byte
 		case <-a.helloNow:
 			// The installed versions changed: say so now.
 			hello, beat = a.helloMsg(connID), true
+		case <-a.reconnect:
+			a.goodbye(conn, connID)
+			return errReconnect
 		}
 		if beat {
+			a.maybeRenew(ctx, conn)
 			if err := a.publishState(ctx, conn, hello); err != nil {
 				return err
 			}

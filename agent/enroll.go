@@ -3,12 +3,17 @@ package agent
 import (
 	"bytes"
 	"context"
+	"crypto"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"strings"
+	"time"
+
+	"github.com/hangarfleet/hangar/proto"
 )
 
 // Credential is what enrollment returns and the agent keeps (0600) in its
@@ -17,7 +22,17 @@ type Credential struct {
 	DeviceID string `json:"device_id"`
 	MQTTURL  string `json:"mqtt_url"`
 	Username string `json:"username"`
-	Password string `json:"password"`
+	// Password is set for a device that authenticates with one; a device
+	// with a certificate keeps it (and its key) in identity.pem.
+	Password string `json:"password,omitempty"`
+}
+
+// enrollReply is the control plane's answer to an enrollment.
+type enrollReply struct {
+	Credential
+	Certificate string `json:"certificate,omitempty"` // PEM chain, the device's first
+	Status      string `json:"status,omitempty"`      // "pending": held for an operator's approval
+	Key         string `json:"key,omitempty"`         // fingerprint of the key waiting for approval
 }
 
 const credentialFile = "credential.json"
@@ -43,26 +58,59 @@ var ErrRevoked = errors.New("device revoked by the control plane")
 // token's word; an operator must allow it (hangar device rekey).
 var ErrAlreadyEnrolled = errors.New("device already enrolled; an operator must allow it to enroll again")
 
-// enroll asks the control plane for an MQTT credential with the fleet
-// enrollment token, and stores it.
+// ErrPendingApproval is returned by enrollment while an operator has not
+// approved it (hangar device approve).
+var ErrPendingApproval = errors.New("enrollment waits for an operator's approval")
+
+func (a *Agent) saveCredential() {
+	a.mu.Lock()
+	c := a.cred
+	a.mu.Unlock()
+	if c == nil {
+		return
+	}
+	b, _ := json.Marshal(c)
+	if err := a.store.Save(credentialFile, b); err != nil {
+		a.log.Error("saving the credential", "err", err)
+	}
+}
+
+// enroll asks the control plane for a credential with the fleet
+// enrollment token, and stores it. Over TLS it sends a certificate request
+// for a key made on the device, and gets a certificate; otherwise (or
+// from a control plane without a device CA) a password.
 func (a *Agent) enroll(ctx context.Context) (*Credential, error) {
 	if a.opts.ServerURL == "" {
 		return nil, errors.New("enroll: no control plane URL configured")
 	}
-	body, _ := json.Marshal(map[string]any{
+	req := map[string]any{
 		"enroll_token": a.opts.EnrollToken,
 		"device_id":    a.opts.DeviceID,
 		"hardware":     a.opts.Hardware,
 		"labels":       a.opts.Labels,
 		"version":      a.opts.Version,
-	})
+	}
+	var key crypto.Signer
+	var stored []byte
+	if a.tls != nil {
+		var err error
+		if key, stored, err = a.enrollKey(); err != nil {
+			return nil, fmt.Errorf("enroll: %w", err)
+		}
+		der, err := a.csr(key)
+		if err != nil {
+			return nil, fmt.Errorf("enroll: %w", err)
+		}
+		req["csr"] = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
+	}
+	body, _ := json.Marshal(req)
 	url := strings.TrimRight(a.opts.ServerURL, "/") + "/api/v1/enroll"
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
 	if err != nil {
 		return nil, fmt.Errorf("enroll: %w", err)
 	}
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := a.opts.HTTPClient.Do(req)
+	hreq.Header.Set("Content-Type", "application/json")
+	resp, err := a.opts.HTTPClient.Do(hreq)
 	if err != nil {
 		return nil, fmt.Errorf("enroll: %w", err)
 	}
@@ -70,6 +118,16 @@ func (a *Agent) enroll(ctx context.Context) (*Credential, error) {
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 	if err != nil {
 		return nil, fmt.Errorf("enroll: %w", err)
+	}
+	if resp.StatusCode == http.StatusAccepted {
+		var r enrollReply
+		_ = json.Unmarshal(data, &r)
+		fp := ""
+		if key != nil {
+			fp = Fingerprint(key.Public())
+		}
+		a.log.Warn("enrollment waits for an operator's approval: compare the key fingerprint with hangar device ls --pending", "key", fp)
+		return nil, fmt.Errorf("enroll: %w (key %s)", ErrPendingApproval, fp)
 	}
 	if resp.StatusCode != http.StatusOK {
 		var e struct {
@@ -84,14 +142,63 @@ func (a *Agent) enroll(ctx context.Context) (*Credential, error) {
 		}
 		return nil, fmt.Errorf("enroll: HTTP %d: %s", resp.StatusCode, e.Error)
 	}
-	var c Credential
-	if err := json.Unmarshal(data, &c); err != nil || c.Username == "" || c.Password == "" || c.MQTTURL == "" {
-		return nil, fmt.Errorf("enroll: unusable reply: %v", err)
+	r, id, err := a.parseEnrollReply(data, key, stored)
+	if err != nil {
+		return nil, err
 	}
+	if id != nil {
+		if err := a.saveIdentity(id); err != nil {
+			return nil, fmt.Errorf("enroll: %w", err)
+		}
+	}
+	c := r.Credential
 	b, _ := json.Marshal(c)
 	if err := a.store.Save(credentialFile, b); err != nil {
 		return nil, fmt.Errorf("enroll: %w", err)
 	}
-	a.log.Info("enrolled", "broker", c.MQTTURL)
+	if id != nil {
+		a.log.Info("enrolled with a device certificate", "broker", c.MQTTURL, "expires", id.leaf.NotAfter.UTC().Format(time.RFC3339))
+	} else {
+		a.log.Info("enrolled with a password", "broker", c.MQTTURL)
+	}
 	return &c, nil
+}
+
+// parseEnrollReply checks an enrollment reply: a credential for this
+// device, with a certificate for the key it sent, or a password.
+func (a *Agent) parseEnrollReply(data []byte, key crypto.Signer, stored []byte) (enrollReply, *identity, error) {
+	var r enrollReply
+	if err := json.Unmarshal(data, &r); err != nil {
+		return r, nil, fmt.Errorf("enroll: unusable reply: %v", err)
+	}
+	if r.DeviceID != a.opts.DeviceID || r.Username == "" || r.MQTTURL == "" {
+		return r, nil, errors.New("enroll: unusable reply: not a credential for this device")
+	}
+	if r.Certificate == "" {
+		if r.Password == "" {
+			return r, nil, errors.New("enroll: unusable reply: neither a certificate nor a password")
+		}
+		return r, nil, nil
+	}
+	if key == nil {
+		return r, nil, errors.New("enroll: unusable reply: a certificate this agent did not ask for")
+	}
+	var chain [][]byte
+	rest := []byte(r.Certificate)
+	for len(chain) < proto.MaxCertChain {
+		var blk *pem.Block
+		blk, rest = pem.Decode(rest)
+		if blk == nil {
+			break
+		}
+		if blk.Type == "CERTIFICATE" {
+			chain = append(chain, blk.Bytes)
+		}
+	}
+	id, err := newIdentity(a.opts.DeviceID, key, stored, chain)
+	if err != nil {
+		return r, nil, fmt.Errorf("enroll: unusable reply: %w", err)
+	}
+	r.Password = ""
+	return r, id, nil
 }

@@ -97,9 +97,10 @@ func (a *Agent) authorize(r *http.Request) {
 	a.mu.Lock()
 	c := a.cred
 	a.mu.Unlock()
-	if c != nil {
+	if c != nil && c.Password != "" {
 		r.SetBasicAuth(c.Username, c.Password)
 	}
+	// A device with a certificate presents it in the TLS handshake.
 }
 
 func (a *Agent) reportUpdate(r proto.UpdateReport, cmd string) {

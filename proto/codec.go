@@ -131,6 +131,16 @@ func DecodeCommand(b []byte) (Command, error) {
 		// same (the device uses the one it holds).
 		m.Update.Keys = nil
 	}
+	if err == nil && m.Cert != nil && len(m.Cert.Chain) == 0 {
+		m.Cert.Chain = nil // likewise
+	}
+	return m, err
+}
+
+// DecodeCertRequest decodes a CertRequest.
+func DecodeCertRequest(b []byte) (CertRequest, error) {
+	var m CertRequest
+	err := Unmarshal(b, &m)
 	return m, err
 }
 
@@ -203,6 +213,33 @@ func (c *Command) Validate() error {
 	}
 	if c.Kind == CmdUpdate && c.Update == nil {
 		return errors.New("update command without offer")
+	}
+	if c.Kind == CmdCertificate && c.Cert == nil {
+		return errors.New("certificate command without grant")
+	}
+	if g := c.Cert; g != nil {
+		if len(g.Chain) > MaxCertChain {
+			return fmt.Errorf("certificate chain of %d, more than %d", len(g.Chain), MaxCertChain)
+		}
+		for _, der := range g.Chain {
+			if len(der) == 0 || len(der) > MaxCertSize {
+				return fmt.Errorf("certificate must be 1 to %d bytes", MaxCertSize)
+			}
+		}
+		if len(g.Chain) == 0 && g.Error == "" {
+			return errors.New("certificate grant with neither a chain nor an error")
+		}
+	}
+	return nil
+}
+
+// Validate checks a CertRequest's sizes.
+func (r *CertRequest) Validate() error {
+	if len(r.ID) == 0 || len(r.ID) > 64 {
+		return errors.New("certificate request id must be 1 to 64 bytes")
+	}
+	if len(r.CSR) == 0 || len(r.CSR) > MaxCSRSize {
+		return fmt.Errorf("certificate request must be 1 to %d bytes", MaxCSRSize)
 	}
 	return nil
 }

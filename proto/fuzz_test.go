@@ -53,7 +53,11 @@ func FuzzDecodeEvent(f *testing.F) {
 }
 
 func FuzzDecodeCommand(f *testing.F) {
-	fuzzRoundTrip(f, []proto.Command{prototest.PingCommand(), prototest.UpdateCommand()}, proto.DecodeCommand)
+	fuzzRoundTrip(f, []proto.Command{prototest.PingCommand(), prototest.UpdateCommand(), prototest.CertCommand()}, proto.DecodeCommand)
+}
+
+func FuzzDecodeCertRequest(f *testing.F) {
+	fuzzRoundTrip(f, []proto.CertRequest{prototest.CertRequest()}, proto.DecodeCertRequest)
 }
 
 func FuzzDecodeFlightInput(f *testing.F) {

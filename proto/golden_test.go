@@ -28,6 +28,7 @@ func goldens() []struct {
 	batch.Dropped = 3
 	state, will, alert, upd := prototest.State(), prototest.Will(), prototest.AlertEvent(), prototest.UpdateEvent()
 	ping, cmd, fi := prototest.PingCommand(), prototest.UpdateCommand(), prototest.FlightInput()
+	csr, certCmd := prototest.CertRequest(), prototest.CertCommand()
 	return []struct {
 		name string
 		msg  any
@@ -41,6 +42,8 @@ func goldens() []struct {
 		{"command_ping", &ping, func() any { return new(proto.Command) }},
 		{"command_update", &cmd, func() any { return new(proto.Command) }},
 		{"flight_input", &fi, func() any { return new(proto.FlightInput) }},
+		{"cert_request", &csr, func() any { return new(proto.CertRequest) }},
+		{"command_certificate", &certCmd, func() any { return new(proto.Command) }},
 	}
 }
 

@@ -200,6 +200,8 @@ const (
 	// CmdConfirm tells a device in trial that the control plane heard from
 	// its new build (release Counter): one of the trial's health checks.
 	CmdConfirm CommandKind = "confirm"
+	// CmdCertificate answers a device's CertRequest: Cert is set.
+	CmdCertificate CommandKind = "certificate"
 )
 
 // Command is published by the control plane on a device's cmd topic with QoS1.
@@ -211,6 +213,31 @@ type Command struct {
 	Update  *UpdateOffer `cbor:"3,keyasint,omitempty"`
 	Rollout string       `cbor:"4,keyasint,omitempty"`
 	Counter uint64       `cbor:"5,keyasint,omitempty"` // release counter (confirm)
+	Cert    *CertGrant   `cbor:"6,keyasint,omitempty"`
+}
+
+// Limits of device certificate messages.
+const (
+	MaxCSRSize   = 4 << 10 // a PKCS#10 request for one P-256, P-384 or Ed25519 key is well under 1 KiB
+	MaxCertSize  = 8 << 10 // one DER certificate
+	MaxCertChain = 4       // certificates in a grant, leaf first
+)
+
+// CertRequest is published by a device on its csr topic to get a new
+// certificate for a key it has just made: the renewal before its current
+// certificate expires, or a password device moving to a certificate. The
+// connection it arrives on is the proof of identity; the request's own
+// signature proves the new key.
+type CertRequest struct {
+	ID  string `cbor:"0,keyasint"` // echoed in the grant
+	CSR []byte `cbor:"1,keyasint"` // PKCS#10, DER
+}
+
+// CertGrant answers a CertRequest.
+type CertGrant struct {
+	Request string   `cbor:"0,keyasint"`           // the CertRequest's ID
+	Chain   [][]byte `cbor:"1,keyasint,omitempty"` // DER certificates, the device's first
+	Error   string   `cbor:"2,keyasint,omitempty"` // why the request was refused (Chain empty)
 }
 
 // UpdateOffer carries what a device needs to verify and fetch a release. The

@@ -20,10 +20,13 @@ const (
 	KindTelemetry Kind = "telemetry" // Batch messages; device -> server
 	KindEvent     Kind = "event"     // Event messages; device -> server
 	KindCmd       Kind = "cmd"       // Command messages; server -> device
+	// KindCSR carries CertRequest messages (device -> server): a device
+	// asking, over its authenticated connection, for a new certificate.
+	KindCSR Kind = "csr"
 )
 
 // DeviceKinds lists the kinds a device publishes.
-var DeviceKinds = []Kind{KindState, KindTelemetry, KindEvent}
+var DeviceKinds = []Kind{KindState, KindTelemetry, KindEvent, KindCSR}
 
 // MaxDeviceIDLen bounds a device id; it keeps topics short and ids usable as
 // file names.
@@ -87,7 +90,7 @@ func ParseTopic(topic string) (id string, k Kind, err error) {
 		return "", "", fmt.Errorf("%w: %w", ErrBadTopic, err)
 	}
 	switch k = Kind(kind); k {
-	case KindState, KindTelemetry, KindEvent, KindCmd:
+	case KindState, KindTelemetry, KindEvent, KindCmd, KindCSR:
 		return id, k, nil
 	}
 	return "", "", fmt.Errorf("%w: unknown kind %q", ErrBadTopic, kind)

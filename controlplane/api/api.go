@@ -21,6 +21,7 @@ import (
 	"github.com/labstack/echo/v4/middleware"
 
 	"github.com/hangarfleet/hangar/controlplane/broker"
+	"github.com/hangarfleet/hangar/controlplane/devcert"
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/controlplane/throttle"
@@ -46,6 +47,11 @@ type Store interface {
 	AddAudit(ctx context.Context, a store.Audit) (int64, error)
 	AuditLog(ctx context.Context, target string, limit int) ([]store.Audit, error)
 	VerifyAudit(ctx context.Context, at int64) (store.AuditVerification, error)
+	DeviceAuth(ctx context.Context, id string) (store.DeviceAuth, error)
+	Pend(ctx context.Context, id, key, hardware, remote string, now time.Time) (store.Pending, error)
+	Approve(ctx context.Context, id, key string) (string, error)
+	PasswordAuth(ctx context.Context) (bool, error)
+	SetPasswordAuth(ctx context.Context, on bool) error
 }
 
 // Token names in the store.
@@ -78,6 +84,16 @@ type Options struct {
 	Releases *ReleaseOptions
 	// Rollouts turns on staged rollouts (needs Releases).
 	Rollouts Rollouts
+	// DeviceCA issues device certificates at enrollment (nil: devices
+	// get passwords).
+	DeviceCA *devcert.CA
+	// CertTTL is the lifetime of a device certificate (default
+	// devcert.DefaultTTL).
+	CertTTL time.Duration
+	// Approval holds every enrollment for an operator's approval (hangar
+	// device approve); otherwise a new device enrolls at once and a known
+	// one is refused.
+	Approval bool
 }
 
 // API is the HTTP handler.
@@ -148,6 +164,9 @@ func New(opts Options) *API {
 	g.DELETE("/enroll-profiles/:name", a.deleteProfile)
 	g.DELETE("/devices/:id", a.revokeDevice)
 	g.POST("/devices/:id/rekey", a.rekeyDevice)
+	g.POST("/devices/:id/approve", a.approveDevice)
+	g.GET("/settings/device-passwords", a.getPasswords)
+	g.PUT("/settings/device-passwords", a.setPasswords)
 	g.GET("/devices/:id/telemetry", a.telemetry)
 	g.GET("/devices/:id/events", a.deviceEvents)
 	g.GET("/events", a.events)

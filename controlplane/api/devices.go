@@ -1,6 +1,8 @@
 package api
 
 import (
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"net/http"
@@ -11,6 +13,7 @@ import (
 	"github.com/labstack/echo/v4"
 
 	"github.com/hangarfleet/hangar/controlplane/broker"
+	"github.com/hangarfleet/hangar/controlplane/devcert"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/proto"
 )
@@ -22,6 +25,9 @@ type EnrollRequest struct {
 	Hardware string            `json:"hardware"`
 	Labels   map[string]string `json:"labels,omitempty"`
 	Version  string            `json:"version,omitempty"`
+	// CSR is a PKCS#10 request (PEM) for a key the device made: the
+	// control plane answers with a certificate instead of a password.
+	CSR string `json:"csr,omitempty"`
 }
 
 // Credential is what an enrolled or pre-provisioned device needs to connect.
@@ -29,8 +35,13 @@ type Credential struct {
 	DeviceID    string `json:"device_id"`
 	MQTTURL     string `json:"mqtt_url"`
 	Username    string `json:"username"`
-	Password    string `json:"password"`
+	Password    string `json:"password,omitempty"`
 	TopicPrefix string `json:"topic_prefix"`
+	// Certificate is the device's certificate chain (PEM, the device's
+	// first) when it enrolled with a CSR.
+	Certificate string `json:"certificate,omitempty"`
+	// NotAfter is when that certificate expires.
+	NotAfter *time.Time `json:"not_after,omitempty"`
 }
 
 func (a *API) enroll(c echo.Context) error {
@@ -68,7 +79,31 @@ func (a *API) enroll(c echo.Context) error {
 		a.log.Warn("enrollment refused: bad token", "device", id, "remote", c.RealIP())
 		return echo.NewHTTPError(http.StatusUnauthorized, "invalid enrollment token")
 	}
-	cred, err := a.issue(c, enrollment{id: req.DeviceID, hardware: req.Hardware, labels: req.Labels, profile: profile})
+	en := enrollment{id: req.DeviceID, hardware: req.Hardware, labels: req.Labels, profile: profile}
+	if req.CSR != "" && a.opts.DeviceCA != nil {
+		csr, err := devcert.ParseCSR([]byte(req.CSR))
+		if err != nil {
+			a.opts.Metrics.Enrollments.WithLabelValues("bad_request").Inc()
+			return badRequest("%v", err)
+		}
+		en.csr, en.key = csr, devcert.Fingerprint(csr.PublicKey)
+		if held, err := a.hold(c, en); err != nil || held != nil {
+			if err != nil {
+				return err
+			}
+			return c.JSON(http.StatusAccepted, held)
+		}
+	} else if req.CSR == "" && a.opts.DeviceCA != nil {
+		on, err := a.opts.Store.PasswordAuth(ctx)
+		if err != nil {
+			return err
+		}
+		if !on {
+			a.opts.Metrics.Enrollments.WithLabelValues("bad_request").Inc()
+			return badRequest("this control plane authenticates devices with certificates: enroll with a certificate request (csr), or have an operator turn passwords on (hangar device passwords on)")
+		}
+	}
+	cred, err := a.issue(c, en)
 	if errors.Is(err, store.ErrRevoked) {
 		a.opts.Metrics.Enrollments.WithLabelValues("revoked").Inc()
 		return echo.NewHTTPError(http.StatusForbidden, "device "+req.DeviceID+" is revoked; an operator must add it again")
@@ -100,6 +135,8 @@ type enrollment struct {
 	labels       map[string]string
 	profile      store.Profile
 	operator     bool
+	csr          *x509.CertificateRequest // a certificate for its key rather than a password
+	key          string                   // the CSR key's fingerprint
 }
 
 // issue validates and stores a new credential for a device and hands it to
@@ -114,7 +151,6 @@ func (a *API) issue(c echo.Context, e enrollment) (Credential, error) {
 	if len(e.hardware) > proto.MaxLabelValueLen {
 		return Credential{}, badRequest("hardware longer than %d characters", proto.MaxLabelValueLen)
 	}
-	password := NewSecret("hgd_")
 	ctx := c.Request().Context()
 	existed := false
 	if !e.operator {
@@ -122,14 +158,33 @@ func (a *API) issue(c echo.Context, e enrollment) (Credential, error) {
 			existed = true
 		}
 	}
-	if _, err := a.opts.Store.Enroll(ctx, store.Enrollment{
-		ID: e.id, Hardware: e.hardware, Labels: e.labels, Profile: e.profile.Labels, Operator: e.operator,
-		CredHash: broker.HashPassword(password), Now: a.opts.Now(),
-	}); err != nil {
+	now := a.opts.Now()
+	en := store.Enrollment{ID: e.id, Hardware: e.hardware, Labels: e.labels, Profile: e.profile.Labels, Operator: e.operator,
+		Key: e.key, Now: now}
+	var password, chain string
+	var notAfter *time.Time
+	if e.csr != nil {
+		der, serial, err := a.opts.DeviceCA.Issue(e.csr, e.id, now, a.opts.CertTTL)
+		if err != nil {
+			return Credential{}, err
+		}
+		leaf, _ := x509.ParseCertificate(der)
+		en.CertSerial, en.CertNotAfter, notAfter = serial, leaf.NotAfter, &leaf.NotAfter
+		chain = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})) + string(a.opts.DeviceCA.PEM())
+	} else if e.operator && a.certsOnly(ctx) {
+		// Passwords are off: the operator pre-provisions the device,
+		// which enrolls with a certificate request.
+	} else {
+		password = NewSecret("hgd_")
+		en.CredHash = broker.HashPassword(password)
+	}
+	if _, err := a.opts.Store.Enroll(ctx, en); err != nil {
 		return Credential{}, err
 	}
-	if err := a.opts.Bus.Provision(ctx, e.id, password); err != nil {
-		return Credential{}, echo.NewHTTPError(http.StatusBadGateway, "broker refused the device account").SetInternal(err)
+	if password != "" {
+		if err := a.opts.Bus.Provision(ctx, e.id, password); err != nil {
+			return Credential{}, echo.NewHTTPError(http.StatusBadGateway, "broker refused the device account").SetInternal(err)
+		}
 	}
 	actor := "device:" + e.id
 	action := "device.enroll"
@@ -139,9 +194,14 @@ func (a *API) issue(c echo.Context, e enrollment) (Credential, error) {
 		action = "device.rekeyed"
 		a.log.Warn("enrolled device re-keyed, as an operator allowed: its old credential no longer works", "device", e.id, "remote", c.RealIP())
 	}
-	var attrs map[string]string
+	attrs := map[string]string{}
 	if e.profile.Name != "" && e.profile.Name != TokenEnroll {
-		attrs = map[string]string{"profile": e.profile.Name}
+		attrs["profile"] = e.profile.Name
+	}
+	if e.csr != nil {
+		attrs["credential"], attrs["serial"], attrs["key"] = store.AuthCert, en.CertSerial, e.key
+	} else if !e.operator {
+		attrs["credential"] = store.AuthPassword
 	}
 	if e.operator {
 		actor, action = a.actor(c), "device.add"
@@ -149,7 +209,7 @@ func (a *API) issue(c echo.Context, e enrollment) (Credential, error) {
 	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: actor, Action: action, Target: e.id, Attrs: attrs})
 	return Credential{
 		DeviceID: e.id, MQTTURL: a.opts.MQTTURL(c.Request()), Username: e.id, Password: password,
-		TopicPrefix: proto.TopicPrefix + "/dev/" + e.id,
+		TopicPrefix: proto.TopicPrefix + "/dev/" + e.id, Certificate: chain, NotAfter: notAfter,
 	}, nil
 }
 

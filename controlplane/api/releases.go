@@ -69,9 +69,12 @@ func (a *API) routeReleases(o ReleaseOptions) {
 // credential) and operators download artifacts.
 func (a *API) requireDeviceOrAdmin(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
+		if a.deviceByCert(c) != "" {
+			return next(c)
+		}
 		if user, pass, ok := c.Request().BasicAuth(); ok {
 			if proto.ValidateDeviceID(user) == nil {
-				if h, err := a.rel.Store.Credential(c.Request().Context(), user); err == nil && broker.CheckPassword(h, pass) {
+				if h, err := a.rel.Store.Credential(c.Request().Context(), user); err == nil && broker.CheckPassword(h, pass) && !a.certsOnly(c.Request().Context()) {
 					return next(c)
 				}
 			}

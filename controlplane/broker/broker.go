@@ -25,6 +25,9 @@ type Message struct {
 	Kind     proto.Kind
 	Payload  []byte
 	Received time.Time
+	// Serial is the certificate the device's connection authenticated
+	// with ("" for a password, or a broker that does not say).
+	Serial string
 }
 
 // Handler takes a device message and calls done exactly once: with nil

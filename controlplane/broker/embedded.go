@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -16,16 +18,18 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/hangarfleet/hangar/controlplane/devcert"
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/controlplane/throttle"
 	"github.com/hangarfleet/hangar/proto"
 )
 
-// Credentials looks up a device's password hash; store.ErrNotFound or
-// store.ErrRevoked when it may not connect.
+// Credentials looks up how a device may authenticate (store.ErrNotFound
+// or store.ErrRevoked when it may not connect), and records how it did.
 type Credentials interface {
-	Credential(ctx context.Context, id string) ([]byte, error)
+	DeviceAuth(ctx context.Context, id string) (store.DeviceAuth, error)
+	NoteAuth(ctx context.Context, id, method, serial string) error
 }
 
 // Defaults of EmbeddedOptions.
@@ -60,6 +64,12 @@ type EmbeddedOptions struct {
 	FailedAuthSource, FailedAuthDevice *throttle.Limiter
 	// TLS serves MQTT over TLS (nil: plain TCP).
 	TLS *tls.Config
+	// DeviceCAs verify device certificates (mutual TLS; needs TLS). A
+	// device that presents one is known by it: its subject is the device
+	// id, which must be the client id, and its serial one the store holds
+	// for the device. Without one, a device authenticates with its
+	// password, if the fleet allows passwords.
+	DeviceCAs *x509.CertPool
 }
 
 // Embedded is an in-process mochi-mqtt broker.
@@ -75,6 +85,7 @@ type Embedded struct {
 	handler Handler
 	closed  atomic.Bool
 	ackers  sync.Map // *mqtt.Client -> *acker
+	serials sync.Map // *mqtt.Client -> serial of the certificate it authenticated with
 	auth    chan authReq
 	ackq    chan *acker
 }
@@ -105,9 +116,15 @@ func NewEmbedded(opts EmbeddedOptions) (*Embedded, error) {
 		}
 	}
 	if opts.TLS != nil {
+		cfg := opts.TLS
+		if opts.DeviceCAs != nil {
+			cfg = cfg.Clone()
+			cfg.ClientAuth = tls.VerifyClientCertIfGiven
+			cfg.ClientCAs = opts.DeviceCAs
+		}
 		// The handshake happens on the connection's first read, inside
 		// the pre-CONNECT deadline.
-		ln = tls.NewListener(ln, opts.TLS)
+		ln = tls.NewListener(ln, cfg)
 	}
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = DefaultMaxPacket
@@ -217,29 +234,29 @@ type authReq struct {
 }
 
 type authResp struct {
-	hash []byte
+	auth store.DeviceAuth
 	err  error
 }
 
 // credential looks id up on an auth worker rather than on the connection's
 // goroutine: the store's call chain is deep, and a goroutine's stack, once
 // grown, stays grown for every one of thousands of connections.
-func (e *Embedded) credential(id string) ([]byte, error) {
+func (e *Embedded) credential(id string) (store.DeviceAuth, error) {
 	req := authReq{id: id, resp: make(chan authResp, 1)}
 	t := time.NewTimer(10 * time.Second)
 	defer t.Stop()
 	select {
 	case e.auth <- req:
 	case <-t.C:
-		return nil, errors.New("credential lookup: timed out waiting for a worker")
+		return store.DeviceAuth{}, errors.New("credential lookup: timed out waiting for a worker")
 	case <-e.ctx.Done():
-		return nil, ErrClosed
+		return store.DeviceAuth{}, ErrClosed
 	}
 	select {
 	case r := <-req.resp:
-		return r.hash, r.err
+		return r.auth, r.err
 	case <-e.ctx.Done():
-		return nil, ErrClosed
+		return store.DeviceAuth{}, ErrClosed
 	}
 }
 
@@ -250,9 +267,9 @@ func (e *Embedded) authLoop() {
 			return
 		case req := <-e.auth:
 			ctx, cancel := context.WithTimeout(e.ctx, 5*time.Second)
-			hash, err := e.opts.Credentials.Credential(ctx, req.id)
+			a, err := e.opts.Credentials.DeviceAuth(ctx, req.id)
 			cancel()
-			req.resp <- authResp{hash, err}
+			req.resp <- authResp{a, err}
 		}
 	}
 }
@@ -306,13 +323,27 @@ func (h *hook) authenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	if err := proto.ValidateDeviceID(id); err != nil {
 		return h.refuse(cl, "bad_client_id")
 	}
-	if string(pk.Connect.Username) != id {
+	cert := peerCertificate(cl.Net.Conn)
+	if cert != nil {
+		// The TLS handshake verified the chain and the validity period;
+		// the certificate names the device.
+		name, err := devcert.DeviceID(cert)
+		if err != nil {
+			return h.refuse(cl, "bad_certificate")
+		}
+		if name != id {
+			return h.refuse(cl, "certificate_mismatch")
+		}
+		if u := string(pk.Connect.Username); u != "" && u != id {
+			return h.refuse(cl, "username_mismatch")
+		}
+	} else if string(pk.Connect.Username) != id {
 		return h.refuse(cl, "username_mismatch")
 	}
 	if pk.Connect.WillFlag && pk.Connect.WillTopic != proto.DeviceTopic(id, proto.KindState) {
 		return h.refuse(cl, "bad_will_topic")
 	}
-	hash, err := h.e.credential(id)
+	a, err := h.e.credential(id)
 	switch {
 	case errors.Is(err, store.ErrNotFound):
 		return h.refuse(cl, "unknown_device")
@@ -322,10 +353,62 @@ func (h *hook) authenticate(cl *mqtt.Client, pk packets.Packet) bool {
 		h.e.log.Error("credential lookup failed", "device", id, "err", err)
 		return h.refuse(cl, "store_error")
 	}
-	if !CheckPassword(hash, string(pk.Connect.Password)) {
+	if cert != nil {
+		serial := devcert.SerialString(cert.SerialNumber)
+		if !slices.Contains(a.Serials, serial) {
+			// Superseded by a renewal the device has used, or by an
+			// operator's re-key: that key no longer speaks for it.
+			return h.refuse(cl, "certificate_superseded")
+		}
+		h.e.serials.Store(cl, serial)
+		if a.Auth != store.AuthCert || a.PasswordHash != nil || len(a.Serials) > 1 && a.Serials[0] == serial {
+			h.e.noteAuth(id, store.AuthCert, serial)
+		}
+		return true
+	}
+	if a.PasswordHash == nil {
+		return h.refuse(cl, "no_password")
+	}
+	if !a.Passwords && h.e.opts.DeviceCAs != nil {
+		// Without a device CA, passwords are the only way in.
+		return h.refuse(cl, "password_disabled")
+	}
+	if !CheckPassword(a.PasswordHash, string(pk.Connect.Password)) {
 		return h.refuse(cl, "bad_password")
 	}
+	if a.Auth != store.AuthPassword {
+		h.e.noteAuth(id, store.AuthPassword, "")
+	}
 	return true
+}
+
+// noteAuth records a change in how a device authenticates, off the
+// connection's path.
+func (e *Embedded) noteAuth(id, method, serial string) {
+	go func() {
+		ctx, cancel := context.WithTimeout(e.ctx, 10*time.Second)
+		defer cancel()
+		if err := e.opts.Credentials.NoteAuth(ctx, id, method, serial); err != nil && e.ctx.Err() == nil {
+			e.log.Warn("recording how a device authenticated", "device", id, "err", err)
+		}
+	}()
+}
+
+// peerCertificate is the verified client certificate of a TLS connection,
+// or nil.
+func peerCertificate(c net.Conn) *x509.Certificate {
+	if g, ok := c.(*connectGuard); ok {
+		c = g.Conn
+	}
+	t, ok := c.(*tls.Conn)
+	if !ok {
+		return nil
+	}
+	st := t.ConnectionState()
+	if len(st.VerifiedChains) == 0 || len(st.PeerCertificates) == 0 {
+		return nil
+	}
+	return st.PeerCertificates[0]
 }
 
 func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
@@ -357,7 +440,9 @@ func (h *hook) message(cl *mqtt.Client, topic string, payload []byte) (Message, 
 	h.e.mu.RLock()
 	handler := h.e.handler
 	h.e.mu.RUnlock()
-	return Message{Device: id, Kind: kind, Payload: payload, Received: time.Now()}, handler, handler != nil
+	serial, _ := h.e.serials.Load(cl)
+	sn, _ := serial.(string)
+	return Message{Device: id, Kind: kind, Payload: payload, Received: time.Now(), Serial: sn}, handler, handler != nil
 }
 
 // OnPublish hands a device's publish to the handler and takes over its
@@ -404,6 +489,7 @@ func (h *hook) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 
 func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	h.e.ackers.Delete(cl)
+	h.e.serials.Delete(cl)
 }
 
 // maxUnacked bounds the messages of one connection waiting for storage; a

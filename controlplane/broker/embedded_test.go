@@ -24,16 +24,18 @@ import (
 // fakeCreds is a credential store with function-free fixed contents.
 type fakeCreds map[string]string // id -> password; "" means revoked
 
-func (f fakeCreds) Credential(_ context.Context, id string) ([]byte, error) {
+func (f fakeCreds) DeviceAuth(_ context.Context, id string) (store.DeviceAuth, error) {
 	p, ok := f[id]
 	if !ok {
-		return nil, store.ErrNotFound
+		return store.DeviceAuth{}, store.ErrNotFound
 	}
 	if p == "" {
-		return nil, store.ErrRevoked
+		return store.DeviceAuth{}, store.ErrRevoked
 	}
-	return broker.HashPassword(p), nil
+	return store.DeviceAuth{PasswordHash: broker.HashPassword(p), Passwords: true, Auth: store.AuthPassword}, nil
 }
+
+func (f fakeCreds) NoteAuth(context.Context, string, string, string) error { return nil }
 
 var _ broker.Credentials = fakeCreds(nil)
 

@@ -52,6 +52,51 @@ type Device struct {
 	Payloads           map[string]string `json:"payloads,omitempty"`
 	Dropped            uint64            `json:"dropped_samples"` // samples the agent's outbox dropped, total reported
 	Latest             *proto.Reading    `json:"latest,omitempty"`
+	// Auth is how the device last authenticated to the broker: AuthCert,
+	// AuthPassword, or "" (not yet).
+	Auth string `json:"auth,omitempty"`
+	// CertNotAfter is when its current certificate expires.
+	CertNotAfter *time.Time `json:"cert_not_after,omitempty"`
+	// Pending is an enrollment held for an operator's approval.
+	Pending *Pending `json:"pending,omitempty"`
+}
+
+// How a device authenticates.
+const (
+	AuthCert     = "certificate"
+	AuthPassword = "password"
+)
+
+// Pending is an enrollment waiting for an operator (hangar device approve):
+// a new device, or a known one asking for a new key. It is bound to the
+// key that asked: only that key's enrollment completes once approved.
+type Pending struct {
+	Key      string    `json:"key"` // fingerprint of the requesting key (devcert.Fingerprint)
+	Since    time.Time `json:"since"`
+	Remote   string    `json:"remote,omitempty"`
+	Approved bool      `json:"approved,omitempty"`
+	// New: this call made the request (Pend), rather than finding it.
+	New bool `json:"-"`
+}
+
+// DeviceAuth is what the broker needs to decide a device's CONNECT.
+type DeviceAuth struct {
+	PasswordHash []byte   // nil: no password credential
+	Serials      []string // certificate serials it may present (current, then the one before a renewal)
+	Revoked      bool
+	Auth         string // how it last authenticated
+	// Passwords says whether password authentication is on for the fleet.
+	Passwords bool
+}
+
+// Renewal records a certificate issued to an enrolled device over its
+// authenticated connection.
+type Renewal struct {
+	Device   string
+	From     string // serial of the certificate the request came with ("" for a password connection)
+	Serial   string
+	NotAfter time.Time
+	Now      time.Time
 }
 
 // HardwareLabel is the operators' label naming a device's hardware
@@ -72,6 +117,10 @@ type DeviceFilter struct {
 	Version string
 	IDs     []string // only these devices (none: any)
 	Limit   int
+	// Pending: only enrollments awaiting approval.
+	Pending bool
+	// Auth: only devices that last authenticated this way.
+	Auth string
 	// Brief fills only id, version, labels, revoked and online: what a
 	// rollout plan reads, at a fraction of the cost for a whole fleet.
 	Brief bool
@@ -88,7 +137,15 @@ type Enrollment struct {
 	Profile  map[string]string
 	Operator bool   // an operator's add: Labels are operator labels, and a revoked device is reinstated
 	CredHash []byte // SHA-256 of the MQTT password; nil with Operator: pre-provision, awaiting enrollment
-	Now      time.Time
+	// CertSerial and CertNotAfter: a certificate issued for the device
+	// (instead of a password; CredHash is then nil).
+	CertSerial   string
+	CertNotAfter time.Time
+	// Key is the fingerprint of the key the device enrolls with: an
+	// enrollment an operator approved for that key may re-key an enrolled
+	// device.
+	Key string
+	Now time.Time
 }
 
 // LabelChange sets and removes operator labels of a device.

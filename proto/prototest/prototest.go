@@ -93,6 +93,17 @@ func PingCommand() proto.Command {
 	return proto.Command{ID: "c-1", Kind: proto.CmdPing, Issued: Base}
 }
 
+// CertRequest returns a certificate request with a placeholder CSR.
+func CertRequest() proto.CertRequest {
+	return proto.CertRequest{ID: "csr-1", CSR: []byte{0x30, 0x82, 0x01, 0x0a}}
+}
+
+// CertCommand returns a certificate grant with a placeholder chain.
+func CertCommand() proto.Command {
+	return proto.Command{ID: "c-3", Kind: proto.CmdCertificate, Issued: Base,
+		Cert: &proto.CertGrant{Request: "csr-1", Chain: [][]byte{{0x30, 0x82, 0x02, 0x01}, {0x30, 0x82, 0x01, 0xf0}}}}
+}
+
 // UpdateCommand returns an update offer with placeholder signed blobs.
 func UpdateCommand() proto.Command {
 	return proto.Command{

@@ -37,12 +37,22 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 		enrolled sql.NullInt64
 		rekey    sql.NullInt64
 		opLabels string
+		pending  sql.NullString
+		approved bool
 	)
 	var enrolledAt any = ms(e.Now)
 	if e.Operator && e.CredHash == nil {
 		enrolledAt = nil // pre-provisioned: awaiting the device's enrollment
 	}
-	err = tx.QueryRowContext(ctx, `SELECT revoked, enrolled_at, rekey_until, labels FROM devices WHERE id = ?`, e.ID).Scan(&revoked, &enrolled, &rekey, &opLabels)
+	err = tx.QueryRowContext(ctx, `SELECT revoked, enrolled_at, rekey_until, labels, pending_key, approved FROM devices WHERE id = ?`, e.ID).Scan(&revoked, &enrolled, &rekey, &opLabels, &pending, &approved)
+	var certNotAfter any
+	if e.CertSerial != "" {
+		certNotAfter = ms(e.CertNotAfter)
+	}
+	auth := ""
+	if e.CredHash != nil {
+		auth = store.AuthPassword
+	}
 	switch {
 	case errors.Is(err, sql.ErrNoRows) && e.Operator:
 		op := orEmpty(maps.Clone(e.Labels))
@@ -54,12 +64,14 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 			e.ID, string(opJSON), e.CredHash, enrolledAt)
 	case errors.Is(err, sql.ErrNoRows):
 		profile, _ := json.Marshal(orEmpty(e.Profile))
-		_, err = tx.ExecContext(ctx, `INSERT INTO devices (id, hardware, reported_labels, labels, cred_hash, enrolled_at) VALUES (?, ?, ?, ?, ?, ?)`,
-			e.ID, e.Hardware, string(labels), string(profile), e.CredHash, ms(e.Now))
+		_, err = tx.ExecContext(ctx, `INSERT INTO devices (id, hardware, reported_labels, labels, cred_hash, enrolled_at, cert_serial, cert_not_after, auth)
+			VALUES (?, ?, ?, ?, ?, ?, nullif(?, ''), ?, ?)`,
+			e.ID, e.Hardware, string(labels), string(profile), e.CredHash, ms(e.Now), e.CertSerial, certNotAfter, auth)
 	case err != nil:
 	case revoked && !e.Operator:
 		return store.Device{}, fmt.Errorf("enroll %s: %w", e.ID, store.ErrRevoked)
-	case enrolled.Valid && !e.Operator && !(rekey.Valid && rekey.Int64 > ms(e.Now)):
+	case enrolled.Valid && !e.Operator && !(rekey.Valid && rekey.Int64 > ms(e.Now)) &&
+		!(approved && e.Key != "" && pending.String == e.Key):
 		// Whoever holds the fleet token must not take an enrolled
 		// device's place: only an operator's rekey lets it enroll again.
 		return store.Device{}, fmt.Errorf("enroll %s: %w", e.ID, store.ErrEnrolled)
@@ -95,9 +107,16 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 			}
 		}
 		opJSON, _ := json.Marshal(op)
+		// A new key replaces every credential the device had: the old
+		// password and certificates stop working at once.
 		_, err = tx.ExecContext(ctx, `UPDATE devices SET reported_labels = ?, labels = ?, cred_hash = ?, enrolled_at = ?, rekey_until = NULL,
-			hardware = CASE WHEN ? != '' THEN ? ELSE hardware END WHERE id = ?`,
-			string(labels), string(opJSON), e.CredHash, ms(e.Now), e.Hardware, e.Hardware, e.ID)
+			hardware = CASE WHEN ? != '' THEN ? ELSE hardware END,
+			cert_serial = nullif(?, ''), cert_prev = NULL, cert_not_after = ?, auth = ?,
+			pending_key = NULL, pending_at = NULL, pending_remote = '', approved = 0 WHERE id = ?`,
+			string(labels), string(opJSON), e.CredHash, ms(e.Now), e.Hardware, e.Hardware, e.CertSerial, certNotAfter, auth, e.ID)
+	}
+	if err == nil && e.CertSerial != "" {
+		_, err = tx.ExecContext(ctx, `INSERT INTO certs (serial, dev, issued, not_after) VALUES (?, ?, ?, ?)`, e.CertSerial, e.ID, ms(e.Now), certNotAfter)
 	}
 	if err != nil {
 		return store.Device{}, fmt.Errorf("enroll %s: %w", e.ID, err)
@@ -215,7 +234,8 @@ func (db *DB) Import(ctx context.Context, devices []store.LabelChange, now time.
 // Revoke removes the device's credential and marks it revoked; its history
 // stays. Enrollment with the fleet token is refused from then on.
 func (db *DB) Revoke(ctx context.Context, id string) error {
-	res, err := db.w.ExecContext(ctx, `UPDATE devices SET revoked = 1, cred_hash = NULL, connected = 0 WHERE id = ?`, id)
+	res, err := db.w.ExecContext(ctx, `UPDATE devices SET revoked = 1, cred_hash = NULL, connected = 0,
+		cert_serial = NULL, cert_prev = NULL, cert_not_after = NULL, pending_key = NULL, pending_at = NULL, approved = 0 WHERE id = ?`, id)
 	if err != nil {
 		return fmt.Errorf("revoke %s: %w", id, err)
 	}
@@ -228,28 +248,9 @@ func (db *DB) Revoke(ctx context.Context, id string) error {
 	return nil
 }
 
-// Credential returns the credential hash of an enrolled, unrevoked device.
-func (db *DB) Credential(ctx context.Context, id string) ([]byte, error) {
-	var h []byte
-	var revoked bool
-	err := db.r.QueryRowContext(ctx, `SELECT cred_hash, revoked FROM devices WHERE id = ?`, id).Scan(&h, &revoked)
-	if errors.Is(err, sql.ErrNoRows) {
-		return nil, store.ErrNotFound
-	}
-	if err != nil {
-		return nil, fmt.Errorf("credential %s: %w", id, err)
-	}
-	if revoked {
-		return nil, store.ErrRevoked
-	}
-	if h == nil {
-		return nil, store.ErrNotFound // pre-provisioned, not enrolled yet
-	}
-	return h, nil
-}
-
 const deviceCols = `id, hardware, arch, version, release, labels, reported_labels, payloads, revoked, enrolled_at,
-	cred_hash IS NULL, first_seen, last_seen, connected, boot, proto, dropped, sample_ts, sample`
+	cred_hash IS NULL, first_seen, last_seen, connected, boot, proto, dropped, sample_ts, sample,
+	auth, cert_not_after, pending_key, pending_at, pending_remote, approved`
 
 type rowScanner interface{ Scan(...any) error }
 
@@ -333,13 +334,21 @@ func scanDevice(r rowScanner, cutoff time.Time) (store.Device, error) {
 		d                               store.Device
 		labels, reported, payloads      string
 		enrolled, first, last, sampleTS sql.NullInt64
-		noCred, connected               bool
+		noCred, connected, approved     bool
 		sample                          []byte
+		notAfter, pendingAt             sql.NullInt64
+		pendingKey                      sql.NullString
+		pendingRemote                   string
 	)
 	err := r.Scan(&d.ID, &d.Hardware, &d.Arch, &d.Version, &d.Release, &labels, &reported, &payloads, &d.Revoked,
-		&enrolled, &noCred, &first, &last, &connected, &d.Boot, &d.Proto, &d.Dropped, &sampleTS, &sample)
+		&enrolled, &noCred, &first, &last, &connected, &d.Boot, &d.Proto, &d.Dropped, &sampleTS, &sample,
+		&d.Auth, &notAfter, &pendingKey, &pendingAt, &pendingRemote, &approved)
 	if err != nil {
 		return d, err
+	}
+	d.CertNotAfter = fromMS(notAfter)
+	if pendingKey.Valid && !d.Revoked {
+		d.Pending = &store.Pending{Key: pendingKey.String, Since: time.UnixMilli(pendingAt.Int64).UTC(), Remote: pendingRemote, Approved: approved}
 	}
 	d.Labels = parseLabels(labels)
 	if r := parseLabels(reported); len(r) > 0 {
@@ -401,6 +410,13 @@ func (db *DB) Devices(ctx context.Context, f store.DeviceFilter) ([]store.Device
 	if f.Version != "" {
 		where = append(where, `version = ?`)
 		args = append(args, f.Version)
+	}
+	if f.Pending {
+		where = append(where, `pending_key IS NOT NULL AND NOT revoked`)
+	}
+	if f.Auth != "" {
+		where = append(where, `auth = ? AND NOT revoked`)
+		args = append(args, f.Auth)
 	}
 	if len(f.IDs) > 0 {
 		// Through a JSON array: any number of ids, one bound parameter.

@@ -405,6 +405,27 @@ var migrations = []string{
 	// The audit log is a hash chain (audit.go); entries written before it
 	// are chained when the store opens.
 	`ALTER TABLE audit ADD COLUMN hash BLOB;`,
+	// Device certificates (certs.go). A device authenticates with the
+	// certificate whose serial is cert_serial, or with cert_prev (the one
+	// it held before its latest renewal, until it connects with the new
+	// one). auth is how it last authenticated. pending_* is an enrollment
+	// held for an operator's approval, bound to the key that asked.
+	// A database that already has password devices keeps password
+	// authentication on until an operator turns it off; a new one has it
+	// off once a device CA exists.
+	`ALTER TABLE devices ADD COLUMN cert_serial TEXT;
+	ALTER TABLE devices ADD COLUMN cert_prev TEXT;
+	ALTER TABLE devices ADD COLUMN cert_not_after INTEGER;
+	ALTER TABLE devices ADD COLUMN auth TEXT NOT NULL DEFAULT '';
+	ALTER TABLE devices ADD COLUMN pending_key TEXT;
+	ALTER TABLE devices ADD COLUMN pending_at INTEGER;
+	ALTER TABLE devices ADD COLUMN pending_remote TEXT NOT NULL DEFAULT '';
+	ALTER TABLE devices ADD COLUMN approved INTEGER NOT NULL DEFAULT 0;
+	UPDATE devices SET auth = 'password' WHERE cred_hash IS NOT NULL;
+	CREATE TABLE certs (serial TEXT PRIMARY KEY, dev TEXT NOT NULL, issued INTEGER NOT NULL, not_after INTEGER NOT NULL);
+	CREATE INDEX certs_not_after ON certs(not_after);
+	INSERT INTO meta (key, value) SELECT 'device_passwords', 'on'
+		WHERE EXISTS (SELECT 1 FROM devices WHERE cred_hash IS NOT NULL AND NOT revoked);`,
 }
 
 func (db *DB) migrate(ctx context.Context) error {
