@@ -300,6 +300,16 @@ func (a *API) listDevices(c echo.Context) error {
 		f.Online = &on
 	}
 	f.Version = c.QueryParam("version")
+	if s := c.QueryParam("pending"); s != "" {
+		if f.Pending, err = strconv.ParseBool(s); err != nil {
+			return badRequest("pending must be true or false, not %q", s)
+		}
+	}
+	switch f.Auth = c.QueryParam("auth"); f.Auth {
+	case "", store.AuthCert, store.AuthPassword:
+	default:
+		return badRequest("auth must be %s or %s, not %q", store.AuthPassword, store.AuthCert, f.Auth)
+	}
 	if f.Limit, err = intParam(c, "limit", 0, 0, 1_000_000); err != nil {
 		return err
 	}

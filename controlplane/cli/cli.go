@@ -36,7 +36,8 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"serve", "[flags]", "run the control plane (embedded MQTT broker and SQLite by default)", runServe},
-		{"device", "ls|show|add|rm|update|label|import", "list, inspect, pre-provision, label, revoke and update devices", runDevice},
+		{"device", "ls|show|add|rm|rekey|approve|passwords|update|label|import", "list, inspect, pre-provision, approve, label, revoke and update devices", runDevice},
+		{"ca", "init", "make the built-in device certificate authority in the data directory", runCA},
 		{"enroll-profile", "create|ls|rm", "enrollment tokens that give their devices labels", runProfile},
 		{"release", "keygen|keys|sign|verify|push|ls", "sign releases offline, push and list them", runRelease},
 		{"rollout", "create|ls|status|watch|start|...", "staged canary rollouts gated on health", runRollout},

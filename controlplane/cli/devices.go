@@ -41,6 +41,10 @@ func runDevice(ctx context.Context, g *globals, args []string) error {
 		return deviceRemove(ctx, g, args)
 	case "rekey":
 		return deviceRekey(ctx, g, args)
+	case "approve":
+		return deviceApprove(ctx, g, args)
+	case "passwords":
+		return devicePasswords(ctx, g, args)
 	case "update":
 		return deviceUpdate(ctx, g, args)
 	case "updates":
@@ -50,9 +54,11 @@ func runDevice(ctx context.Context, g *globals, args []string) error {
 	case "import":
 		return deviceImport(ctx, g, args)
 	}
-	fmt.Fprintln(g.env.Stderr, `Usage: hangar device ls|show|add|rm|rekey|update|updates|label|import ...
+	fmt.Fprintln(g.env.Stderr, `Usage: hangar device ls|show|add|rm|rekey|approve|passwords|update|updates|label|import ...
 
-  ls [--selector k=v] [--online true] [--version V]
+  ls [--selector k=v] [--online true] [--version V] [--pending] [--auth password|certificate]
+  approve ID [--key FINGERPRINT]        let an enrollment held for approval complete, for the key it asked with
+  passwords [on|off]                    show, or turn on or off, password authentication for the whole fleet
   show ID | updates ID
   add ID [--hardware H] [--label k=v]   pre-provision with a credential (shown once)
   rm ID [--reason R]                    revoke and disconnect
@@ -113,6 +119,8 @@ func deviceList(ctx context.Context, g *globals, args []string) error {
 	selector := fs.String("selector", "", "only devices with these labels, e.g. hw=rev-b,base=zurich")
 	online := fs.String("online", "", "only online (true) or offline (false) devices")
 	version := fs.String("version", "", "only devices running this agent version")
+	pending := fs.Bool("pending", false, "only enrollments waiting for approval (hangar device approve)")
+	auth := fs.String("auth", "", "only devices that last authenticated with a password or a certificate")
 	if _, err := parse(fs, args); err != nil {
 		return err
 	}
@@ -130,6 +138,12 @@ func deviceList(ctx context.Context, g *globals, args []string) error {
 	if *version != "" {
 		q.Set("version", *version)
 	}
+	if *pending {
+		q.Set("pending", "true")
+	}
+	if *auth != "" {
+		q.Set("auth", *auth)
+	}
 	var ds []store.Device
 	if err := c.Do(ctx, http.MethodGet, "/api/v1/devices", q, nil, &ds); err != nil {
 		return err
@@ -138,6 +152,24 @@ func deviceList(ctx context.Context, g *globals, args []string) error {
 		return printJSON(g.env.Stdout, ds)
 	}
 	tw := tabwriter.NewWriter(g.env.Stdout, 0, 4, 2, ' ', 0)
+	if *pending {
+		fmt.Fprintln(tw, "ID	KNOWN	SINCE	FROM	KEY	APPROVED")
+		for _, d := range ds {
+			if d.Pending == nil {
+				continue
+			}
+			known := "new"
+			if !d.AwaitingEnrollment {
+				known = "KNOWN: asks for a new key"
+			}
+			fmt.Fprintf(tw, "%s	%s	%s	%s	%s	%v\n", d.ID, known, ago(&d.Pending.Since), dash(d.Pending.Remote), d.Pending.Key, d.Pending.Approved)
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		fmt.Fprintf(g.env.Stderr, "%d enrollment%s waiting; compare the key with the one the device logs, then: hangar device approve ID --key KEY\n", len(ds), plural(len(ds)))
+		return nil
+	}
 	fmt.Fprintln(tw, "ID\tSTATUS\tVERSION\tHARDWARE\tBATTERY\tFLIGHT\tLAST SEEN\tLABELS")
 	for _, d := range ds {
 		batt, flight := "-", "-"
@@ -214,8 +246,18 @@ func deviceShow(ctx context.Context, g *globals, args []string) error {
 		row("hardware check", fmt.Sprintf("MISMATCH: labelled %s=%s, the device reports %s; left out of rollouts of hardware-specific releases",
 			store.HardwareLabel, d.Labels[store.HardwareLabel], d.Hardware))
 	}
-	if d.AwaitingEnrollment {
+	if d.AwaitingEnrollment && d.Pending == nil {
 		row("enrollment", "pre-provisioned, not enrolled yet")
+	}
+	if p := d.Pending; p != nil {
+		row("enrollment", fmt.Sprintf("waiting for approval since %s from %s, key %s (approved: %v)",
+			p.Since.Local().Format(time.DateTime), dash(p.Remote), p.Key, p.Approved))
+	}
+	if d.Auth != "" {
+		row("authenticates with", d.Auth)
+	}
+	if d.CertNotAfter != nil {
+		row("certificate expires", d.CertNotAfter.Local().Format(time.DateTime))
 	}
 	row("last seen", ago(d.LastSeen))
 	row("boot epoch", fmt.Sprint(d.Boot))
@@ -307,6 +349,86 @@ func deviceRekey(ctx context.Context, g *globals, args []string) error {
 		return err
 	}
 	fmt.Fprintf(g.env.Stdout, "device %s may enroll again, once, until %s (its current credential works until it does)\n", id, out.Until.Local().Format(time.DateTime))
+	return nil
+}
+
+func deviceApprove(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("device approve")
+	g.register(fs)
+	reason := fs.String("reason", "", "why (recorded in the audit log)")
+	key := fs.String("key", "", "the fingerprint of the waiting key (at least its first 8 characters), as the device logs it: approve only that key")
+	id, err := oneID(fs, args, "device approve")
+	if err != nil {
+		return err
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	q := url.Values{}
+	if *reason != "" {
+		q.Set("reason", *reason)
+	}
+	var out struct {
+		Key string `json:"key"`
+	}
+	if err := c.Do(ctx, http.MethodPost, "/api/v1/devices/"+id+"/approve", q, api.ApproveRequest{Key: *key}, &out); err != nil {
+		return err
+	}
+	fmt.Fprintf(g.env.Stdout, "enrollment of %s approved for key %s: it completes at the device's next attempt\n", id, out.Key)
+	return nil
+}
+
+func devicePasswords(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("device passwords")
+	g.register(fs)
+	reason := fs.String("reason", "", "why (recorded in the audit log)")
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	var p api.Passwords
+	switch {
+	case len(pos) == 0:
+		err = c.Do(ctx, http.MethodGet, "/api/v1/settings/device-passwords", nil, nil, &p)
+	case len(pos) == 1 && (pos[0] == "on" || pos[0] == "off"):
+		q := url.Values{}
+		if *reason != "" {
+			q.Set("reason", *reason)
+		}
+		err = c.Do(ctx, http.MethodPut, "/api/v1/settings/device-passwords", q, map[string]bool{"enabled": pos[0] == "on"}, &p)
+	default:
+		return fmt.Errorf("%w: hangar device passwords [on|off]", ErrUsage)
+	}
+	if err != nil {
+		return err
+	}
+	if g.output == "json" {
+		return printJSON(g.env.Stdout, p)
+	}
+	state := "off: devices authenticate with certificates only"
+	if p.Enabled {
+		state = "on"
+	}
+	if !p.Available {
+		state += " (this control plane has no device CA: passwords are the only way)"
+	}
+	fmt.Fprintf(g.env.Stdout, "password authentication: %s\n%d device%s last authenticated with a password", state, len(p.Using), plural(len(p.Using)))
+	if len(p.Using) > 0 {
+		shown := p.Using
+		if len(shown) > 20 {
+			shown = shown[:20]
+		}
+		fmt.Fprintf(g.env.Stdout, ": %s", strings.Join(shown, " "))
+		if len(p.Using) > len(shown) {
+			fmt.Fprintf(g.env.Stdout, " ... (hangar device ls --auth password)")
+		}
+	}
+	fmt.Fprintln(g.env.Stdout)
 	return nil
 }
 

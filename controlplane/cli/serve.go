@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/devca"
+	"github.com/hangarfleet/hangar/controlplane/devcert"
 	"github.com/hangarfleet/hangar/controlplane/server"
 	"github.com/hangarfleet/hangar/proto"
 )
@@ -45,6 +46,11 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	tlsKey := fs.String("tls-key", g.env.Getenv("HANGAR_TLS_KEY"), "the private key of --tls-cert (PEM; env HANGAR_TLS_KEY)")
 	tlsDev := fs.Bool("tls-dev", true, "without --tls-cert: serve over TLS with a development CA made in DATA/tls (hand DATA/tls/ca.pem to agents as --ca-file); the default")
 	insecure := fs.Bool("insecure", false, "serve plain HTTP and MQTT, no TLS (tests, a closed network): tokens and passwords cross the network in clear")
+	caCert := fs.String("device-ca-cert", g.env.Getenv("HANGAR_DEVICE_CA_CERT"), "issue device certificates with this CA certificate (PEM) instead of the built-in device CA in DATA/device-ca")
+	caKey := fs.String("device-ca-key", g.env.Getenv("HANGAR_DEVICE_CA_KEY"), "the private key of --device-ca-cert (PEM)")
+	deviceCerts := fs.Bool("device-certs", true, "authenticate devices with certificates from the device CA over mutual TLS (the built-in CA is made on first start with the embedded broker; see hangar ca init); false: passwords only")
+	fs.DurationVar(&o.CertTTL, "cert-ttl", devcert.DefaultTTL, "lifetime of a device certificate; devices renew with a third of it left")
+	fs.BoolVar(&o.Approval, "enroll-approval", false, "hold every enrollment for an operator's approval (hangar device ls --pending, hangar device approve)")
 	var rootKeys []string
 	fs.Func("root-key", "release root public key (PEM file); pushed releases must chain to one (repeat for several)", func(v string) error {
 		rootKeys = append(rootKeys, v)
@@ -104,6 +110,9 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 		}
 		o.TLS = cfg
 		o.Logger.Warn("serving over TLS with a development CA: give agents --ca-file "+filepath.Join(dir, devca.CAFile)+"; use --tls-cert/--tls-key in production", "ca", filepath.Join(dir, devca.CAFile))
+	}
+	if err := deviceCA(&o, *caCert, *caKey, *deviceCerts); err != nil {
+		return err
 	}
 	if o.BrokerURL != "" {
 		o.BrokerPassword = g.env.Getenv("HANGAR_BROKER_PASSWORD")
@@ -198,4 +207,70 @@ func ParseBytes(s string) (int64, error) {
 		return 0, fmt.Errorf("bad size %q (use e.g. 256MiB)", s)
 	}
 	return n, nil
+}
+
+// DeviceCADir is where the built-in device CA lives in the data directory.
+const DeviceCADir = "device-ca"
+
+// deviceCA picks the device CA: the operator's (--device-ca-cert/key), or
+// the built-in one, made on first start when the embedded broker serves
+// TLS (an external broker uses it once hangar ca init made it). Plain TCP
+// cannot carry client certificates: --insecure means passwords.
+func deviceCA(o *server.Options, certFile, keyFile string, on bool) error {
+	switch {
+	case (certFile == "") != (keyFile == ""):
+		return fmt.Errorf("%w: --device-ca-cert and --device-ca-key go together", ErrUsage)
+	case !on:
+		return nil
+	case o.TLS == nil:
+		if certFile != "" {
+			return fmt.Errorf("%w: device certificates need TLS (drop --insecure)", ErrUsage)
+		}
+		return nil
+	case certFile != "":
+		ca, err := devcert.LoadFiles(certFile, keyFile)
+		if err != nil {
+			return err
+		}
+		o.DeviceCA = ca
+		return nil
+	}
+	dir := filepath.Join(o.DataDir, DeviceCADir)
+	ca, err := devcert.Load(dir)
+	if errors.Is(err, devcert.ErrNoCA) && o.BrokerURL == "" {
+		if ca, err = devcert.Init(dir, time.Now()); err == nil {
+			o.Logger.Info("created the device CA", "dir", dir)
+		}
+	}
+	if errors.Is(err, devcert.ErrNoCA) {
+		o.Logger.Warn("no device CA (hangar ca init): devices of the external broker authenticate with passwords")
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("device CA: %w", err)
+	}
+	o.DeviceCA = ca
+	return nil
+}
+
+func runCA(ctx context.Context, g *globals, args []string) error {
+	if len(args) == 0 || args[0] != "init" {
+		return fmt.Errorf("%w: hangar ca init [--data DIR]", ErrUsage)
+	}
+	fs := g.newFlags("ca init")
+	data := fs.String("data", envOr(g, "HANGAR_DATA", server.DefaultDataDir), "data directory of the control plane (env HANGAR_DATA)")
+	if _, err := parse(fs, args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	dir := filepath.Join(*data, DeviceCADir)
+	ca, err := devcert.Init(dir, time.Now())
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(g.env.Stdout, "device CA created in %s\n  certificate: %s (brokers verify devices with it)\n  key:         %s (keep it here; back it up offline)\n  subject:     %s\n",
+		dir, filepath.Join(dir, devcert.CertFile), filepath.Join(dir, devcert.KeyFile), ca.Cert.Subject.CommonName)
+	return nil
 }

@@ -46,6 +46,8 @@ type Metrics struct {
 	// OverQuota counts device messages dropped beyond the device's ingest
 	// quota, by quota (messages, bytes).
 	OverQuota *prometheus.CounterVec
+	// Renewals counts device certificate requests over MQTT, by result.
+	Renewals *prometheus.CounterVec
 }
 
 // New creates the collectors in a fresh registry. connected reports the
@@ -115,15 +117,18 @@ func New(connected func() float64) *Metrics {
 			Name: "hangar_mqtt_preconnect_refused_total", Help: "Connections closed before their CONNECT was read, by reason (timeout, too_large, not_connect, closed).",
 		}, []string{"reason"}),
 		AuthThrottled: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "hangar_auth_throttled_total", Help: "Enrollments and MQTT authentications refused by a rate limit, by kind (enroll_source, enroll_device, mqtt_source, mqtt_device).",
+			Name: "hangar_auth_throttled_total", Help: "Enrollments and MQTT authentications refused by a rate limit, by kind (enroll_source, enroll_device, mqtt_source, mqtt_device, renewal).",
 		}, []string{"kind"}),
 		OverQuota: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "hangar_ingest_over_quota_total", Help: "Device messages dropped beyond the device's ingest quota, by quota (messages, bytes).",
 		}, []string{"quota"}),
+		Renewals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "hangar_cert_requests_total", Help: "Device certificate requests over MQTT, by result (ok, stale, bad_request, throttled, malformed, no_ca, error).",
+		}, []string{"result"}),
 	}
 	r.MustRegister(m.Messages, m.Samples, m.Duplicates, m.UnknownDevice, m.Refused, m.DecodeErrors, m.AgentDropped,
 		m.StoreLatency, m.GroupSize, m.StoreErrors, m.IngestDelay, m.AuthFailures, m.ACLDenials, m.Enrollments, m.CommandsSent, m.Accepted, m.AcceptPeak,
-		m.PreconnectRefused, m.AuthThrottled, m.OverQuota)
+		m.PreconnectRefused, m.AuthThrottled, m.OverQuota, m.Renewals)
 	if connected != nil {
 		m.ConnectedGauge = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "hangar_mqtt_connected_clients", Help: "Clients connected to the embedded broker.",

@@ -23,6 +23,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/api"
 	"github.com/hangarfleet/hangar/controlplane/broker"
 	"github.com/hangarfleet/hangar/controlplane/commands"
+	"github.com/hangarfleet/hangar/controlplane/devcert"
 	"github.com/hangarfleet/hangar/controlplane/ingest"
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/rollout"
@@ -86,6 +87,15 @@ type Options struct {
 	// TLS serves the API, the dashboard and the embedded broker over TLS
 	// (nil: plain, for tests and --insecure).
 	TLS *tls.Config
+	// DeviceCA issues device certificates (nil: devices authenticate
+	// with passwords). With TLS, the embedded broker and the API verify
+	// device certificates against it.
+	DeviceCA *devcert.CA
+	// CertTTL is a device certificate's lifetime (default
+	// devcert.DefaultTTL).
+	CertTTL time.Duration
+	// Approval holds every enrollment for an operator's approval.
+	Approval bool
 	// RootKeys are the release root public keys pushed releases must chain
 	// to (none: pushes are refused).
 	RootKeys []ed25519.PublicKey
@@ -111,6 +121,8 @@ type Server struct {
 	api     *api.API
 	metrics *metrics.Metrics
 	httpLn  net.Listener
+	// renewals limits certificate requests per device.
+	renewals *throttle.Limiter
 	http    *http.Server
 	mqttURL string
 
@@ -164,7 +176,7 @@ func New(opts Options) (*Server, error) {
 			Addr: opts.MQTTAddr, Listener: opts.MQTTListener, Credentials: db, Metrics: s.metrics,
 			Logger: opts.Logger, ConnectRate: opts.ConnectRate, MaxClients: opts.MaxConnections,
 			FailedAuthSource: limiter(opts.AuthFailRate), FailedAuthDevice: throttle.New(0.1, 10, 100_000),
-			TLS: opts.TLS,
+			TLS: opts.TLS, DeviceCAs: s.deviceCAs(),
 		})
 		if err != nil {
 			return nil, err
@@ -216,8 +228,9 @@ func New(opts Options) (*Server, error) {
 		EnrollSource: limiter(opts.EnrollRate), EnrollDevice: throttle.New(1.0/60, 10, 100_000),
 		Releases: &api.ReleaseOptions{Store: db, Send: s.cmds, Roots: opts.RootKeys,
 			Dir: filepath.Join(opts.DataDir, "artifacts"), MaxArtifact: opts.MaxArtifact},
-		Rollouts: s.roll,
+		Rollouts: s.roll, DeviceCA: opts.DeviceCA, CertTTL: opts.CertTTL, Approval: opts.Approval,
 	})
+	s.renewals = throttle.New(1.0/600, 3, 100_000)
 	s.httpLn = opts.HTTPListener
 	if s.httpLn == nil {
 		if s.httpLn, err = net.Listen("tcp", opts.HTTPAddr); err != nil {
@@ -225,7 +238,14 @@ func New(opts Options) (*Server, error) {
 		}
 	}
 	if opts.TLS != nil {
-		s.httpLn = tls.NewListener(s.httpLn, opts.TLS)
+		cfg := opts.TLS
+		if pool := s.deviceCAs(); pool != nil {
+			// Devices download artifacts with their certificate; browsers
+			// and the CLI present none.
+			cfg = cfg.Clone()
+			cfg.ClientAuth, cfg.ClientCAs = tls.VerifyClientCertIfGiven, pool
+		}
+		s.httpLn = tls.NewListener(s.httpLn, cfg)
 	}
 	s.http = &http.Server{Handler: s.api, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
 	ok = true
@@ -351,7 +371,7 @@ func (s *Server) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() { defer wg.Done(); s.ingest.Run(ingestCtx) }()
-	if err := s.bus.Start(ctx, s.ingest.Handle); err != nil {
+	if err := s.bus.Start(ctx, s.handle); err != nil {
 		stopIngest()
 		wg.Wait()
 		return err

@@ -97,6 +97,10 @@ type Renewal struct {
 	Serial   string
 	NotAfter time.Time
 	Now      time.Time
+	// Unverified: the broker authenticated the connection but does not
+	// say with what (an external broker): the current certificate stays
+	// valid beside the new one.
+	Unverified bool
 }
 
 // HardwareLabel is the operators' label naming a device's hardware

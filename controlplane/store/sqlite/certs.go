@@ -107,6 +107,8 @@ func (db *DB) Renew(ctx context.Context, r store.Renewal) error {
 	}
 	keep := sql.NullString{}
 	switch {
+	case r.Unverified && cur.Valid:
+		keep = cur
 	case r.From == "" && hash != nil:
 		// A password device moving to a certificate: the password stays
 		// until it connects with the certificate.
