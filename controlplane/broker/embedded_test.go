@@ -150,11 +150,18 @@ func TestEmbeddedACL(t *testing.T) {
 	var rec recvEmb
 	e := startEmbedded(t, creds, rec.handler)
 	addr := e.Addr().String()
-	d1, err := dialEmb(t, addr, "d1", "d1", "pw1")
+	aclMatrix(t, &rec, func(t *testing.T, id string) (paho.Client, error) { return dialEmb(t, addr, id, id, creds[id]) })
+}
+
+// aclMatrix checks what devices d1 and d2, connected by dial, may publish
+// and subscribe to.
+func aclMatrix(t *testing.T, rec *recvEmb, dial func(t *testing.T, id string) (paho.Client, error)) {
+	t.Helper()
+	d1, err := dial(t, "d1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	d2, err := dialEmb(t, addr, "d2", "d2", "pw2")
+	d2, err := dial(t, "d2")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -163,7 +170,7 @@ func TestEmbeddedACL(t *testing.T) {
 		t.Fatalf("own cmd topic: SUBACK %#x", code)
 	}
 	for _, filter := range []string{"#", "+/+/+/+/+", "hangar/v1/dev/+/cmd", "hangar/v1/dev/d1/cmd", "hangar/v1/dev/d2/+",
-		"hangar/v1/dev/d2/telemetry", "hangar/v1/dev/d2/#", "$SYS/#", "hangar/#"} {
+		"hangar/v1/dev/d2/telemetry", "hangar/v1/dev/d2/#", "hangar/v1/dev/d2/csr", "$SYS/#", "hangar/#"} {
 		if code := subscribeEmb(t, d2, filter, got); code != 0x80 {
 			t.Errorf("subscribe %q: SUBACK %#x, want refusal 0x80", filter, code)
 		}
@@ -175,10 +182,10 @@ func TestEmbeddedACL(t *testing.T) {
 		t.Fatalf("own publish: %v", tok.Error())
 	}
 	for _, topic := range []string{
-		proto.DeviceTopic("d2", proto.KindCmd), proto.DeviceTopic("d2", proto.KindTelemetry), "hangar/v1/dev/d1/cmd",
-		"hangar/v1/dev/d1/other", "elsewhere", "$SYS/x",
+		proto.DeviceTopic("d2", proto.KindCmd), proto.DeviceTopic("d2", proto.KindTelemetry), proto.DeviceTopic("d2", proto.KindCSR),
+		"hangar/v1/dev/d1/cmd", "hangar/v1/dev/d1/other", "elsewhere", "$SYS/x",
 	} {
-		c, err := dialEmb(t, addr, "d1", "d1", "pw1")
+		c, err := dial(t, "d1")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -194,12 +201,12 @@ func TestEmbeddedACL(t *testing.T) {
 	}
 	select {
 	case m := <-got:
-		t.Fatalf("d2 recvEmb forged message %q", m)
+		t.Fatalf("d2 received forged message %q", m)
 	default:
 	}
 	want := []string{"d1/telemetry:ok"}
 	if got := rec.topics(); fmt.Sprint(got) != fmt.Sprint(want) {
-		t.Fatalf("control plane recvEmb %v, want %v", got, want)
+		t.Fatalf("control plane received %v, want %v", got, want)
 	}
 }
 
