@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"net/http"
 
@@ -177,10 +178,21 @@ func (a *API) certsOnly(ctx context.Context) bool {
 // the certificate still speaks for it ("" otherwise).
 func (a *API) deviceByCert(c echo.Context) string {
 	st := c.Request().TLS
-	if a.opts.DeviceCA == nil || st == nil || len(st.VerifiedChains) == 0 {
+	if a.opts.DeviceCA == nil || st == nil || len(st.PeerCertificates) == 0 {
 		return ""
 	}
+	// The listener asks for a certificate without checking it, so that a
+	// device whose certificate expired still reaches enrollment: it is
+	// checked here.
 	leaf := st.PeerCertificates[0]
+	inter := x509.NewCertPool()
+	for _, c := range st.PeerCertificates[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: a.opts.DeviceCA.Pool(), Intermediates: inter, CurrentTime: a.opts.Now(),
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		return ""
+	}
 	id, err := devcert.DeviceID(leaf)
 	if err != nil {
 		return ""

@@ -14,6 +14,8 @@ import (
 
 // deviceCAs is the pool device certificates are verified against, when
 // the control plane issues them and speaks TLS.
+func (s *Server) now() time.Time { return s.opts.Now() }
+
 func (s *Server) deviceCAs() *x509.CertPool {
 	if s.opts.DeviceCA == nil || s.opts.TLS == nil {
 		return nil
@@ -50,7 +52,7 @@ func (s *Server) renew(m broker.Message) {
 	refuse := func(result, why string) {
 		s.metrics.Renewals.WithLabelValues(result).Inc()
 		log.Warn("certificate request refused", "reason", why)
-		_, _ = s.db.AddAudit(ctx, store.Audit{Time: time.Now(), Actor: "device:" + m.Device, Action: "device.cert-refused",
+		_, _ = s.db.AddAudit(ctx, store.Audit{Time: s.now(), Actor: "device:" + m.Device, Action: "device.cert-refused",
 			Target: m.Device, Reason: why})
 		s.grant(ctx, m.Device, &proto.CertGrant{Request: req.ID, Error: why})
 	}
@@ -69,7 +71,7 @@ func (s *Server) renew(m broker.Message) {
 		refuse("bad_request", err.Error())
 		return
 	}
-	now := time.Now()
+	now := s.now()
 	der, serial, err := s.opts.DeviceCA.Issue(csr, m.Device, now, s.opts.CertTTL)
 	if err != nil {
 		refuse("error", err.Error())
@@ -101,7 +103,7 @@ func (s *Server) renew(m broker.Message) {
 }
 
 func (s *Server) grant(ctx context.Context, device string, g *proto.CertGrant) {
-	b, err := proto.Marshal(&proto.Command{ID: "cert-" + g.Request, Kind: proto.CmdCertificate, Issued: time.Now().UnixMilli(), Cert: g})
+	b, err := proto.Marshal(&proto.Command{ID: "cert-" + g.Request, Kind: proto.CmdCertificate, Issued: s.now().UnixMilli(), Cert: g})
 	if err == nil {
 		err = s.bus.Publish(ctx, device, proto.KindCmd, b)
 	}

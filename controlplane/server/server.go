@@ -96,6 +96,9 @@ type Options struct {
 	CertTTL time.Duration
 	// Approval holds every enrollment for an operator's approval.
 	Approval bool
+	// Now is the clock device certificates are issued and verified by
+	// (default time.Now; tests move it).
+	Now func() time.Time
 	// RootKeys are the release root public keys pushed releases must chain
 	// to (none: pushes are refused).
 	RootKeys []ed25519.PublicKey
@@ -146,6 +149,15 @@ func New(opts Options) (*Server, error) {
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.TLS != nil && opts.DeviceCA != nil {
+		// Device certificates are checked against the clock they were
+		// issued by.
+		opts.TLS = opts.TLS.Clone()
+		opts.TLS.Time = opts.Now
 	}
 	s := &Server{opts: opts, log: opts.Logger}
 	ok := false
@@ -228,7 +240,7 @@ func New(opts Options) (*Server, error) {
 		EnrollSource: limiter(opts.EnrollRate), EnrollDevice: throttle.New(1.0/60, 10, 100_000),
 		Releases: &api.ReleaseOptions{Store: db, Send: s.cmds, Roots: opts.RootKeys,
 			Dir: filepath.Join(opts.DataDir, "artifacts"), MaxArtifact: opts.MaxArtifact},
-		Rollouts: s.roll, DeviceCA: opts.DeviceCA, CertTTL: opts.CertTTL, Approval: opts.Approval,
+		Rollouts: s.roll, DeviceCA: opts.DeviceCA, Now: opts.Now, CertTTL: opts.CertTTL, Approval: opts.Approval,
 	})
 	s.renewals = throttle.New(1.0/600, 3, 100_000)
 	s.httpLn = opts.HTTPListener
@@ -241,13 +253,18 @@ func New(opts Options) (*Server, error) {
 		cfg := opts.TLS
 		if pool := s.deviceCAs(); pool != nil {
 			// Devices download artifacts with their certificate; browsers
-			// and the CLI present none.
+			// and the CLI present none. It is checked by the API, not the
+			// handshake: a device whose certificate expired must still
+			// reach enrollment.
 			cfg = cfg.Clone()
-			cfg.ClientAuth, cfg.ClientCAs = tls.VerifyClientCertIfGiven, pool
+			cfg.ClientAuth, cfg.ClientCAs = tls.RequestClientCert, pool
 		}
 		s.httpLn = tls.NewListener(s.httpLn, cfg)
 	}
-	s.http = &http.Server{Handler: s.api, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
+	s.http = &http.Server{Handler: s.api, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
+		// Failed handshakes (scanners, clients that do not trust the CA)
+		// are routine on a public address.
+		ErrorLog: slog.NewLogLogger(opts.Logger.With("component", "http").Handler(), slog.LevelDebug)}
 	ok = true
 	return s, nil
 }
