@@ -75,6 +75,14 @@ type ExternalOptions struct {
 	// DynsecTopic is the dynamic security plugin's command topic;
 	// DefaultDynsecTopic when empty.
 	DynsecTopic string
+	// NoAccounts: the broker knows devices by their certificates
+	// (require_certificate, use_identity_as_username) and grants topics by
+	// pattern ACLs (hangar broker-config mosquitto): there are no device
+	// accounts to make or delete. Provision then refuses (no passwords on
+	// such a broker) and Revoke leaves the refusal to the broker's
+	// certificate revocation list; the control plane ignores whatever a
+	// revoked device still sends.
+	NoAccounts bool
 	// TLSConfig for ssl:// and wss:// URLs.
 	TLSConfig *tls.Config
 	// StartTimeout: DefaultStartTimeout when zero.
@@ -454,6 +462,9 @@ func (e *External) Provision(ctx context.Context, device, password string) error
 	if e.isClosed() {
 		return ErrClosed
 	}
+	if e.opts.NoAccounts {
+		return errors.New("provision: this broker authenticates devices by certificate only")
+	}
 	if err := proto.ValidateDeviceID(device); err != nil {
 		return fmt.Errorf("provision: %w", err)
 	}
@@ -530,6 +541,10 @@ func (e *External) Provision(ctx context.Context, device, password string) error
 func (e *External) Revoke(ctx context.Context, device string) error {
 	if e.isClosed() {
 		return ErrClosed
+	}
+	if e.opts.NoAccounts {
+		e.log.Warn("revoked a device of a certificate-only broker: it is refused once the broker reloads its revocation list (hangar broker-config mosquitto --crl-only, then restart the broker)", "device", device)
+		return nil
 	}
 	if err := proto.ValidateDeviceID(device); err != nil {
 		return fmt.Errorf("revoke: %w", err)
@@ -660,6 +675,9 @@ func (e *External) onConnect(paho.Client) {
 	e.lastErr = nil
 	e.mu.Unlock()
 	filters := []string{e.respTopic}
+	if e.opts.NoAccounts {
+		filters = nil
+	}
 	if started {
 		filters = append(filters, e.filters...)
 	}

@@ -38,6 +38,7 @@ func commands() []command {
 		{"serve", "[flags]", "run the control plane (embedded MQTT broker and SQLite by default)", runServe},
 		{"device", "ls|show|add|rm|rekey|approve|passwords|update|label|import", "list, inspect, pre-provision, approve, label, revoke and update devices", runDevice},
 		{"ca", "init", "make the built-in device certificate authority in the data directory", runCA},
+		{"broker-config", "mosquitto --out DIR --host HOST", "write a Mosquitto configuration for devices with certificates (mutual TLS, ACLs by certificate)", runBrokerConfig},
 		{"enroll-profile", "create|ls|rm", "enrollment tokens that give their devices labels", runProfile},
 		{"release", "keygen|keys|sign|verify|push|ls", "sign releases offline, push and list them", runRelease},
 		{"rollout", "create|ls|status|watch|start|...", "staged canary rollouts gated on health", runRollout},

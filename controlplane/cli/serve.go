@@ -17,9 +17,11 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hangarfleet/hangar/controlplane/brokerconfig"
 	"github.com/hangarfleet/hangar/controlplane/devca"
 	"github.com/hangarfleet/hangar/controlplane/devcert"
 	"github.com/hangarfleet/hangar/controlplane/server"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -31,6 +33,7 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	fs.StringVar(&o.MQTTAddr, "mqtt", envOr(g, "HANGAR_MQTT", server.DefaultMQTTAddr), "embedded MQTT broker listen address (env HANGAR_MQTT)")
 	fs.StringVar(&o.BrokerURL, "broker", g.env.Getenv("HANGAR_BROKER"), "use this external MQTT broker (tcp://host:port) instead of the embedded one (env HANGAR_BROKER)")
 	fs.StringVar(&o.BrokerUser, "broker-user", envOr(g, "HANGAR_BROKER_USER", "hangar-admin"), "control plane's account on the external broker")
+	brokerAccounts := fs.Bool("broker-accounts", true, "make and delete device accounts on the external broker (Mosquitto's dynamic security plugin); false for a broker that knows devices by certificate (hangar broker-config mosquitto)")
 	brokerPassFile := fs.String("broker-password-file", g.env.Getenv("HANGAR_BROKER_PASSWORD_FILE"), "file holding that account's password (or env HANGAR_BROKER_PASSWORD)")
 	fs.StringVar(&o.MQTTAdvertise, "mqtt-advertise", g.env.Getenv("HANGAR_MQTT_ADVERTISE"), "broker URL handed to devices at enrollment (default: the broker's listen address; required when it listens on every address)")
 	fs.DurationVar(&o.Retention, "retention", server.DefaultRetention, "how long telemetry and device events are kept")
@@ -111,6 +114,7 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 		o.TLS = cfg
 		o.Logger.Warn("serving over TLS with a development CA: give agents --ca-file "+filepath.Join(dir, devca.CAFile)+"; use --tls-cert/--tls-key in production", "ca", filepath.Join(dir, devca.CAFile))
 	}
+	o.BrokerNoAccounts = !*brokerAccounts
 	if err := deviceCA(&o, *caCert, *caKey, *deviceCerts); err != nil {
 		return err
 	}
@@ -272,5 +276,99 @@ func runCA(ctx context.Context, g *globals, args []string) error {
 	}
 	fmt.Fprintf(g.env.Stdout, "device CA created in %s\n  certificate: %s (brokers verify devices with it)\n  key:         %s (keep it here; back it up offline)\n  subject:     %s\n",
 		dir, filepath.Join(dir, devcert.CertFile), filepath.Join(dir, devcert.KeyFile), ca.Cert.Subject.CommonName)
+	return nil
+}
+
+func runBrokerConfig(ctx context.Context, g *globals, args []string) error {
+	if len(args) == 0 || args[0] != "mosquitto" {
+		return fmt.Errorf("%w: hangar broker-config mosquitto --out DIR --host HOST [flags]", ErrUsage)
+	}
+	fs := g.newFlags("broker-config mosquitto")
+	data := fs.String("data", envOr(g, "HANGAR_DATA", server.DefaultDataDir), "data directory of the control plane: its device CA, development TLS CA and database (env HANGAR_DATA)")
+	out := fs.String("out", "", "directory to write the broker's files into (mosquitto.conf and what it names)")
+	var hosts []string
+	fs.Func("host", "the broker's host name or address, as devices reach it (repeat for several); its certificate names them", func(v string) error {
+		hosts = append(hosts, v)
+		return nil
+	})
+	port := fs.Int("port", 8883, "the devices' mutual-TLS listener port")
+	controlAddr := fs.String("control-addr", "127.0.0.1", "address of the control plane's password listener (keep it private)")
+	controlPort := fs.Int("control-port", 1884, "port of the control plane's listener")
+	tlsCert := fs.String("tls-cert", "", "the broker's certificate chain (PEM); default: one issued for --host by the development CA in DATA/tls")
+	tlsKey := fs.String("tls-key", "", "the private key of --tls-cert")
+	user := fs.String("user", "", "account mosquitto runs as (default: mosquitto's own, \"mosquitto\")")
+	crlOnly := fs.Bool("crl-only", false, "only write the revocation list again (after revocations and renewals; restart the broker to load it)")
+	if _, err := parse(fs, args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	if *out == "" {
+		return fmt.Errorf("%w: --out DIR is required", ErrUsage)
+	}
+	ca, err := devcert.Load(filepath.Join(*data, DeviceCADir))
+	if err != nil {
+		return fmt.Errorf("%w (hangar ca init --data %s)", err, *data)
+	}
+	db, err := sqlite.Open(filepath.Join(*data, server.DBFile), sqlite.Options{})
+	if err != nil {
+		return err
+	}
+	serials, err := db.RevokedSerials(ctx, time.Now())
+	db.Close()
+	if err != nil {
+		return err
+	}
+	crl, err := ca.CRL(serials, time.Now(), time.Until(ca.Cert.NotAfter))
+	if err != nil {
+		return err
+	}
+	if *crlOnly {
+		if err := os.WriteFile(filepath.Join(*out, brokerconfig.CRLFile), crl, 0o644); err != nil {
+			return err
+		}
+		fmt.Fprintf(g.env.Stdout, "wrote %s (%d revoked certificate%s); restart the broker to load it\n",
+			filepath.Join(*out, brokerconfig.CRLFile), len(serials), plural(len(serials)))
+		return nil
+	}
+	if len(hosts) == 0 && *tlsCert == "" {
+		return fmt.Errorf("%w: --host is required (the name devices reach the broker by), or --tls-cert/--tls-key", ErrUsage)
+	}
+	m := brokerconfig.Mosquitto{Dir: *out, DevicePort: *port, ControlAddr: *controlAddr, ControlPort: *controlPort,
+		DeviceCA: ca.PEM(), CRL: crl, User: *user, Persistence: true}
+	switch {
+	case (*tlsCert == "") != (*tlsKey == ""):
+		return fmt.Errorf("%w: --tls-cert and --tls-key go together", ErrUsage)
+	case *tlsCert != "":
+		if m.ServerCert, err = os.ReadFile(*tlsCert); err != nil {
+			return err
+		}
+		if m.ServerKey, err = os.ReadFile(*tlsKey); err != nil {
+			return err
+		}
+	default:
+		if m.ServerCert, m.ServerKey, err = devca.IssueServer(filepath.Join(*data, "tls"), hosts, time.Now()); err != nil {
+			return err
+		}
+	}
+	if b, err := os.ReadFile(filepath.Join(*out, brokerconfig.ControlFile)); err == nil {
+		m.ControlPassword = string(trimNL(b)) // keep the control plane's password across runs
+	}
+	if err := m.Write(); err != nil {
+		return err
+	}
+	host := "HOST"
+	if len(hosts) > 0 {
+		host = hosts[0]
+	}
+	fmt.Fprintf(g.env.Stdout, `wrote a Mosquitto configuration for mutual TLS to %s
+  run the broker:        mosquitto -c %s
+  run the control plane: hangar serve --data %s --broker tcp://%s \
+                           --broker-user %s --broker-password-file %s --broker-accounts=false \
+                           --mqtt-advertise tls://%s
+  after revocations:     hangar broker-config mosquitto --data %s --out %s --crl-only, then restart the broker
+`, *out, filepath.Join(*out, brokerconfig.ConfFile), *data, net.JoinHostPort(*controlAddr, strconv.Itoa(*controlPort)),
+		brokerconfig.ControlUser, filepath.Join(*out, brokerconfig.ControlFile), net.JoinHostPort(host, strconv.Itoa(*port)), *data, *out)
 	return nil
 }

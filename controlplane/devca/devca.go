@@ -165,3 +165,32 @@ func Pool(path string) (*x509.CertPool, error) {
 	}
 	return p, nil
 }
+
+// IssueServer makes a server certificate for names (a broker's host) from
+// the development CA in dir, made if missing: the chain (certificate,
+// then the CA's) and the key, PEM. Agents that pin the CA trust it.
+func IssueServer(dir string, names []string, now time.Time) (chain, key []byte, err error) {
+	if len(names) == 0 {
+		return nil, nil, errors.New("no server name")
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, nil, err
+	}
+	ca, caPriv, err := loadOrMakeCA(dir, now)
+	if err != nil {
+		return nil, nil, err
+	}
+	tmp, err := os.MkdirTemp("", "hangar-server-cert")
+	if err != nil {
+		return nil, nil, err
+	}
+	defer os.RemoveAll(tmp)
+	if err := makeServer(tmp, ca, caPriv, names, now); err != nil {
+		return nil, nil, err
+	}
+	if chain, err = os.ReadFile(filepath.Join(tmp, CertFile)); err != nil {
+		return nil, nil, err
+	}
+	key, err = os.ReadFile(filepath.Join(tmp, KeyFile))
+	return chain, key, err
+}

@@ -57,6 +57,10 @@ type Options struct {
 	// BrokerUser and BrokerPassword are the control plane's own account on
 	// an external broker; it needs the dynamic-security admin role.
 	BrokerUser, BrokerPassword string
+	// BrokerNoAccounts: the external broker knows devices by their
+	// certificates (hangar broker-config mosquitto) and has no device
+	// accounts to make (otherwise: Mosquitto's dynamic security).
+	BrokerNoAccounts bool
 	// MQTTAdvertise is the broker URL given to devices at enrollment. When
 	// empty it is the external broker URL, or the embedded broker's listen
 	// address (required when that is every address); never the host an
@@ -126,8 +130,8 @@ type Server struct {
 	httpLn  net.Listener
 	// renewals limits certificate requests per device.
 	renewals *throttle.Limiter
-	http    *http.Server
-	mqttURL string
+	http     *http.Server
+	mqttURL  string
 
 	// AdminToken and EnrollToken are set when this start created them.
 	AdminToken, EnrollToken string
@@ -201,7 +205,7 @@ func New(opts Options) (*Server, error) {
 		}
 	} else {
 		x, err := broker.NewExternal(broker.ExternalOptions{
-			URL: opts.BrokerURL, Username: opts.BrokerUser, Password: opts.BrokerPassword,
+			URL: opts.BrokerURL, Username: opts.BrokerUser, Password: opts.BrokerPassword, NoAccounts: opts.BrokerNoAccounts,
 			Metrics: s.metrics, Logger: opts.Logger,
 		})
 		if err != nil {

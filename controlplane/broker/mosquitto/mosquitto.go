@@ -57,6 +57,7 @@ type Mosquitto struct {
 	bin  string
 	port int
 	opts Options
+	conf string // the configuration file (default Dir/mosquitto.conf)
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -104,6 +105,29 @@ func Start(dir string, opts Options) (*Mosquitto, error) {
 			return nil, fmt.Errorf("mosquitto: %w", err)
 		}
 	}
+}
+
+// StartConfig runs mosquitto with a configuration written elsewhere
+// (hangar broker-config), which listens on port; it needs no dynamic
+// security plugin. Restart and Stop work as with Start.
+func StartConfig(conf string, port int) (*Mosquitto, error) {
+	bin, err := exec.LookPath("mosquitto")
+	if err != nil {
+		for _, p := range []string{"/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"} {
+			if _, serr := os.Stat(p); serr == nil {
+				bin, err = p, nil
+				break
+			}
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrNotInstalled, err)
+		}
+	}
+	m := &Mosquitto{Dir: filepath.Dir(conf), bin: bin, port: port, conf: conf}
+	if err := m.start(); err != nil {
+		return nil, fmt.Errorf("mosquitto: %w", err)
+	}
+	return m, nil
 }
 
 // URL is the broker's address for paho.
@@ -296,7 +320,11 @@ func (m *Mosquitto) start() error {
 		return err
 	}
 	defer out.Close()
-	cmd := exec.Command(m.bin, "-c", filepath.Join(m.Dir, "mosquitto.conf"))
+	conf := m.conf
+	if conf == "" {
+		conf = filepath.Join(m.Dir, "mosquitto.conf")
+	}
+	cmd := exec.Command(m.bin, "-c", conf)
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.Dir = m.Dir
 	dieWithParent(cmd)

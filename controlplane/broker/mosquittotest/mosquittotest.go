@@ -5,6 +5,7 @@ package mosquittotest
 
 import (
 	"errors"
+	"net"
 	"os"
 	"testing"
 
@@ -44,6 +45,35 @@ func Start(t testing.TB) *Mosquitto {
 		}
 	})
 	return &Mosquitto{m}
+}
+
+// StartConfig runs a broker with a configuration file listening on port,
+// until the end of the test; it skips (fails in CI) as Start does.
+func StartConfig(t testing.TB, conf string, port int) *Mosquitto {
+	t.Helper()
+	m, err := mosquitto.StartConfig(conf, port)
+	if errors.Is(err, mosquitto.ErrNotInstalled) {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("mosquitto is required in CI: %v", err)
+		}
+		t.Skipf("mosquitto not available: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(m.Kill)
+	return &Mosquitto{m}
+}
+
+// FreePort returns a loopback port free at the time of the call.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
 }
 
 // Stop terminates the broker gracefully and waits for it.
