@@ -34,6 +34,9 @@ const (
 	DefaultMaxGroup  = 8192
 	DefaultQueue     = 8192
 	DefaultGroupWait = 10 * time.Millisecond
+	// DefaultQueueBytes bounds the payload bytes between the broker and
+	// the store: 8,192 messages of up to 256 KiB would be 2 GiB.
+	DefaultQueueBytes = 64 << 20
 )
 
 // Options tune the ingester.
@@ -43,6 +46,9 @@ type Options struct {
 	// (default DefaultGroupWait).
 	GroupWait time.Duration
 	Queue     int // messages waiting for the writer at most; publishers block beyond
+	// QueueBytes bounds the payload bytes of the messages handled and not
+	// yet stored (default DefaultQueueBytes); publishers block beyond.
+	QueueBytes int64
 	Metrics   *metrics.Metrics
 	Logger    *slog.Logger
 	// OnEvent, when set, is called after an event is stored (the rollout
@@ -73,6 +79,61 @@ type Ingester struct {
 	decode []chan decodeReq
 
 	lastDecodeLog, lastRefusedLog, lastQuotaLog atomic.Int64
+	budget                                      budget
+}
+
+// budget counts bytes in flight; acquire waits while they are over max.
+type budget struct {
+	mu      sync.Mutex
+	used    int64
+	max     int64
+	waiting int
+	freed   chan struct{}
+}
+
+// acquire takes n bytes (at most max: a message larger than the whole
+// budget waits for it to be empty), waiting while the budget is spent.
+func (b *budget) acquire(ctx context.Context, n int64) (int64, error) {
+	n = min(n, b.max)
+	b.mu.Lock()
+	for b.used+n > b.max {
+		if b.freed == nil {
+			b.freed = make(chan struct{})
+		}
+		ch := b.freed
+		b.waiting++
+		b.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			b.mu.Lock()
+			b.waiting--
+			b.mu.Unlock()
+			return 0, ctx.Err()
+		}
+		b.mu.Lock()
+		b.waiting--
+	}
+	b.used += n
+	b.mu.Unlock()
+	return n, nil
+}
+
+func (b *budget) release(n int64) {
+	b.mu.Lock()
+	b.used -= n
+	if b.freed != nil {
+		close(b.freed)
+		b.freed = nil
+	}
+	b.mu.Unlock()
+}
+
+// QueuedBytes is the payload bytes handled and not yet stored.
+func (in *Ingester) QueuedBytes() int64 {
+	in.budget.mu.Lock()
+	defer in.budget.mu.Unlock()
+	return in.budget.used
 }
 
 // New returns an ingester writing to st. Run must be running for Handle to
@@ -93,7 +154,11 @@ func New(st Store, opts Options) *Ingester {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
+	if opts.QueueBytes <= 0 {
+		opts.QueueBytes = DefaultQueueBytes
+	}
 	in := &Ingester{st: st, opts: opts, log: opts.Logger.With("component", "ingest"), q: make(chan job, opts.Queue)}
+	in.budget.max = opts.QueueBytes
 	in.decode = make([]chan decodeReq, max(2, runtime.GOMAXPROCS(0)))
 	for i := range in.decode {
 		in.decode[i] = make(chan decodeReq, 256)
@@ -121,6 +186,18 @@ func (in *Ingester) Handle(ctx context.Context, m broker.Message, done func(erro
 		over = "messages"
 	} else if q := in.opts.Bytes; q != nil && !q.AllowN(m.Device, float64(len(m.Payload))) {
 		over = "bytes"
+	}
+	// Bytes waiting for the store are bounded as the message count is:
+	// past the budget, publishers wait (and their connections with them).
+	n, err := in.budget.acquire(ctx, int64(len(m.Payload)))
+	if err != nil {
+		done(err)
+		return
+	}
+	inner := done
+	done = func(err error) {
+		in.budget.release(n)
+		inner(err)
 	}
 	h := fnv.New32a()
 	h.Write([]byte(m.Device))

@@ -215,3 +215,72 @@ func TestQuotaDropsAndCounts(t *testing.T) {
 		t.Errorf("over the byte quota: %v, want 1", got)
 	}
 }
+
+// blockingStore holds every write until released.
+type blockingStore struct {
+	fakeStore
+	release chan struct{}
+}
+
+func (b *blockingStore) WriteIngest(ctx context.Context, items []store.IngestItem) (store.IngestResult, error) {
+	<-b.release
+	return b.fakeStore.WriteIngest(ctx, items)
+}
+
+// TestQueueBoundedInBytes: while the store is slow, the bytes waiting for
+// it stay under the budget; publishers wait, then everything is stored.
+func TestQueueBoundedInBytes(t *testing.T) {
+	st := &blockingStore{release: make(chan struct{})}
+	const budget = 64 << 10
+	in := ingest.New(st, ingest.Options{GroupWait: time.Millisecond, QueueBytes: budget})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { in.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	b := prototest.Batch(1, 300)
+	raw, _ := proto.Marshal(&b)
+	var c collect
+	sent := make(chan int, 1)
+	published := make(chan struct{})
+	go func() {
+		defer close(published)
+		for i := range 100 {
+			b := prototest.Batch(uint64(i+1), 300)
+			raw, _ := proto.Marshal(&b)
+			in.Handle(context.Background(), broker.Message{Device: "d", Kind: proto.KindTelemetry, Payload: raw, Received: time.Now()}, c.done(fmt.Sprint(i)))
+			select {
+			case sent <- i:
+			default:
+				<-sent
+				sent <- i
+			}
+		}
+	}()
+	// The publisher gets as far as the budget allows, and no further.
+	want := budget / len(raw)
+	deadline := time.Now().Add(10 * time.Second)
+	for in.QueuedBytes()+int64(len(raw)) <= budget {
+		if time.Now().After(deadline) {
+			t.Fatalf("queued %d bytes of %d", in.QueuedBytes(), budget)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if q := in.QueuedBytes(); q > budget {
+		t.Fatalf("%d bytes queued, budget %d", q, budget)
+	}
+	if n := len(st.stored()); n != 0 {
+		t.Fatalf("stored %d while the store is held", n)
+	}
+	if i := <-sent; i+1 > want {
+		t.Fatalf("handled %d messages of %d bytes with a budget of %d", i+1, len(raw), budget)
+	}
+	close(st.release)
+	<-published
+	c.wg.Wait()
+	if n := len(st.stored()); n != 100 {
+		t.Fatalf("stored %d of 100", n)
+	}
+	if q := in.QueuedBytes(); q != 0 {
+		t.Fatalf("%d bytes still counted", q)
+	}
+}
