@@ -11,6 +11,7 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
@@ -540,4 +541,103 @@ func TestEmbeddedCloseWithClients(t *testing.T) {
 		t.Fatal("Close hangs with clients connected")
 	}
 	waitCond(t, 10*time.Second, "the client disconnected", func() bool { return !c1.IsConnectionOpen() })
+}
+
+// pipeListener hands the broker one end of a synchronous pipe per dial:
+// a write to a peer that does not read blocks at once, with no kernel
+// buffer in between.
+type pipeListener struct {
+	conns chan net.Conn
+	done  chan struct{}
+	once  sync.Once
+}
+
+func newPipeListener() *pipeListener {
+	return &pipeListener{conns: make(chan net.Conn), done: make(chan struct{})}
+}
+
+func (l *pipeListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *pipeListener) Close() error   { l.once.Do(func() { close(l.done) }); return nil }
+func (l *pipeListener) Addr() net.Addr { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1} }
+
+func (l *pipeListener) dial() net.Conn {
+	srv, cl := net.Pipe()
+	l.conns <- srv
+	return cl
+}
+
+// TestEmbeddedCutsOffPublisherThatDoesNotRead: a device that publishes
+// QoS1 and never reads its acknowledgements is disconnected once a
+// PUBACK write has waited for it for the write timeout, instead of the
+// broker buffering for it without end; another device is unaffected.
+func TestEmbeddedCutsOffPublisherThatDoesNotRead(t *testing.T) {
+	var rec recvEmb
+	ln := newPipeListener()
+	e, err := broker.NewEmbedded(broker.EmbeddedOptions{Listener: ln, Credentials: fakeCreds{"d1": "pw1", "d2": "pw2"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Start(t.Context(), syncHandler(rec.handler).async); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	connect := func(id, pw string) net.Conn {
+		conn := ln.dial()
+		// Closed before the broker, whose Close writes a DISCONNECT that
+		// a synchronous pipe would hold until someone reads it.
+		t.Cleanup(func() { conn.Close() })
+		cp := packets.NewControlPacket(packets.Connect).(*packets.ConnectPacket)
+		cp.ProtocolName, cp.ProtocolVersion, cp.ClientIdentifier = "MQTT", 4, id
+		cp.UsernameFlag, cp.PasswordFlag, cp.Username, cp.Password = true, true, id, []byte(pw)
+		cp.CleanSession, cp.Keepalive = true, 60
+		if err := cp.Write(conn); err != nil {
+			t.Fatal(err)
+		}
+		ack, err := packets.ReadPacket(conn)
+		if err != nil || ack.(*packets.ConnackPacket).ReturnCode != 0 {
+			t.Fatalf("connect: %v %v", ack, err)
+		}
+		return conn
+	}
+	publish := func(conn net.Conn, id string, n uint16) error {
+		pub := packets.NewControlPacket(packets.Publish).(*packets.PublishPacket)
+		pub.Qos, pub.TopicName, pub.MessageID, pub.Payload = 1, proto.DeviceTopic(id, proto.KindEvent), n, []byte("x")
+		return pub.Write(conn)
+	}
+	mute := connect("d1", "pw1")
+	start := time.Now()
+
+	var sent int
+	for n := uint16(1); ; n++ {
+		if err := publish(mute, "d1", n); err != nil {
+			break // the broker closed the connection
+		}
+		sent++
+		if time.Since(start) > 30*time.Second {
+			t.Fatalf("a publisher that does not read is still connected after %d messages", sent)
+		}
+	}
+	if sent > 1100 {
+		t.Errorf("%d messages taken from a publisher that reads nothing", sent)
+	}
+	t.Logf("cut off after %v, %d messages", time.Since(start), sent)
+	// The other device publishes and is acknowledged.
+	good := connect("d2", "pw2")
+
+	if err := publish(good, "d2", 1); err != nil {
+		t.Fatal(err)
+	}
+	good.SetReadDeadline(time.Now().Add(10 * time.Second))
+	ack, err := packets.ReadPacket(good)
+	if _, ok := ack.(*packets.PubackPacket); err != nil || !ok {
+		t.Fatalf("the other device's PUBACK: %v %v", ack, err)
+	}
 }
