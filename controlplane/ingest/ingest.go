@@ -49,8 +49,8 @@ type Options struct {
 	// QueueBytes bounds the payload bytes of the messages handled and not
 	// yet stored (default DefaultQueueBytes); publishers block beyond.
 	QueueBytes int64
-	Metrics   *metrics.Metrics
-	Logger    *slog.Logger
+	Metrics    *metrics.Metrics
+	Logger     *slog.Logger
 	// OnEvent, when set, is called after an event is stored (the rollout
 	// engine listens for update reports). It must not block.
 	OnEvent func(device string, e *proto.Event)
