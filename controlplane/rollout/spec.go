@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -35,7 +36,7 @@ func (s Stage) String() string {
 	if s.Count > 0 {
 		return fmt.Sprint(s.Count)
 	}
-	return strings.TrimSuffix(strings.TrimRight(fmt.Sprintf("%.2f", s.Percent), "0"), ".") + "%"
+	return strconv.FormatFloat(s.Percent, 'f', -1, 64) + "%"
 }
 
 // ParseStages reads "1%,10%,50%,100%" or "5,50,100%".
@@ -45,11 +46,15 @@ func ParseStages(s string) ([]Stage, error) {
 		p = strings.TrimSpace(p)
 		var st Stage
 		if v, ok := strings.CutSuffix(p, "%"); ok {
-			if _, err := fmt.Sscan(v, &st.Percent); err != nil || st.Percent <= 0 || st.Percent > 100 {
+			var err error
+			st.Percent, err = strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err != nil || !(st.Percent > 0 && st.Percent <= 100) { // NaN fails both
 				return nil, fmt.Errorf("stage %q: a percentage in (0, 100]", p)
 			}
-		} else if _, err := fmt.Sscan(p, &st.Count); err != nil || st.Count <= 0 {
+		} else if n, err := strconv.Atoi(p); err != nil || n <= 0 {
 			return nil, fmt.Errorf("stage %q: a percentage (10%%) or a device count", p)
+		} else {
+			st.Count = n
 		}
 		out = append(out, st)
 	}
@@ -111,13 +116,36 @@ func (w Window) In(t time.Time) bool {
 	return m >= w.Start || m < w.End
 }
 
-// ParseWindow reads "22:00-06:00".
+// ParseWindow reads "22:00-06:00" (UTC; an end of 24:00 is midnight).
 func ParseWindow(s string) (Window, error) {
-	var h1, m1, h2, m2 int
-	if _, err := fmt.Sscanf(s, "%d:%d-%d:%d", &h1, &m1, &h2, &m2); err != nil || h1 > 23 || h2 > 24 || m1 > 59 || m2 > 59 {
-		return Window{}, fmt.Errorf("window %q: want HH:MM-HH:MM (UTC)", s)
+	bad := fmt.Errorf("window %q: want HH:MM-HH:MM (UTC)", s)
+	from, to, ok := strings.Cut(strings.TrimSpace(s), "-")
+	if !ok {
+		return Window{}, bad
 	}
-	return Window{Start: h1*60 + m1, End: h2*60 + m2}, nil
+	start, ok1 := clockMinutes(from, false)
+	end, ok2 := clockMinutes(to, true)
+	if !ok1 || !ok2 {
+		return Window{}, bad
+	}
+	return Window{Start: start, End: end}, nil
+}
+
+// clockMinutes reads HH:MM as minutes after midnight; 24:00 only as an end.
+func clockMinutes(s string, end bool) (int, bool) {
+	hs, ms, ok := strings.Cut(s, ":")
+	if !ok || len(hs) == 0 || len(hs) > 2 || len(ms) != 2 {
+		return 0, false
+	}
+	h, err1 := strconv.Atoi(hs)
+	m, err2 := strconv.Atoi(ms)
+	if err1 != nil || err2 != nil || h < 0 || m < 0 || m > 59 || hs[0] == '+' || ms[0] == '+' {
+		return 0, false
+	}
+	if h < 24 || (end && h == 24 && m == 0) {
+		return h*60 + m, true
+	}
+	return 0, false
 }
 
 // Limits bound the disruption a rollout causes.
