@@ -198,6 +198,11 @@ type Agent struct {
 	renewStored []byte
 	renewID     string
 	renewAsked  time.Time
+	// renewInvited: the control plane offered a password device a
+	// certificate; renewRefused: when it last refused one.
+	renewInvited bool
+	renewRefused time.Time
+	renewNow     chan struct{}
 	// tls is Options.TLS presenting the device certificate when asked.
 	tls *tls.Config
 	// reconnect ends the session so that the next one uses a new
@@ -223,7 +228,7 @@ func New(opts Options) (*Agent, error) {
 	if err := opts.Validate(); err != nil {
 		return nil, err
 	}
-	a := &Agent{opts: opts, clk: opts.Clock, cmds: make(chan inbound, 8), helloNow: make(chan struct{}, 1), reconnect: make(chan struct{}, 1)}
+	a := &Agent{opts: opts, clk: opts.Clock, cmds: make(chan inbound, 8), helloNow: make(chan struct{}, 1), reconnect: make(chan struct{}, 1), renewNow: make(chan struct{}, 1)}
 	if opts.TLS != nil {
 		a.tls = opts.TLS.Clone()
 		a.tls.GetClientCertificate = a.clientCertificate

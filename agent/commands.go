@@ -106,6 +106,8 @@ func (a *Agent) handle(ctx context.Context, cmd proto.Command) {
 		a.Emit(proto.Event{Kind: proto.EventAck, Cmd: cmd.ID, Code: "pong"})
 	case proto.CmdCertificate:
 		a.onCertificate(cmd)
+	case proto.CmdRenew:
+		a.invited()
 	case proto.CmdUpdate, proto.CmdCancel, proto.CmdConfirm:
 		a.Emit(proto.Event{Kind: proto.EventAck, Cmd: cmd.ID, Code: "received"})
 		if a.updater == nil {

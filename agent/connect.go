@@ -129,15 +129,22 @@ func (a *Agent) dial(ctx context.Context) (Conn, uint64, []byte, error) {
 		WillTopic: stateTopic, WillPayload: will, KeepAlive: a.opts.KeepAlive,
 		OnMessage: a.onMessage, TLS: a.tls,
 	})
-	if errors.Is(err, ErrNotAuthorized) {
-		// The credential is stale (revoked, or the control plane lost its
-		// data): enroll again on the next attempt.
-		a.log.Warn("broker refused the credential; enrolling again", "err", err)
-		a.mu.Lock()
-		a.cred, a.ident = nil, nil
-		a.mu.Unlock()
-		_ = a.store.Remove(credentialFile)
-		_ = a.store.Remove(identityFile)
+	if errors.Is(err, ErrNotAuthorized) || certRefused(err) {
+		// The broker refused the credential: revoked, re-keyed, expired,
+		// or a refusal that is not about it at all (a throttle, a store
+		// error). Enrolling again works only where an operator allowed it
+		// (rekey, approval); until then the credential in hand is kept
+		// and tried again: deleting it on a refusal anyone can provoke
+		// would lock the device out for good.
+		if c, eerr := a.enroll(ctx); eerr == nil {
+			a.mu.Lock()
+			a.cred = c
+			a.mu.Unlock()
+			a.log.Warn("broker refused the credential; enrolled again", "err", err)
+		} else {
+			a.log.Warn("broker refused the credential, and enrolling again failed; keeping it", "err", err, "enroll", eerr)
+			err = fmt.Errorf("%w (enrolling again: %w)", err, eerr)
+		}
 		return nil, 0, nil, err
 	}
 	if err != nil {
@@ -161,6 +168,18 @@ func (a *Agent) identity() *identity {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.ident
+}
+
+// certRefused reports whether a TLS handshake failed because the server
+// refused this device's certificate (expired, revoked, unknown): by the
+// server's clock, which may be right where the device's is not.
+func certRefused(err error) bool {
+	if err == nil {
+		return false
+	}
+	s := err.Error()
+	return strings.Contains(s, "remote error: tls: expired certificate") || strings.Contains(s, "remote error: tls: bad certificate") ||
+		strings.Contains(s, "remote error: tls: revoked certificate") || strings.Contains(s, "remote error: tls: unknown certificate")
 }
 
 // errReconnect ends a session so that the next one uses a new credential.
@@ -250,6 +269,8 @@ func (a *Agent) send(ctx context.Context, conn Conn, connID uint64, hello []byte
 		case <-a.reconnect:
 			a.goodbye(conn, connID)
 			return errReconnect
+		case <-a.renewNow:
+			a.maybeRenew(ctx, conn)
 		}
 		if beat {
 			a.maybeRenew(ctx, conn)

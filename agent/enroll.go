@@ -103,22 +103,19 @@ func (a *Agent) enroll(ctx context.Context) (*Credential, error) {
 		}
 		req["csr"] = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
 	}
-	body, _ := json.Marshal(req)
-	url := strings.TrimRight(a.opts.ServerURL, "/") + "/api/v1/enroll"
-	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+	status, data, err := a.postEnroll(ctx, req)
 	if err != nil {
-		return nil, fmt.Errorf("enroll: %w", err)
+		return nil, err
 	}
-	hreq.Header.Set("Content-Type", "application/json")
-	resp, err := a.opts.HTTPClient.Do(hreq)
-	if err != nil {
-		return nil, fmt.Errorf("enroll: %w", err)
+	if status == http.StatusBadRequest && key != nil && bytes.Contains(data, []byte(`unknown field \"csr\"`)) {
+		// A control plane from before device certificates: a password.
+		delete(req, "csr")
+		key = nil
+		if status, data, err = a.postEnroll(ctx, req); err != nil {
+			return nil, err
+		}
 	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	if err != nil {
-		return nil, fmt.Errorf("enroll: %w", err)
-	}
+	resp := &http.Response{StatusCode: status}
 	if resp.StatusCode == http.StatusAccepted {
 		var r enrollReply
 		_ = json.Unmarshal(data, &r)
@@ -156,12 +153,35 @@ func (a *Agent) enroll(ctx context.Context) (*Credential, error) {
 	if err := a.store.Save(credentialFile, b); err != nil {
 		return nil, fmt.Errorf("enroll: %w", err)
 	}
+	// Only now: until both files are saved, enrolling again with the same
+	// key gets the same device its certificate again.
+	_ = a.store.Remove(enrollKeyFile)
 	if id != nil {
 		a.log.Info("enrolled with a device certificate", "broker", c.MQTTURL, "expires", id.leaf.NotAfter.UTC().Format(time.RFC3339))
 	} else {
 		a.log.Info("enrolled with a password", "broker", c.MQTTURL)
 	}
 	return &c, nil
+}
+
+func (a *Agent) postEnroll(ctx context.Context, req map[string]any) (int, []byte, error) {
+	body, _ := json.Marshal(req)
+	url := strings.TrimRight(a.opts.ServerURL, "/") + "/api/v1/enroll"
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+	if err != nil {
+		return 0, nil, fmt.Errorf("enroll: %w", err)
+	}
+	hreq.Header.Set("Content-Type", "application/json")
+	resp, err := a.opts.HTTPClient.Do(hreq)
+	if err != nil {
+		return 0, nil, fmt.Errorf("enroll: %w", err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if err != nil {
+		return 0, nil, fmt.Errorf("enroll: %w", err)
+	}
+	return resp.StatusCode, data, nil
 }
 
 // parseEnrollReply checks an enrollment reply: a credential for this

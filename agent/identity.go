@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/sha256"
@@ -199,7 +200,6 @@ func (a *Agent) saveIdentity(id *identity) error {
 	a.mu.Lock()
 	a.ident = id
 	a.mu.Unlock()
-	_ = a.store.Remove(enrollKeyFile)
 	return nil
 }
 
@@ -216,8 +216,33 @@ func (a *Agent) clientCertificate(*tls.CertificateRequestInfo) (*tls.Certificate
 }
 
 // renewRetry is how long the agent waits for an answer to a certificate
-// request before it asks again.
-const renewRetry = 10 * time.Minute
+// request before it asks again; renewAfterRefusal how long after a
+// refusal.
+const (
+	renewRetry        = 10 * time.Minute
+	renewAfterRefusal = time.Hour
+)
+
+// signRenewal signs msg with the current key: ECDSA and RSA over its
+// SHA-256, Ed25519 over the message (devcert.VerifyRenewal).
+func signRenewal(key crypto.Signer, msg []byte) ([]byte, error) {
+	if _, ok := key.Public().(ed25519.PublicKey); ok {
+		return key.Sign(rand.Reader, msg, crypto.Hash(0))
+	}
+	sum := sha256.Sum256(msg)
+	return key.Sign(rand.Reader, sum[:], crypto.SHA256)
+}
+
+// invited notes the control plane's invitation to move to a certificate.
+func (a *Agent) invited() {
+	a.mu.Lock()
+	a.renewInvited = true
+	a.mu.Unlock()
+	select {
+	case a.renewNow <- struct{}{}:
+	default:
+	}
+}
 
 // maybeRenew asks for a new certificate over the live connection when a
 // third or less of the current one's life is left, or when the device
@@ -231,15 +256,19 @@ func (a *Agent) maybeRenew(ctx context.Context, conn Conn) {
 	}
 	now := a.clk.Now()
 	a.mu.Lock()
-	id, cred, pending, asked := a.ident, a.cred, a.renewKey, a.renewAsked
+	id, cred, pending, asked, invited, refused := a.ident, a.cred, a.renewKey, a.renewAsked, a.renewInvited, a.renewRefused
 	a.mu.Unlock()
 	switch {
 	case id != nil && !id.renewDue(now):
 		return
-	case id == nil && (cred == nil || cred.Password == ""):
+	case id == nil && (cred == nil || cred.Password == "" || !invited):
+		// A password device asks only when the control plane says it
+		// issues certificates (an older one would refuse the topic).
 		return
 	case pending != nil && now.Sub(asked) < renewRetry && now.After(asked):
 		return // an answer may still come
+	case !refused.IsZero() && now.Sub(refused) < renewAfterRefusal && now.After(refused):
+		return
 	}
 	key, stored, err := a.opts.Keys.New()
 	if err != nil {
@@ -252,7 +281,19 @@ func (a *Agent) maybeRenew(ctx context.Context, conn Conn) {
 		return
 	}
 	reqID := fmt.Sprintf("%d-%d", a.boot, now.UnixMilli())
-	body, err := proto.Marshal(&proto.CertRequest{ID: reqID, CSR: der})
+	req := proto.CertRequest{ID: reqID, CSR: der}
+	if id != nil {
+		// Prove the current certificate: a broker that does not say
+		// which certificate a connection used cannot tell a superseded
+		// one from it.
+		sig, err := signRenewal(id.key, proto.RenewalSigned(der))
+		if err != nil {
+			a.log.Warn("certificate renewal: signing", "err", err)
+			return
+		}
+		req.Cert, req.Sig = id.leaf.Raw, sig
+	}
+	body, err := proto.Marshal(&req)
 	if err != nil {
 		a.log.Warn("certificate renewal: request", "err", err)
 		return
@@ -282,9 +323,9 @@ func (a *Agent) onCertificate(cmd proto.Command) {
 		return
 	}
 	if g.Error != "" {
-		a.log.Warn("the control plane refused a new certificate", "err", g.Error)
+		a.log.Warn("the control plane refused a new certificate; asking again later", "err", g.Error, "in", renewAfterRefusal)
 		a.mu.Lock()
-		a.renewKey = nil
+		a.renewKey, a.renewRefused = nil, a.clk.Now()
 		a.mu.Unlock()
 		return
 	}

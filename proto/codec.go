@@ -141,6 +141,9 @@ func DecodeCommand(b []byte) (Command, error) {
 func DecodeCertRequest(b []byte) (CertRequest, error) {
 	var m CertRequest
 	err := Unmarshal(b, &m)
+	if err == nil && len(m.Cert) == 0 {
+		m.Cert, m.Sig = nil, nil // absent and empty mean the same
+	}
 	return m, err
 }
 
@@ -240,6 +243,9 @@ func (r *CertRequest) Validate() error {
 	}
 	if len(r.CSR) == 0 || len(r.CSR) > MaxCSRSize {
 		return fmt.Errorf("certificate request must be 1 to %d bytes", MaxCSRSize)
+	}
+	if len(r.Cert) > MaxCertSize || len(r.Sig) > 512 || (len(r.Cert) == 0) != (len(r.Sig) == 0) {
+		return errors.New("certificate request: the current certificate and its signature go together, within size")
 	}
 	return nil
 }

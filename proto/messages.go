@@ -202,6 +202,9 @@ const (
 	CmdConfirm CommandKind = "confirm"
 	// CmdCertificate answers a device's CertRequest: Cert is set.
 	CmdCertificate CommandKind = "certificate"
+	// CmdRenew invites a device that authenticates with a password to ask
+	// for a certificate (a CertRequest): the control plane issues them.
+	CmdRenew CommandKind = "renew"
 )
 
 // Command is published by the control plane on a device's cmd topic with QoS1.
@@ -231,7 +234,18 @@ const (
 type CertRequest struct {
 	ID  string `cbor:"0,keyasint"` // echoed in the grant
 	CSR []byte `cbor:"1,keyasint"` // PKCS#10, DER
+	// Cert and Sig prove the request comes from the holder of the
+	// device's current certificate, for brokers that do not tell the
+	// control plane which certificate a connection used: Cert is that
+	// certificate (DER), Sig its key's signature of RenewalSigned(CSR).
+	// Both empty for a device that authenticates with a password.
+	Cert []byte `cbor:"2,keyasint,omitempty"`
+	Sig  []byte `cbor:"3,keyasint,omitempty"`
 }
+
+// RenewalSigned is what the current key signs in a CertRequest: the new
+// request, under a context string of its own.
+func RenewalSigned(csr []byte) []byte { return append([]byte("hangar certificate renewal v1\x00"), csr...) }
 
 // CertGrant answers a CertRequest.
 type CertGrant struct {

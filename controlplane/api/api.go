@@ -50,6 +50,7 @@ type Store interface {
 	DeviceAuth(ctx context.Context, id string) (store.DeviceAuth, error)
 	Pend(ctx context.Context, id, key, hardware, remote string, now time.Time) (store.Pending, error)
 	Approve(ctx context.Context, id, key string) (string, error)
+	Deny(ctx context.Context, id string) (string, error)
 	PasswordAuth(ctx context.Context) (bool, error)
 	SetPasswordAuth(ctx context.Context, on bool) error
 }
@@ -94,6 +95,9 @@ type Options struct {
 	// device approve); otherwise a new device enrolls at once and a known
 	// one is refused.
 	Approval bool
+	// NoPasswords: the broker has no password accounts (an external
+	// broker that knows devices by certificate only).
+	NoPasswords bool
 }
 
 // API is the HTTP handler.
@@ -128,6 +132,10 @@ func New(opts Options) *API {
 	e := echo.New()
 	a.e = e
 	e.HideBanner, e.HidePort = true, true
+	// The source address of a request is the peer's: X-Forwarded-For is
+	// whatever a client writes (rate limits and the audit's "remote" read
+	// it).
+	e.IPExtractor = echo.ExtractIPDirect()
 	e.HTTPErrorHandler = a.errorHandler
 	e.Use(middleware.Recover())
 	// JSON bodies are small; release pushes have their own limit.
@@ -165,6 +173,7 @@ func New(opts Options) *API {
 	g.DELETE("/devices/:id", a.revokeDevice)
 	g.POST("/devices/:id/rekey", a.rekeyDevice)
 	g.POST("/devices/:id/approve", a.approveDevice)
+	g.DELETE("/devices/:id/pending", a.denyDevice)
 	g.GET("/settings/device-passwords", a.getPasswords)
 	g.PUT("/settings/device-passwords", a.setPasswords)
 	g.GET("/devices/:id/telemetry", a.telemetry)

@@ -69,7 +69,7 @@ func (a *API) hold(c echo.Context, e enrollment) (*Held, error) {
 
 // ApproveRequest is the body of POST /api/v1/devices/:id/approve.
 type ApproveRequest struct {
-	// Key, when given, must be (a prefix of at least 8 characters of) the
+	// Key, when given, must be (a prefix of at least 16 characters of) the
 	// fingerprint of the waiting key: what the operator compared with the
 	// device.
 	Key string `json:"key,omitempty"`
@@ -98,6 +98,21 @@ func (a *API) approveDevice(c echo.Context) error {
 		Reason: c.QueryParam("reason"), Attrs: map[string]string{"key": key}})
 	a.log.Info("enrollment approved", "device", id, "key", key)
 	return c.JSON(http.StatusOK, map[string]any{"device": id, "key": key, "approved": true})
+}
+
+func (a *API) denyDevice(c echo.Context) error {
+	id, err := a.deviceID(c)
+	if err != nil {
+		return err
+	}
+	ctx := c.Request().Context()
+	key, err := a.opts.Store.Deny(ctx, id)
+	if err != nil {
+		return notFound(err, "pending enrollment of "+id)
+	}
+	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: a.actor(c), Action: "device.deny", Target: id,
+		Reason: c.QueryParam("reason"), Attrs: map[string]string{"key": key}})
+	return c.JSON(http.StatusOK, map[string]any{"device": id, "key": key, "denied": true})
 }
 
 // Passwords is the fleet's password authentication setting.
@@ -161,12 +176,19 @@ func (a *API) setPasswords(c echo.Context) error {
 	}
 	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: a.actor(c), Action: action,
 		Reason: c.QueryParam("reason")})
-	a.log.Warn("device password authentication changed", "enabled", *req.Enabled, "devices_using_passwords", len(p.Using))
+	dropped := 0
+	if d, ok := a.opts.Bus.(interface{ DropPasswordSessions() int }); ok && !*req.Enabled {
+		dropped = d.DropPasswordSessions() // their next CONNECT is refused
+	}
+	a.log.Warn("device password authentication changed", "enabled", *req.Enabled, "devices_using_passwords", len(p.Using), "disconnected", dropped)
 	return c.JSON(http.StatusOK, p)
 }
 
 // certsOnly says whether devices must authenticate with certificates.
 func (a *API) certsOnly(ctx context.Context) bool {
+	if a.opts.NoPasswords {
+		return true
+	}
 	if a.opts.DeviceCA == nil {
 		return false
 	}

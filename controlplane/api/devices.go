@@ -80,6 +80,10 @@ func (a *API) enroll(c echo.Context) error {
 		return echo.NewHTTPError(http.StatusUnauthorized, "invalid enrollment token")
 	}
 	en := enrollment{id: req.DeviceID, hardware: req.Hardware, labels: req.Labels, profile: profile}
+	if err := en.validate(); err != nil {
+		a.opts.Metrics.Enrollments.WithLabelValues("bad_request").Inc()
+		return err
+	}
 	if req.CSR != "" && a.opts.DeviceCA != nil {
 		csr, err := devcert.ParseCSR([]byte(req.CSR))
 		if err != nil {
@@ -93,12 +97,8 @@ func (a *API) enroll(c echo.Context) error {
 			}
 			return c.JSON(http.StatusAccepted, held)
 		}
-	} else if req.CSR == "" && a.opts.DeviceCA != nil {
-		on, err := a.opts.Store.PasswordAuth(ctx)
-		if err != nil {
-			return err
-		}
-		if !on {
+	} else if req.CSR == "" && (a.opts.DeviceCA != nil || a.opts.NoPasswords) {
+		if a.certsOnly(ctx) {
 			a.opts.Metrics.Enrollments.WithLabelValues("bad_request").Inc()
 			return badRequest("this control plane authenticates devices with certificates: enroll with a certificate request (csr), or have an operator turn passwords on (hangar device passwords on)")
 		}
@@ -141,15 +141,22 @@ type enrollment struct {
 
 // issue validates and stores a new credential for a device and hands it to
 // the broker.
-func (a *API) issue(c echo.Context, e enrollment) (Credential, error) {
+func (e enrollment) validate() error {
 	if err := proto.ValidateDeviceID(e.id); err != nil {
-		return Credential{}, badRequest("%v", err)
+		return badRequest("%v", err)
 	}
 	if err := proto.ValidateLabels(e.labels); err != nil {
-		return Credential{}, badRequest("%v", err)
+		return badRequest("%v", err)
 	}
 	if len(e.hardware) > proto.MaxLabelValueLen {
-		return Credential{}, badRequest("hardware longer than %d characters", proto.MaxLabelValueLen)
+		return badRequest("hardware longer than %d characters", proto.MaxLabelValueLen)
+	}
+	return nil
+}
+
+func (a *API) issue(c echo.Context, e enrollment) (Credential, error) {
+	if err := e.validate(); err != nil {
+		return Credential{}, err
 	}
 	ctx := c.Request().Context()
 	existed := false

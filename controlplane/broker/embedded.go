@@ -211,6 +211,22 @@ func (e *Embedded) Revoke(ctx context.Context, device string) error {
 	return nil
 }
 
+// DropPasswordSessions disconnects every device connected with a password
+// (passwords were just turned off) and says how many.
+func (e *Embedded) DropPasswordSessions() int {
+	n := 0
+	for _, cl := range e.srv.Clients.GetAll() {
+		if cl.Net.Inline {
+			continue
+		}
+		if _, cert := e.serials.Load(cl); !cert {
+			_ = e.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
+			n++
+		}
+	}
+	return n
+}
+
 // Connected reports the connected client count.
 func (e *Embedded) Connected() int { return int(atomic.LoadInt64(&e.srv.Info.ClientsConnected)) }
 
@@ -296,6 +312,13 @@ func (h *hook) refuse(cl *mqtt.Client, reason string) bool {
 }
 
 func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	if peerCertificate(cl.Net.Conn) != nil {
+		// A verified certificate cannot be guessed: the failed-login
+		// limits, which protect passwords, do not apply to it (else a
+		// stranger sending bad logins for a device's id would lock the
+		// device out).
+		return h.authenticate(cl, pk)
+	}
 	id := cl.ID
 	src, _, _ := net.SplitHostPort(cl.Net.Remote)
 	if l := h.e.opts.FailedAuthSource; l != nil && l.Spent(src) {

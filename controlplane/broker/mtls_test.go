@@ -23,6 +23,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/devcert"
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/controlplane/throttle"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -65,7 +66,7 @@ type mtlsBroker struct {
 	rec   *recvEmb
 }
 
-func startMTLS(t *testing.T) *mtlsBroker {
+func startMTLS(t *testing.T, mods ...func(*broker.EmbeddedOptions)) *mtlsBroker {
 	t.Helper()
 	dir := t.TempDir()
 	srvTLS, err := devca.Ensure(filepath.Join(dir, "tls"), nil, time.Now())
@@ -86,8 +87,11 @@ func startMTLS(t *testing.T) *mtlsBroker {
 	}
 	b := &mtlsBroker{addr: ln.Addr().String(), ca: ca, roots: roots, m: metrics.New(nil), rec: &recvEmb{},
 		creds: &certCreds{auth: map[string]store.DeviceAuth{}}}
-	e, err := broker.NewEmbedded(broker.EmbeddedOptions{Listener: ln, Credentials: b.creds, Metrics: b.m,
-		TLS: srvTLS, DeviceCAs: ca.Pool()})
+	opts := broker.EmbeddedOptions{Listener: ln, Credentials: b.creds, Metrics: b.m, TLS: srvTLS, DeviceCAs: ca.Pool()}
+	for _, m := range mods {
+		m(&opts)
+	}
+	e, err := broker.NewEmbedded(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -270,4 +274,31 @@ func TestEmbeddedMTLSACL(t *testing.T) {
 	c2 := b.cert(t, b.ca, "d2", now, time.Hour, true)
 	certs := map[string]*tls.Certificate{"d1": &c1, "d2": &c2}
 	aclMatrix(t, b.rec, func(t *testing.T, id string) (paho.Client, error) { return b.dial(t, id, id, "", certs[id]) })
+}
+
+// TestEmbeddedMTLSNotLockedOutByGuesses: bad password logins for a
+// device's id spend that id's failed-login budget, but not the device's
+// way in with its certificate; the certificate before a renewal works
+// until the store retires it.
+func TestEmbeddedMTLSNotLockedOutByGuesses(t *testing.T) {
+	b := startMTLS(t, func(o *broker.EmbeddedOptions) {
+		o.FailedAuthDevice = throttle.New(0.001, 2, 100)
+		o.FailedAuthSource = throttle.New(0.001, 2, 100)
+	})
+	now := time.Now()
+	prev := b.cert(t, b.ca, "d1", now, time.Hour, true)
+	cur := b.cert(t, b.ca, "d1", now, time.Hour, true) // serials: [prev, cur]
+	for range 5 {
+		if _, err := b.dial(t, "d1", "d1", "guess", nil); err == nil {
+			t.Fatal("a guessed password got in")
+		}
+	}
+	if n := testutil.ToFloat64(b.m.AuthThrottled.WithLabelValues("mqtt_device")) + testutil.ToFloat64(b.m.AuthThrottled.WithLabelValues("mqtt_source")); n == 0 {
+		t.Fatal("the guesses were not throttled")
+	}
+	for name, c := range map[string]*tls.Certificate{"current": &cur, "previous": &prev} {
+		if _, err := b.dial(t, "d1", "d1", "", c); err != nil {
+			t.Fatalf("the %s certificate after the guesses: %v", name, err)
+		}
+	}
 }

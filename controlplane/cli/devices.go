@@ -43,6 +43,8 @@ func runDevice(ctx context.Context, g *globals, args []string) error {
 		return deviceRekey(ctx, g, args)
 	case "approve":
 		return deviceApprove(ctx, g, args)
+	case "deny":
+		return deviceDeny(ctx, g, args)
 	case "passwords":
 		return devicePasswords(ctx, g, args)
 	case "update":
@@ -58,6 +60,7 @@ func runDevice(ctx context.Context, g *globals, args []string) error {
 
   ls [--selector k=v] [--online true] [--version V] [--pending] [--auth password|certificate]
   approve ID [--key FINGERPRINT]        let an enrollment held for approval complete, for the key it asked with
+  deny ID [--reason R]                  drop an enrollment held for approval
   passwords [on|off]                    show, or turn on or off, password authentication for the whole fleet
   show ID | updates ID
   add ID [--hardware H] [--label k=v]   pre-provision with a credential (shown once)
@@ -356,7 +359,7 @@ func deviceApprove(ctx context.Context, g *globals, args []string) error {
 	fs := g.newFlags("device approve")
 	g.register(fs)
 	reason := fs.String("reason", "", "why (recorded in the audit log)")
-	key := fs.String("key", "", "the fingerprint of the waiting key (at least its first 8 characters), as the device logs it: approve only that key")
+	key := fs.String("key", "", "the fingerprint of the waiting key (at least its first 16 characters), as the device logs it: approve only that key")
 	id, err := oneID(fs, args, "device approve")
 	if err != nil {
 		return err
@@ -376,6 +379,32 @@ func deviceApprove(ctx context.Context, g *globals, args []string) error {
 		return err
 	}
 	fmt.Fprintf(g.env.Stdout, "enrollment of %s approved for key %s: it completes at the device's next attempt\n", id, out.Key)
+	return nil
+}
+
+func deviceDeny(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("device deny")
+	g.register(fs)
+	reason := fs.String("reason", "", "why (recorded in the audit log)")
+	id, err := oneID(fs, args, "device deny")
+	if err != nil {
+		return err
+	}
+	c, err := g.client()
+	if err != nil {
+		return err
+	}
+	q := url.Values{}
+	if *reason != "" {
+		q.Set("reason", *reason)
+	}
+	var out struct {
+		Key string `json:"key"`
+	}
+	if err := c.Do(ctx, http.MethodDelete, "/api/v1/devices/"+id+"/pending", q, nil, &out); err != nil {
+		return err
+	}
+	fmt.Fprintf(g.env.Stdout, "enrollment of %s with key %s denied\n", id, out.Key)
 	return nil
 }
 

@@ -297,6 +297,8 @@ func runBrokerConfig(ctx context.Context, g *globals, args []string) error {
 	tlsCert := fs.String("tls-cert", "", "the broker's certificate chain (PEM); default: one issued for --host by the development CA in DATA/tls")
 	tlsKey := fs.String("tls-key", "", "the private key of --tls-cert")
 	user := fs.String("user", "", "account mosquitto runs as (default: mosquitto's own, \"mosquitto\")")
+	caCert := fs.String("device-ca-cert", "", "the device CA certificate, when hangar serve uses its own (--device-ca-cert)")
+	caKey := fs.String("device-ca-key", "", "its key")
 	crlOnly := fs.Bool("crl-only", false, "only write the revocation list again (after revocations and renewals; restart the broker to load it)")
 	if _, err := parse(fs, args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -307,9 +309,15 @@ func runBrokerConfig(ctx context.Context, g *globals, args []string) error {
 	if *out == "" {
 		return fmt.Errorf("%w: --out DIR is required", ErrUsage)
 	}
-	ca, err := devcert.Load(filepath.Join(*data, DeviceCADir))
+	var ca *devcert.CA
+	var err error
+	if *caCert != "" || *caKey != "" {
+		ca, err = devcert.LoadFiles(*caCert, *caKey)
+	} else if ca, err = devcert.Load(filepath.Join(*data, DeviceCADir)); err != nil {
+		err = fmt.Errorf("%w (hangar ca init --data %s)", err, *data)
+	}
 	if err != nil {
-		return fmt.Errorf("%w (hangar ca init --data %s)", err, *data)
+		return err
 	}
 	db, err := sqlite.Open(filepath.Join(*data, server.DBFile), sqlite.Options{})
 	if err != nil {
@@ -325,7 +333,11 @@ func runBrokerConfig(ctx context.Context, g *globals, args []string) error {
 		return err
 	}
 	if *crlOnly {
-		if err := os.WriteFile(filepath.Join(*out, brokerconfig.CRLFile), crl, 0o644); err != nil {
+		path := filepath.Join(*out, brokerconfig.CRLFile)
+		if err := os.WriteFile(path+".tmp", crl, 0o644); err != nil {
+			return err
+		}
+		if err := os.Rename(path+".tmp", path); err != nil { // the broker never reads half a list
 			return err
 		}
 		fmt.Fprintf(g.env.Stdout, "wrote %s (%d revoked certificate%s); restart the broker to load it\n",

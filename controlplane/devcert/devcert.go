@@ -315,6 +315,16 @@ func (ca *CA) CRL(serials []string, now time.Time, next time.Duration) ([]byte, 
 // name (no other subject attribute smuggles a second one in).
 func DeviceID(c *x509.Certificate) (string, error) {
 	id := c.Subject.CommonName
+	cns := 0
+	for _, n := range c.Subject.Names {
+		if n.Type.Equal([]int{2, 5, 4, 3}) {
+			cns++
+		}
+	}
+	if cns != 1 {
+		// Go reads the last CN, OpenSSL (Mosquitto) the first: one only.
+		return "", fmt.Errorf("%w: %d common names", ErrNotDevice, cns)
+	}
 	if err := proto.ValidateDeviceID(id); err != nil {
 		return "", fmt.Errorf("%w: %v", ErrNotDevice, err)
 	}
@@ -322,6 +332,26 @@ func DeviceID(c *x509.Certificate) (string, error) {
 		return "", fmt.Errorf("%w: it has subject alternative names", ErrNotDevice)
 	}
 	return id, nil
+}
+
+// VerifyRenewal checks sig, by the key of a device's current certificate,
+// over msg (proto.RenewalSigned): ECDSA over its SHA-256 (ASN.1), Ed25519
+// over the message, RSA PKCS #1 v1.5 over its SHA-256.
+func VerifyRenewal(pub crypto.PublicKey, msg, sig []byte) error {
+	sum := sha256.Sum256(msg)
+	ok := false
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		ok = ecdsa.VerifyASN1(k, sum[:], sig)
+	case ed25519.PublicKey:
+		ok = ed25519.Verify(k, msg, sig)
+	case *rsa.PublicKey:
+		ok = rsa.VerifyPKCS1v15(k, crypto.SHA256, sum[:], sig) == nil
+	}
+	if !ok {
+		return errors.New("the current certificate's key did not sign the request")
+	}
+	return nil
 }
 
 // Serial returns a random positive 127-bit serial number.

@@ -128,10 +128,12 @@ type Server struct {
 	api     *api.API
 	metrics *metrics.Metrics
 	httpLn  net.Listener
-	// renewals limits certificate requests per device.
-	renewals *throttle.Limiter
-	http     *http.Server
-	mqttURL  string
+	// renewals limits certificate requests per device, invites the
+	// invitations to password devices, renewing those being answered.
+	renewals, invites *throttle.Limiter
+	renewing          chan struct{}
+	http              *http.Server
+	mqttURL           string
 
 	// AdminToken and EnrollToken are set when this start created them.
 	AdminToken, EnrollToken string
@@ -245,8 +247,11 @@ func New(opts Options) (*Server, error) {
 		Releases: &api.ReleaseOptions{Store: db, Send: s.cmds, Roots: opts.RootKeys,
 			Dir: filepath.Join(opts.DataDir, "artifacts"), MaxArtifact: opts.MaxArtifact},
 		Rollouts: s.roll, DeviceCA: opts.DeviceCA, Now: opts.Now, CertTTL: opts.CertTTL, Approval: opts.Approval,
+		NoPasswords: opts.BrokerNoAccounts,
 	})
 	s.renewals = throttle.New(1.0/600, 3, 100_000)
+	s.invites = throttle.New(1.0/3600, 1, 100_000)
+	s.renewing = make(chan struct{}, 4)
 	s.httpLn = opts.HTTPListener
 	if s.httpLn == nil {
 		if s.httpLn, err = net.Listen("tcp", opts.HTTPAddr); err != nil {

@@ -95,12 +95,9 @@ type Renewal struct {
 	Device   string
 	From     string // serial of the certificate the request came with ("" for a password connection)
 	Serial   string
+	Key      string // fingerprint of the new certificate's key
 	NotAfter time.Time
 	Now      time.Time
-	// Unverified: the broker authenticated the connection but does not
-	// say with what (an external broker): the current certificate stays
-	// valid beside the new one.
-	Unverified bool
 }
 
 // HardwareLabel is the operators' label naming a device's hardware

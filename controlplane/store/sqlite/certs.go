@@ -107,8 +107,6 @@ func (db *DB) Renew(ctx context.Context, r store.Renewal) error {
 	}
 	keep := sql.NullString{}
 	switch {
-	case r.Unverified && cur.Valid:
-		keep = cur
 	case r.From == "" && hash != nil:
 		// A password device moving to a certificate: the password stays
 		// until it connects with the certificate.
@@ -117,8 +115,8 @@ func (db *DB) Renew(ctx context.Context, r store.Renewal) error {
 	default:
 		return fmt.Errorf("renew %s: %w: the request came with a credential the device no longer holds", r.Device, store.ErrInvalid)
 	}
-	if _, err := tx.ExecContext(ctx, `UPDATE devices SET cert_serial = ?, cert_prev = ?, cert_not_after = ? WHERE id = ?`,
-		r.Serial, keep, ms(r.NotAfter), r.Device); err != nil {
+	if _, err := tx.ExecContext(ctx, `UPDATE devices SET cert_serial = ?, cert_prev = ?, cert_not_after = ?, cert_key = nullif(?, '') WHERE id = ?`,
+		r.Serial, keep, ms(r.NotAfter), r.Key, r.Device); err != nil {
 		return fmt.Errorf("renew %s: %w", r.Device, err)
 	}
 	if _, err := tx.ExecContext(ctx, `INSERT INTO certs (serial, dev, issued, not_after) VALUES (?, ?, ?, ?)`,
@@ -179,8 +177,9 @@ func (db *DB) Pend(ctx context.Context, id, key, hardware, remote string, now ti
 
 // Approve lets the pending enrollment of id complete, for the key it was
 // made with. key, when given, must be that key's fingerprint (or a prefix
-// of it of at least 8 characters): the operator approves what they
-// compared with the device. It returns the fingerprint approved.
+// of it of at least 16 characters, 64 bits: too long to grind a key to
+// match): the operator approves what they compared with the device. It
+// returns the fingerprint approved.
 func (db *DB) Approve(ctx context.Context, id, key string) (string, error) {
 	var pending sql.NullString
 	var revoked bool
@@ -192,7 +191,7 @@ func (db *DB) Approve(ctx context.Context, id, key string) (string, error) {
 		return "", fmt.Errorf("approve %s: %w", id, err)
 	case revoked || !pending.Valid:
 		return "", fmt.Errorf("approve %s: %w: no enrollment is waiting for approval", id, store.ErrNotFound)
-	case key != "" && (len(key) < 8 || len(key) > len(pending.String) || pending.String[:len(key)] != key):
+	case key != "" && (len(key) < 16 || len(key) > len(pending.String) || pending.String[:len(key)] != key):
 		return "", fmt.Errorf("approve %s: %w: the waiting key is %s, not %s", id, store.ErrInvalid, pending.String, key)
 	}
 	res, err := db.w.ExecContext(ctx, `UPDATE devices SET approved = 1 WHERE id = ? AND pending_key = ?`, id, pending.String)
@@ -201,6 +200,24 @@ func (db *DB) Approve(ctx context.Context, id, key string) (string, error) {
 	}
 	if n, _ := res.RowsAffected(); n == 0 {
 		return "", fmt.Errorf("approve %s: %w: the waiting enrollment changed", id, store.ErrNotFound)
+	}
+	return pending.String, nil
+}
+
+// Deny drops the pending enrollment of id (the device keeps what it had;
+// a new id pending approval stays awaiting enrollment, with no key).
+func (db *DB) Deny(ctx context.Context, id string) (string, error) {
+	var pending sql.NullString
+	err := db.w.QueryRowContext(ctx, `SELECT pending_key FROM devices WHERE id = ?`, id).Scan(&pending)
+	if errors.Is(err, sql.ErrNoRows) || (err == nil && !pending.Valid) {
+		return "", fmt.Errorf("deny %s: %w: no enrollment is waiting for approval", id, store.ErrNotFound)
+	}
+	if err != nil {
+		return "", fmt.Errorf("deny %s: %w", id, err)
+	}
+	if _, err := db.w.ExecContext(ctx, `UPDATE devices SET pending_key = NULL, pending_at = NULL, pending_remote = '', approved = 0 WHERE id = ? AND pending_key = ?`,
+		id, pending.String); err != nil {
+		return "", fmt.Errorf("deny %s: %w", id, err)
 	}
 	return pending.String, nil
 }

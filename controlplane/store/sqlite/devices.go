@@ -44,7 +44,8 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 	if e.Operator && e.CredHash == nil {
 		enrolledAt = nil // pre-provisioned: awaiting the device's enrollment
 	}
-	err = tx.QueryRowContext(ctx, `SELECT revoked, enrolled_at, rekey_until, labels, pending_key, approved FROM devices WHERE id = ?`, e.ID).Scan(&revoked, &enrolled, &rekey, &opLabels, &pending, &approved)
+	var certKey sql.NullString
+	err = tx.QueryRowContext(ctx, `SELECT revoked, enrolled_at, rekey_until, labels, pending_key, approved, cert_key FROM devices WHERE id = ?`, e.ID).Scan(&revoked, &enrolled, &rekey, &opLabels, &pending, &approved, &certKey)
 	var certNotAfter any
 	if e.CertSerial != "" {
 		certNotAfter = ms(e.CertNotAfter)
@@ -64,14 +65,18 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 			e.ID, string(opJSON), e.CredHash, enrolledAt)
 	case errors.Is(err, sql.ErrNoRows):
 		profile, _ := json.Marshal(orEmpty(e.Profile))
-		_, err = tx.ExecContext(ctx, `INSERT INTO devices (id, hardware, reported_labels, labels, cred_hash, enrolled_at, cert_serial, cert_not_after, auth)
-			VALUES (?, ?, ?, ?, ?, ?, nullif(?, ''), ?, ?)`,
-			e.ID, e.Hardware, string(labels), string(profile), e.CredHash, ms(e.Now), e.CertSerial, certNotAfter, auth)
+		_, err = tx.ExecContext(ctx, `INSERT INTO devices (id, hardware, reported_labels, labels, cred_hash, enrolled_at, cert_serial, cert_not_after, cert_key, auth)
+			VALUES (?, ?, ?, ?, ?, ?, nullif(?, ''), ?, nullif(?, ''), ?)`,
+			e.ID, e.Hardware, string(labels), string(profile), e.CredHash, ms(e.Now), e.CertSerial, certNotAfter, certKeyOf(e), auth)
 	case err != nil:
 	case revoked && !e.Operator:
 		return store.Device{}, fmt.Errorf("enroll %s: %w", e.ID, store.ErrRevoked)
 	case enrolled.Valid && !e.Operator && !(rekey.Valid && rekey.Int64 > ms(e.Now)) &&
-		!(approved && e.Key != "" && pending.String == e.Key):
+		!(approved && e.Key != "" && pending.String == e.Key) &&
+		// The same key enrolling again (its reply was lost, or a power
+		// cut came before the device kept it) gets its certificate again:
+		// only that device holds the key.
+		!(e.Key != "" && certKey.Valid && certKey.String == e.Key):
 		// Whoever holds the fleet token must not take an enrolled
 		// device's place: only an operator's rekey lets it enroll again.
 		return store.Device{}, fmt.Errorf("enroll %s: %w", e.ID, store.ErrEnrolled)
@@ -90,7 +95,7 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 		// what it reports now. A device that was not revoked keeps its
 		// connection and the order of its reports.
 		_, err = tx.ExecContext(ctx, `UPDATE devices SET labels = ?, cred_hash = coalesce(?, cred_hash), revoked = 0,
-			enrolled_at = CASE WHEN ? IS NULL THEN enrolled_at ELSE ? END,
+			enrolled_at = CASE WHEN ? IS NULL THEN (CASE WHEN revoked THEN NULL ELSE enrolled_at END) ELSE ? END,
 			boot = CASE WHEN revoked THEN 0 ELSE boot END, conn = CASE WHEN revoked THEN 0 ELSE conn END,
 			reinstated = CASE WHEN revoked THEN ? ELSE reinstated END WHERE id = ?`,
 			string(opJSON), e.CredHash, enrolledAt, enrolledAt, ms(e.Now), e.ID)
@@ -111,12 +116,18 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 		// password and certificates stop working at once.
 		_, err = tx.ExecContext(ctx, `UPDATE devices SET reported_labels = ?, labels = ?, cred_hash = ?, enrolled_at = ?, rekey_until = NULL,
 			hardware = CASE WHEN ? != '' THEN ? ELSE hardware END,
-			cert_serial = nullif(?, ''), cert_prev = NULL, cert_not_after = ?, auth = ?,
+			cert_serial = nullif(?, ''), cert_prev = NULL, cert_not_after = ?, cert_key = nullif(?, ''), auth = ?,
 			pending_key = NULL, pending_at = NULL, pending_remote = '', approved = 0 WHERE id = ?`,
-			string(labels), string(opJSON), e.CredHash, ms(e.Now), e.Hardware, e.Hardware, e.CertSerial, certNotAfter, auth, e.ID)
+			string(labels), string(opJSON), e.CredHash, ms(e.Now), e.Hardware, e.Hardware, e.CertSerial, certNotAfter, certKeyOf(e), auth, e.ID)
 	}
 	if err == nil && e.CertSerial != "" {
 		_, err = tx.ExecContext(ctx, `INSERT INTO certs (serial, dev, issued, not_after) VALUES (?, ?, ?, ?)`, e.CertSerial, e.ID, ms(e.Now), certNotAfter)
+	}
+	if err == nil && e.CredHash != nil {
+		// A password was issued: passwords are in use, so they stay on
+		// (until an operator turns them off) even when a device CA comes
+		// later.
+		_, err = tx.ExecContext(ctx, `INSERT OR IGNORE INTO meta (key, value) VALUES (?, 'on')`, metaPasswords)
 	}
 	if err != nil {
 		return store.Device{}, fmt.Errorf("enroll %s: %w", e.ID, err)
@@ -129,6 +140,13 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 		return store.Device{}, fmt.Errorf("enroll %s: %w", e.ID, err)
 	}
 	return d, nil
+}
+
+func certKeyOf(e store.Enrollment) string {
+	if e.CertSerial == "" {
+		return ""
+	}
+	return e.Key
 }
 
 // AllowRekey lets the device's own enrollment re-key it once, until the

@@ -416,6 +416,7 @@ var migrations = []string{
 	`ALTER TABLE devices ADD COLUMN cert_serial TEXT;
 	ALTER TABLE devices ADD COLUMN cert_prev TEXT;
 	ALTER TABLE devices ADD COLUMN cert_not_after INTEGER;
+	ALTER TABLE devices ADD COLUMN cert_key TEXT;
 	ALTER TABLE devices ADD COLUMN auth TEXT NOT NULL DEFAULT '';
 	ALTER TABLE devices ADD COLUMN pending_key TEXT;
 	ALTER TABLE devices ADD COLUMN pending_at INTEGER;

@@ -3,7 +3,11 @@ package certs
 import (
 	"bytes"
 	"context"
+	"crypto"
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -353,16 +357,77 @@ func TestEnrollmentApproval(t *testing.T) {
 	if code, body := f.api("POST", "/api/v1/devices/c-2/approve", map[string]string{"key": "0123456789abcdef"}); code != 409 {
 		t.Fatalf("approving another key: %d %s", code, body)
 	}
-	if code, body := f.api("POST", "/api/v1/devices/c-2/approve", map[string]string{"key": key[:12]}); code != 200 {
+	if code, body := f.api("POST", "/api/v1/devices/c-2/approve", map[string]string{"key": key[:16]}); code != 200 {
 		t.Fatalf("approve: %d %s", code, body)
 	}
 	waitFor(t, 30*time.Second, "the approved device online with a certificate", func() (bool, string) {
 		dev := f.device("c-2")
 		return d.Connected() && dev.Auth == store.AuthCert && dev.Pending == nil, fmt.Sprintf("%+v", dev.Pending)
 	})
-	if fp := agent.Fingerprint(mustLeafKey(t, readFile(t, filepath.Join(state, "identity.pem")))); fp != key {
+	first := readFile(t, filepath.Join(state, "identity.pem"))
+	if fp := agent.Fingerprint(mustLeafKey(t, first)); fp != key {
 		t.Fatalf("the device's certificate is for key %s, approved %s", fp, key)
 	}
+
+	// The known device asks with a new key (a replaced board, say): held,
+	// and its current certificate keeps working until an operator
+	// approves the new key; then the old one, still within its validity,
+	// stops working.
+	k2, stored2, err := agent.FileKeys{}.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr := csrPEM(t, k2)
+	enroll := func() (int, map[string]any) {
+		body, _ := json.Marshal(map[string]any{"enroll_token": f.enroll, "device_id": "c-2", "csr": csr})
+		c := &http.Client{Transport: &http.Transport{TLSClientConfig: f.roots}}
+		resp, err := c.Post(f.srv.URL()+"/api/v1/enroll", "application/json", bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var out map[string]any
+		json.NewDecoder(resp.Body).Decode(&out)
+		return resp.StatusCode, out
+	}
+	if code, out := enroll(); code != http.StatusAccepted || out["status"] != "pending" {
+		t.Fatalf("a known device's new key: %d %v", code, out)
+	}
+	if err := f.connectWith(first, "c-2"); err != nil {
+		t.Fatalf("the current certificate while a new key waits: %v", err)
+	}
+	if code, body := f.api("POST", "/api/v1/devices/c-2/approve", map[string]string{"key": agent.Fingerprint(k2.Public())}); code != 200 {
+		t.Fatalf("approve the new key: %d %s", code, body)
+	}
+	code, out := enroll()
+	if code != 200 || out["certificate"] == nil {
+		t.Fatalf("the approved new key: %d %v", code, out)
+	}
+	if err := f.connectWith(first, "c-2"); !errors.Is(err, transport.ErrNotAuthorized) {
+		t.Fatalf("the replaced certificate, still valid: %v, want not authorized", err)
+	}
+	der, _ := pemBlocks(out["certificate"].(string))
+	if err := f.connectWith(identityPEM(stored2, der), "c-2"); err != nil {
+		t.Fatalf("the new certificate: %v", err)
+	}
+}
+
+func csrPEM(t *testing.T, k crypto.Signer) string {
+	t.Helper()
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
+}
+
+// pemBlocks returns the first certificate of a PEM chain.
+func pemBlocks(chain string) ([]byte, bool) {
+	blk, _ := pem.Decode([]byte(chain))
+	if blk == nil {
+		return nil, false
+	}
+	return blk.Bytes, true
 }
 
 func mustLeafKey(t *testing.T, identity []byte) any {
@@ -396,7 +461,7 @@ func TestPasswordDeviceMovesToCertificate(t *testing.T) {
 		defer resp.Body.Close()
 		var cred map[string]any
 		json.NewDecoder(resp.Body).Decode(&cred)
-		if resp.StatusCode != 200 || cred["password"] == "" || cred["certificate"] != nil {
+		if pw, _ := cred["password"].(string); resp.StatusCode != 200 || pw == "" || cred["certificate"] != nil {
 			t.Fatalf("legacy enrollment: %d %v", resp.StatusCode, cred)
 		}
 		return cred

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
@@ -174,7 +175,11 @@ func TestMosquittoWithDeviceCertificates(t *testing.T) {
 	forged := proto.Batch{Boot: 1, Seq: 1, Base: time.Now().UnixMilli(), Samples: []proto.Sample{{T: 0}}}
 	payload, _ := proto.Marshal(&forged)
 	forger.Publish(proto.DeviceTopic("m-b", proto.KindTelemetry), 1, false, payload).WaitTimeout(5 * time.Second)
-	forger.Publish(proto.DeviceTopic("m-b", proto.KindCSR), 1, false, payload).WaitTimeout(5 * time.Second)
+	// A certificate request "as m-b", for a key of m-a's choosing.
+	fk, _, _ := agent.FileKeys{}.New()
+	fcsr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, fk)
+	forgedCSR, _ := proto.Marshal(&proto.CertRequest{ID: "forged", CSR: fcsr})
+	forger.Publish(proto.DeviceTopic("m-b", proto.KindCSR), 1, false, forgedCSR).WaitTimeout(5 * time.Second)
 	// Its own topic works: the marker arrives, so anything sent before it
 	// that was going to arrive has.
 	marker := proto.Event{Boot: 99, Seq: 1, Kind: proto.EventMessage, Code: "marker"}
@@ -195,12 +200,49 @@ func TestMosquittoWithDeviceCertificates(t *testing.T) {
 		d, _ := srv.Store().Device(context.Background(), "m-b")
 		return d.Online, "offline"
 	})
-	evs, _ := srv.Store().Events(context.Background(), "m-b", 0, 1000)
-	for _, e := range evs {
-		if e.Boot == 1 {
-			t.Fatalf("a message forged as m-b was stored: %+v", e)
+	rows, err := srv.Store().Telemetry(context.Background(), "m-b", time.Time{}, time.Now().Add(time.Hour), 100000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rows {
+		if r.Boot == 1 {
+			t.Fatalf("telemetry forged as m-b was stored: %+v", r)
 		}
 	}
+	audit, _ := srv.Store().AuditLog(context.Background(), "m-b", 100)
+	for _, a := range audit {
+		if strings.HasPrefix(a.Action, "device.cert-") {
+			t.Fatalf("a certificate request forged as m-b reached the control plane: %+v", a)
+		}
+	}
+	// Renewal through Mosquitto, which does not say which certificate a
+	// connection used: a request that proves m-a's current certificate is
+	// answered; one signed by another key is refused.
+	kp, _ := tls.X509KeyPair(certPEM(idA), keyPEM(idA))
+	renewal := func(signer crypto.Signer) []byte {
+		nk, _, _ := agent.FileKeys{}.New()
+		ncsr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, nk)
+		sum := sha256.Sum256(proto.RenewalSigned(ncsr))
+		sig, err := signer.Sign(rand.Reader, sum[:], crypto.SHA256)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := proto.Marshal(&proto.CertRequest{ID: fmt.Sprint(time.Now().UnixNano()), CSR: ncsr, Cert: kp.Certificate[0], Sig: sig})
+		return b
+	}
+	impostor, _, _ := agent.FileKeys{}.New()
+	forger.Publish(proto.DeviceTopic("m-a", proto.KindCSR), 1, false, renewal(impostor)).WaitTimeout(5 * time.Second)
+	forger.Publish(proto.DeviceTopic("m-a", proto.KindCSR), 1, false, renewal(kp.PrivateKey.(crypto.Signer))).WaitTimeout(5 * time.Second)
+	waitFor(t, 30*time.Second, "m-a's renewal answered, the impostor's refused", func() (bool, string) {
+		audit, _ := srv.Store().AuditLog(context.Background(), "m-a", 100)
+		var renewed, refused bool
+		for _, a := range audit {
+			renewed = renewed || a.Action == "device.cert-renewed"
+			refused = refused || a.Action == "device.cert-refused"
+		}
+		return renewed && refused, fmt.Sprint(audit)
+	})
+
 	// A command to m-b reaches m-b (it answers), and not m-a.
 	ping, _ := proto.Marshal(&proto.Command{ID: "ping-mb", Kind: proto.CmdPing, Issued: time.Now().UnixMilli()})
 	if err := srv.Bus().Publish(context.Background(), "m-b", proto.KindCmd, ping); err != nil {
@@ -228,12 +270,14 @@ func TestMosquittoWithDeviceCertificates(t *testing.T) {
 	}
 	hangar(t, "broker-config", "mosquitto", "--data", data, "--out", out, "--crl-only")
 	mq.Restart(t)
-	waitFor(t, 30*time.Second, "the revoked certificate refused", func() (bool, string) {
-		_, err := dial("m-b", idB, "m-b")
-		return err != nil, "still accepted"
+	// The broker is up (m-a gets in) and refuses m-b's certificate at the
+	// handshake.
+	waitFor(t, 30*time.Second, "m-a after the restart", func() (bool, string) {
+		_, err := dial("m-a", idA, "m-a-check")
+		return err == nil, fmt.Sprint(err)
 	})
-	if _, err := dial("m-a", idA, "m-a-check"); err != nil {
-		t.Fatalf("m-a refused after the revocation of m-b: %v", err)
+	if _, err := dial("m-b", idB, "m-b"); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("the revoked certificate: %v", err)
 	}
 }
 
