@@ -245,7 +245,9 @@ type CertRequest struct {
 
 // RenewalSigned is what the current key signs in a CertRequest: the new
 // request, under a context string of its own.
-func RenewalSigned(csr []byte) []byte { return append([]byte("hangar certificate renewal v1\x00"), csr...) }
+func RenewalSigned(csr []byte) []byte {
+	return append([]byte("hangar certificate renewal v1\x00"), csr...)
+}
 
 // CertGrant answers a CertRequest.
 type CertGrant struct {
