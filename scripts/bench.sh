@@ -23,8 +23,10 @@ go test -run XXX -bench . -benchmem -count 1 ./agent/outbox/ | grep -E '^Benchma
 go test -run TestSampleSize -v ./proto/ | grep 'sample:'
 echo
 
-brokers=embedded
-if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then brokers=embedded,mosquitto; fi
+# embedded (plain TCP) is the baseline of embedded-mtls (TLS, each drone
+# with its own device certificate) and of Mosquitto.
+brokers=embedded,embedded-mtls
+if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then brokers=embedded,embedded-mtls,mosquitto; fi
 echo "== ingest: $DEVICES drones x $RATE msg/s, QoS1, real connections ($brokers)"
 ./bin/hangar-sim bench ingest --devices "$DEVICES" --rate "$RATE" --duration "$DURATION" --brokers "$brokers" --json "$OUT/ingest.json"
 echo
@@ -33,8 +35,8 @@ echo "== ingest below saturation: $DEVICES drones x $((RATE * 2 / 3)) msg/s"
 ./bin/hangar-sim bench ingest --devices "$DEVICES" --rate "$((RATE * 2 / 3))" --duration "$DURATION" --brokers "$brokers" --json "$OUT/ingest-two-thirds.json"
 echo
 
-echo "== $CONNECTIONS connected drones, one batch each per 10 s (embedded broker, --memory-limit $MEMORY_LIMIT)"
-./bin/hangar-sim bench ingest --devices "$CONNECTIONS" --rate 0.1 --warmup 10s --duration 40s --brokers embedded \
+echo "== $CONNECTIONS connected drones, one batch each per 10 s (embedded broker, plain and mutual TLS, --memory-limit $MEMORY_LIMIT)"
+./bin/hangar-sim bench ingest --devices "$CONNECTIONS" --rate 0.1 --warmup 10s --duration 40s --brokers embedded,embedded-mtls \
 	--serve-args "--memory-limit $MEMORY_LIMIT" --json "$OUT/connections.json"
 echo
 
@@ -52,7 +54,7 @@ go test -run XXX -bench 'BenchmarkPlan' -benchmem -benchtime 10x -count 1 ./cont
 go test -run XXX -bench 'BenchmarkRolloutStart|BenchmarkNotify' -benchtime 3x -count 1 -timeout 30m ./controlplane/server/ | grep -E '^Benchmark'
 echo
 
-echo "== a device's connect to the embedded broker: plain TCP (baseline) vs TLS, same run"
+echo "== a device's connect to the embedded broker: plain TCP (baseline) vs TLS vs mutual TLS with a device certificate, same run"
 go test -run XXX -bench 'BenchmarkConnect' -benchtime 2s -count 1 ./controlplane/broker/ | grep -E '^Benchmark'
 echo
 

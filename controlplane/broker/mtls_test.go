@@ -104,7 +104,7 @@ func startMTLS(t *testing.T, mods ...func(*broker.EmbeddedOptions)) *mtlsBroker 
 
 // cert issues a certificate for name from ca, valid from now for ttl,
 // and records its serial for the device unless record is false.
-func (b *mtlsBroker) cert(t *testing.T, ca *devcert.CA, id string, now time.Time, ttl time.Duration, record bool) tls.Certificate {
+func (b *mtlsBroker) cert(t testing.TB, ca *devcert.CA, id string, now time.Time, ttl time.Duration, record bool) tls.Certificate {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {

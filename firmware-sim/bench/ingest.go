@@ -7,6 +7,12 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -24,6 +30,7 @@ import (
 	"time"
 
 	"github.com/hangarfleet/hangar/agent/clock"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -51,7 +58,8 @@ type IngestResult struct {
 	Acked          int64   `json:"acked"`
 	Throttled      int64   `json:"throttled"` // sends skipped: the in-flight window was full
 	Stored         int64   `json:"stored"`
-	Lost           int64   `json:"lost"` // acked by the broker but never stored
+	Lost           int64   `json:"lost"`    // acknowledged by the broker, missing from the store (sequence holes)
+	Checked        int64   `json:"checked"` // acknowledged messages looked up in the store
 	Rate           float64 `json:"stored_msgs_per_s"`
 	AckP50         float64 `json:"puback_ms_p50"`
 	AckP99         float64 `json:"puback_ms_p99"`
@@ -146,9 +154,17 @@ func FreePort() (int, error) {
 }
 
 func waitHTTP(url string, timeout time.Duration) error {
+	return waitHTTPWith(http.DefaultClient, url, timeout)
+}
+
+func (cp *controlPlane) waitHTTP(url string, timeout time.Duration) error {
+	return waitHTTPWith(cp.client, url, timeout)
+}
+
+func waitHTTPWith(c *http.Client, url string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
-		if resp, err := http.Get(url); err == nil {
+		if resp, err := c.Get(url); err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == 200 {
 				return nil
@@ -163,21 +179,51 @@ func waitHTTP(url string, timeout time.Duration) error {
 type controlPlane struct {
 	*proc
 	url, admin, enroll string
+	dir                string
+	// client trusts the control plane's development CA (TLS runs).
+	client *http.Client
+	roots  *x509.CertPool
 }
 
 func startControlPlane(bin, dir string, extra []string, env []string, logw io.Writer) (*controlPlane, error) {
+	return startControlPlaneTLS(bin, dir, extra, env, logw, false)
+}
+
+// startControlPlaneTLS starts hangar serve; with secure, over TLS with its
+// development CA and its device CA (devices get certificates).
+func startControlPlaneTLS(bin, dir string, extra []string, env []string, logw io.Writer, secure bool) (*controlPlane, error) {
 	port, err := FreePort()
 	if err != nil {
 		return nil, err
 	}
 	// The whole simulated fleet enrolls from this one address.
-	args := append([]string{"serve", "--data", dir, "--http", fmt.Sprintf("127.0.0.1:%d", port), "--log-level", "warn", "--enroll-rate", "0", "--insecure"}, extra...)
+	args := []string{"serve", "--data", dir, "--http", fmt.Sprintf("127.0.0.1:%d", port), "--log-level", "warn", "--enroll-rate", "0"}
+	scheme := "https"
+	if !secure {
+		args, scheme = append(args, "--insecure"), "http"
+	}
+	args = append(args, extra...)
 	p, err := start(bin, args, env, logw)
 	if err != nil {
 		return nil, err
 	}
-	cp := &controlPlane{proc: p, url: fmt.Sprintf("http://127.0.0.1:%d", port)}
-	if err := waitHTTP(cp.url+"/healthz", 30*time.Second); err != nil {
+	cp := &controlPlane{proc: p, url: fmt.Sprintf("%s://127.0.0.1:%d", scheme, port), dir: dir, client: &http.Client{Timeout: 60 * time.Second}}
+	if secure {
+		var pemb []byte
+		for i := 0; i < 300; i++ {
+			if pemb, err = os.ReadFile(filepath.Join(dir, "tls", "ca.pem")); err == nil {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		cp.roots = x509.NewCertPool()
+		if !cp.roots.AppendCertsFromPEM(pemb) {
+			p.stop()
+			return nil, errors.New("control plane: no development CA")
+		}
+		cp.client.Transport = &http.Transport{TLSClientConfig: &tls.Config{RootCAs: cp.roots}, MaxIdleConnsPerHost: 16}
+	}
+	if err := cp.waitHTTP(cp.url+"/healthz", 30*time.Second); err != nil {
 		p.stop()
 		return nil, err
 	}
@@ -196,9 +242,11 @@ func startControlPlane(bin, dir string, extra []string, env []string, logw io.Wr
 }
 
 type credential struct {
-	MQTTURL  string `json:"mqtt_url"`
-	Username string `json:"username"`
-	Password string `json:"password"`
+	MQTTURL     string `json:"mqtt_url"`
+	Username    string `json:"username"`
+	Password    string `json:"password"`
+	Certificate string `json:"certificate"`
+	tls         *tls.Config
 }
 
 func (cp *controlPlane) enrollAll(ctx context.Context, prefix string, n int) ([]credential, error) {
@@ -207,7 +255,7 @@ func (cp *controlPlane) enrollAll(ctx context.Context, prefix string, n int) ([]
 	var firstErr error
 	var once sync.Once
 	var wg sync.WaitGroup
-	client := &http.Client{Timeout: 60 * time.Second}
+	client := cp.client
 	for range 16 {
 		wg.Add(1)
 		go func() {
@@ -217,7 +265,15 @@ func (cp *controlPlane) enrollAll(ctx context.Context, prefix string, n int) ([]
 				if i >= n || ctx.Err() != nil {
 					return
 				}
-				body, _ := json.Marshal(map[string]any{"enroll_token": cp.enroll, "device_id": fmt.Sprintf("%s%05d", prefix, i), "hardware": "rev-b"})
+				req := map[string]any{"enroll_token": cp.enroll, "device_id": fmt.Sprintf("%s%05d", prefix, i), "hardware": "rev-b"}
+				var key *ecdsa.PrivateKey
+				if cp.roots != nil {
+					// As the agent does: a key made here, a certificate for it.
+					key, _ = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+					der, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+					req["csr"] = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der}))
+				}
+				body, _ := json.Marshal(req)
 				resp, err := client.Post(cp.url+"/api/v1/enroll", "application/json", bytes.NewReader(body))
 				if err == nil {
 					if resp.StatusCode != 200 {
@@ -227,6 +283,18 @@ func (cp *controlPlane) enrollAll(ctx context.Context, prefix string, n int) ([]
 						err = json.NewDecoder(resp.Body).Decode(&creds[i])
 					}
 					resp.Body.Close()
+				}
+				if err == nil && key != nil {
+					var chain [][]byte
+					for rest := []byte(creds[i].Certificate); ; {
+						var blk *pem.Block
+						if blk, rest = pem.Decode(rest); blk == nil {
+							break
+						}
+						chain = append(chain, blk.Bytes)
+					}
+					creds[i].tls = &tls.Config{RootCAs: cp.roots, ServerName: "127.0.0.1",
+						Certificates: []tls.Certificate{{Certificate: chain, PrivateKey: key}}}
 				}
 				if err != nil {
 					once.Do(func() { firstErr = err })
@@ -243,7 +311,7 @@ func (cp *controlPlane) enrollAll(ctx context.Context, prefix string, n int) ([]
 func (cp *controlPlane) scrape() (map[string]float64, []bucket, error) {
 	req, _ := http.NewRequest("GET", cp.url+"/metrics", nil)
 	req.Header.Set("Authorization", "Bearer "+cp.admin)
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := cp.client.Do(req)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -344,7 +412,8 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 		extra = append(extra, "--mqtt", fmt.Sprintf("127.0.0.1:%d", port))
 	}
 	extra = append(extra, o.ServeArgs...)
-	cp, err := startControlPlane(o.Hangar, filepath.Join(dir, "data"), extra, env, o.LogWriter)
+	secure := o.Broker == "embedded-mtls"
+	cp, err := startControlPlaneTLS(o.Hangar, filepath.Join(dir, "data"), extra, env, o.LogWriter, secure)
 	if err != nil {
 		return res, fmt.Errorf("control plane: %w", err)
 	}
@@ -369,8 +438,8 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 	conns := make([]*loadConn, len(creds))
 	t0 := time.Now()
 	for i, c := range creds {
-		addr := strings.TrimPrefix(c.MQTTURL, "tcp://")
-		conns[i], err = dialMQTT(addr, c.Username, c.Username, c.Password, 60*time.Second, onAck)
+		addr := strings.TrimPrefix(strings.TrimPrefix(c.MQTTURL, "tcp://"), "tls://")
+		conns[i], err = dialMQTT(addr, c.Username, c.Username, c.Password, 60*time.Second, onAck, c.tls)
 		if err != nil {
 			return res, fmt.Errorf("connect %s: %w", c.Username, err)
 		}
@@ -431,7 +500,7 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 							b.Samples = append(b.Samples, sample)
 						}
 						payload, _ := proto.Marshal(&b)
-						err := sl.c.publish(sl.topic, payload, o.Inflight)
+						err := sl.c.publish(sl.topic, payload, o.Inflight, sl.seq)
 						switch {
 						case errors.Is(err, errInflight):
 							throttled.Add(1)
@@ -519,7 +588,17 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 	// before it; the store's counter covers the same interval plus the
 	// drain, so stored >= acked when nothing is lost.
 	res.Stored = int64((after["hangar_ingest_samples_total"] - before["hangar_ingest_samples_total"]) / float64(o.Samples))
-	res.Lost = max(0, res.Sent-res.Stored)
+	// Loss is counted by the messages missing from the store: each
+	// acknowledged (boot, seq) looked up, so that duplicates cannot hide
+	// a loss.
+	acks := make([][]uint64, len(conns))
+	for i, c := range conns {
+		acks[i] = c.acknowledged()
+	}
+	cp.stop()
+	if res.Lost, res.Checked, err = missing(ctx, filepath.Join(dir, "data"), creds, acks, boot); err != nil {
+		return res, err
+	}
 	res.Rate = float64(res.Stored) / elapsed
 	res.AckP50, res.AckP99 = percentile(lats, 0.5), percentile(lats, 0.99)
 	d := func(k string) float64 { return after[k] - before[k] }
@@ -529,6 +608,35 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 	}
 	res.LagP50, res.LagP99 = quantile(hAfter, hBefore, 0.5)*1000, quantile(hAfter, hBefore, 0.99)*1000
 	return res, nil
+}
+
+// missing counts the acknowledged messages the store does not hold, by
+// each device's sequence numbers.
+func missing(ctx context.Context, data string, creds []credential, acks [][]uint64, boot uint64) (lost, checked int64, err error) {
+	db, err := sqlite.Open(filepath.Join(data, "hangar.db"), sqlite.Options{})
+	if err != nil {
+		return 0, 0, err
+	}
+	defer db.Close()
+	for i, c := range creds {
+		rows, err := db.Telemetry(ctx, c.Username, time.Time{}, time.Now().Add(time.Hour), 10_000_000)
+		if err != nil {
+			return 0, 0, err
+		}
+		have := make(map[uint64]bool, len(rows))
+		for _, r := range rows {
+			if r.Boot == boot {
+				have[r.Seq] = true
+			}
+		}
+		for _, s := range acks[i] {
+			checked++
+			if !have[s] {
+				lost++
+			}
+		}
+	}
+	return lost, checked, nil
 }
 
 // sleepCtx waits d, or less when ctx ends first (then false).

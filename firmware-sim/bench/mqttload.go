@@ -2,6 +2,7 @@ package bench
 
 import (
 	"bufio"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -19,11 +20,17 @@ type loadConn struct {
 	w  *bufio.Writer
 	mu sync.Mutex // guards w, sent, nextID
 
-	sent   map[uint16]time.Time
-	nextID uint16
+	sent      map[uint16]pending
+	ackedSeqs []uint64 // sequence numbers acknowledged, in order
+	nextID    uint16
 	acked  func(lat time.Duration)
 	closed chan struct{}
 	err    error
+}
+
+type pending struct {
+	at  time.Time
+	seq uint64
 }
 
 func appendString(b []byte, s string) []byte {
@@ -45,18 +52,30 @@ func appendRemaining(b []byte, n int) []byte {
 	}
 }
 
-func dialMQTT(addr, clientID, user, pass string, keepAlive time.Duration, acked func(time.Duration)) (*loadConn, error) {
-	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+func dialMQTT(addr, clientID, user, pass string, keepAlive time.Duration, acked func(time.Duration), cfg *tls.Config) (*loadConn, error) {
+	var c net.Conn
+	var err error
+	if cfg != nil {
+		c, err = tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", addr, cfg)
+	} else {
+		c, err = net.DialTimeout("tcp", addr, 10*time.Second)
+	}
 	if err != nil {
 		return nil, err
 	}
 	var body []byte
 	body = appendString(body, "MQTT")
-	body = append(body, 4, 0xC2) // protocol level 4; username, password, clean session
+	flags := byte(0xC2) // username, password, clean session
+	if pass == "" {
+		flags = 0x82 // a certificate says who it is: no password
+	}
+	body = append(body, 4, flags) // protocol level 4
 	body = binary.BigEndian.AppendUint16(body, uint16(keepAlive/time.Second))
 	body = appendString(body, clientID)
 	body = appendString(body, user)
-	body = appendString(body, pass)
+	if pass != "" {
+		body = appendString(body, pass)
+	}
 	pkt := appendRemaining([]byte{0x10}, len(body))
 	pkt = append(pkt, body...)
 	c.SetDeadline(time.Now().Add(30 * time.Second))
@@ -74,7 +93,7 @@ func dialMQTT(addr, clientID, user, pass string, keepAlive time.Duration, acked 
 		return nil, fmt.Errorf("connection refused (code %d)", ack[3])
 	}
 	c.SetDeadline(time.Time{})
-	l := &loadConn{c: c, w: bufio.NewWriterSize(c, 4096), sent: map[uint16]time.Time{}, acked: acked, closed: make(chan struct{})}
+	l := &loadConn{c: c, w: bufio.NewWriterSize(c, 4096), sent: map[uint16]pending{}, acked: acked, closed: make(chan struct{})}
 	go l.readLoop()
 	return l, nil
 }
@@ -82,7 +101,7 @@ func dialMQTT(addr, clientID, user, pass string, keepAlive time.Duration, acked 
 var errInflight = errors.New("too many messages in flight")
 
 // publish sends a QoS1 PUBLISH; at most maxInflight may await their PUBACK.
-func (l *loadConn) publish(topic string, payload []byte, maxInflight int) error {
+func (l *loadConn) publish(topic string, payload []byte, maxInflight int, seq uint64) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.err != nil {
@@ -102,7 +121,7 @@ func (l *loadConn) publish(topic string, payload []byte, maxInflight int) error 
 	l.w.WriteString(topic)
 	l.w.Write(binary.BigEndian.AppendUint16(nil, id))
 	l.w.Write(payload)
-	l.sent[id] = time.Now()
+	l.sent[id] = pending{time.Now(), seq}
 	if err := l.w.Flush(); err != nil {
 		l.err = err
 		return err
@@ -147,11 +166,14 @@ func (l *loadConn) readLoop() {
 		if h>>4 == 4 && n >= 2 { // PUBACK
 			id := binary.BigEndian.Uint16(body)
 			l.mu.Lock()
-			t, ok := l.sent[id]
+			p, ok := l.sent[id]
 			delete(l.sent, id)
+			if ok {
+				l.ackedSeqs = append(l.ackedSeqs, p.seq)
+			}
 			l.mu.Unlock()
 			if ok {
-				l.acked(time.Since(t))
+				l.acked(time.Since(p.at))
 			}
 		}
 	}
@@ -169,6 +191,13 @@ func (l *loadConn) inflight() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return len(l.sent)
+}
+
+// acknowledged is the sequence numbers the broker acknowledged.
+func (l *loadConn) acknowledged() []uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]uint64(nil), l.ackedSeqs...)
 }
 
 func (l *loadConn) close() {

@@ -29,7 +29,8 @@ func PrintIngest(w io.Writer, rs []IngestResult) {
 		}
 		return s
 	})
-	row("sent / stored / lost", func(r IngestResult) string { return fmt.Sprintf("%d / %d / %d", r.Sent, r.Stored, r.Lost) })
+	row("sent / stored", func(r IngestResult) string { return fmt.Sprintf("%d / %d", r.Sent, r.Stored) })
+	row("lost: acked, not stored (of checked)", func(r IngestResult) string { return fmt.Sprintf("%d (of %d)", r.Lost, r.Checked) })
 	row("throttled sends", func(r IngestResult) string { return fmt.Sprintf("%d", r.Throttled) })
 	row("PUBACK p50 / p99 ms", func(r IngestResult) string { return fmt.Sprintf("%.1f / %.1f", r.AckP50, r.AckP99) })
 	row("publish-to-commit p50 / p99 ms", func(r IngestResult) string { return fmt.Sprintf("%.1f / %.1f", r.LagP50, r.LagP99) })
