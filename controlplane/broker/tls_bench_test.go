@@ -13,8 +13,8 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/broker"
 	"github.com/hangarfleet/hangar/controlplane/devca"
 	"github.com/hangarfleet/hangar/controlplane/devcert"
-	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/controlplane/metrics"
+	"github.com/hangarfleet/hangar/controlplane/store"
 )
 
 // BenchmarkConnect measures a device's whole connect (TCP, TLS when on,

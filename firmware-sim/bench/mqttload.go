@@ -23,9 +23,9 @@ type loadConn struct {
 	sent      map[uint16]pending
 	ackedSeqs []uint64 // sequence numbers acknowledged, in order
 	nextID    uint16
-	acked  func(lat time.Duration)
-	closed chan struct{}
-	err    error
+	acked     func(lat time.Duration)
+	closed    chan struct{}
+	err       error
 }
 
 type pending struct {
