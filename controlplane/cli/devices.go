@@ -300,6 +300,10 @@ func deviceAdd(ctx context.Context, g *globals, args []string) error {
 	if g.output == "json" {
 		return printJSON(g.env.Stdout, cred)
 	}
+	if cred.Password == "" {
+		fmt.Fprintf(g.env.Stdout, "device %s added, waiting for enrollment: this control plane gives devices certificates, so the drone enrolls itself (hangar-agent --enroll-token-file ...) and gets its labels from here\n", id)
+		return nil
+	}
 	fmt.Fprintf(g.env.Stdout, "device %s added. Its MQTT credential (shown once):\n  broker:   %s\n  username: %s\n  password: %s\n",
 		id, cred.MQTTURL, cred.Username, cred.Password)
 	return nil
