@@ -111,17 +111,9 @@ func Start(dir string, opts Options) (*Mosquitto, error) {
 // (hangar broker-config), which listens on port; it needs no dynamic
 // security plugin. Restart and Stop work as with Start.
 func StartConfig(conf string, port int) (*Mosquitto, error) {
-	bin, err := exec.LookPath("mosquitto")
+	bin, err := findBinary()
 	if err != nil {
-		for _, p := range []string{"/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"} {
-			if _, serr := os.Stat(p); serr == nil {
-				bin, err = p, nil
-				break
-			}
-		}
-		if err != nil {
-			return nil, fmt.Errorf("%w: %v", ErrNotInstalled, err)
-		}
+		return nil, fmt.Errorf("%w: %v", ErrNotInstalled, err)
 	}
 	m := &Mosquitto{Dir: filepath.Dir(conf), bin: bin, port: port, conf: conf}
 	if err := m.start(); err != nil {
@@ -173,19 +165,24 @@ func (m *Mosquitto) Pid() int {
 	return m.cmd.Process.Pid
 }
 
+// findBinary finds mosquitto on PATH, or where Debian installs it
+// (/usr/sbin, which a non-root PATH lacks).
+func findBinary() (string, error) {
+	bin, err := exec.LookPath("mosquitto")
+	if err == nil {
+		return bin, nil
+	}
+	for _, p := range []string{"/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"} {
+		if _, serr := os.Stat(p); serr == nil {
+			return p, nil
+		}
+	}
+	return "", err
+}
+
 func find() (bin, plugin string, err error) {
-	bin, err = exec.LookPath("mosquitto")
-	if err != nil {
-		// Debian installs it in /usr/sbin, which a non-root PATH lacks.
-		for _, p := range []string{"/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"} {
-			if _, serr := os.Stat(p); serr == nil {
-				bin, err = p, nil
-				break
-			}
-		}
-		if err != nil {
-			return "", "", err
-		}
+	if bin, err = findBinary(); err != nil {
+		return "", "", err
 	}
 	if p := os.Getenv(PluginEnv); p != "" {
 		if _, err := os.Stat(p); err != nil {
