@@ -522,3 +522,58 @@ func TestPasswordDeviceMovesToCertificate(t *testing.T) {
 		t.Fatalf("password enrollment with passwords off: HTTP %d", resp.StatusCode)
 	}
 }
+
+// TestArtifactDownloadWithCertificate: a device with a certificate (and
+// no password) is let through to artifact downloads by its certificate;
+// without one, with a superseded one, or with one from another CA it is
+// refused.
+func TestArtifactDownloadWithCertificate(t *testing.T) {
+	f := startFleet(t, server.Options{})
+	state := t.TempDir()
+	d := f.start("c-9", state)
+	waitFor(t, 30*time.Second, "the device online with a certificate", func() (bool, string) {
+		return d.Connected() && f.device("c-9").Auth == store.AuthCert, ""
+	})
+	identity := readFile(t, filepath.Join(state, "identity.pem"))
+	other, err := devcert.Init(filepath.Join(t.TempDir(), "other"), time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, stored, _ := agent.FileKeys{}.New()
+	der, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, k)
+	csr, _ := devcert.ParseCSR(der)
+	foreignDER, _, _ := other.Issue(csr, "c-9", time.Now(), time.Hour)
+	get := func(id []byte) int {
+		cfg := f.roots.Clone()
+		if id != nil {
+			kp, err := tls.X509KeyPair(certPEM(id), keyPEM(id))
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg.Certificates = []tls.Certificate{kp}
+		}
+		c := &http.Client{Transport: &http.Transport{TLSClientConfig: cfg}}
+		resp, err := c.Get(f.srv.URL() + "/api/v1/releases/agent/9.9.9/artifact")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	// Past authentication, the release does not exist: 404.
+	if code := get(identity); code != http.StatusNotFound {
+		t.Errorf("with the device's certificate: HTTP %d, want 404 (authenticated, no such release)", code)
+	}
+	for name, id := range map[string][]byte{"no certificate": nil, "another CA's": identityPEM(stored, foreignDER)} {
+		if code := get(id); code != http.StatusUnauthorized {
+			t.Errorf("%s: HTTP %d, want 401", name, code)
+		}
+	}
+	// Revoked: its certificate no longer opens anything.
+	if code, body := f.api("DELETE", "/api/v1/devices/c-9", nil); code != http.StatusNoContent {
+		t.Fatalf("revoke: %d %s", code, body)
+	}
+	if code := get(identity); code != http.StatusUnauthorized {
+		t.Errorf("a revoked device's certificate: HTTP %d, want 401", code)
+	}
+}
