@@ -233,6 +233,15 @@ func New(opts Options) (*Agent, error) {
 		a.tls = opts.TLS.Clone()
 		a.tls.GetClientCertificate = a.clientCertificate
 	}
+	if t, ok := transportOf(a.opts.HTTPClient); ok && a.tls != nil && t.TLSClientConfig != nil && t.TLSClientConfig.GetClientCertificate == nil {
+		// A client of the caller's (a simulator's, with its own dialer):
+		// it presents the device certificate too.
+		t = t.Clone()
+		t.TLSClientConfig.GetClientCertificate = a.clientCertificate
+		c := *a.opts.HTTPClient
+		c.Transport = t
+		a.opts.HTTPClient = &c
+	}
 	if a.opts.HTTPClient == nil {
 		a.opts.HTTPClient = &http.Client{Timeout: 30 * time.Second}
 		if a.tls != nil {
@@ -275,6 +284,14 @@ func New(opts Options) (*Agent, error) {
 		return nil, err
 	}
 	return a, nil
+}
+
+func transportOf(c *http.Client) (*http.Transport, bool) {
+	if c == nil {
+		return nil, false
+	}
+	t, ok := c.Transport.(*http.Transport)
+	return t, ok
 }
 
 // startEpoch picks this run's boot epoch: the wall clock in seconds, but

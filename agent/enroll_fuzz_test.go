@@ -4,11 +4,13 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
 	"math/big"
+	"net/http"
 	"testing"
 	"time"
 )
@@ -62,4 +64,24 @@ func FuzzEnrollReply(f *testing.F) {
 			t.Fatal("accepted a reply with neither a certificate nor a password")
 		}
 	})
+}
+
+// TestCallersHTTPClientPresentsCertificate: a client the caller passes
+// (the simulator's, with its own dialer) presents the device certificate
+// like the agent's own, so downloads authenticate.
+func TestCallersHTTPClientPresentsCertificate(t *testing.T) {
+	base := &tls.Config{}
+	a, err := New(Options{DeviceID: "d1", StateDir: t.TempDir(), NoSync: true, TLS: base,
+		HTTPClient: &http.Client{Transport: &http.Transport{TLSClientConfig: base}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.box.Close()
+	tr := a.opts.HTTPClient.Transport.(*http.Transport)
+	if tr.TLSClientConfig.GetClientCertificate == nil {
+		t.Fatal("the caller's HTTP client presents no certificate")
+	}
+	if base.GetClientCertificate != nil {
+		t.Fatal("the caller's TLS configuration was changed")
+	}
 }
