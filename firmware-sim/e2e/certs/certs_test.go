@@ -37,6 +37,7 @@ type fleet struct {
 	srv    *server.Server
 	clk    *clock.Fake
 	roots  *tls.Config // trusts the control plane's CA
+	data   string      // the data directory
 	enroll string
 	admin  string
 	cancel context.CancelFunc
@@ -73,7 +74,7 @@ func startFleet(t *testing.T, opts server.Options) *fleet {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fleet{t: t, clk: clock.NewFake(time.Now()), roots: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}, done: make(chan error, 1)}
+	f := &fleet{t: t, clk: clock.NewFake(time.Now()), roots: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}, data: data, done: make(chan error, 1)}
 	opts.DataDir, opts.TLS, opts.DeviceCA, opts.Now, opts.Logger = data, cfg, ca, f.clk.Now, logger()
 	opts.HTTPListener, opts.MQTTListener = listen(t), listen(t)
 	f.srv, err = server.New(opts)
