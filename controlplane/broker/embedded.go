@@ -166,7 +166,7 @@ func NewEmbedded(opts EmbeddedOptions) (*Embedded, error) {
 	}
 	e.ln = &listener{ln: ln, log: log, rate: opts.ConnectRate, metrics: opts.Metrics,
 		connectTimeout: opts.ConnectTimeout, maxConnect: opts.MaxConnectSize, maxOpen: opts.MaxClients,
-		unchecked: map[*connectGuard]struct{}{}, serveDone: make(chan struct{})}
+		unchecked: map[*connectGuard]struct{}{}, serveDone: make(chan struct{}), handshakes: make(chan struct{}, maxHandshakes)}
 	e.ln.cond = sync.NewCond(&e.ln.mu)
 	if err := srv.AddListener(e.ln); err != nil {
 		ln.Close()
@@ -669,12 +669,13 @@ type listener struct {
 	// Connections that have not sent their CONNECT yet: mochi's Close
 	// must not run while one of them is being set up (it races with
 	// NewClient), so drain ends them first and waits.
-	mu        sync.Mutex
-	cond      *sync.Cond
-	unchecked map[*connectGuard]struct{}
-	served    atomic.Bool
-	serveDone chan struct{}
-	closed    atomic.Bool // Close ran (drain only stops accepting)
+	mu         sync.Mutex
+	cond       *sync.Cond
+	unchecked  map[*connectGuard]struct{}
+	served     atomic.Bool
+	serveDone  chan struct{}
+	handshakes chan struct{} // TLS handshakes in progress
+	closed     atomic.Bool   // Close ran (drain only stops accepting)
 }
 
 // drain stops accepting, ends the connections that have not sent their
@@ -774,12 +775,53 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 		l.unchecked[g] = struct{}{}
 		l.mu.Unlock()
 		conn = g
-		go func() {
+		run := func() {
 			if err := establish(l.ID(), conn); err != nil {
 				l.log.Debug("connection ended", "remote", conn.RemoteAddr().String(), "err", err)
 			}
+		}
+		tc, ok := g.Conn.(*tls.Conn)
+		if !ok {
+			go run()
+			continue
+		}
+		// The TLS handshake runs on a goroutine of its own, which ends
+		// with it: the connection's goroutine, which lives as long as the
+		// connection, starts with a small stack instead of the one the
+		// handshake's crypto grew (kept for good: ~10 KB per connection
+		// at 10,000 devices). At most maxHandshakes run at once; beyond,
+		// accepting waits.
+		l.handshakes <- struct{}{}
+		go func() {
+			err := handshake(tc, l.connectTimeout)
+			<-l.handshakes
+			if err != nil {
+				l.metrics.PreconnectRefused.WithLabelValues("tls_handshake").Inc()
+				l.log.Debug("TLS handshake failed", "remote", tc.RemoteAddr().String(), "err", err)
+				g.Close()
+				g.onChecked()
+				return
+			}
+			go run()
 		}()
 	}
+}
+
+// maxHandshakes bounds the TLS handshakes in progress at once: each holds
+// a goroutine and its grown stack until it ends (within the CONNECT
+// deadline).
+const maxHandshakes = 1024
+
+// handshake completes the TLS handshake within the pre-CONNECT deadline;
+// the read deadline (the CONNECT's) stays.
+func handshake(tc *tls.Conn, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	_ = tc.SetWriteDeadline(deadline)
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
+	err := tc.HandshakeContext(ctx)
+	_ = tc.SetWriteDeadline(time.Time{})
+	return err
 }
 
 func maxTime(a, b time.Time) time.Time {

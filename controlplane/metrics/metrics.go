@@ -114,7 +114,7 @@ func New(connected func() float64) *Metrics {
 			Name: "hangar_mqtt_accept_rate_peak", Help: "Most connections the embedded broker accepted within any one second since it started.",
 		}),
 		PreconnectRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "hangar_mqtt_preconnect_refused_total", Help: "Connections closed before their CONNECT was read, by reason (timeout, too_large, not_connect, closed).",
+			Name: "hangar_mqtt_preconnect_refused_total", Help: "Connections closed before their CONNECT was read, by reason (timeout, too_large, not_connect, closed, max_connections, tls_handshake).",
 		}, []string{"reason"}),
 		AuthThrottled: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "hangar_auth_throttled_total", Help: "Enrollments and MQTT authentications refused by a rate limit, by kind (enroll_source, enroll_device, mqtt_source, mqtt_device, renewal).",
