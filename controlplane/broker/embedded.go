@@ -786,11 +786,12 @@ func (l *listener) Serve(establish listeners.EstablishFn) {
 			continue
 		}
 		// The TLS handshake runs on a goroutine of its own, which ends
-		// with it: the connection's goroutine, which lives as long as the
-		// connection, starts with a small stack instead of the one the
-		// handshake's crypto grew (kept for good: ~10 KB per connection
-		// at 10,000 devices). At most maxHandshakes run at once; beyond,
-		// accepting waits.
+		// with it, at most maxHandshakes at once (beyond, accepting
+		// waits): a handshake flood holds a bounded number of goroutines
+		// and their crypto-grown stacks, and the connection's goroutine
+		// starts small. (Reading records grows it again: TLS record
+		// decryption on mochi's read goroutine is what costs a TLS
+		// connection most, see docs/benchmarks.md.)
 		l.handshakes <- struct{}{}
 		go func() {
 			err := handshake(tc, l.connectTimeout)
