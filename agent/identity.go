@@ -12,7 +12,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -95,14 +94,7 @@ func (id *identity) renewDue(now time.Time) bool {
 
 // Fingerprint names a public key as the control plane shows it (hangar
 // device ls --pending): SHA-256 of its SubjectPublicKeyInfo, hex.
-func Fingerprint(pub crypto.PublicKey) string {
-	der, err := x509.MarshalPKIXPublicKey(pub)
-	if err != nil {
-		return ""
-	}
-	sum := sha256.Sum256(der)
-	return hex.EncodeToString(sum[:])
-}
+func Fingerprint(pub crypto.PublicKey) string { return proto.KeyFingerprint(pub) }
 
 // newIdentity checks a certificate chain the control plane returned for
 // key: the leaf must be for this device and for this key.

@@ -2,8 +2,10 @@ package proto
 
 import (
 	"crypto/ed25519"
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -13,6 +15,19 @@ import (
 // Key files are PEM: "PRIVATE KEY" (PKCS #8) and "PUBLIC KEY" (PKIX), as
 // openssl writes them, so that they can be inspected and generated with
 // common tools (openssl genpkey -algorithm ed25519).
+
+// KeyFingerprint names a device's public key: the SHA-256 of its
+// SubjectPublicKeyInfo, hex. The agent logs it and the control plane shows
+// it (hangar device ls --pending) so that an operator approves the key the
+// device holds. "" for a key x509 cannot encode.
+func KeyFingerprint(pub any) string {
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return ""
+	}
+	sum := sha256.Sum256(der)
+	return hex.EncodeToString(sum[:])
+}
 
 // EncodePrivateKey returns the PEM of an Ed25519 private key.
 func EncodePrivateKey(k ed25519.PrivateKey) ([]byte, error) {

@@ -19,7 +19,6 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -239,14 +238,7 @@ func checkKey(pub any) error {
 
 // Fingerprint names a public key: the SHA-256 of its SubjectPublicKeyInfo,
 // hex, as an operator compares it with what the device logs.
-func Fingerprint(pub any) string {
-	der, err := x509.MarshalPKIXPublicKey(pub)
-	if err != nil {
-		return ""
-	}
-	sum := sha256.Sum256(der)
-	return hex.EncodeToString(sum[:])
-}
+func Fingerprint(pub any) string { return proto.KeyFingerprint(pub) }
 
 // Issue makes a certificate for device id over the CSR's key, valid from
 // a few minutes before now (clock skew) for ttl. It returns the DER
