@@ -16,13 +16,25 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
+# Demo release keys, made once and kept in $DATA (never in git): the
+# control plane and the simulated drones trust their root, so a build
+# signed with them can be rolled out (see the README's tour). In
+# production the keys live offline, with the release engineer.
+KEYS="$DATA/release-keys"
+if [ ! -s "$KEYS/keys.cose" ]; then
+	mkdir -p "$KEYS" && chmod 700 "$KEYS"
+	./bin/hangar release keygen --out "$KEYS/root" >/dev/null
+	./bin/hangar release keygen --out "$KEYS/release" >/dev/null
+	./bin/hangar release keys --root-key "$KEYS/root.key" --add "$KEYS/release.pub" --out "$KEYS/keys.cose" >/dev/null
+fi
+
 FRESH_SIM=0
 if [ -s "$DATA/hangar.db" ] && [ ! -d "$DATA/sim" ]; then FRESH_SIM=1; fi
 
 # TLS with a development CA made in $DATA/tls (agents, the simulator and
 # the CLI pin its ca.pem). The whole simulated fleet enrolls from
 # 127.0.0.1: no per-address enrollment limit.
-./bin/hangar serve --data "$DATA" --http "$HTTP" --mqtt "$MQTT" --tls-dev --enroll-rate 0 &
+./bin/hangar serve --data "$DATA" --http "$HTTP" --mqtt "$MQTT" --tls-dev --enroll-rate 0 --root-key "$KEYS/root.pub" &
 pids+=($!)
 CA="$DATA/tls/ca.pem"
 export HANGAR_SERVER="https://$HTTP" HANGAR_CA_FILE="$CA"
@@ -49,7 +61,8 @@ fi
 # The drones keep their state (credentials, outboxes) beside the control
 # plane's: a second run finds them enrolled (the enrollment token never
 # re-keys an enrolled device).
-./bin/hangar-sim --server "https://$HTTP" --ca-file "$CA" --enroll-token "$DATA/enroll.token" --devices "$DEVICES" --state-dir "$DATA/sim" &
+./bin/hangar-sim --server "https://$HTTP" --ca-file "$CA" --enroll-token "$DATA/enroll.token" --devices "$DEVICES" --state-dir "$DATA/sim" \
+	--root-key "$KEYS/root.pub" &
 pids+=($!)
 
 cat <<EOT
@@ -60,7 +73,7 @@ cat <<EOT
     admin token:        $(cd "$DATA" && pwd)/admin.token
     CLI:                export HANGAR_SERVER=https://$HTTP HANGAR_CA_FILE=$CA
                         ./bin/hangar device ls --token-file $DATA/admin.token
-    simulated drones:   $DEVICES
+    simulated drones:   $DEVICES (they trust the demo release root in $KEYS)
   Ctrl-C stops everything; the database stays in $DATA/.
 
 EOT

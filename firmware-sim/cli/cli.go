@@ -3,6 +3,7 @@ package cli
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/tls"
 	"errors"
 	"flag"
@@ -20,6 +21,7 @@ import (
 	"github.com/hangarfleet/hangar/agent/daemon"
 	hcli "github.com/hangarfleet/hangar/controlplane/cli"
 	"github.com/hangarfleet/hangar/firmware-sim/sim"
+	"github.com/hangarfleet/hangar/proto"
 )
 
 // Run runs hangar-sim with args (without the program name).
@@ -32,6 +34,9 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if len(args) > 0 && args[0] == "inventory" {
 		return runInventory(args[1:], stdout, stderr)
+	}
+	if len(args) > 0 && args[0] == "firmware" {
+		return runFirmware(args[1:], stdout, stderr)
 	}
 	fs := flag.NewFlagSet("hangar-sim", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -52,10 +57,24 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	memLimit := fs.String("memory-limit", "", "soft limit for the simulator's Go heap and stacks, e.g. 400MiB (GOMEMLIMIT); empty: none")
 	caFile := fs.String("ca-file", "", "the control plane's CA certificate (PEM), as agents pin it: the drones then speak only TLS to it")
 	pprofAddr := fs.String("pprof", "", "serve Go profiles (net/http/pprof) on this address, e.g. 127.0.0.1:6061; off when empty")
+	var roots []ed25519.PublicKey
+	fs.Func("root-key", "release root public key (PEM) the drones pin: they take signed updates (repeat for several)", func(v string) error {
+		b, err := os.ReadFile(v)
+		if err != nil {
+			return err
+		}
+		k, err := proto.ParsePublicKey(b)
+		if err != nil {
+			return fmt.Errorf("%s: %w", v, err)
+		}
+		roots = append(roots, k)
+		return nil
+	})
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "hangar-sim: run a fleet of simulated drones (the real agent code) against a control plane\n\n"+
 			"Usage: hangar-sim [flags]\n       hangar-sim run SCENARIO [flags]   (rehearse a release; see firmware-sim/scenarios)\n"+
 			"       hangar-sim inventory [--devices N] [--prefix P]   (the fleet's hardware and bases, for hangar device import)\n"+
+			"       hangar-sim firmware --version V --out FILE [--behaviour B]   (a build the simulated drones run, to sign and push)\n"+
 			"       hangar-sim bench ingest [flags]   (measure ingest; see docs/benchmarks.md)\n\n")
 		fs.PrintDefaults()
 	}
@@ -98,7 +117,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fleet, err := sim.NewFleet(sim.FleetOptions{
 		ServerURL: *server, EnrollToken: tok, Devices: *n, Prefix: *prefix, StateRoot: *stateDir,
 		SampleInterval: *sample, BatchSize: *batch, StartRate: *rate, Version: *version, Seed: *seed, Logger: log, MemoryOutbox: *memOutbox,
-		MQTTClient: *mqttClient, SourceAddrs: splitList(*sources), TLS: tlsCfg,
+		MQTTClient: *mqttClient, SourceAddrs: splitList(*sources), TLS: tlsCfg, Roots: roots,
 	})
 	if err != nil {
 		return err
@@ -125,6 +144,46 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			fmt.Fprintf(stdout, "hangar-sim: %d/%d drones connected, %d messages acknowledged\n", connected, len(drones), acked)
 		}
 	}
+}
+
+// runFirmware writes a simulated build: an artifact the simulated drones
+// install and then behave as (a good build, or one of the bad ones), to
+// sign with hangar release sign and push like any release.
+func runFirmware(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("hangar-sim firmware", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var fw sim.Firmware
+	fs.StringVar(&fw.Version, "version", "", "the build's version (semver), as the drones will report it")
+	fs.StringVar(&fw.Behaviour, "behaviour", sim.Good, "what the build does: good, crashloop, failhealth, errors, reboots, drain, slowboot, brick")
+	fs.Float64Var(&fw.ErrorsPerMinute, "errors-per-minute", 600, "with --behaviour errors: the error rate it raises")
+	fs.StringVar(&fw.OnlyHardware, "only-hardware", "", "the behaviour shows on this hardware revision only (good elsewhere)")
+	fs.IntVar(&fw.Size, "size", 256<<10, "pad the artifact to this many bytes (a realistic download)")
+	out := fs.String("out", "", "file to write")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	if fw.Version == "" || *out == "" {
+		return errors.New("hangar-sim firmware: --version and --out are required")
+	}
+	if !proto.ValidVersion(fw.Version) {
+		return fmt.Errorf("hangar-sim firmware: version %q is not semver", fw.Version)
+	}
+	switch fw.Behaviour {
+	case sim.Good, sim.CrashLoop, sim.FailHealth, sim.Errors, sim.Reboots, sim.Drain, sim.SlowBoot, sim.Brick:
+	default:
+		return fmt.Errorf("hangar-sim firmware: unknown behaviour %q", fw.Behaviour)
+	}
+	if fw.Behaviour != sim.Errors {
+		fw.ErrorsPerMinute = 0
+	}
+	if err := os.WriteFile(*out, fw.Artifact(), 0o644); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "wrote %s: simulated build %s (%s), %d bytes\n", *out, fw.Version, fw.Behaviour, len(fw.Artifact()))
+	return nil
 }
 
 // runInventory prints the inventory of the fleet `hangar-sim --devices N
