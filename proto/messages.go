@@ -178,15 +178,15 @@ func (s UpdateState) Final() bool {
 
 // UpdateReport is the update part of an EventUpdate.
 type UpdateReport struct {
-	Target   string      `cbor:"0,keyasint"`           // "agent" or a payload name
-	Version  string      `cbor:"1,keyasint"`           // release version the report is about
-	Counter  uint64      `cbor:"2,keyasint"`           // release counter
-	State    UpdateState `cbor:"3,keyasint"`           // step reached
-	Progress uint64      `cbor:"4,keyasint,omitempty"` // bytes downloaded so far
-	Size     uint64      `cbor:"5,keyasint,omitempty"` // artifact size
-	Reason   string      `cbor:"6,keyasint,omitempty"` // why deferred, rejected, failed or rolled back
-	Check    string      `cbor:"7,keyasint,omitempty"` // the check that rejected the release
-	Rollout  string      `cbor:"8,keyasint,omitempty"` // rollout id from the offer
+	Target   string      `cbor:"0,keyasint" json:"target"`                       // "agent" or a payload name
+	Version  string      `cbor:"1,keyasint" json:"version"`                      // release version the report is about
+	Counter  uint64      `cbor:"2,keyasint" json:"counter"`                      // release counter
+	State    UpdateState `cbor:"3,keyasint" json:"state"`                        // step reached
+	Progress uint64      `cbor:"4,keyasint,omitempty" json:"progress,omitempty"` // bytes downloaded so far
+	Size     uint64      `cbor:"5,keyasint,omitempty" json:"size,omitempty"`     // artifact size
+	Reason   string      `cbor:"6,keyasint,omitempty" json:"reason,omitempty"`   // why deferred, rejected, failed or rolled back
+	Check    string      `cbor:"7,keyasint,omitempty" json:"check,omitempty"`    // the check that rejected the release
+	Rollout  string      `cbor:"8,keyasint,omitempty" json:"rollout,omitempty"`  // rollout id from the offer
 }
 
 // CommandKind says what a Command asks.

@@ -2,9 +2,12 @@ package sqlite_test
 
 import (
 	"context"
+	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -282,5 +285,39 @@ func TestDevicesBrief(t *testing.T) {
 	if brief[0].Hardware != full[0].Hardware || brief[1].AwaitingEnrollment || !brief[1].HardwareMismatch {
 		t.Errorf("brief hardware %q (full %q), awaiting %v, mismatch %v (labelled rev-a, reports rev-b)",
 			brief[0].Hardware, full[0].Hardware, brief[1].AwaitingEnrollment, brief[1].HardwareMismatch)
+	}
+}
+
+// TestUpdateEventJSON: update reports are snake_case in the API's JSON, and
+// events stored by earlier releases (Go field names in the stored body)
+// still read.
+func TestUpdateEventJSON(t *testing.T) {
+	db, clk := open(t)
+	ctx := context.Background()
+	enroll(t, db, "a", nil)
+	up := prototest.UpdateEvent()
+	if _, err := db.WriteIngest(ctx, []store.IngestItem{{Device: "a", Kind: store.IngestEvent, Event: &up, Received: clk.Now()}}); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := sql.Open("sqlite3", "file:"+db.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	if _, err := raw.Exec(`UPDATE events SET body = '{"update":{"Target":"agent","Version":"1.0.9","Counter":9,"State":"committed","Reason":"old"}}'`); err != nil {
+		t.Fatal(err)
+	}
+	evs, err := db.Events(ctx, "a", 0, 10)
+	if err != nil || len(evs) != 1 || evs[0].Update == nil {
+		t.Fatalf("%+v %v", evs, err)
+	}
+	if u := evs[0].Update; u.Target != "agent" || u.Version != "1.0.9" || u.Counter != 9 || u.State != proto.UpdateCommitted || u.Reason != "old" {
+		t.Fatalf("an event stored by an earlier release reads as %+v", u)
+	}
+	b, _ := json.Marshal(evs[0])
+	for _, want := range []string{`"target":"agent"`, `"version":"1.0.9"`, `"state":"committed"`, `"reason":"old"`} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("API JSON lacks %s: %s", want, b)
+		}
 	}
 }
