@@ -116,7 +116,7 @@ func (g *globals) register(fs *flag.FlagSet) {
 	if def == "" {
 		def = defaultServer
 	}
-	fs.StringVar(&g.server, "server", def, "control plane URL (env HANGAR_SERVER)")
+	fs.StringVar(&g.server, "server", def, "control plane URL, or host:port for https://host:port (env HANGAR_SERVER)")
 	// The default stays empty: --help prints defaults, and a token is a
 	// secret. HANGAR_TOKEN is read when the client is made.
 	fs.StringVar(&g.token, "token", "", "admin API token (default: from HANGAR_TOKEN)")
@@ -167,7 +167,13 @@ func (g *globals) client() (*Client, error) {
 		}
 		tok = strings.TrimSpace(string(b))
 	}
-	c := NewClient(g.server, tok)
+	server := g.server
+	if !strings.Contains(server, "://") {
+		// host:port, as an operator types it: the control plane speaks
+		// TLS unless it was started --insecure.
+		server = "https://" + server
+	}
+	c := NewClient(server, tok)
 	if g.caFile != "" {
 		pem, err := os.ReadFile(g.caFile)
 		if err != nil {

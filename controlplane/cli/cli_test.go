@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/cli"
+	"github.com/hangarfleet/hangar/controlplane/devca"
 	"github.com/hangarfleet/hangar/controlplane/server"
 	_ "github.com/mattn/go-sqlite3"
 )
@@ -215,5 +216,24 @@ func TestAuditVerify(t *testing.T) {
 	_, _, err = run(t, c, "audit", "verify")
 	if !errors.Is(err, cli.ErrAuditBroken) || !strings.Contains(err.Error(), "entry 2") {
 		t.Fatalf("verify after an edit: %v", err)
+	}
+}
+
+// TestServerHostPort: --server host:port, as an operator types it, means
+// https (the control plane's default).
+func TestServerHostPort(t *testing.T) {
+	caDir := filepath.Join(t.TempDir(), "tls")
+	cfg, err := devca.Ensure(caDir, nil, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := startServerWith(t, server.Options{TLS: cfg})
+	hostPort := strings.TrimPrefix(c.url, "https://")
+	var out, errb bytes.Buffer
+	err = cli.Run(context.Background(), []string{"device", "ls", "--server", hostPort, "--ca-file", filepath.Join(caDir, devca.CAFile),
+		"--token-file", filepath.Join(c.dataDir, server.AdminTokenFile)},
+		cli.Env{Stdout: &out, Stderr: &errb, Getenv: func(string) string { return "" }})
+	if err != nil {
+		t.Fatalf("--server %s: %v\n%s", hostPort, err, errb.String())
 	}
 }
