@@ -237,3 +237,23 @@ func TestServerHostPort(t *testing.T) {
 		t.Fatalf("--server %s: %v\n%s", hostPort, err, errb.String())
 	}
 }
+
+// TestGroupHelp: -h and --help on a command group print its usage and
+// succeed; an unknown command is still a usage error.
+func TestGroupHelp(t *testing.T) {
+	for _, group := range []string{"device", "release", "rollout", "enroll-profile"} {
+		for _, h := range []string{"-h", "--help", "help"} {
+			var out, errb bytes.Buffer
+			if err := cli.Run(context.Background(), []string{group, h}, cli.Env{Stdout: &out, Stderr: &errb, Getenv: func(string) string { return "" }}); err != nil {
+				t.Errorf("hangar %s %s: %v", group, h, err)
+			}
+			if !strings.Contains(errb.String()+out.String(), "Usage: hangar "+group) {
+				t.Errorf("hangar %s %s printed no usage:\n%s", group, h, errb.String())
+			}
+		}
+		var out bytes.Buffer
+		if err := cli.Run(context.Background(), []string{group, "frobnicate"}, cli.Env{Stdout: &out, Stderr: &out, Getenv: func(string) string { return "" }}); !errors.Is(err, cli.ErrUsage) {
+			t.Errorf("hangar %s frobnicate: %v", group, err)
+		}
+	}
+}

@@ -71,7 +71,20 @@ func runDevice(ctx context.Context, g *globals, args []string) error {
   label --file FILE                     the same for many devices: lines "ID k=v k2=v2 k3-"
   import FILE                           pre-provision devices not enrolled yet with their labels
                                         (lines "ID k=v ..."), label those that are`)
-	return fmt.Errorf("%w: unknown device command %q", ErrUsage, sub)
+	return unknownSub("device", sub)
+}
+
+// unknownSub is the end of a command group's dispatch, after its usage
+// went to stderr: -h, --help and help asked for that usage (not an
+// error); anything else is a usage error.
+func unknownSub(group, sub string) error {
+	switch sub {
+	case "-h", "--help", "help":
+		return nil
+	case "":
+		return fmt.Errorf("%w: hangar %s needs a command", ErrUsage, group)
+	}
+	return fmt.Errorf("%w: unknown %s command %q", ErrUsage, group, sub)
 }
 
 func printJSON(w io.Writer, v any) error {
@@ -833,7 +846,7 @@ func runProfile(ctx context.Context, g *globals, args []string) error {
 
 A profile is a named enrollment token: a device that enrolls with it gets
 the profile's labels (labels an operator pre-provisioned for it win).`)
-		return fmt.Errorf("%w: unknown enroll-profile command %q", ErrUsage, sub)
+		return unknownSub("enroll-profile", sub)
 	}
 	pos, err := parse(fs, args)
 	if err != nil {

@@ -50,7 +50,7 @@ func runRelease(ctx context.Context, g *globals, args []string) error {
   verify   check a manifest (and artifact) as a device would
   push     upload manifest, key list and artifact to the control plane
   ls       list pushed releases`)
-	return fmt.Errorf("%w: unknown release command %q", ErrUsage, sub)
+	return unknownSub("release", sub)
 }
 
 func flagsOnly(fs *flag.FlagSet, args []string) error {

@@ -47,7 +47,7 @@ func runRollout(ctx context.Context, g *globals, args []string) error {
   devices ID [--state waiting] each device: stage, state, version, last report
   start|pause|resume|abort|revert ID [--reason R]
   promote ID --reason R      skip the rest of the current stage's soak`)
-	return fmt.Errorf("%w: unknown rollout command %q", ErrUsage, sub)
+	return unknownSub("rollout", sub)
 }
 
 type listFlag []string
