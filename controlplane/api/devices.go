@@ -360,12 +360,24 @@ func (a *API) revokeDevice(c echo.Context) error {
 		return err
 	}
 	ctx := c.Request().Context()
-	if err := a.opts.Store.Revoke(ctx, id); err != nil {
+	d, err := a.opts.Store.Device(ctx, id)
+	if err != nil {
 		return notFound(err, "device "+id)
+	}
+	already := d.Revoked
+	if !already {
+		if err := a.opts.Store.Revoke(ctx, id); err != nil {
+			return notFound(err, "device "+id)
+		}
 	}
 	if err := a.opts.Bus.Revoke(ctx, id); err != nil {
 		a.log.Error("broker revoke failed", "device", id, "err", err)
 		return echo.NewHTTPError(http.StatusBadGateway, "device revoked in the store, but the broker did not remove its account; retry").SetInternal(err)
+	}
+	if already {
+		// Idempotent: the broker's side is done again (a retry after it
+		// failed), nothing new is recorded.
+		return c.JSON(http.StatusOK, map[string]any{"device": id, "already_revoked": true})
 	}
 	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: a.actor(c), Action: "device.revoke", Target: id, Reason: c.QueryParam("reason")})
 	a.log.Info("device revoked", "device", id)

@@ -97,6 +97,10 @@ func TestDeviceCommands(t *testing.T) {
 	if out, _, err = run(t, c, "device", "rm", "drone-1", "--reason", "crashed"); err != nil || !strings.Contains(out, "revoked") {
 		t.Fatalf("rm: %v %s", err, out)
 	}
+	// Twice: it says so, and the audit has one revocation.
+	if out, _, err = run(t, c, "device", "rm", "drone-1"); err != nil || !strings.Contains(out, "already revoked") {
+		t.Fatalf("second rm: %v\n%s", err, out)
+	}
 	out, _, err = run(t, c, "device", "show", "drone-1", "-o", "json")
 	if err != nil || !strings.Contains(out, `"revoked": true`) {
 		t.Fatalf("show after rm: %v\n%s", err, out)

@@ -338,8 +338,15 @@ func deviceRemove(ctx context.Context, g *globals, args []string) error {
 	if *reason != "" {
 		q.Set("reason", *reason)
 	}
-	if err := c.Do(ctx, http.MethodDelete, "/api/v1/devices/"+id, q, nil, nil); err != nil {
+	var res struct {
+		Already bool `json:"already_revoked"`
+	}
+	if err := c.Do(ctx, http.MethodDelete, "/api/v1/devices/"+id, q, nil, &res); err != nil {
 		return err
+	}
+	if res.Already {
+		fmt.Fprintf(g.env.Stdout, "device %s was already revoked\n", id)
+		return nil
 	}
 	fmt.Fprintf(g.env.Stdout, "device %s revoked and disconnected\n", id)
 	return nil
