@@ -325,6 +325,9 @@ func (a *API) deviceUpdates(c echo.Context) error {
 	if err != nil {
 		return err
 	}
+	if _, err := a.opts.Store.Device(c.Request().Context(), id); err != nil {
+		return notFound(err, "device "+id)
+	}
 	us, err := a.rel.Store.DeviceUpdates(c.Request().Context(), id, "", 0)
 	if err != nil {
 		return err

@@ -261,3 +261,14 @@ func TestGroupHelp(t *testing.T) {
 		}
 	}
 }
+
+// TestUpdatesOfUnknownDevice: asking for an unknown device's updates is an
+// error (404), not an empty table.
+func TestUpdatesOfUnknownDevice(t *testing.T) {
+	c := startServerWith(t, server.Options{})
+	_, _, err := run(t, c, "device", "updates", "nobody")
+	var apiErr *cli.APIError
+	if !errors.As(err, &apiErr) || apiErr.Status != 404 {
+		t.Fatalf("updates of an unknown device: %v", err)
+	}
+}
