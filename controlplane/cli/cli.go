@@ -133,14 +133,22 @@ func (g *globals) newFlags(name string) *flag.FlagSet {
 }
 
 // parse parses flags that may come before or after positional arguments.
+//
+// A bad flag is one line with a hint, not the whole usage before it; the
+// usage is printed when asked for (-h, --help).
 func parse(fs *flag.FlagSet, args []string) ([]string, error) {
+	out := fs.Output()
+	fs.SetOutput(io.Discard)
+	defer fs.SetOutput(out)
 	var pos []string
 	for {
 		if err := fs.Parse(args); err != nil {
 			if errors.Is(err, flag.ErrHelp) {
+				fs.SetOutput(out)
+				fs.Usage()
 				return nil, err
 			}
-			return nil, fmt.Errorf("%w: %v", ErrUsage, err)
+			return nil, fmt.Errorf("%w: %v (%s --help lists the flags)", ErrUsage, err, fs.Name())
 		}
 		args = fs.Args()
 		if len(args) == 0 {
