@@ -3,6 +3,7 @@ package cli
 import (
 	"fmt"
 	"io"
+	"os"
 	"unicode/utf8"
 )
 
@@ -63,4 +64,15 @@ func oneLine(s string) string {
 		return s
 	}
 	return string(out)
+}
+
+// isTerminal reports whether w is a character device (a terminal): only
+// there does the CLI write cursor control codes.
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	st, err := f.Stat()
+	return err == nil && st.Mode()&os.ModeCharDevice != 0
 }

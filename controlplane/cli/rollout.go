@@ -358,7 +358,11 @@ func rolloutStatus(ctx context.Context, g *globals, args []string, watch bool) e
 				if e, ok := raw.(*Escaper); ok {
 					raw = e.W
 				}
-				fmt.Fprint(raw, "\033[H\033[2J")
+				if isTerminal(raw) {
+					fmt.Fprint(raw, "\033[H\033[2J") // redraw in place
+				} else {
+					fmt.Fprintln(g.env.Stdout, "---") // a pipe or a file: one report after the other
+				}
 				fmt.Fprintln(g.env.Stdout, time.Now().Format(time.TimeOnly))
 			}
 			printStatus(g.env.Stdout, rep)
