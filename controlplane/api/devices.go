@@ -276,6 +276,11 @@ func (a *API) addDevice(c echo.Context) error {
 	if err := decodeJSON(c, &req); err != nil {
 		return err
 	}
+	if d, err := a.opts.Store.Device(c.Request().Context(), req.ID); err == nil && !d.Revoked && !d.AwaitingEnrollment {
+		// Adding again would mint a second credential and end the
+		// device's current one: that is a rekey, asked for as such.
+		return echo.NewHTTPError(http.StatusConflict, "device "+req.ID+" exists and is enrolled: hangar device label to change its labels, hangar device rekey to let it enroll again")
+	}
 	cred, err := a.issue(c, enrollment{id: req.ID, hardware: req.Hardware, labels: req.Labels, operator: true})
 	if err != nil {
 		return err

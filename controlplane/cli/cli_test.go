@@ -61,6 +61,11 @@ func TestDeviceCommands(t *testing.T) {
 	if err != nil || !strings.Contains(out, "password: hgd_") {
 		t.Fatalf("add: %v\n%s", err, out)
 	}
+	// Adding an enrolled device again would end its credential: refused,
+	// with what to do instead.
+	if _, _, err := run(t, c, "device", "add", "drone-1"); err == nil || !strings.Contains(err.Error(), "device rekey") {
+		t.Fatalf("add of an existing device: %v", err)
+	}
 	if _, _, err := run(t, c, "device", "add", "drone-2", "--label", "hw=rev-a,base=bern", "-o", "json"); err != nil {
 		t.Fatal(err)
 	}
