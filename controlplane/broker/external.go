@@ -711,6 +711,9 @@ var errSubscriptionRefused = errors.New("subscription refused")
 // subscribe subscribes at QoS1 and checks the broker's return codes (0x80
 // is a refusal, which for MQTT 3.1.1 is all an ACL denial says).
 func (e *External) subscribe(ctx context.Context, filters []string) error {
+	if len(filters) == 0 {
+		return nil // nothing yet (no device accounts, Start not called)
+	}
 	m := make(map[string]byte, len(filters))
 	for _, f := range filters {
 		m[f] = 1
