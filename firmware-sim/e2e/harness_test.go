@@ -15,6 +15,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/cli"
 	"github.com/hangarfleet/hangar/controlplane/server"
 	"github.com/hangarfleet/hangar/firmware-sim/sim"
+	"github.com/hangarfleet/hangar/internal/freeport"
 )
 
 func testLogger(t testing.TB) *slog.Logger {
@@ -26,7 +27,7 @@ func testLogger(t testing.TB) *slog.Logger {
 
 func listen(t testing.TB) net.Listener {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := freeport.Listen()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,14 +4,16 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/hangarfleet/hangar/internal/freeport"
 )
 
 // ControlPlane is `hangar serve` run as a child process on
@@ -26,15 +28,6 @@ type ControlPlane struct {
 	exited chan struct{}
 	log    bytes.Buffer
 	starts int
-}
-
-func freeAddr() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
 }
 
 // FindHangar finds the hangar binary: next to this executable, then in
@@ -58,14 +51,16 @@ func FindHangar() (string, error) {
 // ports and data).
 func NewControlPlane(bin, dir string, args ...string) (*ControlPlane, error) {
 	c := &ControlPlane{bin: bin, dir: dir, args: args}
+	return c, c.pickPorts()
+}
+
+func (c *ControlPlane) pickPorts() error {
 	var err error
-	if c.http, err = freeAddr(); err != nil {
-		return nil, err
+	if c.http, err = freeport.Addr(); err != nil {
+		return err
 	}
-	if c.mqtt, err = freeAddr(); err != nil {
-		return nil, err
-	}
-	return c, nil
+	c.mqtt, err = freeport.Addr()
+	return err
 }
 
 func (c *ControlPlane) URL() string { return "http://" + c.http }
@@ -81,8 +76,27 @@ func (c *ControlPlane) Starts() int {
 }
 
 // Start runs the control plane and waits until its API answers; on a
-// failure the process is gone.
+// failure the process is gone. A first start whose port was taken between
+// choosing and binding it starts again on other ports; later starts keep
+// theirs (drones know them).
 func (c *ControlPlane) Start(ctx context.Context) error {
+	for attempt := 1; ; attempt++ {
+		err := c.start(ctx)
+		if err == nil || attempt == 5 || c.Starts() != 1 || !strings.Contains(err.Error(), "address already in use") {
+			return err
+		}
+		c.mu.Lock()
+		c.log.Reset()
+		c.starts--
+		perr := c.pickPorts()
+		c.mu.Unlock()
+		if perr != nil {
+			return perr
+		}
+	}
+}
+
+func (c *ControlPlane) start(ctx context.Context) error {
 	c.mu.Lock()
 	cmd := exec.Command(c.bin, append([]string{"serve", "--data", c.dir, "--http", c.http, "--mqtt", c.mqtt,
 		// A whole simulated fleet enrolls from this one address, on

@@ -29,6 +29,8 @@ import (
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/broker"
+
+	"github.com/hangarfleet/hangar/internal/freeport"
 )
 
 // Names of the account and role the broker is created with.
@@ -89,7 +91,7 @@ func Start(dir string, opts Options) (*Mosquitto, error) {
 	// A port found free may be taken before mosquitto binds it: try again
 	// with another one.
 	for attempt := 1; ; attempt++ {
-		port, err := freePort()
+		port, err := freeport.Port()
 		if err != nil {
 			return nil, fmt.Errorf("mosquitto: %w", err)
 		}
@@ -203,15 +205,6 @@ func find() (bin, plugin string, err error) {
 		}
 	}
 	return "", "", fmt.Errorf("mosquitto_dynamic_security.so not found (set %s)", PluginEnv)
-}
-
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("find a free port: %w", err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
 func (m *Mosquitto) writeConfig(plugin string) error {

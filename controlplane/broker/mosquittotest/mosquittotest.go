@@ -5,11 +5,11 @@ package mosquittotest
 
 import (
 	"errors"
-	"net"
 	"os"
 	"testing"
 
 	"github.com/hangarfleet/hangar/controlplane/broker/mosquitto"
+	"github.com/hangarfleet/hangar/internal/freeport"
 )
 
 // Names of the account and role the broker is created with.
@@ -67,12 +67,11 @@ func started(t testing.TB, err error) {
 // FreePort returns a loopback port free at the time of the call.
 func FreePort(t testing.TB) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	p, err := freeport.Port()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	return p
 }
 
 // Stop terminates the broker gracefully and waits for it.

@@ -28,6 +28,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/devcert"
 	"github.com/hangarfleet/hangar/controlplane/server"
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/internal/freeport"
 )
 
 // fleet is a control plane serving TLS with a device CA, on a clock the
@@ -52,7 +53,7 @@ func logger() *slog.Logger {
 }
 
 func listen(t *testing.T) net.Listener {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := freeport.Listen()
 	if err != nil {
 		t.Fatal(err)
 	}
