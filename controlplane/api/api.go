@@ -1,6 +1,7 @@
 // Package api is the control plane's REST API (under /api/v1), its
-// Prometheus endpoint and the dashboard's static files. Everything but
-// enrollment and /healthz needs the admin bearer token.
+// Prometheus endpoint and the console's static files. Everything but
+// enrollment and /healthz needs a bearer token whose role allows the
+// route (auth.go): viewer reads, operator ships, admin manages access.
 package api
 
 import (
@@ -15,12 +16,14 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/labstack/echo/v4"
 	"github.com/labstack/echo/v4/middleware"
 
 	"github.com/hangarfleet/hangar/controlplane/broker"
+	"github.com/hangarfleet/hangar/controlplane/delivery"
 	"github.com/hangarfleet/hangar/controlplane/devcert"
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
@@ -33,8 +36,12 @@ type Store interface {
 	Revoke(ctx context.Context, id string) error
 	Device(ctx context.Context, id string) (store.Device, error)
 	Devices(ctx context.Context, f store.DeviceFilter) ([]store.Device, error)
+	CountDevices(ctx context.Context, f store.DeviceFilter) (int, error)
 	Telemetry(ctx context.Context, id string, from, to time.Time, limit int) ([]store.TelemetryRow, error)
 	Events(ctx context.Context, id string, after int64, limit int) ([]store.Event, error)
+	QueryEvents(ctx context.Context, f store.EventFilter) ([]store.Event, error)
+	FleetHistory(ctx context.Context, from, to time.Time, points int) ([]store.FleetHealth, error)
+	LiveMarks(ctx context.Context) (store.LiveMarks, error)
 	FleetHealth(ctx context.Context) (store.FleetHealth, error)
 	TokenHash(ctx context.Context, name string) ([]byte, error)
 	SetLabels(ctx context.Context, changes []store.LabelChange) error
@@ -53,6 +60,11 @@ type Store interface {
 	Deny(ctx context.Context, id string) (string, error)
 	PasswordAuth(ctx context.Context) (bool, error)
 	SetPasswordAuth(ctx context.Context, on bool) error
+	CreateAPIToken(ctx context.Context, t store.APIToken) error
+	APITokenByHash(ctx context.Context, hash []byte) (store.APIToken, error)
+	APITokens(ctx context.Context) ([]store.APIToken, error)
+	RevokeAPIToken(ctx context.Context, name string, now time.Time) (store.APIToken, error)
+	TouchAPIToken(ctx context.Context, name string, now time.Time) error
 }
 
 // Token names in the store.
@@ -79,6 +91,11 @@ type Options struct {
 	MQTTURL func(r *http.Request) string
 	// Static serves the dashboard at /; nil serves nothing there.
 	Static http.Handler
+	// Delivery is where the delivery metrics are read from (nil: none).
+	Delivery delivery.Source
+	// LiveInterval is how often the live stream looks for changes
+	// (default 1 s).
+	LiveInterval time.Duration
 	// Version of the control plane, for /healthz.
 	Version string
 	// Releases turns on release hosting and device updates (nil: off).
@@ -108,7 +125,14 @@ type API struct {
 	rel      *ReleaseOptions
 	rollouts Rollouts
 	limit    echo.MiddlewareFunc
+	usedTokens
+	enrolled atomic.Uint64
+	live     liveHub
 }
+
+// Enrolled counts the enrollments this API completed since it started
+// (the server logs a summary line rather than one line per device).
+func (a *API) Enrolled() uint64 { return a.enrolled.Load() }
 
 // MaxBody caps request bodies (release uploads and inventory imports have
 // their own limits).
@@ -128,7 +152,7 @@ func New(opts Options) *API {
 	if opts.Metrics == nil {
 		opts.Metrics = metrics.New(nil)
 	}
-	a := &API{opts: opts, log: opts.Logger.With("component", "api")}
+	a := &API{opts: opts, log: opts.Logger.With("component", "api"), usedTokens: usedTokens{used: map[string]time.Time{}}}
 	e := echo.New()
 	a.e = e
 	e.HideBanner, e.HidePort = true, true
@@ -149,8 +173,8 @@ func New(opts Options) *API {
 	a.limit = func(next echo.HandlerFunc) echo.HandlerFunc { return bodyDeadline(bodyTimeout)(bodyLimit(next)) }
 	e.GET("/healthz", a.healthz)
 	e.POST("/api/v1/enroll", a.enroll, a.limit)
-	auth := a.requireAdmin
-	e.GET("/metrics", echo.WrapHandler(opts.Metrics.Handler()), auth)
+	viewer, operator, admin := a.viewer(), a.operator(), a.admin()
+	e.GET("/metrics", echo.WrapHandler(opts.Metrics.Handler()), viewer)
 	if opts.Releases != nil {
 		a.routeReleases(*opts.Releases)
 		if opts.Rollouts != nil {
@@ -160,28 +184,35 @@ func New(opts Options) *API {
 	// An inventory of a whole fleet (or its relabelling, in one change) is
 	// larger than other bodies.
 	big := middleware.BodyLimit(fmt.Sprint(MaxImportBody))
-	e.POST("/api/v1/devices/import", a.importDevices, auth, big)
-	e.POST("/api/v1/devices/labels", a.labelDevices, auth, big)
-	g := e.Group("/api/v1", auth, a.limit)
-	g.GET("/devices", a.listDevices)
-	g.POST("/devices", a.addDevice)
-	g.GET("/devices/:id", a.getDevice)
-	g.PATCH("/devices/:id/labels", a.labelDevice)
-	g.GET("/enroll-profiles", a.listProfiles)
-	g.POST("/enroll-profiles", a.createProfile)
-	g.DELETE("/enroll-profiles/:name", a.deleteProfile)
-	g.DELETE("/devices/:id", a.revokeDevice)
-	g.POST("/devices/:id/rekey", a.rekeyDevice)
-	g.POST("/devices/:id/approve", a.approveDevice)
-	g.DELETE("/devices/:id/pending", a.denyDevice)
-	g.GET("/settings/device-passwords", a.getPasswords)
-	g.PUT("/settings/device-passwords", a.setPasswords)
-	g.GET("/devices/:id/telemetry", a.telemetry)
-	g.GET("/devices/:id/events", a.deviceEvents)
-	g.GET("/events", a.events)
-	g.GET("/fleet/health", a.fleetHealth)
-	g.GET("/audit", a.audit)
-	g.GET("/audit/verify", a.verifyAudit)
+	e.POST("/api/v1/devices/import", a.importDevices, admin, big)
+	e.POST("/api/v1/devices/labels", a.labelDevices, operator, big)
+	g := e.Group("/api/v1", a.limit)
+	g.GET("/whoami", a.whoami, viewer)
+	g.GET("/tokens", a.listTokens, admin)
+	g.POST("/tokens", a.createToken, admin)
+	g.DELETE("/tokens/:name", a.revokeToken, admin)
+	g.GET("/devices", a.listDevices, viewer)
+	g.POST("/devices", a.addDevice, admin)
+	g.GET("/devices/:id", a.getDevice, viewer)
+	g.PATCH("/devices/:id/labels", a.labelDevice, operator)
+	g.GET("/enroll-profiles", a.listProfiles, viewer)
+	g.POST("/enroll-profiles", a.createProfile, admin)
+	g.DELETE("/enroll-profiles/:name", a.deleteProfile, admin)
+	g.DELETE("/devices/:id", a.revokeDevice, admin)
+	g.POST("/devices/:id/rekey", a.rekeyDevice, admin)
+	g.POST("/devices/:id/approve", a.approveDevice, admin)
+	g.DELETE("/devices/:id/pending", a.denyDevice, admin)
+	g.GET("/settings/device-passwords", a.getPasswords, viewer)
+	g.PUT("/settings/device-passwords", a.setPasswords, admin)
+	g.GET("/devices/:id/telemetry", a.telemetry, viewer)
+	g.GET("/devices/:id/events", a.deviceEvents, viewer)
+	g.GET("/events", a.events, viewer)
+	e.GET("/api/v1/events/stream", a.liveStream, viewer)
+	g.GET("/fleet/history", a.fleetHistory, viewer)
+	g.GET("/metrics/delivery", a.deliveryMetrics, viewer)
+	g.GET("/fleet/health", a.fleetHealth, viewer)
+	g.GET("/audit", a.audit, viewer)
+	g.GET("/audit/verify", a.verifyAudit, viewer)
 	if opts.Static != nil {
 		e.GET("/*", echo.WrapHandler(opts.Static))
 	}
@@ -193,8 +224,11 @@ func New(opts Options) *API {
 // their routes under the same authentication.
 func (a *API) Echo() *echo.Echo { return a.e }
 
-// Admin is the middleware that requires the admin token.
-func (a *API) Admin() echo.MiddlewareFunc { return a.requireAdmin }
+// Viewer, Operator and Admin are the middlewares that require a token
+// of at least that role, for routes added elsewhere.
+func (a *API) Viewer() echo.MiddlewareFunc   { return a.viewer() }
+func (a *API) Operator() echo.MiddlewareFunc { return a.operator() }
+func (a *API) Admin() echo.MiddlewareFunc    { return a.admin() }
 
 func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) { a.e.ServeHTTP(w, r) }
 
@@ -251,32 +285,6 @@ func bearer(r *http.Request) string {
 	return ""
 }
 
-func (a *API) checkToken(ctx context.Context, name, token string) bool {
-	if token == "" {
-		return false
-	}
-	hash, err := a.opts.Store.TokenHash(ctx, name)
-	if err != nil {
-		return false
-	}
-	return broker.CheckPassword(hash, token)
-}
-
-func (a *API) requireAdmin(next echo.HandlerFunc) echo.HandlerFunc {
-	return func(c echo.Context) error {
-		tok := bearer(c.Request())
-		if tok == "" {
-			c.Response().Header().Set("WWW-Authenticate", `Bearer realm="hangar"`)
-			return echo.NewHTTPError(http.StatusUnauthorized, "missing bearer token")
-		}
-		if !a.checkToken(c.Request().Context(), TokenAdmin, tok) {
-			c.Response().Header().Set("WWW-Authenticate", `Bearer realm="hangar", error="invalid_token"`)
-			return echo.NewHTTPError(http.StatusUnauthorized, "invalid token")
-		}
-		return next(c)
-	}
-}
-
 // decodeJSON reads a JSON body strictly: unknown fields and trailing data
 // are errors, so that a typo in a field name is not silently ignored.
 func decodeJSON(c echo.Context, v any) error {
@@ -330,10 +338,13 @@ func bodyDeadline(d time.Duration) echo.MiddlewareFunc {
 }
 
 // actor is who the audit log records for an operator's request: the
-// identity of the token that authenticated it. What the client says about
+// name of the token that authenticated it. What the client says about
 // whom it acts for (X-Hangar-Actor) is recorded as that, unverified.
 func (a *API) actor(c echo.Context) string {
-	actor := TokenAdmin
+	actor := principal(c).Name
+	if actor == "" {
+		actor = "unauthenticated"
+	}
 	if u := c.Request().Header.Get("X-Hangar-Actor"); u != "" && len(u) <= 64 && printableASCII(u) {
 		actor += fmt.Sprintf(" on behalf of %q (unverified)", u)
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -125,6 +126,7 @@ func (a *API) enroll(c echo.Context) error {
 	}
 	a.opts.Metrics.Enrollments.WithLabelValues("ok").Inc()
 	a.log.Debug("device enrolled", "device", req.DeviceID, "hardware", req.Hardware, "profile", profile.Name)
+	a.enrolled.Add(1)
 	return c.JSON(http.StatusOK, cred)
 }
 
@@ -325,9 +327,29 @@ func (a *API) listDevices(c echo.Context) error {
 	if f.Limit, err = intParam(c, "limit", 0, 0, 1_000_000); err != nil {
 		return err
 	}
-	ds, err := a.opts.Store.Devices(c.Request().Context(), f)
+	if f.Offset, err = intParam(c, "offset", 0, 0, 100_000_000); err != nil {
+		return err
+	}
+	f.Search = c.QueryParam("q")
+	if len(f.Search) > 64 {
+		return badRequest("q: at most 64 characters")
+	}
+	f.Sort = c.QueryParam("sort")
+	if f.Sort != "" && !slices.Contains(store.DeviceSorts, strings.TrimPrefix(f.Sort, "-")) {
+		return badRequest("sort must be one of %s (- before it: descending), not %q", strings.Join(store.DeviceSorts, ", "), f.Sort)
+	}
+	ctx := c.Request().Context()
+	ds, err := a.opts.Store.Devices(ctx, f)
 	if err != nil {
 		return err
+	}
+	// The whole count, for paging: only when a page was asked for.
+	if f.Limit > 0 || f.Offset > 0 {
+		n, err := a.opts.Store.CountDevices(ctx, f)
+		if err != nil {
+			return err
+		}
+		c.Response().Header().Set("X-Total-Count", strconv.Itoa(n))
 	}
 	return c.JSON(http.StatusOK, ds)
 }
@@ -409,10 +431,14 @@ func timeParam(c echo.Context, name string, def time.Time) (time.Time, error) {
 	if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
 		return t, nil
 	}
-	if d, err := time.ParseDuration(s); err == nil && d < 0 {
+	// A duration is that long ago, written -1h or 1h.
+	if d, err := time.ParseDuration(s); err == nil && d != 0 {
+		if d > 0 {
+			d = -d
+		}
 		return time.Now().Add(d), nil
 	}
-	return time.Time{}, badRequest("%s must be an RFC 3339 time or a negative duration such as -1h, not %q", name, s)
+	return time.Time{}, badRequest("%s must be an RFC 3339 time or a duration back from now such as -1h, not %q", name, s)
 }
 
 // TelemetryResponse is the body of GET /devices/:id/telemetry.
@@ -465,17 +491,42 @@ func (a *API) deviceEvents(c echo.Context) error {
 
 func (a *API) events(c echo.Context) error { return a.listEvents(c, "") }
 
+// listEvents: newest first by default; with after=ID (a cursor, as a
+// follower reads) oldest first. since and until take RFC 3339 times or a
+// duration back from now ("1h").
 func (a *API) listEvents(c echo.Context, id string) error {
+	f := store.EventFilter{Device: id, Kind: c.QueryParam("kind"), MinSeverity: c.QueryParam("severity")}
 	after, err := intParam(c, "after", 0, 0, 1<<62)
 	if err != nil {
 		return err
 	}
-	limit, err := intParam(c, "limit", 100, 1, 10_000)
+	before, err := intParam(c, "before", 0, 0, 1<<62)
 	if err != nil {
 		return err
 	}
-	evs, err := a.opts.Store.Events(c.Request().Context(), id, int64(after), limit)
+	f.After, f.Before = int64(after), int64(before)
+	if f.Limit, err = intParam(c, "limit", 100, 1, 10_000); err != nil {
+		return err
+	}
+	switch o := c.QueryParam("order"); o {
+	case "":
+		f.Newest = after == 0
+	case "newest", "oldest":
+		f.Newest = o == "newest"
+	default:
+		return badRequest("order must be newest or oldest, not %q", o)
+	}
+	if f.Since, err = timeParam(c, "since", time.Time{}); err != nil {
+		return err
+	}
+	if f.Until, err = timeParam(c, "until", time.Time{}); err != nil {
+		return err
+	}
+	evs, err := a.opts.Store.QueryEvents(c.Request().Context(), f)
 	if err != nil {
+		if errors.Is(err, store.ErrInvalid) {
+			return badRequest("%v", err)
+		}
 		return notFound(err, "device "+id)
 	}
 	return c.JSON(http.StatusOK, evs)
@@ -686,4 +737,28 @@ func (a *API) deleteProfile(c echo.Context) error {
 	}
 	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: a.actor(c), Action: "enroll-profile.delete", Target: name})
 	return c.NoContent(http.StatusNoContent)
+}
+
+// fleetHistory is the fleet health summary over time (from, to: RFC 3339
+// or a duration back from now; default the last 24 hours), thinned to at
+// most points (default 300) summaries.
+func (a *API) fleetHistory(c echo.Context) error {
+	now := a.opts.Now()
+	from, err := timeParam(c, "from", now.Add(-24*time.Hour))
+	if err != nil {
+		return err
+	}
+	to, err := timeParam(c, "to", now)
+	if err != nil {
+		return err
+	}
+	points, err := intParam(c, "points", 300, 2, 5000)
+	if err != nil {
+		return err
+	}
+	hs, err := a.opts.Store.FleetHistory(c.Request().Context(), from, to, points)
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, hs)
 }

@@ -55,19 +55,18 @@ func (a *API) routeReleases(o ReleaseOptions) {
 	}
 	a.rel = &o
 	e := a.e
-	auth := a.requireAdmin
-	e.POST("/api/v1/releases", a.pushRelease, auth)
-	e.GET("/api/v1/releases", a.listReleases, auth, a.limit)
-	e.GET("/api/v1/releases/:target/:version", a.getRelease, auth, a.limit)
-	e.GET("/api/v1/releases/:target/:version/artifact", a.artifact, a.requireDeviceOrAdmin)
-	e.HEAD("/api/v1/releases/:target/:version/artifact", a.artifact, a.requireDeviceOrAdmin)
-	e.POST("/api/v1/devices/:id/update", a.updateDevice, auth, a.limit)
-	e.GET("/api/v1/devices/:id/updates", a.deviceUpdates, auth, a.limit)
+	e.POST("/api/v1/releases", a.pushRelease, a.operator())
+	e.GET("/api/v1/releases", a.listReleases, a.viewer(), a.limit)
+	e.GET("/api/v1/releases/:target/:version", a.getRelease, a.viewer(), a.limit)
+	e.GET("/api/v1/releases/:target/:version/artifact", a.artifact, a.requireDeviceOrViewer)
+	e.HEAD("/api/v1/releases/:target/:version/artifact", a.artifact, a.requireDeviceOrViewer)
+	e.POST("/api/v1/devices/:id/update", a.updateDevice, a.operator(), a.limit)
+	e.GET("/api/v1/devices/:id/updates", a.deviceUpdates, a.viewer(), a.limit)
 }
 
-// requireDeviceOrAdmin lets devices (HTTP basic with their MQTT
-// credential) and operators download artifacts.
-func (a *API) requireDeviceOrAdmin(next echo.HandlerFunc) echo.HandlerFunc {
+// requireDeviceOrViewer lets devices (their certificate, or HTTP basic
+// with their MQTT password) and operators' tokens download artifacts.
+func (a *API) requireDeviceOrViewer(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		if a.deviceByCert(c) != "" {
 			return next(c)
@@ -81,7 +80,7 @@ func (a *API) requireDeviceOrAdmin(next echo.HandlerFunc) echo.HandlerFunc {
 			c.Response().Header().Set("WWW-Authenticate", `Basic realm="hangar"`)
 			return echo.NewHTTPError(http.StatusUnauthorized, "invalid device credential")
 		}
-		return a.requireAdmin(next)(c)
+		return a.viewer()(next)(c)
 	}
 }
 

@@ -61,13 +61,13 @@ type ActRequest struct {
 
 func (a *API) routeRollouts(r Rollouts) {
 	a.rollouts = r
-	g := a.e.Group("/api/v1/rollouts", a.requireAdmin, a.limit)
-	g.POST("", a.createRollout)
-	g.GET("", a.listRollouts)
-	g.GET("/:id", a.rolloutStatus)
-	g.GET("/:id/events", a.rolloutEvents)
-	g.GET("/:id/devices", a.rolloutDevices)
-	g.POST("/:id/:action", a.actRollout)
+	g := a.e.Group("/api/v1/rollouts", a.limit)
+	g.POST("", a.createRollout, a.operator())
+	g.GET("", a.listRollouts, a.viewer())
+	g.GET("/:id", a.rolloutStatus, a.viewer())
+	g.GET("/:id/events", a.rolloutEvents, a.viewer())
+	g.GET("/:id/devices", a.rolloutDevices, a.viewer())
+	g.POST("/:id/:action", a.actRollout, a.operator())
 }
 
 func (a *API) releaseRef(ctx context.Context, name string) (rollout.ReleaseRef, store.Release, error) {

@@ -39,10 +39,12 @@ func commands() []command {
 		{"device", "ls|show|add|rm|rekey|approve|passwords|update|label|import", "list, inspect, pre-provision, approve, label, revoke and update devices", runDevice},
 		{"ca", "init", "make the built-in device certificate authority in the data directory", runCA},
 		{"broker-config", "mosquitto --out DIR --host HOST", "write a Mosquitto configuration for devices with certificates (mutual TLS, ACLs by certificate)", runBrokerConfig},
+		{"token", "create|ls|revoke", "named API tokens with a role (viewer, operator, admin)", runToken},
 		{"enroll-profile", "create|ls|rm", "enrollment tokens that give their devices labels", runProfile},
 		{"release", "keygen|keys|sign|verify|push|ls", "sign releases offline, push and list them", runRelease},
 		{"rollout", "create|ls|status|watch|start|...", "staged canary rollouts gated on health", runRollout},
-		{"events", "[--device ID]", "show recent device events", runEvents},
+		{"events", "[--device ID] [--since 1h] [--follow]", "show device events, newest first", runEvents},
+		{"report", "delivery", "delivery metrics: deployment frequency, lead time, change failure rate, time to restore", runReport},
 		{"health", "", "show the fleet health summary", runHealth},
 		{"audit", "[--target ID] | verify [--head ID:HASH]", "show who did what, when and why; verify the log's hash chain", runAudit},
 		{"version", "", "print the version", func(_ context.Context, g *globals, _ []string) error {
@@ -119,8 +121,8 @@ func (g *globals) register(fs *flag.FlagSet) {
 	fs.StringVar(&g.server, "server", def, "control plane URL, or host:port for https://host:port (env HANGAR_SERVER)")
 	// The default stays empty: --help prints defaults, and a token is a
 	// secret. HANGAR_TOKEN is read when the client is made.
-	fs.StringVar(&g.token, "token", "", "admin API token (default: from HANGAR_TOKEN)")
-	fs.StringVar(&g.tokenFile, "token-file", defaultTokenFile, "file holding the admin token, used when --token is not given")
+	fs.StringVar(&g.token, "token", "", "API token (default: from HANGAR_TOKEN)")
+	fs.StringVar(&g.tokenFile, "token-file", defaultTokenFile, "file holding the API token, used when --token is not given")
 	fs.StringVar(&g.caFile, "ca-file", g.env.Getenv("HANGAR_CA_FILE"), "CA certificate (PEM) the control plane's TLS certificate must chain to (env HANGAR_CA_FILE; default: the system's)")
 	fs.StringVar(&g.output, "o", "table", "output format: table or json")
 }

@@ -106,17 +106,6 @@ func labelString(m map[string]string) string {
 	return oneLine(strings.Join(parts, ","))
 }
 
-func ago(t *time.Time) string {
-	if t == nil {
-		return "never"
-	}
-	d := time.Since(*t).Round(time.Second)
-	if d < 0 {
-		d = 0
-	}
-	return d.String() + " ago"
-}
-
 func onlineString(d store.Device) string {
 	switch {
 	case d.Revoked:
@@ -137,6 +126,10 @@ func deviceList(ctx context.Context, g *globals, args []string) error {
 	version := fs.String("version", "", "only devices running this agent version")
 	pending := fs.Bool("pending", false, "only enrollments waiting for approval (hangar device approve)")
 	auth := fs.String("auth", "", "only devices that last authenticated with a password or a certificate")
+	search := fs.String("search", "", "only devices whose id contains this text")
+	sortBy := fs.String("sort", "", "order by "+strings.Join(store.DeviceSorts, ", ")+" (-last_seen: newest first; default id)")
+	limit := fs.Int("limit", 0, "at most this many devices (0: all)")
+	offset := fs.Int("offset", 0, "skip this many first (with --limit: paging)")
 	if _, err := parse(fs, args); err != nil {
 		return err
 	}
@@ -159,6 +152,18 @@ func deviceList(ctx context.Context, g *globals, args []string) error {
 	}
 	if *auth != "" {
 		q.Set("auth", *auth)
+	}
+	if *search != "" {
+		q.Set("q", *search)
+	}
+	if *sortBy != "" {
+		q.Set("sort", *sortBy)
+	}
+	if *limit > 0 {
+		q.Set("limit", strconv.Itoa(*limit))
+	}
+	if *offset > 0 {
+		q.Set("offset", strconv.Itoa(*offset))
 	}
 	var ds []store.Device
 	if err := c.Do(ctx, http.MethodGet, "/api/v1/devices", q, nil, &ds); err != nil {
@@ -508,7 +513,12 @@ func runEvents(ctx context.Context, g *globals, args []string) error {
 	fs := g.newFlags("events")
 	g.register(fs)
 	device := fs.String("device", "", "only this device")
-	limit := fs.Int("limit", 50, "how many")
+	limit := fs.Int("limit", 50, "how many (the newest)")
+	since := fs.String("since", "", "only events since then: a duration back from now (1h) or an RFC 3339 time")
+	severity := fs.String("severity", "", "only events at least this severe: info, warning or critical")
+	kind := fs.String("kind", "", "only events of this kind: alert, update, ack or message")
+	follow := fs.Bool("follow", false, "then keep printing new events as they arrive, oldest first (Ctrl-C ends)")
+	every := fs.Duration("interval", 2*time.Second, "with --follow: how often to ask for new events")
 	if _, err := parse(fs, args); err != nil {
 		return err
 	}
@@ -520,29 +530,95 @@ func runEvents(ctx context.Context, g *globals, args []string) error {
 	if *device != "" {
 		path = "/api/v1/devices/" + url.PathEscape(*device) + "/events"
 	}
-	var evs []store.Event
-	if err := c.Do(ctx, http.MethodGet, path, url.Values{"limit": {fmt.Sprint(*limit)}}, nil, &evs); err != nil {
+	q := url.Values{"limit": {fmt.Sprint(*limit)}}
+	for k, v := range map[string]string{"since": *since, "severity": *severity, "kind": *kind} {
+		if v != "" {
+			q.Set(k, v)
+		}
+	}
+	var evs []store.Event // newest first
+	if err := c.Do(ctx, http.MethodGet, path, q, nil, &evs); err != nil {
 		return err
 	}
+	var enc *json.Encoder
+	var tw *tabwriter.Writer
 	if g.output == "json" {
-		return printJSON(g.env.Stdout, evs)
+		if !*follow {
+			return printJSON(g.env.Stdout, evs)
+		}
+		enc = json.NewEncoder(g.env.Stdout) // one event a line
+	} else {
+		tw = tabwriter.NewWriter(g.env.Stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "TIME\tDEVICE\tKIND\tSEVERITY\tWHAT")
 	}
-	tw := tabwriter.NewWriter(g.env.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "TIME\tDEVICE\tKIND\tSEVERITY\tWHAT")
+	print := func(e store.Event) {
+		if enc != nil {
+			_ = enc.Encode(e)
+			return
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", e.Time.Local().Format(time.DateTime), e.Device, e.Kind, e.Severity, oneLine(eventWhat(e)))
+	}
+	var last int64
+	if *follow {
+		// Oldest first, so that new ones follow below.
+		for i := len(evs) - 1; i >= 0; i-- {
+			print(evs[i])
+		}
+	} else {
+		for _, e := range evs {
+			print(e)
+		}
+	}
 	for _, e := range evs {
-		what := e.Message
-		if what == "" {
-			what = e.Code
-		}
-		if u := e.Update; u != nil {
-			what = fmt.Sprintf("%s %s: %s", u.Target, u.Version, u.State)
-			if u.Reason != "" {
-				what += " (" + u.Reason + ")"
-			}
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", e.Time.Local().Format(time.DateTime), e.Device, e.Kind, e.Severity, oneLine(what))
+		last = max(last, e.ID)
 	}
-	return tw.Flush()
+	if tw != nil {
+		tw.Flush()
+	}
+	if !*follow {
+		return nil
+	}
+	t := time.NewTicker(*every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		q.Set("after", strconv.FormatInt(last, 10))
+		q.Set("limit", "1000")
+		q.Del("since")
+		var more []store.Event // oldest first, after the cursor
+		if err := c.Do(ctx, http.MethodGet, path, q, nil, &more); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		for _, e := range more {
+			print(e)
+			last = max(last, e.ID)
+		}
+		if tw != nil {
+			tw.Flush()
+		}
+	}
+}
+
+// eventWhat is an event in a few words.
+func eventWhat(e store.Event) string {
+	what := e.Message
+	if what == "" {
+		what = e.Code
+	}
+	if u := e.Update; u != nil {
+		what = fmt.Sprintf("%s %s: %s", u.Target, u.Version, u.State)
+		if u.Reason != "" {
+			what += " (" + u.Reason + ")"
+		}
+	}
+	return what
 }
 
 func runHealth(ctx context.Context, g *globals, args []string) error {

@@ -391,7 +391,7 @@ func releasePush(ctx context.Context, g *globals, args []string) error {
 	if g.output == "json" {
 		return printJSON(g.env.Stdout, r)
 	}
-	fmt.Fprintf(g.env.Stdout, "pushed %s %s (counter %d, %d bytes)\n", r.Target, r.Version, r.Counter, r.Size)
+	fmt.Fprintf(g.env.Stdout, "pushed %s %s (counter %d, %s)\n", r.Target, r.Version, r.Counter, humanBytes(r.Size))
 	return nil
 }
 
@@ -420,8 +420,8 @@ func releaseList(ctx context.Context, g *globals, args []string) error {
 	tw := tabwriter.NewWriter(g.env.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "TARGET\tVERSION\tCOUNTER\tHARDWARE\tARCH\tSIZE\tEXPIRES\tKEY")
 	for _, r := range rs {
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%s\n", r.Target, r.Version, r.Counter, strings.Join(r.Hardware, ","),
-			dash(strings.Join(r.Arch, ",")), r.Size, r.Expires.Format(time.DateOnly), r.KeyID)
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", r.Target, r.Version, r.Counter, strings.Join(r.Hardware, ","),
+			dash(strings.Join(r.Arch, ",")), humanBytes(r.Size), r.Expires.Format(time.DateOnly), r.KeyID)
 	}
 	return tw.Flush()
 }

@@ -37,6 +37,7 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	brokerPassFile := fs.String("broker-password-file", g.env.Getenv("HANGAR_BROKER_PASSWORD_FILE"), "file holding that account's password (or env HANGAR_BROKER_PASSWORD)")
 	fs.StringVar(&o.MQTTAdvertise, "mqtt-advertise", g.env.Getenv("HANGAR_MQTT_ADVERTISE"), "broker URL handed to devices at enrollment (default: the broker's listen address; required when it listens on every address)")
 	fs.DurationVar(&o.Retention, "retention", server.DefaultRetention, "how long telemetry and device events are kept")
+	fs.DurationVar(&o.HistoryInterval, "history-interval", server.DefaultHistoryInterval, "how often the fleet's health summary is kept for the console's charts over time")
 	fs.DurationVar(&o.OnlineTimeout, "online-timeout", 90*time.Second, "a device silent this long is shown offline")
 	fs.DurationVar(&o.RolloutInterval, "rollout-interval", 2*time.Second, "how often active rollouts are judged and advanced")
 	fs.IntVar(&o.ConnectRate, "connect-rate", 0, "cap on MQTT connections accepted per second by the embedded broker (0: none)")
@@ -53,6 +54,7 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	caKey := fs.String("device-ca-key", g.env.Getenv("HANGAR_DEVICE_CA_KEY"), "the private key of --device-ca-cert (PEM)")
 	deviceCerts := fs.Bool("device-certs", true, "authenticate devices with certificates from the device CA over mutual TLS (the built-in CA is made on first start with the embedded broker; see hangar ca init); false: passwords only")
 	fs.DurationVar(&o.CertTTL, "cert-ttl", devcert.DefaultTTL, "lifetime of a device certificate; devices renew with a third of it left")
+	fs.BoolVar(&o.NewAdminToken, "new-admin-token", false, "replace the bootstrap admin token in DATA/admin.token at this start (the old one stops working); named tokens: hangar token")
 	fs.BoolVar(&o.Approval, "enroll-approval", false, "hold every enrollment for an operator's approval (hangar device ls --pending, hangar device approve)")
 	var rootKeys []string
 	fs.Func("root-key", "release root public key (PEM file); pushed releases must chain to one (repeat for several)", func(v string) error {
@@ -171,7 +173,7 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	fmt.Fprintf(w, "  admin token:       %s\n", filepath.Join(abs, server.AdminTokenFile))
 	fmt.Fprintf(w, "  enrollment token:  %s\n", filepath.Join(abs, server.EnrollTokenFile))
 	if srv.AdminToken != "" {
-		fmt.Fprintln(w, "  (tokens created now; keep them secret, the files are readable only by you)")
+		fmt.Fprintln(w, "  (token created now; keep it secret, the file is readable only by you; hangar token create makes named ones)")
 	}
 	return srv.Run(ctx)
 }

@@ -48,6 +48,10 @@ type Metrics struct {
 	OverQuota *prometheus.CounterVec
 	// Renewals counts device certificate requests over MQTT, by result.
 	Renewals *prometheus.CounterVec
+	// Delivery holds the four DORA keys over the last 28 days, by key
+	// and hardware revision ("all": the whole fleet); see package
+	// delivery. A key without a value (nothing measured yet) is absent.
+	Delivery *prometheus.GaugeVec
 }
 
 // New creates the collectors in a fresh registry. connected reports the
@@ -125,7 +129,11 @@ func New(connected func() float64) *Metrics {
 		Renewals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "hangar_cert_requests_total", Help: "Device certificate requests over MQTT, by result (ok, stale, bad_request, throttled, malformed, no_ca, error).",
 		}, []string{"result"}),
+		Delivery: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "hangar_delivery", Help: "Software delivery keys over the last 28 days: deployments_per_week, lead_time_seconds (median), change_failure_rate, time_to_restore_seconds (median); by hardware revision (all: the fleet).",
+		}, []string{"key", "hardware"}),
 	}
+	r.MustRegister(m.Delivery)
 	r.MustRegister(m.Messages, m.Samples, m.Duplicates, m.UnknownDevice, m.Refused, m.DecodeErrors, m.AgentDropped,
 		m.StoreLatency, m.GroupSize, m.StoreErrors, m.IngestDelay, m.AuthFailures, m.ACLDenials, m.Enrollments, m.CommandsSent, m.Accepted, m.AcceptPeak,
 		m.PreconnectRefused, m.AuthThrottled, m.OverQuota, m.Renewals)

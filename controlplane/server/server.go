@@ -23,6 +23,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/api"
 	"github.com/hangarfleet/hangar/controlplane/broker"
 	"github.com/hangarfleet/hangar/controlplane/commands"
+	"github.com/hangarfleet/hangar/controlplane/delivery"
 	"github.com/hangarfleet/hangar/controlplane/devcert"
 	"github.com/hangarfleet/hangar/controlplane/ingest"
 	"github.com/hangarfleet/hangar/controlplane/metrics"
@@ -48,9 +49,15 @@ const (
 
 // Options configure a control plane.
 type Options struct {
-	DataDir  string
-	HTTPAddr string
-	MQTTAddr string
+	// NewAdminToken replaces the bootstrap admin token (DATA/admin.token)
+	// at start: the previous one stops working.
+	NewAdminToken bool
+	// HistoryInterval is how often the fleet's health summary is kept
+	// for the console's charts (default DefaultHistoryInterval).
+	HistoryInterval time.Duration
+	DataDir         string
+	HTTPAddr        string
+	MQTTAddr        string
 	// BrokerURL selects an external broker (tcp://host:port); empty runs
 	// the embedded one.
 	BrokerURL string
@@ -241,7 +248,8 @@ func New(opts Options) (*Server, error) {
 	}
 	s.ingest = ingest.New(db, io)
 	s.api = api.New(api.Options{
-		Store: db, Bus: s.bus, Metrics: s.metrics, Logger: opts.Logger, Version: opts.Version,
+		Delivery: s.db,
+		Store:    db, Bus: s.bus, Metrics: s.metrics, Logger: opts.Logger, Version: opts.Version,
 		MQTTURL: s.advertisedMQTT, Static: web.Handler(),
 		EnrollSource: limiter(opts.EnrollRate), EnrollDevice: throttle.New(1.0/60, 10, 100_000),
 		Releases: &api.ReleaseOptions{Store: db, Send: s.cmds, Roots: opts.RootKeys,
@@ -311,7 +319,7 @@ func (s *Server) initTokens() error {
 		{api.TokenAdmin, AdminTokenFile, "hga_", &s.AdminToken},
 		{api.TokenEnroll, EnrollTokenFile, "hge_", &s.EnrollToken},
 	} {
-		if _, err := s.db.TokenHash(ctx, t.name); err == nil {
+		if _, err := s.db.TokenHash(ctx, t.name); err == nil && !(t.name == api.TokenAdmin && s.opts.NewAdminToken) {
 			continue
 		} else if !errors.Is(err, store.ErrNotFound) {
 			return err
@@ -326,6 +334,10 @@ func (s *Server) initTokens() error {
 		}
 		*t.dst = tok
 		s.log.Info("created token", "token", t.name, "file", path)
+		if t.name == api.TokenAdmin {
+			_, _ = s.db.AddAudit(ctx, store.Audit{Time: time.Now(), Actor: "hangar serve", Action: "token.bootstrap", Target: api.TokenAdmin,
+				Reason: map[bool]string{true: "--new-admin-token: the previous one no longer works", false: "first start"}[s.opts.NewAdminToken]})
+		}
 	}
 	return nil
 }
@@ -416,6 +428,12 @@ func (s *Server) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); s.roll.Run(ctx) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); releaseMemory(ctx, time.Minute) }()
+	wg.Add(1)
+	go func() { defer wg.Done(); s.enrollSummary(ctx, 10*time.Second) }()
+	wg.Add(1)
+	go func() { defer wg.Done(); s.history(ctx) }()
+	wg.Add(1)
+	go func() { defer wg.Done(); s.deliveryGauges(ctx, 5*time.Minute) }()
 	s.log.Info("control plane running", "api", s.URL(), "mqtt", s.mqttURL, "data", s.opts.DataDir)
 	var err error
 	select {
@@ -430,6 +448,94 @@ func (s *Server) Run(ctx context.Context) error {
 	stopIngest()
 	wg.Wait()
 	return err
+}
+
+// deliveryGauges keeps the delivery metrics' gauges current.
+func (s *Server) deliveryGauges(ctx context.Context, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		now := time.Now()
+		in, err := delivery.Load(ctx, s.db, now.Add(-api.DefaultDeliveryWindow), now)
+		if err != nil {
+			if ctx.Err() == nil {
+				s.log.Warn("delivery metrics", "err", err)
+			}
+		} else {
+			rep := delivery.Compute(in)
+			g := s.metrics.Delivery
+			g.Reset()
+			set := func(hw string, m delivery.Metrics) {
+				g.WithLabelValues("deployments_per_week", hw).Set(m.DeploymentFrequency.PerWeek)
+				for key, v := range map[string]*float64{"lead_time_seconds": m.LeadTime.MedianSeconds,
+					"change_failure_rate": m.ChangeFailureRate.Rate, "time_to_restore_seconds": m.TimeToRestore.MedianSeconds} {
+					if v != nil {
+						g.WithLabelValues(key, hw).Set(*v)
+					}
+				}
+			}
+			set("all", rep.Overall)
+			for hw, m := range rep.ByHardware {
+				set(hw, m)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// DefaultHistoryInterval is how often the fleet health summary is kept.
+const DefaultHistoryInterval = time.Minute
+
+// history keeps the fleet's health summary every HistoryInterval, and
+// drops summaries older than the telemetry retention.
+func (s *Server) history(ctx context.Context) {
+	every := s.opts.HistoryInterval
+	if every <= 0 {
+		every = DefaultHistoryInterval
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for n := 0; ; n++ {
+		h, err := s.db.FleetHealth(ctx)
+		if err == nil {
+			err = s.db.RecordFleetHealth(ctx, h)
+		}
+		if err != nil && ctx.Err() == nil {
+			s.log.Warn("fleet history", "err", err)
+		}
+		if n%60 == 0 {
+			_, _ = s.db.PruneFleetHistory(ctx, time.Now().Add(-s.opts.Retention))
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// enrollSummary logs one line per period in which devices enrolled (each
+// enrollment is a debug line: a fleet coming up would scroll everything
+// else away).
+func (s *Server) enrollSummary(ctx context.Context, period time.Duration) {
+	t := time.NewTicker(period)
+	defer t.Stop()
+	var last uint64
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if n := s.api.Enrolled(); n != last {
+			s.log.Info("devices enrolled", "last_period", n-last, "period", period, "since_start", n)
+			last = n
+		}
+	}
 }
 
 func (s *Server) retention(ctx context.Context) {

@@ -117,7 +117,13 @@ type DeviceFilter struct {
 	Online  *bool
 	Version string
 	IDs     []string // only these devices (none: any)
-	Limit   int
+	// Search: only ids containing this text (case-insensitive).
+	Search string
+	// Sort is one of DeviceSorts, "-" before it for descending order
+	// (default: id).
+	Sort   string
+	Limit  int
+	Offset int
 	// Pending: only enrollments awaiting approval.
 	Pending bool
 	// Auth: only devices that last authenticated this way.
@@ -126,6 +132,9 @@ type DeviceFilter struct {
 	// rollout plan reads, at a fraction of the cost for a whole fleet.
 	Brief bool
 }
+
+// DeviceSorts are the orders a device list can take.
+var DeviceSorts = []string{"id", "last_seen", "version", "hardware", "enrolled_at"}
 
 // Enrollment creates or re-keys a device.
 type Enrollment struct {
@@ -222,6 +231,17 @@ type Event struct {
 	Attrs    map[string]string   `json:"attrs,omitempty"`
 	Boot     uint64              `json:"boot_epoch"`
 	Seq      uint64              `json:"seq"`
+}
+
+// EventFilter selects device events.
+type EventFilter struct {
+	Device        string // one device (empty: all)
+	After, Before int64  // ids strictly between (0: no bound)
+	Since, Until  time.Time
+	Kind          string // proto.EventKind name (empty: any)
+	MinSeverity   string // info, warning or critical (empty: any)
+	Newest        bool   // newest first (default oldest first, for a cursor)
+	Limit         int
 }
 
 // Audit is something the control plane did or an operator asked for: who,
@@ -370,4 +390,57 @@ func ArtifactURL(target, version string) string {
 // Offer is the update offer of a release.
 func (r Release) Offer() *proto.UpdateOffer {
 	return &proto.UpdateOffer{Manifest: r.Manifest, Keys: r.Keys, URL: ArtifactURL(r.Target, r.Version)}
+}
+
+// Roles of API tokens, from least to most allowed: a viewer reads; an
+// operator also runs rollouts, updates devices, pushes releases and
+// labels devices; an admin also manages tokens, enrollment, approvals,
+// revocation and the release key list.
+const (
+	RoleViewer   = "viewer"
+	RoleOperator = "operator"
+	RoleAdmin    = "admin"
+)
+
+// RoleRank orders roles (0: not a role).
+func RoleRank(role string) int {
+	switch role {
+	case RoleViewer:
+		return 1
+	case RoleOperator:
+		return 2
+	case RoleAdmin:
+		return 3
+	}
+	return 0
+}
+
+// APIToken is a named operator token. Only the SHA-256 of its secret is
+// stored.
+type APIToken struct {
+	Name      string     `json:"name"`
+	Role      string     `json:"role"`
+	Hash      []byte     `json:"-"`
+	Created   time.Time  `json:"created"`
+	CreatedBy string     `json:"created_by"`
+	Expires   *time.Time `json:"expires,omitempty"`
+	Revoked   *time.Time `json:"revoked,omitempty"`
+	LastUsed  *time.Time `json:"last_used,omitempty"`
+}
+
+// Valid reports whether the token may be used at now.
+func (t APIToken) Valid(now time.Time) bool {
+	return t.Revoked == nil && (t.Expires == nil || now.Before(*t.Expires))
+}
+
+// LiveMarks are watermarks of what changes in the store: the console's
+// live stream compares them from one second to the next and tells its
+// clients which views to refresh.
+type LiveMarks struct {
+	Event    int64  // highest event id
+	Audit    int64  // highest audit entry id
+	Rollouts int64  // latest rollout update (unix ms)
+	Releases int64  // releases pushed
+	Fleet    string // devices, online, revoked and versions, summarised
+	LastSeen int64  // latest device contact (unix ms): telemetry arrived
 }

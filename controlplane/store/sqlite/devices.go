@@ -408,8 +408,8 @@ func (db *DB) Device(ctx context.Context, id string) (store.Device, error) {
 	return d, err
 }
 
-// Devices lists devices matching f, ordered by id.
-func (db *DB) Devices(ctx context.Context, f store.DeviceFilter) ([]store.Device, error) {
+// deviceWhere is the WHERE clause of a device filter.
+func (db *DB) deviceWhere(f store.DeviceFilter) (string, []any) {
 	var where []string
 	var args []any
 	for k, v := range f.Labels {
@@ -442,17 +442,55 @@ func (db *DB) Devices(ctx context.Context, f store.DeviceFilter) ([]store.Device
 		where = append(where, `id IN (SELECT value FROM json_each(?))`)
 		args = append(args, string(ids))
 	}
+	if f.Search != "" {
+		esc := strings.NewReplacer(`\`, `\\`, `%`, `\%`, `_`, `\_`).Replace(strings.ToLower(f.Search))
+		where = append(where, `lower(id) LIKE ? ESCAPE '\'`)
+		args = append(args, "%"+esc+"%")
+	}
+	if len(where) == 0 {
+		return "", args
+	}
+	return ` WHERE ` + strings.Join(where, ` AND `), args
+}
+
+var deviceOrder = map[string]string{
+	"id": "id", "last_seen": "coalesce(last_seen, 0), id", "version": "version, id", "hardware": "hardware, id", "enrolled_at": "coalesce(enrolled_at, 0), id",
+	"-id": "id DESC", "-last_seen": "coalesce(last_seen, 0) DESC, id", "-version": "version DESC, id", "-hardware": "hardware DESC, id", "-enrolled_at": "coalesce(enrolled_at, 0) DESC, id",
+}
+
+// CountDevices counts the devices a filter selects, paging aside.
+func (db *DB) CountDevices(ctx context.Context, f store.DeviceFilter) (int, error) {
+	where, args := db.deviceWhere(f)
+	var n int
+	if err := db.r.QueryRowContext(ctx, `SELECT count(*) FROM devices`+where, args...).Scan(&n); err != nil {
+		return 0, fmt.Errorf("count devices: %w", err)
+	}
+	return n, nil
+}
+
+// Devices lists devices matching f, in f.Sort's order (by id by default).
+func (db *DB) Devices(ctx context.Context, f store.DeviceFilter) ([]store.Device, error) {
+	order := "id"
+	if f.Sort != "" {
+		var ok bool
+		if order, ok = deviceOrder[f.Sort]; !ok {
+			return nil, fmt.Errorf("%w: sort by one of %s, not %q", store.ErrInvalid, strings.Join(store.DeviceSorts, ", "), f.Sort)
+		}
+	}
+	where, args := db.deviceWhere(f)
 	cols, scan := deviceCols, scanDevice
 	if f.Brief {
 		cols, scan = briefCols, scanBrief
 	}
-	q := `SELECT ` + cols + ` FROM devices`
-	if len(where) > 0 {
-		q += ` WHERE ` + strings.Join(where, ` AND `)
-	}
-	q += ` ORDER BY id`
+	q := `SELECT ` + cols + ` FROM devices` + where + ` ORDER BY ` + order
 	if f.Limit > 0 {
 		q += fmt.Sprintf(` LIMIT %d`, f.Limit)
+	}
+	if f.Offset > 0 {
+		if f.Limit <= 0 {
+			q += ` LIMIT -1`
+		}
+		q += fmt.Sprintf(` OFFSET %d`, f.Offset)
 	}
 	rows, err := db.r.QueryContext(ctx, q, args...)
 	if err != nil {

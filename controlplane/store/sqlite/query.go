@@ -78,18 +78,63 @@ func (db *DB) Telemetry(ctx context.Context, id string, from, to time.Time, limi
 // Events returns events of device id (all devices when id is empty) with an
 // id above after, oldest first.
 func (db *DB) Events(ctx context.Context, id string, after int64, limit int) ([]store.Event, error) {
+	return db.QueryEvents(ctx, store.EventFilter{Device: id, After: after, Limit: limit})
+}
+
+var eventKinds = map[string]proto.EventKind{"alert": proto.EventAlert, "update": proto.EventUpdate, "ack": proto.EventAck, "message": proto.EventMessage}
+var severities = map[string]proto.Severity{"info": proto.SevInfo, "warning": proto.SevWarning, "critical": proto.SevCritical}
+
+// QueryEvents lists the events a filter selects.
+func (db *DB) QueryEvents(ctx context.Context, f store.EventFilter) ([]store.Event, error) {
 	q := `SELECT e.id, d.id, e.boot, e.seq, e.ts, e.received, e.kind, e.severity, e.code, e.message, e.cmd, e.body
 		FROM events e JOIN devices d ON d.num = e.dev WHERE e.id > ?`
-	args := []any{after}
-	if id != "" {
-		num, err := db.num(ctx, id)
+	args := []any{f.After}
+	if f.Device != "" {
+		num, err := db.num(ctx, f.Device)
 		if err != nil {
-			return nil, fmt.Errorf("events %s: %w", id, err)
+			return nil, fmt.Errorf("events %s: %w", f.Device, err)
 		}
 		q += ` AND e.dev = ?`
 		args = append(args, num)
 	}
-	q += ` ORDER BY e.id LIMIT ?`
+	if f.Before > 0 {
+		q += ` AND e.id < ?`
+		args = append(args, f.Before)
+	}
+	if !f.Since.IsZero() {
+		q += ` AND e.received >= ?`
+		args = append(args, ms(f.Since))
+	}
+	if !f.Until.IsZero() {
+		q += ` AND e.received < ?`
+		args = append(args, ms(f.Until))
+	}
+	if f.Kind != "" {
+		k, ok := eventKinds[f.Kind]
+		if !ok {
+			return nil, fmt.Errorf("%w: event kind must be alert, update, ack or message, not %q", store.ErrInvalid, f.Kind)
+		}
+		q += ` AND e.kind = ?`
+		args = append(args, uint8(k))
+	}
+	if f.MinSeverity != "" {
+		s, ok := severities[f.MinSeverity]
+		if !ok {
+			return nil, fmt.Errorf("%w: severity must be info, warning or critical, not %q", store.ErrInvalid, f.MinSeverity)
+		}
+		q += ` AND e.severity >= ?`
+		args = append(args, uint8(s))
+	}
+	if f.Newest {
+		q += ` ORDER BY e.id DESC`
+	} else {
+		q += ` ORDER BY e.id`
+	}
+	limit := f.Limit
+	if limit <= 0 {
+		limit = 100
+	}
+	q += ` LIMIT ?`
 	args = append(args, limit)
 	rows, err := db.r.QueryContext(ctx, q, args...)
 	if err != nil {

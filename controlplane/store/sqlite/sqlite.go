@@ -427,6 +427,20 @@ var migrations = []string{
 	CREATE INDEX certs_not_after ON certs(not_after);
 	INSERT INTO meta (key, value) SELECT 'device_passwords', 'on'
 		WHERE EXISTS (SELECT 1 FROM devices WHERE cred_hash IS NOT NULL AND NOT revoked);`,
+	// Named operator tokens with a role (apitokens.go). The bootstrap
+	// admin token stays in tokens.
+	`CREATE TABLE api_tokens (
+		name TEXT PRIMARY KEY,
+		role TEXT NOT NULL,
+		hash BLOB NOT NULL UNIQUE,
+		created INTEGER NOT NULL,
+		created_by TEXT NOT NULL DEFAULT '',
+		expires INTEGER,
+		revoked INTEGER,
+		last_used INTEGER);
+	-- The fleet's health summary at regular times (history.go): what the
+	-- console charts over time.
+	CREATE TABLE fleet_history (ts INTEGER PRIMARY KEY, body TEXT NOT NULL);`,
 }
 
 func (db *DB) migrate(ctx context.Context) error {
