@@ -112,7 +112,9 @@ type Restore struct {
 // Quantile is the share of targeted devices whose commit ends lead time.
 const Quantile = 0.95
 
-func within(t time.Time, from, to time.Time) bool { return !t.IsZero() && !t.Before(from) && !t.After(to) }
+func within(t time.Time, from, to time.Time) bool {
+	return !t.IsZero() && !t.Before(from) && !t.After(to)
+}
 
 type relKey struct {
 	target  string
