@@ -1,6 +1,9 @@
-// Package web serves the operators' dashboard: static files embedded in the
-// binary that talk to the REST API with the admin token the operator pastes
-// in (kept in the browser's local storage).
+// Package web serves the operators' console: HTML, CSS and JavaScript
+// modules embedded in the binary (no build step), with uPlot vendored in
+// static/vendor. The page talks to the REST API with the token the
+// operator signs in with (kept for the tab, or in local storage when asked
+// to), and refreshes its views when the live stream says their data
+// changed.
 package web
 
 import (
