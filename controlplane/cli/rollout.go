@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -197,9 +198,32 @@ func rolloutID(g *globals, name string, args []string, extra func(fsAdder)) (str
 		return "", err
 	}
 	if len(pos) != 1 {
-		return "", fmt.Errorf("%w: rollout %s takes one rollout id", ErrUsage, name)
+		return "", fmt.Errorf("%w: rollout %s takes one rollout id (or latest)", ErrUsage, name)
 	}
-	return pos[0], nil
+	if pos[0] != "latest" {
+		return pos[0], nil
+	}
+	// "latest": the rollout created last.
+	c, err := g.client()
+	if err != nil {
+		return "", err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var rs []rollout.Rollout
+	if err := c.Do(ctx, http.MethodGet, "/api/v1/rollouts", nil, nil, &rs); err != nil {
+		return "", err
+	}
+	if len(rs) == 0 {
+		return "", errors.New("no rollout yet: rollout create")
+	}
+	latest := rs[0]
+	for _, r := range rs[1:] {
+		if r.Created.After(latest.Created) {
+			latest = r
+		}
+	}
+	return latest.Spec.ID, nil
 }
 
 type fsAdder interface {

@@ -394,10 +394,14 @@ func (in *Ingester) write(ctx context.Context, group []job, items []store.Ingest
 	res, err := in.st.WriteIngest(ctx, items)
 	in.opts.Metrics.StoreLatency.Observe(time.Since(start).Seconds())
 	in.opts.Metrics.GroupSize.Observe(float64(len(items)))
-	if err != nil {
+	switch {
+	case err != nil && ctx.Err() != nil:
+		// Stopping: not a failure; the devices send them again.
+		in.log.Info("stopping: messages left unacknowledged, the devices send them again", "messages", len(items))
+	case err != nil:
 		in.opts.Metrics.StoreErrors.Inc()
 		in.log.Error("store write failed; messages stay unacknowledged", "messages", len(items), "err", err)
-	} else {
+	default:
 		m := in.opts.Metrics
 		now := time.Now().UnixMilli()
 		m.Samples.Add(float64(res.Samples))
