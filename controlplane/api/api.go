@@ -28,6 +28,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/controlplane/throttle"
+	"github.com/hangarfleet/hangar/controlplane/wire"
 )
 
 // Store is what the API reads and writes.
@@ -232,10 +233,8 @@ func (a *API) Admin() echo.MiddlewareFunc    { return a.admin() }
 
 func (a *API) ServeHTTP(w http.ResponseWriter, r *http.Request) { a.e.ServeHTTP(w, r) }
 
-// Error is the JSON body of every error response.
-type Error struct {
-	Error string `json:"error"`
-}
+// Error is wire.Error.
+type Error = wire.Error
 
 func (a *API) errorHandler(err error, c echo.Context) {
 	if c.Response().Committed {

@@ -13,15 +13,11 @@ import (
 	"github.com/labstack/echo/v4"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/controlplane/wire"
 )
 
-// Principal is who a request authenticated as: the bootstrap admin token
-// (name "admin") or a named token.
-type Principal struct {
-	Name    string     `json:"name"`
-	Role    string     `json:"role"`
-	Expires *time.Time `json:"expires,omitempty"`
-}
+// Principal is wire.Principal.
+type Principal = wire.Principal
 
 const principalKey = "hangar.principal"
 
@@ -107,19 +103,11 @@ type usedTokens struct {
 
 var tokenName = regexp.MustCompile(`^[a-z0-9][a-z0-9._@-]{0,63}$`)
 
-// CreateToken is the body of POST /api/v1/tokens.
-type CreateToken struct {
-	Name string `json:"name"`
-	Role string `json:"role"`
-	// ExpiresIn is a Go duration ("720h"); empty: no expiry.
-	ExpiresIn string `json:"expires_in,omitempty"`
-}
+// CreateToken is wire.CreateToken.
+type CreateToken = wire.CreateToken
 
-// CreatedToken is its reply: the secret is shown once.
-type CreatedToken struct {
-	store.APIToken
-	Token string `json:"token"`
-}
+// CreatedToken is wire.CreatedToken.
+type CreatedToken = wire.CreatedToken
 
 // TokenPrefix starts every named token.
 const TokenPrefix = "hgt_"
@@ -174,11 +162,8 @@ func (a *API) listTokens(c echo.Context) error {
 	return c.JSON(http.StatusOK, ts)
 }
 
-// RevokedToken is the reply of DELETE /api/v1/tokens/:name.
-type RevokedToken struct {
-	Name           string `json:"name"`
-	AlreadyRevoked bool   `json:"already_revoked,omitempty"`
-}
+// RevokedToken is wire.RevokedToken.
+type RevokedToken = wire.RevokedToken
 
 func (a *API) revokeToken(c echo.Context) error {
 	name := c.Param("name")

@@ -7,26 +7,14 @@ import (
 	"github.com/labstack/echo/v4"
 
 	"github.com/hangarfleet/hangar/controlplane/delivery"
+	"github.com/hangarfleet/hangar/controlplane/wire"
 )
 
-// DeliveryReport is the body of GET /api/v1/metrics/delivery: the four
-// keys, overall and per hardware revision, and the fleet's health over
-// the same window beside them.
-type DeliveryReport struct {
-	delivery.Report
-	Health []HealthPoint `json:"health"`
-}
+// DeliveryReport is wire.DeliveryReport.
+type DeliveryReport = wire.DeliveryReport
 
-// HealthPoint is the fleet's health at one time of the window.
-type HealthPoint struct {
-	Time       time.Time `json:"time"`
-	Devices    int       `json:"devices"`
-	Online     int       `json:"online"`
-	LowBattery int       `json:"low_battery"`
-	// Versions is the number of versions in the fleet (fewer: a fleet
-	// more up to date).
-	Versions int `json:"versions"`
-}
+// HealthPoint is wire.HealthPoint.
+type HealthPoint = wire.HealthPoint
 
 // DefaultDeliveryWindow is the window of the delivery metrics.
 const DefaultDeliveryWindow = 28 * 24 * time.Hour

@@ -16,6 +16,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/broker"
 	"github.com/hangarfleet/hangar/controlplane/devcert"
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/controlplane/wire"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -547,12 +548,8 @@ type LabelRequest struct {
 	Remove []string          `json:"remove,omitempty"`
 }
 
-// LabelsRequest is the body of POST /api/v1/devices/labels (several
-// devices in one change) and POST /api/v1/devices/import (devices not
-// known yet are pre-provisioned).
-type LabelsRequest struct {
-	Devices []store.LabelChange `json:"devices"`
-}
+// LabelsRequest is wire.LabelsRequest.
+type LabelsRequest = wire.LabelsRequest
 
 // checkLabelChanges validates label changes; an import may name a device
 // with no labels (pre-provisioned all the same), a label change may not.
@@ -655,11 +652,8 @@ func (a *API) labelDevices(c echo.Context) error {
 	return c.JSON(http.StatusOK, map[string]int{"labelled": len(req.Devices)})
 }
 
-// ImportResult is the answer to an inventory import.
-type ImportResult struct {
-	Created  int `json:"created"`  // pre-provisioned: awaiting their enrollment
-	Labelled int `json:"labelled"` // known already: labels set
-}
+// ImportResult is wire.ImportResult.
+type ImportResult = wire.ImportResult
 
 func (a *API) importDevices(c echo.Context) error {
 	var req LabelsRequest

@@ -11,6 +11,7 @@ import (
 	"github.com/labstack/echo/v4"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/controlplane/wire"
 )
 
 // The live stream (GET /api/v1/events/stream, server-sent events) tells
@@ -29,12 +30,8 @@ const (
 	TopicReleases  = "releases"
 )
 
-// LiveChange is the data of one "change" message.
-type LiveChange struct {
-	Topics []string      `json:"topics"`
-	Events []store.Event `json:"events,omitempty"`
-	Time   time.Time     `json:"time"`
-}
+// LiveChange is wire.LiveChange.
+type LiveChange = wire.LiveChange
 
 // MaxLiveStreams bounds the open live streams; beyond it a new one is
 // refused with 503 (each holds a connection and a goroutine).

@@ -19,6 +19,7 @@ import (
 
 	"github.com/hangarfleet/hangar/controlplane/broker"
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/controlplane/wire"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -275,19 +276,11 @@ func (a *API) artifact(c echo.Context) error {
 	return nil
 }
 
-// UpdateRequest is the body of POST /api/v1/devices/:id/update.
-type UpdateRequest struct {
-	Release string `json:"release"` // VERSION or TARGET@VERSION
-	Reason  string `json:"reason,omitempty"`
-}
+// UpdateRequest is wire.UpdateRequest.
+type UpdateRequest = wire.UpdateRequest
 
-// UpdateResponse tells which command carries the offer.
-type UpdateResponse struct {
-	Command string `json:"command"`
-	Target  string `json:"target"`
-	Version string `json:"version"`
-	Counter uint64 `json:"counter"`
-}
+// UpdateResponse is wire.UpdateResponse.
+type UpdateResponse = wire.UpdateResponse
 
 func (a *API) updateDevice(c echo.Context) error {
 	id, err := a.deviceID(c)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/hangarfleet/hangar/controlplane/rollout"
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/controlplane/wire"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -25,39 +26,14 @@ type Rollouts interface {
 	Devices(ctx context.Context, id string, state rollout.MemberState) ([]rollout.MemberReport, error)
 }
 
-// CreateRollout is the body of POST /api/v1/rollouts.
-type CreateRollout struct {
-	Release          string           `json:"release"`                  // VERSION or TARGET@VERSION
-	RevertRelease    string           `json:"revert_release,omitempty"` // signed re-release of the previous build
-	Selector         string           `json:"selector,omitempty"`       // k=v,k2=v2
-	FromVersions     []string         `json:"from_versions,omitempty"`
-	Stages           string           `json:"stages,omitempty"` // 1%,10%,50%,100%
-	MinCanary        int              `json:"min_canary,omitempty"`
-	Strata           []string         `json:"strata,omitempty"`
-	Gates            rollout.Gates    `json:"gates"`
-	MaxInFlight      int              `json:"max_in_flight,omitempty"`
-	Budgets          []string         `json:"budgets,omitempty"` // label:N or label:P%
-	Windows          []string         `json:"windows,omitempty"` // HH:MM-HH:MM UTC
-	DeferredDeadline rollout.Duration `json:"deferred_deadline,omitempty"`
-	OfflineDeadline  rollout.Duration `json:"offline_deadline,omitempty"`
-	OnFailure        string           `json:"on_failure,omitempty"`
-	AutoRevert       bool             `json:"auto_revert,omitempty"`
-	Start            bool             `json:"start,omitempty"`
-	DryRun           bool             `json:"dry_run,omitempty"`
-	Reason           string           `json:"reason,omitempty"`
-}
+// CreateRollout is wire.CreateRollout.
+type CreateRollout = wire.CreateRollout
 
-// CreateResult is the answer to POST /api/v1/rollouts: the rollout
-// created (absent for a dry run) and the devices each stage takes.
-type CreateResult struct {
-	Rollout *rollout.Rollout `json:"rollout,omitempty"`
-	rollout.Preview
-}
+// CreateResult is wire.CreateResult.
+type CreateResult = wire.CreateResult
 
-// ActRequest is the body of POST /api/v1/rollouts/:id/:action.
-type ActRequest struct {
-	Reason string `json:"reason,omitempty"`
-}
+// ActRequest is wire.ActRequest.
+type ActRequest = wire.ActRequest
 
 func (a *API) routeRollouts(r Rollouts) {
 	a.rollouts = r

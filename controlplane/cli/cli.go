@@ -4,13 +4,10 @@ package cli
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -189,11 +186,9 @@ func (g *globals) client() (*Client, error) {
 		if err != nil {
 			return nil, fmt.Errorf("--ca-file: %w", err)
 		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("--ca-file %s: no PEM certificate", g.caFile)
+		if err := c.TrustCA(pem); err != nil {
+			return nil, fmt.Errorf("--ca-file %s: %v", g.caFile, err)
 		}
-		c.http.Transport = &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}, Proxy: http.ProxyFromEnvironment}
 	}
 	return c, nil
 }

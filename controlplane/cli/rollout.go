@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/hangarfleet/hangar/controlplane/client"
 	"io"
 	"maps"
 	"net/http"
@@ -51,56 +52,23 @@ func runRollout(ctx context.Context, g *globals, args []string) error {
 	return unknownSub("rollout", sub)
 }
 
-type listFlag []string
-
-func (l *listFlag) String() string     { return strings.Join(*l, ",") }
-func (l *listFlag) Set(s string) error { *l = append(*l, s); return nil }
-
 func rolloutCreate(ctx context.Context, g *globals, args []string) error {
 	fs := g.newFlags("rollout create")
 	g.register(fs)
-	var req api.CreateRollout
-	var budgets, windows, from listFlag
-	d := rollout.DefaultGates
-	fs.StringVar(&req.Release, "release", "", "release to roll out: VERSION or TARGET@VERSION")
-	fs.StringVar(&req.RevertRelease, "revert-release", "", "signed re-release of the previous build (higher counter), offered to updated devices on revert")
-	fs.StringVar(&req.Selector, "selector", "", "target devices with these labels, e.g. hw=rev-b,base=zurich")
-	fs.Var(&from, "from-version", "only devices running this version (repeat)")
-	fs.StringVar(&req.Stages, "stages", "1%,10%,50%,100%", "cumulative stages: percentages or device counts")
-	fs.IntVar(&req.MinCanary, "min-canary", rollout.DefaultMinCanary, "smallest first stage")
-	fs.Float64Var(&req.Gates.MinCommitted, "min-committed", d.MinCommitted, "share of a stage's devices that must commit")
-	fs.Float64Var(&req.Gates.MaxFailed, "max-failed", d.MaxFailed, "share of finished devices that may fail or roll back")
-	fs.IntVar(&req.Gates.MinFinished, "min-finished", d.MinFinished, "finished devices before failures are judged")
-	soak := fs.Duration("soak", d.Soak.D(), "time a stage runs, healthy, before the next starts")
-	fs.Float64Var(&req.Gates.HealthMargin, "health-margin", d.HealthMargin, "how much worse (0.5 = 50%) the updated devices may be than the others")
-	fs.BoolVar(&req.Gates.HealthOff, "no-health", false, "do not compare health")
-	timeout := fs.Duration("device-timeout", d.DeviceTimeout.D(), "a device silent this long after acknowledging the offer (no report) counts as failed (timed out)")
-	replace := fs.Duration("replace-after", d.ReplaceAfter.D(), "a canary member unreachable this long is replaced by a reachable device of its stratum")
-	offline := fs.Duration("offline-deadline", rollout.DefaultLimits.OfflineDeadline.D(), "after completing, go on offering the release to members that come back for this long")
-	fs.IntVar(&req.MaxInFlight, "max-in-flight", rollout.DefaultLimits.MaxInFlight, "devices updating at once, at most")
-	fs.Var(&budgets, "budget", "keep devices of each value of a label ready: label:N or label:P% (repeat)")
-	fs.Var(&windows, "window", "offer only in this UTC window, HH:MM-HH:MM (repeat)")
-	deferred := fs.Duration("deferred-deadline", rollout.DefaultLimits.DeferredDeadline.D(), "after this, a deferred device counts as not done")
-	fs.StringVar(&req.OnFailure, "on-failure", rollout.OnFailurePause, "pause or abort when a gate fails")
-	fs.BoolVar(&req.AutoRevert, "auto-revert", false, "on failure, offer --revert-release to the devices that took the release")
-	fs.BoolVar(&req.DryRun, "dry-run", false, "show which devices each stage would take, create nothing")
-	fs.BoolVar(&req.Start, "start", false, "start at once")
-	fs.StringVar(&req.Reason, "reason", "", "why (recorded)")
+	makeReq := client.RolloutFlags(fs)
 	if err := flagsOnly(fs, args); err != nil {
 		return err
 	}
-	if err := required("release", req.Release); err != nil {
-		return err
+	req, err := makeReq()
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrUsage, err)
 	}
-	req.Gates.Soak, req.Gates.DeviceTimeout, req.DeferredDeadline = rollout.Duration(*soak), rollout.Duration(*timeout), rollout.Duration(*deferred)
-	req.Gates.ReplaceAfter, req.OfflineDeadline = rollout.Duration(*replace), rollout.Duration(*offline)
-	req.Budgets, req.Windows, req.FromVersions = budgets, windows, from
 	c, err := g.client()
 	if err != nil {
 		return err
 	}
-	var res api.CreateResult
-	if err := c.Do(ctx, http.MethodPost, "/api/v1/rollouts", nil, req, &res); err != nil {
+	res, err := c.CreateRollout(ctx, req)
+	if err != nil {
 		return err
 	}
 	if g.output == "json" {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/hangarfleet/hangar/internal/units"
 	"log/slog"
 	"net"
 	"net/http"
@@ -194,26 +195,7 @@ func trimNL(b []byte) []byte {
 
 // ParseBytes reads sizes such as 512MiB, 2GiB, 300MB or a plain number of
 // bytes.
-func ParseBytes(s string) (int64, error) {
-	units := []struct {
-		suffix string
-		mult   int64
-	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"B", 1}}
-	for _, u := range units {
-		if v, ok := strings.CutSuffix(s, u.suffix); ok {
-			n, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
-			if err != nil || n <= 0 {
-				return 0, fmt.Errorf("bad size %q", s)
-			}
-			return int64(n * float64(u.mult)), nil
-		}
-	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || n <= 0 {
-		return 0, fmt.Errorf("bad size %q (use e.g. 256MiB)", s)
-	}
-	return n, nil
-}
+func ParseBytes(s string) (int64, error) { return units.ParseBytes(s) }
 
 // DeviceCADir is where the built-in device CA lives in the data directory.
 const DeviceCADir = "device-ca"

@@ -19,8 +19,8 @@ import (
 	"time"
 
 	"github.com/hangarfleet/hangar/agent/daemon"
-	hcli "github.com/hangarfleet/hangar/controlplane/cli"
 	"github.com/hangarfleet/hangar/firmware-sim/sim"
+	"github.com/hangarfleet/hangar/internal/units"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -228,7 +228,7 @@ func setMemoryLimit(s string) error {
 	if s == "" {
 		return nil
 	}
-	n, err := hcli.ParseBytes(s)
+	n, err := units.ParseBytes(s)
 	if err != nil {
 		return fmt.Errorf("--memory-limit: %w", err)
 	}

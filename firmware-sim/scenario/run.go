@@ -1,11 +1,9 @@
 package scenario
 
 import (
-	"bytes"
 	"context"
 	"crypto/ed25519"
 	crand "crypto/rand"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -21,8 +19,7 @@ import (
 	"time"
 
 	"github.com/hangarfleet/hangar/agent/clock"
-	"github.com/hangarfleet/hangar/controlplane/api"
-	hcli "github.com/hangarfleet/hangar/controlplane/cli"
+	"github.com/hangarfleet/hangar/controlplane/client"
 	"github.com/hangarfleet/hangar/controlplane/rollout"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/firmware-sim/sim"
@@ -271,23 +268,19 @@ func (r *runner) setUp(ctx context.Context) error {
 // drones' hardware and bases, as the factory knows them, become their
 // labels (what a drone says about itself never does).
 func (r *runner) importInventory(ctx context.Context) error {
-	path := filepath.Join(r.o.WorkDir, "inventory")
-	f, err := os.Create(path)
+	c, err := r.api()
 	if err != nil {
 		return err
 	}
-	if err := r.fleet.WriteInventory(f); err != nil {
-		f.Close()
-		return err
+	var changes []store.LabelChange
+	for _, it := range r.fleet.Inventory() {
+		changes = append(changes, store.LabelChange{Device: it.ID, Set: map[string]string{"hw": it.Labels["hw"], "base": it.Labels["base"]}})
 	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	out, err := r.hangar(ctx, r.url, "device", "import", path)
+	res, err := c.Import(ctx, changes)
 	if err != nil {
-		return err
+		return fmt.Errorf("import the inventory: %w", err)
 	}
-	r.progress("inventory imported: %s", strings.TrimSpace(out))
+	r.progress("inventory imported: %d devices pre-provisioned, %d relabelled", res.Created, res.Labelled)
 	return nil
 }
 
@@ -309,23 +302,16 @@ func (r *runner) keys(ctx context.Context) error {
 		}
 	}
 	r.relKey, r.rootPub, r.keyList = filepath.Join(dir, "release.key"), filepath.Join(dir, "root.pub"), filepath.Join(dir, "keys.cose")
-	_, err := r.hangar(ctx, "", "release", "keys", "--root-key", filepath.Join(dir, "root.key"), "--add", filepath.Join(dir, "release.pub"), "--out", r.keyList)
-	return err
+	return signKeyList(filepath.Join(dir, "root.key"), filepath.Join(dir, "release.pub"), r.keyList)
 }
 
-// hangar runs the operator CLI (in process, over the real API).
-func (r *runner) hangar(ctx context.Context, server string, args ...string) (string, error) {
-	var out, errb bytes.Buffer
-	env := map[string]string{}
-	if server != "" {
-		env["HANGAR_SERVER"] = server
-		args = append(args, "--token-file", r.tok)
-	}
-	err := hcli.Run(ctx, args, hcli.Env{Stdout: &out, Stderr: &errb, Getenv: func(k string) string { return env[k] }})
+// api is a client of the control plane's API with the admin token.
+func (r *runner) api() (*client.Client, error) {
+	b, err := os.ReadFile(r.tok)
 	if err != nil {
-		return out.String(), fmt.Errorf("hangar %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(errb.String()))
+		return nil, fmt.Errorf("admin token: %w", err)
 	}
-	return out.String(), nil
+	return client.New(r.url, strings.TrimSpace(string(b))), nil
 }
 
 func (r *runner) booted(device string, fw sim.Firmware) {
@@ -360,16 +346,20 @@ func (r *runner) waitOnline(ctx context.Context, timeout time.Duration) error {
 		// devices) only once the summary says enough are online: listing
 		// 10,000 devices twice a second loads the control plane being
 		// measured.
+		c, err := r.api()
 		var h store.FleetHealth
-		out, err := r.hangar(ctx, r.url, "health", "-o", "json")
-		if err == nil && json.Unmarshal([]byte(out), &h) == nil && h.Online >= want {
-			out, err = r.hangar(ctx, r.url, "device", "ls", "--online", "true", "-o", "json")
+		var ds []store.Device
+		if err == nil {
+			h, err = c.Health(ctx)
+		}
+		if err == nil && h.Online >= want {
+			on := true
+			ds, _, err = c.Devices(ctx, client.DeviceQuery{Online: &on})
 		} else {
 			err = errors.New("not yet")
 		}
-		var ds []store.Device
 		online := h.Online
-		if err == nil && json.Unmarshal([]byte(out), &ds) == nil {
+		if err == nil {
 			online = 0
 			for _, d := range ds {
 				if strings.HasPrefix(d.ID, "drone-") {
@@ -423,22 +413,22 @@ func (r *runner) do(ctx context.Context, st Step, rng *rand.Rand) (string, error
 		return "push " + st.Push, r.push(ctx, st.Push)
 	case st.Rollout != nil:
 		rs := st.Rollout
-		args := []string{"rollout", "create", "--release", rs.Release, "-o", "json", "--reason", "scenario " + r.s.Name}
-		if rs.RevertRelease != "" {
-			args = append(args, "--revert-release", rs.RevertRelease)
-		}
-		if !rs.NoStart {
-			args = append(args, "--start")
-		}
-		args = append(args, rs.Args...)
 		what := fmt.Sprintf("rollout %s of %s %s", rs.Name, rs.Release, strings.Join(rs.Args, " "))
-		out, err := r.hangar(ctx, r.url, args...)
+		req, err := client.RolloutArgs(append([]string{"--release", rs.Release}, rs.Args...))
+		if err != nil {
+			return what, fmt.Errorf("rollout args: %w", err)
+		}
+		req.RevertRelease, req.Start, req.Reason = rs.RevertRelease, !rs.NoStart, "scenario "+r.s.Name
+		c, err := r.api()
 		if err != nil {
 			return what, err
 		}
-		var res api.CreateResult
-		if err := json.Unmarshal([]byte(out), &res); err != nil || res.Rollout == nil {
-			return what, fmt.Errorf("rollout create: %v: %s", err, out)
+		res, err := c.CreateRollout(ctx, req)
+		if err != nil {
+			return what, err
+		}
+		if res.Rollout == nil {
+			return what, fmt.Errorf("rollout create: no rollout in the reply")
 		}
 		id := res.Rollout.Spec.ID
 		r.mu.Lock()
@@ -455,7 +445,10 @@ func (r *runner) do(ctx context.Context, st Step, rng *rand.Rand) (string, error
 				op, name = c.op, c.name
 			}
 		}
-		_, err := r.hangar(ctx, r.url, "rollout", op, r.id(name), "--reason", "scenario "+r.s.Name)
+		c, err := r.api()
+		if err == nil {
+			_, err = c.Act(ctx, r.id(name), rollout.Op(op), "scenario "+r.s.Name)
+		}
 		return op + " " + name, err
 	case st.PowerCut != nil, st.Offline != nil:
 		pc, what := st.PowerCut, "power cut"
@@ -669,23 +662,35 @@ func (r *runner) push(ctx context.Context, version string) error {
 	if len(hw) == 0 {
 		hw = []string{"rev-a", "rev-b", "rev-c"}
 	}
-	if _, err := r.hangar(ctx, "", "release", "sign", "--key", r.relKey, "--artifact", art, "--version", version,
-		"--hardware", strings.Join(hw, ","), "--arch", "amd64,arm64,arm", "--counter", strconv.FormatUint(b.Counter, 10),
-		"--out", art+".manifest"); err != nil {
+	manifest, err := signManifest(r.relKey, art, proto.Manifest{Version: version, Target: proto.TargetAgent, Hardware: hw,
+		Arch: []string{"amd64", "arm64", "arm"}, Counter: b.Counter})
+	if err != nil {
 		return err
 	}
-	_, err := r.hangar(ctx, r.url, "release", "push", "--manifest", art+".manifest", "--keys", r.keyList, "--artifact", art)
+	keys, err := os.ReadFile(r.keyList)
+	if err != nil {
+		return err
+	}
+	f, err := os.Open(art)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	c, err := r.api()
+	if err != nil {
+		return err
+	}
+	_, err = c.PushRelease(ctx, manifest, keys, f)
 	return err
 }
 
 // status reads a rollout's status over the API.
 func (r *runner) status(ctx context.Context, id string) (rollout.StatusReport, error) {
-	var rep rollout.StatusReport
-	out, err := r.hangar(ctx, r.url, "rollout", "status", id, "-o", "json")
+	c, err := r.api()
 	if err != nil {
-		return rep, err
+		return rollout.StatusReport{}, err
 	}
-	return rep, json.Unmarshal([]byte(out), &rep)
+	return c.Rollout(ctx, id)
 }
 
 func (r *runner) sampleLoop(ctx context.Context) {
@@ -784,12 +789,12 @@ func (r *runner) collect(ctx context.Context) error {
 		}
 		rr := RolloutReport{ID: id, Release: rep.Spec.Release.String(), Status: string(rep.State.Status), Stage: rep.State.Stage + 1,
 			Reason: rep.State.Reason, Counts: rep.Counts, Gates: rep.Gates}
-		out, err := r.hangar(ctx, r.url, "rollout", "events", id, "-o", "json")
+		c, err := r.api()
 		if err != nil {
 			return err
 		}
-		var evs []store.Audit
-		if err := json.Unmarshal([]byte(out), &evs); err != nil {
+		evs, err := c.RolloutEvents(ctx, id)
+		if err != nil {
 			return err
 		}
 		for i := len(evs) - 1; i >= 0; i-- {
@@ -797,12 +802,8 @@ func (r *runner) collect(ctx context.Context) error {
 			rr.Events = append(rr.Events, RolloutEvent{At: e.Time.Sub(r.start).Seconds(), Actor: e.Actor, Action: e.Action,
 				From: e.Attrs["from"], To: e.Attrs["to"], Reason: e.Reason})
 		}
-		out, err = r.hangar(ctx, r.url, "rollout", "devices", id, "-o", "json")
+		ms, err := c.RolloutDevices(ctx, id, "")
 		if err != nil {
-			return err
-		}
-		var ms []rollout.MemberReport
-		if err := json.Unmarshal([]byte(out), &ms); err != nil {
 			return err
 		}
 		rr.Members = map[rollout.MemberState]int{}
