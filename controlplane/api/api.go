@@ -129,6 +129,7 @@ type API struct {
 	usedTokens
 	enrolled atomic.Uint64
 	live     liveHub
+	deliveryCache
 }
 
 // Enrolled counts the enrollments this API completed since it started
@@ -153,7 +154,8 @@ func New(opts Options) *API {
 	if opts.Metrics == nil {
 		opts.Metrics = metrics.New(nil)
 	}
-	a := &API{opts: opts, log: opts.Logger.With("component", "api"), usedTokens: usedTokens{used: map[string]time.Time{}}}
+	a := &API{opts: opts, log: opts.Logger.With("component", "api"), usedTokens: usedTokens{used: map[string]time.Time{}},
+		deliveryCache: deliveryCache{reports: map[string]deliveryEntry{}}}
 	e := echo.New()
 	a.e = e
 	e.HideBanner, e.HidePort = true, true

@@ -101,6 +101,10 @@ type usedTokens struct {
 	used   map[string]time.Time
 }
 
+// reservedNames are actors the control plane writes in the audit log
+// itself: no token may pose as one.
+var reservedNames = map[string]bool{TokenAdmin: true, TokenEnroll: true, "rollout-engine": true, "unauthenticated": true, "hangar": true}
+
 var tokenName = regexp.MustCompile(`^[a-z0-9][a-z0-9._@-]{0,63}$`)
 
 // CreateToken is wire.CreateToken.
@@ -120,8 +124,8 @@ func (a *API) createToken(c echo.Context) error {
 	if !tokenName.MatchString(req.Name) {
 		return badRequest("token name %q: 1 to 64 of a-z 0-9 . _ @ -, starting with a letter or digit", req.Name)
 	}
-	if req.Name == TokenAdmin {
-		return echo.NewHTTPError(http.StatusConflict, `"admin" is the bootstrap token's name`)
+	if reservedNames[req.Name] {
+		return echo.NewHTTPError(http.StatusConflict, fmt.Sprintf("%q is reserved: the audit log uses it for the control plane's own actions", req.Name))
 	}
 	if store.RoleRank(req.Role) == 0 {
 		return badRequest("role must be viewer, operator or admin, not %q", req.Role)

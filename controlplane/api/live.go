@@ -39,15 +39,22 @@ const MaxLiveStreams = 256
 
 const telemetryEvery = 5 * time.Second
 
+// MaxLiveStreamsPerToken bounds one token's open streams, so that one
+// token cannot take every slot.
+const MaxLiveStreamsPerToken = 8
+
 type liveSub struct {
+	who    string
 	mu     sync.Mutex
 	topics map[string]bool
 	events []store.Event
+	trunc  bool
 	wake   chan struct{}
 }
 
-func (s *liveSub) add(topics []string, evs []store.Event) {
+func (s *liveSub) add(topics []string, evs []store.Event, truncated bool) {
 	s.mu.Lock()
+	s.trunc = s.trunc || truncated
 	for _, t := range topics {
 		s.topics[t] = true
 	}
@@ -55,6 +62,7 @@ func (s *liveSub) add(topics []string, evs []store.Event) {
 	s.events = append(s.events, evs...)
 	if len(s.events) > 200 {
 		s.events = s.events[len(s.events)-200:]
+		s.trunc = true
 	}
 	s.mu.Unlock()
 	select {
@@ -69,13 +77,13 @@ func (s *liveSub) take() (LiveChange, bool) {
 	if len(s.topics) == 0 {
 		return LiveChange{}, false
 	}
-	ch := LiveChange{Events: s.events}
+	ch := LiveChange{Events: s.events, Truncated: s.trunc}
 	for _, t := range []string{TopicFleet, TopicTelemetry, TopicEvents, TopicAudit, TopicRollouts, TopicReleases} {
 		if s.topics[t] {
 			ch.Topics = append(ch.Topics, t)
 		}
 	}
-	s.topics, s.events = map[string]bool{}, nil
+	s.topics, s.events, s.trunc = map[string]bool{}, nil, false
 	return ch, true
 }
 
@@ -83,19 +91,52 @@ type liveHub struct {
 	mu      sync.Mutex
 	subs    map[*liveSub]struct{}
 	running bool
+	closed  chan struct{} // closed when the server shuts down
+	once    sync.Once
 }
 
-func (a *API) subscribe() (*liveSub, error) {
-	h := &a.live
+func (h *liveHub) done() chan struct{} {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if h.closed == nil {
+		h.closed = make(chan struct{})
+	}
+	return h.closed
+}
+
+// CloseLive ends the open live streams and their loop (the server calls
+// it at shutdown: http.Server.Shutdown does not end streaming requests).
+func (a *API) CloseLive() {
+	ch := a.live.done()
+	a.live.once.Do(func() { close(ch) })
+}
+
+func (a *API) subscribe(who string) (*liveSub, error) {
+	h := &a.live
+	closed := h.done()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	select {
+	case <-closed:
+		return nil, echo.NewHTTPError(http.StatusServiceUnavailable, "shutting down")
+	default:
+	}
 	if len(h.subs) >= MaxLiveStreams {
 		return nil, echo.NewHTTPError(http.StatusServiceUnavailable, fmt.Sprintf("%d live streams open already", MaxLiveStreams))
+	}
+	mine := 0
+	for s := range h.subs {
+		if s.who == who {
+			mine++
+		}
+	}
+	if mine >= MaxLiveStreamsPerToken {
+		return nil, echo.NewHTTPError(http.StatusTooManyRequests, fmt.Sprintf("token %s has %d live streams open already", who, mine))
 	}
 	if h.subs == nil {
 		h.subs = map[*liveSub]struct{}{}
 	}
-	s := &liveSub{topics: map[string]bool{}, wake: make(chan struct{}, 1)}
+	s := &liveSub{who: who, topics: map[string]bool{}, wake: make(chan struct{}, 1)}
 	h.subs[s] = struct{}{}
 	if !h.running {
 		h.running = true
@@ -123,15 +164,32 @@ func (a *API) liveLoop() {
 	if interval <= 0 {
 		interval = time.Second
 	}
-	ctx := context.Background()
-	prev, err := a.opts.Store.LiveMarks(ctx)
-	if err != nil {
-		a.log.Warn("live stream: watermarks", "err", err)
-	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	closed := a.live.done()
+	go func() {
+		select {
+		case <-closed:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	var prev store.LiveMarks
+	havePrev := false
 	var lastTelemetry time.Time
 	t := time.NewTicker(interval)
 	defer t.Stop()
-	for range t.C {
+	for {
+		if havePrev {
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				a.live.mu.Lock()
+				a.live.running = false
+				a.live.mu.Unlock()
+				return
+			}
+		}
 		a.live.mu.Lock()
 		if len(a.live.subs) == 0 {
 			a.live.running = false
@@ -141,14 +199,28 @@ func (a *API) liveLoop() {
 		a.live.mu.Unlock()
 		cur, err := a.opts.Store.LiveMarks(ctx)
 		if err != nil {
-			a.log.Warn("live stream: watermarks", "err", err)
+			if ctx.Err() == nil {
+				a.log.Warn("live stream: watermarks", "err", err)
+			}
+			if !havePrev {
+				select { // no base to compare with yet: try again
+				case <-t.C:
+				case <-ctx.Done():
+				}
+			}
+			continue
+		}
+		if !havePrev {
+			prev, havePrev = cur, true
 			continue
 		}
 		var topics []string
 		var evs []store.Event
 		if cur.Event != prev.Event {
 			topics = append(topics, TopicEvents)
-			evs, _ = a.opts.Store.QueryEvents(ctx, store.EventFilter{After: prev.Event, Limit: 200})
+			// Exactly the events between the two marks; beyond 200, the
+			// consoles re-read (Truncated).
+			evs, _ = a.opts.Store.QueryEvents(ctx, store.EventFilter{After: prev.Event, Before: cur.Event + 1, Limit: 200})
 		}
 		if cur.Fleet != prev.Fleet {
 			topics = append(topics, TopicFleet)
@@ -174,7 +246,7 @@ func (a *API) liveLoop() {
 		}
 		a.live.mu.Lock()
 		for s := range a.live.subs {
-			s.add(topics, evs)
+			s.add(topics, evs, len(evs) == 200)
 		}
 		a.live.mu.Unlock()
 	}
@@ -184,7 +256,7 @@ func (a *API) liveLoop() {
 // then "change" messages, and a comment every 15 s to keep proxies from
 // closing an idle connection.
 func (a *API) liveStream(c echo.Context) error {
-	sub, err := a.subscribe()
+	sub, err := a.subscribe(principal(c).Name)
 	if err != nil {
 		return err
 	}
@@ -214,11 +286,19 @@ func (a *API) liveStream(c echo.Context) error {
 	keep := time.NewTicker(15 * time.Second)
 	defer keep.Stop()
 	ctx := c.Request().Context()
+	closed := a.live.done()
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-closed:
+			return nil
 		case <-keep.C:
+			// The token may have been revoked or have expired since.
+			if _, err := a.authenticate(c); err != nil {
+				_ = send("end", map[string]string{"reason": fmt.Sprint(err)})
+				return nil
+			}
 			_ = rc.SetWriteDeadline(time.Now().Add(30 * time.Second))
 			if _, err := fmt.Fprint(w, ": keep-alive\n\n"); err != nil {
 				return nil

@@ -130,14 +130,17 @@ func Compute(in Input) Report {
 		return "unknown"
 	}
 	byRel := map[relKey]map[string]Update{}
-	byTarget := map[string][]Update{}
+	byTarget := map[string]map[string][]Update{} // target, device
 	for _, u := range in.Updates {
 		k := relKey{u.Target, u.Counter}
 		if byRel[k] == nil {
 			byRel[k] = map[string]Update{}
 		}
 		byRel[k][u.Device] = u
-		byTarget[u.Target] = append(byTarget[u.Target], u)
+		if byTarget[u.Target] == nil {
+			byTarget[u.Target] = map[string][]Update{}
+		}
+		byTarget[u.Target][u.Device] = append(byTarget[u.Target][u.Device], u)
 	}
 	hws := map[string]bool{}
 	for _, r := range in.Rollouts {
@@ -153,7 +156,7 @@ func Compute(in Input) Report {
 	return rep
 }
 
-func compute(in Input, byRel map[relKey]map[string]Update, byTarget map[string][]Update, keep func(string) bool) Metrics {
+func compute(in Input, byRel map[relKey]map[string]Update, byTarget map[string]map[string][]Update, keep func(string) bool) Metrics {
 	var m Metrics
 	weeks := in.To.Sub(in.From).Hours() / (24 * 7)
 	targeted := map[relKey][]string{}
@@ -164,11 +167,14 @@ func compute(in Input, byRel map[relKey]map[string]Update, byTarget map[string][
 		}
 		k := relKey{r.Target, r.Counter}
 		targeted[k] = append(targeted[k], members...)
-		if !r.Ended.IsZero() && within(r.Ended, in.From, in.To) {
+		// A rollout counts once it ended in the window, or failed in it
+		// and is still stopped there (paused on a failing gate).
+		ended := within(r.Ended, in.From, in.To)
+		if ended && r.Completed {
+			m.DeploymentFrequency.Completed++
+		}
+		if ended || (r.Ended.IsZero() && within(r.Failed, in.From, in.To)) {
 			m.ChangeFailureRate.Finished++
-			if r.Completed {
-				m.DeploymentFrequency.Completed++
-			}
 			if !r.Failed.IsZero() && failedFor(r, members, byRel[k]) {
 				m.ChangeFailureRate.Failed++
 			}
@@ -238,17 +244,20 @@ func compute(in Input, byRel map[relKey]map[string]Update, byTarget map[string][
 
 // failedFor: a failed rollout counts against a population when one of its
 // members there failed the release (rolled back, install failed,
-// rejected), or when no member anywhere did (the failure is the whole
+// rejected), or when none of its members did (the failure is the whole
 // rollout's: an operator's abort, a gate on telemetry).
 func failedFor(r Rollout, members []string, ups map[string]Update) bool {
-	bad := func(u Update) bool { return u.State == "rolled_back" || u.State == "failed" || u.State == "rejected" }
+	bad := func(d string) bool {
+		u, ok := ups[d]
+		return ok && (u.State == "rolled_back" || u.State == "failed" || u.State == "rejected")
+	}
 	for _, d := range members {
-		if u, ok := ups[d]; ok && bad(u) {
+		if bad(d) {
 			return true
 		}
 	}
-	for _, u := range ups {
-		if bad(u) {
+	for _, d := range r.Members {
+		if bad(d) {
 			return false
 		}
 	}
@@ -256,7 +265,7 @@ func failedFor(r Rollout, members []string, ups map[string]Update) bool {
 }
 
 // restored is when the last affected member ran a good build again.
-func restored(r Rollout, members []string, ups map[string]Update, target []Update) (time.Time, bool) {
+func restored(r Rollout, members []string, ups map[string]Update, target map[string][]Update) (time.Time, bool) {
 	var last time.Time
 	for _, d := range members {
 		u, tried := ups[d]
@@ -270,8 +279,8 @@ func restored(r Rollout, members []string, ups map[string]Update, target []Updat
 		default:
 			// Committed (or still trying) the bad build: restored by a
 			// later commit of another release of the target.
-			for _, o := range target {
-				if o.Device == d && o.Counter != r.Counter && o.State == "committed" && o.Time.After(r.Failed.Add(-time.Second)) &&
+			for _, o := range target[d] {
+				if o.Counter != r.Counter && o.State == "committed" && o.Time.After(r.Failed.Add(-time.Second)) &&
 					(at.IsZero() || o.Time.Before(at)) {
 					at = o.Time
 				}

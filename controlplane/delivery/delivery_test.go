@@ -134,3 +134,30 @@ func TestUnrestoredAndEmpty(t *testing.T) {
 		t.Errorf("empty window: %+v", o)
 	}
 }
+
+// A rollout left paused on its failing gate counts as a failure, and a
+// failure of one rollout is not another's: an operator's abort of a
+// rollout whose members did not fail counts, whatever other rollouts of
+// the release saw.
+func TestPausedAndOtherRollouts(t *testing.T) {
+	in := history()
+	for i := range in.Rollouts {
+		if in.Rollouts[i].ID == "r3" {
+			in.Rollouts[i].Ended = time.Time{}
+		}
+	}
+	o := Compute(in).Overall
+	if o.ChangeFailureRate.Failed != 1 || o.ChangeFailureRate.Finished != 3 {
+		t.Errorf("paused on a failure: %+v, want 1 of 3", o.ChangeFailureRate)
+	}
+	// r6 rolls out 1.3 to two rev-a drones that never got it, and an
+	// operator aborts it: a failure, though r3's rev-b drones rolled
+	// back 1.3 and r6's did not.
+	t6 := in.From.Add(6 * 24 * time.Hour)
+	in.Rollouts = append(in.Rollouts, Rollout{ID: "r6", Target: "agent", Counter: 13, Created: t6, Failed: t6.Add(time.Minute),
+		Ended: t6.Add(time.Minute), Members: []string{"a9", "a10"}})
+	rep := Compute(in)
+	if got := rep.ByHardware["rev-a"].ChangeFailureRate; got.Failed != 1 {
+		t.Errorf("rev-a after an operator's abort of its own rollout: %+v", got)
+	}
+}

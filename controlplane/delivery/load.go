@@ -20,7 +20,7 @@ type Source interface {
 }
 
 // HardwareLabel is the operators' label that names a device's hardware
-// revision; a device without it counts under the hardware it reports.
+// revision; a device without it counts as "unknown".
 const HardwareLabel = "hw"
 
 // Load reads the history the metrics of [from, to] need: rollouts created
@@ -34,7 +34,7 @@ func Load(ctx context.Context, src Source, from, to time.Time) (Input, error) {
 	}
 	needTargets := map[string]bool{}
 	for _, row := range rows {
-		if row.Created.After(to) {
+		if !row.Created.Before(to) {
 			continue
 		}
 		var spec rollout.Spec
@@ -49,6 +49,9 @@ func Load(ctx context.Context, src Source, from, to time.Time) (Input, error) {
 		}
 		if st.Status.Final() && st.Ended > 0 {
 			r.Ended = time.UnixMilli(st.Ended).UTC()
+			if r.Ended.Before(from) {
+				continue // over before the window: counts for none of its keys
+			}
 		}
 		audit, err := src.AuditLog(ctx, row.ID, 10000)
 		if err != nil {
@@ -87,15 +90,15 @@ func Load(ctx context.Context, src Source, from, to time.Time) (Input, error) {
 			in.Updates = append(in.Updates, Update{Device: u.Device, Target: u.Target, Counter: u.Counter, State: u.State, Time: u.Updated})
 		}
 	}
-	devs, err := src.Devices(ctx, store.DeviceFilter{})
+	// The operators' label, not what a device reports: grouping by
+	// operators' labels only, and a bounded number of revisions.
+	devs, err := src.Devices(ctx, store.DeviceFilter{Brief: true})
 	if err != nil {
 		return in, err
 	}
 	for _, d := range devs {
 		if hw := d.Labels[HardwareLabel]; hw != "" {
 			in.Hardware[d.ID] = hw
-		} else if d.Hardware != "" {
-			in.Hardware[d.ID] = d.Hardware
 		}
 	}
 	return in, nil

@@ -31,7 +31,8 @@ func benchServer(b *testing.B, n int) *server.Server {
 	httpLn, _ := net.Listen("tcp", "127.0.0.1:0")
 	mqttLn, _ := net.Listen("tcp", "127.0.0.1:0")
 	s, err := server.New(server.Options{DataDir: b.TempDir(), HTTPListener: httpLn, MQTTListener: mqttLn,
-		RolloutInterval: time.Hour, Logger: benchLogger(), OnlineTimeout: 24 * time.Hour}) // planned when poked, as start does
+		RolloutInterval: time.Hour, Logger: benchLogger(), OnlineTimeout: 24 * time.Hour, // planned when poked, as start does
+		LiveInterval: 50 * time.Millisecond})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -52,6 +52,9 @@ type Options struct {
 	// NewAdminToken replaces the bootstrap admin token (DATA/admin.token)
 	// at start: the previous one stops working.
 	NewAdminToken bool
+	// LiveInterval is how often the console's live stream looks for
+	// changes (default 1 s).
+	LiveInterval time.Duration
 	// HistoryInterval is how often the fleet's health summary is kept
 	// for the console's charts (default DefaultHistoryInterval).
 	HistoryInterval time.Duration
@@ -248,8 +251,9 @@ func New(opts Options) (*Server, error) {
 	}
 	s.ingest = ingest.New(db, io)
 	s.api = api.New(api.Options{
-		Delivery: s.db,
-		Store:    db, Bus: s.bus, Metrics: s.metrics, Logger: opts.Logger, Version: opts.Version,
+		Delivery:     s.db,
+		LiveInterval: opts.LiveInterval,
+		Store:        db, Bus: s.bus, Metrics: s.metrics, Logger: opts.Logger, Version: opts.Version,
 		MQTTURL: s.advertisedMQTT, Static: web.Handler(),
 		EnrollSource: limiter(opts.EnrollRate), EnrollDevice: throttle.New(1.0/60, 10, 100_000),
 		Releases: &api.ReleaseOptions{Store: db, Send: s.cmds, Roots: opts.RootKeys,
@@ -282,6 +286,7 @@ func New(opts Options) (*Server, error) {
 		// Failed handshakes (scanners, clients that do not trust the CA)
 		// are routine on a public address.
 		ErrorLog: slog.NewLogLogger(opts.Logger.With("component", "http").Handler(), slog.LevelDebug)}
+	s.http.RegisterOnShutdown(s.api.CloseLive)
 	ok = true
 	return s, nil
 }
@@ -319,9 +324,14 @@ func (s *Server) initTokens() error {
 		{api.TokenAdmin, AdminTokenFile, "hga_", &s.AdminToken},
 		{api.TokenEnroll, EnrollTokenFile, "hge_", &s.EnrollToken},
 	} {
-		if _, err := s.db.TokenHash(ctx, t.name); err == nil && !(t.name == api.TokenAdmin && s.opts.NewAdminToken) {
+		_, err := s.db.TokenHash(ctx, t.name)
+		rotate := t.name == api.TokenAdmin && s.opts.NewAdminToken
+		switch {
+		case err == nil && !rotate:
 			continue
-		} else if !errors.Is(err, store.ErrNotFound) {
+		case err == nil, errors.Is(err, store.ErrNotFound):
+			// make one (again)
+		default:
 			return err
 		}
 		tok := api.NewSecret(t.prefix)

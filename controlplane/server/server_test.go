@@ -54,3 +54,57 @@ func TestEnrollmentBrokerURLNotFromHost(t *testing.T) {
 		t.Fatalf("a broker on every address without --mqtt-advertise: %v", err)
 	}
 }
+
+// --new-admin-token replaces the bootstrap admin token: the old one is
+// refused, the new one (in the file) works, the enrollment token stays.
+func TestNewAdminToken(t *testing.T) {
+	dir := t.TempDir()
+	start := func(rotate bool) (*server.Server, func()) {
+		hl, _ := net.Listen("tcp", "127.0.0.1:0")
+		ml, _ := net.Listen("tcp", "127.0.0.1:0")
+		srv, err := server.New(server.Options{DataDir: dir, HTTPListener: hl, MQTTListener: ml, NewAdminToken: rotate})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { srv.Run(ctx); close(done) }()
+		return srv, func() { cancel(); <-done }
+	}
+	read := func(f string) string {
+		b, _ := os.ReadFile(filepath.Join(dir, f))
+		return strings.TrimSpace(string(b))
+	}
+	status := func(srv *server.Server, tok string) int {
+		req, _ := http.NewRequest("GET", srv.URL()+"/api/v1/whoami", nil)
+		req.Header.Set("Authorization", "Bearer "+tok)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	srv, stop := start(false)
+	old, enroll := read(server.AdminTokenFile), read(server.EnrollTokenFile)
+	if status(srv, old) != http.StatusOK {
+		t.Fatal("the first admin token does not work")
+	}
+	stop()
+	srv, stop = start(false)
+	if read(server.AdminTokenFile) != old || status(srv, old) != http.StatusOK {
+		t.Fatal("a restart changed the admin token")
+	}
+	stop()
+	srv, stop = start(true)
+	defer stop()
+	if now := read(server.AdminTokenFile); now == old || status(srv, now) != http.StatusOK {
+		t.Fatalf("--new-admin-token: new token %q, works: %d", now, status(srv, now))
+	}
+	if status(srv, old) != http.StatusUnauthorized {
+		t.Error("the replaced admin token still works")
+	}
+	if read(server.EnrollTokenFile) != enroll {
+		t.Error("--new-admin-token changed the enrollment token")
+	}
+}

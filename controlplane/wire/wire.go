@@ -97,6 +97,8 @@ type Principal struct {
 type LiveChange struct {
 	Topics []string      `json:"topics"`
 	Events []store.Event `json:"events,omitempty"`
+	// Truncated: more events came than the message holds; re-read them.
+	Truncated bool `json:"truncated,omitempty"`
 	Time   time.Time     `json:"time"`
 }
 

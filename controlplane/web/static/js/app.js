@@ -87,7 +87,8 @@ async function route() {
   // Changes are coalesced per view: at most one refresh a second.
   unlisten = api.onChange((ch) => {
     if (!view.topics || !ch.topics.some((t) => view.topics.includes(t))) return;
-    pending = pending ? { topics: [...new Set([...pending.topics, ...ch.topics])], events: [...pending.events, ...(ch.events || [])] } : { topics: ch.topics, events: ch.events || [] };
+    pending = pending ? { topics: [...new Set([...pending.topics, ...ch.topics])], events: [...pending.events, ...(ch.events || [])], truncated: pending.truncated || !!ch.truncated }
+      : { topics: ch.topics, events: ch.events || [], truncated: !!ch.truncated };
     if (timer) return;
     timer = setTimeout(async () => {
       const p = pending; pending = null; timer = null;
@@ -174,7 +175,7 @@ async function overview(main) {
     const ul = el("ul", { class: "plain" });
     for (const r of live.slice(0, 8)) {
       ul.append(el("li", {}, el("a", { href: "#rollout/" + encodeURIComponent(r.spec.id) }, r.spec.id), ` ${r.spec.release.target}@${r.spec.release.version} `,
-        el("span", { class: "status s-" + r.state.status }, r.state.status), ` stage ${r.state.stage + 1} of ${r.spec.stages.length} `,
+        el("span", { class: "status s-" + cls(r.state.status) }, r.state.status), ` stage ${r.state.stage + 1} of ${r.spec.stages.length} `,
         progress(r.state.stage + (r.state.status === "completed" ? 1 : 0), r.spec.stages.length, `stage of ${r.spec.id}`)));
     }
     box.replaceChildren(ul);
@@ -357,7 +358,7 @@ async function device(main, id) {
   const loadUpdates = async () => {
     const us = await api.get(`/api/v1/devices/${encodeURIComponent(id)}/updates`);
     ups.replaceChildren(us.length ? table("", ["Release", "State", "Why", "Rollout", "When"], us.map((u) => [`${u.target}@${u.version}`,
-      el("span", { class: "state st-" + u.state }, u.state), u.reason || u.check || "", u.rollout ? el("a", { href: "#rollout/" + encodeURIComponent(u.rollout) }, u.rollout) : "–", when(u.updated)])) :
+      el("span", { class: "state st-" + cls(u.state) }, u.state), u.reason || u.check || "", u.rollout ? el("a", { href: "#rollout/" + encodeURIComponent(u.rollout) }, u.rollout) : "–", when(u.updated)])) :
       el("p", { class: "muted" }, "No updates yet."));
   };
   const loadEvents = async () => {
@@ -378,6 +379,9 @@ async function device(main, id) {
   };
 }
 
+// cls makes a CSS class word of a value a device reported.
+const cls = (v) => String(v || "").replace(/[^a-z_-]/g, "");
+
 function eventWhat(e) {
   if (e.update) return `${e.update.target} ${e.update.version}: ${e.update.state}${e.update.reason ? " (" + e.update.reason + ")" : ""}`;
   return e.message || e.code || "";
@@ -386,7 +390,7 @@ function eventWhat(e) {
 function eventRow(e, device) {
   const cells = [when(e.time)];
   if (!device) cells.push(el("a", { href: "#device/" + encodeURIComponent(e.device) }, e.device));
-  cells.push(e.kind, el("span", { class: "sev sev-" + e.severity }, e.severity), eventWhat(e));
+  cells.push(e.kind, el("span", { class: "sev sev-" + cls(e.severity) }, e.severity), eventWhat(e));
   return el("tr", { "data-id": String(e.id) }, cells.map((c) => el("td", {}, c)));
 }
 
@@ -421,7 +425,7 @@ async function rollouts(main) {
     const rs = (await api.get("/api/v1/rollouts")) || [];
     list.replaceChildren(rs.length ? table("", ["Rollout", "Release", "Status", "Stage", "Created", "Why"], rs.map((r) => [
       el("a", { href: "#rollout/" + encodeURIComponent(r.spec.id) }, r.spec.id), `${r.spec.release.target}@${r.spec.release.version}`,
-      el("span", { class: "status s-" + r.state.status }, r.state.status + (r.state.reverting ? " (reverting)" : "")),
+      el("span", { class: "status s-" + cls(r.state.status) }, r.state.status + (r.state.reverting ? " (reverting)" : "")),
       `${Math.min(r.state.stage + 1, r.spec.stages.length)} of ${r.spec.stages.length}`, el("span", {}, when(r.created), " by ", r.created_by), r.state.reason || ""]), { id: "rollouts-table" }) :
       el("p", { class: "muted" }, "No rollouts yet."));
   };
@@ -494,7 +498,7 @@ async function rollout(main, id) {
   const load = async () => {
     const r = await api.get("/api/v1/rollouts/" + enc);
     const st = r.state;
-    head.replaceChildren(el("p", {}, `${r.spec.release.target}@${r.spec.release.version} · `, el("span", { class: "status s-" + st.status, id: "rollout-status" }, st.status + (st.reverting ? " (reverting)" : "")),
+    head.replaceChildren(el("p", {}, `${r.spec.release.target}@${r.spec.release.version} · `, el("span", { class: "status s-" + cls(st.status), id: "rollout-status" }, st.status + (st.reverting ? " (reverting)" : "")),
       ` · stage ${Math.min(st.stage + 1, r.spec.stages.length)} of ${r.spec.stages.length} · ${r.targeted} targeted · created `, when(r.created), ` by ${r.created_by}`),
       st.reason ? el("p", { class: "why" }, st.reason) : "", st.canary ? el("p", { class: "muted" }, st.canary) : "");
     stages.replaceChildren(el("ol", { class: "stages" }, (r.stages || []).map((s, i) => {
@@ -503,7 +507,7 @@ async function rollout(main, id) {
         ` ${done}/${s.devices} committed`, bad ? el("span", { class: "bad" }, ` · ${bad} failed`) : "",
         ` · ${Object.entries(s.states).filter(([k]) => k !== "committed").map(([k, n]) => k + " " + n).join(", ")}`);
     })));
-    const verdict = (g) => el("span", { class: "verdict v-" + g.verdict.replace(/\s/g, "-") }, g.verdict);
+    const verdict = (g) => el("span", { class: "verdict v-" + cls(g.verdict.replace(/\s/g, "-")) }, g.verdict);
     gates.replaceChildren((r.gates || []).length ? table("", ["Gate", "Stratum", "Measured", "Threshold", "Verdict", "Why"], r.gates.map((g) => [g.name, g.stratum || "all",
       g.judged ? fmtNum(g.value) : "–", fmtNum(g.threshold), verdict(g), g.why]), { id: "gates-table" }) : el("p", { class: "muted" }, "Not judged yet."));
     strata.replaceChildren((r.strata || []).length ? table("", ["Stratum", "Members", "Canary", "Reachable", "Committed", "Failed", "Gates"], r.strata.map((s) => [`${s.label}=${s.value}`,
@@ -529,7 +533,7 @@ async function rollout(main, id) {
     const ms = await api.get(`/api/v1/rollouts/${enc}/devices` + (stateSel.value ? "?state=" + stateSel.value : ""));
     const shown = ms.slice(0, 200);
     members.replaceChildren(table(`${ms.length} members${ms.length > shown.length ? ", first 200 shown" : ""}`, ["Device", "Stage", "State", "Version", "Online", "Report", "Why"], shown.map((m) => [
-      el("a", { href: "#device/" + encodeURIComponent(m.device) }, m.device), String(m.stage), el("span", { class: "state st-" + m.state }, m.state), m.version || "–", m.online ? "yes" : "no",
+      el("a", { href: "#device/" + encodeURIComponent(m.device) }, m.device), String(m.stage), el("span", { class: "state st-" + cls(m.state) }, m.state), m.version || "–", m.online ? "yes" : "no",
       m.update ? m.update.state : "–", (m.update && m.update.reason) || (m.revert && m.revert.reason) || ""]), { id: "members-table" }));
   };
   const loadTimeline = async () => {
@@ -565,7 +569,8 @@ async function events(main, _arg, q) {
   const sevRank = { info: 0, warning: 1, critical: 2 };
   return {
     topics: ["events"],
-    async refresh({ events }) {
+    async refresh({ events, truncated }) {
+      if (truncated) { await load(); return; }
       // New events come in the message: prepend those that match.
       const dev = f.device.value.trim(), kind = f.kind.value, sev = f.severity.value;
       const match = events.filter((e) => (!dev || e.device === dev) && (!kind || e.kind === kind) && (!sev || sevRank[e.severity] >= sevRank[sev]));
@@ -617,7 +622,9 @@ async function delivery(main) {
   };
   win.addEventListener("change", load);
   await load();
-  return { topics: ["rollouts"], refresh: load };
+  // Computed from the whole history: reloaded when the window changes or
+  // the page opens, not on every rollout step.
+  return {};
 }
 
 // ---- tokens (admins) ----
