@@ -98,8 +98,8 @@ type LiveChange struct {
 	Topics []string      `json:"topics"`
 	Events []store.Event `json:"events,omitempty"`
 	// Truncated: more events came than the message holds; re-read them.
-	Truncated bool `json:"truncated,omitempty"`
-	Time   time.Time     `json:"time"`
+	Truncated bool      `json:"truncated,omitempty"`
+	Time      time.Time `json:"time"`
 }
 
 // ImportResult is the answer to an inventory import.
