@@ -20,7 +20,7 @@ import (
 )
 
 // simRelease builds a simulated firmware artifact, signs and pushes it.
-func (k *releaseKit) simRelease(t *testing.T, cp endpoint, fw sim.Firmware, counter uint64) {
+func (k *releaseKit) simRelease(t testing.TB, cp endpoint, fw sim.Firmware, counter uint64) {
 	t.Helper()
 	if fw.Size == 0 {
 		fw.Size = 16 << 10

@@ -34,7 +34,7 @@ type releaseKit struct {
 	relKey   string
 }
 
-func newReleaseKit(t *testing.T) *releaseKit {
+func newReleaseKit(t testing.TB) *releaseKit {
 	t.Helper()
 	k := &releaseKit{dir: t.TempDir()}
 	for _, name := range []string{"root", "release"} {
@@ -50,7 +50,7 @@ func newReleaseKit(t *testing.T) *releaseKit {
 	return k
 }
 
-func (k *releaseKit) cli(t *testing.T, server string, args ...string) string {
+func (k *releaseKit) cli(t testing.TB, server string, args ...string) string {
 	t.Helper()
 	var out, errb bytes.Buffer
 	env := map[string]string{}
@@ -63,7 +63,7 @@ func (k *releaseKit) cli(t *testing.T, server string, args ...string) string {
 	return out.String()
 }
 
-func (k *releaseKit) rootKey(t *testing.T) ed25519.PublicKey {
+func (k *releaseKit) rootKey(t testing.TB) ed25519.PublicKey {
 	b, _ := os.ReadFile(k.rootPub)
 	pub, err := proto.ParsePublicKey(b)
 	if err != nil {
@@ -74,11 +74,11 @@ func (k *releaseKit) rootKey(t *testing.T) ed25519.PublicKey {
 
 // release signs and pushes an artifact, as the release engineer and the
 // operator would.
-func (k *releaseKit) release(t *testing.T, cp endpoint, artifact, version string, counter uint64) {
+func (k *releaseKit) release(t testing.TB, cp endpoint, artifact, version string, counter uint64) {
 	k.releaseFor(t, cp, artifact, version, counter, "rev-b")
 }
 
-func (k *releaseKit) releaseFor(t *testing.T, cp endpoint, artifact, version string, counter uint64, hardware string) {
+func (k *releaseKit) releaseFor(t testing.TB, cp endpoint, artifact, version string, counter uint64, hardware string) {
 	t.Helper()
 	manifest := artifact + ".manifest"
 	k.cli(t, "", "release", "sign", "--key", k.relKey, "--artifact", artifact, "--version", version, "--hardware", hardware,
