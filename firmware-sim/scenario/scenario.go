@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"slices"
 	"time"
 
 	"go.yaml.in/yaml/v3"
@@ -264,39 +263,6 @@ type CanaryBack struct {
 	Now     string `yaml:"now" json:"now"`         // the build they must run at the end
 }
 
-// String says an expectation in words.
-func (e Expectation) String() string {
-	switch {
-	case e.RolloutStatus != nil:
-		return fmt.Sprintf("rollout %s ends %s", e.RolloutStatus.Rollout, e.RolloutStatus.Status)
-	case e.NeverOutsideCanary != nil && e.NeverOutsideCanary.Hardware != "":
-		return fmt.Sprintf("no %s device outside the canary of %s ever runs %s", e.NeverOutsideCanary.Hardware, e.NeverOutsideCanary.Rollout, e.NeverOutsideCanary.Version)
-	case e.NeverOutsideCanary != nil:
-		return fmt.Sprintf("no device outside the canary of %s ever runs %s", e.NeverOutsideCanary.Rollout, e.NeverOutsideCanary.Version)
-	case e.AtMostRan != nil:
-		return fmt.Sprintf("at most %g%% of the fleet ever runs %s", e.AtMostRan.Percent, e.AtMostRan.Version)
-	case e.AllOn != nil:
-		return fmt.Sprintf("every drone runs %s within %v", e.AllOn.Version, time.Duration(e.AllOn.Within))
-	case e.CanaryBackOn != nil:
-		return fmt.Sprintf("every canary device of %s that ran %s runs %s at the end", e.CanaryBackOn.Rollout, e.CanaryBackOn.Version, e.CanaryBackOn.Now)
-	case e.NoneBricked:
-		return "no drone is bricked"
-	case e.HostileContained:
-		return "the hostile device is contained and recorded"
-	case e.NoneLost:
-		return "no message a drone sent is missing"
-	case e.ReconnectWithin != 0:
-		return fmt.Sprintf("every drone reconnects within %v of a restart", time.Duration(e.ReconnectWithin))
-	case e.ConnectRateAtMost != 0:
-		return fmt.Sprintf("the broker accepts at most %d connections a second", e.ConnectRateAtMost)
-	case e.FakesExcluded:
-		return "no fake device is a member of a rollout or runs a build"
-	case e.NoneFailed != "":
-		return fmt.Sprintf("no member of %s failed or timed out", e.NoneFailed)
-	}
-	return "?"
-}
-
 // Duration is a time.Duration written as "90s" in YAML and JSON.
 type Duration time.Duration
 
@@ -367,18 +333,8 @@ func (s *Scenario) defaults() {
 		}
 	}
 	for i := range s.Timeline {
-		st := &s.Timeline[i]
-		if st.PowerCut != nil && st.PowerCut.Off == 0 {
-			st.PowerCut.Off = Duration(2 * time.Second)
-		}
-		if st.KillControlPlane != nil && st.KillControlPlane.Down == 0 {
-			st.KillControlPlane.Down = Duration(time.Second)
-		}
-		if st.RestartControlPlane != nil && st.RestartControlPlane.Down == 0 {
-			st.RestartControlPlane.Down = Duration(time.Second)
-		}
-		if st.LinkLoss != nil && st.LinkLoss.Flap == 0 {
-			st.LinkLoss.Flap = Duration(5 * time.Second)
+		for _, a := range s.Timeline[i].actions() {
+			a.setDefaults()
 		}
 	}
 	if s.Timeout == 0 {
@@ -396,8 +352,10 @@ func (s *Scenario) defaults() {
 // proxies between the drones and the control plane).
 func (s Scenario) linkFaults() bool {
 	for _, st := range s.Timeline {
-		if st.LinkLoss != nil || st.SlowLink != nil {
-			return true
+		for _, a := range st.actions() {
+			if a.breaksLinks() {
+				return true
+			}
 		}
 	}
 	return false
@@ -432,85 +390,33 @@ func (s Scenario) Validate() error {
 		errs = append(errs, errors.New("sample_every, timeout and settle must be positive"))
 	}
 	rollouts := map[string]bool{}
+	c := &checkCtx{builds: builds, rollouts: rollouts}
 	for i, st := range s.Timeline {
-		n := 0
-		for _, set := range []bool{st.Push != "", st.Rollout != nil, st.Pause != "", st.Resume != "", st.Abort != "", st.Promote != "",
-			st.Revert != "", st.PowerCut != nil, st.KillControlPlane != nil, st.RestartControlPlane != nil, st.LinkLoss != nil, st.SlowLink != nil,
-			st.HostileDevice != nil, st.Offline != nil, st.ClockSkew != nil, st.ClockSync, st.Fakes != nil} {
-			if set {
-				n++
-			}
-		}
-		if n != 1 {
-			errs = append(errs, fmt.Errorf("timeline[%d] at %v: %d actions, want exactly one", i, time.Duration(st.At), n))
-		}
 		if i > 0 && st.At < s.Timeline[i-1].At {
 			errs = append(errs, fmt.Errorf("timeline[%d]: steps must be in time order", i))
 		}
-		if st.Push != "" && !builds[st.Push] {
-			errs = append(errs, fmt.Errorf("timeline[%d]: push of unknown build %s", i, st.Push))
+		if st.At < 0 {
+			errs = append(errs, fmt.Errorf("timeline[%d]: negative time", i))
 		}
-		if r := st.Rollout; r != nil {
-			if r.Name == "" || rollouts[r.Name] {
-				errs = append(errs, fmt.Errorf("timeline[%d]: a rollout needs a name of its own", i))
-			}
-			rollouts[r.Name] = true
-			if !builds[r.Release] {
-				errs = append(errs, fmt.Errorf("timeline[%d]: rollout of unknown build %s", i, r.Release))
-			}
+		acts := st.actions()
+		if len(acts) != 1 {
+			errs = append(errs, fmt.Errorf("timeline[%d] at %v: %d actions, want exactly one", i, time.Duration(st.At), len(acts)))
+			continue
 		}
-		for _, ref := range []string{st.Pause, st.Resume, st.Abort, st.Promote, st.Revert} {
-			if ref != "" && !rollouts[ref] {
-				errs = append(errs, fmt.Errorf("timeline[%d]: no rollout %q before this step", i, ref))
-			}
-		}
-		if st.LinkLoss != nil && (st.LinkLoss.Percent <= 0 || st.LinkLoss.Percent > 100 || st.LinkLoss.For <= 0 || st.LinkLoss.Flap <= 0) {
-			errs = append(errs, fmt.Errorf("timeline[%d]: link_loss needs percent in (0, 100], a positive duration (for) and flap", i))
-		}
-		if st.At < 0 || (st.PowerCut != nil && st.PowerCut.Off < 0) || (st.KillControlPlane != nil && st.KillControlPlane.Down < 0) ||
-			(st.RestartControlPlane != nil && st.RestartControlPlane.Down < 0) || (st.SlowLink != nil && st.SlowLink.BytesPerSecond < 0) {
-			errs = append(errs, fmt.Errorf("timeline[%d]: negative time or rate", i))
-		}
-		if st.ClockSkew != nil && (st.ClockSkew.Percent <= 0 || st.ClockSkew.Percent > 100) {
-			errs = append(errs, fmt.Errorf("timeline[%d]: clock_skew.percent must be in (0, 100]", i))
-		}
-		if st.Offline != nil && (st.Offline.Percent <= 0 || st.Offline.Percent > 100 || st.Offline.Off <= 0) {
-			errs = append(errs, fmt.Errorf("timeline[%d]: offline needs percent in (0, 100] and off", i))
-		}
-		if st.Fakes != nil && (st.Fakes.Count <= 0 || len(st.Fakes.Claims) == 0) {
-			errs = append(errs, fmt.Errorf("timeline[%d]: fakes need a positive count and claims", i))
-		}
-		if st.PowerCut != nil && (st.PowerCut.Percent <= 0 || st.PowerCut.Percent > 100) {
-			errs = append(errs, fmt.Errorf("timeline[%d]: power_cut.percent must be in (0, 100]", i))
+		if err := acts[0].check(c); err != nil {
+			errs = append(errs, fmt.Errorf("timeline[%d]: %w", i, err))
 		}
 	}
 	for i, e := range s.Expect {
-		n := 0
-		for _, set := range []bool{e.RolloutStatus != nil, e.NeverOutsideCanary != nil, e.AtMostRan != nil, e.AllOn != nil, e.CanaryBackOn != nil, e.NoneBricked,
-			e.ReconnectWithin != 0, e.ConnectRateAtMost != 0, e.HostileContained, e.NoneLost, e.FakesExcluded, e.NoneFailed != ""} {
-			if set {
-				n++
-			}
-		}
-		if n != 1 {
-			errs = append(errs, fmt.Errorf("expect[%d]: %d expectations, want exactly one", i, n))
+		ks := e.kinds()
+		if len(ks) != 1 {
+			errs = append(errs, fmt.Errorf("expect[%d]: %d expectations, want exactly one", i, len(ks)))
 			continue
 		}
-		var refs []string
-		switch {
-		case e.RolloutStatus != nil:
-			refs = append(refs, e.RolloutStatus.Rollout)
-			if !slices.Contains([]string{"completed", "aborted", "paused", "running"}, e.RolloutStatus.Status) {
-				errs = append(errs, fmt.Errorf("expect[%d]: status %q", i, e.RolloutStatus.Status))
-			}
-		case e.NeverOutsideCanary != nil:
-			refs = append(refs, e.NeverOutsideCanary.Rollout)
-		case e.CanaryBackOn != nil:
-			refs = append(refs, e.CanaryBackOn.Rollout)
-		case e.NoneFailed != "":
-			refs = append(refs, e.NoneFailed)
+		if err := ks[0].check(); err != nil {
+			errs = append(errs, fmt.Errorf("expect[%d]: %w", i, err))
 		}
-		for _, ref := range refs {
+		for _, ref := range ks[0].refs() {
 			if !rollouts[ref] {
 				errs = append(errs, fmt.Errorf("expect[%d]: no rollout %q in the timeline", i, ref))
 			}
