@@ -87,7 +87,11 @@ func Load(ctx context.Context, src Source, from, to time.Time) (Input, error) {
 			return in, err
 		}
 		for _, u := range ups {
-			in.Updates = append(in.Updates, Update{Device: u.Device, Target: u.Target, Counter: u.Counter, State: u.State, Time: u.Updated})
+			at := u.Updated
+			if u.State == "committed" && u.Committed != nil {
+				at = *u.Committed // not a later "already installed" report's time
+			}
+			in.Updates = append(in.Updates, Update{Device: u.Device, Target: u.Target, Counter: u.Counter, State: u.State, Time: at})
 		}
 	}
 	// The operators' label, not what a device reports: grouping by

@@ -380,6 +380,8 @@ type DeviceUpdate struct {
 	Rollout  string    `json:"rollout,omitempty"`
 	Boot     uint64    `json:"boot,omitempty"` // agent boot epoch of the report (filled by Trials)
 	Updated  time.Time `json:"updated"`
+	// Committed is when the device first reported it committed.
+	Committed *time.Time `json:"committed,omitempty"`
 }
 
 // ArtifactURL is the path devices download a release's artifact from.

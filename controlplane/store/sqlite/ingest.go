@@ -344,16 +344,24 @@ func (w *ingestTx) applyUpdate(ctx context.Context, num int64, it *store.IngestI
 		res.Refused++
 		return nil
 	}
+	// committed is the first time the device reported the release
+	// committed (a later "already installed" report keeps it): what lead
+	// time measures.
+	committed := any(nil)
+	if u.State == proto.UpdateCommitted {
+		committed = ms(it.Received)
+	}
 	_, err := w.tx.ExecContext(ctx, `INSERT INTO device_updates (dev, target, counter, version, state, reason, check_name,
-		progress, rollout, boot, seq, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+		progress, rollout, boot, seq, updated, committed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 		ON CONFLICT (dev, target, counter) DO UPDATE SET version = excluded.version, state = excluded.state,
 			reason = excluded.reason, check_name = excluded.check_name, progress = excluded.progress,
 			rollout = CASE WHEN excluded.rollout != '' THEN excluded.rollout ELSE rollout END,
-			boot = excluded.boot, seq = excluded.seq, updated = excluded.updated
+			boot = excluded.boot, seq = excluded.seq, updated = excluded.updated,
+			committed = coalesce(device_updates.committed, excluded.committed)
 		WHERE device_updates.boot > ? OR device_updates.updated < ? OR excluded.boot > device_updates.boot
 			OR (excluded.boot = device_updates.boot AND excluded.seq > device_updates.seq)`,
 		num, u.Target, u.Counter, u.Version, string(u.State), u.Reason, u.Check, u.Progress, u.Rollout, e.Boot, e.Seq, ms(it.Received),
-		current, reinstated)
+		committed, current, reinstated)
 	return err
 }
 

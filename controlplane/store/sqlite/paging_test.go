@@ -4,8 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"testing"
+	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/proto"
+	"github.com/hangarfleet/hangar/proto/prototest"
 )
 
 // TestDevicePaging: search, sort and pages over a fleet agree with the
@@ -59,5 +62,36 @@ func TestDevicePaging(t *testing.T) {
 	}
 	if _, err := db.Devices(ctx, store.DeviceFilter{Sort: "labels; DROP TABLE devices"}); !errors.Is(err, store.ErrInvalid) {
 		t.Errorf("unknown sort: %v", err)
+	}
+}
+
+// TestFirstCommitKept: a device's later "committed" report (an offer
+// answered "already installed") moves the report's time, not the time it
+// first committed, which lead time measures.
+func TestFirstCommitKept(t *testing.T) {
+	db, clk := open(t)
+	ctx := t.Context()
+	enroll(t, db, "a", nil)
+	report := func(seq uint64, state proto.UpdateState) {
+		t.Helper()
+		up := prototest.UpdateEvent()
+		up.Seq, up.Update.State = seq, state
+		if _, err := db.WriteIngest(ctx, []store.IngestItem{{Device: "a", Kind: store.IngestEvent, Event: &up, Received: clk.Now()}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	report(40, proto.UpdateDownloading)
+	clk.Add(time.Minute)
+	first := clk.Now()
+	report(41, proto.UpdateCommitted)
+	clk.Add(time.Hour)
+	report(42, proto.UpdateCommitted)
+	us, err := db.DeviceUpdates(ctx, "a", "agent", 13)
+	if err != nil || len(us) != 1 {
+		t.Fatalf("updates: %v %v", us, err)
+	}
+	u := us[0]
+	if u.Committed == nil || !u.Committed.Equal(first.UTC().Truncate(time.Millisecond)) || !u.Updated.After(*u.Committed) {
+		t.Errorf("committed %v, updated %v; want committed at %v", u.Committed, u.Updated, first)
 	}
 }

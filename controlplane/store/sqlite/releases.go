@@ -230,7 +230,7 @@ func (db *DB) PendingCommands(ctx context.Context, device string, sentBefore tim
 // DeviceUpdates returns the update states of a device (or of every device
 // for a target and counter).
 func (db *DB) DeviceUpdates(ctx context.Context, device, target string, counter uint64) ([]store.DeviceUpdate, error) {
-	q := `SELECT d.id, u.target, u.counter, u.version, u.state, u.reason, u.check_name, u.progress, u.rollout, u.updated
+	q := `SELECT d.id, u.target, u.counter, u.version, u.state, u.reason, u.check_name, u.progress, u.rollout, u.updated, u.committed
 		FROM device_updates u JOIN devices d ON d.num = u.dev WHERE 1 = 1`
 	var args []any
 	if device != "" {
@@ -254,10 +254,12 @@ func (db *DB) DeviceUpdates(ctx context.Context, device, target string, counter 
 	for rows.Next() {
 		var u store.DeviceUpdate
 		var updated int64
-		if err := rows.Scan(&u.Device, &u.Target, &u.Counter, &u.Version, &u.State, &u.Reason, &u.Check, &u.Progress, &u.Rollout, &updated); err != nil {
+		var committed sql.NullInt64
+		if err := rows.Scan(&u.Device, &u.Target, &u.Counter, &u.Version, &u.State, &u.Reason, &u.Check, &u.Progress, &u.Rollout, &updated, &committed); err != nil {
 			return nil, err
 		}
 		u.Updated = time.UnixMilli(updated).UTC()
+		u.Committed = fromMS(committed)
 		out = append(out, u)
 	}
 	return out, rows.Err()
