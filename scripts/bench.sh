@@ -54,6 +54,12 @@ go test -run XXX -bench 'BenchmarkPlan' -benchmem -benchtime 10x -count 1 ./cont
 go test -run XXX -bench 'BenchmarkRolloutStart|BenchmarkNotify' -benchtime 3x -count 1 -timeout 30m ./controlplane/server/ | grep -E '^Benchmark'
 echo
 
+echo "== console and API at 10,000 devices: device list pages (the whole list is the baseline), live stream watermarks and fan-out"
+go test -run XXX -bench 'BenchmarkDeviceList|BenchmarkLiveMarks|BenchmarkLiveFanout' -benchtime 200x -count 1 -timeout 30m ./controlplane/server/ | grep -E '^Benchmark'
+echo "== a 1,000-drone rollout with 0 (baseline) and 10 consoles' live streams open"
+go test -run XXX -bench 'BenchmarkRolloutWithConsoles' -benchtime 1x -count 1 -timeout 30m ./firmware-sim/e2e/ | grep -E '^Benchmark'
+echo
+
 echo "== a device's connect to the embedded broker: plain TCP (baseline) vs TLS vs mutual TLS with a device certificate, same run"
 go test -run XXX -bench 'BenchmarkConnect' -benchtime 2s -count 1 ./controlplane/broker/ | grep -E '^Benchmark'
 echo
