@@ -97,6 +97,9 @@ type Options struct {
 	// LiveInterval is how often the live stream looks for changes
 	// (default 1 s).
 	LiveInterval time.Duration
+	// LiveKeepAlive is how often a live stream sends a keep-alive and
+	// checks its token again (default 15 s).
+	LiveKeepAlive time.Duration
 	// Version of the control plane, for /healthz.
 	Version string
 	// Releases turns on release hosting and device updates (nil: off).

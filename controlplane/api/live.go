@@ -283,7 +283,11 @@ func (a *API) liveStream(c echo.Context) error {
 	if err := send("hello", principal(c)); err != nil {
 		return nil
 	}
-	keep := time.NewTicker(15 * time.Second)
+	every := a.opts.LiveKeepAlive
+	if every <= 0 {
+		every = 15 * time.Second
+	}
+	keep := time.NewTicker(every)
 	defer keep.Stop()
 	ctx := c.Request().Context()
 	closed := a.live.done()
