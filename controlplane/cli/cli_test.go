@@ -21,6 +21,7 @@ import (
 
 type cp struct {
 	url, dataDir string
+	srv          *server.Server
 }
 
 func startServer(t *testing.T) cp { return startServerWith(t, server.Options{}) }
@@ -41,7 +42,7 @@ func startServerWith(t *testing.T, opts server.Options) cp {
 	done := make(chan struct{})
 	go func() { srv.Run(ctx); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
-	return cp{url: srv.URL(), dataDir: dir}
+	return cp{url: srv.URL(), dataDir: dir, srv: srv}
 }
 
 // run runs the hangar command as a user would, with HANGAR_SERVER and the
