@@ -9,6 +9,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/hangarfleet/hangar/controlplane/client"
 	"io"
 	"maps"
 	"net/http"
@@ -137,36 +138,17 @@ func deviceList(ctx context.Context, g *globals, args []string) error {
 	if err != nil {
 		return err
 	}
-	q := url.Values{}
-	if *selector != "" {
-		q.Set("selector", *selector)
-	}
+	dq := client.DeviceQuery{Selector: *selector, Version: *version, Pending: *pending, Auth: *auth, Search: *search, Sort: *sortBy,
+		Limit: *limit, Offset: *offset}
 	if *online != "" {
-		q.Set("online", *online)
+		on, err := strconv.ParseBool(*online)
+		if err != nil {
+			return fmt.Errorf("%w: --online must be true or false, not %q", ErrUsage, *online)
+		}
+		dq.Online = &on
 	}
-	if *version != "" {
-		q.Set("version", *version)
-	}
-	if *pending {
-		q.Set("pending", "true")
-	}
-	if *auth != "" {
-		q.Set("auth", *auth)
-	}
-	if *search != "" {
-		q.Set("q", *search)
-	}
-	if *sortBy != "" {
-		q.Set("sort", *sortBy)
-	}
-	if *limit > 0 {
-		q.Set("limit", strconv.Itoa(*limit))
-	}
-	if *offset > 0 {
-		q.Set("offset", strconv.Itoa(*offset))
-	}
-	var ds []store.Device
-	if err := c.Do(ctx, http.MethodGet, "/api/v1/devices", q, nil, &ds); err != nil {
+	ds, total, err := c.Devices(ctx, dq)
+	if err != nil {
 		return err
 	}
 	if g.output == "json" {
@@ -206,7 +188,11 @@ func deviceList(ctx context.Context, g *globals, args []string) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	fmt.Fprintf(g.env.Stderr, "%d device%s\n", len(ds), plural(len(ds)))
+	if total > len(ds) {
+		fmt.Fprintf(g.env.Stderr, "%d–%d of %d devices (--offset %d for the next)\n", *offset+1, *offset+len(ds), total, *offset+len(ds))
+	} else {
+		fmt.Fprintf(g.env.Stderr, "%d device%s\n", len(ds), plural(len(ds)))
+	}
 	return nil
 }
 

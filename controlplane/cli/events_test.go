@@ -98,3 +98,24 @@ func TestEventsNewestFirstAndFollow(t *testing.T) {
 		t.Errorf("follow: the last 2, then the new ones, oldest first:\n%s", got)
 	}
 }
+
+// device ls pages and says where it is in the list.
+func TestDeviceListPaging(t *testing.T) {
+	c := startServer(t)
+	for _, id := range []string{"drone-a", "drone-b", "drone-c"} {
+		if _, _, err := run(t, c, "device", "add", id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, errOut, err := run(t, c, "device", "ls", "--sort", "-id", "--limit", "2")
+	if err != nil || !strings.Contains(errOut, "1–2 of 3 devices") || strings.Index(out, "drone-c") > strings.Index(out, "drone-b") || strings.Contains(out, "drone-a") {
+		t.Errorf("first page: %v\n%s%s", err, out, errOut)
+	}
+	out, _, err = run(t, c, "device", "ls", "--sort", "-id", "--limit", "2", "--offset", "2")
+	if err != nil || !strings.Contains(out, "drone-a") || strings.Contains(out, "drone-b") {
+		t.Errorf("second page: %v\n%s", err, out)
+	}
+	if _, _, err := run(t, c, "device", "ls", "--sort", "battery"); err == nil || !strings.Contains(err.Error(), "sort") {
+		t.Errorf("an unknown sort: %v", err)
+	}
+}
