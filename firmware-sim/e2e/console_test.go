@@ -301,10 +301,27 @@ func TestConsole(t *testing.T) {
 	}
 	b.waitJS("paused on the page", "document.querySelector('#rollout-status')?.textContent === 'paused'", 10*time.Second)
 	b.screenshot("rollout-paused")
-	for _, v := range []string{"releases", "rollouts", "events", "delivery", "audit"} {
+	for _, v := range []string{"releases", "rollouts", "events", "delivery", "audit", "tokens"} {
 		timings[v+" page"] = b.open("#" + v)
 		b.screenshot(v)
 	}
+	// Every control has a label, on every view an operator opens.
+	for _, v := range []string{"#overview", "#devices", "#device/" + drones[0].ID, "#rollouts", "#rollout/" + id2, "#events", "#delivery", "#audit"} {
+		b.open(v)
+		if unlabelled := evalJS[string](b, `[...document.querySelectorAll("input:not([type=hidden]), select, textarea")].filter(e => !(e.labels && e.labels.length) && !e.getAttribute("aria-label")).map(e => e.id || e.outerHTML.slice(0, 60)).join(", ")`); unlabelled != "" {
+			t.Errorf("%s: controls without a label: %s", v, unlabelled)
+		}
+	}
+	// Usable at 800 px: nothing but wide tables scrolls sideways.
+	b.run("800 px", chromedp.EmulateViewport(800, 900))
+	for _, v := range []string{"#overview", "#rollout/" + id2} {
+		b.open(v)
+		if w := evalJS[int](b, "document.documentElement.scrollWidth"); w > 820 {
+			t.Errorf("%s at 800 px is %d px wide", v, w)
+		}
+		b.screenshot("800px-" + strings.NewReplacer("#", "", "/", "-").Replace(v))
+	}
+	b.run("back to 1280 px", chromedp.EmulateViewport(1280, 900))
 
 	// A viewer sees no action buttons, and the API refuses its actions.
 	b.signOut()
