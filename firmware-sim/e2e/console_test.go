@@ -13,9 +13,11 @@ import (
 
 	"github.com/chromedp/chromedp"
 
+	"github.com/hangarfleet/hangar/controlplane/client"
 	"github.com/hangarfleet/hangar/controlplane/rollout"
 	"github.com/hangarfleet/hangar/controlplane/server"
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/controlplane/wire"
 	"github.com/hangarfleet/hangar/firmware-sim/sim"
 )
 
@@ -213,10 +215,16 @@ func TestConsole(t *testing.T) {
 	kit.cli(t, cp.URL(), "device", "import", inv, "--token-file", adminTokenFile(cp))
 	kit.simRelease(t, cp, sim.Firmware{Version: "1.1.0", Behaviour: sim.Good}, 110)
 	kit.simRelease(t, cp, sim.Firmware{Version: "1.2.0", Behaviour: sim.Good}, 120)
-	viewerTok := strings.Fields(kit.cli(t, cp.URL(), "token", "create", "--name", "vera", "--role", "viewer", "--token-file", adminTokenFile(cp)))
-	viewer := viewerTok[len(viewerTok)-1]
-	opTok := strings.Fields(kit.cli(t, cp.URL(), "token", "create", "--name", "otto", "--role", "operator", "--token-file", adminTokenFile(cp)))
-	operator := opTok[len(opTok)-1]
+	// The tokens come from the typed client, as automation would make them.
+	api := client.New(cp.URL(), cp.adminToken(t))
+	mint := func(name, role string) string {
+		tok, err := api.CreateToken(ctx, wire.CreateToken{Name: name, Role: role, ExpiresIn: "1h"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok.Token
+	}
+	viewer, operator := mint("vera", store.RoleViewer), mint("otto", store.RoleOperator)
 
 	b := newBrowser(t, cp.URL())
 	timings := map[string]time.Duration{}
@@ -286,10 +294,10 @@ func TestConsole(t *testing.T) {
 	b.fill("#confirm-reason", "checking the canary by hand")
 	b.click("#confirm-ok")
 	waitFor(t, 10*time.Second, "paused in the API", func() (bool, string) {
-		rep, err := cp.Rollouts().Status(ctx, id2)
+		rep, err := api.Rollout(ctx, id2)
 		return err == nil && rep.State.Status == rollout.StatusPaused, fmt.Sprintf("%v %v", rep.State.Status, err)
 	})
-	evs, _ := cp.Store().AuditLog(ctx, id2, 20)
+	evs, _ := api.RolloutEvents(ctx, id2)
 	found := false
 	for _, e := range evs {
 		if e.Action == "rollout.pause" && e.Actor == "otto" && e.Reason == "checking the canary by hand" {
@@ -346,11 +354,11 @@ func TestConsole(t *testing.T) {
 	if status != 403 {
 		t.Errorf("a viewer's resume: HTTP %d, want 403", status)
 	}
-	if rep, _ := cp.Rollouts().Status(ctx, id2); rep.State.Status != rollout.StatusPaused {
+	if rep, _ := api.Rollout(ctx, id2); rep.State.Status != rollout.StatusPaused {
 		t.Errorf("after the viewer's attempt the rollout is %s", rep.State.Status)
 	}
 	b.screenshot("viewer-rollout")
-	if _, err := cp.Rollouts().Act(ctx, id2, rollout.OpAbort, "test", "test over"); err != nil {
+	if _, err := api.Act(ctx, id2, rollout.OpAbort, "test over"); err != nil {
 		t.Error(err)
 	}
 	for k, v := range timings {
