@@ -199,9 +199,13 @@ func (a *API) liveLoop() {
 		a.live.mu.Unlock()
 		cur, err := a.opts.Store.LiveMarks(ctx)
 		if err != nil {
-			if ctx.Err() == nil {
-				a.log.Warn("live stream: watermarks", "err", err)
+			if ctx.Err() != nil {
+				a.live.mu.Lock()
+				a.live.running = false
+				a.live.mu.Unlock()
+				return
 			}
+			a.log.Warn("live stream: watermarks", "err", err)
 			if !havePrev {
 				select { // no base to compare with yet: try again
 				case <-t.C:

@@ -188,9 +188,14 @@ func deviceList(ctx context.Context, g *globals, args []string) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	if total > len(ds) {
+	switch {
+	case total > len(ds) && len(ds) > 0 && *offset+len(ds) < total:
 		fmt.Fprintf(g.env.Stderr, "%d–%d of %d devices (--offset %d for the next)\n", *offset+1, *offset+len(ds), total, *offset+len(ds))
-	} else {
+	case total > len(ds) && len(ds) > 0:
+		fmt.Fprintf(g.env.Stderr, "%d–%d of %d devices\n", *offset+1, *offset+len(ds), total)
+	case total > len(ds):
+		fmt.Fprintf(g.env.Stderr, "no devices past %d (%d in all)\n", *offset, total)
+	default:
 		fmt.Fprintf(g.env.Stderr, "%d device%s\n", len(ds), plural(len(ds)))
 	}
 	return nil

@@ -9,7 +9,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"mime/multipart"
 	"net/http"
 	"net/url"
 	"os"
@@ -363,29 +362,9 @@ func releasePush(ctx context.Context, g *globals, args []string) error {
 		return err
 	}
 	defer f.Close()
-	// Stream the multipart body: the artifact is never held in memory.
-	pr, pw := io.Pipe()
-	mw := multipart.NewWriter(pw)
-	go func() {
-		err := func() error {
-			for _, part := range []struct {
-				name string
-				r    io.Reader
-			}{{"manifest", strings.NewReader(string(mb))}, {"keys", strings.NewReader(string(kb))}, {"artifact", f}} {
-				w, err := mw.CreateFormFile(part.name, part.name)
-				if err != nil {
-					return err
-				}
-				if _, err := io.Copy(w, part.r); err != nil {
-					return err
-				}
-			}
-			return mw.Close()
-		}()
-		pw.CloseWithError(err)
-	}()
-	var r store.Release
-	if err := c.DoRaw(ctx, http.MethodPost, "/api/v1/releases", nil, mw.FormDataContentType(), pr, &r); err != nil {
+	// The body is streamed: the artifact is never held in memory.
+	r, err := c.PushRelease(ctx, mb, kb, f)
+	if err != nil {
 		return err
 	}
 	if g.output == "json" {

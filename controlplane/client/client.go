@@ -238,7 +238,9 @@ func (c *Client) Events(ctx context.Context, q EventQuery) ([]store.Event, error
 func (c *Client) PushRelease(ctx context.Context, manifest, keys []byte, artifact io.Reader) (store.Release, error) {
 	pr, pw := io.Pipe()
 	mw := multipart.NewWriter(pw)
+	done := make(chan struct{})
 	go func() {
+		defer close(done)
 		err := func() error {
 			for _, p := range []struct {
 				name string
@@ -266,6 +268,7 @@ func (c *Client) PushRelease(ctx context.Context, manifest, keys []byte, artifac
 	var r store.Release
 	err := c.DoRaw(ctx, http.MethodPost, "/api/v1/releases", nil, mw.FormDataContentType(), pr, &r)
 	pr.Close()
+	<-done // the artifact is no longer read when this returns
 	return r, err
 }
 

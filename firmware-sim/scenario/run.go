@@ -185,7 +185,11 @@ func (r *runner) run(ctx context.Context) error {
 func (r *runner) setUp(ctx context.Context) error {
 	fl := r.s.Fleet
 	if r.o.Server != "" {
-		r.url, r.tok, r.droneURL = r.o.Server, r.o.TokenFile, r.o.Server
+		server := r.o.Server
+		if !strings.Contains(server, "://") {
+			server = "https://" + server // host:port, as for the hangar CLI
+		}
+		r.url, r.tok, r.droneURL = server, r.o.TokenFile, server
 		r.relKey, r.keyList, r.rootPub = r.o.ReleaseKey, r.o.KeyList, r.o.RootPub
 		if r.relKey == "" || r.keyList == "" || r.rootPub == "" || r.tok == "" || r.o.EnrollToken == "" {
 			return errors.New("with --server: --token-file, --enroll-token, --release-key, --keys and --root-key are needed")

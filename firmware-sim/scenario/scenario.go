@@ -401,6 +401,9 @@ func (s Scenario) Validate() error {
 		acts := st.actions()
 		if len(acts) != 1 {
 			errs = append(errs, fmt.Errorf("timeline[%d] at %v: %d actions, want exactly one", i, time.Duration(st.At), len(acts)))
+			if st.Rollout != nil {
+				rollouts[st.Rollout.Name] = true // not a second error in the steps that name it
+			}
 			continue
 		}
 		if err := acts[0].check(c); err != nil {

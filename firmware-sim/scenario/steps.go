@@ -105,7 +105,14 @@ func (a rolloutAction) run(ctx context.Context, r *runner, rng *rand.Rand) (stri
 	if err != nil {
 		return what, fmt.Errorf("rollout args: %w", err)
 	}
-	req.RevertRelease, req.Start, req.Reason = rs.RevertRelease, !rs.NoStart, "scenario "+r.s.Name
+	// The step's own fields, unless its args say otherwise.
+	if rs.RevertRelease != "" {
+		req.RevertRelease = rs.RevertRelease
+	}
+	req.Start = req.Start || !rs.NoStart
+	if req.Reason == "" {
+		req.Reason = "scenario " + r.s.Name
+	}
 	c, err := r.api()
 	if err != nil {
 		return what, err

@@ -440,10 +440,10 @@ var migrations = []string{
 		last_used INTEGER);
 	-- The fleet's health summary at regular times (history.go): what the
 	-- console charts over time.
-	CREATE TABLE fleet_history (ts INTEGER PRIMARY KEY, body TEXT NOT NULL);
-	-- When a device first reported a release committed (lead time);
-	-- reports stored before have their latest report's time.
-	ALTER TABLE device_updates ADD COLUMN committed INTEGER;
+	CREATE TABLE fleet_history (ts INTEGER PRIMARY KEY, body TEXT NOT NULL);`,
+	// When a device first reported a release committed (lead time);
+	// reports stored before have their latest report's time.
+	`ALTER TABLE device_updates ADD COLUMN committed INTEGER;
 	UPDATE device_updates SET committed = updated WHERE state = 'committed';`,
 }
 
