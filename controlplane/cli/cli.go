@@ -28,27 +28,33 @@ var ErrUsage = errors.New("usage")
 type command struct {
 	name, args, help string
 	run              func(ctx context.Context, g *globals, args []string) error
+	verbs            []verb // a command group's subcommands (args and run come from them)
+}
+
+// grouped fills a command group's usage and dispatch from its verbs.
+func grouped(name, help, about string, verbs []verb) command {
+	return command{name: name, args: verbList(verbs), help: help, run: group(name, about, verbs), verbs: verbs}
 }
 
 func commands() []command {
 	return []command{
-		{"serve", "[flags]", "run the control plane (embedded MQTT broker and SQLite by default)", runServe},
-		{"device", "ls|show|add|rm|rekey|approve|deny|passwords|update|updates|label|import", "list, inspect, pre-provision, approve, label, revoke and update devices", runDevice},
-		{"ca", "init", "make the built-in device certificate authority in the data directory", runCA},
-		{"broker-config", "mosquitto --out DIR --host HOST", "write a Mosquitto configuration for devices with certificates (mutual TLS, ACLs by certificate)", runBrokerConfig},
-		{"token", "create|ls|revoke", "named API tokens with a role (viewer, operator, admin)", runToken},
-		{"enroll-profile", "create|ls|rm", "enrollment tokens that give their devices labels", runProfile},
-		{"release", "keygen|keys|sign|verify|push|ls", "sign releases offline, push and list them", runRelease},
-		{"rollout", "create|ls|status|watch|events|devices|start|pause|resume|abort|promote|revert", "staged canary rollouts gated on health", runRollout},
-		{"events", "[--device ID] [--since 1h] [--follow]", "show device events, newest first", runEvents},
-		{"report", "delivery", "delivery metrics: deployment frequency, lead time, change failure rate, time to restore", runReport},
-		{"health", "", "show the fleet health summary", runHealth},
-		{"audit", "[--target ID] | verify [--head ID:HASH]", "show who did what, when and why; verify the log's hash chain", runAudit},
-		{"completion", "bash|zsh", "print a shell completion script", runCompletion},
+		{"serve", "[flags]", "run the control plane (embedded MQTT broker and SQLite by default)", runServe, nil},
+		grouped("device", "list, inspect, pre-provision, approve, label, revoke and update devices", "", deviceVerbs()),
+		{"ca", "init", "make the built-in device certificate authority in the data directory", runCA, nil},
+		{"broker-config", "mosquitto --out DIR --host HOST", "write a Mosquitto configuration for devices with certificates (mutual TLS, ACLs by certificate)", runBrokerConfig, nil},
+		grouped("token", "named API tokens with a role (viewer, operator, admin)", tokenAbout, tokenVerbs()),
+		grouped("enroll-profile", "enrollment tokens that give their devices labels", profileAbout, profileVerbs()),
+		grouped("release", "sign releases offline, push and list them", "", releaseVerbs()),
+		grouped("rollout", "staged canary rollouts gated on health", "", rolloutVerbs()),
+		{"events", "[--device ID] [--since 1h] [--follow]", "show device events, newest first", runEvents, nil},
+		grouped("report", "delivery metrics: deployment frequency, lead time, change failure rate, time to restore", "", reportVerbs()),
+		{"health", "", "show the fleet health summary", runHealth, nil},
+		{"audit", "[--target ID] | verify [--head ID:HASH]", "show who did what, when and why; verify the log's hash chain", runAudit, nil},
+		grouped("completion", "print a shell completion script", "", completionVerbs()),
 		{"version", "", "print the version", func(_ context.Context, g *globals, _ []string) error {
 			fmt.Fprintln(g.env.Stdout, Version)
 			return nil
-		}},
+		}, nil},
 	}
 }
 

@@ -7,9 +7,12 @@ import (
 	"strings"
 )
 
-// subcommands are a command's verbs, as its usage line lists them
-// ("ls|show|add"): the commands table is the one place they are named.
+// subcommands are the verbs of a command that is not a group (ca init,
+// broker-config mosquitto), from its usage line; groups list theirs.
 func subcommands(c command) []string {
+	if c.verbs != nil {
+		return nil
+	}
 	first := strings.Fields(c.args)
 	if len(first) == 0 || !strings.Contains(first[0], "|") && !isVerb(first[0]) {
 		return nil
@@ -49,7 +52,11 @@ func runCompletion(_ context.Context, g *globals, args []string) error {
 	cases := &strings.Builder{}
 	for _, c := range commands() {
 		names = append(names, c.name)
-		if subs := subcommands(c); len(subs) > 0 {
+		subs := subcommands(c)
+		for _, v := range c.verbs {
+			subs = append(subs, v.names...)
+		}
+		if len(subs) > 0 {
 			sort.Strings(subs)
 			fmt.Fprintf(cases, "    %s) words=%q ;;\n", c.name, strings.Join(subs, " "))
 		}

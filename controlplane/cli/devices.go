@@ -26,55 +26,6 @@ import (
 	"github.com/hangarfleet/hangar/proto"
 )
 
-func runDevice(ctx context.Context, g *globals, args []string) error {
-	sub := ""
-	if len(args) > 0 {
-		sub, args = args[0], args[1:]
-	}
-	switch sub {
-	case "ls", "list":
-		return deviceList(ctx, g, args)
-	case "show":
-		return deviceShow(ctx, g, args)
-	case "add":
-		return deviceAdd(ctx, g, args)
-	case "rm", "revoke":
-		return deviceRemove(ctx, g, args)
-	case "rekey":
-		return deviceRekey(ctx, g, args)
-	case "approve":
-		return deviceApprove(ctx, g, args)
-	case "deny":
-		return deviceDeny(ctx, g, args)
-	case "passwords":
-		return devicePasswords(ctx, g, args)
-	case "update":
-		return deviceUpdate(ctx, g, args)
-	case "updates":
-		return deviceUpdates(ctx, g, args)
-	case "label":
-		return deviceLabel(ctx, g, args)
-	case "import":
-		return deviceImport(ctx, g, args)
-	}
-	fmt.Fprintln(g.env.Stderr, `Usage: hangar device ls|show|add|rm|rekey|approve|passwords|update|updates|label|import ...
-
-  ls [--selector k=v] [--online true] [--version V] [--pending] [--auth password|certificate]
-  approve ID [--key FINGERPRINT]        let an enrollment held for approval complete, for the key it asked with
-  deny ID [--reason R]                  drop an enrollment held for approval
-  passwords [on|off]                    show, or turn on or off, password authentication for the whole fleet
-  show ID | updates ID
-  add ID [--hardware H] [--label k=v]   pre-provision with a credential (shown once)
-  rm ID [--reason R]                    revoke and disconnect
-  rekey ID [--within 24h] [--reason R]  let an enrolled device that lost its credential enroll again, once
-  update ID --release V
-  label ID k=v [k2=v2] [k-]             set operator labels (k- removes k)
-  label --file FILE                     the same for many devices: lines "ID k=v k2=v2 k3-"
-  import FILE                           pre-provision devices not enrolled yet with their labels
-                                        (lines "ID k=v ..."), label those that are`)
-	return unknownSub("device", sub)
-}
-
 // unknownSub is the end of a command group's dispatch, after its usage
 // went to stderr: -h, --help and help asked for that usage (not an
 // error); anything else is a usage error.
@@ -900,6 +851,9 @@ func deviceImport(ctx context.Context, g *globals, args []string) error {
 	return nil
 }
 
+const profileAbout = `A profile is a named enrollment token: a device that enrolls with it gets
+the profile's labels (labels an operator pre-provisioned for it win).`
+
 func runProfile(ctx context.Context, g *globals, args []string) error {
 	sub := ""
 	if len(args) > 0 {
@@ -916,10 +870,6 @@ func runProfile(ctx context.Context, g *globals, args []string) error {
 	switch sub {
 	case "create", "ls", "list", "rm", "delete":
 	default:
-		fmt.Fprintln(g.env.Stderr, `Usage: hangar enroll-profile create NAME --label k=v [--out FILE] | ls | rm NAME
-
-A profile is a named enrollment token: a device that enrolls with it gets
-the profile's labels (labels an operator pre-provisioned for it win).`)
 		return unknownSub("enroll-profile", sub)
 	}
 	pos, err := parse(fs, args)

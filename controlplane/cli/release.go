@@ -22,36 +22,6 @@ import (
 	"github.com/hangarfleet/hangar/proto"
 )
 
-func runRelease(ctx context.Context, g *globals, args []string) error {
-	sub := ""
-	if len(args) > 0 {
-		sub, args = args[0], args[1:]
-	}
-	switch sub {
-	case "keygen":
-		return releaseKeygen(g, args)
-	case "keys":
-		return releaseKeys(g, args)
-	case "sign":
-		return releaseSign(g, args)
-	case "verify":
-		return releaseVerify(g, args)
-	case "push":
-		return releasePush(ctx, g, args)
-	case "ls", "list":
-		return releaseList(ctx, g, args)
-	}
-	fmt.Fprintln(g.env.Stderr, `Usage: hangar release keygen|keys|sign|verify|push|ls [flags]
-
-  keygen   make an Ed25519 key pair (root or release key); offline
-  keys     sign the list of release keys with the root key; offline
-  sign     sign a release manifest for an artifact with a release key; offline
-  verify   check a manifest (and artifact) as a device would
-  push     upload manifest, key list and artifact to the control plane
-  ls       list pushed releases`)
-	return unknownSub("release", sub)
-}
-
 func flagsOnly(fs *flag.FlagSet, args []string) error {
 	pos, err := parse(fs, args)
 	if err != nil {

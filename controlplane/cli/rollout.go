@@ -20,38 +20,6 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/store"
 )
 
-func runRollout(ctx context.Context, g *globals, args []string) error {
-	sub := ""
-	if len(args) > 0 {
-		sub, args = args[0], args[1:]
-	}
-	switch sub {
-	case "create":
-		return rolloutCreate(ctx, g, args)
-	case "ls", "list":
-		return rolloutList(ctx, g, args)
-	case "status":
-		return rolloutStatus(ctx, g, args, false)
-	case "watch":
-		return rolloutStatus(ctx, g, args, true)
-	case "events":
-		return rolloutEvents(ctx, g, args)
-	case "devices":
-		return rolloutDevices(ctx, g, args)
-	}
-	if slices.Contains(rollout.Ops, rollout.Op(sub)) {
-		return rolloutAct(ctx, g, rollout.Op(sub), args)
-	}
-	fmt.Fprintln(g.env.Stderr, `Usage: hangar rollout create|ls|status|watch|events|devices|start|pause|resume|abort|promote|revert ...
-
-  create --release V --selector k=v --stages 1%,10%,50%,100% [gates] [--dry-run] [--start]
-  status ID | watch ID | events ID
-  devices ID [--state waiting] each device: stage, state, version, last report
-  start|pause|resume|abort|revert ID [--reason R]
-  promote ID --reason R      skip the rest of the current stage's soak`)
-	return unknownSub("rollout", sub)
-}
-
 func rolloutCreate(ctx context.Context, g *globals, args []string) error {
 	fs := g.newFlags("rollout create")
 	g.register(fs)

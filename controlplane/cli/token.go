@@ -13,11 +13,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/store"
 )
 
-const tokenUsage = `Usage: hangar token create --name NAME --role viewer|operator|admin [--expires 720h] [--out FILE]
-       hangar token ls
-       hangar token revoke NAME [--reason TEXT]
-
-Named API tokens for operators and automation. A viewer reads; an operator
+const tokenAbout = `Named API tokens for operators and automation. A viewer reads; an operator
 also pushes releases, runs rollouts, updates and labels devices; an admin
 also manages tokens, enrollment profiles, approvals and revocation. The
 audit log records the token's name. The secret is shown once.`
@@ -29,7 +25,7 @@ func runToken(ctx context.Context, g *globals, args []string) error {
 	}
 	fs := g.newFlags("token " + sub)
 	g.register(fs)
-	fs.Usage = func() { fmt.Fprintln(g.env.Stderr, tokenUsage); fs.PrintDefaults() }
+	fs.Usage = func() { fmt.Fprintln(g.env.Stderr, tokenAbout); fs.PrintDefaults() }
 	var name, role, out, reason *string
 	var expires *time.Duration
 	switch sub {
@@ -42,7 +38,6 @@ func runToken(ctx context.Context, g *globals, args []string) error {
 		reason = fs.String("reason", "", "why, for the audit log")
 	case "ls", "list":
 	default:
-		fmt.Fprintln(g.env.Stderr, tokenUsage)
 		return unknownSub("token", sub)
 	}
 	pos, err := parse(fs, args)
