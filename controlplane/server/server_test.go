@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/server"
 )
@@ -106,5 +107,70 @@ func TestNewAdminToken(t *testing.T) {
 	}
 	if read(server.EnrollTokenFile) != enroll {
 		t.Error("--new-admin-token changed the enrollment token")
+	}
+}
+
+// The delivery metrics: the API answers with the four keys by name, and
+// Prometheus has the gauges.
+func TestDeliveryEndpointsAndGauges(t *testing.T) {
+	hl, _ := net.Listen("tcp", "127.0.0.1:0")
+	ml, _ := net.Listen("tcp", "127.0.0.1:0")
+	dir := t.TempDir()
+	srv, err := server.New(server.Options{DataDir: dir, HTTPListener: hl, MQTTListener: ml})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { srv.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	tok, _ := os.ReadFile(filepath.Join(dir, server.AdminTokenFile))
+	get := func(path string) (int, string) {
+		req, _ := http.NewRequest("GET", srv.URL()+path, nil)
+		req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var b strings.Builder
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := resp.Body.Read(buf)
+			b.Write(buf[:n])
+			if err != nil {
+				break
+			}
+		}
+		return resp.StatusCode, b.String()
+	}
+	code, body := get("/api/v1/metrics/delivery?from=-168h")
+	var rep map[string]any
+	if err := json.Unmarshal([]byte(body), &rep); err != nil || code != 200 {
+		t.Fatalf("delivery: %d %v %s", code, err, body)
+	}
+	overall, _ := rep["overall"].(map[string]any)
+	for _, k := range []string{"deployment_frequency", "lead_time", "change_failure_rate", "time_to_restore"} {
+		if _, ok := overall[k]; !ok {
+			t.Errorf("overall has no %s: %s", k, body)
+		}
+	}
+	if _, ok := rep["by_hardware"]; !ok {
+		t.Errorf("no by_hardware: %s", body)
+	}
+	if code, _ := get("/api/v1/metrics/delivery?from=-1h&to=-2h"); code != http.StatusBadRequest {
+		t.Errorf("a window that ends before it starts: %d", code)
+	}
+	// The gauges are computed at start.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, m := get("/metrics")
+		if strings.Contains(m, `hangar_delivery{hardware="all",key="deployments_per_week"} 0`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no delivery gauge in /metrics")
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
