@@ -39,6 +39,7 @@ type Store interface {
 	Devices(ctx context.Context, f store.DeviceFilter) ([]store.Device, error)
 	CountDevices(ctx context.Context, f store.DeviceFilter) (int, error)
 	Telemetry(ctx context.Context, id string, from, to time.Time, limit int) ([]store.TelemetryRow, error)
+	TelemetryPoints(ctx context.Context, id string, from, to time.Time, points int) ([]store.TelemetryRow, error)
 	Events(ctx context.Context, id string, after int64, limit int) ([]store.Event, error)
 	QueryEvents(ctx context.Context, f store.EventFilter) ([]store.Event, error)
 	FleetHistory(ctx context.Context, from, to time.Time, points int) ([]store.FleetHealth, error)

@@ -471,7 +471,18 @@ func (a *API) telemetry(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	rows, err := a.opts.Store.Telemetry(c.Request().Context(), id, from, to, limit)
+	// points: about that many samples spread over the range (a chart),
+	// instead of the first limit samples.
+	points, err := intParam(c, "points", 0, 0, 10_000)
+	if err != nil {
+		return err
+	}
+	var rows []store.TelemetryRow
+	if points > 0 {
+		rows, err = a.opts.Store.TelemetryPoints(c.Request().Context(), id, from, to, points)
+	} else {
+		rows, err = a.opts.Store.Telemetry(c.Request().Context(), id, from, to, limit)
+	}
 	if err != nil {
 		return notFound(err, "device "+id)
 	}

@@ -4,10 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"sort"
 	"strings"
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/proto"
 )
 
 // RecordFleetHealth keeps a fleet health summary in the history, at its
@@ -100,4 +102,66 @@ func (db *DB) LiveMarks(ctx context.Context) (store.LiveMarks, error) {
 	}
 	m.Fleet = b.String()
 	return m, rows.Err()
+}
+
+// TelemetryPoints returns at most about points samples of a device over
+// [from, to), spread evenly: one sample of every step-th stored batch
+// (and all of the batches not yet compacted, the newest few), so that a
+// chart of a week reads a few hundred rows, not every sample.
+func (db *DB) TelemetryPoints(ctx context.Context, id string, from, to time.Time, points int) ([]store.TelemetryRow, error) {
+	if points <= 0 {
+		points = 500
+	}
+	num, err := db.num(ctx, id)
+	if err != nil {
+		return nil, fmt.Errorf("telemetry %s: %w", id, err)
+	}
+	f, t := ms(from), ms(to)
+	var n int64
+	if err := db.r.QueryRowContext(ctx, `SELECT count(*) FROM telemetry WHERE dev = ? AND ts >= ? AND ts < ?`, num, f, t).Scan(&n); err != nil {
+		return nil, fmt.Errorf("telemetry %s: %w", id, err)
+	}
+	step := max(1, (n+int64(points)-1)/int64(points))
+	rows, err := db.r.QueryContext(ctx, `SELECT boot, seq, body FROM (
+			SELECT boot, seq, body, row_number() OVER (ORDER BY ts) - 1 AS i FROM telemetry WHERE dev = ?1 AND ts >= ?2 AND ts < ?3)
+		WHERE i % ?4 = 0
+		UNION ALL SELECT boot, seq, body FROM inbox WHERE dev = ?1 AND ts >= ?2 AND ts < ?3`, num, f, t, step)
+	if err != nil {
+		return nil, fmt.Errorf("telemetry %s: %w", id, err)
+	}
+	defer rows.Close()
+	out := []store.TelemetryRow{}
+	seen := map[[2]uint64]bool{}
+	for rows.Next() {
+		var boot, seq uint64
+		var body []byte
+		if err := rows.Scan(&boot, &seq, &body); err != nil {
+			return nil, fmt.Errorf("telemetry %s: %w", id, err)
+		}
+		if seen[[2]uint64{boot, seq}] {
+			continue
+		}
+		seen[[2]uint64{boot, seq}] = true
+		b, err := proto.DecodeBatch(body)
+		if err != nil || len(b.Samples) == 0 {
+			continue
+		}
+		// One sample a batch when thinning; every sample otherwise.
+		samples := b.Samples
+		if step > 1 {
+			samples = samples[:1]
+		}
+		for _, s := range samples {
+			if ts := b.Base + int64(s.T); ts >= f && ts < t {
+				out = append(out, store.TelemetryRow{Boot: boot, Seq: seq, Sample: s, Base: b.Base})
+			}
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	sort.SliceStable(out, func(i, j int) bool {
+		return out[i].Base+int64(out[i].Sample.T) < out[j].Base+int64(out[j].Sample.T)
+	})
+	return out, nil
 }

@@ -95,3 +95,42 @@ func TestFirstCommitKept(t *testing.T) {
 		t.Errorf("committed %v, updated %v; want committed at %v", u.Committed, u.Updated, first)
 	}
 }
+
+// TestTelemetryPoints: a chart over a long range reads about the points it
+// asks for, spread over the whole range (the first samples only would be
+// an hour of a week), and a short range gets every sample.
+func TestTelemetryPoints(t *testing.T) {
+	db, _ := open(t)
+	ctx := t.Context()
+	enroll(t, db, "a", nil)
+	const batches = 400 // 5 samples each, a batch every 10 minutes: 66 hours
+	var items []store.IngestItem
+	for i := range batches {
+		b := prototest.Batch(uint64(i+1), 5)
+		b.Base = prototest.Base + int64(i)*600_000
+		items = append(items, store.IngestItem{Device: "a", Kind: store.IngestBatch, Batch: &b, Received: time.UnixMilli(b.Base)})
+	}
+	if _, err := db.WriteIngest(ctx, items); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Compact(ctx); err != nil {
+		t.Fatal(err)
+	}
+	from, to := time.UnixMilli(prototest.Base), time.UnixMilli(prototest.Base+int64(batches)*600_000)
+	rows, err := db.TelemetryPoints(ctx, "a", from, to, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rows) < 90 || len(rows) > 110 {
+		t.Fatalf("%d points, want about 100", len(rows))
+	}
+	first := rows[0].Base + int64(rows[0].Sample.T)
+	last := rows[len(rows)-1].Base + int64(rows[len(rows)-1].Sample.T)
+	if first-from.UnixMilli() > 3_600_000 || to.UnixMilli()-last > 3_600_000 {
+		t.Errorf("points from %v to %v do not span the range %v–%v", time.UnixMilli(first), time.UnixMilli(last), from, to)
+	}
+	short, err := db.TelemetryPoints(ctx, "a", from, from.Add(30*time.Minute), 100)
+	if err != nil || len(short) != 15 {
+		t.Errorf("half an hour: %d samples (%v), want all 15", len(short), err)
+	}
+}

@@ -346,7 +346,7 @@ async function device(main, id) {
   }
   const loadTelemetry = async () => {
     const to = new Date(), from = new Date(to.getTime() - range.s * 1000);
-    const t = await api.get(`/api/v1/devices/${encodeURIComponent(id)}/telemetry?from=${from.toISOString()}&to=${to.toISOString()}&limit=5000`);
+    const t = await api.get(`/api/v1/devices/${encodeURIComponent(id)}/telemetry?from=${from.toISOString()}&to=${to.toISOString()}&points=600`);
     const ss = t.samples || [];
     const times = ss.map((s) => new Date(s.time));
     charts.replaceChildren(...["battery", "temperature", "link", "errors"].map((k) => el("div", { class: "chart", id: "chart-" + k })));
