@@ -22,11 +22,11 @@ const DefaultDeliveryWindow = 28 * 24 * time.Hour
 
 func (a *API) deliveryMetrics(c echo.Context) error {
 	now := a.opts.Now()
-	from, err := timeParam(c, "from", now.Add(-DefaultDeliveryWindow))
+	from, err := a.timeParam(c, "from", now.Add(-DefaultDeliveryWindow))
 	if err != nil {
 		return err
 	}
-	to, err := timeParam(c, "to", now)
+	to, err := a.timeParam(c, "to", now)
 	if err != nil {
 		return err
 	}

@@ -424,7 +424,7 @@ func intParam(c echo.Context, name string, def, lo, hi int) (int, error) {
 	return n, nil
 }
 
-func timeParam(c echo.Context, name string, def time.Time) (time.Time, error) {
+func (a *API) timeParam(c echo.Context, name string, def time.Time) (time.Time, error) {
 	s := c.QueryParam(name)
 	if s == "" {
 		return def, nil
@@ -437,7 +437,7 @@ func timeParam(c echo.Context, name string, def time.Time) (time.Time, error) {
 		if d > 0 {
 			d = -d
 		}
-		return time.Now().Add(d), nil
+		return a.opts.Now().Add(d), nil
 	}
 	return time.Time{}, badRequest("%s must be an RFC 3339 time or a duration back from now such as -1h, not %q", name, s)
 }
@@ -456,11 +456,11 @@ func (a *API) telemetry(c echo.Context) error {
 		return err
 	}
 	now := a.opts.Now()
-	to, err := timeParam(c, "to", now)
+	to, err := a.timeParam(c, "to", now)
 	if err != nil {
 		return err
 	}
-	from, err := timeParam(c, "from", to.Add(-time.Hour))
+	from, err := a.timeParam(c, "from", to.Add(-time.Hour))
 	if err != nil {
 		return err
 	}
@@ -528,10 +528,10 @@ func (a *API) listEvents(c echo.Context, id string) error {
 	default:
 		return badRequest("order must be newest or oldest, not %q", o)
 	}
-	if f.Since, err = timeParam(c, "since", time.Time{}); err != nil {
+	if f.Since, err = a.timeParam(c, "since", time.Time{}); err != nil {
 		return err
 	}
-	if f.Until, err = timeParam(c, "until", time.Time{}); err != nil {
+	if f.Until, err = a.timeParam(c, "until", time.Time{}); err != nil {
 		return err
 	}
 	evs, err := a.opts.Store.QueryEvents(c.Request().Context(), f)
@@ -749,11 +749,11 @@ func (a *API) deleteProfile(c echo.Context) error {
 // most points (default 300) summaries.
 func (a *API) fleetHistory(c echo.Context) error {
 	now := a.opts.Now()
-	from, err := timeParam(c, "from", now.Add(-24*time.Hour))
+	from, err := a.timeParam(c, "from", now.Add(-24*time.Hour))
 	if err != nil {
 		return err
 	}
-	to, err := timeParam(c, "to", now)
+	to, err := a.timeParam(c, "to", now)
 	if err != nil {
 		return err
 	}

@@ -464,6 +464,7 @@ func (s *Server) Run(ctx context.Context) error {
 func (s *Server) deliveryGauges(ctx context.Context, every time.Duration) {
 	t := time.NewTicker(every)
 	defer t.Stop()
+	gaugeSeries := map[[2]string]bool{}
 	for {
 		now := time.Now()
 		in, err := delivery.Load(ctx, s.db, now.Add(-api.DefaultDeliveryWindow), now)
@@ -474,13 +475,17 @@ func (s *Server) deliveryGauges(ctx context.Context, every time.Duration) {
 		} else {
 			rep := delivery.Compute(in)
 			g := s.metrics.Delivery
-			g.Reset()
+			// Set the new values, then drop the series that have none now
+			// (no Reset: a scrape in between would see no gauge at all).
+			now := map[[2]string]bool{}
 			set := func(hw string, m delivery.Metrics) {
 				g.WithLabelValues("deployments_per_week", hw).Set(m.DeploymentFrequency.PerWeek)
+				now[[2]string{"deployments_per_week", hw}] = true
 				for key, v := range map[string]*float64{"lead_time_seconds": m.LeadTime.MedianSeconds,
 					"change_failure_rate": m.ChangeFailureRate.Rate, "time_to_restore_seconds": m.TimeToRestore.MedianSeconds} {
 					if v != nil {
 						g.WithLabelValues(key, hw).Set(*v)
+						now[[2]string{key, hw}] = true
 					}
 				}
 			}
@@ -488,6 +493,12 @@ func (s *Server) deliveryGauges(ctx context.Context, every time.Duration) {
 			for hw, m := range rep.ByHardware {
 				set(hw, m)
 			}
+			for k := range gaugeSeries {
+				if !now[k] {
+					g.DeleteLabelValues(k[0], k[1])
+				}
+			}
+			gaugeSeries = now
 		}
 		select {
 		case <-ctx.Done():
