@@ -23,7 +23,7 @@ export function timeChart(box, { title, times, series, unit = "", height = 180 }
     width, height, title,
     series: [{}, ...series.map((s, i) => ({ label: s.label, stroke: palette[i % palette.length], width: 2, spanGaps: true,
       value: (u, v) => (v == null ? "–" : fmt(v) + unit) }))],
-    axes: [{}, { values: (u, vals) => vals.map((v) => fmt(v) + unit) }],
+    axes: [{}, { size: 64, values: (u, vals) => vals.map((v) => fmt(v) + unit) }],
     legend: { live: true },
   };
   const u = new uPlot(opts, data, box);
