@@ -14,8 +14,10 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/store"
 )
 
-// served are the types the API answers with.
+// served are the types the API answers with, and the request bodies the
+// console writes.
 var served = []any{
+	api.CreateRollout{}, api.CreateToken{}, api.LabelRequest{}, api.UpdateRequest{}, api.ActRequest{},
 	store.Device{}, store.Event{}, store.Audit{}, store.AuditVerification{}, store.FleetHealth{}, store.Release{},
 	store.DeviceUpdate{}, store.APIToken{}, store.Profile{},
 	rollout.Rollout{}, rollout.StatusReport{}, rollout.MemberReport{}, rollout.Preview{},
@@ -59,8 +61,9 @@ func jsonNames(t *testing.T, typ reflect.Type, path string, seen map[reflect.Typ
 	}
 }
 
-// TestJSONSnakeCase: every field the API sends has a snake_case name,
-// and every snake_case property the console reads is one of them.
+// TestJSONSnakeCase: every field the API sends or takes has a snake_case
+// name, and every snake_case property the console reads or writes is one
+// of them.
 func TestJSONSnakeCase(t *testing.T) {
 	names := map[string]bool{}
 	seen := map[reflect.Type]bool{}
@@ -91,6 +94,6 @@ func TestJSONSnakeCase(t *testing.T) {
 	}
 	sort.Strings(missing)
 	if len(missing) > 0 {
-		t.Errorf("the console reads fields the API does not send:\n%s", strings.Join(missing, "\n"))
+		t.Errorf("the console uses fields the API neither sends nor takes:\n%s", strings.Join(missing, "\n"))
 	}
 }

@@ -285,6 +285,21 @@ func TestConsole(t *testing.T) {
 	}
 	b.screenshot("rollout-completed")
 
+	// A dry run from the create form: who each stage takes, who is left
+	// out and why (the pre-provisioned devices), and nothing created.
+	b.open("#rollouts")
+	b.do(`(s => { s.value = "agent@1.2.0"; })(document.querySelector("#c-release"))`)
+	b.fill("#c-soak", "30s")
+	b.click("#c-dry-run")
+	b.waitJS("the dry run", "document.querySelector('#preview-excluded') || document.querySelector('#preview-stages')", 20*time.Second)
+	if txt := evalJS[string](b, "document.querySelector('#preview').innerText"); !strings.Contains(txt, "devices targeted") || !strings.Contains(txt, "Excluded, and why") {
+		t.Errorf("dry run preview: %s", txt)
+	}
+	b.screenshot("rollout-dry-run")
+	if rs, _ := api.Rollouts(ctx); len(rs) != 1 {
+		t.Errorf("a dry run created a rollout: %d rollouts", len(rs))
+	}
+
 	// Pausing with the button shows in the API.
 	id2 := kit.rollout(t, cp, "--release", "1.2.0", "--start", "--stages", "10%,100%", "--min-canary", "3", "--soak", "1h", "--device-timeout", "2m")
 	b.open("#rollout/" + id2)

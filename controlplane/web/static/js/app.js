@@ -443,11 +443,30 @@ async function createForm(box) {
     minCanary: el("input", { id: "c-min-canary", type: "number", min: "0", value: "3", size: "4" }),
     strata: el("input", { id: "c-strata", value: "hw", placeholder: "hw" }),
     onFailure: el("select", { id: "c-on-failure" }, opt("pause", "pause", "pause"), opt("abort", "abort", "pause")),
+    soak: el("input", { id: "c-soak", placeholder: "10m", size: "6" }),
+    minCommitted: el("input", { id: "c-min-committed", type: "number", min: "0", max: "100", step: "1", placeholder: "90", size: "4" }),
+    maxFailed: el("input", { id: "c-max-failed", type: "number", min: "0", max: "100", step: "0.5", placeholder: "5", size: "4" }),
+    margin: el("input", { id: "c-health-margin", type: "number", min: "0", step: "0.1", placeholder: "0.5", size: "4" }),
+    inFlight: el("input", { id: "c-max-in-flight", type: "number", min: "0", placeholder: "default", size: "6" }),
+    revert: el("select", { id: "c-revert-release" }, opt("", "none", ""), rels.map((r) => opt(r.target + "@" + r.version, `${r.target}@${r.version}`, ""))),
+    autoRevert: el("input", { id: "c-auto-revert", type: "checkbox" }),
     reason: el("input", { id: "c-reason", placeholder: "why (for the audit log)" }),
   };
   const preview = el("div", { id: "preview", "aria-live": "polite" });
-  const spec = () => ({ release: f.release.value, selector: f.selector.value.trim(), stages: f.stages.value.trim(), min_canary: Number(f.minCanary.value || 0),
-    strata: f.strata.value.split(",").map((s) => s.trim()).filter(Boolean), on_failure: f.onFailure.value, reason: f.reason.value.trim(), gates: {} });
+  // Empty fields take the server's defaults (the same as hangar rollout create's).
+  const spec = () => {
+    const gates = {};
+    if (f.soak.value.trim()) gates.soak = f.soak.value.trim();
+    if (f.minCommitted.value) gates.min_committed = Number(f.minCommitted.value) / 100;
+    if (f.maxFailed.value) gates.max_failed = Number(f.maxFailed.value) / 100;
+    if (f.margin.value) gates.health_margin = Number(f.margin.value);
+    const s = { release: f.release.value, selector: f.selector.value.trim(), stages: f.stages.value.trim(), min_canary: Number(f.minCanary.value || 0),
+      strata: f.strata.value.split(",").map((s) => s.trim()).filter(Boolean), on_failure: f.onFailure.value, reason: f.reason.value.trim(), gates };
+    if (f.inFlight.value) s.max_in_flight = Number(f.inFlight.value);
+    if (f.revert.value) s.revert_release = f.revert.value;
+    if (f.autoRevert.checked) s.auto_revert = true;
+    return s;
+  };
   const dry = el("button", { type: "button", id: "c-dry-run", onclick: async () => {
     try {
       const p = await api.call("POST", "/api/v1/rollouts", { ...spec(), dry_run: true });
@@ -457,7 +476,10 @@ async function createForm(box) {
   const go_ = el("button", { type: "submit", class: "primary", id: "c-start" }, "Create and start");
   const form = el("form", { id: "create-form" }, el("h3", {}, "New rollout"),
     el("div", { class: "filters" }, field("Release", f.release), field("Devices (selector)", f.selector), field("Stages", f.stages), field("Minimum canary", f.minCanary),
-      field("Strata (labels)", f.strata), field("On a failing gate", f.onFailure), field("Reason", f.reason)), el("div", {}, dry, " ", go_), preview);
+      field("Strata (labels)", f.strata), field("On a failing gate", f.onFailure)),
+    el("div", { class: "filters" }, field("Soak per stage", f.soak), field("Min committed %", f.minCommitted), field("Max failed %", f.maxFailed),
+      field("Health margin", f.margin), field("Max in flight", f.inFlight), field("Revert release", f.revert), field("Revert on failure", f.autoRevert),
+      field("Reason", f.reason)), el("div", {}, dry, " ", go_), preview);
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const s = spec();
