@@ -61,16 +61,7 @@ func TestEnrollmentBrokerURLNotFromHost(t *testing.T) {
 func TestNewAdminToken(t *testing.T) {
 	dir := t.TempDir()
 	start := func(rotate bool) (*server.Server, func()) {
-		hl, _ := net.Listen("tcp", "127.0.0.1:0")
-		ml, _ := net.Listen("tcp", "127.0.0.1:0")
-		srv, err := server.New(server.Options{DataDir: dir, HTTPListener: hl, MQTTListener: ml, NewAdminToken: rotate})
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan struct{})
-		go func() { srv.Run(ctx); close(done) }()
-		return srv, func() { cancel(); <-done }
+		return runServer(t, server.Options{DataDir: dir, NewAdminToken: rotate})
 	}
 	read := func(f string) string {
 		b, _ := os.ReadFile(filepath.Join(dir, f))
@@ -113,17 +104,9 @@ func TestNewAdminToken(t *testing.T) {
 // The delivery metrics: the API answers with the four keys by name, and
 // Prometheus has the gauges.
 func TestDeliveryEndpointsAndGauges(t *testing.T) {
-	hl, _ := net.Listen("tcp", "127.0.0.1:0")
-	ml, _ := net.Listen("tcp", "127.0.0.1:0")
 	dir := t.TempDir()
-	srv, err := server.New(server.Options{DataDir: dir, HTTPListener: hl, MQTTListener: ml})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { srv.Run(ctx); close(done) }()
-	defer func() { cancel(); <-done }()
+	srv, stop := runServer(t, server.Options{DataDir: dir})
+	defer stop()
 	tok, _ := os.ReadFile(filepath.Join(dir, server.AdminTokenFile))
 	get := func(path string) (int, string) {
 		req, _ := http.NewRequest("GET", srv.URL()+path, nil)
@@ -173,4 +156,21 @@ func TestDeliveryEndpointsAndGauges(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// runServer starts a control plane on free loopback ports; the function
+// returned stops it.
+func runServer(t *testing.T, opts server.Options) (*server.Server, func()) {
+	t.Helper()
+	hl, _ := net.Listen("tcp", "127.0.0.1:0")
+	ml, _ := net.Listen("tcp", "127.0.0.1:0")
+	opts.HTTPListener, opts.MQTTListener = hl, ml
+	srv, err := server.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { srv.Run(ctx); close(done) }()
+	return srv, func() { cancel(); <-done }
 }

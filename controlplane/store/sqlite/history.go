@@ -4,12 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"sort"
 	"strings"
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
-	"github.com/hangarfleet/hangar/proto"
 )
 
 // RecordFleetHealth keeps a fleet health summary in the history, at its
@@ -129,39 +127,10 @@ func (db *DB) TelemetryPoints(ctx context.Context, id string, from, to time.Time
 	if err != nil {
 		return nil, fmt.Errorf("telemetry %s: %w", id, err)
 	}
-	defer rows.Close()
-	out := []store.TelemetryRow{}
-	seen := map[[2]uint64]bool{}
-	for rows.Next() {
-		var boot, seq uint64
-		var body []byte
-		if err := rows.Scan(&boot, &seq, &body); err != nil {
-			return nil, fmt.Errorf("telemetry %s: %w", id, err)
-		}
-		if seen[[2]uint64{boot, seq}] {
-			continue
-		}
-		seen[[2]uint64{boot, seq}] = true
-		b, err := proto.DecodeBatch(body)
-		if err != nil || len(b.Samples) == 0 {
-			continue
-		}
-		// One sample a batch when thinning; every sample otherwise.
-		samples := b.Samples
-		if step > 1 {
-			samples = samples[:1]
-		}
-		for _, s := range samples {
-			if ts := b.Base + int64(s.T); ts >= f && ts < t {
-				out = append(out, store.TelemetryRow{Boot: boot, Seq: seq, Sample: s, Base: b.Base})
-			}
-		}
+	// One sample a batch when thinning; every sample otherwise.
+	out, err := decodeTelemetry(rows, f, t, step > 1)
+	if err != nil {
+		return nil, fmt.Errorf("telemetry %s: %w", id, err)
 	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	sort.SliceStable(out, func(i, j int) bool {
-		return out[i].Base+int64(out[i].Sample.T) < out[j].Base+int64(out[j].Sample.T)
-	})
 	return out, nil
 }

@@ -38,29 +38,45 @@ func (db *DB) Telemetry(ctx context.Context, id string, from, to time.Time, limi
 	if err != nil {
 		return nil, fmt.Errorf("telemetry %s: %w", id, err)
 	}
+	out, err := decodeTelemetry(rows, f, t, false)
+	if err != nil {
+		return nil, fmt.Errorf("telemetry %s: %w", id, err)
+	}
+	if len(out) > limit {
+		out = out[:limit]
+	}
+	return out, nil
+}
+
+// decodeTelemetry reads (boot, seq, body) rows of batches: their samples
+// in [f, t), in time order, each batch once (the inbox may hold a
+// redelivered batch twice); with firstOnly, one sample a batch.
+func decodeTelemetry(rows *sql.Rows, f, t int64, firstOnly bool) ([]store.TelemetryRow, error) {
 	defer rows.Close()
 	out := []store.TelemetryRow{}
-	seen := map[[2]uint64]bool{} // the inbox may hold a redelivered batch twice
+	seen := map[[2]uint64]bool{}
 	for rows.Next() {
 		var boot, seq uint64
 		var body []byte
 		if err := rows.Scan(&boot, &seq, &body); err != nil {
-			return nil, fmt.Errorf("telemetry %s: %w", id, err)
+			return nil, err
 		}
 		if seen[[2]uint64{boot, seq}] {
 			continue
 		}
 		seen[[2]uint64{boot, seq}] = true
 		b, err := proto.DecodeBatch(body)
-		if err != nil {
+		if err != nil || len(b.Samples) == 0 {
 			continue // stored by a newer version with rules this one lacks
 		}
-		for _, s := range b.Samples {
-			ts := b.Base + int64(s.T)
-			if ts < f || ts >= t {
-				continue
+		samples := b.Samples
+		if firstOnly {
+			samples = samples[:1]
+		}
+		for _, s := range samples {
+			if ts := b.Base + int64(s.T); ts >= f && ts < t {
+				out = append(out, store.TelemetryRow{Boot: boot, Seq: seq, Sample: s, Base: b.Base})
 			}
-			out = append(out, store.TelemetryRow{Boot: boot, Seq: seq, Sample: s, Base: b.Base})
 		}
 	}
 	if err := rows.Err(); err != nil {
@@ -69,9 +85,6 @@ func (db *DB) Telemetry(ctx context.Context, id string, from, to time.Time, limi
 	sort.SliceStable(out, func(i, j int) bool {
 		return out[i].Base+int64(out[i].Sample.T) < out[j].Base+int64(out[j].Sample.T)
 	})
-	if len(out) > limit {
-		out = out[:limit]
-	}
 	return out, nil
 }
 
