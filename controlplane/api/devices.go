@@ -649,6 +649,7 @@ func (a *API) labelDevice(c echo.Context) error {
 	if err != nil {
 		return notFound(err, "device "+id)
 	}
+	a.nudge(TopicFleet) // labels are not among the watermarks
 	return c.JSON(http.StatusOK, d)
 }
 
@@ -660,6 +661,7 @@ func (a *API) labelDevices(c echo.Context) error {
 	if err := a.setLabels(c, req.Devices); err != nil {
 		return err
 	}
+	a.nudge(TopicFleet)
 	return c.JSON(http.StatusOK, map[string]int{"labelled": len(req.Devices)})
 }
 
@@ -681,6 +683,7 @@ func (a *API) importDevices(c echo.Context) error {
 	}
 	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: a.actor(c), Action: "device.import",
 		Attrs: map[string]string{"devices": fmt.Sprint(len(req.Devices)), "created": fmt.Sprint(created)}})
+	a.nudge(TopicFleet)
 	return c.JSON(http.StatusOK, ImportResult{Created: created, Labelled: len(req.Devices) - created})
 }
 

@@ -151,6 +151,17 @@ func (a *API) unsubscribe(s *liveSub) {
 	a.live.mu.Unlock()
 }
 
+// nudge tells this process's open streams that a topic changed in a way
+// the watermarks do not show (a relabelling). Other API processes on the
+// same database see it at the next change they do see.
+func (a *API) nudge(topic string) {
+	a.live.mu.Lock()
+	defer a.live.mu.Unlock()
+	for s := range a.live.subs {
+		s.add([]string{topic}, nil, false)
+	}
+}
+
 // LiveStreams is the number of open live streams.
 func (a *API) LiveStreams() int {
 	a.live.mu.Lock()

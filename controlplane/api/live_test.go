@@ -86,6 +86,9 @@ func TestLiveStream(t *testing.T) {
 		MQTTURL: func(*http.Request) string { return "tcp://broker:1883" }})
 	srv := httptest.NewServer(a)
 	defer srv.Close()
+	// First (defers run last in, first out): end the streams, which
+	// httptest's Close would otherwise wait for.
+	defer a.CloseLive()
 	env := &roleEnv{db: db, now: time.Now()}
 	viewer := env.addToken(t, "vic", store.RoleViewer, nil)
 
@@ -136,6 +139,24 @@ func TestLiveStream(t *testing.T) {
 	if len(change.Events) != 1 || change.Events[0].Device != "d1" || change.Events[0].Update == nil {
 		t.Errorf("the change carries %+v", change.Events)
 	}
+	// A relabelling, which no watermark shows, is announced too.
+	req, _ := http.NewRequest(http.MethodPatch, srv.URL+"/api/v1/devices/d1/labels", strings.NewReader(`{"set":{"base":"oslo"}}`))
+	req.Header.Set("Authorization", "Bearer "+admin)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("label: %v %v", err, resp)
+	}
+	resp.Body.Close()
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		m := next(t, ch, "change")
+		if strings.Contains(m.data, api.TopicFleet) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no fleet change after a relabelling; last: %s", m.data)
+		}
+	}
 	// A token's share of streams.
 	var extra []*http.Response
 	for range api.MaxLiveStreamsPerToken - 1 {
@@ -143,9 +164,9 @@ func TestLiveStream(t *testing.T) {
 		extra = append(extra, resp)
 	}
 	waitStreams(api.MaxLiveStreamsPerToken)
-	req, _ := http.NewRequest(http.MethodGet, srv.URL+"/api/v1/events/stream", nil)
+	req, _ = http.NewRequest(http.MethodGet, srv.URL+"/api/v1/events/stream", nil)
 	req.Header.Set("Authorization", "Bearer "+viewer)
-	resp, err := http.DefaultClient.Do(req)
+	resp, err = http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -119,6 +119,7 @@ func newRoleEnv(t *testing.T) *roleEnv {
 		Releases: &api.ReleaseOptions{Store: db, Dir: dir}, Rollouts: noRollouts{}})
 	e.srv = httptest.NewServer(e.api)
 	t.Cleanup(e.srv.Close)
+	t.Cleanup(e.api.CloseLive) // runs first: httptest's Close waits for open streams
 	return e
 }
 
