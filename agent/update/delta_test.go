@@ -1,0 +1,133 @@
+package update_test
+
+import (
+	"bytes"
+	"errors"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/gabstv/go-bsdiff/pkg/bsdiff"
+
+	"github.com/hangarfleet/hangar/agent/update"
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// builds returns a pseudo-binary, mostly repetitive "code" with some
+// noise, and a variant with a few scattered edits, as a patch release has.
+func builds(size int) (old, new []byte) {
+	r := rand.New(rand.NewPCG(1, 2))
+	old = make([]byte, size)
+	for i := range old {
+		if i%97 < 60 {
+			old[i] = byte(i % 251)
+		} else {
+			old[i] = byte(r.IntN(256))
+		}
+	}
+	new = append([]byte(nil), old...)
+	for range 40 {
+		at := r.IntN(size - 64)
+		copy(new[at:], []byte("hangar 1.0.1 patch release"))
+	}
+	new = append(new, []byte("appended tail of the new build")...)
+	return old, new
+}
+
+func TestDeltaRoundTrip(t *testing.T) {
+	old, new := builds(256 << 10)
+	patch, err := bsdiff.Bytes(old, new) // what hangar release sign --delta-from writes (controlplane/delta)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(patch) > len(new)/4 {
+		t.Errorf("patch of %d bytes for a %d-byte build with a few edits", len(patch), len(new))
+	}
+	var out bytes.Buffer
+	if err := update.ApplyDelta(bytes.NewReader(old), bytes.NewReader(patch), int64(len(patch)), int64(len(new)), &out); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), new) {
+		t.Fatal("the result differs from the new build")
+	}
+}
+
+// A hostile or broken patch is refused with an error and no panic: a
+// result over the cap (refused from the header, before allocating), blocks
+// that do not fit, a truncated patch, flipped bytes; the wrong base gives
+// a wrong result, which the caller's digest check catches.
+func TestDeltaRefusals(t *testing.T) {
+	old, new := builds(64 << 10)
+	patch, err := bsdiff.Bytes(old, new) // what hangar release sign --delta-from writes (controlplane/delta)
+	if err != nil {
+		t.Fatal(err)
+	}
+	errWrong := errors.New("a wrong result without an error")
+	apply := func(base, p []byte, max int64) error {
+		var out bytes.Buffer
+		err := update.ApplyDelta(bytes.NewReader(base), bytes.NewReader(p), int64(len(p)), max, &out)
+		if err == nil && !bytes.Equal(out.Bytes(), new) {
+			return errWrong
+		}
+		return err
+	}
+	if err := apply(old, patch, int64(len(new))-1); !errors.Is(err, proto.ErrDelta) {
+		t.Errorf("a result over the cap: %v", err)
+	}
+	huge := append([]byte(nil), patch...)
+	huge[30] = 0x7f // NewSize of petabytes: refused before any allocation
+	if err := apply(old, huge, 1<<30); !errors.Is(err, proto.ErrDelta) {
+		t.Errorf("an announced size of petabytes: %v", err)
+	}
+	blocks := append([]byte(nil), patch...)
+	blocks[14] = 0x10 // CtrlLen larger than the patch
+	if err := apply(old, blocks, int64(len(new))); !errors.Is(err, proto.ErrDelta) {
+		t.Errorf("blocks larger than the patch: %v", err)
+	}
+	if err := apply(old, patch[:len(patch)/2], int64(len(new))); err == nil {
+		t.Error("a truncated patch applied")
+	}
+	if err := apply(old, patch[:10], int64(len(new))); !errors.Is(err, proto.ErrDelta) {
+		t.Errorf("a patch shorter than its header: %v", err)
+	}
+	// A flipped byte is an error, or (in a part the patcher does not
+	// need, such as the extra block's final checksum) changes nothing; a
+	// wrong result is left to the manifest's digest, checked after.
+	refused := 0
+	for at := proto.DeltaHeaderSize; at < len(patch); at += len(patch) / 50 {
+		bad := append([]byte(nil), patch...)
+		bad[at] ^= 0xff
+		switch err := apply(old, bad, int64(len(new))); {
+		case err == nil:
+		case errors.Is(err, errWrong):
+			t.Logf("byte %d flipped: a wrong result, for the digest check to refuse", at)
+		default:
+			refused++
+		}
+	}
+	if refused < 25 {
+		t.Errorf("only %d of 50 corrupted patches refused", refused)
+	}
+	other := append([]byte(nil), old...)
+	other[100] ^= 1
+	var out bytes.Buffer
+	if err := update.ApplyDelta(bytes.NewReader(other), bytes.NewReader(patch), int64(len(patch)), int64(len(new)), &out); err == nil && bytes.Equal(out.Bytes(), new) {
+		t.Error("a different base gave the new build")
+	}
+}
+
+func FuzzApplyDelta(f *testing.F) {
+	old, new := builds(4 << 10)
+	patch, err := bsdiff.Bytes(old, new) // what hangar release sign --delta-from writes (controlplane/delta)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(patch)
+	f.Add([]byte(proto.DeltaMagic))
+	f.Fuzz(func(t *testing.T, p []byte) {
+		var out bytes.Buffer
+		err := update.ApplyDelta(bytes.NewReader(old), bytes.NewReader(p), int64(len(p)), 64<<10, &out)
+		if err == nil && int64(out.Len()) > 64<<10 {
+			t.Fatalf("a result of %d bytes over the cap", out.Len())
+		}
+	})
+}
