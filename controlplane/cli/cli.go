@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -198,4 +199,13 @@ func (g *globals) client() (*Client, error) {
 		}
 	}
 	return c, nil
+}
+
+// reasonQuery is the ?reason= of an operator's action (none when empty).
+func reasonQuery(reason string) url.Values {
+	q := url.Values{}
+	if reason != "" {
+		q.Set("reason", reason)
+	}
+	return q
 }

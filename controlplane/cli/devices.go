@@ -281,10 +281,7 @@ func deviceRemove(ctx context.Context, g *globals, args []string) error {
 	if err != nil {
 		return err
 	}
-	q := url.Values{}
-	if *reason != "" {
-		q.Set("reason", *reason)
-	}
+	q := reasonQuery(*reason)
 	var res struct {
 		Already bool `json:"already_revoked"`
 	}
@@ -312,10 +309,7 @@ func deviceRekey(ctx context.Context, g *globals, args []string) error {
 	if err != nil {
 		return err
 	}
-	q := url.Values{}
-	if *reason != "" {
-		q.Set("reason", *reason)
-	}
+	q := reasonQuery(*reason)
 	var out struct {
 		Until time.Time `json:"until"`
 	}
@@ -339,10 +333,7 @@ func deviceApprove(ctx context.Context, g *globals, args []string) error {
 	if err != nil {
 		return err
 	}
-	q := url.Values{}
-	if *reason != "" {
-		q.Set("reason", *reason)
-	}
+	q := reasonQuery(*reason)
 	var out struct {
 		Key string `json:"key"`
 	}
@@ -365,10 +356,7 @@ func deviceDeny(ctx context.Context, g *globals, args []string) error {
 	if err != nil {
 		return err
 	}
-	q := url.Values{}
-	if *reason != "" {
-		q.Set("reason", *reason)
-	}
+	q := reasonQuery(*reason)
 	var out struct {
 		Key string `json:"key"`
 	}
@@ -396,10 +384,7 @@ func devicePasswords(ctx context.Context, g *globals, args []string) error {
 	case len(pos) == 0:
 		err = c.Do(ctx, http.MethodGet, "/api/v1/settings/device-passwords", nil, nil, &p)
 	case len(pos) == 1 && (pos[0] == "on" || pos[0] == "off"):
-		q := url.Values{}
-		if *reason != "" {
-			q.Set("reason", *reason)
-		}
+		q := reasonQuery(*reason)
 		err = c.Do(ctx, http.MethodPut, "/api/v1/settings/device-passwords", q, map[string]bool{"enabled": pos[0] == "on"}, &p)
 	default:
 		return fmt.Errorf("%w: hangar device passwords [on|off]", ErrUsage)

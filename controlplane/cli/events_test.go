@@ -1,32 +1,19 @@
 package cli_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/cli"
 	"github.com/hangarfleet/hangar/controlplane/server"
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/internal/syncbuf"
 	"github.com/hangarfleet/hangar/proto"
 )
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
 
 // events: newest first, filtered by severity and device; --follow prints
 // what arrives after, oldest first, until stopped.
@@ -66,7 +53,7 @@ func TestEventsNewestFirstAndFollow(t *testing.T) {
 	}
 	// --follow
 	fctx, cancel := context.WithCancel(ctx)
-	var buf syncBuffer
+	var buf syncbuf.Buffer
 	done := make(chan error, 1)
 	go func() {
 		env := map[string]string{"HANGAR_SERVER": c.url}

@@ -78,10 +78,7 @@ func runToken(ctx context.Context, g *globals, args []string) error {
 		if len(pos) != 1 {
 			return fmt.Errorf("%w: token revoke NAME", ErrUsage)
 		}
-		q := url.Values{}
-		if *reason != "" {
-			q.Set("reason", *reason)
-		}
+		q := reasonQuery(*reason)
 		var r api.RevokedToken
 		if err := c.Do(ctx, http.MethodDelete, "/api/v1/tokens/"+url.PathEscape(pos[0]), q, nil, &r); err != nil {
 			return err

@@ -4,7 +4,6 @@
 package tour
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net"
@@ -12,28 +11,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/hangarfleet/hangar/internal/syncbuf"
 )
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // tourCommands are the shell commands of the README's "A short tour",
 // continuation lines joined.
@@ -123,7 +106,7 @@ func TestReadmeTour(t *testing.T) {
 	run("cp", "scripts/run.sh", filepath.Join(root, "scripts", "run.sh"))
 
 	// make run, with fewer drones.
-	var log lockedBuffer
+	var log syncbuf.Buffer
 	mk := exec.Command("bash", "scripts/run.sh")
 	mk.Dir = root
 	mk.Env = append(os.Environ(), "SIM_DEVICES=24")
