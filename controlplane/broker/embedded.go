@@ -164,7 +164,7 @@ func NewEmbedded(opts EmbeddedOptions) (*Embedded, error) {
 	if opts.MaxConnectSize <= 0 {
 		opts.MaxConnectSize = DefaultMaxConnectSize
 	}
-	e.ln = &listener{ln: ln, log: log, rate: opts.ConnectRate, metrics: opts.Metrics,
+	e.ln = &listener{ln: ln, srv: srv, log: log, rate: opts.ConnectRate, metrics: opts.Metrics,
 		connectTimeout: opts.ConnectTimeout, maxConnect: opts.MaxConnectSize, maxOpen: opts.MaxClients,
 		unchecked: map[*connectGuard]struct{}{}, serveDone: make(chan struct{}), handshakes: make(chan struct{}, maxHandshakes)}
 	e.ln.cond = sync.NewCond(&e.ln.mu)
@@ -654,6 +654,7 @@ func truncate(s string) string {
 // port is known before serving), with an optional accept-rate cap.
 type listener struct {
 	ln      net.Listener
+	srv     *mqtt.Server
 	log     *slog.Logger
 	rate    int
 	metrics *metrics.Metrics
@@ -832,13 +833,21 @@ func maxTime(a, b time.Time) time.Time {
 	return b
 }
 
-func (l *listener) Close(closeClients listeners.CloseFn) {
+func (l *listener) Close(_ listeners.CloseFn) {
 	if l.closed.Swap(true) {
 		return
 	}
 	l.end.Store(true)
 	l.ln.Close()
-	closeClients(l.ID())
+	// Not closeClients: mochi's (Clients.GetByListener, v2.7.9) takes the
+	// clients' read lock twice, and a client connecting or leaving in
+	// between deadlocks the broker for good (mochi-mqtt/server#488). One
+	// snapshot under one read lock, then the same disconnect.
+	for _, cl := range l.srv.Clients.GetAll() {
+		if cl.Net.Listener == l.ID() && !cl.Closed() {
+			_ = l.srv.DisconnectClient(cl, packets.ErrServerShuttingDown)
+		}
+	}
 }
 
 // minLevel drops records below a level.

@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -541,6 +542,62 @@ func TestEmbeddedCloseWithClients(t *testing.T) {
 		t.Fatal("Close hangs with clients connected")
 	}
 	waitCond(t, 10*time.Second, "the client disconnected", func() bool { return !c1.IsConnectionOpen() })
+}
+
+// TestEmbeddedCloseWhileClientsChurn: Close returns while devices keep
+// connecting and leaving. (The deadlock of mochi's own listener close,
+// mochi-mqtt/server#488, needs a connect to land within nanoseconds, so
+// this rarely meets it; TestListenerCloseOwnSnapshot pins the fix.)
+func TestEmbeddedCloseWhileClientsChurn(t *testing.T) {
+	creds := fakeCreds{}
+	for i := range 4 {
+		creds[fmt.Sprintf("d%d", i)] = "pw"
+	}
+	for round := range 5 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		e, err := broker.NewEmbedded(broker.EmbeddedOptions{Listener: ln, Credentials: creds, Metrics: metrics.New(nil)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := e.Start(t.Context(), syncHandler(nil).async); err != nil {
+			t.Fatal(err)
+		}
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		var connects atomic.Int64
+		for i := range 4 {
+			id := fmt.Sprintf("d%d", i)
+			wg.Go(func() {
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					o := paho.NewClientOptions().AddBroker("tcp://" + ln.Addr().String()).SetClientID(id).
+						SetUsername(id).SetPassword("pw").SetAutoReconnect(false).SetConnectTimeout(2 * time.Second)
+					c := paho.NewClient(o)
+					if tok := c.Connect(); tok.WaitTimeout(3*time.Second) && tok.Error() == nil {
+						connects.Add(1)
+						c.Disconnect(0)
+					}
+				}
+			})
+		}
+		waitCond(t, 10*time.Second, "clients churning", func() bool { return connects.Load() >= 20 })
+		done := make(chan error, 1)
+		go func() { done <- e.Close() }()
+		select {
+		case <-done:
+		case <-time.After(15 * time.Second):
+			t.Fatalf("round %d: Close hangs while clients connect and leave", round)
+		}
+		close(stop)
+		wg.Wait()
+	}
 }
 
 // pipeListener hands the broker one end of a synchronous pipe per dial:
