@@ -18,4 +18,10 @@ package proto
 //	    acknowledgements), Command, FlightInput on the agent's local socket;
 //	    signed release Manifest and KeyList (COSE_Sign1, Ed25519); the
 //	    confirm command for a build in trial.
-const ProtocolVersion = 1
+//	2 (2026-12-01): delta updates: Manifest.Delta (base, patch and result
+//	    of a BSDIFF40 patch), UpdateOffer.FullURL (the fallback),
+//	    State.Builds (digests of the files in place) and State.Deltas (the
+//	    largest result the agent patches; 0 or absent: full artifacts
+//	    only), UpdateReport.Patch and Fallback. Agents of version 1 refuse
+//	    a delta manifest (format check) and are never offered one.
+const ProtocolVersion = 2

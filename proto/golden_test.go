@@ -29,6 +29,7 @@ func goldens() []struct {
 	state, will, alert, upd := prototest.State(), prototest.Will(), prototest.AlertEvent(), prototest.UpdateEvent()
 	ping, cmd, fi := prototest.PingCommand(), prototest.UpdateCommand(), prototest.FlightInput()
 	csr, certCmd := prototest.CertRequest(), prototest.CertCommand()
+	dstate, dupd, dcmd := prototest.DeltaState(), prototest.DeltaUpdateEvent(), prototest.DeltaUpdateCommand()
 	return []struct {
 		name string
 		msg  any
@@ -44,6 +45,47 @@ func goldens() []struct {
 		{"flight_input", &fi, func() any { return new(proto.FlightInput) }},
 		{"cert_request", &csr, func() any { return new(proto.CertRequest) }},
 		{"command_certificate", &certCmd, func() any { return new(proto.Command) }},
+		{"state_hello_delta", &dstate, func() any { return new(proto.State) }},
+		{"event_update_delta", &dupd, func() any { return new(proto.Event) }},
+		{"command_update_delta", &dcmd, func() any { return new(proto.Command) }},
+	}
+}
+
+// TestGoldenV1 decodes what agents and control planes of protocol version
+// 1 sent (testdata/golden-v1, frozen): a fleet mid-upgrade speaks both.
+// Their messages decode to the same fixtures with version 1, and nothing
+// of version 2 (no builds, no deltas: never offered one).
+func TestGoldenV1(t *testing.T) {
+	for _, g := range goldens() {
+		path := filepath.Join("testdata", "golden-v1", g.name+".hex")
+		raw, err := os.ReadFile(path)
+		if os.IsNotExist(err) {
+			continue // a shape version 1 did not have
+		}
+		t.Run(g.name, func(t *testing.T) {
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, err := hex.DecodeString(strings.TrimSpace(string(raw)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			dec := g.new()
+			if err := proto.Unmarshal(b, dec); err != nil {
+				t.Fatalf("a version 1 message no longer decodes: %v", err)
+			}
+			if st, ok := g.msg.(*proto.State); ok {
+				want := *st
+				want.Proto = 1
+				if !reflect.DeepEqual(dec, &want) {
+					t.Errorf("decoded %+v, want %+v", dec, &want)
+				}
+				return
+			}
+			if !reflect.DeepEqual(dec, g.msg) {
+				t.Errorf("decoded %+v, want %+v", dec, g.msg)
+			}
+		})
 	}
 }
 

@@ -54,6 +54,15 @@ type State struct {
 	Labels   map[string]string `cbor:"8,keyasint,omitempty"`  // labels the device reports for itself
 	Release  uint64            `cbor:"9,keyasint,omitempty"`  // counter of the installed agent release
 	Payloads map[string]string `cbor:"10,keyasint,omitempty"` // installed versions of non-agent payloads
+	// Builds are the SHA-256 digests of the files in place, by target
+	// (the agent's own binary; payloads whose installed file the agent
+	// knows): what a delta would patch. Claims, like everything here: the
+	// device checks the base itself before it patches anything.
+	Builds map[string][]byte `cbor:"11,keyasint,omitempty"`
+	// Deltas is the largest build this agent makes of a patch (it holds
+	// the result in memory); 0: it takes full artifacts only (an older
+	// agent, or one told --no-delta).
+	Deltas uint64 `cbor:"12,keyasint,omitempty"`
 }
 
 // Batch is a group of telemetry samples, published on the telemetry topic.
@@ -187,6 +196,13 @@ type UpdateReport struct {
 	Reason   string      `cbor:"6,keyasint,omitempty" json:"reason,omitempty"`   // why deferred, rejected, failed or rolled back
 	Check    string      `cbor:"7,keyasint,omitempty" json:"check,omitempty"`    // the check that rejected the release
 	Rollout  string      `cbor:"8,keyasint,omitempty" json:"rollout,omitempty"`  // rollout id from the offer
+	// Patch is the size of the delta patch being fetched instead of Size
+	// bytes (0: the full artifact).
+	Patch uint64 `cbor:"9,keyasint,omitempty" json:"patch,omitempty"`
+	// Fallback says why the offered delta was given up for the full
+	// artifact (the base on the device is not the patch's, the patch or
+	// its result is corrupt): the release goes on, fetched whole.
+	Fallback string `cbor:"10,keyasint,omitempty" json:"fallback,omitempty"`
 }
 
 // CommandKind says what a Command asks.
@@ -263,6 +279,10 @@ type UpdateOffer struct {
 	Manifest []byte `cbor:"0,keyasint"`           // COSE_Sign1 release manifest
 	Keys     []byte `cbor:"1,keyasint,omitempty"` // COSE_Sign1 release key list, signed by a root key
 	URL      string `cbor:"2,keyasint"`           // artifact location (absolute, or relative to the control plane)
+	// FullURL is where the full artifact of a delta offer is: the device
+	// falls back to it, once, when the delta path fails, and checks it
+	// against the delta manifest's result digest (no second manifest).
+	FullURL string `cbor:"3,keyasint,omitempty"`
 }
 
 // FlightInput is what the drone's flight software sends to the agent's local

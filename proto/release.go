@@ -38,24 +38,50 @@ const (
 
 // Manifest describes one signed release.
 type Manifest struct {
-	Version  string     `cbor:"0,keyasint"`           // semantic version, e.g. 1.5.0
-	Counter  uint64     `cbor:"1,keyasint"`           // monotonic release counter: devices only move up
-	Target   string     `cbor:"2,keyasint"`           // TargetAgent, or a payload name (e.g. fc-firmware)
-	Hardware []string   `cbor:"3,keyasint"`           // hardware revisions it may run on
-	Arch     []string   `cbor:"4,keyasint,omitempty"` // GOARCH values (agent target)
-	Size     uint64     `cbor:"5,keyasint"`           // artifact bytes
-	SHA256   []byte     `cbor:"6,keyasint"`           // artifact digest
-	Delta    *DeltaBase `cbor:"7,keyasint,omitempty"` // the artifact is a patch against this base
-	Created  int64      `cbor:"8,keyasint"`           // unix seconds
-	Expires  int64      `cbor:"9,keyasint"`           // unix seconds: devices refuse it after
-	KeyID    string     `cbor:"10,keyasint"`          // release key that signs it
-	Notes    string     `cbor:"11,keyasint,omitempty"`
+	Version  string   `cbor:"0,keyasint"`           // semantic version, e.g. 1.5.0
+	Counter  uint64   `cbor:"1,keyasint"`           // monotonic release counter: devices only move up
+	Target   string   `cbor:"2,keyasint"`           // TargetAgent, or a payload name (e.g. fc-firmware)
+	Hardware []string `cbor:"3,keyasint"`           // hardware revisions it may run on
+	Arch     []string `cbor:"4,keyasint,omitempty"` // GOARCH values (agent target)
+	Size     uint64   `cbor:"5,keyasint"`           // bytes of the build installed (of the artifact, or of a delta's result)
+	SHA256   []byte   `cbor:"6,keyasint"`           // digest of the build installed
+	Delta    *Delta   `cbor:"7,keyasint,omitempty"` // the artifact is a patch that makes that build of a base
+	Created  int64    `cbor:"8,keyasint"`           // unix seconds
+	Expires  int64    `cbor:"9,keyasint"`           // unix seconds: devices refuse it after
+	KeyID    string   `cbor:"10,keyasint"`          // release key that signs it
+	Notes    string   `cbor:"11,keyasint,omitempty"`
 }
 
-// DeltaBase names the release a patch applies to.
-type DeltaBase struct {
-	Counter uint64 `cbor:"0,keyasint"`
-	SHA256  []byte `cbor:"1,keyasint"`
+// Delta says that a manifest's artifact is a BSDIFF40 patch: applied to
+// the base (the build in place, named by its digest and size) it makes the
+// build the manifest's Size and SHA256 name. A delta manifest is a release
+// of its own, under the same counter, target, hardware and expiry as the
+// full one: the device checks the patch, the base and the result against
+// it, and may fetch the full artifact instead and check that against the
+// same result digest.
+type Delta struct {
+	BaseSHA256  []byte `cbor:"0,keyasint"`
+	BaseSize    uint64 `cbor:"1,keyasint"`
+	PatchSHA256 []byte `cbor:"2,keyasint"`
+	PatchSize   uint64 `cbor:"3,keyasint"`
+	BaseVersion string `cbor:"4,keyasint,omitempty"` // for people; the digest is what counts
+}
+
+// ArtifactSize is what a device downloads for m: the patch of a delta, the
+// build otherwise.
+func (m *Manifest) ArtifactSize() uint64 {
+	if m.Delta != nil {
+		return m.Delta.PatchSize
+	}
+	return m.Size
+}
+
+// ArtifactSHA256 is the digest of what a device downloads for m.
+func (m *Manifest) ArtifactSHA256() []byte {
+	if m.Delta != nil {
+		return m.Delta.PatchSHA256
+	}
+	return m.SHA256
 }
 
 // KeyList is the root-signed list of release keys.
@@ -108,8 +134,17 @@ func (m *Manifest) Validate() error {
 	case m.Target == TargetAgent && len(m.Arch) == 0:
 		return errors.New("an agent release must list its architectures")
 	}
-	if m.Delta != nil && (m.Delta.Counter == 0 || len(m.Delta.SHA256) != sha256.Size) {
-		return errors.New("bad delta base")
+	if d := m.Delta; d != nil {
+		switch {
+		case len(d.BaseSHA256) != sha256.Size || len(d.PatchSHA256) != sha256.Size:
+			return errors.New("delta: a base or patch sha256 is not 32 bytes")
+		case d.BaseSize == 0 || d.PatchSize < DeltaHeaderSize:
+			return errors.New("delta: empty base or patch")
+		case slices.Equal(d.BaseSHA256, m.SHA256):
+			return errors.New("delta: the base is the result")
+		case d.BaseVersion != "" && !ValidVersion(d.BaseVersion):
+			return fmt.Errorf("delta: base version %q is not a semantic version", d.BaseVersion)
+		}
 	}
 	return nil
 }

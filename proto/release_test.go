@@ -190,3 +190,40 @@ func FuzzOpenManifest(f *testing.F) {
 }
 
 var _ = errors.New
+
+// TestDeltaManifest: a delta manifest signs and opens with its patch and
+// base, and names what a device downloads; malformed delta fields are
+// refused at signing.
+func TestDeltaManifest(t *testing.T) {
+	base, patch, result := []byte("old build"), []byte(proto.DeltaMagic+"a patch of at least a header's length"), []byte("new build")
+	m := prototest.DeltaManifest(base, patch, result)
+	signed, err := proto.SignManifest(prototest.ReleaseKey, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := proto.OpenManifest(signed, prototest.KeyList(), time.UnixMilli(prototest.Base))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Delta == nil || got.ArtifactSize() != uint64(len(patch)) || !bytes.Equal(got.ArtifactSHA256(), m.Delta.PatchSHA256) || got.Size != uint64(len(result)) {
+		t.Fatalf("opened %+v (delta %+v)", got, got.Delta)
+	}
+	full := prototest.Manifest(result)
+	if full.ArtifactSize() != full.Size || !bytes.Equal(full.ArtifactSHA256(), full.SHA256) {
+		t.Fatal("a full manifest's artifact is not its build")
+	}
+	for name, edit := range map[string]func(d *proto.Delta){
+		"short base digest":  func(d *proto.Delta) { d.BaseSHA256 = d.BaseSHA256[:31] },
+		"no patch digest":    func(d *proto.Delta) { d.PatchSHA256 = nil },
+		"empty base":         func(d *proto.Delta) { d.BaseSize = 0 },
+		"patch under header": func(d *proto.Delta) { d.PatchSize = proto.DeltaHeaderSize - 1 },
+		"base is result":     func(d *proto.Delta) { d.BaseSHA256 = m.SHA256 },
+		"bad base version":   func(d *proto.Delta) { d.BaseVersion = "latest" },
+	} {
+		bad := prototest.DeltaManifest(base, patch, result)
+		edit(bad.Delta)
+		if _, err := proto.SignManifest(prototest.ReleaseKey, bad); err == nil {
+			t.Errorf("%s: signed", name)
+		}
+	}
+}

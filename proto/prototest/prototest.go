@@ -64,6 +64,16 @@ func State() proto.State {
 	}
 }
 
+// DeltaState returns State from an agent that patches builds of up to
+// 64 MiB, with the digest of its binary.
+func DeltaState() proto.State {
+	s := State()
+	sum := sha256.Sum256([]byte("hangar-agent 1.4.2"))
+	s.Builds = map[string][]byte{proto.TargetAgent: sum[:]}
+	s.Deltas = 64 << 20
+	return s
+}
+
 // Will returns the last will matching State.
 func Will() proto.State {
 	return proto.State{Proto: proto.ProtocolVersion, Online: false, Boot: 1795780000, Conn: 7}
@@ -86,6 +96,15 @@ func UpdateEvent() proto.Event {
 			Progress: 1 << 20, Size: 6 << 20, Rollout: "r-1",
 		},
 	}
+}
+
+// DeltaUpdateEvent returns an update report of a delta given up for the
+// full artifact.
+func DeltaUpdateEvent() proto.Event {
+	e := UpdateEvent()
+	e.Update.Patch = 180 << 10
+	e.Update.Fallback = "the patch makes a build whose digest is not the manifest's"
+	return e
 }
 
 // PingCommand returns a ping.
@@ -114,6 +133,23 @@ func UpdateCommand() proto.Command {
 			URL:      "/api/v1/releases/1.5.0/artifact",
 		},
 	}
+}
+
+// DeltaUpdateCommand returns an offer of a delta with its full fallback.
+func DeltaUpdateCommand() proto.Command {
+	c := UpdateCommand()
+	c.Update.URL = "/api/v1/releases/1.5.0/deltas/9f2c/artifact"
+	c.Update.FullURL = "/api/v1/releases/1.5.0/artifact"
+	return c
+}
+
+// DeltaManifest returns the manifest of a patch (its bytes) that makes
+// result of base.
+func DeltaManifest(base, patch, result []byte) proto.Manifest {
+	m := Manifest(result)
+	bs, ps := sha256.Sum256(base), sha256.Sum256(patch)
+	m.Delta = &proto.Delta{BaseSHA256: bs[:], BaseSize: uint64(len(base)), PatchSHA256: ps[:], PatchSize: uint64(len(patch)), BaseVersion: "1.4.2"}
+	return m
 }
 
 // FlightInput returns what a flight stack sends while flying.
