@@ -6,6 +6,7 @@ package store
 
 import (
 	"errors"
+	"strings"
 	"time"
 
 	"github.com/hangarfleet/hangar/proto"
@@ -50,8 +51,14 @@ type Device struct {
 	Boot               uint64            `json:"boot_epoch,omitempty"`
 	Proto              uint16            `json:"protocol,omitempty"`
 	Payloads           map[string]string `json:"payloads,omitempty"`
-	Dropped            uint64            `json:"dropped_samples"` // samples the agent's outbox dropped, total reported
-	Latest             *proto.Reading    `json:"latest,omitempty"`
+	// Builds are the SHA-256 digests (hex) of the files in place, by
+	// target, as the device last reported them: what a delta patches.
+	Builds map[string]string `json:"builds,omitempty"`
+	// DeltaMax is the largest build the device's agent makes of a patch
+	// (0: full artifacts only).
+	DeltaMax uint64         `json:"delta_max,omitempty"`
+	Dropped  uint64         `json:"dropped_samples"` // samples the agent's outbox dropped, total reported
+	Latest   *proto.Reading `json:"latest,omitempty"`
 	// Auth is how the device last authenticated to the broker: AuthCert,
 	// AuthPassword, or "" (not yet).
 	Auth string `json:"auth,omitempty"`
@@ -310,6 +317,24 @@ type Release struct {
 	PushedBy string    `json:"pushed_by"`
 	Manifest []byte    `json:"-"` // signed
 	Keys     []byte    `json:"-"` // signed key list
+	// Deltas are the patches pushed for the release, one per base build.
+	Deltas []ReleaseDelta `json:"deltas,omitempty"`
+}
+
+// ReleaseDelta is a pushed, verified delta of a release: a BSDIFF40 patch
+// from a base build to the release's, with its own signed manifest (the
+// release's, with proto.Delta set).
+type ReleaseDelta struct {
+	Target      string    `json:"target"`
+	Version     string    `json:"version"`
+	BaseSHA256  string    `json:"base_sha256"` // hex
+	BaseSize    uint64    `json:"base_size"`
+	BaseVersion string    `json:"base_version,omitempty"`
+	PatchSHA256 string    `json:"patch_sha256"` // hex
+	PatchSize   uint64    `json:"patch_size"`
+	PushedAt    time.Time `json:"pushed_at"`
+	PushedBy    string    `json:"pushed_by"`
+	Manifest    []byte    `json:"-"` // signed
 }
 
 // RolloutRow is a rollout as stored: spec and state as JSON (the rollout
@@ -382,6 +407,46 @@ type DeviceUpdate struct {
 	Updated  time.Time `json:"updated"`
 	// Committed is when the device first reported it committed.
 	Committed *time.Time `json:"committed,omitempty"`
+	// Patch is the size of the delta the device fetched instead of the
+	// full artifact (0: the full artifact).
+	Patch uint64 `json:"patch,omitempty"`
+	// Fallback says why the device gave the delta up for the full
+	// artifact.
+	Fallback string `json:"fallback,omitempty"`
+}
+
+// Via says how the device fetched the release.
+type Via string
+
+// How a release is fetched.
+const (
+	ViaFull     Via = "full"     // the full artifact
+	ViaDelta    Via = "delta"    // a delta
+	ViaFallback Via = "fallback" // a delta, given up for the full artifact
+)
+
+// Via is how the device fetched the release, from its reports.
+func (u DeviceUpdate) Via() Via {
+	switch {
+	case u.Fallback != "":
+		return ViaFallback
+	case u.Patch > 0:
+		return ViaDelta
+	}
+	return ViaFull
+}
+
+// Transferred is the bytes the device fetches over the air for a release
+// of size bytes: the patch of a delta, the full artifact, or both when it
+// fell back.
+func (u DeviceUpdate) Transferred(size uint64) uint64 {
+	switch u.Via() {
+	case ViaFallback:
+		return u.Patch + size
+	case ViaDelta:
+		return u.Patch
+	}
+	return size
 }
 
 // ArtifactURL is the path devices download a release's artifact from.
@@ -389,9 +454,50 @@ func ArtifactURL(target, version string) string {
 	return "/api/v1/releases/" + target + "/" + version + "/artifact"
 }
 
-// Offer is the update offer of a release.
+// DeltaURL is the path devices download a delta of a release from,
+// named by the patch's digest (hex).
+func DeltaURL(target, version, patchSHA256 string) string {
+	return "/api/v1/releases/" + target + "/" + version + "/deltas/" + patchSHA256 + "/artifact"
+}
+
+// Offer is the update offer of a release: its full artifact.
 func (r Release) Offer() *proto.UpdateOffer {
 	return &proto.UpdateOffer{Manifest: r.Manifest, Keys: r.Keys, URL: ArtifactURL(r.Target, r.Version)}
+}
+
+// DeviceBuilds is what a device reports that decides whether it can take
+// a delta: the digests of its builds in place and the largest result its
+// agent patches.
+type DeviceBuilds struct {
+	Builds   map[string]string // target → hex SHA-256
+	DeltaMax uint64
+}
+
+// DeviceBuilds is what d reported of its builds.
+func (d Device) DeviceBuilds() DeviceBuilds {
+	return DeviceBuilds{Builds: d.Builds, DeltaMax: d.DeltaMax}
+}
+
+// OfferFor chooses what to offer a device for a release: the delta whose
+// base is the build the device reports for the release's target, when the
+// device patches builds of the release's size and full is not asked;
+// otherwise the full artifact. It returns the offer and the delta chosen
+// (nil: the full artifact). A delta offer names the full artifact as its
+// fallback. The device's claim is only a hint: the agent checks the base
+// itself, and falls back to the full artifact when it differs.
+func OfferFor(rel Release, deltas []ReleaseDelta, dev DeviceBuilds, full bool) (*proto.UpdateOffer, *ReleaseDelta) {
+	base := dev.Builds[rel.Target]
+	if full || base == "" || dev.DeltaMax == 0 || dev.DeltaMax < rel.Size {
+		return rel.Offer(), nil
+	}
+	for i := range deltas {
+		d := &deltas[i]
+		if strings.EqualFold(d.BaseSHA256, base) && d.Target == rel.Target && d.Version == rel.Version && len(d.Manifest) > 0 {
+			return &proto.UpdateOffer{Manifest: d.Manifest, Keys: rel.Keys, URL: DeltaURL(rel.Target, rel.Version, d.PatchSHA256),
+				FullURL: ArtifactURL(rel.Target, rel.Version)}, d
+		}
+	}
+	return rel.Offer(), nil
 }
 
 // Roles of API tokens, from least to most allowed: a viewer reads; an

@@ -268,7 +268,7 @@ func (db *DB) Revoke(ctx context.Context, id string) error {
 
 const deviceCols = `id, hardware, arch, version, release, labels, reported_labels, payloads, revoked, enrolled_at,
 	cred_hash IS NULL, first_seen, last_seen, connected, boot, proto, dropped, sample_ts, sample,
-	auth, cert_not_after, pending_key, pending_at, pending_remote, approved`
+	auth, cert_not_after, pending_key, pending_at, pending_remote, approved, builds, delta_max`
 
 type rowScanner interface{ Scan(...any) error }
 
@@ -351,6 +351,7 @@ func scanDevice(r rowScanner, cutoff time.Time) (store.Device, error) {
 	var (
 		d                               store.Device
 		labels, reported, payloads      string
+		builds                          string
 		enrolled, first, last, sampleTS sql.NullInt64
 		noCred, connected, approved     bool
 		sample                          []byte
@@ -360,7 +361,7 @@ func scanDevice(r rowScanner, cutoff time.Time) (store.Device, error) {
 	)
 	err := r.Scan(&d.ID, &d.Hardware, &d.Arch, &d.Version, &d.Release, &labels, &reported, &payloads, &d.Revoked,
 		&enrolled, &noCred, &first, &last, &connected, &d.Boot, &d.Proto, &d.Dropped, &sampleTS, &sample,
-		&d.Auth, &notAfter, &pendingKey, &pendingAt, &pendingRemote, &approved)
+		&d.Auth, &notAfter, &pendingKey, &pendingAt, &pendingRemote, &approved, &builds, &d.DeltaMax)
 	if err != nil {
 		return d, err
 	}
@@ -373,6 +374,9 @@ func scanDevice(r rowScanner, cutoff time.Time) (store.Device, error) {
 		d.ReportedLabels = r
 	}
 	_ = json.Unmarshal([]byte(payloads), &d.Payloads)
+	if b := parseLabels(builds); len(b) > 0 {
+		d.Builds = b
+	}
 	d.HardwareMismatch = store.Mismatch(d.Labels, d.Hardware)
 	d.AwaitingEnrollment = !d.Revoked && !enrolled.Valid && noCred
 	d.EnrolledAt, d.FirstSeen, d.LastSeen = fromMS(enrolled), fromMS(first), fromMS(last)

@@ -2,10 +2,13 @@ package sqlite
 
 import (
 	"context"
+	"crypto/sha256"
 	"database/sql"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
@@ -260,17 +263,30 @@ func (w *ingestTx) applyState(ctx context.Context, num int64, it *store.IngestIt
 	// grow, and an older one arriving late changes nothing.
 	labels, _ := json.Marshal(orEmpty(s.Labels))
 	payloads, _ := json.Marshal(orEmpty(s.Payloads))
+	builds, _ := json.Marshal(buildDigests(s.Builds))
 	_, err := w.tx.ExecContext(ctx, `UPDATE devices SET connected = 1, boot = ?, conn = ?, proto = ?,
 		version = CASE WHEN ? != '' THEN ? ELSE version END,
 		arch = CASE WHEN ? != '' THEN ? ELSE arch END,
 		hardware = CASE WHEN ? != '' THEN ? ELSE hardware END,
-		release = ?, payloads = ?,
+		release = ?, payloads = ?, builds = ?, delta_max = ?,
 		reported_labels = CASE WHEN ? THEN ? ELSE reported_labels END
 		WHERE num = ? AND revoked = 0 AND NOT (boot = ? AND conn > ?)`,
 		s.Boot, s.Conn, s.Proto, s.Version, s.Version, s.Arch, s.Arch, s.Hardware, s.Hardware,
-		s.Release, string(payloads), len(s.Labels) > 0, string(labels),
+		s.Release, string(payloads), string(builds), int64(min(s.Deltas, math.MaxInt64)), len(s.Labels) > 0, string(labels),
 		num, s.Boot, s.Conn)
 	return err
+}
+
+// buildDigests are the build digests a hello reports, in hex; anything
+// that is not a SHA-256 is dropped (a delta is never chosen for it).
+func buildDigests(in map[string][]byte) map[string]string {
+	out := make(map[string]string, len(in))
+	for target, sum := range in {
+		if len(sum) == sha256.Size && target != "" {
+			out[target] = hex.EncodeToString(sum)
+		}
+	}
+	return out
 }
 
 func (w *ingestTx) applyBatch(ctx context.Context, num int64, it *store.IngestItem, seen *devSeen, res *store.IngestResult) error {
@@ -351,17 +367,22 @@ func (w *ingestTx) applyUpdate(ctx context.Context, num int64, it *store.IngestI
 	if u.State == proto.UpdateCommitted {
 		committed = ms(it.Received)
 	}
+	// How the device fetches the release (patch, fallback) holds for the
+	// attempt: a report without it keeps what an earlier one of the same
+	// attempt said; an offered report starts a new attempt.
 	_, err := w.tx.ExecContext(ctx, `INSERT INTO device_updates (dev, target, counter, version, state, reason, check_name,
-		progress, rollout, boot, seq, updated, committed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+		progress, rollout, boot, seq, updated, committed, patch, fallback) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 		ON CONFLICT (dev, target, counter) DO UPDATE SET version = excluded.version, state = excluded.state,
 			reason = excluded.reason, check_name = excluded.check_name, progress = excluded.progress,
 			rollout = CASE WHEN excluded.rollout != '' THEN excluded.rollout ELSE rollout END,
 			boot = excluded.boot, seq = excluded.seq, updated = excluded.updated,
-			committed = coalesce(device_updates.committed, excluded.committed)
+			committed = coalesce(device_updates.committed, excluded.committed),
+			patch = CASE WHEN excluded.patch != 0 OR excluded.state = 'offered' THEN excluded.patch ELSE device_updates.patch END,
+			fallback = CASE WHEN excluded.fallback != '' OR excluded.state = 'offered' THEN excluded.fallback ELSE device_updates.fallback END
 		WHERE device_updates.boot > ? OR device_updates.updated < ? OR excluded.boot > device_updates.boot
 			OR (excluded.boot = device_updates.boot AND excluded.seq > device_updates.seq)`,
 		num, u.Target, u.Counter, u.Version, string(u.State), u.Reason, u.Check, u.Progress, u.Rollout, e.Boot, e.Seq, ms(it.Received),
-		committed, current, reinstated)
+		committed, int64(min(u.Patch, math.MaxInt64)), u.Fallback, current, reinstated)
 	return err
 }
 

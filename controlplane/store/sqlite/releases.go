@@ -77,7 +77,18 @@ func (db *DB) Releases(ctx context.Context, target string) ([]store.Release, err
 		}
 		out = append(out, r)
 	}
-	return out, rows.Err()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("releases: %w", err)
+	}
+	rows.Close()
+	ds, err := db.deltas(ctx, target, "")
+	if err != nil {
+		return nil, fmt.Errorf("releases: %w", err)
+	}
+	for i := range out {
+		out[i].Deltas = ds[out[i].Target+"@"+out[i].Version]
+	}
+	return out, nil
 }
 
 // Release returns one release. An empty target matches any target when
@@ -106,9 +117,79 @@ func (db *DB) Release(ctx context.Context, target, version string) (store.Releas
 	case 0:
 		return store.Release{}, store.ErrNotFound
 	case 1:
-		return found[0], nil
+		rows.Close()
+		r := found[0]
+		ds, err := db.deltas(ctx, r.Target, r.Version)
+		if err != nil {
+			return r, fmt.Errorf("release: %w", err)
+		}
+		r.Deltas = ds[r.Target+"@"+r.Version]
+		return r, nil
 	}
 	return store.Release{}, fmt.Errorf("release %s exists for several targets: name one (target@version)", version)
+}
+
+// AddReleaseDelta records a verified delta of a pushed release: one per
+// base build (store.ErrExists for a second), of a release that exists
+// (store.ErrNotFound).
+func (db *DB) AddReleaseDelta(ctx context.Context, d store.ReleaseDelta) error {
+	base, err1 := hex.DecodeString(d.BaseSHA256)
+	patch, err2 := hex.DecodeString(d.PatchSHA256)
+	if err := errors.Join(err1, err2); err != nil {
+		return fmt.Errorf("add release delta: %w", err)
+	}
+	res, err := db.w.ExecContext(ctx, `INSERT INTO release_deltas (target, version, base_sha256, base_size, base_version,
+		patch_sha256, patch_size, manifest, pushed_at, pushed_by)
+		SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM releases WHERE target = ? AND version = ?)`,
+		d.Target, d.Version, base, d.BaseSize, d.BaseVersion, patch, d.PatchSize, d.Manifest, ms(d.PushedAt), d.PushedBy,
+		d.Target, d.Version)
+	if err != nil && strings.Contains(err.Error(), "UNIQUE") {
+		return fmt.Errorf("add release delta %s %s from %.12s: %w", d.Target, d.Version, d.BaseSHA256, store.ErrExists)
+	}
+	if err != nil {
+		return fmt.Errorf("add release delta: %w", err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return fmt.Errorf("add release delta: release %s %s: %w", d.Target, d.Version, store.ErrNotFound)
+	}
+	return nil
+}
+
+// deltas returns the deltas of a release (target and version), of every
+// release of a target (version ""), or of all (both ""), by
+// target@version, in the order they were pushed.
+func (db *DB) deltas(ctx context.Context, target, version string) (map[string][]store.ReleaseDelta, error) {
+	q := `SELECT target, version, base_sha256, base_size, base_version, patch_sha256, patch_size, manifest, pushed_at, pushed_by
+		FROM release_deltas WHERE 1 = 1`
+	var args []any
+	if target != "" {
+		q += ` AND target = ?`
+		args = append(args, target)
+	}
+	if version != "" {
+		q += ` AND version = ?`
+		args = append(args, version)
+	}
+	rows, err := db.r.QueryContext(ctx, q+` ORDER BY pushed_at, base_sha256`, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[string][]store.ReleaseDelta{}
+	for rows.Next() {
+		var d store.ReleaseDelta
+		var base, patch []byte
+		var pushed int64
+		if err := rows.Scan(&d.Target, &d.Version, &base, &d.BaseSize, &d.BaseVersion, &patch, &d.PatchSize, &d.Manifest,
+			&pushed, &d.PushedBy); err != nil {
+			return nil, err
+		}
+		d.BaseSHA256, d.PatchSHA256 = hex.EncodeToString(base), hex.EncodeToString(patch)
+		d.PushedAt = time.UnixMilli(pushed).UTC()
+		k := d.Target + "@" + d.Version
+		out[k] = append(out[k], d)
+	}
+	return out, rows.Err()
 }
 
 // AddCommand records a command before it is sent. Pending commands of the
@@ -230,8 +311,8 @@ func (db *DB) PendingCommands(ctx context.Context, device string, sentBefore tim
 // DeviceUpdates returns the update states of a device (or of every device
 // for a target and counter).
 func (db *DB) DeviceUpdates(ctx context.Context, device, target string, counter uint64) ([]store.DeviceUpdate, error) {
-	q := `SELECT d.id, u.target, u.counter, u.version, u.state, u.reason, u.check_name, u.progress, u.rollout, u.updated, u.committed
-		FROM device_updates u JOIN devices d ON d.num = u.dev WHERE 1 = 1`
+	q := `SELECT d.id, u.target, u.counter, u.version, u.state, u.reason, u.check_name, u.progress, u.rollout, u.updated, u.committed,
+		u.patch, u.fallback FROM device_updates u JOIN devices d ON d.num = u.dev WHERE 1 = 1`
 	var args []any
 	if device != "" {
 		q += ` AND d.id = ?`
@@ -255,7 +336,8 @@ func (db *DB) DeviceUpdates(ctx context.Context, device, target string, counter 
 		var u store.DeviceUpdate
 		var updated int64
 		var committed sql.NullInt64
-		if err := rows.Scan(&u.Device, &u.Target, &u.Counter, &u.Version, &u.State, &u.Reason, &u.Check, &u.Progress, &u.Rollout, &updated, &committed); err != nil {
+		if err := rows.Scan(&u.Device, &u.Target, &u.Counter, &u.Version, &u.State, &u.Reason, &u.Check, &u.Progress, &u.Rollout, &updated, &committed,
+			&u.Patch, &u.Fallback); err != nil {
 			return nil, err
 		}
 		u.Updated = time.UnixMilli(updated).UTC()

@@ -445,6 +445,29 @@ var migrations = []string{
 	// reports stored before have their latest report's time.
 	`ALTER TABLE device_updates ADD COLUMN committed INTEGER;
 	UPDATE device_updates SET committed = updated WHERE state = 'committed';`,
+	// Delta updates (releases.go): the patches pushed for a release, one
+	// per base build, each with its signed manifest (the patch itself is
+	// in the artifact directory, named by its digest); what devices report
+	// of the builds in place and the largest result they patch; and how a
+	// device fetched a release (the patch size, why it fell back to the
+	// full artifact).
+	`CREATE TABLE release_deltas (
+		target TEXT NOT NULL,
+		version TEXT NOT NULL,
+		base_sha256 BLOB NOT NULL,
+		base_size INTEGER NOT NULL,
+		base_version TEXT NOT NULL DEFAULT '',
+		patch_sha256 BLOB NOT NULL,
+		patch_size INTEGER NOT NULL,
+		manifest BLOB NOT NULL,
+		pushed_at INTEGER NOT NULL,
+		pushed_by TEXT NOT NULL,
+		PRIMARY KEY (target, version, base_sha256)
+	) WITHOUT ROWID;
+	ALTER TABLE devices ADD COLUMN builds TEXT NOT NULL DEFAULT '{}';
+	ALTER TABLE devices ADD COLUMN delta_max INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE device_updates ADD COLUMN patch INTEGER NOT NULL DEFAULT 0;
+	ALTER TABLE device_updates ADD COLUMN fallback TEXT NOT NULL DEFAULT '';`,
 }
 
 func (db *DB) migrate(ctx context.Context) error {
