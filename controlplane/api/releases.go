@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/sha256"
@@ -12,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -26,6 +28,7 @@ import (
 // ReleaseStore is what release handling needs from storage.
 type ReleaseStore interface {
 	AddRelease(ctx context.Context, r store.Release) error
+	AddReleaseDelta(ctx context.Context, d store.ReleaseDelta) error
 	Releases(ctx context.Context, target string) ([]store.Release, error)
 	Release(ctx context.Context, target, version string) (store.Release, error)
 	DeviceUpdates(ctx context.Context, device, target string, counter uint64) ([]store.DeviceUpdate, error)
@@ -61,6 +64,9 @@ func (a *API) routeReleases(o ReleaseOptions) {
 	e.GET("/api/v1/releases/:target/:version", a.getRelease, a.viewer(), a.limit)
 	e.GET("/api/v1/releases/:target/:version/artifact", a.artifact, a.requireDeviceOrViewer)
 	e.HEAD("/api/v1/releases/:target/:version/artifact", a.artifact, a.requireDeviceOrViewer)
+	e.POST("/api/v1/releases/:target/:version/deltas", a.pushDelta, a.operator())
+	e.GET("/api/v1/releases/:target/:version/deltas/:sha256/artifact", a.deltaArtifact, a.requireDeviceOrViewer)
+	e.HEAD("/api/v1/releases/:target/:version/deltas/:sha256/artifact", a.deltaArtifact, a.requireDeviceOrViewer)
 	e.POST("/api/v1/devices/:id/update", a.updateDevice, a.operator(), a.limit)
 	e.GET("/api/v1/devices/:id/updates", a.deviceUpdates, a.viewer(), a.limit)
 }
@@ -132,7 +138,11 @@ func (a *API) pushRelease(c echo.Context) error {
 			if m, err = a.verifyRelease(manifest, keys); err != nil {
 				return err
 			}
-			if tmp, err = a.receiveArtifact(part, m); err != nil {
+			if m.Delta != nil {
+				return echo.NewHTTPError(http.StatusUnprocessableEntity,
+					"release refused: a delta manifest: push the full release, then the delta to /api/v1/releases/TARGET/VERSION/deltas (hangar release push --delta)")
+			}
+			if tmp, _, err = a.receiveArtifact(part, m.Size, m.SHA256, "artifact"); err != nil {
 				return err
 			}
 		default:
@@ -199,19 +209,22 @@ func (a *API) verifyRelease(manifest, keys []byte) (proto.Manifest, error) {
 	return m, nil
 }
 
-// receiveArtifact streams the artifact to a temporary file, refusing more
-// or fewer bytes than the manifest says, or another digest.
-func (a *API) receiveArtifact(r io.Reader, m proto.Manifest) (string, error) {
+// receiveArtifact streams an artifact (what is "artifact" or "patch") to
+// a temporary file, refusing more or fewer bytes than the manifest says,
+// or another digest. It returns the file and the artifact's first bytes
+// (a delta's header).
+func (a *API) receiveArtifact(r io.Reader, size uint64, sum []byte, what string) (string, []byte, error) {
 	if err := os.MkdirAll(a.rel.Dir, 0o700); err != nil {
-		return "", err
+		return "", nil, err
 	}
 	f, err := os.CreateTemp(a.rel.Dir, ".upload-*")
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
 	name := f.Name()
 	h := sha256.New()
-	n, err := io.Copy(io.MultiWriter(f, h), io.LimitReader(r, int64(m.Size)+1))
+	head := &headWriter{max: proto.DeltaHeaderSize}
+	n, err := io.Copy(io.MultiWriter(f, h, head), io.LimitReader(r, int64(size)+1))
 	if err == nil {
 		err = f.Sync()
 	}
@@ -221,15 +234,169 @@ func (a *API) receiveArtifact(r io.Reader, m proto.Manifest) (string, error) {
 	switch {
 	case err != nil:
 		os.Remove(name)
-		return "", badRequest("artifact upload: %v", err)
-	case uint64(n) != m.Size:
+		return "", nil, badRequest("%s upload: %v", what, err)
+	case uint64(n) != size:
 		os.Remove(name)
-		return "", echo.NewHTTPError(http.StatusUnprocessableEntity, fmt.Sprintf("release refused: artifact has %d bytes or more, the manifest says %d", n, m.Size))
-	case hex.EncodeToString(h.Sum(nil)) != hex.EncodeToString(m.SHA256):
+		return "", nil, echo.NewHTTPError(http.StatusUnprocessableEntity, fmt.Sprintf("release refused: %s has %d bytes or more, the manifest says %d", what, n, size))
+	case !bytes.Equal(h.Sum(nil), sum):
 		os.Remove(name)
-		return "", echo.NewHTTPError(http.StatusUnprocessableEntity, "release refused: artifact digest differs from the manifest's")
+		return "", nil, echo.NewHTTPError(http.StatusUnprocessableEntity, fmt.Sprintf("release refused: %s digest differs from the manifest's", what))
 	}
-	return name, nil
+	return name, head.b, nil
+}
+
+// headWriter keeps the first max bytes written to it.
+type headWriter struct {
+	b   []byte
+	max int
+}
+
+func (w *headWriter) Write(p []byte) (int, error) {
+	if n := w.max - len(w.b); n > 0 {
+		w.b = append(w.b, p[:min(n, len(p))]...)
+	}
+	return len(p), nil
+}
+
+// pushDelta takes a multipart body with a delta's signed manifest
+// ("manifest") and the patch ("artifact"), in that order, for a pushed
+// release. The manifest is verified as the release's was, with the
+// release's key list, and must describe the same build under the same
+// counter, hardware and expiry; the patch is streamed to disk while
+// hashed, and its header must announce that build's size.
+func (a *API) pushDelta(c echo.Context) error {
+	if len(a.rel.Roots) == 0 {
+		return echo.NewHTTPError(http.StatusServiceUnavailable, "no release root key configured: start the server with --root-key")
+	}
+	rel, err := a.release(c)
+	if err != nil {
+		return err
+	}
+	mr, err := c.Request().MultipartReader()
+	if err != nil {
+		return badRequest("want a multipart/form-data body with parts manifest and artifact: %v", err)
+	}
+	ctx := c.Request().Context()
+	var manifest []byte
+	var m proto.Manifest
+	var tmp string
+	defer func() {
+		if tmp != "" {
+			os.Remove(tmp)
+		}
+	}()
+	for {
+		part, err := mr.NextPart()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return badRequest("multipart body: %v", err)
+		}
+		switch part.FormName() {
+		case "manifest":
+			if manifest, err = readPart(part, proto.MaxManifestSize); err != nil {
+				return err
+			}
+		case "artifact":
+			if manifest == nil {
+				return badRequest("send the manifest part before the artifact")
+			}
+			if tmp != "" {
+				return badRequest("more than one artifact part")
+			}
+			if m, err = a.verifyDelta(rel, manifest); err != nil {
+				return err
+			}
+			base := hex.EncodeToString(m.Delta.BaseSHA256)
+			if slices.ContainsFunc(rel.Deltas, func(d store.ReleaseDelta) bool { return d.BaseSHA256 == base }) {
+				return deltaExists(rel, base)
+			}
+			var head []byte
+			if tmp, head, err = a.receiveArtifact(part, m.Delta.PatchSize, m.Delta.PatchSHA256, "patch"); err != nil {
+				return err
+			}
+			h, err := proto.ParseDeltaHeader(head, int64(m.Delta.PatchSize), int64(m.Size))
+			if err == nil && h.NewSize != int64(m.Size) {
+				err = fmt.Errorf("the patch makes %d bytes, the manifest says %d", h.NewSize, m.Size)
+			}
+			if err != nil {
+				return echo.NewHTTPError(http.StatusUnprocessableEntity, fmt.Sprintf("delta refused: %v", err))
+			}
+		default:
+			return badRequest("unexpected part %q", part.FormName())
+		}
+	}
+	if tmp == "" {
+		return badRequest("no artifact part")
+	}
+	patch := hex.EncodeToString(m.Delta.PatchSHA256)
+	if err := os.Rename(tmp, a.artifactPath(patch)); err != nil {
+		return err
+	}
+	tmp = ""
+	d := store.ReleaseDelta{Target: rel.Target, Version: rel.Version, BaseSHA256: hex.EncodeToString(m.Delta.BaseSHA256),
+		BaseSize: m.Delta.BaseSize, BaseVersion: m.Delta.BaseVersion, PatchSHA256: patch, PatchSize: m.Delta.PatchSize,
+		PushedAt: a.opts.Now(), PushedBy: a.actor(c), Manifest: manifest}
+	if err := a.rel.Store.AddReleaseDelta(ctx, d); err != nil {
+		// The patch file stays: it is named by its digest, and may be
+		// the one a delta already stored serves.
+		switch {
+		case errors.Is(err, store.ErrExists):
+			return deltaExists(rel, d.BaseSHA256)
+		case errors.Is(err, store.ErrNotFound):
+			return echo.NewHTTPError(http.StatusNotFound, "release "+rel.Target+"@"+rel.Version+" not found")
+		}
+		return err
+	}
+	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: a.actor(c), Action: "release.delta.push",
+		Target: rel.Target + "@" + rel.Version, Attrs: map[string]string{"counter": fmt.Sprint(m.Counter), "base": d.BaseSHA256,
+			"base_version": d.BaseVersion, "patch": patch, "size": fmt.Sprint(d.PatchSize), "key": m.KeyID}})
+	a.log.Info("release delta pushed", "target", rel.Target, "version", rel.Version, "base", d.BaseSHA256[:12], "size", d.PatchSize)
+	return c.JSON(http.StatusCreated, d)
+}
+
+func deltaExists(rel store.Release, base string) error {
+	return echo.NewHTTPError(http.StatusConflict, fmt.Sprintf("release %s@%s already has a delta from base %.12s", rel.Target, rel.Version, base))
+}
+
+// verifyDelta verifies a delta's manifest as a release's (with the
+// release's key list) and checks that it is a delta of that release: a
+// device that takes it installs the build the release names, under the
+// same counter, hardware and expiry.
+func (a *API) verifyDelta(rel store.Release, manifest []byte) (proto.Manifest, error) {
+	m, err := a.verifyRelease(manifest, rel.Keys)
+	if err != nil {
+		return m, err
+	}
+	if m.Delta == nil {
+		return m, echo.NewHTTPError(http.StatusUnprocessableEntity, "delta refused: not a delta manifest (no base): push it as a release")
+	}
+	mismatch := func(what string, got, want any) error {
+		return echo.NewHTTPError(http.StatusUnprocessableEntity,
+			fmt.Sprintf("delta refused: its %s (%v) is not the release's (%v): sign the delta with the release (hangar release sign --delta-from)", what, got, want))
+	}
+	switch {
+	case m.Target != rel.Target:
+		return m, mismatch("target", m.Target, rel.Target)
+	case m.Version != rel.Version:
+		return m, mismatch("version", m.Version, rel.Version)
+	case m.Counter != rel.Counter:
+		return m, mismatch("counter", m.Counter, rel.Counter)
+	case m.Size != rel.Size:
+		return m, mismatch("result size", m.Size, rel.Size)
+	case hex.EncodeToString(m.SHA256) != rel.SHA256:
+		return m, mismatch("result sha256", hex.EncodeToString(m.SHA256), rel.SHA256)
+	case !slices.Equal(m.Hardware, rel.Hardware):
+		return m, mismatch("hardware", m.Hardware, rel.Hardware)
+	case !slices.Equal(m.Arch, rel.Arch):
+		return m, mismatch("arch", m.Arch, rel.Arch)
+	case m.Expires != rel.Expires.Unix():
+		return m, mismatch("expiry", unix(m.Expires).Format(time.RFC3339), rel.Expires.Format(time.RFC3339))
+	case int64(m.Delta.PatchSize) > a.rel.MaxArtifact:
+		return m, echo.NewHTTPError(http.StatusRequestEntityTooLarge, fmt.Sprintf("patch of %d bytes, more than %d", m.Delta.PatchSize, a.rel.MaxArtifact))
+	}
+	return m, nil
 }
 
 func (a *API) listReleases(c echo.Context) error {
@@ -263,16 +430,36 @@ func (a *API) artifact(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	f, err := os.Open(a.artifactPath(r.SHA256))
+	return a.serveArtifact(c, r.SHA256, r.Version, r.PushedAt)
+}
+
+// deltaArtifact serves a delta of a release, named by its patch's digest,
+// as artifact serves the full one.
+func (a *API) deltaArtifact(c echo.Context) error {
+	r, err := a.release(c)
+	if err != nil {
+		return err
+	}
+	sum := strings.ToLower(c.Param("sha256"))
+	i := slices.IndexFunc(r.Deltas, func(d store.ReleaseDelta) bool { return d.PatchSHA256 == sum })
+	if i < 0 {
+		return echo.NewHTTPError(http.StatusNotFound, fmt.Sprintf("release %s@%s has no delta %s", r.Target, r.Version, sum))
+	}
+	d := r.Deltas[i]
+	return a.serveArtifact(c, d.PatchSHA256, r.Version+".patch", d.PushedAt)
+}
+
+func (a *API) serveArtifact(c echo.Context, sum, name string, modtime time.Time) error {
+	f, err := os.Open(a.artifactPath(sum))
 	if err != nil {
 		return echo.NewHTTPError(http.StatusNotFound, "artifact missing on the server").SetInternal(err)
 	}
 	defer f.Close()
 	w := c.Response()
-	w.Header().Set("ETag", `"`+r.SHA256+`"`)
+	w.Header().Set("ETag", `"`+sum+`"`)
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("Cache-Control", "private, max-age=31536000, immutable")
-	http.ServeContent(w, c.Request(), r.Version, r.PushedAt, f)
+	http.ServeContent(w, c.Request(), name, modtime, f)
 	return nil
 }
 
@@ -303,13 +490,24 @@ func (a *API) updateDevice(c echo.Context) error {
 		}
 		return badRequest("%v", err)
 	}
-	cmdID, err := a.rel.Send.Send(ctx, id, proto.Command{Kind: proto.CmdUpdate, Update: r.Offer()}, true)
+	dev, err := a.opts.Store.Device(ctx, id)
 	if err != nil {
 		return notFound(err, "device "+id)
 	}
+	offer, delta := store.OfferFor(r, r.Deltas, dev.DeviceBuilds(), req.Full)
+	cmdID, err := a.rel.Send.Send(ctx, id, proto.Command{Kind: proto.CmdUpdate, Update: offer}, true)
+	if err != nil {
+		return notFound(err, "device "+id)
+	}
+	attrs := map[string]string{"release": r.Target + "@" + r.Version, "command": cmdID}
+	resp := UpdateResponse{Command: cmdID, Target: r.Target, Version: r.Version, Counter: r.Counter, Size: r.Size}
+	if delta != nil {
+		attrs["delta_base"], attrs["delta_size"] = delta.BaseSHA256, fmt.Sprint(delta.PatchSize)
+		resp.Delta, resp.Size = delta, delta.PatchSize
+	}
 	_, _ = a.opts.Store.AddAudit(ctx, store.Audit{Time: a.opts.Now(), Actor: a.actor(c), Action: "device.update", Target: id,
-		Reason: req.Reason, Attrs: map[string]string{"release": r.Target + "@" + r.Version, "command": cmdID}})
-	return c.JSON(http.StatusAccepted, UpdateResponse{Command: cmdID, Target: r.Target, Version: r.Version, Counter: r.Counter})
+		Reason: req.Reason, Attrs: attrs})
+	return c.JSON(http.StatusAccepted, resp)
 }
 
 func (a *API) deviceUpdates(c echo.Context) error {

@@ -236,16 +236,41 @@ func (c *Client) Events(ctx context.Context, q EventQuery) ([]store.Event, error
 
 // PushRelease uploads a signed manifest, its key list and the artifact.
 func (c *Client) PushRelease(ctx context.Context, manifest, keys []byte, artifact io.Reader) (store.Release, error) {
+	var r store.Release
+	err := c.upload(ctx, "/api/v1/releases", []part{{"manifest", manifest}, {"keys", keys}}, artifact, &r)
+	return r, err
+}
+
+// PushDelta uploads a delta of a pushed release: its signed manifest and
+// the patch. The release's key list verifies it.
+func (c *Client) PushDelta(ctx context.Context, target, version string, manifest []byte, patch io.Reader) (store.ReleaseDelta, error) {
+	var d store.ReleaseDelta
+	path := "/api/v1/releases/" + url.PathEscape(target) + "/" + url.PathEscape(version) + "/deltas"
+	err := c.upload(ctx, path, []part{{"manifest", manifest}}, patch, &d)
+	return d, err
+}
+
+// Release is one pushed release, with its deltas.
+func (c *Client) Release(ctx context.Context, target, version string) (store.Release, error) {
+	var r store.Release
+	return r, c.Do(ctx, http.MethodGet, "/api/v1/releases/"+url.PathEscape(target)+"/"+url.PathEscape(version), nil, nil, &r)
+}
+
+type part struct {
+	name string
+	b    []byte
+}
+
+// upload posts a multipart body of small parts, then the artifact,
+// streamed: the artifact is never held in memory.
+func (c *Client) upload(ctx context.Context, path string, parts []part, artifact io.Reader, out any) error {
 	pr, pw := io.Pipe()
 	mw := multipart.NewWriter(pw)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		err := func() error {
-			for _, p := range []struct {
-				name string
-				b    []byte
-			}{{"manifest", manifest}, {"keys", keys}} {
+			for _, p := range parts {
 				w, err := mw.CreateFormFile(p.name, p.name)
 				if err != nil {
 					return err
@@ -265,11 +290,10 @@ func (c *Client) PushRelease(ctx context.Context, manifest, keys []byte, artifac
 		}()
 		pw.CloseWithError(err)
 	}()
-	var r store.Release
-	err := c.DoRaw(ctx, http.MethodPost, "/api/v1/releases", nil, mw.FormDataContentType(), pr, &r)
+	err := c.DoRaw(ctx, http.MethodPost, path, nil, mw.FormDataContentType(), pr, out)
 	pr.Close()
 	<-done // the artifact is no longer read when this returns
-	return r, err
+	return err
 }
 
 // Releases lists the pushed releases.

@@ -112,14 +112,22 @@ type ImportResult struct {
 type UpdateRequest struct {
 	Release string `json:"release"` // VERSION or TARGET@VERSION
 	Reason  string `json:"reason,omitempty"`
+	// Full offers the full artifact even when a delta from the device's
+	// build exists.
+	Full bool `json:"full,omitempty"`
 }
 
-// UpdateResponse tells which command carries the offer.
+// UpdateResponse tells which command carries the offer, and what the
+// device is to download.
 type UpdateResponse struct {
 	Command string `json:"command"`
 	Target  string `json:"target"`
 	Version string `json:"version"`
 	Counter uint64 `json:"counter"`
+	// Delta is the delta offered (none: the full artifact).
+	Delta *store.ReleaseDelta `json:"delta,omitempty"`
+	// Size is what the device downloads: the patch, or the artifact.
+	Size uint64 `json:"size"`
 }
 
 // Error is the JSON body of every error response.
