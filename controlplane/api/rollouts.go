@@ -112,6 +112,7 @@ func (a *API) specFrom(ctx context.Context, req CreateRollout) (rollout.Spec, er
 		s.Limits.Windows = append(s.Limits.Windows, win)
 	}
 	s.FromVersions, s.MinCanary, s.Gates, s.OnFailure, s.AutoRevert = req.FromVersions, req.MinCanary, req.Gates, req.OnFailure, req.AutoRevert
+	s.Full = req.Full
 	s.Limits.MaxInFlight, s.Limits.DeferredDeadline, s.Limits.OfflineDeadline = req.MaxInFlight, req.DeferredDeadline, req.OfflineDeadline
 	if req.Strata != nil {
 		s.Strata = req.Strata

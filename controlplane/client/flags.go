@@ -42,6 +42,7 @@ func RolloutFlags(fs *flag.FlagSet) func() (wire.CreateRollout, error) {
 	deferred := fs.Duration("deferred-deadline", rollout.DefaultLimits.DeferredDeadline.D(), "after this, a deferred device counts as not done")
 	fs.StringVar(&req.OnFailure, "on-failure", rollout.OnFailurePause, "pause or abort when a gate fails")
 	fs.BoolVar(&req.AutoRevert, "auto-revert", false, "on failure, offer --revert-release to the devices that took the release")
+	fs.BoolVar(&req.Full, "full", false, "offer full artifacts only, even to devices that could take a delta")
 	fs.BoolVar(&req.DryRun, "dry-run", false, "show which devices each stage would take, create nothing")
 	fs.BoolVar(&req.Start, "start", false, "start at once")
 	fs.StringVar(&req.Reason, "reason", "", "why (recorded)")

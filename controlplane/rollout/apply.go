@@ -62,13 +62,18 @@ type StatusReport struct {
 	// Excluded summarises the devices the selector matches and the
 	// rollout leaves out, by reason.
 	Excluded map[string]int `json:"excluded,omitempty"`
+	// Transfer is what the members that reported on the release fetch
+	// over the air, from their reports: a delta, the full artifact, or
+	// both when they gave the delta up.
+	Transfer Transfer `json:"transfer"`
 }
 
 // StageReport counts a stage's members.
 type StageReport struct {
-	Stage   string              `json:"stage"`
-	Devices int                 `json:"devices"`
-	States  map[MemberState]int `json:"states"`
+	Stage    string              `json:"stage"`
+	Devices  int                 `json:"devices"`
+	States   map[MemberState]int `json:"states"`
+	Transfer Transfer            `json:"transfer"`
 }
 
 // Preview is which devices each stage takes: what a dry run shows, and
@@ -82,14 +87,18 @@ type Preview struct {
 	// Excluded are the devices the selector matches that the rollout
 	// leaves out, each with why.
 	Excluded []Exclusion `json:"excluded"`
+	// Transfer is what the offers would send: deltas to the devices that
+	// report a delta's base, the full artifact to the others.
+	Transfer Transfer `json:"transfer"`
 }
 
 // PreviewStage is one stage of a Preview: the devices it adds, and of
 // those the ones offline now (offered when they come back).
 type PreviewStage struct {
-	Stage   string   `json:"stage"`
-	Devices []string `json:"devices"`
-	Offline []string `json:"offline"`
+	Stage    string   `json:"stage"`
+	Devices  []string `json:"devices"`
+	Offline  []string `json:"offline"`
+	Transfer Transfer `json:"transfer"`
 }
 
 // Options configure an Applier.
@@ -266,7 +275,8 @@ func (a *Applier) observe(ctx context.Context, r Rollout, now time.Time) ([]Devi
 			return nil, err
 		}
 		for _, u := range us {
-			out[u.Device] = &Report{State: proto.UpdateState(u.State), At: u.Updated.UnixMilli(), Reason: u.Reason}
+			out[u.Device] = &Report{State: proto.UpdateState(u.State), At: u.Updated.UnixMilli(), Reason: u.Reason,
+				Patch: u.Patch, Fallback: u.Fallback}
 		}
 		return out, nil
 	}
@@ -458,6 +468,10 @@ func (a *Applier) commands(ctx context.Context, s Spec, st State, acts []Action,
 			return nil, nil, fmt.Errorf("revert release %s: %w", s.Revert, err)
 		}
 	}
+	builds, err := a.builds(ctx, s, acts, rel, rev)
+	if err != nil {
+		return nil, nil, err
+	}
 	out := make([]store.Command, 0, len(acts))
 	var withdraw []string
 	for _, act := range acts {
@@ -472,9 +486,11 @@ func (a *Applier) commands(ctx context.Context, s Spec, st State, acts []Action,
 		c := proto.Command{ID: commandID(s.ID, act.Device, act.Kind, offers), Rollout: s.ID, Issued: now.UnixMilli()}
 		switch act.Kind {
 		case ActOffer:
-			c.Kind, c.Update = proto.CmdUpdate, rel.Offer()
+			c.Kind = proto.CmdUpdate
+			c.Update, _ = store.OfferFor(rel, rel.Deltas, builds[act.Device], s.Full)
 		case ActRevert:
-			c.Kind, c.Update = proto.CmdUpdate, rev.Offer()
+			c.Kind = proto.CmdUpdate
+			c.Update, _ = store.OfferFor(rev, rev.Deltas, builds[act.Device], s.Full)
 		case ActCancel:
 			c.Kind = proto.CmdCancel
 		}
@@ -485,6 +501,79 @@ func (a *Applier) commands(ctx context.Context, s Spec, st State, acts []Action,
 		out = append(out, store.Command{ID: c.ID, Device: act.Device, Kind: string(c.Kind), Body: body, Rollout: s.ID, Created: now})
 	}
 	return out, withdraw, nil
+}
+
+// builds reads what the devices offered a release (or the revert
+// release) report of their builds, when a delta may be chosen for them.
+func (a *Applier) builds(ctx context.Context, s Spec, acts []Action, rel, rev store.Release) (map[string]store.DeviceBuilds, error) {
+	if s.Full {
+		return nil, nil
+	}
+	var ids []string
+	for _, act := range acts {
+		if (act.Kind == ActOffer && len(rel.Deltas) > 0) || (act.Kind == ActRevert && len(rev.Deltas) > 0) {
+			ids = append(ids, act.Device)
+		}
+	}
+	return a.deviceBuilds(ctx, ids)
+}
+
+func (a *Applier) deviceBuilds(ctx context.Context, ids []string) (map[string]store.DeviceBuilds, error) {
+	if len(ids) == 0 {
+		return nil, nil
+	}
+	ds, err := a.opts.Store.Devices(ctx, store.DeviceFilter{IDs: ids})
+	if err != nil {
+		return nil, fmt.Errorf("device builds: %w", err)
+	}
+	out := make(map[string]store.DeviceBuilds, len(ds))
+	for _, d := range ds {
+		out[d.ID] = d.DeviceBuilds()
+	}
+	return out, nil
+}
+
+// Transfer is what a rollout sends over the air: how many devices fetch a
+// delta, the full artifact, or (in a rollout's status) a delta given up
+// for the full artifact, and the bytes of each.
+type Transfer struct {
+	Delta      int    `json:"delta"`
+	Full       int    `json:"full"`
+	Fallback   int    `json:"fallback,omitempty"` // counted in Delta and Full too: it fetched both
+	DeltaBytes uint64 `json:"delta_bytes"`
+	FullBytes  uint64 `json:"full_bytes"`
+	// Saved is the bytes not sent thanks to deltas: the full artifact for
+	// every device, less what is sent (below zero when fallbacks cost more
+	// than the deltas saved).
+	Saved int64 `json:"saved_bytes"`
+}
+
+// add counts one device fetching a release of size bytes, through a patch
+// of patch bytes (0: none), given up for the full artifact or not.
+func (t *Transfer) add(size, patch uint64, fallback bool) {
+	if patch > 0 {
+		t.Delta++
+		t.DeltaBytes += patch
+		t.Saved += int64(size) - int64(patch)
+	}
+	if patch == 0 || fallback {
+		t.Full++
+		t.FullBytes += size
+	}
+	if patch > 0 && fallback {
+		t.Fallback++
+		t.Saved -= int64(size)
+	}
+}
+
+// Sum adds o to t.
+func (t *Transfer) Sum(o Transfer) {
+	t.Delta += o.Delta
+	t.Full += o.Full
+	t.Fallback += o.Fallback
+	t.DeltaBytes += o.DeltaBytes
+	t.FullBytes += o.FullBytes
+	t.Saved += o.Saved
 }
 
 // NewID returns a rollout id.
@@ -544,7 +633,43 @@ func (a *Applier) preview(ctx context.Context, s Spec, now time.Time) (Preview, 
 		slices.Sort(p.Stages[i].Devices)
 		slices.Sort(p.Stages[i].Offline)
 	}
+	if err := a.previewTransfer(ctx, s, &p, out.State); err != nil {
+		return p, out.State, err
+	}
 	return p, out.State, nil
+}
+
+// previewTransfer counts, per stage, the devices the offers would send a
+// delta or the full artifact, and the bytes.
+func (a *Applier) previewTransfer(ctx context.Context, s Spec, p *Preview, st State) error {
+	rel, err := a.opts.Store.Release(ctx, s.Release.Target, s.Release.Version)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil // nothing to offer: Create's caller checked the release
+	}
+	if err != nil {
+		return fmt.Errorf("release %s: %w", s.Release, err)
+	}
+	var builds map[string]store.DeviceBuilds
+	if len(rel.Deltas) > 0 && !s.Full {
+		ids := make([]string, 0, len(st.Members))
+		for id := range st.Members {
+			ids = append(ids, id)
+		}
+		if builds, err = a.deviceBuilds(ctx, ids); err != nil {
+			return err
+		}
+	}
+	for id, m := range st.Members {
+		var patch uint64
+		if _, d := store.OfferFor(rel, rel.Deltas, builds[id], s.Full); d != nil {
+			patch = d.PatchSize
+		}
+		p.Stages[m.Stage].Transfer.add(rel.Size, patch, false)
+	}
+	for _, ps := range p.Stages {
+		p.Transfer.Sum(ps.Transfer)
+	}
+	return nil
 }
 
 // noTargets says why a rollout would take nothing: the selector matches no
@@ -720,11 +845,22 @@ func (a *Applier) Status(ctx context.Context, id string) (StatusReport, error) {
 		rep.Stages[i] = StageReport{Stage: s.String(), States: map[MemberState]int{}}
 	}
 	targeted := targetedSet(spec, devs)
+	var size uint64
+	if rel, err := a.opts.Store.Release(ctx, r.Spec.Release.Target, r.Spec.Release.Version); err == nil {
+		size = rel.Size
+	}
 	for dev, m := range r.State.Members {
 		if m.Stage < len(rep.Stages) {
-			rep.Stages[m.Stage].Devices++
-			rep.Stages[m.Stage].States[spec.memberState(m, byID[dev], targeted[dev], r.State, now)]++
+			sr := &rep.Stages[m.Stage]
+			sr.Devices++
+			sr.States[spec.memberState(m, byID[dev], targeted[dev], r.State, now)]++
+			if d := byID[dev]; d != nil && d.Update != nil {
+				sr.Transfer.add(size, d.Update.Patch, d.Update.Fallback != "")
+			}
 		}
+	}
+	for _, sr := range rep.Stages {
+		rep.Transfer.Sum(sr.Transfer)
 	}
 	return rep, nil
 }

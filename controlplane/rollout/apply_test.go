@@ -28,6 +28,8 @@ type fakeStore struct {
 	audits    []store.Audit
 	applies   []store.RolloutChange
 	ApplyFn   func(store.RolloutChange) error
+	// releases by version (none: any release asked for, without deltas)
+	releases map[string]store.Release
 }
 
 var _ Store = (*fakeStore)(nil)
@@ -177,6 +179,11 @@ func (f *fakeStore) Telemetry(context.Context, string, time.Time, time.Time, int
 }
 
 func (f *fakeStore) Release(_ context.Context, target, version string) (store.Release, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if r, ok := f.releases[version]; ok {
+		return r, nil
+	}
 	return store.Release{Target: target, Version: version, Counter: 20, Manifest: []byte("m"), Keys: []byte("k")}, nil
 }
 

@@ -36,6 +36,10 @@ type Report struct {
 	State  proto.UpdateState `json:"state"`
 	At     int64             `json:"at"` // unix ms the control plane received it
 	Reason string            `json:"reason,omitempty"`
+	// Patch is the size of the delta the device fetches (0: the full
+	// artifact); Fallback why it gave the delta up for the full artifact.
+	Patch    uint64 `json:"patch,omitempty"`
+	Fallback string `json:"fallback,omitempty"`
 }
 
 // Health is a device's telemetry over the health window.

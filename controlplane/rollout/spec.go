@@ -189,6 +189,9 @@ type Spec struct {
 	Limits     Limits   `json:"limits"`
 	OnFailure  string   `json:"on_failure"`
 	AutoRevert bool     `json:"auto_revert,omitempty"`
+	// Full offers the full artifacts only, even to devices that could
+	// take a delta (specs stored before deltas existed read false).
+	Full bool `json:"full,omitempty"`
 }
 
 // Defaults.

@@ -29,6 +29,7 @@ type CreateRollout struct {
 	OfflineDeadline  rollout.Duration `json:"offline_deadline,omitempty"`
 	OnFailure        string           `json:"on_failure,omitempty"`
 	AutoRevert       bool             `json:"auto_revert,omitempty"`
+	Full             bool             `json:"full,omitempty"` // full artifacts only, no deltas
 	Start            bool             `json:"start,omitempty"`
 	DryRun           bool             `json:"dry_run,omitempty"`
 	Reason           string           `json:"reason,omitempty"`
