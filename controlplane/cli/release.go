@@ -1,10 +1,12 @@
 package cli
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -18,6 +20,8 @@ import (
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/api"
+	"github.com/hangarfleet/hangar/controlplane/client"
+	"github.com/hangarfleet/hangar/controlplane/delta"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/proto"
 )
@@ -191,12 +195,21 @@ func releaseSign(g *globals, args []string) error {
 	expires := fs.Duration("expires", 90*24*time.Hour, "devices refuse the manifest after this")
 	notes := fs.String("notes", "", "release notes")
 	out := fs.String("out", "", "where to write the signed manifest (default: ARTIFACT.manifest)")
+	var from listFlag
+	fs.Var(&from, "delta-from", "also make a delta from this earlier build, FILE or FILE@VERSION: writes ARTIFACT.from-SHA.patch and its manifest PATCH.manifest (repeat)")
 	if err := flagsOnly(fs, args); err != nil {
 		return err
 	}
 	for n, v := range map[string]string{"key": *key, "artifact": *artifact, "version": *version, "hardware": *hardware} {
 		if err := required(n, v); err != nil {
 			return err
+		}
+	}
+	bases := make([]deltaBase, len(from))
+	for i, f := range from {
+		bases[i] = parseDeltaBase(f)
+		if bases[i].version != "" && !proto.ValidVersion(bases[i].version) {
+			return fmt.Errorf("%w: --delta-from %s: %q is not a semantic version", ErrUsage, f, bases[i].version)
 		}
 	}
 	priv, err := readPrivate(*key)
@@ -225,6 +238,86 @@ func releaseSign(g *globals, args []string) error {
 	}
 	fmt.Fprintf(g.env.Stdout, "%s %s (counter %d, %d bytes, sha256 %x) signed by %s -> %s\n",
 		m.Target, m.Version, m.Counter, m.Size, m.SHA256, proto.KeyID(priv.Public().(ed25519.PublicKey)), *out)
+	if len(bases) == 0 {
+		return nil
+	}
+	build, err := os.ReadFile(*artifact)
+	if err != nil {
+		return err
+	}
+	if sum := sha256.Sum256(build); !bytes.Equal(sum[:], m.SHA256) {
+		return fmt.Errorf("%s changed while it was signed", *artifact)
+	}
+	for _, b := range bases {
+		if err := signDelta(g, priv, m, build, *artifact, b); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// deltaBase is an earlier build a delta starts from.
+type deltaBase struct{ file, version string }
+
+// parseDeltaBase reads FILE or FILE@VERSION (a file that exists under the
+// whole name is that file).
+func parseDeltaBase(s string) deltaBase {
+	if _, err := os.Stat(s); err == nil {
+		return deltaBase{file: s}
+	}
+	if i := strings.LastIndex(s, "@"); i > 0 && !strings.ContainsAny(s[i+1:], `/\`) {
+		return deltaBase{file: s[:i], version: s[i+1:]}
+	}
+	return deltaBase{file: s}
+}
+
+// listFlag collects a repeated flag's values.
+type listFlag []string
+
+func (l *listFlag) String() string     { return strings.Join(*l, ",") }
+func (l *listFlag) Set(s string) error { *l = append(*l, s); return nil }
+
+// signDelta makes the patch from base to build and signs its manifest:
+// the release's, with the delta named.
+func signDelta(g *globals, priv ed25519.PrivateKey, m proto.Manifest, build []byte, artifact string, b deltaBase) error {
+	old, err := os.ReadFile(b.file)
+	if err != nil {
+		return fmt.Errorf("--delta-from: %w", err)
+	}
+	baseSum := sha256.Sum256(old)
+	if bytes.Equal(baseSum[:], m.SHA256) {
+		return fmt.Errorf("--delta-from %s: it is the build released (the same sha256): a delta from it patches nothing", b.file)
+	}
+	start := time.Now()
+	patch, err := delta.Make(old, build)
+	if err != nil {
+		return fmt.Errorf("--delta-from %s: %w", b.file, err)
+	}
+	took := time.Since(start)
+	patchSum := sha256.Sum256(patch)
+	m.Delta = &proto.Delta{BaseSHA256: baseSum[:], BaseSize: uint64(len(old)), PatchSHA256: patchSum[:], PatchSize: uint64(len(patch)),
+		BaseVersion: b.version}
+	signed, err := proto.SignManifest(priv, m)
+	if err != nil {
+		return fmt.Errorf("--delta-from %s: %w", b.file, err)
+	}
+	path := fmt.Sprintf("%s.from-%x.patch", artifact, baseSum[:6])
+	if err := os.WriteFile(path, patch, 0o644); err != nil {
+		return err
+	}
+	if err := os.WriteFile(path+".manifest", signed, 0o644); err != nil {
+		return err
+	}
+	from := b.version
+	if from == "" {
+		from = filepath.Base(b.file)
+	}
+	fmt.Fprintf(g.env.Stdout, "  delta from %s (sha256 %x): %s, %.1f%% of the full %s, made in %s -> %s (manifest %s.manifest)\n",
+		from, baseSum[:6], humanBytes(len(patch)), 100*float64(len(patch))/float64(len(build)), humanBytes(len(build)),
+		took.Round(time.Millisecond), path, path)
+	if len(patch) >= len(build) {
+		fmt.Fprintf(g.env.Stdout, "  (the patch is no smaller than the build: devices on %s gain nothing from it)\n", from)
+	}
 	return nil
 }
 
@@ -306,6 +399,8 @@ func releasePush(ctx context.Context, g *globals, args []string) error {
 	manifest := fs.String("manifest", "", "signed manifest (default: ARTIFACT.manifest)")
 	keysFile := fs.String("keys", "keys.cose", "signed key list")
 	artifact := fs.String("artifact", "", "the released file")
+	var deltas listFlag
+	fs.Var(&deltas, "delta", "also push this delta of the release (a patch of release sign --delta-from; its manifest: PATCH.manifest) (repeat)")
 	if err := flagsOnly(fs, args); err != nil {
 		return err
 	}
@@ -334,14 +429,80 @@ func releasePush(ctx context.Context, g *globals, args []string) error {
 	defer f.Close()
 	// The body is streamed: the artifact is never held in memory.
 	r, err := c.PushRelease(ctx, mb, kb, f)
-	if err != nil {
+	var lines []string
+	switch {
+	case err == nil:
+		lines = append(lines, fmt.Sprintf("pushed %s %s (counter %d, %s)", r.Target, r.Version, r.Counter, humanBytes(r.Size)))
+	case len(deltas) > 0 && isStatus(err, http.StatusConflict):
+		// Deltas may come after their release: from builds that were
+		// not known when it was pushed.
+		if r, err = pushedAlready(ctx, c, mb); err != nil {
+			return err
+		}
+		lines = append(lines, fmt.Sprintf("%s %s was pushed already (counter %d, %s)", r.Target, r.Version, r.Counter, humanBytes(r.Size)))
+	default:
 		return err
+	}
+	for _, p := range deltas {
+		d, err := pushDelta(ctx, c, r, p)
+		if err != nil {
+			return err
+		}
+		r.Deltas = append(r.Deltas, d)
+		from := d.BaseVersion
+		if from == "" {
+			from = "sha256 " + d.BaseSHA256[:12]
+		}
+		lines = append(lines, fmt.Sprintf("pushed delta from %s: %s, %.1f%% of the full artifact", from, humanBytes(d.PatchSize),
+			100*float64(d.PatchSize)/float64(max(r.Size, 1))))
 	}
 	if g.output == "json" {
 		return printJSON(g.env.Stdout, r)
 	}
-	fmt.Fprintf(g.env.Stdout, "pushed %s %s (counter %d, %s)\n", r.Target, r.Version, r.Counter, humanBytes(r.Size))
+	for _, l := range lines {
+		fmt.Fprintln(g.env.Stdout, l)
+	}
 	return nil
+}
+
+func isStatus(err error, status int) bool {
+	var ae *client.APIError
+	return errors.As(err, &ae) && ae.Status == status
+}
+
+// pushedAlready is the release a manifest names, when it is the one
+// pushed (the same build under the same counter).
+func pushedAlready(ctx context.Context, c *client.Client, manifest []byte) (store.Release, error) {
+	m, err := proto.DecodeManifestUnverified(manifest)
+	if err != nil {
+		return store.Release{}, err
+	}
+	r, err := c.Release(ctx, m.Target, m.Version)
+	if err != nil {
+		return r, err
+	}
+	if r.SHA256 != hex.EncodeToString(m.SHA256) || r.Counter != m.Counter {
+		return r, fmt.Errorf("%s %s is pushed with another build or counter (sha256 %.12s, counter %d): its deltas cannot be this manifest's",
+			r.Target, r.Version, r.SHA256, r.Counter)
+	}
+	return r, nil
+}
+
+func pushDelta(ctx context.Context, c *client.Client, r store.Release, patch string) (store.ReleaseDelta, error) {
+	mb, err := os.ReadFile(patch + ".manifest")
+	if err != nil {
+		return store.ReleaseDelta{}, fmt.Errorf("--delta %s: %w", patch, err)
+	}
+	f, err := os.Open(patch)
+	if err != nil {
+		return store.ReleaseDelta{}, fmt.Errorf("--delta: %w", err)
+	}
+	defer f.Close()
+	d, err := c.PushDelta(ctx, r.Target, r.Version, mb, f)
+	if err != nil {
+		return d, fmt.Errorf("delta %s: %w", patch, err)
+	}
+	return d, nil
 }
 
 func releaseList(ctx context.Context, g *globals, args []string) error {
@@ -367,12 +528,25 @@ func releaseList(ctx context.Context, g *globals, args []string) error {
 		return printJSON(g.env.Stdout, rs)
 	}
 	tw := tabwriter.NewWriter(g.env.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "TARGET\tVERSION\tCOUNTER\tHARDWARE\tARCH\tSIZE\tEXPIRES\tKEY")
+	fmt.Fprintln(tw, "TARGET\tVERSION\tCOUNTER\tHARDWARE\tARCH\tSIZE\tDELTAS\tEXPIRES\tKEY")
 	for _, r := range rs {
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", r.Target, r.Version, r.Counter, strings.Join(r.Hardware, ","),
-			dash(strings.Join(r.Arch, ",")), humanBytes(r.Size), r.Expires.Format(time.DateOnly), r.KeyID)
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Target, r.Version, r.Counter, strings.Join(r.Hardware, ","),
+			dash(strings.Join(r.Arch, ",")), humanBytes(r.Size), deltaList(r.Deltas), r.Expires.Format(time.DateOnly), r.KeyID)
 	}
 	return tw.Flush()
+}
+
+// deltaList names the bases of a release's deltas, with their sizes.
+func deltaList(ds []store.ReleaseDelta) string {
+	parts := make([]string, len(ds))
+	for i, d := range ds {
+		from := d.BaseVersion
+		if from == "" {
+			from = d.BaseSHA256[:min(12, len(d.BaseSHA256))]
+		}
+		parts[i] = "from " + from + " " + humanBytes(d.PatchSize)
+	}
+	return dash(strings.Join(parts, ", "))
 }
 
 func deviceUpdate(ctx context.Context, g *globals, args []string) error {
@@ -380,6 +554,7 @@ func deviceUpdate(ctx context.Context, g *globals, args []string) error {
 	g.register(fs)
 	release := fs.String("release", "", "release to offer: VERSION or TARGET@VERSION")
 	reason := fs.String("reason", "", "why (recorded in the audit log)")
+	full := fs.Bool("full", false, "offer the full artifact even when a delta from the device's build exists")
 	id, err := oneID(fs, args, "device update")
 	if err != nil {
 		return err
@@ -392,14 +567,22 @@ func deviceUpdate(ctx context.Context, g *globals, args []string) error {
 		return err
 	}
 	var resp api.UpdateResponse
-	if err := c.Do(ctx, http.MethodPost, "/api/v1/devices/"+id+"/update", nil, api.UpdateRequest{Release: *release, Reason: *reason}, &resp); err != nil {
+	if err := c.Do(ctx, http.MethodPost, "/api/v1/devices/"+id+"/update", nil, api.UpdateRequest{Release: *release, Reason: *reason, Full: *full}, &resp); err != nil {
 		return err
 	}
 	if g.output == "json" {
 		return printJSON(g.env.Stdout, resp)
 	}
-	fmt.Fprintf(g.env.Stdout, "offered %s %s (counter %d) to %s (command %s); follow it with: hangar device updates %s\n",
-		resp.Target, resp.Version, resp.Counter, id, resp.Command, id)
+	via := "the full artifact, " + humanBytes(resp.Size)
+	if d := resp.Delta; d != nil {
+		from := d.BaseVersion
+		if from == "" {
+			from = "sha256 " + d.BaseSHA256[:min(12, len(d.BaseSHA256))]
+		}
+		via = fmt.Sprintf("a delta from %s, %s (the full artifact is its fallback)", from, humanBytes(d.PatchSize))
+	}
+	fmt.Fprintf(g.env.Stdout, "offered %s %s (counter %d) to %s as %s (command %s); follow it with: hangar device updates %s\n",
+		resp.Target, resp.Version, resp.Counter, id, via, resp.Command, id)
 	return nil
 }
 
@@ -422,13 +605,25 @@ func deviceUpdates(ctx context.Context, g *globals, args []string) error {
 		return printJSON(g.env.Stdout, us)
 	}
 	tw := tabwriter.NewWriter(g.env.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "TARGET\tVERSION\tCOUNTER\tSTATE\tWHEN\tREASON")
+	fmt.Fprintln(tw, "TARGET\tVERSION\tCOUNTER\tSTATE\tVIA\tWHEN\tREASON")
 	for _, u := range us {
 		reason := u.Reason
 		if u.Check != "" {
 			reason = u.Check + ": " + reason
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\n", u.Target, u.Version, u.Counter, u.State, u.Updated.Local().Format(time.DateTime), reason)
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\n", u.Target, u.Version, u.Counter, u.State, via(u), u.Updated.Local().Format(time.DateTime), reason)
 	}
 	return tw.Flush()
+}
+
+// via says how a device fetched a release: full, delta (its size), or
+// delta→full with the reason it fell back.
+func via(u store.DeviceUpdate) string {
+	switch u.Via() {
+	case store.ViaDelta:
+		return "delta " + humanBytes(u.Patch)
+	case store.ViaFallback:
+		return "delta→full (" + u.Fallback + ")"
+	}
+	return "full"
 }

@@ -71,6 +71,14 @@ func printPreview(w io.Writer, p rollout.Preview) {
 			offline = fmt.Sprintf(" (%d offline now: offered when they come back)", len(st.Offline))
 		}
 		fmt.Fprintf(w, "stage %d (%s): %d new devices, %d in all%s: %s\n", i+1, st.Stage, len(st.Devices), total, offline, preview(st.Devices, 8))
+		if p.Transfer.Delta > 0 {
+			fmt.Fprintf(w, "  %s\n", transferLine(st.Transfer))
+		}
+	}
+	if p.Transfer.Delta > 0 {
+		fmt.Fprintf(w, "in all: %s\n", transferLine(p.Transfer))
+	} else if p.Transfer.Full > 0 {
+		fmt.Fprintf(w, "in all: full artifacts to %d devices, %s (no delta from the builds they report)\n", p.Transfer.Full, humanBytes(p.Transfer.FullBytes))
 	}
 	if p.Canary != "" {
 		fmt.Fprintf(w, "canary: %s\n", p.Canary)
@@ -88,6 +96,19 @@ func printPreview(w io.Writer, p rollout.Preview) {
 			fmt.Fprintf(w, "  %d %s: %s\n", by[r], r, preview(ids, 5))
 		}
 	}
+}
+
+// transferLine says what offers send: deltas and full artifacts, their
+// bytes and what the deltas save.
+func transferLine(t rollout.Transfer) string {
+	line := fmt.Sprintf("delta to %d devices (%s), full to %d (%s)", t.Delta, humanBytes(t.DeltaBytes), t.Full, humanBytes(t.FullBytes))
+	if t.Fallback > 0 {
+		line += fmt.Sprintf(", %d fell back from a delta to the full artifact", t.Fallback)
+	}
+	if t.Saved >= 0 {
+		return line + ", " + humanBytes(t.Saved) + " saved"
+	}
+	return line + ", " + humanBytes(-t.Saved) + " more than full artifacts"
 }
 
 func preview(ids []string, n int) string {
@@ -220,6 +241,11 @@ func printStatus(w io.Writer, rep rollout.StatusReport) {
 	}
 	if st.Canary != "" {
 		fmt.Fprintf(w, "canary:  %s\n", st.Canary)
+	}
+	if t := rep.Transfer; t.Delta > 0 {
+		fmt.Fprintf(w, "fetched: %s\n", transferLine(t))
+	} else if s.Full {
+		fmt.Fprintln(w, "fetched: full artifacts only (--full)")
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "STAGE\tDEVICES\tPROGRESS\tSTATES")
@@ -392,11 +418,12 @@ func rolloutDevices(ctx context.Context, g *globals, args []string) error {
 		return printJSON(g.env.Stdout, ms)
 	}
 	tw := tabwriter.NewWriter(g.env.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "DEVICE\tSTAGE\tSTATE\tVERSION\tONLINE\tREPORT\tREASON")
+	fmt.Fprintln(tw, "DEVICE\tSTAGE\tSTATE\tVERSION\tONLINE\tREPORT\tVIA\tREASON")
 	for _, m := range ms {
-		report, reason := "", ""
+		report, reason, how := "", "", "-"
 		if m.Update != nil {
 			report, reason = string(m.Update.State), m.Update.Reason
+			how = via(store.DeviceUpdate{Patch: m.Update.Patch, Fallback: m.Update.Fallback})
 		}
 		switch {
 		case m.ReplacedBy != "":
@@ -404,7 +431,7 @@ func rolloutDevices(ctx context.Context, g *globals, args []string) error {
 		case m.Replaces != "":
 			reason = strings.TrimSpace(reason + " (in the canary instead of " + m.Replaces + ")")
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%v\t%s\t%s\n", m.Device, m.Stage, m.State, dash(m.Version), m.Online, dash(report), reason)
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%v\t%s\t%s\t%s\n", m.Device, m.Stage, m.State, dash(m.Version), m.Online, dash(report), how, reason)
 	}
 	return tw.Flush()
 }

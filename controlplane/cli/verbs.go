@@ -74,8 +74,8 @@ func deviceVerbs() []verb {
 		{[]string{"approve"}, "ID [--key FINGERPRINT]", "let an enrollment held for approval complete, for the key it asked with", deviceApprove},
 		{[]string{"deny"}, "ID [--reason R]", "drop an enrollment held for approval", deviceDeny},
 		{[]string{"passwords"}, "[on|off]", "show, or turn on or off, password authentication for the fleet", devicePasswords},
-		{[]string{"update"}, "ID --release V", "offer a signed release to one device", deviceUpdate},
-		{[]string{"updates"}, "ID", "where the device stands with each release", deviceUpdates},
+		{[]string{"update"}, "ID --release V [--full]", "offer a signed release to one device (a delta from its build when there is one)", deviceUpdate},
+		{[]string{"updates"}, "ID", "where the device stands with each release, and how it fetched it", deviceUpdates},
 		{[]string{"label"}, "ID k=v [k2-] | --file FILE", "set operators' labels (k- removes k)", deviceLabel},
 		{[]string{"import"}, "FILE", `pre-provision devices from lines "ID k=v ..."; label those known`, deviceImport},
 	}
@@ -83,7 +83,7 @@ func deviceVerbs() []verb {
 
 func rolloutVerbs() []verb {
 	vs := []verb{
-		{[]string{"create"}, "--release V [--selector k=v] [--stages 1%,10%,50%,100%] [gates] [--dry-run] [--start]", "create (or preview) a staged rollout", rolloutCreate},
+		{[]string{"create"}, "--release V [--selector k=v] [--stages 1%,10%,50%,100%] [gates] [--full] [--dry-run] [--start]", "create (or preview) a staged rollout", rolloutCreate},
 		{[]string{"ls", "list"}, "", "list rollouts", rolloutList},
 		{[]string{"status"}, "ID|latest", "stages, gates with their measured values, strata", func(ctx context.Context, g *globals, args []string) error {
 			return rolloutStatus(ctx, g, args, false)
@@ -112,9 +112,9 @@ func releaseVerbs() []verb {
 	return []verb{
 		{[]string{"keygen"}, "--out PREFIX", "make an Ed25519 key pair (root or release key); offline", offline(releaseKeygen)},
 		{[]string{"keys"}, "--root-key K --add PUB", "sign the list of release keys with the root key; offline", offline(releaseKeys)},
-		{[]string{"sign"}, "--key K --artifact F --version V --hardware H", "sign a release manifest for an artifact; offline", offline(releaseSign)},
+		{[]string{"sign"}, "--key K --artifact F --version V --hardware H [--delta-from OLD[@V]]...", "sign a release manifest for an artifact, and deltas from earlier builds; offline", offline(releaseSign)},
 		{[]string{"verify"}, "--manifest M --keys K [--artifact F]", "check a manifest (and artifact) as a device would", offline(releaseVerify)},
-		{[]string{"push"}, "--artifact F --keys K", "upload manifest, key list and artifact", releasePush},
+		{[]string{"push"}, "--artifact F --keys K [--delta PATCH]...", "upload manifest, key list and artifact, then the deltas", releasePush},
 		{[]string{"ls", "list"}, "", "list pushed releases", releaseList},
 	}
 }
