@@ -25,8 +25,8 @@ type DeltaHeader struct {
 	CtrlLen, DiffLen, NewSize int64
 }
 
-// offtin reads bsdiff's sign-magnitude little-endian 64-bit integer.
-func offtin(b []byte) int64 {
+// DeltaInt reads bsdiff's sign-magnitude little-endian 64-bit integer.
+func DeltaInt(b []byte) int64 {
 	var y uint64
 	for i := 7; i >= 0; i-- {
 		y = y<<8 | uint64(b[i])
@@ -49,7 +49,7 @@ func ParseDeltaHeader(b []byte, patchSize, maxResult int64) (DeltaHeader, error)
 	if string(b[:8]) != DeltaMagic {
 		return h, fmt.Errorf("%w: not a %s patch", ErrDelta, DeltaMagic)
 	}
-	h.CtrlLen, h.DiffLen, h.NewSize = offtin(b[8:16]), offtin(b[16:24]), offtin(b[24:32])
+	h.CtrlLen, h.DiffLen, h.NewSize = DeltaInt(b[8:16]), DeltaInt(b[16:24]), DeltaInt(b[24:32])
 	body := patchSize - DeltaHeaderSize
 	switch {
 	case h.CtrlLen < 0 || h.DiffLen < 0 || h.NewSize < 0:
