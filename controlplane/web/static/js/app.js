@@ -301,6 +301,7 @@ async function device(main, id) {
     fact("Position", l.latitude != null ? `${l.latitude.toFixed(5)}, ${l.longitude.toFixed(5)}` : "–");
     fact("Authentication", d.auth || "–");
     fact("Payloads", labels(d.payloads) || "–");
+    fact("Delta updates", d.delta_max ? `patches builds up to ${bytes(d.delta_max)}` : "full artifacts only");
     fact("Labels", labels(d.labels) || "none");
     if (d.hardware_mismatch) fact("Attention", "hw label and reported hardware differ");
     head.replaceChildren(dl);
@@ -328,12 +329,17 @@ async function device(main, id) {
     });
     const rels = (await api.get("/api/v1/releases").catch(() => [])) || [];
     const relSel = el("select", { id: "update-release" }, rels.map((r) => el("option", { value: r.target + "@" + r.version }, `${r.target}@${r.version}`)));
-    const uform = el("form", { class: "inline", id: "update-form" }, field("Release", relSel), el("button", { type: "submit", disabled: !rels.length }, "Update this device"));
+    const fullBox = el("input", { id: "update-full", type: "checkbox" });
+    const uform = el("form", { class: "inline", id: "update-form" }, field("Release", relSel), field("Full artifact only", fullBox), el("button", { type: "submit", disabled: !rels.length }, "Update this device"));
     uform.addEventListener("submit", async (ev) => {
       ev.preventDefault();
       const reason = await confirmAction(`Update ${id} to ${relSel.value}?`, "The device installs it when it is on the ground and healthy.");
       if (reason === null) return;
-      try { await api.call("POST", "/api/v1/devices/" + encodeURIComponent(id) + "/update", { release: relSel.value, reason }); flash(msg, `Update to ${relSel.value} offered.`); loadUpdates(); } catch (e) { flash(msg, e.message, false); }
+      try {
+        const r = await api.call("POST", "/api/v1/devices/" + encodeURIComponent(id) + "/update", { release: relSel.value, reason, full: fullBox.checked || undefined });
+        flash(msg, `Update to ${relSel.value} offered: ` + (r.delta ? `a delta from ${deltaBase(r.delta)}, ${bytes(r.size)} (the full artifact is its fallback).` : `the full artifact, ${bytes(r.size)}.`));
+        loadUpdates();
+      } catch (e) { flash(msg, e.message, false); }
     });
     actions.append(lform, uform);
   }
@@ -357,8 +363,8 @@ async function device(main, id) {
   };
   const loadUpdates = async () => {
     const us = await api.get(`/api/v1/devices/${encodeURIComponent(id)}/updates`);
-    ups.replaceChildren(us.length ? table("", ["Release", "State", "Why", "Rollout", "When"], us.map((u) => [`${u.target}@${u.version}`,
-      el("span", { class: "state st-" + cls(u.state) }, u.state), u.reason || u.check || "", u.rollout ? el("a", { href: "#rollout/" + encodeURIComponent(u.rollout) }, u.rollout) : "–", when(u.updated)])) :
+    ups.replaceChildren(us.length ? table("", ["Release", "State", "Via", "Why", "Rollout", "When"], us.map((u) => [`${u.target}@${u.version}`,
+      el("span", { class: "state st-" + cls(u.state) }, u.state), via(u), u.reason || u.check || "", u.rollout ? el("a", { href: "#rollout/" + encodeURIComponent(u.rollout) }, u.rollout) : "–", when(u.updated)])) :
       el("p", { class: "muted" }, "No updates yet."));
   };
   const loadEvents = async () => {
@@ -377,6 +383,26 @@ async function device(main, id) {
       await Promise.all(jobs);
     },
   };
+}
+
+// via says how a device fetched a release, from its report: the full
+// artifact, a delta, or a delta given up for the full artifact (and why).
+function via(u) {
+  if (u.fallback) return el("span", { class: "via via-fallback", title: u.fallback }, `delta→full (${u.fallback})`);
+  if (u.patch) return el("span", { class: "via via-delta" }, `delta ${bytes(u.patch)}`);
+  return "full";
+}
+
+// deltaBase names a delta's base build: its version, else its digest.
+const deltaBase = (d) => d.base_version || d.base_sha256.slice(0, 12);
+
+// transferText says what offers send: deltas, full artifacts, and the
+// bytes saved.
+function transferText(t) {
+  if (!t) return "";
+  const saved = t.saved_bytes >= 0 ? `${bytes(t.saved_bytes)} saved` : `${bytes(-t.saved_bytes)} more than full artifacts`;
+  return `delta to ${t.delta} (${bytes(t.delta_bytes)}), full to ${t.full} (${bytes(t.full_bytes)})` +
+    (t.fallback ? `, ${t.fallback} fell back to the full artifact` : "") + `, ${saved}`;
 }
 
 // cls makes a CSS class word of a value a device reported.
@@ -406,9 +432,9 @@ async function releases(main) {
   main.replaceChildren(el("h2", {}, "Releases"), box);
   const load = async () => {
     const [rs, h] = await Promise.all([api.get("/api/v1/releases"), api.get("/api/v1/fleet/health")]);
-    box.replaceChildren((rs || []).length ? table("Signed releases pushed to this control plane", ["Release", "Counter", "Hardware", "Architecture", "Key", "Expires", "Size", "Running it", "Pushed"],
+    box.replaceChildren((rs || []).length ? table("Signed releases pushed to this control plane", ["Release", "Counter", "Hardware", "Architecture", "Key", "Expires", "Size", "Deltas", "Running it", "Pushed"],
       rs.map((r) => [`${r.target}@${r.version}`, String(r.counter), (r.hardware || []).join(", ") || "any", (r.arch || []).join(", ") || "any", el("span", { class: "mono" }, r.key_id),
-        when(r.expires), bytes(r.size), String((r.target === "agent" && h.versions[r.version]) || 0), el("span", {}, when(r.pushed_at), " by ", r.pushed_by)]), { id: "releases-table" }) :
+        when(r.expires), bytes(r.size), (r.deltas || []).map((d) => `from ${deltaBase(d)}: ${bytes(d.patch_size)}`).join(", ") || "–", String((r.target === "agent" && h.versions[r.version]) || 0), el("span", {}, when(r.pushed_at), " by ", r.pushed_by)]), { id: "releases-table" }) :
       el("p", { class: "muted" }, "No release pushed yet: hangar release sign, then hangar release push."));
   };
   await load();
@@ -450,6 +476,7 @@ async function createForm(box) {
     inFlight: el("input", { id: "c-max-in-flight", type: "number", min: "0", placeholder: "default", size: "6" }),
     revert: el("select", { id: "c-revert-release" }, opt("", "none", ""), rels.map((r) => opt(r.target + "@" + r.version, `${r.target}@${r.version}`, ""))),
     autoRevert: el("input", { id: "c-auto-revert", type: "checkbox" }),
+    full: el("input", { id: "c-full", type: "checkbox" }),
     reason: el("input", { id: "c-reason", placeholder: "why (for the audit log)" }),
   };
   const preview = el("div", { id: "preview", "aria-live": "polite" });
@@ -465,6 +492,7 @@ async function createForm(box) {
     if (f.inFlight.value) s.max_in_flight = Number(f.inFlight.value);
     if (f.revert.value) s.revert_release = f.revert.value;
     if (f.autoRevert.checked) s.auto_revert = true;
+    if (f.full.checked) s.full = true;
     return s;
   };
   const dry = el("button", { type: "button", id: "c-dry-run", onclick: async () => {
@@ -479,7 +507,7 @@ async function createForm(box) {
       field("Strata (labels)", f.strata), field("On a failing gate", f.onFailure)),
     el("div", { class: "filters" }, field("Soak per stage", f.soak), field("Min committed %", f.minCommitted), field("Max failed %", f.maxFailed),
       field("Health margin", f.margin), field("Max in flight", f.inFlight), field("Revert release", f.revert), field("Revert on failure", f.autoRevert),
-      field("Reason", f.reason)), el("div", {}, dry, " ", go_), preview);
+      field("Full artifacts only", f.full), field("Reason", f.reason)), el("div", {}, dry, " ", go_), preview);
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const s = spec();
@@ -495,7 +523,11 @@ async function createForm(box) {
 
 function showPreview(box, p) {
   const parts = [el("p", {}, `${p.targeted} devices targeted.`, p.canary ? " " + p.canary : "")];
-  parts.push(table("Who each stage takes", ["Stage", "Devices", "Offline now", "First devices"], (p.stages || []).map((s) => [s.stage, String(s.devices.length), String((s.offline || []).length),
+  const t = p.transfer || { delta: 0, full: 0 };
+  parts.push(el("p", { id: "preview-transfer" }, t.delta ? "Over the air: " + transferText(t) + "." :
+    `Over the air: full artifacts to ${t.full} devices (${bytes(t.full_bytes)}); no delta from the builds they report.`));
+  parts.push(table("Who each stage takes", ["Stage", "Devices", "Offline now", "Delta / full", "Bytes", "First devices"], (p.stages || []).map((s) => [s.stage, String(s.devices.length), String((s.offline || []).length),
+    `${(s.transfer || {}).delta || 0} / ${(s.transfer || {}).full || 0}`, s.transfer ? bytes(s.transfer.delta_bytes + s.transfer.full_bytes) : "–",
     s.devices.slice(0, 6).join(", ") + (s.devices.length > 6 ? ", …" : "")]), { id: "preview-stages" }));
   const ex = new Map();
   for (const e of p.excluded || []) ex.set(e.reason, (ex.get(e.reason) || 0) + 1);
@@ -522,12 +554,15 @@ async function rollout(main, id) {
     const st = r.state;
     head.replaceChildren(el("p", {}, `${r.spec.release.target}@${r.spec.release.version} · `, el("span", { class: "status s-" + cls(st.status), id: "rollout-status" }, st.status + (st.reverting ? " (reverting)" : "")),
       ` · stage ${Math.min(st.stage + 1, r.spec.stages.length)} of ${r.spec.stages.length} · ${r.targeted} targeted · created `, when(r.created), ` by ${r.created_by}`),
-      st.reason ? el("p", { class: "why" }, st.reason) : "", st.canary ? el("p", { class: "muted" }, st.canary) : "");
+      st.reason ? el("p", { class: "why" }, st.reason) : "", st.canary ? el("p", { class: "muted" }, st.canary) : "",
+      r.transfer && r.transfer.delta ? el("p", { id: "rollout-transfer" }, "Fetched over the air: " + transferText(r.transfer) + ".") :
+        r.spec.full ? el("p", { id: "rollout-transfer", class: "muted" }, "Full artifacts only.") : "");
     stages.replaceChildren(el("ol", { class: "stages" }, (r.stages || []).map((s, i) => {
       const done = (s.states.committed || 0), bad = (s.states.failed || 0) + (s.states.timed_out || 0);
       return el("li", { class: i === st.stage ? "current" : "" }, el("span", { class: "stage-name" }, s.stage), progress(done, s.devices, `stage ${s.stage}: ${done} of ${s.devices} committed`),
         ` ${done}/${s.devices} committed`, bad ? el("span", { class: "bad" }, ` · ${bad} failed`) : "",
-        ` · ${Object.entries(s.states).filter(([k]) => k !== "committed").map(([k, n]) => k + " " + n).join(", ")}`);
+        ` · ${Object.entries(s.states).filter(([k]) => k !== "committed").map(([k, n]) => k + " " + n).join(", ")}`,
+        s.transfer && s.transfer.delta ? el("span", { class: "muted" }, ` · ${s.transfer.delta} by delta, ${bytes(Math.max(s.transfer.saved_bytes, 0))} saved`) : "");
     })));
     const verdict = (g) => el("span", { class: "verdict v-" + cls(g.verdict.replace(/\s/g, "-")) }, g.verdict);
     gates.replaceChildren((r.gates || []).length ? table("", ["Gate", "Stratum", "Measured", "Threshold", "Verdict", "Why"], r.gates.map((g) => [g.name, g.stratum || "all",
@@ -554,9 +589,9 @@ async function rollout(main, id) {
   const loadMembers = async () => {
     const ms = await api.get(`/api/v1/rollouts/${enc}/devices` + (stateSel.value ? "?state=" + stateSel.value : ""));
     const shown = ms.slice(0, 200);
-    members.replaceChildren(table(`${ms.length} members${ms.length > shown.length ? ", first 200 shown" : ""}`, ["Device", "Stage", "State", "Version", "Online", "Report", "Why"], shown.map((m) => [
+    members.replaceChildren(table(`${ms.length} members${ms.length > shown.length ? ", first 200 shown" : ""}`, ["Device", "Stage", "State", "Version", "Online", "Report", "Via", "Why"], shown.map((m) => [
       el("a", { href: "#device/" + encodeURIComponent(m.device) }, m.device), String(m.stage), el("span", { class: "state st-" + cls(m.state) }, m.state), m.version || "–", m.online ? "yes" : "no",
-      m.update ? m.update.state : "–", (m.update && m.update.reason) || (m.revert && m.revert.reason) || ""]), { id: "members-table" }));
+      m.update ? m.update.state : "–", m.update ? via(m.update) : "–", (m.update && m.update.reason) || (m.revert && m.revert.reason) || ""]), { id: "members-table" }));
   };
   const loadTimeline = async () => {
     const es = await api.get(`/api/v1/rollouts/${enc}/events`);
