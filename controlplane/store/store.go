@@ -548,7 +548,7 @@ type LiveMarks struct {
 	Event    int64  // highest event id
 	Audit    int64  // highest audit entry id
 	Rollouts int64  // latest rollout update (unix ms)
-	Releases int64  // releases pushed
+	Releases int64  // releases and deltas pushed
 	Fleet    string // devices, online, revoked and versions, summarised
 	LastSeen int64  // latest device contact (unix ms): telemetry arrived
 }

@@ -36,8 +36,12 @@ func TestReleaseDeltas(t *testing.T) {
 	}
 	d := store.ReleaseDelta{Target: "agent", Version: "2.0.0", BaseSHA256: strings.Repeat("01", 32), BaseSize: 900, BaseVersion: "1.9.0",
 		PatchSHA256: strings.Repeat("02", 32), PatchSize: 70, Manifest: []byte("dm"), PushedAt: clk.Now().UTC(), PushedBy: "bob"}
+	before, _ := db.LiveMarks(ctx)
 	if err := db.AddReleaseDelta(ctx, d); err != nil {
 		t.Fatal(err)
+	}
+	if after, _ := db.LiveMarks(ctx); after.Releases == before.Releases {
+		t.Error("a delta pushed moves no watermark: the console's releases view is not told")
 	}
 	d2 := d
 	d2.BaseSHA256, d2.PatchSHA256, d2.BaseVersion, d2.PushedAt = strings.Repeat("03", 32), strings.Repeat("04", 32), "", d.PushedAt.Add(time.Second)

@@ -77,7 +77,7 @@ func (db *DB) LiveMarks(ctx context.Context) (store.LiveMarks, error) {
 		coalesce((SELECT max(id) FROM events), 0),
 		coalesce((SELECT max(id) FROM audit), 0),
 		coalesce((SELECT max(updated) FROM rollouts), 0),
-		(SELECT count(*) FROM releases),
+		(SELECT count(*) FROM releases) + (SELECT count(*) FROM release_deltas),
 		coalesce((SELECT max(last_seen) FROM devices), 0)`).Scan(&m.Event, &m.Audit, &m.Rollouts, &m.Releases, &m.LastSeen)
 	if err != nil {
 		return m, fmt.Errorf("live marks: %w", err)
