@@ -504,6 +504,7 @@ func (a *Agent) state(online bool, conn uint64) proto.State {
 		s.Time = a.clk.Now().UnixMilli()
 		s.Hardware, s.Arch, s.Version, s.Labels = a.opts.Hardware, runtime.GOARCH, a.opts.Version, a.opts.Labels
 		s.Release, s.Payloads = a.installed()
+		s.Builds, s.Deltas = a.builds()
 	}
 	return s
 }

@@ -25,8 +25,12 @@ type UpdateOptions struct {
 	ExePath     string
 	RestartMode update.RestartMode
 	Policy      update.Policy
-	// Hooks install named payloads: target -> executable (see update.Hook).
-	Hooks         map[string]string
+	// Hooks install named payloads: target -> executable (see update.Hook);
+	// HookFiles name their installed files, which deltas patch.
+	Hooks     map[string]string
+	HookFiles map[string]string
+	// NoDelta takes full artifacts only.
+	NoDelta       bool
 	TrialDeadline time.Duration
 	TrialSoak     time.Duration
 	MaxTrialBoots int
@@ -49,7 +53,7 @@ func (a *Agent) setupUpdater() error {
 	}
 	installers := map[string]update.Installer{}
 	for target, hook := range uo.Hooks {
-		installers[target] = &update.Hook{Path: hook}
+		installers[target] = &update.Hook{Path: hook, File: uo.HookFiles[target]}
 	}
 	if _, ok := uo.Installers[proto.TargetAgent]; !ok {
 		exe := uo.ExePath
@@ -82,7 +86,7 @@ func (a *Agent) setupUpdater() error {
 		Roots: uo.Roots, Hardware: a.opts.Hardware, BuildTime: uo.BuildTime, Store: a.store,
 		Dir: filepath.Join(stateDir, "staging"), Clock: a.clk, HTTP: &dl, BaseURL: a.opts.ServerURL,
 		Auth: a.authorize, Installers: installers, Report: a.reportUpdate, Conditions: a.conditions,
-		Policy: uo.Policy, SelfTest: a.selfTest, TrialDeadline: uo.TrialDeadline, TrialSoak: uo.TrialSoak, MaxTrialBoots: uo.MaxTrialBoots,
+		Policy: uo.Policy, NoDelta: uo.NoDelta, SelfTest: a.selfTest, TrialDeadline: uo.TrialDeadline, TrialSoak: uo.TrialSoak, MaxTrialBoots: uo.MaxTrialBoots,
 		Logger: a.opts.Logger,
 	})
 	if err != nil {
@@ -145,6 +149,19 @@ func (a *Agent) selfTest(ctx context.Context) error {
 		return errors.New("not connected to the broker")
 	}
 	return nil
+}
+
+// builds are the digests of the files in place and the largest build the
+// agent patches, for the state message.
+func (a *Agent) builds() (map[string][]byte, uint64) {
+	if a.updater == nil {
+		return nil, 0
+	}
+	b := a.updater.Builds()
+	if len(b) == 0 {
+		b = nil
+	}
+	return b, a.updater.DeltaCap()
 }
 
 // Installed reports the installed release counter of the agent and the

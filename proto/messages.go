@@ -196,12 +196,13 @@ type UpdateReport struct {
 	Reason   string      `cbor:"6,keyasint,omitempty" json:"reason,omitempty"`   // why deferred, rejected, failed or rolled back
 	Check    string      `cbor:"7,keyasint,omitempty" json:"check,omitempty"`    // the check that rejected the release
 	Rollout  string      `cbor:"8,keyasint,omitempty" json:"rollout,omitempty"`  // rollout id from the offer
-	// Patch is the size of the delta patch being fetched instead of Size
-	// bytes (0: the full artifact).
+	// Patch is the size of the delta patch offered instead of Size bytes
+	// (0: a full artifact was offered).
 	Patch uint64 `cbor:"9,keyasint,omitempty" json:"patch,omitempty"`
 	// Fallback says why the offered delta was given up for the full
 	// artifact (the base on the device is not the patch's, the patch or
-	// its result is corrupt): the release goes on, fetched whole.
+	// its result is corrupt): the release goes on, fetched whole (what
+	// came of the patch came over the air too).
 	Fallback string `cbor:"10,keyasint,omitempty" json:"fallback,omitempty"`
 }
 

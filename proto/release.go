@@ -189,6 +189,7 @@ const (
 	CheckExpired   Check = "expired"  // manifest expired (freeze)
 	CheckCreated   Check = "created"  // manifest created in the future, beyond the allowance
 	CheckHash      Check = "hash"     // artifact digest
+	CheckDelta     Check = "delta"    // a delta that cannot make the build here (base, patch or result), with no full artifact to fall back to
 	CheckSmoke     Check = "smoke"    // the new build does not start
 )
 

@@ -43,6 +43,8 @@ type Config struct {
 	TrialSoak          time.Duration
 	MaxTrialBoots      int
 	Hooks              map[string]string
+	HookFiles          map[string]string
+	NoDelta            bool
 	ExePath            string
 }
 
@@ -117,6 +119,9 @@ func newFlagSet(c *Config, w io.Writer) (*flag.FlagSet, *string, *string) {
 	fs.IntVar(&c.MaxTrialBoots, "max-trial-boots", 3, "starts of a new build without passing its trial before it is rolled back (crash loop)")
 	c.Hooks = mapFlag{}
 	fs.Var(mapFlag(c.Hooks), "hook", "install hook for a payload target: target=/path/to/executable (repeat)")
+	c.HookFiles = mapFlag{}
+	fs.Var(mapFlag(c.HookFiles), "hook-file", "the installed file of a hook's payload, which delta updates patch: target=/path/to/file (repeat)")
+	fs.BoolVar(&c.NoDelta, "no-delta", false, "take full artifacts only: the control plane offers no delta updates to this device")
 	fs.StringVar(&c.ExePath, "exe-path", "", "the agent binary that updates replace (default: this executable)")
 	config := fs.String("config", "", "config file: one 'flag = value' per line, # comments (env HANGAR_AGENT_CONFIG)")
 	return fs, tokenFile, config

@@ -182,7 +182,7 @@ func updateOptions(cfg Config) (*agent.UpdateOptions, error) {
 		return nil, nil
 	}
 	uo := &agent.UpdateOptions{
-		ExePath: cfg.ExePath, Hooks: cfg.Hooks, TrialDeadline: cfg.TrialDeadline, TrialSoak: cfg.TrialSoak, MaxTrialBoots: cfg.MaxTrialBoots,
+		ExePath: cfg.ExePath, Hooks: cfg.Hooks, HookFiles: cfg.HookFiles, NoDelta: cfg.NoDelta, TrialDeadline: cfg.TrialDeadline, TrialSoak: cfg.TrialSoak, MaxTrialBoots: cfg.MaxTrialBoots,
 		Policy: update.Policy{MinBattery: uint8(max(0, min(100, cfg.MinBattery))), LockFile: cfg.MaintenanceLock, AllowUnknownFlight: cfg.AllowUnknownFlight},
 	}
 	if uo.TrialSoak == 0 {

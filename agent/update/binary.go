@@ -346,6 +346,21 @@ func (b *Binary) Settle() error {
 	return guard.Remove(fsys, b.Path)
 }
 
+// Base opens the binary in place: the base of a delta.
+func (b *Binary) Base() (io.ReadCloser, error) { return b.fs().Open(b.Path) }
+
+// BaseStamp changes when the binary in place may have: its digest is
+// taken again then.
+func (b *Binary) BaseStamp() string {
+	fi, err := b.fs().Stat(b.Path)
+	if err != nil {
+		return ""
+	}
+	return fmt.Sprintf("%d/%d", fi.Size(), fi.ModTime().UnixNano())
+}
+
+var _ Patchable = (*Binary)(nil)
+
 // Running reports whether this process is the build of m.
 func (b *Binary) Running(m proto.Manifest) bool { return b.Version == m.Version }
 

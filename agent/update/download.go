@@ -26,13 +26,26 @@ func (u *Updater) stagedPath(m proto.Manifest) string {
 	return filepath.Join(u.opts.Dir, hex.EncodeToString(m.SHA256)+".bin")
 }
 
-// download fetches the artifact of m to the staging directory, resuming a
-// partial file with an HTTP Range request, stopping at the declared size
-// and checking the digest over the whole file. Memory stays bounded
-// whatever the artifact's size, and whatever the server sends.
-func (u *Updater) download(ctx context.Context, m proto.Manifest, rawURL string, progress func(n uint64)) (string, error) {
-	final := u.stagedPath(m)
-	if fileHasDigest(OSFS{}, final, m.SHA256) == nil {
+// blob is a file to download: its signed size and digest, and where it
+// goes once it has them.
+type blob struct {
+	size uint64
+	sha  []byte
+	path string
+}
+
+// artifact is the full artifact of m, staged for its install.
+func (u *Updater) artifact(m proto.Manifest) blob {
+	return blob{size: m.Size, sha: m.SHA256, path: u.stagedPath(m)}
+}
+
+// download fetches a blob (an artifact, a patch) to the staging directory,
+// resuming a partial file with an HTTP Range request, stopping at the
+// declared size and checking the digest over the whole file. Memory stays
+// bounded whatever the blob's size, and whatever the server sends.
+func (u *Updater) download(ctx context.Context, m blob, rawURL string, progress func(n uint64)) (string, error) {
+	final := m.path
+	if fileHasDigest(OSFS{}, final, m.sha) == nil {
 		return final, nil
 	}
 	if err := os.MkdirAll(u.opts.Dir, 0o700); err != nil {
@@ -48,13 +61,13 @@ func (u *Updater) download(ctx context.Context, m proto.Manifest, rawURL string,
 	if err != nil {
 		return "", err
 	}
-	if uint64(have) > m.Size {
+	if uint64(have) > m.size {
 		if err := f.Truncate(0); err != nil {
 			return "", err
 		}
 		have, _ = f.Seek(0, io.SeekStart)
 	}
-	if uint64(have) < m.Size {
+	if uint64(have) < m.size {
 		if err := u.fetch(ctx, f, &have, m, rawURL, progress); err != nil {
 			return "", err
 		}
@@ -62,7 +75,7 @@ func (u *Updater) download(ctx context.Context, m proto.Manifest, rawURL string,
 	if err := f.Sync(); err != nil {
 		return "", err
 	}
-	if err := fileHasDigest(OSFS{}, part, m.SHA256); err != nil {
+	if err := fileHasDigest(OSFS{}, part, m.sha); err != nil {
 		os.Remove(part)
 		return "", err
 	}
@@ -75,7 +88,7 @@ func (u *Updater) download(ctx context.Context, m proto.Manifest, rawURL string,
 // idleTimeout ends a download attempt that receives nothing for this long.
 const idleTimeout = time.Minute
 
-func (u *Updater) fetch(ctx context.Context, f *os.File, have *int64, m proto.Manifest, rawURL string, progress func(uint64)) error {
+func (u *Updater) fetch(ctx context.Context, f *os.File, have *int64, m blob, rawURL string, progress func(uint64)) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	idle := time.AfterFunc(idleTimeout, cancel)
@@ -84,7 +97,7 @@ func (u *Updater) fetch(ctx context.Context, f *os.File, have *int64, m proto.Ma
 	if err != nil {
 		return &proto.VerifyError{Check: proto.CheckFormat, Err: fmt.Errorf("artifact URL: %v", err)}
 	}
-	etag := `"` + hex.EncodeToString(m.SHA256) + `"`
+	etag := `"` + hex.EncodeToString(m.sha) + `"`
 	if *have > 0 {
 		req.Header.Set("Range", "bytes="+strconv.FormatInt(*have, 10)+"-")
 		req.Header.Set("If-Range", etag)
@@ -124,11 +137,11 @@ func (u *Updater) fetch(ctx context.Context, f *os.File, have *int64, m proto.Ma
 		}
 		return err
 	}
-	remaining := int64(m.Size) - *have
+	remaining := int64(m.size) - *have
 	tooMuch := func() error {
 		_ = f.Truncate(0)
 		*have = 0
-		return &proto.VerifyError{Check: proto.CheckSize, Err: fmt.Errorf("the server sent more than the declared %d bytes", m.Size)}
+		return &proto.VerifyError{Check: proto.CheckSize, Err: fmt.Errorf("the server sent more than the declared %d bytes", m.size)}
 	}
 	if resp.ContentLength > remaining {
 		return tooMuch()
@@ -139,7 +152,7 @@ func (u *Updater) fetch(ctx context.Context, f *os.File, have *int64, m proto.Ma
 	_, err = io.CopyN(w, resp.Body, remaining)
 	if err != nil {
 		if parent := context.Cause(ctx); errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || parent == context.Canceled || ctx.Err() != nil {
-			return fmt.Errorf("%w: download interrupted at %d of %d bytes: %v", errTransient, *have, m.Size, err)
+			return fmt.Errorf("%w: download interrupted at %d of %d bytes: %v", errTransient, *have, m.size, err)
 		}
 		return err
 	}

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
+	"os"
 	"os/exec"
 	"strings"
 	"time"
@@ -46,6 +48,27 @@ type Installer interface {
 type Hook struct {
 	Path    string
 	Timeout time.Duration // per call (default 10 min)
+	// File is where the payload's installed build is, when there is one
+	// file to patch (a firmware image kept on the companion computer):
+	// with it, the payload takes deltas.
+	File string
+}
+
+// Base opens the payload's installed file: the base of a delta.
+func (h *Hook) Base() (io.ReadCloser, error) {
+	if h.File == "" {
+		return nil, ErrNoBase
+	}
+	return os.Open(h.File)
+}
+
+// BaseStamp changes when the installed file may have.
+func (h *Hook) BaseStamp() string {
+	fi, err := os.Stat(h.File)
+	if h.File == "" || err != nil {
+		return ""
+	}
+	return fmt.Sprintf("%d/%d", fi.Size(), fi.ModTime().UnixNano())
 }
 
 var _ Installer = (*Hook)(nil)

@@ -250,6 +250,14 @@ func (u *Updater) Run(ctx context.Context) error {
 				if progressed {
 					stalled = 0
 				} else if stalled++; stalled >= 20 {
+					if cur := u.view(j); cur.patching() {
+						// A patch that will not come: the full artifact may.
+						stalled = 0
+						if ferr := u.fallback(j, "the patch download makes no progress: "+err.Error()); errors.Is(ferr, errFellBack) {
+							continue
+						}
+						break
+					}
 					u.report(j, proto.UpdateFailed, func(r *proto.UpdateReport) { r.Reason = "download makes no progress: " + err.Error() })
 					err = u.finish(j, nil)
 					break
@@ -340,10 +348,15 @@ func (u *Updater) runDownload(ctx context.Context, j *job) (bool, error) {
 		u.report(j, proto.UpdateRejected, func(r *proto.UpdateReport) { r.Check, r.Reason = string(proto.CheckFormat), err.Error() })
 		return false, u.finish(j, nil)
 	}
-	step := max(j.m.Size/4, 1)
+	cur := u.view(j)
+	size := j.m.Size
+	if cur.patching() {
+		size = j.m.Delta.PatchSize
+	}
+	step := max(size/4, 1)
 	var last, high uint64
 	first := true
-	_, err = u.download(ctx, j.m, src, func(n uint64) {
+	progress := func(n uint64) {
 		high = max(high, n)
 		if first {
 			last, first = n, false
@@ -353,7 +366,18 @@ func (u *Updater) runDownload(ctx context.Context, j *job) (bool, error) {
 			last = n
 			u.report(j, proto.UpdateDownloading, func(r *proto.UpdateReport) { r.Progress = n })
 		}
-	})
+	}
+	if cur.patching() {
+		err = u.runDelta(ctx, j, src, progress)
+		if errors.Is(err, errFellBack) {
+			return true, nil // the next attempt fetches the full artifact
+		}
+		if proto.CheckOf(err) == proto.CheckDelta {
+			return true, nil // refused, reported and ended by fallback
+		}
+	} else {
+		_, err = u.download(ctx, u.artifact(j.m), src, progress)
+	}
 	// Progress is a byte beyond the furthest any attempt reached: a server
 	// that cuts every response at the same point makes none.
 	progressed := high > u.furthest[j.m.Counter]

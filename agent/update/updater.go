@@ -90,6 +90,15 @@ type Options struct {
 	TrialSoak       time.Duration
 	MaxTrialBoots   int
 	MaxArtifactSize uint64
+	// MaxDeltaResult is the largest build the agent makes of a patch
+	// (default DefaultMaxDeltaResult); NoDelta takes full artifacts only
+	// (the agent tells the control plane, which then offers no delta, and
+	// a delta offered anyway is fetched whole).
+	MaxDeltaResult uint64
+	NoDelta        bool
+	// FS is the file system the delta path stages its result through
+	// (default OSFS; crash tests cut it).
+	FS FS
 	// RetryMin and RetryMax bound the wait between download attempts.
 	RetryMin, RetryMax time.Duration
 	Logger             *slog.Logger
@@ -191,7 +200,11 @@ type job struct {
 	TrialStarted int64  `json:"trial_started,omitempty"`
 	Reason       string `json:"reason,omitempty"`
 	Deferred     string `json:"deferred,omitempty"`
-	m            proto.Manifest
+	// FullURL is the full artifact of a delta offer; Fallback, once set,
+	// says why the delta was given up for it (and URL is FullURL).
+	FullURL  string `json:"full_url,omitempty"`
+	Fallback string `json:"fallback,omitempty"`
+	m        proto.Manifest
 }
 
 // Updater runs the update sequence.
@@ -213,6 +226,15 @@ type Updater struct {
 	// the start once the condition clears. Kept in memory only (a deferred
 	// offer writes nothing).
 	waiting *waitingOffer
+	basesMu sync.Mutex
+	bases   map[string]baseStamp // digests of the installed files, by target
+}
+
+func (u *Updater) fs() FS {
+	if u.opts.FS == nil {
+		return OSFS{}
+	}
+	return u.opts.FS
 }
 
 // waitingOffer is an offer deferred until a device condition clears.
@@ -256,6 +278,9 @@ func New(opts Options) (*Updater, error) {
 	if opts.MaxArtifactSize == 0 {
 		opts.MaxArtifactSize = DefaultMaxArtifact
 	}
+	if opts.MaxDeltaResult == 0 {
+		opts.MaxDeltaResult = DefaultMaxDeltaResult
+	}
 	if opts.RetryMin == 0 {
 		opts.RetryMin = time.Second
 	}
@@ -268,7 +293,7 @@ func New(opts Options) (*Updater, error) {
 	if opts.Conditions == nil {
 		opts.Conditions = func() Conditions { return Conditions{} }
 	}
-	u := &Updater{started: opts.Clock.Now(), opts: opts, log: opts.Logger.With("component", "update"), wake: make(chan struct{}, 1), confirmed: map[uint64]bool{}, furthest: map[uint64]uint64{}}
+	u := &Updater{started: opts.Clock.Now(), opts: opts, log: opts.Logger.With("component", "update"), wake: make(chan struct{}, 1), confirmed: map[uint64]bool{}, furthest: map[uint64]uint64{}, bases: map[string]baseStamp{}}
 	b, err := opts.Store.Load(stateFile)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
@@ -328,7 +353,10 @@ func (u *Updater) AgentCounter() uint64 {
 }
 
 func (u *Updater) report(j *job, st proto.UpdateState, mutate func(*proto.UpdateReport)) {
-	r := proto.UpdateReport{Target: j.m.Target, Version: j.m.Version, Counter: j.m.Counter, State: st, Rollout: j.Rollout, Size: j.m.Size}
+	r := proto.UpdateReport{Target: j.m.Target, Version: j.m.Version, Counter: j.m.Counter, State: st, Rollout: j.Rollout, Size: j.m.Size, Fallback: j.Fallback}
+	if j.m.Delta != nil {
+		r.Patch = j.m.Delta.PatchSize
+	}
 	if mutate != nil {
 		mutate(&r)
 	}
@@ -372,7 +400,7 @@ func (u *Updater) Offer(cmd proto.Command) error {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	m, clockErr, err := u.verifyLocked(o.Manifest, o.Keys)
-	j := &job{Manifest: o.Manifest, URL: o.URL, Rollout: cmd.Rollout, Cmd: cmd.ID, m: m}
+	j := &job{Manifest: o.Manifest, URL: o.URL, FullURL: o.FullURL, Rollout: cmd.Rollout, Cmd: cmd.ID, m: m}
 	if err != nil {
 		if j.m.Counter == 0 && identify(&j.m, o.Manifest) && u.holdsLocked(j.m) {
 			// The claims name a release this device holds (installed,
@@ -430,6 +458,32 @@ func (u *Updater) Offer(cmd proto.Command) error {
 		u.log.Warn("release refused", "check", proto.CheckFormat, "err", err)
 		u.report(j, proto.UpdateRejected, func(r *proto.UpdateReport) { r.Check, r.Reason = string(proto.CheckFormat), err.Error() })
 		return err
+	}
+	if m.Delta == nil {
+		j.FullURL = "" // the artifact is the full one
+	} else if o.FullURL != "" {
+		if err := u.checkURL(o.FullURL); err != nil {
+			u.log.Warn("release refused", "check", proto.CheckFormat, "err", err)
+			u.report(j, proto.UpdateRejected, func(r *proto.UpdateReport) {
+				r.Check, r.Reason = string(proto.CheckFormat), "full artifact: "+err.Error()
+			})
+			return err
+		}
+	}
+	if m.Delta != nil {
+		// A delta this device cannot apply (another base in place, deltas
+		// turned off, no known installed file) is fetched whole at once,
+		// or refused when the offer names no full artifact.
+		if reason := u.deltaBlocker(m); reason != "" {
+			if o.FullURL == "" {
+				err := &proto.VerifyError{Check: proto.CheckDelta, Err: errors.New(reason)}
+				u.log.Warn("release refused", "check", proto.CheckDelta, "err", err)
+				u.report(j, proto.UpdateRejected, func(r *proto.UpdateReport) { r.Check, r.Reason = string(proto.CheckDelta), err.Error() })
+				return err
+			}
+			u.log.Info("delta not applicable, fetching the full artifact", "version", m.Version, "reason", reason)
+			j.Fallback, j.URL = reason, o.FullURL
+		}
 	}
 	if clockErr != nil {
 		// Not a refusal: every check that does not need the time passed.
@@ -653,9 +707,6 @@ func (u *Updater) verifyLocked(signed, keys []byte) (m proto.Manifest, clockErr,
 	}
 	if m.Size > u.opts.MaxArtifactSize {
 		return m, clockErr, &proto.VerifyError{Check: proto.CheckSize, Err: fmt.Errorf("artifact of %d bytes, more than %d", m.Size, u.opts.MaxArtifactSize)}
-	}
-	if m.Delta != nil {
-		return m, clockErr, &proto.VerifyError{Check: proto.CheckFormat, Err: errors.New("delta releases are not supported by this agent")}
 	}
 	return m, clockErr, nil
 }
