@@ -36,9 +36,15 @@ func buildAgent(t testing.TB, version string) string {
 // stripped as releases are, and returns its path.
 func buildProgram(t testing.TB, pkg, version string, extraLDFlags ...string) string {
 	t.Helper()
+	return buildTagged(t, pkg, version, "", extraLDFlags...)
+}
+
+// buildTagged is buildProgram with build tags.
+func buildTagged(t testing.TB, pkg, version, tags string, extraLDFlags ...string) string {
+	t.Helper()
 	binMu.Lock()
 	defer binMu.Unlock()
-	key := pkg + "@" + version + strings.Join(extraLDFlags, " ")
+	key := pkg + "@" + version + "/" + tags + strings.Join(extraLDFlags, " ")
 	if p, ok := binCache[key]; ok {
 		return p
 	}
@@ -50,7 +56,10 @@ func buildProgram(t testing.TB, pkg, version string, extraLDFlags ...string) str
 		binDir = d
 	}
 	out := filepath.Join(binDir, filepath.Base(pkg)+"-"+version)
-	cmd := exec.Command("go", "build", "-trimpath", "-o", out, "-ldflags",
+	if tags != "" {
+		out += "-" + strings.ReplaceAll(tags, ",", "-")
+	}
+	cmd := exec.Command("go", "build", "-trimpath", "-tags", tags, "-o", out, "-ldflags",
 		fmt.Sprintf("-s -w -X github.com/hangarfleet/hangar/agent.BuildVersion=%s -X github.com/hangarfleet/hangar/agent.BuildTime=%d %s",
 			version, time.Now().Add(-time.Hour).Unix(), strings.Join(extraLDFlags, " ")), pkg)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
