@@ -40,6 +40,7 @@ func (e Expectation) kinds() []expectation {
 	add(e.NoneLost, noneLostExp{})
 	add(e.FakesExcluded, fakesExcludedExp{})
 	add(e.NoneFailed != "", noneFailedExp{e.NoneFailed})
+	add(e.Deltas != nil, deltasExp{e.Deltas})
 	return out
 }
 
@@ -365,4 +366,26 @@ func (noneBrickedExp) check() error { return nil }
 func (_ noneBrickedExp) judge(r *runner, rep *Report, n int, res *Result) {
 	res.OK = len(rep.Bricked) == 0
 	res.Detail = fmt.Sprintf("%d bricked", len(rep.Bricked))
+}
+
+type deltasExp struct{ *DeltaCounts }
+
+func (x deltasExp) describe() string {
+	return fmt.Sprintf("in %s at least %d members fetch a delta, %d the full artifact, %d fall back, and deltas save bytes",
+		x.Rollout, x.MinDelta, x.MinFull, x.MinFallback)
+}
+
+func (x deltasExp) refs() []string { return []string{x.Rollout} }
+
+func (x deltasExp) check() error {
+	if x.MinDelta < 0 || x.MinFull < 0 || x.MinFallback < 0 {
+		return fmt.Errorf("negative count")
+	}
+	return nil
+}
+
+func (x deltasExp) judge(r *runner, rep *Report, n int, res *Result) {
+	tr := rep.Rollouts[x.Rollout].Transfer
+	res.OK = tr.Delta >= x.MinDelta && tr.Full >= x.MinFull && tr.Fallback >= x.MinFallback && tr.Saved > 0
+	res.Detail = fmt.Sprintf("%d delta (%d bytes), %d full (%d bytes), %d fell back; %d bytes saved", tr.Delta, tr.DeltaBytes, tr.Full, tr.FullBytes, tr.Fallback, tr.Saved)
 }

@@ -82,6 +82,9 @@ type RolloutReport struct {
 	Fakes   []string                    `json:"fakes,omitempty"`
 	// CompletedAt is when it completed, seconds after the start (0: not).
 	CompletedAt float64 `json:"completed_at_s,omitempty"`
+	// Transfer is what its members fetched over the air (deltas, full
+	// artifacts, fallbacks) and what deltas saved.
+	Transfer rollout.Transfer `json:"transfer"`
 }
 
 // RolloutEvent is a transition or an operator action, at seconds after

@@ -1,9 +1,11 @@
 package scenario
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	crand "crypto/rand"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -20,6 +22,7 @@ import (
 
 	"github.com/hangarfleet/hangar/agent/clock"
 	"github.com/hangarfleet/hangar/controlplane/client"
+	"github.com/hangarfleet/hangar/controlplane/delta"
 	"github.com/hangarfleet/hangar/controlplane/rollout"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/firmware-sim/sim"
@@ -255,7 +258,8 @@ func (r *runner) setUp(ctx context.Context) error {
 	}
 	r.fleet, err = sim.NewFleet(sim.FleetOptions{
 		ServerURL: r.droneURL, EnrollToken: enroll, Devices: fl.Devices, Prefix: "drone-",
-		StateRoot: filepath.Join(r.o.WorkDir, "drones"), Hardware: hw, Version: fl.Version,
+		StateRoot: filepath.Join(r.o.WorkDir, "drones"), Hardware: hw, Version: fl.Version, Versions: versionMix(fl.Versions),
+		FactorySize: r.factorySize(), CorruptBase: fl.CorruptBase,
 		SampleInterval: time.Duration(fl.SampleInterval), BatchSize: fl.BatchSize, HeartbeatInterval: 5 * time.Second,
 		BackoffMin: 100 * time.Millisecond, BackoffMax: 2 * time.Second, StartRate: fl.StartRate, Seed: fl.Seed,
 		Logger: r.o.Logger, Roots: []ed25519.PublicKey{root}, Grounded: fl.Grounded,
@@ -510,8 +514,52 @@ func (r *runner) push(ctx context.Context, version string) error {
 	if err != nil {
 		return err
 	}
-	_, err = c.PushRelease(ctx, manifest, keys, f)
-	return err
+	if _, err = c.PushRelease(ctx, manifest, keys, f); err != nil {
+		return err
+	}
+	newBuild := b.Firmware().Artifact()
+	full, err := proto.DecodeManifestUnverified(manifest)
+	if err != nil {
+		return err
+	}
+	for _, from := range b.DeltaFrom {
+		// As hangar release sign --delta-from: a patch from the factory
+		// build of that version, under a manifest naming base and patch.
+		base := sim.FactoryFirmware(from, r.factorySize()).Artifact()
+		patch, err := delta.Make(base, newBuild)
+		if err != nil {
+			return fmt.Errorf("delta from %s: %w", from, err)
+		}
+		ps, bs := sha256.Sum256(patch), sha256.Sum256(base)
+		m := proto.Manifest{Version: version, Target: proto.TargetAgent, Hardware: hw, Arch: []string{"amd64", "arm64", "arm"}, Counter: b.Counter,
+			Created: full.Created, Expires: full.Expires, // the full release's
+			Delta: &proto.Delta{BaseSHA256: bs[:], BaseSize: uint64(len(base)), PatchSHA256: ps[:], PatchSize: uint64(len(patch)), BaseVersion: from}}
+		dm, err := signManifest(r.relKey, art, m)
+		if err != nil {
+			return err
+		}
+		if _, err := c.PushDelta(ctx, proto.TargetAgent, version, dm, bytes.NewReader(patch)); err != nil {
+			return fmt.Errorf("push the delta from %s: %w", from, err)
+		}
+	}
+	return nil
+}
+
+// factorySize is the size of the factory builds' artifacts (by default
+// that of builds, so that a delta from one is a patch release's).
+func (r *runner) factorySize() int {
+	if r.s.Fleet.FactorySize > 0 {
+		return r.s.Fleet.FactorySize
+	}
+	return 64 << 10
+}
+
+func versionMix(shares map[string]float64) sim.Mix {
+	var m sim.Mix
+	for _, k := range sortedKeys(shares) {
+		m = append(m, sim.Weighted{Value: k, Weight: shares[k]})
+	}
+	return m
 }
 
 // status reads a rollout's status over the API.
@@ -618,7 +666,7 @@ func (r *runner) collect(ctx context.Context) error {
 			return err
 		}
 		rr := RolloutReport{ID: id, Release: rep.Spec.Release.String(), Status: string(rep.State.Status), Stage: rep.State.Stage + 1,
-			Reason: rep.State.Reason, Counts: rep.Counts, Gates: rep.Gates}
+			Reason: rep.State.Reason, Counts: rep.Counts, Gates: rep.Gates, Transfer: rep.Transfer}
 		c, err := r.api()
 		if err != nil {
 			return err

@@ -50,6 +50,16 @@ type Fleet struct {
 	Hardware map[string]float64 `yaml:"hardware" json:"hardware,omitempty"`
 	// Version of the factory build (default 1.0.0).
 	Version string `yaml:"version" json:"version,omitempty"`
+	// Versions are the factory builds' shares, when the field runs several
+	// (Version is then ignored): older builds a delta has no base for.
+	Versions map[string]float64 `yaml:"versions" json:"versions,omitempty"`
+	// CorruptBase is the share of drones whose flash decays after their
+	// agent reported its build's digest: an offered delta no longer
+	// applies, and they fall back to the full artifact.
+	CorruptBase float64 `yaml:"corrupt_base" json:"corrupt_base,omitempty"`
+	// FactorySize is the artifact size of the factory builds (default
+	// 64 KiB, as builds): the base a delta from them patches.
+	FactorySize int `yaml:"factory_size" json:"factory_size,omitempty"`
 	// Grounded drones never fly (no deferral for flight).
 	Grounded       bool     `yaml:"grounded" json:"grounded,omitempty"`
 	MinBattery     uint8    `yaml:"min_battery" json:"min_battery,omitempty"`
@@ -85,6 +95,10 @@ type Build struct {
 	// OnlyHardware: the behaviour shows on this hardware revision only;
 	// elsewhere the build is good.
 	OnlyHardware string `yaml:"only_hardware" json:"only_hardware,omitempty"`
+	// DeltaFrom are factory versions the release also ships a delta from
+	// (hangar release sign --delta-from): drones running one of them get
+	// the patch, the others the full artifact.
+	DeltaFrom []string `yaml:"delta_from" json:"delta_from,omitempty"`
 }
 
 // Firmware is the simulated firmware of b.
@@ -232,6 +246,17 @@ type Expectation struct {
 	// NoneFailed: no member of the rollout failed or timed out (a drone
 	// switched off is waiting, not failing).
 	NoneFailed string `yaml:"none_failed" json:"none_failed,omitempty"`
+	// Deltas: at least so many members of the rollout fetched a delta,
+	// the full artifact, and a delta given up for the full one, and the
+	// deltas saved bytes over the air.
+	Deltas *DeltaCounts `yaml:"deltas" json:"deltas,omitempty"`
+}
+
+type DeltaCounts struct {
+	Rollout     string `yaml:"rollout" json:"rollout"`
+	MinDelta    int    `yaml:"min_delta" json:"min_delta"`
+	MinFull     int    `yaml:"min_full" json:"min_full"`
+	MinFallback int    `yaml:"min_fallback" json:"min_fallback"`
 }
 
 type RolloutStatus struct {

@@ -48,7 +48,7 @@ func signKeyList(rootKey, releasePub, out string) error {
 }
 
 // signManifest signs m for the artifact (its size and digest filled in;
-// it expires in 90 days).
+// unless m says when, created now and expiring in 90 days).
 func signManifest(releaseKey, artifact string, m proto.Manifest) ([]byte, error) {
 	priv, err := readPrivateKey(releaseKey)
 	if err != nil {
@@ -65,7 +65,10 @@ func signManifest(releaseKey, artifact string, m proto.Manifest) ([]byte, error)
 		return nil, fmt.Errorf("digest %s: %w", artifact, err)
 	}
 	now := time.Now()
-	m.Size, m.SHA256, m.Created, m.Expires = uint64(n), h.Sum(nil), now.Unix(), now.Add(90*24*time.Hour).Unix()
+	m.Size, m.SHA256 = uint64(n), h.Sum(nil)
+	if m.Created == 0 {
+		m.Created, m.Expires = now.Unix(), now.Add(90*24*time.Hour).Unix()
+	}
 	if m.Counter == 0 {
 		m.Counter = uint64(now.Unix())
 	}

@@ -42,6 +42,13 @@ type Firmware struct {
 
 const artifactMagic = "HANGAR-SIM-FIRMWARE v1\n"
 
+// FactoryFirmware is the good build of version a drone leaves the factory
+// with, its artifact padded to size bytes: the base a delta from that
+// version patches.
+func FactoryFirmware(version string, size int) Firmware {
+	return Firmware{Version: version, Behaviour: Good, Size: size}
+}
+
 // Artifact encodes fw as a release artifact.
 func (fw Firmware) Artifact() []byte {
 	head, _ := json.Marshal(fw)

@@ -70,6 +70,16 @@ type FleetOptions struct {
 	Hardware  Mix
 	Bases     []Base
 	Version   string
+	// Versions, when set, are the factory builds' shares (Version is then
+	// ignored): a fleet with older builds still in the field.
+	Versions Mix
+	// FactorySize is the size of factory builds' artifacts (as Size of a
+	// Firmware): what a delta from them patches.
+	FactorySize int
+	// CorruptBase is the share of drones whose flash decays after the agent
+	// took the digest of its build: a delta offered for that digest no
+	// longer applies, and the drone falls back to the full artifact.
+	CorruptBase float64
 
 	SampleInterval    time.Duration
 	BatchSize         int
@@ -137,6 +147,8 @@ type SimDrone struct {
 	cancel    context.CancelFunc
 	done      chan struct{}
 	box       *memOutbox         // with FleetOptions.MemoryOutbox
+	factory   Firmware           // the build it left the factory with
+	rot       bool               // its flash decays (FleetOptions.CorruptBase)
 	clk       *skewClock         // the drone's clock (faults skew it)
 	runCancel context.CancelFunc // stops the running agent (power cut)
 	cutFor    time.Duration      // set by PowerCut and SwitchOff: how long the power stays off
@@ -387,7 +399,12 @@ func (f *Fleet) newDrone(i int) (*SimDrone, error) {
 	seed := f.opts.Seed ^ uint64(i)*0x9e3779b97f4a7c15
 	sensors := NewDrone(base, seed)
 	sensors.Grounded = f.opts.Grounded
+	version := f.opts.Version
+	if len(f.opts.Versions) > 0 {
+		version = f.opts.Versions.Pick(hash01(id, "version"))
+	}
 	d := &SimDrone{ID: id, Labels: labels, Sensors: sensors, fleet: f, dir: filepath.Join(f.opts.StateRoot, id), hw: hw, done: make(chan struct{}),
+		factory: FactoryFirmware(version, f.opts.FactorySize), rot: hash01(id, "rot") < f.opts.CorruptBase,
 		clk: &skewClock{}, link: f.links[i%len(f.links)]}
 	// Boot the first agent now, so that it exists once Run returns from
 	// starting drones.
@@ -403,11 +420,11 @@ func (f *Fleet) newDrone(i int) (*SimDrone, error) {
 // boot creates the agent for the build in the drone's flash.
 func (d *SimDrone) boot() (Firmware, error) {
 	o := d.fleet.opts
-	in, err := loadFirmware(d.dir, Firmware{Version: o.Version, Behaviour: Good})
+	in, err := loadFirmware(d.dir, d.factory)
 	if err != nil {
 		return Firmware{}, err
 	}
-	in.hw = d.hw
+	in.hw, in.rot = d.hw, d.rot
 	fw := in.current()
 	d.Sensors.SetBuild(fw.On(d.hw), o.SampleInterval)
 	opts := agent.Options{

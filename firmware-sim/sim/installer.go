@@ -1,10 +1,12 @@
 package sim
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -31,9 +33,31 @@ type installer struct {
 	// running is the build this agent instance runs.
 	running Firmware
 	hw      string // the drone's hardware: a build may misbehave on one revision only
+	// rot: the flash decays once its build's digest was taken (the first
+	// read): later reads see a flipped byte.
+	rot   bool
+	reads int
 }
 
-var _ update.Installer = (*installer)(nil)
+var (
+	_ update.Installer = (*installer)(nil)
+	_ update.Patchable = (*installer)(nil)
+)
+
+// Base is the artifact of the build in flash: what a delta patches.
+func (in *installer) Base() (io.ReadCloser, error) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	b := in.st.Current.Artifact()
+	if in.rot && in.reads > 0 && len(b) > 0 {
+		b[len(b)/2] ^= 0x10
+	}
+	in.reads++
+	return io.NopCloser(bytes.NewReader(b)), nil
+}
+
+// BaseStamp names the build in flash (decay does not change it).
+func (in *installer) BaseStamp() string { return in.current().Version }
 
 func loadFirmware(dir string, factory Firmware) (*installer, error) {
 	in := &installer{path: filepath.Join(dir, "sim-firmware.json"), st: firmwareState{Current: factory}}
