@@ -12,7 +12,9 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"slices"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/hangarfleet/hangar/proto"
 )
@@ -147,12 +149,32 @@ func (u *Updater) runDelta(ctx context.Context, j *job, src string, progress fun
 	if inst == nil {
 		return u.fallback(j, "the installer does not know its installed file")
 	}
+	start := time.Now()
 	err = u.stageDelta(inst, m, patch, staged)
 	os.Remove(patch)
 	if err != nil {
 		return u.fallback(j, err.Error())
 	}
+	u.log.Info("delta applied", "version", m.Version, "patch_bytes", m.Delta.PatchSize, "build_bytes", m.Size,
+		"took", time.Since(start).Round(time.Millisecond), "peak_rss_kb", peakRSSKB())
 	return nil
+}
+
+// peakRSSKB is the largest resident set of this process's image so far
+// (VmHWM, which starts again at exec; getrusage's maxrss would count the
+// parent that spawned it), 0 when unknown.
+func peakRSSKB() int64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			return kb
+		}
+	}
+	return 0
 }
 
 // errFellBack ends a download attempt whose job now fetches the full

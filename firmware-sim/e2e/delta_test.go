@@ -148,6 +148,23 @@ func TestRealAgentDelta(t *testing.T) {
 		if u.Patch != uint64(psize) || u.Fallback != "" {
 			t.Errorf("%s: the control plane records patch %d, fallback %q", step.version, u.Patch, u.Fallback)
 		}
+		// The agent logs its peak RSS once the patch is applied (before it
+		// execs the new build): the figure for a patch of its own binary.
+		sup.mu.Lock()
+		logs := sup.log.String()
+		sup.mu.Unlock()
+		var rssKB int
+		for _, line := range strings.Split(logs, "\n") {
+			if strings.Contains(line, "delta applied") && strings.Contains(line, "version="+step.version) {
+				if _, v, ok := strings.Cut(line, "peak_rss_kb="); ok {
+					fmt.Sscan(v, &rssKB)
+				}
+			}
+		}
+		t.Logf("delta %d: the agent's peak RSS up to the patch applied: %.1f MB", i+1, float64(rssKB)/1024)
+		if rssKB == 0 || rssKB > 25<<10 {
+			t.Errorf("%s: peak RSS of the agent applying the patch: %d kB (target 25 MB)", step.version, rssKB)
+		}
 		if !sameFile(t, installed, step.to) {
 			t.Fatalf("%s: the installed binary is not the release", step.version)
 		}
