@@ -49,6 +49,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	batch := fs.Int("batch-size", 10, "samples per telemetry message")
 	rate := fs.Int("start-rate", 200, "drones started per second")
 	version := fs.String("agent-version", "1.0.0", "agent version the drones report")
+	factorySize := fs.Int("factory-size", sim.DefaultFactorySize, "bytes of the build the drones left the factory with (hangar-sim firmware --factory makes the same file, a delta's base)")
 	seed := fs.Uint64("seed", 1, "random seed")
 	memOutbox := fs.Bool("memory-outbox", false, "keep the drones' outboxes in memory (one file descriptor per drone instead of six)")
 	logLevel := fs.String("log-level", "warn", "debug, info, warn or error")
@@ -116,7 +117,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	fleet, err := sim.NewFleet(sim.FleetOptions{
 		ServerURL: *server, EnrollToken: tok, Devices: *n, Prefix: *prefix, StateRoot: *stateDir,
-		SampleInterval: *sample, BatchSize: *batch, StartRate: *rate, Version: *version, Seed: *seed, Logger: log, MemoryOutbox: *memOutbox,
+		SampleInterval: *sample, BatchSize: *batch, StartRate: *rate, Version: *version, FactorySize: *factorySize, Seed: *seed, Logger: log, MemoryOutbox: *memOutbox,
 		MQTTClient: *mqttClient, SourceAddrs: splitList(*sources), TLS: tlsCfg, Roots: roots,
 	})
 	if err != nil {
@@ -158,12 +159,17 @@ func runFirmware(args []string, stdout, stderr io.Writer) error {
 	fs.Float64Var(&fw.ErrorsPerMinute, "errors-per-minute", 600, "with --behaviour errors: the error rate it raises")
 	fs.StringVar(&fw.OnlyHardware, "only-hardware", "", "the behaviour shows on this hardware revision only (good elsewhere)")
 	fs.IntVar(&fw.Size, "size", 256<<10, "pad the artifact to this many bytes (a realistic download)")
+	factory := fs.Bool("factory", false, "the build a hangar-sim drone left the factory with (version --version, size --factory-size): the base of a delta (hangar release sign --delta-from)")
+	factorySize := fs.Int("factory-size", sim.DefaultFactorySize, "with --factory: the fleet's --factory-size")
 	out := fs.String("out", "", "file to write")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
 		}
 		return err
+	}
+	if *factory {
+		fw = sim.FactoryFirmware(fw.Version, *factorySize)
 	}
 	if fw.Version == "" || *out == "" {
 		return errors.New("hangar-sim firmware: --version and --out are required")

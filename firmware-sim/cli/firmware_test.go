@@ -37,3 +37,21 @@ func TestFirmwareCommand(t *testing.T) {
 		}
 	}
 }
+
+// TestFirmwareFactory: hangar-sim firmware --factory writes, byte for
+// byte, the build a drone of a hangar-sim fleet runs before any update
+// (what it reports the digest of): the base of a delta.
+func TestFirmwareFactory(t *testing.T) {
+	out := filepath.Join(t.TempDir(), "factory.bin")
+	var stdout, stderr bytes.Buffer
+	if err := Run(context.Background(), []string{"firmware", "--factory", "--version", "1.0.0", "--out", out}, &stdout, &stderr); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := sim.FactoryFirmware("1.0.0", sim.DefaultFactorySize).Artifact(); !bytes.Equal(b, want) || len(b) != sim.DefaultFactorySize {
+		t.Fatalf("--factory wrote %d bytes, not the fleet's factory build (%d bytes)", len(b), len(want))
+	}
+}

@@ -42,6 +42,11 @@ type Firmware struct {
 
 const artifactMagic = "HANGAR-SIM-FIRMWARE v1\n"
 
+// DefaultFactorySize is the factory builds' size of hangar-sim's fleet:
+// that of hangar-sim firmware's builds, so that a delta from one is what a
+// patch release's is.
+const DefaultFactorySize = 256 << 10
+
 // FactoryFirmware is the good build of version a drone leaves the factory
 // with, its artifact padded to size bytes: the base a delta from that
 // version patches.

@@ -196,6 +196,17 @@ func TestReadmeTour(t *testing.T) {
 		default:
 			t.Logf("$ %s\n%s", cmd, firstLines(out, 6))
 		}
+		// The drone runs the factory build the tour signed a delta from:
+		// it is offered the patch, and commits the build it makes.
+		if strings.Contains(cmd, "device update sim-00007 --release 1.1.0") {
+			if !strings.Contains(out, "delta") {
+				t.Errorf("%s did not offer the delta:\n%s", cmd, out)
+			}
+			wait("sim-00007 committed 1.1.0 from the delta", 2*time.Minute, func() bool {
+				out, err := shell(auth+"./bin/hangar device updates sim-00007", 20*time.Second)
+				return err == nil && strings.Contains(out, "committed") && strings.Contains(out, "delta")
+			})
+		}
 		// The bad build is stopped at the canary.
 		if strings.Contains(cmd, "--release 1.2.0") && strings.Contains(cmd, "--start") {
 			wait("the bad build stopped at the canary", 3*time.Minute, func() bool {
