@@ -49,6 +49,11 @@ echo "== signed update of a 6 MiB payload on a real agent (loopback)"
 ./bin/hangar-sim bench update --size 6291456 --cuts 3
 echo
 
+echo "== delta updates: hangar's streaming patcher against selfupdate's (a 4 MiB build); patches of linux/arm64 agent releases"
+go test -run XXX -bench 'ApplyDelta' -benchmem -count 1 ./agent/update/ | grep -E '^Benchmark'
+./scripts/delta-sizes.sh "$OUT/delta" | grep -E '^==|delta from'
+echo
+
 echo "== rollouts: plan (10k vs 100k devices), start to first wave, notification rate"
 go test -run XXX -bench 'BenchmarkPlan' -benchmem -benchtime 10x -count 1 ./controlplane/rollout/ | grep -E '^Benchmark'
 go test -run XXX -bench 'BenchmarkRolloutStart|BenchmarkNotify' -benchtime 3x -count 1 -timeout 30m ./controlplane/server/ | grep -E '^Benchmark'
