@@ -9,6 +9,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"io"
+	"mime/multipart"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -188,6 +189,7 @@ func TestPushDelta(t *testing.T) {
 		{"other hardware", "2.0.0", e.sign(t, mod(func(m *proto.Manifest) { m.Hardware = []string{"rev-b", "rev-c"} })), otherPatch, http.StatusUnprocessableEntity, "hardware"},
 		{"other arch", "2.0.0", e.sign(t, mod(func(m *proto.Manifest) { m.Arch = []string{"arm"} })), otherPatch, http.StatusUnprocessableEntity, "arch"},
 		{"other expiry", "2.0.0", e.sign(t, mod(func(m *proto.Manifest) { m.Expires++ })), otherPatch, http.StatusUnprocessableEntity, "expiry"},
+		{"created at another time", "2.0.0", e.sign(t, mod(func(m *proto.Manifest) { m.Created -= 3600 })), otherPatch, http.StatusUnprocessableEntity, "creation time"},
 		{"other version", "2.0.0", e.sign(t, mod(func(m *proto.Manifest) { m.Version = "2.0.1" })), otherPatch, http.StatusUnprocessableEntity, "version"},
 		{"patch digest", "2.0.0", e.sign(t, e.deltaManifest(other, otherPatch)), corrupt, http.StatusUnprocessableEntity, "patch digest differs"},
 		{"patch size", "2.0.0", e.sign(t, e.deltaManifest(other, otherPatch)), otherPatch[:len(otherPatch)-1], http.StatusUnprocessableEntity, "patch has"},
@@ -211,6 +213,75 @@ func TestPushDelta(t *testing.T) {
 	if _, err := e.c.PushRelease(ctx, e.sign(t, dm), e.keys, bytes.NewReader(e.new)); httpStatus(err) != http.StatusUnprocessableEntity ||
 		!strings.Contains(err.Error(), "a delta manifest") {
 		t.Fatalf("a delta manifest pushed as a release: %v", err)
+	}
+}
+
+// rawPush posts parts in the given order (name, body) to path.
+func rawPush(t *testing.T, e *deltaEnv, path string, parts ...[2][]byte) (int, string) {
+	t.Helper()
+	var body bytes.Buffer
+	w := multipart.NewWriter(&body)
+	for _, p := range parts {
+		fw, err := w.CreateFormFile(string(p[0]), string(p[0]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fw.Write(p[1])
+	}
+	w.Close()
+	req, _ := http.NewRequest(http.MethodPost, e.srv.URL+path, &body)
+	req.Header.Set("Content-Type", w.FormDataContentType())
+	req.Header.Set("Authorization", "Bearer "+e.admin)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// TestPushStoresWhatWasVerified: a manifest or key list sent after the
+// artifact (or twice) is refused, by both push routes: what is stored and
+// offered must be the manifest the artifact was verified against, not a
+// later part (another counter, another hardware, junk).
+func TestPushStoresWhatWasVerified(t *testing.T) {
+	e := newDeltaEnv(t)
+	good := e.sign(t, e.deltaManifest(e.old, e.patch))
+	evil := e.deltaManifest(e.old, e.patch)
+	evil.Counter, evil.Hardware = 99, []string{"rev-z"}
+	for name, parts := range map[string][][2][]byte{
+		"manifest after the patch": {{[]byte("manifest"), good}, {[]byte("artifact"), e.patch}, {[]byte("manifest"), e.sign(t, evil)}},
+		"junk after the patch":     {{[]byte("manifest"), good}, {[]byte("artifact"), e.patch}, {[]byte("manifest"), []byte("junk")}},
+		"two manifests":            {{[]byte("manifest"), e.sign(t, evil)}, {[]byte("manifest"), good}, {[]byte("artifact"), e.patch}},
+	} {
+		if code, msg := rawPush(t, e, "/api/v1/releases/agent/2.0.0/deltas", parts...); code != http.StatusBadRequest {
+			t.Errorf("delta push, %s: HTTP %d %s", name, code, msg)
+		}
+	}
+	if rel, _ := e.c.Release(t.Context(), "agent", "2.0.0"); len(rel.Deltas) != 0 {
+		t.Fatalf("stored: %+v", rel.Deltas)
+	}
+	other := e.full
+	other.Version, other.Counter = "2.1.0", 21
+	sum := sha256.Sum256(e.old)
+	other.Size, other.SHA256 = uint64(len(e.old)), sum[:]
+	signed := e.sign(t, other)
+	for name, parts := range map[string][][2][]byte{
+		"manifest after the artifact": {{[]byte("manifest"), signed}, {[]byte("keys"), e.keys}, {[]byte("artifact"), e.old}, {[]byte("manifest"), e.signed}},
+		"keys after the artifact":     {{[]byte("manifest"), signed}, {[]byte("keys"), e.keys}, {[]byte("artifact"), e.old}, {[]byte("keys"), []byte("junk")}},
+		"two key lists":               {{[]byte("manifest"), signed}, {[]byte("keys"), []byte("junk")}, {[]byte("keys"), e.keys}, {[]byte("artifact"), e.old}},
+	} {
+		if code, msg := rawPush(t, e, "/api/v1/releases", parts...); code != http.StatusBadRequest {
+			t.Errorf("release push, %s: HTTP %d %s", name, code, msg)
+		}
+	}
+	if _, err := e.c.Release(t.Context(), "agent", "2.1.0"); httpStatus(err) != http.StatusNotFound {
+		t.Fatalf("a refused release was stored: %v", err)
+	}
+	// In order, once each, the same bodies are taken.
+	if code, msg := rawPush(t, e, "/api/v1/releases/agent/2.0.0/deltas", [2][]byte{[]byte("manifest"), good}, [2][]byte{[]byte("artifact"), e.patch}); code != http.StatusCreated {
+		t.Fatalf("the delta in order: HTTP %d %s", code, msg)
 	}
 }
 

@@ -122,6 +122,9 @@ func (a *API) pushRelease(c echo.Context) error {
 		if err != nil {
 			return badRequest("multipart body: %v", err)
 		}
+		if err := onePart(part.FormName(), tmp != "", manifest != nil, keys != nil); err != nil {
+			return err
+		}
 		switch part.FormName() {
 		case "manifest":
 			if manifest, err = readPart(part, proto.MaxManifestSize); err != nil {
@@ -293,6 +296,9 @@ func (a *API) pushDelta(c echo.Context) error {
 		if err != nil {
 			return badRequest("multipart body: %v", err)
 		}
+		if err := onePart(part.FormName(), tmp != "", manifest != nil, false); err != nil {
+			return err
+		}
 		switch part.FormName() {
 		case "manifest":
 			if manifest, err = readPart(part, proto.MaxManifestSize); err != nil {
@@ -301,9 +307,6 @@ func (a *API) pushDelta(c echo.Context) error {
 		case "artifact":
 			if manifest == nil {
 				return badRequest("send the manifest part before the artifact")
-			}
-			if tmp != "" {
-				return badRequest("more than one artifact part")
 			}
 			if m, err = a.verifyDelta(rel, manifest); err != nil {
 				return err
@@ -356,6 +359,19 @@ func (a *API) pushDelta(c echo.Context) error {
 	return c.JSON(http.StatusCreated, d)
 }
 
+// onePart refuses a part after the artifact and a repeated manifest or
+// keys part: what is stored must be what was verified, and the artifact
+// is verified against the manifest and keys that came before it.
+func onePart(name string, haveArtifact, haveManifest, haveKeys bool) error {
+	switch {
+	case haveArtifact:
+		return badRequest("part %q after the artifact: the artifact must be the last part", name)
+	case name == "manifest" && haveManifest, name == "keys" && haveKeys:
+		return badRequest("more than one %s part", name)
+	}
+	return nil
+}
+
 func deltaExists(rel store.Release, base string) error {
 	return echo.NewHTTPError(http.StatusConflict, fmt.Sprintf("release %s@%s already has a delta from base %.12s", rel.Target, rel.Version, base))
 }
@@ -393,6 +409,8 @@ func (a *API) verifyDelta(rel store.Release, manifest []byte) (proto.Manifest, e
 		return m, mismatch("arch", m.Arch, rel.Arch)
 	case m.Expires != rel.Expires.Unix():
 		return m, mismatch("expiry", unix(m.Expires).Format(time.RFC3339), rel.Expires.Format(time.RFC3339))
+	case m.Created != rel.Created.Unix():
+		return m, mismatch("creation time", unix(m.Created).Format(time.RFC3339), rel.Created.Format(time.RFC3339))
 	case int64(m.Delta.PatchSize) > a.rel.MaxArtifact:
 		return m, echo.NewHTTPError(http.StatusRequestEntityTooLarge, fmt.Sprintf("patch of %d bytes, more than %d", m.Delta.PatchSize, a.rel.MaxArtifact))
 	}
