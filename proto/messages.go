@@ -196,8 +196,9 @@ type UpdateReport struct {
 	Reason   string      `cbor:"6,keyasint,omitempty" json:"reason,omitempty"`   // why deferred, rejected, failed or rolled back
 	Check    string      `cbor:"7,keyasint,omitempty" json:"check,omitempty"`    // the check that rejected the release
 	Rollout  string      `cbor:"8,keyasint,omitempty" json:"rollout,omitempty"`  // rollout id from the offer
-	// Patch is the size of the delta patch offered instead of Size bytes
-	// (0: a full artifact was offered).
+	// Patch is the size of the delta patch fetched instead of Size bytes
+	// (or before a fallback); 0: the full artifact only (it was offered,
+	// or the delta could not apply here and none of it was fetched).
 	Patch uint64 `cbor:"9,keyasint,omitempty" json:"patch,omitempty"`
 	// Fallback says why the offered delta was given up for the full
 	// artifact (the base on the device is not the patch's, the patch or

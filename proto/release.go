@@ -109,6 +109,12 @@ func KeyID(pub ed25519.PublicKey) string {
 
 var semver = regexp.MustCompile(`^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$`)
 
+// ValidTarget reports whether t can name a target: agent, or a payload
+// name of letters, digits, '.', '_' and '-'.
+func ValidTarget(t string) bool {
+	return t != "" && len(t) <= MaxLabelValueLen && labelChars(t, "._-")
+}
+
 // ValidVersion reports whether v is a semantic version (2.0.0).
 func ValidVersion(v string) bool { return len(v) <= 64 && semver.MatchString(v) }
 
@@ -119,7 +125,7 @@ func (m *Manifest) Validate() error {
 		return fmt.Errorf("version %q is not a semantic version", m.Version)
 	case m.Counter == 0:
 		return errors.New("counter is zero")
-	case m.Target == "" || len(m.Target) > MaxLabelValueLen || !labelChars(m.Target, "._-"):
+	case !ValidTarget(m.Target):
 		return fmt.Errorf("bad target %q", m.Target)
 	case len(m.Hardware) == 0:
 		return errors.New("no hardware listed")

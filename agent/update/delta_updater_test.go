@@ -242,9 +242,21 @@ func TestDeltaFallback(t *testing.T) {
 			if !ok || !strings.Contains(fb.Fallback, c.why) {
 				t.Errorf("no fallback report naming %q: %+v\n%s", c.why, fb, r.rep.dump())
 			}
+			// A base that is not the patch's is seen before anything is
+			// fetched: no byte of the patch, and the reports say so.
+			wantPatch := uint64(len(patch))
+			if c.name == "corrupted base" {
+				wantPatch = 0
+				if n := r.srv.hitsOf(rel.path); n != 0 {
+					t.Errorf("the patch was fetched %d times for a base it cannot apply to", n)
+				}
+			}
 			for _, rep := range r.rep.forCmd("c-fb") {
 				if rep.State == proto.UpdateRejected || rep.State == proto.UpdateFailed {
 					t.Errorf("the fallback was reported %s", rep)
+				}
+				if rep.Patch != wantPatch {
+					t.Errorf("report %s: patch %d, want %d", rep, rep.Patch, wantPatch)
 				}
 			}
 		})

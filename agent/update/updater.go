@@ -204,7 +204,10 @@ type job struct {
 	// says why the delta was given up for it (and URL is FullURL).
 	FullURL  string `json:"full_url,omitempty"`
 	Fallback string `json:"fallback,omitempty"`
-	m        proto.Manifest
+	// NoPatch: the delta was given up before any of the patch was fetched
+	// (it could not apply here).
+	NoPatch bool `json:"no_patch,omitempty"`
+	m       proto.Manifest
 }
 
 // Updater runs the update sequence.
@@ -354,7 +357,7 @@ func (u *Updater) AgentCounter() uint64 {
 
 func (u *Updater) report(j *job, st proto.UpdateState, mutate func(*proto.UpdateReport)) {
 	r := proto.UpdateReport{Target: j.m.Target, Version: j.m.Version, Counter: j.m.Counter, State: st, Rollout: j.Rollout, Size: j.m.Size, Fallback: j.Fallback}
-	if j.m.Delta != nil {
+	if j.m.Delta != nil && !j.NoPatch {
 		r.Patch = j.m.Delta.PatchSize
 	}
 	if mutate != nil {
@@ -482,7 +485,7 @@ func (u *Updater) Offer(cmd proto.Command) error {
 				return err
 			}
 			u.log.Info("delta not applicable, fetching the full artifact", "version", m.Version, "reason", reason)
-			j.Fallback, j.URL = reason, o.FullURL
+			j.Fallback, j.URL, j.NoPatch = reason, o.FullURL, true
 		}
 	}
 	if clockErr != nil {

@@ -845,17 +845,24 @@ func (a *Applier) Status(ctx context.Context, id string) (StatusReport, error) {
 		rep.Stages[i] = StageReport{Stage: s.String(), States: map[MemberState]int{}}
 	}
 	targeted := targetedSet(spec, devs)
-	var size uint64
-	if rel, err := a.opts.Store.Release(ctx, r.Spec.Release.Target, r.Spec.Release.Version); err == nil {
-		size = rel.Size
+	rel, relErr := a.opts.Store.Release(ctx, r.Spec.Release.Target, r.Spec.Release.Version)
+	patches := map[uint64]bool{} // the patch sizes of the release's deltas
+	for _, d := range rel.Deltas {
+		patches[d.PatchSize] = true
 	}
 	for dev, m := range r.State.Members {
 		if m.Stage < len(rep.Stages) {
 			sr := &rep.Stages[m.Stage]
 			sr.Devices++
 			sr.States[spec.memberState(m, byID[dev], targeted[dev], r.State, now)]++
-			if d := byID[dev]; d != nil && d.Update != nil {
-				sr.Transfer.add(size, d.Update.Patch, d.Update.Fallback != "")
+			if d := byID[dev]; relErr == nil && d != nil && d.Update != nil && fetching(d.Update.State) {
+				// The patch size is the device's claim: only a size one of
+				// the release's deltas has is counted as a patch.
+				patch := d.Update.Patch
+				if !patches[patch] {
+					patch = 0
+				}
+				sr.Transfer.add(rel.Size, patch, d.Update.Fallback != "")
 			}
 		}
 	}
@@ -863,6 +870,12 @@ func (a *Applier) Status(ctx context.Context, id string) (StatusReport, error) {
 		rep.Transfer.Sum(sr.Transfer)
 	}
 	return rep, nil
+}
+
+// fetching says whether a device that reported st has fetched (or is
+// fetching) the release: not one that was only offered it, or refused it.
+func fetching(st proto.UpdateState) bool {
+	return st != proto.UpdateOffered && st != proto.UpdateRejected
 }
 
 // targetedSet says which devices the spec targets now.

@@ -139,6 +139,11 @@ func TestStatusTransfer(t *testing.T) {
 		{Device: "d001", State: "downloading", Patch: 100},
 		{Device: "d002", State: "committed", Patch: 100, Fallback: "base differs"},
 		{Device: "d003", State: "committed"},
+		// Claims that are no fetch: an offer not yet taken, a refusal, and
+		// a patch size no delta of the release has (a hostile device).
+		{Device: "d004", State: "offered", Patch: 100},
+		{Device: "d005", State: "rejected", Patch: 100},
+		{Device: "d006", State: "committed", Patch: 1 << 62},
 	}
 	for i := range reports {
 		reports[i].Target, reports[i].Counter, reports[i].Updated = "agent", 20, t0
@@ -148,7 +153,7 @@ func TestStatusTransfer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Transfer{Delta: 3, Full: 2, Fallback: 1, DeltaBytes: 300, FullBytes: 2000, Saved: 4*1000 - 2300}
+	want := Transfer{Delta: 3, Full: 3, Fallback: 1, DeltaBytes: 300, FullBytes: 3000, Saved: 5*1000 - 3300}
 	if rep.Transfer != want || rep.Stages[0].Transfer != want {
 		t.Fatalf("transfer %+v (stage %+v), want %+v", rep.Transfer, rep.Stages[0].Transfer, want)
 	}
@@ -156,10 +161,17 @@ func TestStatusTransfer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	seen := false
 	for _, m := range ms {
-		if m.Device == "d002" && (m.Update == nil || m.Update.Patch != 100 || m.Update.Fallback != "base differs") {
-			t.Fatalf("member report %+v", m.Update)
+		if m.Device == "d002" {
+			seen = true
+			if m.Update == nil || m.Update.Patch != 100 || m.Update.Fallback != "base differs" {
+				t.Fatalf("member report %+v", m.Update)
+			}
 		}
+	}
+	if !seen {
+		t.Fatal("no member d002")
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
@@ -118,8 +119,9 @@ func TestDeviceBuilds(t *testing.T) {
 	}
 }
 
-// How a device fetched a release holds through the attempt's reports and
-// starts again with a new offer.
+// How a device fetches a release comes with every report of the attempt
+// (the agent's job says it each time): the latest report says, and a
+// device's fallback text is bounded.
 func TestDeviceUpdatePatchAndFallback(t *testing.T) {
 	db, clk := open(t)
 	ctx := t.Context()
@@ -140,17 +142,18 @@ func TestDeviceUpdatePatchAndFallback(t *testing.T) {
 	if u := report(40, proto.UpdateDownloading, 180, ""); u.Patch != 180 || u.Via() != store.ViaDelta {
 		t.Fatalf("downloading a delta: %+v", u)
 	}
-	if u := report(41, proto.UpdateVerified, 0, ""); u.Patch != 180 {
-		t.Fatalf("a report without the patch forgot it: %+v", u)
-	}
-	if u := report(42, proto.UpdateDownloading, 180, "base differs"); u.Fallback != "base differs" || u.Via() != store.ViaFallback {
+	if u := report(42, proto.UpdateDownloading, 180, "base differs"); u.Fallback != "base differs" || u.Via() != store.ViaFallback || u.Transferred(1000) != 1180 {
 		t.Fatalf("fallback: %+v", u)
 	}
-	if u := report(43, proto.UpdateCommitted, 0, ""); u.Patch != 180 || u.Fallback != "base differs" {
+	if u := report(43, proto.UpdateCommitted, 180, "base differs"); u.Patch != 180 || u.Fallback != "base differs" {
 		t.Fatalf("committed after a fallback: %+v", u)
 	}
 	if u := report(44, proto.UpdateOffered, 0, ""); u.Patch != 0 || u.Fallback != "" || u.Via() != store.ViaFull {
 		t.Fatalf("a new offer of the full artifact: %+v", u)
+	}
+	long := strings.Repeat("é", 1000)
+	if u := report(45, proto.UpdateDownloading, 0, long); len(u.Fallback) > 256 || !utf8.ValidString(u.Fallback) || u.Fallback == "" {
+		t.Fatalf("a fallback of %d bytes stored as %d bytes", len(long), len(u.Fallback))
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"math"
 	"time"
+	"unicode/utf8"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/proto"
@@ -277,12 +278,28 @@ func (w *ingestTx) applyState(ctx context.Context, num int64, it *store.IngestIt
 	return err
 }
 
+// maxFallbackText bounds the fallback reason a device reports.
+const maxFallbackText = 256
+
+// truncateText cuts s to at most n bytes, on a rune boundary.
+func truncateText(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	s = s[:n]
+	for len(s) > 0 && !utf8.ValidString(s) {
+		s = s[:len(s)-1]
+	}
+	return s
+}
+
 // buildDigests are the build digests a hello reports, in hex; anything
-// that is not a SHA-256 is dropped (a delta is never chosen for it).
+// that is not a SHA-256 of a valid target name is dropped (a delta is
+// never chosen for it).
 func buildDigests(in map[string][]byte) map[string]string {
 	out := make(map[string]string, len(in))
 	for target, sum := range in {
-		if len(sum) == sha256.Size && target != "" {
+		if len(sum) == sha256.Size && proto.ValidTarget(target) {
 			out[target] = hex.EncodeToString(sum)
 		}
 	}
@@ -367,9 +384,9 @@ func (w *ingestTx) applyUpdate(ctx context.Context, num int64, it *store.IngestI
 	if u.State == proto.UpdateCommitted {
 		committed = ms(it.Received)
 	}
-	// How the device fetches the release (patch, fallback) holds for the
-	// attempt: a report without it keeps what an earlier one of the same
-	// attempt said; an offered report starts a new attempt.
+	// How the device fetches the release (patch, fallback) comes with
+	// every report of an attempt, from the agent's job: the latest says.
+	// The reason a device gives is its text, bounded.
 	_, err := w.tx.ExecContext(ctx, `INSERT INTO device_updates (dev, target, counter, version, state, reason, check_name,
 		progress, rollout, boot, seq, updated, committed, patch, fallback) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 		ON CONFLICT (dev, target, counter) DO UPDATE SET version = excluded.version, state = excluded.state,
@@ -377,12 +394,11 @@ func (w *ingestTx) applyUpdate(ctx context.Context, num int64, it *store.IngestI
 			rollout = CASE WHEN excluded.rollout != '' THEN excluded.rollout ELSE rollout END,
 			boot = excluded.boot, seq = excluded.seq, updated = excluded.updated,
 			committed = coalesce(device_updates.committed, excluded.committed),
-			patch = CASE WHEN excluded.patch != 0 OR excluded.state = 'offered' THEN excluded.patch ELSE device_updates.patch END,
-			fallback = CASE WHEN excluded.fallback != '' OR excluded.state = 'offered' THEN excluded.fallback ELSE device_updates.fallback END
+			patch = excluded.patch, fallback = excluded.fallback
 		WHERE device_updates.boot > ? OR device_updates.updated < ? OR excluded.boot > device_updates.boot
 			OR (excluded.boot = device_updates.boot AND excluded.seq > device_updates.seq)`,
 		num, u.Target, u.Counter, u.Version, string(u.State), u.Reason, u.Check, u.Progress, u.Rollout, e.Boot, e.Seq, ms(it.Received),
-		committed, int64(min(u.Patch, math.MaxInt64)), u.Fallback, current, reinstated)
+		committed, int64(min(u.Patch, math.MaxInt64)), truncateText(u.Fallback, maxFallbackText), current, reinstated)
 	return err
 }
 
