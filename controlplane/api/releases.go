@@ -342,8 +342,12 @@ func (a *API) pushDelta(c echo.Context) error {
 		BaseSize: m.Delta.BaseSize, BaseVersion: m.Delta.BaseVersion, PatchSHA256: patch, PatchSize: m.Delta.PatchSize,
 		PushedAt: a.opts.Now(), PushedBy: a.actor(c), Manifest: manifest}
 	if err := a.rel.Store.AddReleaseDelta(ctx, d); err != nil {
-		// The patch file stays: it is named by its digest, and may be
-		// the one a delta already stored serves.
+		// On a conflict the patch file stays: it is named by its digest,
+		// and may be the one the delta already stored serves. Otherwise
+		// nothing refers to it.
+		if !errors.Is(err, store.ErrExists) {
+			os.Remove(a.artifactPath(patch))
+		}
 		switch {
 		case errors.Is(err, store.ErrExists):
 			return deltaExists(rel, d.BaseSHA256)
