@@ -213,8 +213,11 @@ func TestConsole(t *testing.T) {
 	}
 	os.WriteFile(inv, []byte(sb.String()), 0o644)
 	kit.cli(t, cp.URL(), "device", "import", inv, "--token-file", adminTokenFile(cp))
-	kit.simRelease(t, cp, sim.Firmware{Version: "1.1.0", Behaviour: sim.Good}, 110)
-	kit.simRelease(t, cp, sim.Firmware{Version: "1.2.0", Behaviour: sim.Good}, 120)
+	// Both releases ship with a delta: 1.1.0 from the build the drones left
+	// the factory with, 1.2.0 from 1.1.0.
+	v110 := sim.Firmware{Version: "1.1.0", Behaviour: sim.Good, Size: 16 << 10}
+	kit.simReleaseDelta(t, cp, v110, 110, sim.FactoryFirmware("1.0.0", 0).Artifact())
+	kit.simReleaseDelta(t, cp, sim.Firmware{Version: "1.2.0", Behaviour: sim.Good}, 120, v110.Artifact())
 	// The tokens come from the typed client, as automation would make them.
 	api := client.New(cp.URL(), cp.adminToken(t))
 	mint := func(name, role string) string {
@@ -283,6 +286,12 @@ func TestConsole(t *testing.T) {
 	if !evalJS[bool](b, "window.__noReload === true && Number(document.querySelector('#view').dataset.refreshed || 0) > 0") {
 		t.Error("the rollout page reloaded or was not refreshed by the live stream")
 	}
+	// Every drone took the delta: the page says what came over the air,
+	// and the members' Via.
+	b.waitJS("the transfer on the rollout page", "(document.querySelector('#rollout-transfer')?.textContent || '').includes('delta to 30')", 20*time.Second)
+	if txt := evalJS[string](b, "document.querySelector('#view').innerText"); !strings.Contains(txt, "Via") || !strings.Contains(txt, "saved") {
+		t.Errorf("rollout page without the members' Via or the bytes saved:\n%.2000s", txt)
+	}
 	b.screenshot("rollout-completed")
 
 	// A dry run from the create form: who each stage takes, who is left
@@ -294,6 +303,10 @@ func TestConsole(t *testing.T) {
 	b.waitJS("the dry run", "document.querySelector('#preview-excluded') || document.querySelector('#preview-stages')", 20*time.Second)
 	if txt := evalJS[string](b, "document.querySelector('#preview').innerText"); !strings.Contains(txt, "devices targeted") || !strings.Contains(txt, "Excluded, and why") {
 		t.Errorf("dry run preview: %s", txt)
+	}
+	// The drones run 1.1.0 now, the base of 1.2.0's delta.
+	if txt := evalJS[string](b, "document.querySelector('#preview-transfer')?.textContent || ''"); !strings.Contains(txt, "delta to 30") {
+		t.Errorf("dry run transfer: %q", txt)
 	}
 	b.screenshot("rollout-dry-run")
 	if rs, _ := api.Rollouts(ctx); len(rs) != 1 {

@@ -32,6 +32,38 @@ func (k *releaseKit) simRelease(t testing.TB, cp endpoint, fw sim.Firmware, coun
 	k.releaseFor(t, cp, p, fw.Version, counter, "rev-a,rev-b,rev-c")
 }
 
+// simReleaseDelta is simRelease with deltas from each base build (its
+// artifact bytes), signed and pushed beside it.
+func (k *releaseKit) simReleaseDelta(t testing.TB, cp endpoint, fw sim.Firmware, counter uint64, bases ...[]byte) {
+	t.Helper()
+	if fw.Size == 0 {
+		fw.Size = 16 << 10
+	}
+	p := filepath.Join(k.dir, "fw-"+fw.Version+".bin")
+	if err := os.WriteFile(p, fw.Artifact(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sign := []string{"release", "sign", "--key", k.relKey, "--artifact", p, "--version", fw.Version, "--hardware", "rev-a,rev-b,rev-c",
+		"--arch", "amd64,arm64,arm", "--counter", fmt.Sprint(counter), "--out", p + ".manifest"}
+	for i, b := range bases {
+		bp := filepath.Join(k.dir, fmt.Sprintf("base-%s-%d.bin", fw.Version, i))
+		if err := os.WriteFile(bp, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		sign = append(sign, "--delta-from", bp)
+	}
+	k.cli(t, "", sign...)
+	push := []string{"release", "push", "--manifest", p + ".manifest", "--keys", k.keysFile, "--artifact", p, "--token-file", adminTokenFile(cp)}
+	patches, _ := filepath.Glob(p + ".from-*.patch")
+	if len(patches) != len(bases) {
+		t.Fatalf("%d patches for %d bases", len(patches), len(bases))
+	}
+	for _, pp := range patches {
+		push = append(push, "--delta", pp)
+	}
+	k.cli(t, cp.URL(), push...)
+}
+
 func (k *releaseKit) rollout(t *testing.T, cp *controlPlane, args ...string) string {
 	t.Helper()
 	out := k.cli(t, cp.URL(), append(append([]string{"rollout", "create"}, args...),

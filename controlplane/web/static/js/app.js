@@ -561,7 +561,7 @@ async function rollout(main, id) {
       const done = (s.states.committed || 0), bad = (s.states.failed || 0) + (s.states.timed_out || 0);
       return el("li", { class: i === st.stage ? "current" : "" }, el("span", { class: "stage-name" }, s.stage), progress(done, s.devices, `stage ${s.stage}: ${done} of ${s.devices} committed`),
         ` ${done}/${s.devices} committed`, bad ? el("span", { class: "bad" }, ` · ${bad} failed`) : "",
-        ` · ${Object.entries(s.states).filter(([k]) => k !== "committed").map(([k, n]) => k + " " + n).join(", ")}`,
+        ((rest) => rest ? ` · ${rest}` : "")(Object.entries(s.states).filter(([k]) => k !== "committed").map(([k, n]) => k + " " + n).join(", ")),
         s.transfer && s.transfer.delta ? el("span", { class: "muted" }, ` · ${s.transfer.delta} by delta, ${bytes(Math.max(s.transfer.saved_bytes, 0))} saved`) : "");
     })));
     const verdict = (g) => el("span", { class: "verdict v-" + cls(g.verdict.replace(/\s/g, "-")) }, g.verdict);
