@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/binary"
+	"errors"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -260,5 +262,52 @@ func TestDeltaFallback(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestDeltaHookPayload: a payload installed through a hook takes deltas
+// when its installed file is known (--hook-file): the updater reports the
+// file's digest, patches a copy of it, and hands the hook the build the
+// release names; without the file it takes the full artifact.
+func TestDeltaHookPayload(t *testing.T) {
+	dir := t.TempDir()
+	fw := filepath.Join(dir, "fw.bin")
+	oldFW := bytes.Repeat([]byte("flight controller firmware 4.5.0 "), 2000)
+	if err := os.WriteFile(fw, oldFW, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	script := filepath.Join(dir, "hook.sh")
+	os.WriteFile(script, []byte(`#!/bin/sh
+d=$(dirname "$0")
+case "$1" in
+install) cp "$2" "$d/fw.bin" && echo "$3" > "$d/current" ;;
+check|commit) ;;
+rollback) echo "4.5.0" > "$d/current" ;;
+current) cat "$d/current" 2>/dev/null || echo 4.5.0 ;;
+esac
+`), 0o755)
+	hook := &Hook{Path: script, File: fw}
+	r := newHostileRig(t, func(o *Options) { o.Installers["fc-firmware"] = hook })
+	sum := sha256.Sum256(oldFW)
+	if b := r.u.Builds()["fc-firmware"]; !bytes.Equal(b, sum[:]) {
+		t.Fatalf("the payload's build digest: %x, want %x", b, sum)
+	}
+	newFW := bytes.ReplaceAll(oldFW, []byte("4.5.0"), []byte("4.6.0"))
+	patch := mustPatch(t, oldFW, newFW)
+	rel := deltaRelease(t, oldFW, patch, newFW, func(m *proto.Manifest) { m.Target, m.Version, m.Arch = "fc-firmware", "4.6.0", nil })
+	r.srv.route(rel.path, hostileHonest(patch))
+	r.srv.route("/fw-full", hostileHonest(newFW))
+	if err := r.offerDelta("c-fc", rel, "/fw-full"); err != nil {
+		t.Fatal(err)
+	}
+	r.rep.waitState(t, "c-fc", proto.UpdateTrial) // installed by the hook; the trial is the full update's
+	if got, _ := os.ReadFile(fw); !bytes.Equal(got, newFW) {
+		t.Fatal("the hook did not install the build the patch makes")
+	}
+	if r.srv.hitsOf("/fw-full") != 0 || r.srv.hitsOf(rel.path) == 0 {
+		t.Errorf("fetched the full artifact %d times, the patch %d", r.srv.hitsOf("/fw-full"), r.srv.hitsOf(rel.path))
+	}
+	if _, err := (&Hook{Path: script}).Base(); !errors.Is(err, ErrNoBase) {
+		t.Errorf("a hook without a file: %v", err)
 	}
 }
