@@ -101,60 +101,30 @@ func (a *API) pushRelease(c echo.Context) error {
 	if len(a.rel.Roots) == 0 {
 		return echo.NewHTTPError(http.StatusServiceUnavailable, "no release root key configured: start the server with --root-key")
 	}
-	mr, err := c.Request().MultipartReader()
-	if err != nil {
-		return badRequest("want a multipart/form-data body with parts manifest, keys and artifact: %v", err)
-	}
 	ctx := c.Request().Context()
-	var manifest, keys []byte
 	var m proto.Manifest
-	var tmp string
+	parts, tmp, err := readUpload(c, []uploadPart{{"manifest", proto.MaxManifestSize}, {"keys", proto.MaxKeyListSize}},
+		func(parts map[string][]byte, artifact *multipart.Part) (string, error) {
+			var err error
+			if m, err = a.verifyRelease(parts["manifest"], parts["keys"]); err != nil {
+				return "", err
+			}
+			if m.Delta != nil {
+				return "", echo.NewHTTPError(http.StatusUnprocessableEntity,
+					"release refused: a delta manifest: push the full release, then the delta to /api/v1/releases/TARGET/VERSION/deltas (hangar release push --delta)")
+			}
+			tmp, _, err := a.receiveArtifact(artifact, m.Size, m.SHA256, "artifact")
+			return tmp, err
+		})
 	defer func() {
 		if tmp != "" {
 			os.Remove(tmp)
 		}
 	}()
-	for {
-		part, err := mr.NextPart()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			return badRequest("multipart body: %v", err)
-		}
-		if err := onePart(part.FormName(), tmp != "", manifest != nil, keys != nil); err != nil {
-			return err
-		}
-		switch part.FormName() {
-		case "manifest":
-			if manifest, err = readPart(part, proto.MaxManifestSize); err != nil {
-				return err
-			}
-		case "keys":
-			if keys, err = readPart(part, proto.MaxKeyListSize); err != nil {
-				return err
-			}
-		case "artifact":
-			if manifest == nil || keys == nil {
-				return badRequest("send the manifest and keys parts before the artifact")
-			}
-			if m, err = a.verifyRelease(manifest, keys); err != nil {
-				return err
-			}
-			if m.Delta != nil {
-				return echo.NewHTTPError(http.StatusUnprocessableEntity,
-					"release refused: a delta manifest: push the full release, then the delta to /api/v1/releases/TARGET/VERSION/deltas (hangar release push --delta)")
-			}
-			if tmp, _, err = a.receiveArtifact(part, m.Size, m.SHA256, "artifact"); err != nil {
-				return err
-			}
-		default:
-			return badRequest("unexpected part %q", part.FormName())
-		}
+	if err != nil {
+		return err
 	}
-	if tmp == "" {
-		return badRequest("no artifact part")
-	}
+	manifest, keys := parts["manifest"], parts["keys"]
 	sum := hex.EncodeToString(m.SHA256)
 	if err := os.Rename(tmp, a.artifactPath(sum)); err != nil {
 		return err
@@ -275,64 +245,40 @@ func (a *API) pushDelta(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	mr, err := c.Request().MultipartReader()
-	if err != nil {
-		return badRequest("want a multipart/form-data body with parts manifest and artifact: %v", err)
-	}
 	ctx := c.Request().Context()
-	var manifest []byte
 	var m proto.Manifest
-	var tmp string
-	defer func() {
-		if tmp != "" {
-			os.Remove(tmp)
-		}
-	}()
-	for {
-		part, err := mr.NextPart()
-		if errors.Is(err, io.EOF) {
-			break
-		}
-		if err != nil {
-			return badRequest("multipart body: %v", err)
-		}
-		if err := onePart(part.FormName(), tmp != "", manifest != nil, false); err != nil {
-			return err
-		}
-		switch part.FormName() {
-		case "manifest":
-			if manifest, err = readPart(part, proto.MaxManifestSize); err != nil {
-				return err
-			}
-		case "artifact":
-			if manifest == nil {
-				return badRequest("send the manifest part before the artifact")
-			}
-			if m, err = a.verifyDelta(rel, manifest); err != nil {
-				return err
+	parts, tmp, err := readUpload(c, []uploadPart{{"manifest", proto.MaxManifestSize}},
+		func(parts map[string][]byte, artifact *multipart.Part) (string, error) {
+			var err error
+			if m, err = a.verifyDelta(rel, parts["manifest"]); err != nil {
+				return "", err
 			}
 			base := hex.EncodeToString(m.Delta.BaseSHA256)
 			if slices.ContainsFunc(rel.Deltas, func(d store.ReleaseDelta) bool { return d.BaseSHA256 == base }) {
-				return deltaExists(rel, base)
+				return "", deltaExists(rel, base)
 			}
-			var head []byte
-			if tmp, head, err = a.receiveArtifact(part, m.Delta.PatchSize, m.Delta.PatchSHA256, "patch"); err != nil {
-				return err
+			tmp, head, err := a.receiveArtifact(artifact, m.Delta.PatchSize, m.Delta.PatchSHA256, "patch")
+			if err != nil {
+				return "", err
 			}
 			h, err := proto.ParseDeltaHeader(head, int64(m.Delta.PatchSize), int64(m.Size))
 			if err == nil && h.NewSize != int64(m.Size) {
 				err = fmt.Errorf("the patch makes %d bytes, the manifest says %d", h.NewSize, m.Size)
 			}
 			if err != nil {
-				return echo.NewHTTPError(http.StatusUnprocessableEntity, fmt.Sprintf("delta refused: %v", err))
+				return tmp, echo.NewHTTPError(http.StatusUnprocessableEntity, fmt.Sprintf("delta refused: %v", err))
 			}
-		default:
-			return badRequest("unexpected part %q", part.FormName())
+			return tmp, nil
+		})
+	defer func() {
+		if tmp != "" {
+			os.Remove(tmp)
 		}
+	}()
+	if err != nil {
+		return err
 	}
-	if tmp == "" {
-		return badRequest("no artifact part")
-	}
+	manifest := parts["manifest"]
 	patch := hex.EncodeToString(m.Delta.PatchSHA256)
 	if err := os.Rename(tmp, a.artifactPath(patch)); err != nil {
 		return err
@@ -363,17 +309,65 @@ func (a *API) pushDelta(c echo.Context) error {
 	return c.JSON(http.StatusCreated, d)
 }
 
-// onePart refuses a part after the artifact and a repeated manifest or
-// keys part: what is stored must be what was verified, and the artifact
-// is verified against the manifest and keys that came before it.
-func onePart(name string, haveArtifact, haveManifest, haveKeys bool) error {
-	switch {
-	case haveArtifact:
-		return badRequest("part %q after the artifact: the artifact must be the last part", name)
-	case name == "manifest" && haveManifest, name == "keys" && haveKeys:
-		return badRequest("more than one %s part", name)
+// uploadPart is a small part of a push (a signed document) and its limit.
+type uploadPart struct {
+	name string
+	max  int64
+}
+
+// readUpload reads a push's multipart body: each of the small parts once,
+// all before the artifact, then the artifact, which must be the last part;
+// receive verifies the small parts and streams the artifact to a
+// temporary file, whose name it returns (also with an error: the caller
+// removes it). What is stored is what was verified: a part after the
+// artifact, or a small part twice, is refused.
+func readUpload(c echo.Context, small []uploadPart, receive func(parts map[string][]byte, artifact *multipart.Part) (string, error)) (map[string][]byte, string, error) {
+	names := make([]string, len(small))
+	for i, p := range small {
+		names[i] = p.name
 	}
-	return nil
+	mr, err := c.Request().MultipartReader()
+	if err != nil {
+		return nil, "", badRequest("want a multipart/form-data body with parts %s and artifact: %v", strings.Join(names, ", "), err)
+	}
+	parts := map[string][]byte{}
+	var tmp string
+	for {
+		part, err := mr.NextPart()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return parts, tmp, badRequest("multipart body: %v", err)
+		}
+		name := part.FormName()
+		if tmp != "" {
+			return parts, tmp, badRequest("part %q after the artifact: the artifact must be the last part", name)
+		}
+		if name == "artifact" {
+			if len(parts) < len(small) {
+				return parts, tmp, badRequest("send the %s parts before the artifact", strings.Join(names, " and "))
+			}
+			if tmp, err = receive(parts, part); err != nil {
+				return parts, tmp, err
+			}
+			continue
+		}
+		i := slices.IndexFunc(small, func(p uploadPart) bool { return p.name == name })
+		switch {
+		case i < 0:
+			return parts, tmp, badRequest("unexpected part %q", name)
+		case parts[name] != nil:
+			return parts, tmp, badRequest("more than one %s part", name)
+		}
+		if parts[name], err = readPart(part, small[i].max); err != nil {
+			return parts, tmp, err
+		}
+	}
+	if tmp == "" {
+		return parts, tmp, badRequest("no artifact part")
+	}
+	return parts, tmp, nil
 }
 
 func deltaExists(rel store.Release, base string) error {

@@ -22,14 +22,7 @@ import (
 // simRelease builds a simulated firmware artifact, signs and pushes it.
 func (k *releaseKit) simRelease(t testing.TB, cp endpoint, fw sim.Firmware, counter uint64) {
 	t.Helper()
-	if fw.Size == 0 {
-		fw.Size = 16 << 10
-	}
-	p := filepath.Join(k.dir, "fw-"+fw.Version+".bin")
-	if err := os.WriteFile(p, fw.Artifact(), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	k.releaseFor(t, cp, p, fw.Version, counter, "rev-a,rev-b,rev-c")
+	k.simReleaseDelta(t, cp, fw, counter)
 }
 
 // simReleaseDelta is simRelease with deltas from each base build (its
