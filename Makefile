@@ -50,7 +50,7 @@ cross: ## static hangar-agent and hangar-guard for linux/arm64 and linux/arm (GO
 	@ls -l bin/hangar-agent-linux-* bin/hangar-guard-linux-*
 
 .PHONY: fuzz
-FUZZ_PKGS := ./proto/ ./agent/ ./agent/guard/ ./agent/outbox/ ./agent/transport/mqtt/ ./agent/daemon/ ./agent/update/ ./controlplane/devcert/ ./controlplane/rollout/ ./controlplane/store/sqlite/
+FUZZ_PKGS := ./proto/ ./internal/bspatch/ ./agent/ ./agent/guard/ ./agent/outbox/ ./agent/transport/mqtt/ ./agent/daemon/ ./agent/update/ ./controlplane/devcert/ ./controlplane/rollout/ ./controlplane/store/sqlite/
 
 fuzz: ## run every fuzz target for FUZZTIME (default 30s) each
 	@for p in $(FUZZ_PKGS); do for f in $$($(GO) test -list 'Fuzz.*' $$p | grep ^Fuzz); do \

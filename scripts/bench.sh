@@ -50,7 +50,7 @@ echo "== signed update of a 6 MiB payload on a real agent (loopback)"
 echo
 
 echo "== delta updates: hangar's streaming patcher against selfupdate's (a 4 MiB build); patches of linux/arm64 agent releases"
-go test -run XXX -bench 'ApplyDelta' -benchmem -count 1 ./agent/update/ | grep -E '^Benchmark'
+go test -run XXX -bench 'Apply' -benchmem -count 1 ./internal/bspatch/ | grep -E '^Benchmark'
 ./scripts/delta-sizes.sh "$OUT/delta" | grep -E '^==|delta from'
 echo
 

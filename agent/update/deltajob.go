@@ -16,11 +16,12 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hangarfleet/hangar/internal/bspatch"
 	"github.com/hangarfleet/hangar/proto"
 )
 
 // DefaultMaxDeltaResult is the largest build an agent makes of a patch by
-// default. ApplyDelta's memory does not grow with the build; the bound is
+// default. bspatch.Apply's memory does not grow with the build; the bound is
 // the staging disk's (patch, a copy of the base and the result at once).
 const DefaultMaxDeltaResult = 256 << 20
 
@@ -252,7 +253,7 @@ func (u *Updater) stageDelta(inst Patchable, m proto.Manifest, patchPath, staged
 	}()
 	rh := sha256.New()
 	bw := bufio.NewWriterSize(io.MultiWriter(out, rh), 64<<10)
-	err = ApplyDelta(base, int64(d.BaseSize), patch, int64(d.PatchSize), int64(m.Size), 0, bw)
+	err = bspatch.Apply(base, int64(d.BaseSize), patch, int64(d.PatchSize), int64(m.Size), 0, bw)
 	if err == nil {
 		err = bw.Flush()
 	}

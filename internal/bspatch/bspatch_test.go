@@ -1,4 +1,4 @@
-package update_test
+package bspatch_test
 
 import (
 	"bytes"
@@ -12,7 +12,7 @@ import (
 	"github.com/gabstv/go-bsdiff/pkg/bsdiff"
 	"github.com/minio/selfupdate"
 
-	"github.com/hangarfleet/hangar/agent/update"
+	"github.com/hangarfleet/hangar/internal/bspatch"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -37,13 +37,13 @@ func builds(size int) (old, new []byte) {
 	return old, new
 }
 
-// apply runs ApplyDelta on byte slices.
+// apply runs Apply on byte slices.
 func apply(base, patch []byte, maxResult int64, dst io.Writer) error {
-	return update.ApplyDelta(bytes.NewReader(base), int64(len(base)), bytes.NewReader(patch), int64(len(patch)), maxResult, 0, dst)
+	return bspatch.Apply(bytes.NewReader(base), int64(len(base)), bytes.NewReader(patch), int64(len(patch)), maxResult, 0, dst)
 }
 
 // reference is selfupdate's bsdiff patcher (which holds base and result in
-// memory), the patcher ApplyDelta must agree with; its panics on a
+// memory), the patcher Apply must agree with; its panics on a
 // hostile control block are errors here.
 func reference(base, patch []byte) (out []byte, err error) {
 	defer func() {
@@ -96,7 +96,7 @@ func TestDeltaControlCap(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = update.ApplyDelta(bytes.NewReader(old), int64(len(old)), bytes.NewReader(patch), int64(len(patch)), int64(len(new)), 23, io.Discard)
+	err = bspatch.Apply(bytes.NewReader(old), int64(len(old)), bytes.NewReader(patch), int64(len(patch)), int64(len(new)), 23, io.Discard)
 	if !errors.Is(err, proto.ErrDelta) || !strings.Contains(err.Error(), "control block over") {
 		t.Fatalf("a control block over a 23-byte cap (under one triple): %v", err)
 	}
@@ -166,13 +166,13 @@ func TestDeltaRefusals(t *testing.T) {
 	}
 }
 
-// FuzzApplyDelta: whatever the patch, ApplyDelta does not panic, stays
+// FuzzApply: whatever the patch, Apply does not panic, stays
 // under the cap, and never makes something else than selfupdate's patcher
 // does of the same patch: where both succeed, the results are the same
-// bytes. (ApplyDelta is stricter: it refuses negative lengths, on which
+// bytes. (Apply is stricter: it refuses negative lengths, on which
 // the reference panics, a control block that does not decode to its end,
 // and seeks far outside both files.)
-func FuzzApplyDelta(f *testing.F) {
+func FuzzApply(f *testing.F) {
 	old, new := builds(4 << 10)
 	patch, err := bsdiff.Bytes(old, new) // what hangar release sign --delta-from writes (controlplane/delta)
 	if err != nil {
@@ -191,10 +191,10 @@ func FuzzApplyDelta(f *testing.F) {
 		}
 		ref, rerr := reference(old, p)
 		if rerr != nil {
-			t.Fatalf("ApplyDelta made %d bytes of a patch the reference refuses: %v", out.Len(), rerr)
+			t.Fatalf("Apply made %d bytes of a patch the reference refuses: %v", out.Len(), rerr)
 		}
 		if !bytes.Equal(ref, out.Bytes()) {
-			t.Fatalf("ApplyDelta and the reference disagree (%d and %d bytes)", out.Len(), len(ref))
+			t.Fatalf("Apply and the reference disagree (%d and %d bytes)", out.Len(), len(ref))
 		}
 	})
 }

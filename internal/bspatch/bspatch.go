@@ -1,4 +1,8 @@
-package update
+// Package bspatch applies BSDIFF40 patches (bsdiff 4.x, bzip2 blocks), the
+// format of hangar's delta updates, streaming: the device applies a
+// patch to its build with it, and the control plane checks each patch it
+// makes with it (the same code on both sides).
+package bspatch
 
 import (
 	"compress/bzip2"
@@ -15,7 +19,7 @@ import (
 // (and the full artifact fetched) rather than held in memory.
 const DefaultMaxControl = 4 << 20
 
-// ApplyDelta writes to dst the build a BSDIFF40 patch makes of base (of
+// Apply writes to dst the build a BSDIFF40 patch makes of base (of
 // baseSize bytes). It streams: the base is read where the patch points
 // (base is read at offsets, never held whole), the result goes to dst as
 // it is made, and what it holds is the patch's decoded control block
@@ -26,9 +30,9 @@ const DefaultMaxControl = 4 << 20
 // The header is checked before anything is allocated: its blocks must fit
 // in the patch's patchSize bytes and the result must be at most maxResult
 // bytes; the result made must be exactly the size the header announced.
-// ApplyDelta does not fsync or install anything: dst is a staging file,
+// Apply does not fsync or install anything: dst is a staging file,
 // checked against the manifest's digest before the usual power-safe swap.
-func ApplyDelta(base io.ReaderAt, baseSize int64, patch io.ReaderAt, patchSize, maxResult, maxControl int64, dst io.Writer) error {
+func Apply(base io.ReaderAt, baseSize int64, patch io.ReaderAt, patchSize, maxResult, maxControl int64, dst io.Writer) error {
 	hdr := make([]byte, proto.DeltaHeaderSize)
 	if patchSize >= proto.DeltaHeaderSize {
 		if _, err := patch.ReadAt(hdr, 0); err != nil {

@@ -1,4 +1,4 @@
-package update_test
+package bspatch_test
 
 import (
 	"bytes"
@@ -20,10 +20,10 @@ func benchBuilds(b *testing.B) (old, new, patch []byte) {
 	return old, new, patch
 }
 
-// BenchmarkApplyDelta is hangar's streaming patcher; its baseline is
-// BenchmarkApplyDeltaSelfupdate, the reference that holds base and result
+// BenchmarkApply is hangar's streaming patcher; its baseline is
+// BenchmarkApplySelfupdate, the reference that holds base and result
 // in memory (compare B/op).
-func BenchmarkApplyDelta(b *testing.B) {
+func BenchmarkApply(b *testing.B) {
 	old, new, patch := benchBuilds(b)
 	b.SetBytes(int64(len(new)))
 	b.ReportAllocs()
@@ -34,7 +34,7 @@ func BenchmarkApplyDelta(b *testing.B) {
 	}
 }
 
-func BenchmarkApplyDeltaSelfupdate(b *testing.B) {
+func BenchmarkApplySelfupdate(b *testing.B) {
 	old, new, patch := benchBuilds(b)
 	b.SetBytes(int64(len(new)))
 	b.ReportAllocs()
