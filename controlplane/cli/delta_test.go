@@ -96,6 +96,21 @@ func TestReleaseDeltas(t *testing.T) {
 	}
 
 	keys := filepath.Join(dir, "keys.cose")
+	// release verify checks a delta as a device would: the patch against
+	// its manifest, and with --base that it is the base and the patch
+	// makes the release's build of it.
+	verify := []string{"release", "verify", "--root-key", filepath.Join(dir, "root.pub"), "--keys", keys,
+		"--manifest", patchOf("1.9.0") + ".manifest", "--artifact", patchOf("1.9.0")}
+	if out, err := offline(append(verify, "--base", filepath.Join(dir, "agent-1.9.0"))...); err != nil ||
+		!strings.Contains(out, "a delta from 1.9.0") || !strings.Contains(out, "base, patch and result checked") {
+		t.Fatalf("verify a delta with its base: %v\n%s", err, out)
+	}
+	if _, err := offline(append(verify, "--base", filepath.Join(dir, "agent-1.8.0"))...); err == nil || !strings.Contains(err.Error(), "not the delta's base") {
+		t.Fatalf("verify a delta against another base: %v", err)
+	}
+	if _, err := offline(append(verify[:len(verify)-1], patchOf("1.8.0"))...); err == nil || !strings.Contains(err.Error(), "INVALID") {
+		t.Fatalf("verify a delta with another patch: %v", err)
+	}
 	out, _, err = run(t, c, "release", "push", "--keys", keys, "--artifact", art, "--delta", patchOf("1.9.0"))
 	if err != nil || !strings.Contains(out, "pushed agent 2.0.0") || !strings.Contains(out, "pushed delta from 1.9.0") {
 		t.Fatalf("push: %v\n%s", err, out)

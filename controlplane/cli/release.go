@@ -23,6 +23,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/client"
 	"github.com/hangarfleet/hangar/controlplane/delta"
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/internal/bspatch"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -328,6 +329,7 @@ func releaseVerify(g *globals, args []string) error {
 	manifest := fs.String("manifest", "", "signed manifest")
 	artifact := fs.String("artifact", "", "also check this artifact against the manifest")
 	hardware := fs.String("hardware", "", "also check the manifest allows this hardware")
+	base := fs.String("base", "", "for a delta manifest: the build it patches; checks it is the base, applies the patch (--artifact) and checks the result")
 	if err := flagsOnly(fs, args); err != nil {
 		return err
 	}
@@ -365,22 +367,73 @@ func releaseVerify(g *globals, args []string) error {
 		err = &proto.VerifyError{Check: proto.CheckHardware, Err: fmt.Errorf("built for %v", m.Hardware)}
 	}
 	if err == nil && *artifact != "" {
+		// A delta's artifact is its patch.
 		sum, size, derr := digestFile(*artifact)
 		switch {
 		case derr != nil:
 			err = derr
-		case size != m.Size:
-			err = &proto.VerifyError{Check: proto.CheckSize, Err: fmt.Errorf("artifact has %d bytes, the manifest says %d", size, m.Size)}
-		case string(sum) != string(m.SHA256):
+		case size != m.ArtifactSize():
+			err = &proto.VerifyError{Check: proto.CheckSize, Err: fmt.Errorf("artifact has %d bytes, the manifest says %d", size, m.ArtifactSize())}
+		case string(sum) != string(m.ArtifactSHA256()):
 			err = &proto.VerifyError{Check: proto.CheckHash, Err: errors.New("artifact digest differs from the manifest's")}
 		}
+	}
+	if err == nil && *base != "" {
+		err = verifyDeltaResult(m, *base, *artifact)
 	}
 	if err != nil {
 		return fmt.Errorf("INVALID: %w", err)
 	}
-	fmt.Fprintf(g.env.Stdout, "OK: %s %s, counter %d, hardware %s, arch %s, %d bytes, signed by %s, expires %s\n",
-		m.Target, m.Version, m.Counter, strings.Join(m.Hardware, ","), strings.Join(m.Arch, ","), m.Size, m.KeyID,
+	delta := ""
+	if d := m.Delta; d != nil {
+		from := d.BaseVersion
+		if from == "" {
+			from = fmt.Sprintf("sha256 %x", d.BaseSHA256[:6])
+		}
+		delta = fmt.Sprintf(", a delta from %s (patch %d bytes)", from, d.PatchSize)
+		if *base != "" {
+			delta += ": base, patch and result checked"
+		}
+	}
+	fmt.Fprintf(g.env.Stdout, "OK: %s %s, counter %d, hardware %s, arch %s, %d bytes%s, signed by %s, expires %s\n",
+		m.Target, m.Version, m.Counter, strings.Join(m.Hardware, ","), strings.Join(m.Arch, ","), m.Size, delta, m.KeyID,
 		time.Unix(m.Expires, 0).UTC().Format(time.RFC3339))
+	return nil
+}
+
+// verifyDeltaResult checks, as a device would, that base is a delta
+// manifest's base and that its patch makes the build it names of it.
+func verifyDeltaResult(m proto.Manifest, base, patch string) error {
+	if m.Delta == nil {
+		return fmt.Errorf("--base: %s %s is not a delta", m.Target, m.Version)
+	}
+	if patch == "" {
+		return fmt.Errorf("%w: --base needs the patch (--artifact)", ErrUsage)
+	}
+	sum, size, err := digestFile(base)
+	if err != nil {
+		return err
+	}
+	if size != m.Delta.BaseSize || !bytes.Equal(sum, m.Delta.BaseSHA256) {
+		return &proto.VerifyError{Check: proto.CheckDelta, Err: fmt.Errorf("%s (%d bytes, sha256 %x) is not the delta's base (%d bytes, %x)", base, size, sum[:6], m.Delta.BaseSize, m.Delta.BaseSHA256[:6])}
+	}
+	bf, err := os.Open(base)
+	if err != nil {
+		return err
+	}
+	defer bf.Close()
+	pf, err := os.Open(patch)
+	if err != nil {
+		return err
+	}
+	defer pf.Close()
+	h := sha256.New()
+	if err := bspatch.Apply(bf, int64(size), pf, int64(m.Delta.PatchSize), int64(m.Size), 0, h); err != nil {
+		return &proto.VerifyError{Check: proto.CheckDelta, Err: err}
+	}
+	if !bytes.Equal(h.Sum(nil), m.SHA256) {
+		return &proto.VerifyError{Check: proto.CheckDelta, Err: errors.New("the patch makes a build whose digest is not the manifest's")}
+	}
 	return nil
 }
 

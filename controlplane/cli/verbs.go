@@ -113,7 +113,7 @@ func releaseVerbs() []verb {
 		{[]string{"keygen"}, "--out PREFIX", "make an Ed25519 key pair (root or release key); offline", offline(releaseKeygen)},
 		{[]string{"keys"}, "--root-key K --add PUB", "sign the list of release keys with the root key; offline", offline(releaseKeys)},
 		{[]string{"sign"}, "--key K --artifact F --version V --hardware H [--delta-from OLD[@V]]...", "sign a release manifest for an artifact, and deltas from earlier builds; offline", offline(releaseSign)},
-		{[]string{"verify"}, "--manifest M --keys K [--artifact F]", "check a manifest (and artifact) as a device would", offline(releaseVerify)},
+		{[]string{"verify"}, "--manifest M --keys K [--artifact F] [--base B]", "check a manifest (and artifact; a delta's patch against its base) as a device would", offline(releaseVerify)},
 		{[]string{"push"}, "--artifact F --keys K [--delta PATCH]...", "upload manifest, key list and artifact, then the deltas", releasePush},
 		{[]string{"ls", "list"}, "", "list pushed releases", releaseList},
 	}
