@@ -2,6 +2,7 @@ package update
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -35,7 +36,7 @@ func TestCrashDeltaStage(t *testing.T) {
 	}
 	staged := crashStagedPath(staging)
 	stage := func(fsys *memFS, u *Updater) error {
-		return u.stageDelta(&Binary{Path: crashTarget, FS: fsys}, m, patchPath, staged)
+		return u.stageDelta(context.Background(), &Binary{Path: crashTarget, FS: fsys}, m, patchPath, staged)
 	}
 	check := func(t *testing.T, label string, fsys *memFS) {
 		t.Helper()

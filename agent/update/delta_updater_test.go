@@ -5,6 +5,9 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -310,4 +313,96 @@ esac
 	if _, err := (&Hook{Path: script}).Base(); !errors.Is(err, ErrNoBase) {
 		t.Errorf("a hook without a file: %v", err)
 	}
+}
+
+// stagingClean checks that the staging directory holds nothing but files
+// of the release's build (the staged result, during its install).
+func stagingClean(t *testing.T, r *hostileRig, result []byte) {
+	t.Helper()
+	sum := sha256.Sum256(result)
+	prefix := fmt.Sprintf("%x", sum)
+	hostileWaitFor(t, "staging tidied", func() bool {
+		for _, f := range r.stagedFiles() {
+			if !strings.HasPrefix(f, prefix) {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// TestDeltaPatchStalls: a patch that never comes (HTTP 503 every time)
+// is given up for the full artifact after the stall limit, reported as no
+// patch fetched; a patch that stops half-way is given up too, and the
+// full artifact's own progress (1,000 bytes a connection, resumed) is
+// counted from zero, not from where the patch stopped.
+func TestDeltaPatchStalls(t *testing.T) {
+	for _, c := range []struct {
+		name    string
+		serve   func(patch []byte) http.HandlerFunc
+		fetched bool
+	}{
+		{"never served", func([]byte) http.HandlerFunc {
+			return func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusServiceUnavailable) }
+		}, false},
+		{"stops half-way", func(patch []byte) http.HandlerFunc { return hostileCut(patch, len(patch)/2) }, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			r := newHostileRig(t)
+			newBin := slices.Clone(r.oldBin)
+			rng := rand.New(rand.NewPCG(7, 8))
+			for i := 100; i < len(newBin); i++ { // a build unlike the old: a patch of tens of KiB
+				newBin[i] = byte(rng.IntN(256))
+			}
+			patch := mustPatch(t, r.oldBin, newBin)
+			if len(patch) < 20<<10 {
+				t.Fatalf("a patch of %d bytes: too small to outrun the full download's chunks", len(patch))
+			}
+			rel := deltaRelease(t, r.oldBin, patch, newBin)
+			r.srv.route(rel.path, c.serve(patch))
+			r.srv.route("/full", hostileChunks(newBin, 1000))
+			if err := r.offerDelta("c-stall", rel, "/full"); err != nil {
+				t.Fatal(err)
+			}
+			r.rep.waitState(t, "c-stall", proto.UpdateInstalling)
+			installs, _, _, _, _ := r.inst.calls()
+			hostileWaitFor(t, "the install", func() bool { installs, _, _, _, _ = r.inst.calls(); return len(installs) == 1 })
+			if !bytes.Equal(installs[0], newBin) {
+				t.Fatal("the installed build is not the release's")
+			}
+			fb, ok := r.rep.find(func(s hostileReport) bool { return s.Cmd == "c-stall" && s.Fallback != "" })
+			if !ok || !strings.Contains(fb.Fallback, "no progress") {
+				t.Fatalf("no stall fallback reported:\n%s", r.rep.dump())
+			}
+			if want := map[bool]uint64{true: uint64(len(patch))}[c.fetched]; fb.Patch != want {
+				t.Errorf("the fallback report says patch %d, want %d (some of it fetched: %v)", fb.Patch, want, c.fetched)
+			}
+			stagingClean(t, r, newBin)
+		})
+	}
+}
+
+// TestDeltaStagingTidied: what earlier jobs left in the staging directory
+// (a partial patch, a copy of a base, a partial result, another build)
+// goes once the device works on another job, and the delta's own files go
+// once its build is staged.
+func TestDeltaStagingTidied(t *testing.T) {
+	dir := t.TempDir()
+	staging := filepath.Join(dir, "state", "staging")
+	if err := os.MkdirAll(staging, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"aa.patch.part", "bb.base", "cc.made", "dd.bin", "ee.part", "ff.patch"} {
+		os.WriteFile(filepath.Join(staging, f), []byte("left over"), 0o600)
+	}
+	r := newHostileRig(t, func(o *Options) { o.Dir = staging })
+	newBin := deltaNew(r.oldBin, "fix")
+	patch := mustPatch(t, r.oldBin, newBin)
+	rel := deltaRelease(t, r.oldBin, patch, newBin)
+	r.srv.route(rel.path, hostileHonest(patch))
+	if err := r.offerDelta("c-tidy", rel, ""); err != nil {
+		t.Fatal(err)
+	}
+	r.rep.waitState(t, "c-tidy", proto.UpdateInstalling)
+	stagingClean(t, r, newBin)
 }

@@ -98,7 +98,10 @@ func (u *Updater) baseDigest(target string, inst Installer) ([]byte, error) {
 // deltaBlocker says why a delta offer cannot be applied here, before
 // anything is fetched ("" when it can): then the full artifact is fetched
 // instead, when the offer names one.
-func (u *Updater) deltaBlocker(m proto.Manifest) string {
+//
+// builds are the digests of the files in place (Builds), taken before the
+// updater's lock: hashing a large file must not hold it.
+func (u *Updater) deltaBlocker(m proto.Manifest, builds map[string][]byte) string {
 	d := m.Delta
 	inst := u.opts.Installers[m.Target]
 	switch {
@@ -110,14 +113,43 @@ func (u *Updater) deltaBlocker(m proto.Manifest) string {
 	if _, ok := inst.(Patchable); !ok {
 		return fmt.Sprintf("the %s installer does not know its installed file", m.Target)
 	}
-	sum, err := u.baseDigest(m.Target, inst)
-	if err != nil {
-		return "the installed file cannot be read: " + err.Error()
+	sum, ok := builds[m.Target]
+	if !ok {
+		return "the installed file cannot be read"
 	}
 	if !slices.Equal(sum, d.BaseSHA256) {
 		return fmt.Sprintf("the build in place (sha256 %x) is not the patch's base (%x)", sum[:8], d.BaseSHA256[:8])
 	}
 	return ""
+}
+
+// tidy removes from the staging directory what the current job does not
+// need: what superseded, cancelled, finished or interrupted jobs left
+// (partial downloads, patches, copies of bases, partial results). A full
+// staging disk would keep the device from recording its next offer.
+func (u *Updater) tidy() {
+	u.mu.Lock()
+	keep := map[string]bool{}
+	if j := u.st.Job; j != nil {
+		build := strings.TrimSuffix(filepath.Base(u.stagedPath(j.m)), ".bin")
+		keep[build+".bin"], keep[build+".part"], keep[build+".made"] = true, true, true
+		if d := j.m.Delta; d != nil {
+			patch := filepath.Base(u.patchPath(j.m))
+			keep[patch], keep[patch+".part"], keep[hex.EncodeToString(d.BaseSHA256)+".base"] = true, true, true
+		}
+	}
+	u.mu.Unlock()
+	entries, err := os.ReadDir(u.opts.Dir)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		if e.Type().IsRegular() && !keep[e.Name()] {
+			if err := os.Remove(filepath.Join(u.opts.Dir, e.Name())); err == nil {
+				u.log.Debug("staging file of no job removed", "file", e.Name())
+			}
+		}
+	}
 }
 
 // patching reports whether the job fetches a patch (a delta offer that
@@ -132,30 +164,39 @@ func (u *Updater) patchPath(m proto.Manifest) string {
 // stages it where a full download would have put it; from there the
 // install is the same. Any failure of the delta path falls back to the
 // full artifact, once.
-func (u *Updater) runDelta(ctx context.Context, j *job, src string, progress func(uint64)) error {
+func (u *Updater) runDelta(ctx context.Context, j *job, src string, progress func(uint64), fetched func() bool) error {
 	m := j.m
 	staged := u.stagedPath(m)
-	if fileHasDigest(u.fs(), staged, m.SHA256) == nil {
-		return nil // made before a restart
-	}
 	patch := u.patchPath(m)
+	if fileHasDigest(u.fs(), staged, m.SHA256) == nil {
+		os.Remove(patch) // made before a restart
+		return nil
+	}
+	// The settings may have changed since the offer (a restart with
+	// --no-delta, the file in place replaced): then the delta is given up
+	// before anything of it is fetched.
+	if reason := u.deltaBlocker(m, u.Builds()); reason != "" && !fetched() {
+		return u.fallback(j, reason, false)
+	}
 	_, err := u.download(ctx, blob{size: m.Delta.PatchSize, sha: m.Delta.PatchSHA256, path: patch}, src, progress)
 	if err != nil {
 		if errors.Is(err, errTransient) || ctx.Err() != nil {
 			return err
 		}
-		return u.fallback(j, "the patch: "+err.Error())
+		return u.fallback(j, "the patch: "+err.Error(), fetched())
 	}
 	inst, _ := u.opts.Installers[m.Target].(Patchable)
 	if inst == nil {
-		return u.fallback(j, "the installer does not know its installed file")
+		return u.fallback(j, "the installer does not know its installed file", true)
 	}
 	start := time.Now()
-	err = u.stageDelta(inst, m, patch, staged)
-	os.Remove(patch)
-	if err != nil {
-		return u.fallback(j, err.Error())
+	if err = u.stageDelta(ctx, inst, m, patch, staged); err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("%w: patching stopped: %v", errTransient, err)
+		}
+		return u.fallback(j, err.Error(), true)
 	}
+	os.Remove(patch)
 	u.log.Info("delta applied", "version", m.Version, "patch_bytes", m.Delta.PatchSize, "build_bytes", m.Size,
 		"took", time.Since(start).Round(time.Millisecond), "peak_rss_kb", peakRSSKB())
 	return nil
@@ -178,6 +219,19 @@ func peakRSSKB() int64 {
 	return 0
 }
 
+// ctxWriter stops a patch being applied when the agent stops.
+type ctxWriter struct {
+	ctx context.Context
+	w   io.Writer
+}
+
+func (c ctxWriter) Write(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.w.Write(p)
+}
+
 // errFellBack ends a download attempt whose job now fetches the full
 // artifact.
 var errFellBack = errors.New("delta given up for the full artifact")
@@ -185,8 +239,15 @@ var errFellBack = errors.New("delta given up for the full artifact")
 // fallback gives the delta up for the full artifact, once, or refuses the
 // release when the offer named none. The release is not spent: nothing
 // was installed.
-func (u *Updater) fallback(j *job, reason string) error {
+//
+// fetched says whether any of the patch came over the air: a delta given
+// up before is reported as a full fetch (no patch).
+func (u *Updater) fallback(j *job, reason string, fetched bool) error {
+	if reason == "" {
+		reason = "the delta path failed"
+	}
 	_ = os.Remove(u.patchPath(j.m))
+	_ = os.Remove(u.patchPath(j.m) + ".part")
 	if j.FullURL == "" {
 		err := &proto.VerifyError{Check: proto.CheckDelta, Err: errors.New(reason)}
 		u.log.Warn("delta refused, and the offer names no full artifact", "version", j.m.Version, "reason", reason)
@@ -196,7 +257,7 @@ func (u *Updater) fallback(j *job, reason string) error {
 		}
 		return err
 	}
-	if err := u.set(j, func(j *job) { j.Fallback, j.URL = reason, j.FullURL }); err != nil {
+	if err := u.set(j, func(j *job) { j.Fallback, j.URL, j.NoPatch = reason, j.FullURL, !fetched }); err != nil {
 		return err
 	}
 	u.log.Warn("delta given up, fetching the full artifact", "version", j.m.Version, "reason", reason)
@@ -210,22 +271,21 @@ func (u *Updater) fallback(j *job, reason string) error {
 // patched is what was checked), the result is written to a part file,
 // synced, checked against the manifest's size and digest, and renamed
 // into place. A cut anywhere leaves no staged file, or the checked one.
-func (u *Updater) stageDelta(inst Patchable, m proto.Manifest, patchPath, staged string) (err error) {
+func (u *Updater) stageDelta(ctx context.Context, inst Patchable, m proto.Manifest, patchPath, staged string) (err error) {
 	d := m.Delta
-	src, err := inst.Base()
-	if err != nil {
-		return fmt.Errorf("the installed file cannot be read: %w", err)
-	}
 	basePath := filepath.Join(u.opts.Dir, hex.EncodeToString(d.BaseSHA256)+".base")
 	base, err := os.OpenFile(basePath, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
-		src.Close()
 		return err
 	}
 	defer func() {
 		base.Close()
 		os.Remove(basePath)
 	}()
+	src, err := inst.Base()
+	if err != nil {
+		return fmt.Errorf("the installed file cannot be read: %w", err)
+	}
 	h := sha256.New()
 	n, err := io.Copy(io.MultiWriter(base, h), io.LimitReader(src, int64(d.BaseSize)+1))
 	src.Close()
@@ -252,7 +312,7 @@ func (u *Updater) stageDelta(inst Patchable, m proto.Manifest, patchPath, staged
 		}
 	}()
 	rh := sha256.New()
-	bw := bufio.NewWriterSize(io.MultiWriter(out, rh), 64<<10)
+	bw := bufio.NewWriterSize(ctxWriter{ctx, io.MultiWriter(out, rh)}, 64<<10)
 	err = bspatch.Apply(base, int64(d.BaseSize), patch, int64(d.PatchSize), int64(m.Size), 0, bw)
 	if err == nil {
 		err = bw.Flush()

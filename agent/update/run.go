@@ -219,11 +219,17 @@ func (u *Updater) Run(ctx context.Context) error {
 	defer tick.Stop()
 	retry := u.opts.RetryMin
 	stalled := 0
+	tidied, first := (*job)(nil), true
 	for ctx.Err() == nil {
 		if u.retryWaiting() {
 			continue
 		}
 		j := u.job()
+		if j != tidied || first {
+			// Another job (or none): what the previous one staged goes.
+			u.tidy()
+			tidied, first = j, false
+		}
 		if j == nil {
 			var clockCheck <-chan time.Time
 			if u.hasWaiting() {
@@ -253,7 +259,8 @@ func (u *Updater) Run(ctx context.Context) error {
 					if cur := u.view(j); cur.patching() {
 						// A patch that will not come: the full artifact may.
 						stalled = 0
-						if ferr := u.fallback(j, "the patch download makes no progress: "+err.Error()); errors.Is(ferr, errFellBack) {
+						fetched := u.furthest[string(cur.m.Delta.PatchSHA256)] > 0
+						if ferr := u.fallback(j, "the patch download makes no progress: "+err.Error(), fetched); errors.Is(ferr, errFellBack) {
 							continue
 						}
 						break
@@ -367,8 +374,10 @@ func (u *Updater) runDownload(ctx context.Context, j *job) (bool, error) {
 			u.report(j, proto.UpdateDownloading, func(r *proto.UpdateReport) { r.Progress = n })
 		}
 	}
+	key := string(j.m.SHA256) // progress is per file fetched: the patch, or the build
 	if cur.patching() {
-		err = u.runDelta(ctx, j, src, progress)
+		key = string(j.m.Delta.PatchSHA256)
+		err = u.runDelta(ctx, j, src, progress, func() bool { return high > 0 || u.furthest[key] > 0 })
 		if errors.Is(err, errFellBack) {
 			return true, nil // the next attempt fetches the full artifact
 		}
@@ -380,9 +389,9 @@ func (u *Updater) runDownload(ctx context.Context, j *job) (bool, error) {
 	}
 	// Progress is a byte beyond the furthest any attempt reached: a server
 	// that cuts every response at the same point makes none.
-	progressed := high > u.furthest[j.m.Counter]
+	progressed := high > u.furthest[key]
 	if progressed {
-		u.furthest[j.m.Counter] = high
+		u.furthest[key] = high
 	}
 	if err != nil {
 		if errors.Is(err, errTransient) || ctx.Err() != nil {

@@ -221,7 +221,7 @@ type Updater struct {
 	st        state
 	wake      chan struct{}
 	confirmed map[uint64]bool
-	furthest  map[uint64]uint64 // download progress per release, across attempts (Run only)
+	furthest  map[string]uint64 // download progress per file (digest), across attempts (Run only)
 	// waiting is the last offer deferred for a condition of the device,
 	// not a verdict on the release: the clock could not be trusted (it read
 	// before the floor), or another update was installing. It passed every
@@ -296,7 +296,7 @@ func New(opts Options) (*Updater, error) {
 	if opts.Conditions == nil {
 		opts.Conditions = func() Conditions { return Conditions{} }
 	}
-	u := &Updater{started: opts.Clock.Now(), opts: opts, log: opts.Logger.With("component", "update"), wake: make(chan struct{}, 1), confirmed: map[uint64]bool{}, furthest: map[uint64]uint64{}, bases: map[string]baseStamp{}}
+	u := &Updater{started: opts.Clock.Now(), opts: opts, log: opts.Logger.With("component", "update"), wake: make(chan struct{}, 1), confirmed: map[uint64]bool{}, furthest: map[string]uint64{}, bases: map[string]baseStamp{}}
 	b, err := opts.Store.Load(stateFile)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
@@ -400,6 +400,7 @@ func (u *Updater) Offer(cmd proto.Command) error {
 		u.opts.Report(RefusalReport(cmd, proto.CheckFormat, err.Error()), cmd.ID)
 		return err
 	}
+	builds := u.Builds() // before the lock: it may hash the files in place
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	m, clockErr, err := u.verifyLocked(o.Manifest, o.Keys)
@@ -443,6 +444,11 @@ func (u *Updater) Offer(cmd proto.Command) error {
 		// The same offer again (the control plane re-sends until it hears
 		// back): say where it stands.
 		cur := u.st.Job
+		if cur.FullURL == "" && o.FullURL != "" && cur.m.Delta != nil && u.checkURL(o.FullURL) == nil {
+			// The offer comes again with a full artifact to fall back to.
+			cur.FullURL = o.FullURL
+			_ = u.saveLocked()
+		}
 		u.report(cur, cur.state(), func(r *proto.UpdateReport) {
 			r.Reason = cur.Deferred
 			if cur.Phase == phaseRollback {
@@ -477,7 +483,7 @@ func (u *Updater) Offer(cmd proto.Command) error {
 		// A delta this device cannot apply (another base in place, deltas
 		// turned off, no known installed file) is fetched whole at once,
 		// or refused when the offer names no full artifact.
-		if reason := u.deltaBlocker(m); reason != "" {
+		if reason := u.deltaBlocker(m, builds); reason != "" {
 			if o.FullURL == "" {
 				err := &proto.VerifyError{Check: proto.CheckDelta, Err: errors.New(reason)}
 				u.log.Warn("release refused", "check", proto.CheckDelta, "err", err)
@@ -708,8 +714,8 @@ func (u *Updater) verifyLocked(signed, keys []byte) (m proto.Manifest, clockErr,
 	if len(m.Arch) > 0 && !slices.Contains(m.Arch, u.opts.Arch) {
 		return m, clockErr, &proto.VerifyError{Check: proto.CheckHardware, Err: fmt.Errorf("this device is %s, the release is for %s", u.opts.Arch, strings.Join(m.Arch, ", "))}
 	}
-	if m.Size > u.opts.MaxArtifactSize {
-		return m, clockErr, &proto.VerifyError{Check: proto.CheckSize, Err: fmt.Errorf("artifact of %d bytes, more than %d", m.Size, u.opts.MaxArtifactSize)}
+	if m.Size > u.opts.MaxArtifactSize || m.ArtifactSize() > u.opts.MaxArtifactSize {
+		return m, clockErr, &proto.VerifyError{Check: proto.CheckSize, Err: fmt.Errorf("artifact of %d bytes, more than %d", max(m.Size, m.ArtifactSize()), u.opts.MaxArtifactSize)}
 	}
 	return m, clockErr, nil
 }
