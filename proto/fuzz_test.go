@@ -2,6 +2,7 @@ package proto_test
 
 import (
 	"reflect"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -97,6 +98,24 @@ func FuzzParseSelector(f *testing.F) {
 		again, err := proto.ParseSelector(strings.Join(parts, ","))
 		if err != nil || !reflect.DeepEqual(sel, again) {
 			t.Fatalf("%q: %v, written back: %v (%v)", s, sel, again, err)
+		}
+	})
+}
+
+// semverRE is the expression ValidVersion implements by hand.
+var semverRE = regexp.MustCompile(`^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$`)
+
+// FuzzValidVersion: ValidVersion says what the semantic-version
+// expression says, for any string.
+func FuzzValidVersion(f *testing.F) {
+	for _, s := range []string{"1.0.0", "0.0.0", "01.0.0", "1.2.3-rc.1", "1.2.3+build.5", "1.2.3-rc.1+b", "1.2", "1.2.3-", "1.2.3+", "1.2.3-a+b+c",
+		"1.0.0+revert.1", "v1.0.0", "1.0.0 ", "1.0.0-é", "10.20.30-a-b.c--d+x-y", "1..0"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		want := len(s) <= 64 && semverRE.MatchString(s)
+		if got := proto.ValidVersion(s); got != want {
+			t.Fatalf("ValidVersion(%q) = %v, the expression says %v", s, got, want)
 		}
 	})
 }

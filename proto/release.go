@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"regexp"
 	"slices"
 	"time"
 
@@ -107,7 +106,6 @@ func KeyID(pub ed25519.PublicKey) string {
 	return "ed25519:" + hex.EncodeToString(h[:8])
 }
 
-var semver = regexp.MustCompile(`^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$`)
 
 // ValidTarget reports whether t can name a target: agent, or a payload
 // name of letters, digits, '.', '_' and '-'.
@@ -116,7 +114,50 @@ func ValidTarget(t string) bool {
 }
 
 // ValidVersion reports whether v is a semantic version (2.0.0).
-func ValidVersion(v string) bool { return len(v) <= 64 && semver.MatchString(v) }
+//
+// It matches ^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$
+// (tested against that expression), without linking a regular expression
+// engine into the agent.
+func ValidVersion(v string) bool {
+	if len(v) > 64 {
+		return false
+	}
+	rest := v
+	for i := range 3 {
+		n := 0
+		for n < len(rest) && rest[n] >= '0' && rest[n] <= '9' {
+			n++
+		}
+		if n == 0 || (n > 1 && rest[0] == '0') {
+			return false
+		}
+		rest = rest[n:]
+		if i < 2 {
+			if rest == "" || rest[0] != '.' {
+				return false
+			}
+			rest = rest[1:]
+		}
+	}
+	for _, sep := range []byte{'-', '+'} {
+		if rest != "" && rest[0] == sep {
+			n := 0
+			for n < len(rest)-1 && versionIDChar(rest[1+n]) {
+				n++
+			}
+			if n == 0 {
+				return false
+			}
+			rest = rest[1+n:]
+		}
+	}
+	return rest == ""
+}
+
+// versionIDChar is a character of a pre-release or build identifier.
+func versionIDChar(c byte) bool {
+	return c >= '0' && c <= '9' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c == '.' || c == '-'
+}
 
 // Validate checks a manifest's format.
 func (m *Manifest) Validate() error {
