@@ -1,0 +1,501 @@
+// Package mavlink reads the flight controller (PX4, ArduPilot) over
+// MAVLink: flight state, battery, position and the firmware version, for
+// the agent's telemetry and for its rule that nothing is installed while
+// the vehicle flies. The agent is an onboard-computer component of the
+// vehicle's system: it sends its own heartbeat and, once, a request for
+// AUTOPILOT_VERSION, and nothing that commands the vehicle.
+package mavlink
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/bluenviron/gomavlib/v3"
+
+	"github.com/hangarfleet/hangar/proto"
+)
+
+// Defaults of Options.
+const (
+	DefaultHeartbeatTimeout = 3 * time.Second
+	DefaultComponentID      = MAV_COMP_ID_ONBOARD_COMPUTER
+)
+
+// Options configure a Source.
+type Options struct {
+	// URL is the link: udp://ADDR:PORT (listen: what mavlink-router or
+	// MAVProxy forwards to), udp-client://HOST:PORT, tcp://HOST:PORT,
+	// serial:///dev/ttyS1:921600.
+	URL string
+	// SystemID is the vehicle's system id to follow (0: the first system
+	// whose heartbeat comes from an autopilot). Heartbeats of other
+	// systems, and of components that are not an autopilot (a ground
+	// station, a camera), are never taken for the vehicle's.
+	SystemID uint8
+	// OwnSystemID and OwnComponentID are the agent's own ids (defaults:
+	// the vehicle's system id once known, else 1; MAV_COMP_ID_ONBOARD_COMPUTER).
+	OwnSystemID    uint8
+	OwnComponentID uint8
+	// HeartbeatTimeout: without a heartbeat of the vehicle for this long
+	// the flight state is unknown (and installs wait).
+	HeartbeatTimeout time.Duration
+	// Event is called with a STATUSTEXT of warning severity or worse, and
+	// when the link to the flight controller is lost or back.
+	Event  func(proto.Event)
+	Logger *slog.Logger
+}
+
+// Source follows one vehicle on a MAVLink link.
+type Source struct {
+	opts Options
+	log  *slog.Logger
+	node *gomavlib.Node
+	udp  *udpConn // a udp:// link's socket
+
+	mu        sync.Mutex
+	sysID     uint8 // the vehicle's, once known
+	compID    uint8
+	hb        time.Time // last heartbeat of the vehicle
+	armed     bool
+	status    uint64 // MAV_STATE
+	extAt     time.Time
+	landed    uint64
+	battery   *uint8
+	voltage   uint16 // mV
+	current   int16  // cA
+	batAt     time.Time
+	batteries map[uint8]Battery
+	pos       position
+	posAt     time.Time
+	fix       uint8
+	sats      uint8
+	fixAt     time.Time
+	version   string // the flight controller's firmware, from AUTOPILOT_VERSION
+	board     uint32
+	asked     bool
+	lost      bool // the link was up, then its heartbeats stopped
+
+	frames, parseErrors, linkLosses, ignored atomic.Uint64
+}
+
+// Battery is one battery the vehicle reports (BATTERY_STATUS).
+type Battery struct {
+	Remaining *uint8 // percent
+	Voltage   uint16 // millivolts, the sum of its cells
+	Current   int16  // centiamperes (-1: unknown)
+	Faults    uint32 // MAV_BATTERY_FAULT bits
+}
+
+type position struct {
+	lat, lon, alt int32 // degrees * 1e7, centimetres above home
+}
+
+// ErrURL is a link URL the source cannot use.
+var ErrURL = errors.New("mavlink link")
+
+// endpoint is the gomavlib endpoint of a link URL.
+func endpoint(raw string) (gomavlib.EndpointConf, *udpConn, error) {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%w %q: %v", ErrURL, raw, err)
+	}
+	hostPort := func() (string, error) {
+		if _, _, err := net.SplitHostPort(u.Host); err != nil || u.Path != "" {
+			return "", fmt.Errorf("%w %q: want %s://HOST:PORT", ErrURL, raw, u.Scheme)
+		}
+		return u.Host, nil
+	}
+	switch u.Scheme {
+	case "udp":
+		addr, err := hostPort()
+		if err != nil {
+			return nil, nil, err
+		}
+		c, err := listenUDP(addr)
+		if err != nil {
+			return nil, nil, fmt.Errorf("%w %q: %v", ErrURL, raw, err)
+		}
+		return gomavlib.EndpointCustom{ReadWriteCloser: c}, c, nil
+	case "udp-client":
+		addr, err := hostPort()
+		if err != nil {
+			return nil, nil, err
+		}
+		return gomavlib.EndpointUDPClient{Address: addr}, nil, nil
+	case "tcp":
+		addr, err := hostPort()
+		if err != nil {
+			return nil, nil, err
+		}
+		return gomavlib.EndpointTCPClient{Address: addr}, nil, nil
+	case "serial":
+		dev, baud, ok := strings.Cut(u.Path, ":")
+		b, err := strconv.Atoi(baud)
+		if !ok || dev == "" || err != nil || b <= 0 {
+			return nil, nil, fmt.Errorf("%w %q: want serial:///dev/DEVICE:BAUD", ErrURL, raw)
+		}
+		return gomavlib.EndpointSerial{Device: dev, Baud: b}, nil, nil
+	}
+	return nil, nil, fmt.Errorf("%w %q: the scheme must be udp (listen), udp-client, tcp or serial", ErrURL, raw)
+}
+
+// New opens the link. Nothing is read until Run.
+func New(opts Options) (*Source, error) {
+	if opts.HeartbeatTimeout <= 0 {
+		opts.HeartbeatTimeout = DefaultHeartbeatTimeout
+	}
+	if opts.OwnComponentID == 0 {
+		opts.OwnComponentID = DefaultComponentID
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Event == nil {
+		opts.Event = func(proto.Event) {}
+	}
+	ep, udp, err := endpoint(opts.URL)
+	if err != nil {
+		return nil, err
+	}
+	own := opts.OwnSystemID
+	if own == 0 {
+		own = max(opts.SystemID, 1)
+	}
+	s := &Source{opts: opts, log: opts.Logger.With("component", "mavlink"), batteries: map[uint8]Battery{}, udp: udp}
+	s.node = &gomavlib.Node{
+		Endpoints:      []gomavlib.EndpointConf{ep},
+		Dialect:        Dialect,
+		OutVersion:     gomavlib.V2, // v1 frames are read too
+		OutSystemID:    own,
+		OutComponentID: opts.OwnComponentID,
+		// The agent's own heartbeat: an onboard computer, no autopilot.
+		HeartbeatPeriod:        time.Second,
+		HeartbeatSystemType:    int(MAV_TYPE_ONBOARD_CONTROLLER),
+		HeartbeatAutopilotType: int(MAV_AUTOPILOT_INVALID),
+		ReadTimeout:            10 * time.Second,
+		WriteTimeout:           2 * time.Second,
+		IdleTimeout:            30 * time.Second,
+	}
+	if err := s.node.Initialize(); err != nil {
+		if udp != nil {
+			udp.Close()
+		}
+		return nil, fmt.Errorf("mavlink %s: %w", opts.URL, err)
+	}
+	return s, nil
+}
+
+// Run reads the link until ctx ends, then closes it.
+func (s *Source) Run(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() {
+		select {
+		case <-ctx.Done():
+		case <-done:
+		}
+		s.node.Close()
+	}()
+	defer close(done)
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	events := s.node.Events()
+	for {
+		select {
+		case evt, ok := <-events:
+			if !ok {
+				return nil
+			}
+			s.handle(evt, time.Now())
+		case now := <-tick.C:
+			s.watch(now)
+		}
+	}
+}
+
+func (s *Source) handle(evt gomavlib.Event, now time.Time) {
+	switch e := evt.(type) {
+	case *gomavlib.EventParseError:
+		// A malformed frame, a bad CRC, a byte of line noise: dropped,
+		// counted (not logged one by one: noise is many).
+		s.parseErrors.Add(1)
+	case *gomavlib.EventChannelOpen:
+		s.log.Info("link open", "channel", e.Channel.String())
+	case *gomavlib.EventChannelClose:
+		s.log.Info("link closed", "channel", e.Channel.String())
+	case *gomavlib.EventFrame:
+		s.frames.Add(1)
+		s.frame(e, now)
+	}
+}
+
+// frame takes what the vehicle's autopilot sends.
+func (s *Source) frame(e *gomavlib.EventFrame, now time.Time) {
+	sys, comp := e.SystemID(), e.ComponentID()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if hb, ok := e.Message().(*MessageHeartbeat); ok && s.sysID == 0 {
+		// The vehicle is the configured system, or the first whose
+		// heartbeat comes from an autopilot (not a ground station, a
+		// camera, another onboard computer).
+		if hb.Autopilot != MAV_AUTOPILOT_INVALID && hb.Type != MAV_TYPE_GCS && (s.opts.SystemID == 0 || sys == s.opts.SystemID) {
+			s.sysID, s.compID = sys, comp
+			s.log.Info("following the vehicle", "system", sys, "component", comp, "autopilot", uint64(hb.Autopilot), "type", uint64(hb.Type))
+		}
+	}
+	if s.sysID == 0 || sys != s.sysID {
+		s.ignored.Add(1)
+		return
+	}
+	switch m := e.Message().(type) {
+	case *MessageHeartbeat:
+		if comp != s.compID {
+			s.ignored.Add(1) // another component of the vehicle's system
+			return
+		}
+		s.hb = now
+		s.armed = m.BaseMode&MAV_MODE_FLAG_SAFETY_ARMED != 0
+		s.status = uint64(m.SystemStatus)
+		if s.lost {
+			s.lost = false
+			s.opts.Event(proto.Event{Kind: proto.EventMessage, Severity: proto.SevInfo, Code: "fc_link_back", Message: "heartbeats of the flight controller again"})
+		}
+		if !s.asked && s.version == "" {
+			s.asked = true
+			go s.requestVersion(e.Channel)
+		}
+	case *MessageExtendedSysState:
+		s.extAt, s.landed = now, m.LandedState
+	case *MessageSysStatus:
+		if m.BatteryRemaining >= 0 && m.BatteryRemaining <= 100 {
+			b := uint8(m.BatteryRemaining)
+			s.battery = &b
+		} else {
+			s.battery = nil
+		}
+		if m.VoltageBattery != 0 && m.VoltageBattery != 0xffff {
+			s.voltage = m.VoltageBattery
+		}
+		s.current, s.batAt = m.CurrentBattery, now
+	case *MessageBatteryStatus:
+		var mv uint32
+		for _, c := range m.Voltages {
+			if c != 0xffff {
+				mv += uint32(c)
+			}
+		}
+		b := Battery{Voltage: uint16(min(mv, 0xfffe)), Current: m.CurrentBattery, Faults: uint32(m.FaultBitmask)}
+		if m.BatteryRemaining >= 0 && m.BatteryRemaining <= 100 {
+			r := uint8(m.BatteryRemaining)
+			b.Remaining = &r
+		}
+		if len(s.batteries) < 16 || s.batteries[m.Id].Voltage != 0 {
+			s.batteries[m.Id] = b
+		}
+		if m.Id == 0 {
+			// The main battery: what battery thresholds use.
+			s.battery, s.batAt = b.Remaining, now
+			if b.Voltage != 0 {
+				s.voltage = b.Voltage
+			}
+		}
+	case *MessageGlobalPositionInt:
+		s.pos, s.posAt = position{lat: m.Lat, lon: m.Lon, alt: m.RelativeAlt / 10}, now
+	case *MessageGpsRawInt:
+		s.fix, s.sats, s.fixAt = uint8(min(m.FixType, 255)), m.SatellitesVisible, now
+	case *MessageAutopilotVersion:
+		s.version, s.board = firmwareVersion(m.FlightSwVersion), m.BoardVersion
+		s.log.Info("flight controller firmware", "version", s.version, "board", m.BoardVersion)
+	case *MessageStatustext:
+		if m.Severity <= severityWarning {
+			sev := proto.SevWarning
+			if m.Severity <= 2 { // emergency, alert, critical
+				sev = proto.SevCritical
+			}
+			s.opts.Event(proto.Event{Kind: proto.EventAlert, Severity: sev, Code: "fc_statustext", Message: m.Text})
+		}
+	}
+}
+
+// requestVersion asks the autopilot for AUTOPILOT_VERSION: the one
+// command the agent sends.
+func (s *Source) requestVersion(ch *gomavlib.Channel) {
+	s.mu.Lock()
+	sys, comp := s.sysID, s.compID
+	s.mu.Unlock()
+	err := s.node.WriteMessageTo(ch, &MessageCommandLong{TargetSystem: sys, TargetComponent: comp,
+		Command: MAV_CMD_REQUEST_MESSAGE, Param1: msgAutopilotVersion})
+	if err != nil {
+		s.log.Warn("could not ask for the flight controller's version", "err", err)
+	}
+}
+
+// watch notices a vehicle that went quiet.
+func (s *Source) watch(now time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.hb.IsZero() && !s.lost && now.Sub(s.hb) > s.opts.HeartbeatTimeout {
+		s.lost = true
+		s.linkLosses.Add(1)
+		s.opts.Event(proto.Event{Kind: proto.EventAlert, Severity: proto.SevWarning, Code: "fc_link_lost",
+			Message: fmt.Sprintf("no heartbeat from the flight controller for %v: flight state unknown", s.opts.HeartbeatTimeout)})
+	}
+}
+
+// firmwareVersion reads AUTOPILOT_VERSION's flight_sw_version: major,
+// minor, patch in its top three bytes, the release type in the last.
+func firmwareVersion(v uint32) string {
+	s := fmt.Sprintf("%d.%d.%d", v>>24, v>>16&0xff, v>>8&0xff)
+	switch v & 0xff {
+	case 0:
+		s += "-dev"
+	case 64:
+		s += "-alpha"
+	case 128:
+		s += "-beta"
+	case 192:
+		s += "-rc"
+	}
+	return s
+}
+
+// State is what the source knows of the vehicle at time now.
+type State struct {
+	Flight proto.FlightState
+	// Why says in words why the flight state is what it is, when installs
+	// must wait: "armed", "in the air", "taking off", "landing", "no
+	// heartbeat from the flight controller for 3s".
+	Why     string
+	Battery *uint8
+	Voltage uint16
+}
+
+// State is the vehicle's state now. It fails safe: only a fresh heartbeat
+// saying disarmed, with a landed state of on-ground where the vehicle
+// sends EXTENDED_SYS_STATE, is landed.
+func (s *Source) State(now time.Time) State {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var st State
+	fresh := func(at time.Time) bool { return !at.IsZero() && now.Sub(at) <= s.opts.HeartbeatTimeout }
+	if fresh(s.batAt) {
+		st.Battery, st.Voltage = copyPtr(s.battery), s.voltage
+	}
+	switch {
+	case s.hb.IsZero():
+		st.Flight, st.Why = proto.FlightUnknown, "no heartbeat from the flight controller yet"
+		return st
+	case !fresh(s.hb):
+		st.Flight, st.Why = proto.FlightUnknown, fmt.Sprintf("no heartbeat from the flight controller for %v", now.Sub(s.hb).Round(time.Second))
+		return st
+	}
+	landed := ""
+	switch {
+	case s.extAt.IsZero():
+		// The vehicle does not send EXTENDED_SYS_STATE: disarmed is all
+		// there is to go by.
+	case !fresh(s.extAt):
+		landed = "no landed state from the flight controller for " + now.Sub(s.extAt).Round(time.Second).String()
+	default:
+		landed = map[uint64]string{landedUndefined: "landed state undefined", landedInAir: "in the air", landedTakeoff: "taking off", landedLanding: "landing"}[s.landed]
+		if landed == "" && s.landed != landedOnGround {
+			landed = fmt.Sprintf("landed state %d", s.landed)
+		}
+	}
+	switch {
+	case landed == "in the air" || landed == "taking off" || landed == "landing":
+		st.Flight, st.Why = proto.FlightFlying, landed
+	case s.armed:
+		st.Flight, st.Why = proto.FlightArmed, "armed"
+	case landed != "":
+		st.Flight, st.Why = proto.FlightUnknown, landed
+	default:
+		st.Flight = proto.FlightLanded
+	}
+	return st
+}
+
+func copyPtr(p *uint8) *uint8 {
+	if p == nil {
+		return nil
+	}
+	v := *p
+	return &v
+}
+
+// Fill sets the sample's fields the vehicle reports: battery, voltage,
+// position and fix (fresh values only), and the flight state.
+func (s *Source) Fill(smp *proto.Sample, now time.Time) {
+	st := s.State(now)
+	smp.Flight = st.Flight
+	if st.Battery != nil {
+		smp.Battery = st.Battery
+	}
+	if st.Voltage != 0 {
+		smp.Voltage = st.Voltage
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	fresh := func(at time.Time) bool { return !at.IsZero() && now.Sub(at) <= s.opts.HeartbeatTimeout }
+	if fresh(s.fixAt) {
+		smp.Fix = min(s.fix, 3) // 4 and up are 3D fixes with corrections
+		if s.fix == 1 {
+			smp.Fix = 0 // GPS_FIX_TYPE_NO_FIX
+		}
+	}
+	if fresh(s.posAt) && smp.Fix >= 2 {
+		smp.Lat, smp.Lon, smp.Alt = s.pos.lat, s.pos.lon, s.pos.alt
+	}
+	if smp.Ext == nil {
+		smp.Ext = map[string]float64{}
+	}
+	smp.Ext["fc_link_losses"] = float64(s.linkLosses.Load())
+	if fresh(s.fixAt) {
+		smp.Ext["gps_satellites"] = float64(s.sats)
+	}
+}
+
+// Firmware is the flight controller's firmware version ("" until it
+// answered) and board.
+func (s *Source) Firmware() (string, uint32) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.version, s.board
+}
+
+// Batteries are the batteries the vehicle reported, by id.
+func (s *Source) Batteries() map[uint8]Battery {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[uint8]Battery, len(s.batteries))
+	for k, v := range s.batteries {
+		out[k] = v
+	}
+	return out
+}
+
+// Counters are the frames read, the frames dropped as malformed, the
+// frames of other systems and components, and the losses of the
+// vehicle's heartbeat.
+func (s *Source) Counters() (frames, parseErrors, ignored, linkLosses uint64) {
+	return s.frames.Load(), s.parseErrors.Load(), s.ignored.Load(), s.linkLosses.Load()
+}
+
+var _ io.Closer = (*udpConn)(nil)
+
+// Addr is where a udp:// link listens (nil for other links).
+func (s *Source) Addr() net.Addr {
+	if s.udp == nil {
+		return nil
+	}
+	return s.udp.LocalAddr()
+}
