@@ -49,6 +49,21 @@ type Sensors interface {
 	Read(now time.Time) proto.Sample
 }
 
+// FlightSource is a Sensors that knows the flight state now, in more
+// words than a sample holds (the flight controller over MAVLink): the
+// update policy asks it rather than the latest sample. ok is false when
+// it has no flight source configured.
+type FlightSource interface {
+	FlightNow(now time.Time) (state proto.FlightState, why string, battery *uint8, ok bool)
+}
+
+// PayloadReporter is a Sensors that knows versions of payloads the agent
+// does not install itself (the flight controller's firmware): they are
+// reported in the hello with the installed payloads.
+type PayloadReporter interface {
+	Payloads() map[string]string
+}
+
 // Store is the agent's state directory: small durable files and the
 // outbox. statedir.Dir with an outbox.Outbox is the default.
 type Store interface {

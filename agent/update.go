@@ -125,6 +125,11 @@ func (a *Agent) reportUpdate(r proto.UpdateReport, cmd string) {
 }
 
 func (a *Agent) conditions() update.Conditions {
+	if fs, ok := a.opts.Sensors.(FlightSource); ok {
+		if f, why, battery, ok := fs.FlightNow(a.clk.Now()); ok {
+			return update.Conditions{Flight: f, Why: why, Battery: battery}
+		}
+	}
 	s := a.latest.Load()
 	if s == nil {
 		return update.Conditions{}
@@ -179,6 +184,16 @@ func (a *Agent) installed() (uint64, map[string]string) {
 			payloads = map[string]string{}
 		}
 		payloads[t] = in.Version
+	}
+	if pr, ok := a.opts.Sensors.(PayloadReporter); ok {
+		for t, v := range pr.Payloads() {
+			if _, installed := payloads[t]; !installed && v != "" {
+				if payloads == nil {
+					payloads = map[string]string{}
+				}
+				payloads[t] = v
+			}
+		}
 	}
 	if v := a.opts.Update.Guard.Version; v != "" {
 		if payloads == nil {

@@ -17,11 +17,13 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/hangarfleet/hangar/agent"
 	"github.com/hangarfleet/hangar/agent/guard"
+	"github.com/hangarfleet/hangar/agent/mavlink"
 	"github.com/hangarfleet/hangar/agent/sensors"
 	"github.com/hangarfleet/hangar/agent/update"
 	"github.com/hangarfleet/hangar/proto"
@@ -109,6 +111,30 @@ func RunWith(ctx context.Context, args []string, getenv func(string) string, std
 		}()
 		log.Info("listening for the flight stack", "addr", fl.Addr())
 	}
+	var running atomic.Pointer[agent.Agent] // for the flight controller's events
+	if cfg.MAVLink != "" {
+		if cfg.MAVLinkSystemID > 255 || cfg.MAVLinkComponentID == 0 || cfg.MAVLinkComponentID > 255 {
+			return fmt.Errorf("--mavlink-system-id and --mavlink-component-id are 0-255 and 1-255")
+		}
+		mav, err := mavlink.New(mavlink.Options{URL: cfg.MAVLink, SystemID: uint8(cfg.MAVLinkSystemID), OwnComponentID: uint8(cfg.MAVLinkComponentID),
+			HeartbeatTimeout: cfg.MAVLinkHeartbeatTimeout, Logger: log, Event: func(e proto.Event) {
+				if a := running.Load(); a != nil {
+					a.Emit(e)
+				}
+			}})
+		if err != nil {
+			return err
+		}
+		ds.mav = mav
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := mav.Run(ctx); err != nil {
+				log.Error("mavlink stopped", "err", err)
+			}
+		}()
+		log.Info("reading the flight controller over MAVLink", "link", cfg.MAVLink)
+	}
 	if uo == nil {
 		log.Warn("no --root-key: signed updates are refused")
 	} else {
@@ -123,6 +149,7 @@ func RunWith(ctx context.Context, args []string, getenv func(string) string, std
 	if err != nil {
 		return err
 	}
+	running.Store(a)
 	sdNotify("READY=1")
 	wdCtx, stopWD := context.WithCancel(ctx)
 	defer stopWD()
@@ -211,10 +238,12 @@ func updateOptions(cfg Config) (*agent.UpdateOptions, error) {
 	return uo, nil
 }
 
-// deviceSensors reads the board, then overlays what the flight stack said.
+// deviceSensors reads the board, then overlays what the flight stack said
+// on the local socket, then what the flight controller says over MAVLink.
 type deviceSensors struct {
 	linux  *sensors.Linux
 	flight *sensors.Flight
+	mav    *mavlink.Source
 }
 
 func (d *deviceSensors) Read(now time.Time) proto.Sample {
@@ -223,5 +252,37 @@ func (d *deviceSensors) Read(now time.Time) proto.Sample {
 	if d.flight != nil {
 		d.flight.Fill(&s, now)
 	}
+	if d.mav != nil {
+		d.mav.Fill(&s, now)
+	}
 	return s
 }
+
+// FlightNow is the flight controller's state now, with MAVLink.
+func (d *deviceSensors) FlightNow(now time.Time) (proto.FlightState, string, *uint8, bool) {
+	if d.mav == nil {
+		return 0, "", nil, false
+	}
+	st := d.mav.State(now)
+	return st.Flight, st.Why, st.Battery, true
+}
+
+// PayloadFC is the payload name the flight controller's firmware version
+// is reported under.
+const PayloadFC = "fc-firmware"
+
+// Payloads are the flight controller's firmware version, once it answered.
+func (d *deviceSensors) Payloads() map[string]string {
+	if d.mav == nil {
+		return nil
+	}
+	if v, _ := d.mav.Firmware(); v != "" {
+		return map[string]string{PayloadFC: v}
+	}
+	return nil
+}
+
+var (
+	_ agent.FlightSource    = (*deviceSensors)(nil)
+	_ agent.PayloadReporter = (*deviceSensors)(nil)
+)

@@ -33,16 +33,18 @@ const (
 	MAV_COMP_ID_ONBOARD_COMPUTER               = 191
 
 	// MAV_LANDED_STATE
-	landedUndefined = 0
-	landedOnGround  = 1
-	landedInAir     = 2
-	landedTakeoff   = 3
-	landedLanding   = 4
+	LandedUndefined = 0
+	LandedOnGround  = 1
+	LandedInAir     = 2
+	LandedTakeoff   = 3
+	LandedLanding   = 4
 
 	// MAV_SEVERITY: 0 emergency ... 4 warning ... 7 debug
-	severityWarning MAV_SEVERITY = 4
+	SeverityWarning MAV_SEVERITY = 4
 
-	msgAutopilotVersion = 148
+	// MsgAutopilotVersion is AUTOPILOT_VERSION's id, which the agent
+	// requests.
+	MsgAutopilotVersion = 148
 )
 
 type MessageHeartbeat struct {

@@ -316,7 +316,7 @@ func (s *Source) frame(e *gomavlib.EventFrame, now time.Time) {
 		s.version, s.board = firmwareVersion(m.FlightSwVersion), m.BoardVersion
 		s.log.Info("flight controller firmware", "version", s.version, "board", m.BoardVersion)
 	case *MessageStatustext:
-		if m.Severity <= severityWarning {
+		if m.Severity <= SeverityWarning {
 			sev := proto.SevWarning
 			if m.Severity <= 2 { // emergency, alert, critical
 				sev = proto.SevCritical
@@ -333,7 +333,7 @@ func (s *Source) requestVersion(ch *gomavlib.Channel) {
 	sys, comp := s.sysID, s.compID
 	s.mu.Unlock()
 	err := s.node.WriteMessageTo(ch, &MessageCommandLong{TargetSystem: sys, TargetComponent: comp,
-		Command: MAV_CMD_REQUEST_MESSAGE, Param1: msgAutopilotVersion})
+		Command: MAV_CMD_REQUEST_MESSAGE, Param1: MsgAutopilotVersion})
 	if err != nil {
 		s.log.Warn("could not ask for the flight controller's version", "err", err)
 	}
@@ -406,8 +406,8 @@ func (s *Source) State(now time.Time) State {
 	case !fresh(s.extAt):
 		landed = "no landed state from the flight controller for " + now.Sub(s.extAt).Round(time.Second).String()
 	default:
-		landed = map[uint64]string{landedUndefined: "landed state undefined", landedInAir: "in the air", landedTakeoff: "taking off", landedLanding: "landing"}[s.landed]
-		if landed == "" && s.landed != landedOnGround {
+		landed = map[uint64]string{LandedUndefined: "landed state undefined", LandedInAir: "in the air", LandedTakeoff: "taking off", LandedLanding: "landing"}[s.landed]
+		if landed == "" && s.landed != LandedOnGround {
 			landed = fmt.Sprintf("landed state %d", s.landed)
 		}
 	}

@@ -1,4 +1,4 @@
-package mavlink
+package mavlink_test
 
 import (
 	"context"
@@ -8,107 +8,19 @@ import (
 	"testing"
 	"time"
 
-	"github.com/bluenviron/gomavlib/v3"
-
+	"github.com/hangarfleet/hangar/agent/mavlink"
+	"github.com/hangarfleet/hangar/agent/mavlink/mavlinktest"
 	"github.com/hangarfleet/hangar/proto"
 )
 
-// vehicle is a flight controller in the test: a gomavlib node of its own
-// that streams what PX4 streams (heartbeat, extended state, battery,
-// position, GPS) every 20 ms, and answers the request for its version.
-type vehicle struct {
-	t    *testing.T
-	node *gomavlib.Node
-	sys  uint8
-
-	mu        sync.Mutex
-	autopilot MAV_AUTOPILOT
-	typ       MAV_TYPE
-	armed     bool
-	landed    uint64
-	sendExt   bool
-	battery   int8
-	beat      bool
-	asked     int
-	text      string
-}
-
-const (
-	autopilotPX4  MAV_AUTOPILOT = 12
-	typeQuadrotor MAV_TYPE      = 2
-	fcVersion                   = 1<<24 | 14<<16 | 3<<8 | 255 // 1.14.3, official
-)
-
-func newVehicle(t *testing.T, addr string, sys uint8, autopilot MAV_AUTOPILOT, typ MAV_TYPE) *vehicle {
+func newVehicle(t *testing.T, addr string, sys uint8, autopilot mavlink.MAV_AUTOPILOT, typ mavlink.MAV_TYPE) *mavlinktest.Vehicle {
 	t.Helper()
-	v := &vehicle{t: t, sys: sys, autopilot: autopilot, typ: typ, sendExt: true, battery: 95, beat: true, landed: landedOnGround}
-	v.node = &gomavlib.Node{
-		Endpoints:        []gomavlib.EndpointConf{gomavlib.EndpointUDPClient{Address: addr}},
-		Dialect:          Dialect,
-		OutVersion:       gomavlib.V2,
-		OutSystemID:      sys,
-		OutComponentID:   1,
-		HeartbeatDisable: true,
-	}
-	if err := v.node.Initialize(); err != nil {
+	v, err := mavlinktest.Start(mavlinktest.Options{Addr: addr, SystemID: sys, Autopilot: autopilot, Type: typ})
+	if err != nil {
 		t.Fatal(err)
 	}
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	t.Cleanup(func() { close(stop); v.node.Close(); wg.Wait() })
-	wg.Go(func() {
-		for evt := range v.node.Events() {
-			if f, ok := evt.(*gomavlib.EventFrame); ok {
-				if c, ok := f.Message().(*MessageCommandLong); ok && c.Command == MAV_CMD_REQUEST_MESSAGE && c.Param1 == msgAutopilotVersion && c.TargetSystem == sys {
-					v.mu.Lock()
-					v.asked++
-					v.mu.Unlock()
-					v.node.WriteMessageTo(f.Channel, &MessageAutopilotVersion{FlightSwVersion: fcVersion, BoardVersion: 0x00320000})
-				}
-			}
-		}
-	})
-	wg.Go(func() {
-		tick := time.NewTicker(20 * time.Millisecond) // the vehicle's stream rate
-		defer tick.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-tick.C:
-			}
-			v.mu.Lock()
-			hb := &MessageHeartbeat{Type: v.typ, Autopilot: v.autopilot, SystemStatus: MAV_STATE_ACTIVE, MavlinkVersion: 3}
-			if v.armed {
-				hb.BaseMode |= MAV_MODE_FLAG_SAFETY_ARMED
-			}
-			beat, ext, landed, battery, text := v.beat, v.sendExt, v.landed, v.battery, v.text
-			v.text = ""
-			v.mu.Unlock()
-			if beat {
-				v.node.WriteMessageAll(hb)
-			}
-			if v.autopilot == MAV_AUTOPILOT_INVALID {
-				continue // a ground station sends heartbeats only
-			}
-			if ext {
-				v.node.WriteMessageAll(&MessageExtendedSysState{LandedState: landed})
-			}
-			v.node.WriteMessageAll(&MessageSysStatus{VoltageBattery: 15000 + uint16(battery)*10, CurrentBattery: 1200, BatteryRemaining: battery})
-			v.node.WriteMessageAll(&MessageGlobalPositionInt{Lat: 473769000, Lon: 85417000, RelativeAlt: 12000})
-			v.node.WriteMessageAll(&MessageGpsRawInt{FixType: 3, SatellitesVisible: 14})
-			if text != "" {
-				v.node.WriteMessageAll(&MessageStatustext{Severity: severityWarning, Text: text})
-			}
-		}
-	})
+	t.Cleanup(v.Close)
 	return v
-}
-
-func (v *vehicle) set(f func(v *vehicle)) {
-	v.mu.Lock()
-	f(v)
-	v.mu.Unlock()
 }
 
 type events struct {
@@ -133,14 +45,14 @@ func (e *events) has(code, text string) bool {
 	return false
 }
 
-func startSource(t *testing.T, mods ...func(*Options)) (*Source, *events) {
+func startSource(t *testing.T, mods ...func(*mavlink.Options)) (*mavlink.Source, *events) {
 	t.Helper()
 	evs := &events{}
-	o := Options{URL: "udp://127.0.0.1:0", HeartbeatTimeout: 500 * time.Millisecond, Event: evs.add}
+	o := mavlink.Options{URL: "udp://127.0.0.1:0", HeartbeatTimeout: 500 * time.Millisecond, Event: evs.add}
 	for _, f := range mods {
 		f(&o)
 	}
-	s, err := New(o)
+	s, err := mavlink.New(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,7 +70,7 @@ func startSource(t *testing.T, mods ...func(*Options)) (*Source, *events) {
 	return s, evs
 }
 
-func waitState(t *testing.T, s *Source, what string, ok func(State) bool) State {
+func waitState(t *testing.T, s *mavlink.Source, what string, ok func(mavlink.State) bool) mavlink.State {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -173,8 +85,8 @@ func waitState(t *testing.T, s *Source, what string, ok func(State) bool) State 
 	}
 }
 
-func is(f proto.FlightState, why string) func(State) bool {
-	return func(st State) bool { return st.Flight == f && st.Why == why }
+func is(f proto.FlightState, why string) func(mavlink.State) bool {
+	return func(st mavlink.State) bool { return st.Flight == f && st.Why == why }
 }
 
 // TestVehicleFlight: a vehicle arms, takes off, flies, lands and
@@ -183,7 +95,7 @@ func is(f proto.FlightState, why string) func(State) bool {
 // turns its warnings into events, and fills the sample from it.
 func TestVehicleFlight(t *testing.T) {
 	s, evs := startSource(t)
-	v := newVehicle(t, s.Addr().String(), 1, autopilotPX4, typeQuadrotor)
+	v := newVehicle(t, s.Addr().String(), 1, mavlinktest.AutopilotPX4, mavlinktest.TypeQuadrotor)
 	waitState(t, s, "landed", is(proto.FlightLanded, ""))
 	for _, step := range []struct {
 		armed  bool
@@ -191,18 +103,18 @@ func TestVehicleFlight(t *testing.T) {
 		flight proto.FlightState
 		why    string
 	}{
-		{true, landedOnGround, proto.FlightArmed, "armed"},
-		{true, landedTakeoff, proto.FlightFlying, "taking off"},
-		{true, landedInAir, proto.FlightFlying, "in the air"},
-		{true, landedLanding, proto.FlightFlying, "landing"},
-		{true, landedOnGround, proto.FlightArmed, "armed"},
-		{false, landedUndefined, proto.FlightUnknown, "landed state undefined"},
-		{false, landedOnGround, proto.FlightLanded, ""},
+		{true, mavlink.LandedOnGround, proto.FlightArmed, "armed"},
+		{true, mavlink.LandedTakeoff, proto.FlightFlying, "taking off"},
+		{true, mavlink.LandedInAir, proto.FlightFlying, "in the air"},
+		{true, mavlink.LandedLanding, proto.FlightFlying, "landing"},
+		{true, mavlink.LandedOnGround, proto.FlightArmed, "armed"},
+		{false, mavlink.LandedUndefined, proto.FlightUnknown, "landed state undefined"},
+		{false, mavlink.LandedOnGround, proto.FlightLanded, ""},
 	} {
-		v.set(func(v *vehicle) { v.armed, v.landed, v.battery = step.armed, step.landed, v.battery-10 })
+		v.Set(func(v *mavlinktest.State) { v.Armed, v.Landed, v.Battery = step.armed, step.landed, v.Battery-10 })
 		waitState(t, s, fmt.Sprintf("armed %v, landed state %d", step.armed, step.landed), is(step.flight, step.why))
 	}
-	st := waitState(t, s, "the drained battery", func(st State) bool { return st.Battery != nil && *st.Battery == 25 })
+	st := waitState(t, s, "the drained battery", func(st mavlink.State) bool { return st.Battery != nil && *st.Battery == 25 })
 	if st.Voltage != 15250 {
 		t.Errorf("voltage %d mV", st.Voltage)
 	}
@@ -213,19 +125,16 @@ func TestVehicleFlight(t *testing.T) {
 		t.Errorf("sample %+v (ext %v)", smp, smp.Ext)
 	}
 	deadline := time.Now().Add(10 * time.Second)
-	for ver, _ := s.Firmware(); ver != "1.14.3"; ver, _ = s.Firmware() {
+	for ver, _ := s.Firmware(); ver != mavlinktest.Firmware; ver, _ = s.Firmware() {
 		if time.Now().After(deadline) {
 			t.Fatalf("firmware version %q", ver)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	v.mu.Lock()
-	asked := v.asked
-	v.mu.Unlock()
-	if asked != 1 {
+	if asked := v.Asked(); asked != 1 {
 		t.Errorf("asked for the version %d times", asked)
 	}
-	v.set(func(v *vehicle) { v.text = "Preflight Fail: baro" })
+	v.Set(func(v *mavlinktest.State) { v.Text = "Preflight Fail: baro" })
 	waitFor(t, "the warning as an event", func() bool { return evs.has("fc_statustext", "Preflight Fail: baro") })
 	if frames, bad, _, _ := s.Counters(); frames == 0 || bad != 0 {
 		t.Errorf("frames %d, malformed %d", frames, bad)
@@ -248,10 +157,10 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // reported, and it comes back with them.
 func TestVehicleHeartbeatLoss(t *testing.T) {
 	s, evs := startSource(t)
-	v := newVehicle(t, s.Addr().String(), 1, autopilotPX4, typeQuadrotor)
+	v := newVehicle(t, s.Addr().String(), 1, mavlinktest.AutopilotPX4, mavlinktest.TypeQuadrotor)
 	waitState(t, s, "landed", is(proto.FlightLanded, ""))
-	v.set(func(v *vehicle) { v.beat = false })
-	st := waitState(t, s, "unknown", func(st State) bool { return st.Flight == proto.FlightUnknown })
+	v.Set(func(v *mavlinktest.State) { v.Beat = false })
+	st := waitState(t, s, "unknown", func(st mavlink.State) bool { return st.Flight == proto.FlightUnknown })
 	if !strings.Contains(st.Why, "no heartbeat from the flight controller") {
 		t.Errorf("why %q", st.Why)
 	}
@@ -264,7 +173,7 @@ func TestVehicleHeartbeatLoss(t *testing.T) {
 	if smp.Ext["fc_link_losses"] != 1 || smp.Flight != proto.FlightUnknown {
 		t.Errorf("sample %+v", smp)
 	}
-	v.set(func(v *vehicle) { v.beat = true })
+	v.Set(func(v *mavlinktest.State) { v.Beat = true })
 	waitState(t, s, "landed again", is(proto.FlightLanded, ""))
 	waitFor(t, "the link back", func() bool { return evs.has("fc_link_back", "") })
 }
@@ -274,31 +183,18 @@ func TestVehicleHeartbeatLoss(t *testing.T) {
 // source follows a system id; a vehicle that sends no EXTENDED_SYS_STATE
 // is landed when disarmed.
 func TestVehicleNotTheGroundStation(t *testing.T) {
-	s, _ := startSource(t, func(o *Options) { o.SystemID = 2 })
+	s, _ := startSource(t, func(o *mavlink.Options) { o.SystemID = 2 })
 	addr := s.Addr().String()
-	newVehicle(t, addr, 255, MAV_AUTOPILOT_INVALID, MAV_TYPE_GCS) // QGroundControl
-	other := newVehicle(t, addr, 1, autopilotPX4, typeQuadrotor)  // another vehicle, flying
-	other.set(func(v *vehicle) { v.armed, v.landed = true, landedInAir })
+	newVehicle(t, addr, 255, mavlink.MAV_AUTOPILOT_INVALID, mavlink.MAV_TYPE_GCS)        // QGroundControl
+	other := newVehicle(t, addr, 1, mavlinktest.AutopilotPX4, mavlinktest.TypeQuadrotor) // another vehicle, flying
+	other.Set(func(v *mavlinktest.State) { v.Armed, v.Landed = true, mavlink.LandedInAir })
 	waitFor(t, "frames of the others", func() bool { _, _, ignored, _ := s.Counters(); return ignored > 20 })
 	if st := s.State(time.Now()); st.Flight != proto.FlightUnknown || !strings.Contains(st.Why, "no heartbeat") {
 		t.Fatalf("took another system for the vehicle: %+v", st)
 	}
-	mine := newVehicle(t, addr, 2, autopilotPX4, typeQuadrotor)
-	mine.set(func(v *vehicle) { v.sendExt = false })
+	mine := newVehicle(t, addr, 2, mavlinktest.AutopilotPX4, mavlinktest.TypeQuadrotor)
+	mine.Set(func(v *mavlinktest.State) { v.SendExt = false })
 	waitState(t, s, "its own vehicle, landed", is(proto.FlightLanded, ""))
-	mine.set(func(v *vehicle) { v.armed = true })
+	mine.Set(func(v *mavlinktest.State) { v.Armed = true })
 	waitState(t, s, "armed", is(proto.FlightArmed, "armed"))
-}
-
-func TestEndpointURLs(t *testing.T) {
-	for _, good := range []string{"udp-client://127.0.0.1:14550", "tcp://127.0.0.1:5760", "serial:///dev/ttyS1:921600"} {
-		if _, _, err := endpoint(good); err != nil {
-			t.Errorf("%s: %v", good, err)
-		}
-	}
-	for _, bad := range []string{"", "udp://", "http://x:1", "tcp://host", "serial:///dev/ttyS1", "serial:///dev/ttyS1:fast", "udp-client://h:1/path"} {
-		if _, _, err := endpoint(bad); err == nil {
-			t.Errorf("%q accepted", bad)
-		}
-	}
 }

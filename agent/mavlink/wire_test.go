@@ -124,7 +124,7 @@ func TestWireVectors(t *testing.T) {
 		t.Errorf("global position: %+v", gp)
 	}
 	for _, name := range []string{"v1_statustext", "v2_statustext"} {
-		if st, ok := one(name).GetMessage().(*MessageStatustext); !ok || st.Severity != severityWarning || st.Text != "Preflight Fail: low battery" {
+		if st, ok := one(name).GetMessage().(*MessageStatustext); !ok || st.Severity != SeverityWarning || st.Text != "Preflight Fail: low battery" {
 			t.Errorf("%s: %+v", name, st)
 		}
 	}

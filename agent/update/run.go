@@ -322,14 +322,20 @@ func (u *Updater) blocked() string {
 		}
 	}
 	c := u.opts.Conditions()
+	say := func(state string) string {
+		if c.Why == "" || c.Why == state {
+			return state
+		}
+		return state + ": " + c.Why
+	}
 	switch c.Flight {
 	case proto.FlightFlying:
-		return "flying"
+		return say("flying")
 	case proto.FlightArmed:
-		return "armed"
+		return say("armed")
 	case proto.FlightUnknown:
 		if !p.AllowUnknownFlight {
-			return "flight state unknown"
+			return say("flight state unknown")
 		}
 	}
 	if c.Battery != nil && *c.Battery < p.MinBattery {

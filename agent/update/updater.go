@@ -41,6 +41,10 @@ type Store interface {
 type Conditions struct {
 	Flight  proto.FlightState
 	Battery *uint8
+	// Why is the flight source's own word for the state, when installs
+	// must wait ("landing", "no heartbeat from the flight controller for
+	// 4s"): the deferral reason says it.
+	Why string
 }
 
 // Policy says when an install may start.
