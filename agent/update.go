@@ -107,6 +107,15 @@ func (a *Agent) authorize(r *http.Request) {
 	// A device with a certificate presents it in the TLS handshake.
 }
 
+// Hello has the agent send its state again now: what it reports of
+// itself changed (a payload's version).
+func (a *Agent) Hello() {
+	select {
+	case a.helloNow <- struct{}{}:
+	default:
+	}
+}
+
 func (a *Agent) reportUpdate(r proto.UpdateReport, cmd string) {
 	sev := proto.SevInfo
 	switch r.State {

@@ -121,6 +121,10 @@ func RunWith(ctx context.Context, args []string, getenv func(string) string, std
 				if a := running.Load(); a != nil {
 					a.Emit(e)
 				}
+			}, Firmware: func(string) {
+				if a := running.Load(); a != nil {
+					a.Hello() // the fc-firmware payload
+				}
 			}})
 		if err != nil {
 			return err

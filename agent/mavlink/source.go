@@ -51,8 +51,11 @@ type Options struct {
 	HeartbeatTimeout time.Duration
 	// Event is called with a STATUSTEXT of warning severity or worse, and
 	// when the link to the flight controller is lost or back.
-	Event  func(proto.Event)
-	Logger *slog.Logger
+	Event func(proto.Event)
+	// Firmware is called when the flight controller has said its
+	// firmware version (the agent reports it then).
+	Firmware func(version string)
+	Logger   *slog.Logger
 }
 
 // Source follows one vehicle on a MAVLink link.
@@ -60,7 +63,7 @@ type Source struct {
 	opts Options
 	log  *slog.Logger
 	node *gomavlib.Node
-	udp  *udpConn // a udp:// link's socket
+	udp  *UDPConn // a udp:// link's socket
 
 	mu        sync.Mutex
 	sysID     uint8 // the vehicle's, once known
@@ -104,7 +107,7 @@ type position struct {
 var ErrURL = errors.New("mavlink link")
 
 // endpoint is the gomavlib endpoint of a link URL.
-func endpoint(raw string) (gomavlib.EndpointConf, *udpConn, error) {
+func endpoint(raw string) (gomavlib.EndpointConf, *UDPConn, error) {
 	u, err := url.Parse(raw)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w %q: %v", ErrURL, raw, err)
@@ -121,7 +124,7 @@ func endpoint(raw string) (gomavlib.EndpointConf, *udpConn, error) {
 		if err != nil {
 			return nil, nil, err
 		}
-		c, err := listenUDP(addr)
+		c, err := ListenUDP(addr)
 		if err != nil {
 			return nil, nil, fmt.Errorf("%w %q: %v", ErrURL, raw, err)
 		}
@@ -162,6 +165,9 @@ func New(opts Options) (*Source, error) {
 	}
 	if opts.Event == nil {
 		opts.Event = func(proto.Event) {}
+	}
+	if opts.Firmware == nil {
+		opts.Firmware = func(string) {}
 	}
 	ep, udp, err := endpoint(opts.URL)
 	if err != nil {
@@ -313,8 +319,11 @@ func (s *Source) frame(e *gomavlib.EventFrame, now time.Time) {
 	case *MessageGpsRawInt:
 		s.fix, s.sats, s.fixAt = uint8(min(m.FixType, 255)), m.SatellitesVisible, now
 	case *MessageAutopilotVersion:
-		s.version, s.board = firmwareVersion(m.FlightSwVersion), m.BoardVersion
-		s.log.Info("flight controller firmware", "version", s.version, "board", m.BoardVersion)
+		if v := firmwareVersion(m.FlightSwVersion); v != s.version {
+			s.version, s.board = v, m.BoardVersion
+			s.log.Info("flight controller firmware", "version", s.version, "board", m.BoardVersion)
+			go s.opts.Firmware(v)
+		}
 	case *MessageStatustext:
 		if m.Severity <= SeverityWarning {
 			sev := proto.SevWarning
@@ -490,7 +499,7 @@ func (s *Source) Counters() (frames, parseErrors, ignored, linkLosses uint64) {
 	return s.frames.Load(), s.parseErrors.Load(), s.ignored.Load(), s.linkLosses.Load()
 }
 
-var _ io.Closer = (*udpConn)(nil)
+var _ io.Closer = (*UDPConn)(nil)
 
 // Addr is where a udp:// link listens (nil for other links).
 func (s *Source) Addr() net.Addr {

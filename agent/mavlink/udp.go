@@ -5,17 +5,18 @@ import (
 	"sync"
 )
 
-// udpConn is a listening UDP socket for gomavlib.EndpointCustom: it reads
+// UDPConn is a listening UDP socket for gomavlib.EndpointCustom: it reads
 // datagrams from any peer and writes to the peer heard from last (the
 // flight controller, or mavlink-router). gomavlib's own UDP server
 // endpoint links two more networking libraries into the agent.
-type udpConn struct {
+type UDPConn struct {
 	pc   *net.UDPConn
 	mu   sync.Mutex
 	peer *net.UDPAddr
 }
 
-func listenUDP(addr string) (*udpConn, error) {
+// ListenUDP listens on addr (HOST:PORT; port 0 picks one).
+func ListenUDP(addr string) (*UDPConn, error) {
 	ua, err := net.ResolveUDPAddr("udp", addr)
 	if err != nil {
 		return nil, err
@@ -24,11 +25,11 @@ func listenUDP(addr string) (*udpConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &udpConn{pc: pc}, nil
+	return &UDPConn{pc: pc}, nil
 }
 
 // Read returns one datagram.
-func (c *udpConn) Read(p []byte) (int, error) {
+func (c *UDPConn) Read(p []byte) (int, error) {
 	n, from, err := c.pc.ReadFromUDP(p)
 	if err == nil {
 		c.mu.Lock()
@@ -39,7 +40,7 @@ func (c *udpConn) Read(p []byte) (int, error) {
 }
 
 // Write sends to the last peer; until one was heard, the frame is dropped.
-func (c *udpConn) Write(p []byte) (int, error) {
+func (c *UDPConn) Write(p []byte) (int, error) {
 	c.mu.Lock()
 	peer := c.peer
 	c.mu.Unlock()
@@ -49,7 +50,7 @@ func (c *udpConn) Write(p []byte) (int, error) {
 	return c.pc.WriteToUDP(p, peer)
 }
 
-func (c *udpConn) Close() error { return c.pc.Close() }
+func (c *UDPConn) Close() error { return c.pc.Close() }
 
 // LocalAddr is the address it listens on.
-func (c *udpConn) LocalAddr() net.Addr { return c.pc.LocalAddr() }
+func (c *UDPConn) LocalAddr() net.Addr { return c.pc.LocalAddr() }

@@ -38,6 +38,8 @@ type Vehicle struct {
 	autopilot mavlink.MAV_AUTOPILOT
 	typ       mavlink.MAV_TYPE
 
+	addr string // where it listens (Options.Addr empty)
+
 	mu    sync.Mutex
 	st    State
 	asked int
@@ -47,7 +49,7 @@ type Vehicle struct {
 
 // Options of a Vehicle.
 type Options struct {
-	Addr      string // where the agent listens (udp://ADDR:PORT there)
+	Addr      string // where the agent listens (udp://ADDR:PORT there); empty: the vehicle listens (Vehicle.Addr) and the agent connects (udp-client://)
 	SystemID  uint8  // default 1
 	Autopilot mavlink.MAV_AUTOPILOT
 	Type      mavlink.MAV_TYPE
@@ -69,8 +71,16 @@ func Start(o Options) (*Vehicle, error) {
 	if o.V1 {
 		ver = gomavlib.V1
 	}
+	ep := gomavlib.EndpointConf(gomavlib.EndpointUDPClient{Address: o.Addr})
+	if o.Addr == "" {
+		c, err := mavlink.ListenUDP("127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		v.addr, ep = c.LocalAddr().String(), gomavlib.EndpointCustom{ReadWriteCloser: c}
+	}
 	v.node = &gomavlib.Node{
-		Endpoints:        []gomavlib.EndpointConf{gomavlib.EndpointUDPClient{Address: o.Addr}},
+		Endpoints:        []gomavlib.EndpointConf{ep},
 		Dialect:          mavlink.Dialect,
 		OutVersion:       ver,
 		OutSystemID:      o.SystemID,
@@ -84,6 +94,10 @@ func Start(o Options) (*Vehicle, error) {
 	v.wg.Go(func() { v.stream(o.Period) })
 	return v, nil
 }
+
+// Addr is where the vehicle listens, for the agent's
+// --mavlink udp-client://ADDR ("" when it connects to the agent).
+func (v *Vehicle) Addr() string { return v.addr }
 
 // Close stops it.
 func (v *Vehicle) Close() {
