@@ -43,6 +43,8 @@ echo
 echo "== agent footprint"
 make --no-print-directory cross >/dev/null
 ./bin/hangar-sim bench agent --duration 30s
+echo "-- the same, beside a flight controller streaming MAVLink at 50 Hz"
+./bin/hangar-sim bench agent --duration 30s --mavlink-hz 50
 echo
 
 echo "== signed update of a 6 MiB payload on a real agent (loopback)"

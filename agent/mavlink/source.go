@@ -7,6 +7,8 @@
 package mavlink
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -20,7 +22,10 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/bluenviron/gomavlib/v3"
+	"github.com/bluenviron/gomavlib/v3/pkg/dialect"
+	"github.com/bluenviron/gomavlib/v3/pkg/frame"
+	"github.com/bluenviron/gomavlib/v3/pkg/message"
+	"go.bug.st/serial"
 
 	"github.com/hangarfleet/hangar/proto"
 )
@@ -62,7 +67,8 @@ type Options struct {
 type Source struct {
 	opts Options
 	log  *slog.Logger
-	node *gomavlib.Node
+	link link
+	drw  *dialect.ReadWriter
 	udp  *UDPConn // a udp:// link's socket
 
 	mu        sync.Mutex
@@ -77,6 +83,7 @@ type Source struct {
 	voltage   uint16 // mV
 	current   int16  // cA
 	batAt     time.Time
+	mainAt    time.Time // BATTERY_STATUS of battery 0
 	batteries map[uint8]Battery
 	pos       position
 	posAt     time.Time
@@ -87,6 +94,7 @@ type Source struct {
 	board     uint32
 	asked     bool
 	lost      bool // the link was up, then its heartbeats stopped
+	pending   []proto.Event
 
 	frames, parseErrors, linkLosses, ignored atomic.Uint64
 }
@@ -106,11 +114,20 @@ type position struct {
 // ErrURL is a link URL the source cannot use.
 var ErrURL = errors.New("mavlink link")
 
-// endpoint is the gomavlib endpoint of a link URL.
-func endpoint(raw string) (gomavlib.EndpointConf, *UDPConn, error) {
+// link is how the source reaches the flight controller: open gives a
+// connection (again after it failed, for the links that dial), datagram
+// says whether each read is one whole datagram.
+type link struct {
+	open     func(ctx context.Context) (io.ReadWriteCloser, error)
+	datagram bool
+	listen   *UDPConn
+}
+
+// parseLink reads a link URL.
+func parseLink(raw string) (link, error) {
 	u, err := url.Parse(raw)
 	if err != nil {
-		return nil, nil, fmt.Errorf("%w %q: %v", ErrURL, raw, err)
+		return link{}, fmt.Errorf("%w %q: %v", ErrURL, raw, err)
 	}
 	hostPort := func() (string, error) {
 		if _, _, err := net.SplitHostPort(u.Host); err != nil || u.Path != "" {
@@ -118,38 +135,45 @@ func endpoint(raw string) (gomavlib.EndpointConf, *UDPConn, error) {
 		}
 		return u.Host, nil
 	}
+	var d net.Dialer
 	switch u.Scheme {
 	case "udp":
 		addr, err := hostPort()
 		if err != nil {
-			return nil, nil, err
+			return link{}, err
 		}
 		c, err := ListenUDP(addr)
 		if err != nil {
-			return nil, nil, fmt.Errorf("%w %q: %v", ErrURL, raw, err)
+			return link{}, fmt.Errorf("%w %q: %v", ErrURL, raw, err)
 		}
-		return gomavlib.EndpointCustom{ReadWriteCloser: c}, c, nil
+		return link{datagram: true, listen: c, open: func(context.Context) (io.ReadWriteCloser, error) { return c, nil }}, nil
 	case "udp-client":
 		addr, err := hostPort()
 		if err != nil {
-			return nil, nil, err
+			return link{}, err
 		}
-		return gomavlib.EndpointUDPClient{Address: addr}, nil, nil
+		return link{datagram: true, open: func(ctx context.Context) (io.ReadWriteCloser, error) { return d.DialContext(ctx, "udp", addr) }}, nil
 	case "tcp":
 		addr, err := hostPort()
 		if err != nil {
-			return nil, nil, err
+			return link{}, err
 		}
-		return gomavlib.EndpointTCPClient{Address: addr}, nil, nil
+		return link{open: func(ctx context.Context) (io.ReadWriteCloser, error) {
+			dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			return d.DialContext(dctx, "tcp", addr)
+		}}, nil
 	case "serial":
 		dev, baud, ok := strings.Cut(u.Path, ":")
 		b, err := strconv.Atoi(baud)
 		if !ok || dev == "" || err != nil || b <= 0 {
-			return nil, nil, fmt.Errorf("%w %q: want serial:///dev/DEVICE:BAUD", ErrURL, raw)
+			return link{}, fmt.Errorf("%w %q: want serial:///dev/DEVICE:BAUD", ErrURL, raw)
 		}
-		return gomavlib.EndpointSerial{Device: dev, Baud: b}, nil, nil
+		return link{open: func(context.Context) (io.ReadWriteCloser, error) {
+			return serial.Open(dev, &serial.Mode{BaudRate: b})
+		}}, nil
 	}
-	return nil, nil, fmt.Errorf("%w %q: the scheme must be udp (listen), udp-client, tcp or serial", ErrURL, raw)
+	return link{}, fmt.Errorf("%w %q: the scheme must be udp (listen), udp-client, tcp or serial", ErrURL, raw)
 }
 
 // New opens the link. Nothing is read until Run.
@@ -169,87 +193,167 @@ func New(opts Options) (*Source, error) {
 	if opts.Firmware == nil {
 		opts.Firmware = func(string) {}
 	}
-	ep, udp, err := endpoint(opts.URL)
+	l, err := parseLink(opts.URL)
 	if err != nil {
 		return nil, err
 	}
-	own := opts.OwnSystemID
-	if own == 0 {
-		own = max(opts.SystemID, 1)
-	}
-	s := &Source{opts: opts, log: opts.Logger.With("component", "mavlink"), batteries: map[uint8]Battery{}, udp: udp}
-	s.node = &gomavlib.Node{
-		Endpoints:      []gomavlib.EndpointConf{ep},
-		Dialect:        Dialect,
-		OutVersion:     gomavlib.V2, // v1 frames are read too
-		OutSystemID:    own,
-		OutComponentID: opts.OwnComponentID,
-		// The agent's own heartbeat: an onboard computer, no autopilot.
-		HeartbeatPeriod:        time.Second,
-		HeartbeatSystemType:    int(MAV_TYPE_ONBOARD_CONTROLLER),
-		HeartbeatAutopilotType: int(MAV_AUTOPILOT_INVALID),
-		ReadTimeout:            10 * time.Second,
-		WriteTimeout:           2 * time.Second,
-		IdleTimeout:            30 * time.Second,
-	}
-	if err := s.node.Initialize(); err != nil {
-		if udp != nil {
-			udp.Close()
+	drw := &dialect.ReadWriter{Dialect: Dialect}
+	if err := drw.Initialize(); err != nil {
+		if l.listen != nil {
+			l.listen.Close()
 		}
-		return nil, fmt.Errorf("mavlink %s: %w", opts.URL, err)
+		return nil, fmt.Errorf("mavlink dialect: %w", err)
 	}
-	return s, nil
+	return &Source{opts: opts, log: opts.Logger.With("component", "mavlink"), batteries: map[uint8]Battery{}, link: l, drw: drw, udp: l.listen}, nil
 }
 
-// Run reads the link until ctx ends, then closes it.
+// Run reads the link until ctx ends, then closes it. A link that fails
+// (a serial device unplugged, a TCP peer gone) is opened again every 2 s.
 func (s *Source) Run(ctx context.Context) error {
-	done := make(chan struct{})
+	if s.udp != nil {
+		defer s.udp.Close()
+	}
+	watch := time.NewTicker(time.Second)
+	defer watch.Stop()
 	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case now := <-watch.C:
+				s.watch(now)
+				s.flush()
+			}
+		}
+	}()
+	failing := false
+	for ctx.Err() == nil {
+		conn, err := s.link.open(ctx)
+		if err == nil {
+			failing = false
+			err = s.serve(ctx, conn)
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		if !failing {
+			s.log.Warn("mavlink link down, trying again", "link", s.opts.URL, "err", err)
+			failing = true
+		}
 		select {
 		case <-ctx.Done():
-		case <-done:
+		case <-time.After(2 * time.Second):
 		}
-		s.node.Close()
-	}()
+	}
+	return nil
+}
+
+// serve reads frames from conn and sends the agent's heartbeat on it
+// until it fails or ctx ends.
+func (s *Source) serve(ctx context.Context, conn io.ReadWriteCloser) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wmu sync.Mutex
+	w := &frame.Writer{ByteWriter: conn, DialectRW: s.drw, OutVersion: frame.V2, OutSystemID: s.ownSystem(), OutComponentID: s.opts.OwnComponentID}
+	if err := w.Initialize(); err != nil {
+		return err
+	}
+	send := func(m message.Message) {
+		wmu.Lock()
+		defer wmu.Unlock()
+		w.OutSystemID = s.ownSystem()
+		if err := w.WriteMessage(m); err != nil {
+			s.log.Debug("mavlink write", "err", err)
+		}
+	}
+	done := make(chan struct{})
 	defer close(done)
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
-	events := s.node.Events()
-	for {
-		select {
-		case evt, ok := <-events:
-			if !ok {
-				return nil
+	go func() {
+		// The agent's own heartbeat: an onboard computer, no autopilot.
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		for {
+			send(&MessageHeartbeat{Type: MAV_TYPE_ONBOARD_CONTROLLER, Autopilot: MAV_AUTOPILOT_INVALID, SystemStatus: MAV_STATE_ACTIVE, MavlinkVersion: 3})
+			select {
+			case <-ctx.Done():
+				if s.udp == nil { // the listening socket outlives one serve
+					conn.Close()
+				}
+				return
+			case <-done:
+				return
+			case <-tick.C:
 			}
-			s.handle(evt, time.Now())
-		case now := <-tick.C:
-			s.watch(now)
+		}
+	}()
+	if s.udp != nil {
+		go func() {
+			select {
+			case <-ctx.Done():
+				s.udp.Close()
+			case <-done:
+			}
+		}()
+	}
+	br := bufio.NewReaderSize(conn, 512)
+	r := &frame.Reader{BufByteReader: br, DialectRW: s.drw}
+	if err := r.Initialize(); err != nil {
+		return err
+	}
+	buf := make([]byte, 2048)
+	var dg bytes.Reader
+	for {
+		if s.link.datagram {
+			// One datagram at a time: a runt or a cut frame ends with its
+			// datagram and never splices into the next one.
+			n, err := conn.Read(buf)
+			if err != nil {
+				return err
+			}
+			dg.Reset(buf[:n])
+			br.Reset(&dg)
+		}
+		for {
+			f, err := r.Read()
+			var re frame.ReadError
+			switch {
+			case err == nil:
+				s.frames.Add(1)
+				reply := s.frame(f.GetSystemID(), f.GetComponentID(), f.GetMessage(), time.Now())
+				s.flush()
+				if reply != nil {
+					send(reply)
+				}
+				continue
+			case errors.As(err, &re):
+				// A malformed frame, a bad CRC, a byte of line noise:
+				// dropped, counted (not logged one by one: noise is many).
+				s.parseErrors.Add(1)
+				continue
+			case s.link.datagram && errors.Is(err, io.EOF):
+			default:
+				return err
+			}
+			break
 		}
 	}
 }
 
-func (s *Source) handle(evt gomavlib.Event, now time.Time) {
-	switch e := evt.(type) {
-	case *gomavlib.EventParseError:
-		// A malformed frame, a bad CRC, a byte of line noise: dropped,
-		// counted (not logged one by one: noise is many).
-		s.parseErrors.Add(1)
-	case *gomavlib.EventChannelOpen:
-		s.log.Info("link open", "channel", e.Channel.String())
-	case *gomavlib.EventChannelClose:
-		s.log.Info("link closed", "channel", e.Channel.String())
-	case *gomavlib.EventFrame:
-		s.frames.Add(1)
-		s.frame(e, now)
+func (s *Source) ownSystem() uint8 {
+	if s.opts.OwnSystemID != 0 {
+		return s.opts.OwnSystemID
 	}
-}
-
-// frame takes what the vehicle's autopilot sends.
-func (s *Source) frame(e *gomavlib.EventFrame, now time.Time) {
-	sys, comp := e.SystemID(), e.ComponentID()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if hb, ok := e.Message().(*MessageHeartbeat); ok && s.sysID == 0 {
+	return max(s.sysID, s.opts.SystemID, 1)
+}
+
+// frame takes what the vehicle's autopilot sends; it returns what to send
+// back (the request for the firmware version), if anything.
+func (s *Source) frame(sys, comp uint8, msg message.Message, now time.Time) (reply message.Message) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if hb, ok := msg.(*MessageHeartbeat); ok && s.sysID == 0 {
 		// The vehicle is the configured system, or the first whose
 		// heartbeat comes from an autopilot (not a ground station, a
 		// camera, another onboard computer).
@@ -260,28 +364,32 @@ func (s *Source) frame(e *gomavlib.EventFrame, now time.Time) {
 	}
 	if s.sysID == 0 || sys != s.sysID {
 		s.ignored.Add(1)
-		return
+		return nil
 	}
-	switch m := e.Message().(type) {
+	switch m := msg.(type) {
 	case *MessageHeartbeat:
 		if comp != s.compID {
 			s.ignored.Add(1) // another component of the vehicle's system
-			return
+			return nil
 		}
 		s.hb = now
 		s.armed = m.BaseMode&MAV_MODE_FLAG_SAFETY_ARMED != 0
 		s.status = uint64(m.SystemStatus)
 		if s.lost {
 			s.lost = false
-			s.opts.Event(proto.Event{Kind: proto.EventMessage, Severity: proto.SevInfo, Code: "fc_link_back", Message: "heartbeats of the flight controller again"})
+			s.pending = append(s.pending, proto.Event{Kind: proto.EventMessage, Severity: proto.SevInfo, Code: "fc_link_back", Message: "heartbeats of the flight controller again"})
 		}
 		if !s.asked && s.version == "" {
+			// The one command the agent sends: the autopilot's version.
 			s.asked = true
-			go s.requestVersion(e.Channel)
+			return &MessageCommandLong{TargetSystem: s.sysID, TargetComponent: s.compID, Command: MAV_CMD_REQUEST_MESSAGE, Param1: MsgAutopilotVersion}
 		}
 	case *MessageExtendedSysState:
 		s.extAt, s.landed = now, m.LandedState
 	case *MessageSysStatus:
+		if !s.mainAt.IsZero() && now.Sub(s.mainAt) <= s.opts.HeartbeatTimeout {
+			break // BATTERY_STATUS of the main battery says more
+		}
 		if m.BatteryRemaining >= 0 && m.BatteryRemaining <= 100 {
 			b := uint8(m.BatteryRemaining)
 			s.battery = &b
@@ -309,7 +417,7 @@ func (s *Source) frame(e *gomavlib.EventFrame, now time.Time) {
 		}
 		if m.Id == 0 {
 			// The main battery: what battery thresholds use.
-			s.battery, s.batAt = b.Remaining, now
+			s.battery, s.batAt, s.mainAt = b.Remaining, now, now
 			if b.Voltage != 0 {
 				s.voltage = b.Voltage
 			}
@@ -330,21 +438,20 @@ func (s *Source) frame(e *gomavlib.EventFrame, now time.Time) {
 			if m.Severity <= 2 { // emergency, alert, critical
 				sev = proto.SevCritical
 			}
-			s.opts.Event(proto.Event{Kind: proto.EventAlert, Severity: sev, Code: "fc_statustext", Message: m.Text})
+			s.pending = append(s.pending, proto.Event{Kind: proto.EventAlert, Severity: sev, Code: "fc_statustext", Message: m.Text})
 		}
 	}
+	return nil
 }
 
-// requestVersion asks the autopilot for AUTOPILOT_VERSION: the one
-// command the agent sends.
-func (s *Source) requestVersion(ch *gomavlib.Channel) {
+// flush hands the events noted under the lock to Options.Event, outside it.
+func (s *Source) flush() {
 	s.mu.Lock()
-	sys, comp := s.sysID, s.compID
+	evs := s.pending
+	s.pending = nil
 	s.mu.Unlock()
-	err := s.node.WriteMessageTo(ch, &MessageCommandLong{TargetSystem: sys, TargetComponent: comp,
-		Command: MAV_CMD_REQUEST_MESSAGE, Param1: MsgAutopilotVersion})
-	if err != nil {
-		s.log.Warn("could not ask for the flight controller's version", "err", err)
+	for _, e := range evs {
+		s.opts.Event(e)
 	}
 }
 
@@ -355,7 +462,7 @@ func (s *Source) watch(now time.Time) {
 	if !s.hb.IsZero() && !s.lost && now.Sub(s.hb) > s.opts.HeartbeatTimeout {
 		s.lost = true
 		s.linkLosses.Add(1)
-		s.opts.Event(proto.Event{Kind: proto.EventAlert, Severity: proto.SevWarning, Code: "fc_link_lost",
+		s.pending = append(s.pending, proto.Event{Kind: proto.EventAlert, Severity: proto.SevWarning, Code: "fc_link_lost",
 			Message: fmt.Sprintf("no heartbeat from the flight controller for %v: flight state unknown", s.opts.HeartbeatTimeout)})
 	}
 }
@@ -470,6 +577,21 @@ func (s *Source) Fill(smp *proto.Sample, now time.Time) {
 	smp.Ext["fc_link_losses"] = float64(s.linkLosses.Load())
 	if fresh(s.fixAt) {
 		smp.Ext["gps_satellites"] = float64(s.sats)
+	}
+	if fresh(s.batAt) && s.current >= 0 {
+		smp.Ext["battery_current_a"] = float64(s.current) / 100
+	}
+	// Every battery the vehicle reports (BATTERY_STATUS), where there are
+	// several, and any fault bits.
+	var faults uint32
+	for id, b := range s.batteries {
+		faults |= b.Faults
+		if len(s.batteries) > 1 && b.Remaining != nil {
+			smp.Ext[fmt.Sprintf("battery%d_pct", id)] = float64(*b.Remaining)
+		}
+	}
+	if faults != 0 {
+		smp.Ext["battery_faults"] = float64(faults)
 	}
 }
 

@@ -198,3 +198,26 @@ func TestVehicleNotTheGroundStation(t *testing.T) {
 	mine.Set(func(v *mavlinktest.State) { v.Armed = true })
 	waitState(t, s, "armed", is(proto.FlightArmed, "armed"))
 }
+
+// TestVehicleBatteries: BATTERY_STATUS of each battery is kept, the main
+// one (id 0) is the battery the install policy uses, and fault bits reach
+// the sample.
+func TestVehicleBatteries(t *testing.T) {
+	s, _ := startSource(t)
+	v := newVehicle(t, s.Addr().String(), 1, mavlinktest.AutopilotPX4, mavlinktest.TypeQuadrotor)
+	waitState(t, s, "landed", is(proto.FlightLanded, ""))
+	v.Set(func(st *mavlinktest.State) {
+		st.Batteries = []mavlink.MessageBatteryStatus{
+			{Id: 0, BatteryRemaining: 41, Voltages: [10]uint16{4000, 4000, 4000, 4000, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff}, CurrentBattery: 900},
+			{Id: 1, BatteryRemaining: 77, FaultBitmask: 4},
+		}
+		st.Battery = -1 // SYS_STATUS does not know
+	})
+	waitFor(t, "two batteries", func() bool { return len(s.Batteries()) == 2 })
+	waitState(t, s, "the main battery", func(st mavlink.State) bool { return st.Battery != nil && *st.Battery == 41 && st.Voltage == 16000 })
+	var smp proto.Sample
+	s.Fill(&smp, time.Now())
+	if smp.Ext["battery0_pct"] != 41 || smp.Ext["battery1_pct"] != 77 || smp.Ext["battery_faults"] != 4 {
+		t.Errorf("ext %v", smp.Ext)
+	}
+}

@@ -1,6 +1,8 @@
 package bench
 
 import (
+	"github.com/hangarfleet/hangar/agent/mavlink/mavlinktest"
+
 	"context"
 	"crypto/sha256"
 	"fmt"
@@ -17,7 +19,11 @@ type AgentOptions struct {
 	Agent    string        // hangar-agent binary for this machine
 	Duration time.Duration // how long the agent runs
 	Cross    []string      // cross-built agent binaries whose size to report
-	Log      io.Writer
+	// MAVLinkHz, when set, gives the agent a simulated flight controller
+	// streaming its five messages (heartbeat, extended state, battery,
+	// position, GPS) at this rate each.
+	MAVLinkHz int
+	Log       io.Writer
 }
 
 // AgentResult is the agent's footprint.
@@ -25,6 +31,8 @@ type AgentResult struct {
 	RSSMB       float64            `json:"rss_mb"`      // at the end of the run
 	PeakRSSMB   float64            `json:"peak_rss_mb"` // VmHWM
 	CPUPercent  float64            `json:"cpu_percent"`
+	MAVLinkHz   int                `json:"mavlink_hz,omitempty"`
+	MAVFrames   float64            `json:"mavlink_frames_per_s,omitempty"` // what the vehicle sent, per second
 	Acked       int                `json:"telemetry_batches_stored"`
 	BinaryBytes map[string]int64   `json:"binary_bytes"`
 	Extra       map[string]float64 `json:"-"`
@@ -68,9 +76,20 @@ func RunAgent(ctx context.Context, o AgentOptions) (AgentResult, error) {
 		return res, err
 	}
 	defer cp.stop()
-	ag, err := start(o.Agent, []string{"--server", cp.url, "--enroll-token", cp.enroll, "--device-id", "footprint",
+	args := []string{"--server", cp.url, "--enroll-token", cp.enroll, "--device-id", "footprint",
 		"--hardware", "rev-b", "--state-dir", filepath.Join(dir, "agent"), "--flight-input", "udp:127.0.0.1:0",
-		"--sample-interval", "1s", "--batch-size", "10", "--log-level", "warn"}, nil, o.Log)
+		"--sample-interval", "1s", "--batch-size", "10", "--log-level", "warn"}
+	if o.MAVLinkHz > 0 {
+		fc, err := mavlinktest.Start(mavlinktest.Options{Autopilot: mavlinktest.AutopilotPX4, Type: mavlinktest.TypeQuadrotor,
+			Period: time.Second / time.Duration(o.MAVLinkHz)})
+		if err != nil {
+			return res, err
+		}
+		defer fc.Close()
+		args = append(args, "--mavlink", "udp-client://"+fc.Addr())
+		res.MAVLinkHz, res.MAVFrames = o.MAVLinkHz, float64(5*o.MAVLinkHz)
+	}
+	ag, err := start(o.Agent, args, nil, o.Log)
 	if err != nil {
 		return res, err
 	}
@@ -94,6 +113,9 @@ func RunAgent(ctx context.Context, o AgentOptions) (AgentResult, error) {
 func PrintAgent(w io.Writer, r AgentResult) {
 	fmt.Fprintf(w, "agent RSS steady / peak:  %.1f / %.1f MB\n", r.RSSMB, r.PeakRSSMB)
 	fmt.Fprintf(w, "agent CPU:                %.2f %% of one core (1 sample/s, 1 batch/10 s)\n", r.CPUPercent)
+	if r.MAVLinkHz > 0 {
+		fmt.Fprintf(w, "with a flight controller: MAVLink, 5 messages at %d Hz each (%.0f frames/s)\n", r.MAVLinkHz, r.MAVFrames)
+	}
 	fmt.Fprintf(w, "telemetry batches stored: %d\n", r.Acked)
 	for name, n := range r.BinaryBytes {
 		fmt.Fprintf(w, "binary %-26s %.2f MB (%d bytes)\n", name+":", float64(n)/(1<<20), n)

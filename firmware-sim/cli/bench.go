@@ -73,13 +73,14 @@ func runBenchAgent(ctx context.Context, args []string, stdout, stderr io.Writer)
 	agentBin := fs.String("agent", "bin/hangar-agent", "hangar-agent binary to measure")
 	cross := fs.String("cross", "bin/hangar-agent-linux-arm64,bin/hangar-agent-linux-armv7", "cross-built agents whose size to report")
 	duration := fs.Duration("duration", 30*time.Second, "how long to measure")
+	mavHz := fs.Int("mavlink-hz", 0, "give the agent a simulated flight controller streaming 5 MAVLink messages at this rate each (0: none)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
 		}
 		return err
 	}
-	r, err := bench.RunAgent(ctx, bench.AgentOptions{Hangar: *hangar, Agent: *agentBin, Duration: *duration, Cross: strings.Split(*cross, ",")})
+	r, err := bench.RunAgent(ctx, bench.AgentOptions{Hangar: *hangar, Agent: *agentBin, Duration: *duration, Cross: strings.Split(*cross, ","), MAVLinkHz: *mavHz})
 	if err != nil {
 		return err
 	}

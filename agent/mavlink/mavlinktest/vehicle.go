@@ -29,6 +29,8 @@ type State struct {
 	Battery int8   // percent, -1 unknown
 	Beat    bool   // heartbeats (false: the link is silent)
 	Text    string // a STATUSTEXT warning to send once
+	// Batteries are sent as BATTERY_STATUS, one each.
+	Batteries []mavlink.MessageBatteryStatus
 }
 
 // Vehicle is one simulated flight controller.
@@ -147,6 +149,7 @@ func (v *Vehicle) stream(period time.Duration) {
 		}
 		v.mu.Lock()
 		st := v.st
+		st.Batteries = append([]mavlink.MessageBatteryStatus(nil), v.st.Batteries...)
 		v.st.Text = ""
 		v.mu.Unlock()
 		hb := &mavlink.MessageHeartbeat{Type: v.typ, Autopilot: v.autopilot, SystemStatus: mavlink.MAV_STATE_ACTIVE, MavlinkVersion: 3}
@@ -163,6 +166,10 @@ func (v *Vehicle) stream(period time.Duration) {
 			v.node.WriteMessageAll(&mavlink.MessageExtendedSysState{LandedState: st.Landed})
 		}
 		v.node.WriteMessageAll(&mavlink.MessageSysStatus{VoltageBattery: 15000 + uint16(max(st.Battery, 0))*10, CurrentBattery: 1200, BatteryRemaining: st.Battery})
+		for i := range st.Batteries {
+			b := st.Batteries[i]
+			v.node.WriteMessageAll(&b)
+		}
 		v.node.WriteMessageAll(&mavlink.MessageGlobalPositionInt{Lat: 473769000, Lon: 85417000, RelativeAlt: 12000})
 		v.node.WriteMessageAll(&mavlink.MessageGpsRawInt{FixType: 3, SatellitesVisible: 14})
 		if st.Text != "" {
