@@ -41,6 +41,7 @@ func (e Expectation) kinds() []expectation {
 	add(e.FakesExcluded, fakesExcludedExp{})
 	add(e.NoneFailed != "", noneFailedExp{e.NoneFailed})
 	add(e.Deltas != nil, deltasExp{e.Deltas})
+	add(e.InstalledOnGround, onGroundExp{})
 	return out
 }
 
@@ -388,4 +389,30 @@ func (x deltasExp) judge(r *runner, rep *Report, n int, res *Result) {
 	tr := rep.Rollouts[x.Rollout].Transfer
 	res.OK = tr.Delta >= x.MinDelta && tr.Full >= x.MinFull && tr.Fallback >= x.MinFallback && tr.Saved > 0
 	res.Detail = fmt.Sprintf("%d delta (%d bytes), %d full (%d bytes), %d fell back; %d bytes saved", tr.Delta, tr.DeltaBytes, tr.Full, tr.FullBytes, tr.Fallback, tr.Saved)
+}
+
+type onGroundExp struct{}
+
+func (onGroundExp) describe() string {
+	return "no drone boots a new build while it flies, and the drones that flew install after landing"
+}
+
+func (onGroundExp) refs() []string { return nil }
+
+func (onGroundExp) check() error { return nil }
+
+func (onGroundExp) judge(r *runner, rep *Report, n int, res *Result) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	res.OK = len(r.flyingBoots) == 0 && len(r.flights) > 0
+	waited := 0
+	for dev, lands := range r.flights {
+		if at, ok := r.firstNewBoot[dev]; ok && at.After(lands) {
+			waited++
+		} else {
+			res.OK = false
+		}
+	}
+	res.Detail = fmt.Sprintf("%d of %d drones that flew installed after landing; %d boots of a new build in flight %v",
+		waited, len(r.flights), len(r.flyingBoots), r.flyingBoots)
 }

@@ -86,6 +86,13 @@ func Run(ctx context.Context, s Scenario, o Options) (*Report, error) {
 }
 
 type runner struct {
+	// flights are the drones a flight step sent up, with when they land;
+	// firstNewBoot when each first booted a build of the scenario's, and
+	// flyingBoots the boots of such a build while the drone was not landed.
+	flights      map[string]time.Time
+	firstNewBoot map[string]time.Time
+	flyingBoots  []string
+
 	s       Scenario
 	o       Options
 	cp      *ControlPlane // nil with Options.Server
@@ -264,7 +271,7 @@ func (r *runner) setUp(ctx context.Context) error {
 		BackoffMin: 100 * time.Millisecond, BackoffMax: 2 * time.Second, StartRate: fl.StartRate, Seed: fl.Seed,
 		Logger: r.o.Logger, Roots: []ed25519.PublicKey{root}, Grounded: fl.Grounded,
 		TrialSoak: time.Duration(fl.TrialSoak), TrialDeadline: time.Duration(fl.TrialDeadline), MinBattery: fl.MinBattery,
-		OnBoot: r.booted, MemoryOutbox: fl.MemoryOutbox, MQTTClient: fl.MQTTClient, SourceAddrs: r.o.SourceAddrs,
+		OnBoot: r.booted, MemoryOutbox: fl.MemoryOutbox, MAVLink: fl.MAVLink, MQTTClient: fl.MQTTClient, SourceAddrs: r.o.SourceAddrs,
 	})
 	if err != nil {
 		return err
@@ -323,8 +330,28 @@ func (r *runner) api() (*client.Client, error) {
 }
 
 func (r *runner) booted(device string, fw sim.Firmware) {
+	var flying bool
+	if r.fleet != nil && slices.ContainsFunc(r.s.Builds, func(b Build) bool { return b.Version == fw.Version }) {
+		for _, d := range r.fleet.Drones() {
+			if d.ID == device {
+				st, _ := d.Sensors.Flight()
+				flying = st != proto.FlightLanded
+			}
+		}
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if slices.ContainsFunc(r.s.Builds, func(b Build) bool { return b.Version == fw.Version }) {
+		if r.firstNewBoot == nil {
+			r.firstNewBoot = map[string]time.Time{}
+		}
+		if _, ok := r.firstNewBoot[device]; !ok {
+			r.firstNewBoot[device] = time.Now()
+		}
+		if flying {
+			r.flyingBoots = append(r.flyingBoots, device+"@"+fw.Version)
+		}
+	}
 	m := r.everRan[fw.Version]
 	if m == nil {
 		m = map[string]time.Duration{}

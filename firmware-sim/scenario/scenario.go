@@ -73,6 +73,9 @@ type Fleet struct {
 	// per drone instead of six (needed beyond ~3,000 drones per process
 	// with a 20,000 descriptor limit).
 	MemoryOutbox bool `yaml:"memory_outbox" json:"memory_outbox,omitempty"`
+	// MAVLink gives every drone a simulated flight controller that its
+	// agent reads over MAVLink, as on a real drone (hangar-agent --mavlink).
+	MAVLink bool `yaml:"mavlink" json:"mavlink,omitempty"`
 	// MQTTClient is the drones' MQTT transport: paho (default, the agent
 	// binary's) or lite (one goroutine per connection instead of ten: a
 	// ninth of the memory per connection, for 10,000 drones in a process).
@@ -122,6 +125,8 @@ type Step struct {
 	Abort   string `yaml:"abort" json:"abort,omitempty"`
 	Promote string `yaml:"promote" json:"promote,omitempty"`
 	Revert  string `yaml:"revert" json:"revert,omitempty"`
+	// Flight makes a share of the drones take off now and land after For.
+	Flight *Flight `yaml:"flight" json:"flight,omitempty"`
 	// PowerCut cuts the power of a share of the drones.
 	PowerCut *PowerCut `yaml:"power_cut" json:"power_cut,omitempty"`
 	// Offline switches a share of the drones off cleanly, for a long time
@@ -189,6 +194,12 @@ type RolloutStep struct {
 	NoStart bool `yaml:"no_start" json:"no_start,omitempty"`
 }
 
+// Flight is a flight of a share of the drones.
+type Flight struct {
+	Percent float64  `yaml:"percent" json:"percent"`
+	For     Duration `yaml:"for" json:"for"`
+}
+
 // PowerCut is a power loss on a share of the drones.
 type PowerCut struct {
 	Percent float64  `yaml:"percent" json:"percent"`
@@ -243,6 +254,9 @@ type Expectation struct {
 	// FakesExcluded: no fake (a fakes step) is a member of any rollout or
 	// ever runs a build it was offered.
 	FakesExcluded bool `yaml:"fakes_excluded" json:"fakes_excluded,omitempty"`
+	// InstalledOnGround: no drone booted a new build while it flew, and
+	// every drone a flight step sent up installed, after it landed.
+	InstalledOnGround bool `yaml:"installed_on_ground" json:"installed_on_ground,omitempty"`
 	// NoneFailed: no member of the rollout failed or timed out (a drone
 	// switched off is waiting, not failing).
 	NoneFailed string `yaml:"none_failed" json:"none_failed,omitempty"`

@@ -43,6 +43,7 @@ func (st *Step) actions() []action {
 	}{{rollout.OpPause, st.Pause}, {rollout.OpResume, st.Resume}, {rollout.OpAbort, st.Abort}, {rollout.OpPromote, st.Promote}, {rollout.OpRevert, st.Revert}} {
 		add(o.name != "", opAction{o.op, o.name})
 	}
+	add(st.Flight != nil, flightAction{st.Flight})
 	add(st.PowerCut != nil, powerAction{st.PowerCut, false})
 	add(st.Offline != nil, powerAction{st.Offline, true})
 	add(st.KillControlPlane != nil, killAction{st.KillControlPlane})
@@ -214,6 +215,37 @@ func (a powerAction) run(ctx context.Context, r *runner, rng *rand.Rand) (string
 	}
 	r.mu.Unlock()
 	return fmt.Sprintf("%s: %d drones off for %v", what, cut, time.Duration(pc.Off)), nil
+}
+
+type flightAction struct {
+	*Flight
+}
+
+func (a flightAction) check(c *checkCtx) error {
+	if a.Percent <= 0 || a.Percent > 100 || a.For <= 0 {
+		return errors.New("flight needs percent in (0, 100] and for")
+	}
+	return nil
+}
+
+func (flightAction) setDefaults() {}
+
+func (flightAction) breaksLinks() bool { return false }
+
+func (a flightAction) run(ctx context.Context, r *runner, rng *rand.Rand) (string, error) {
+	drones := r.fleet.Drones()
+	n := int(float64(len(drones))*a.Percent/100 + 0.5)
+	lands := time.Now().Add(time.Second + time.Duration(a.For))
+	r.mu.Lock()
+	if r.flights == nil {
+		r.flights = map[string]time.Time{}
+	}
+	for _, i := range rng.Perm(len(drones))[:n] {
+		drones[i].Sensors.Fly(time.Duration(a.For))
+		r.flights[drones[i].ID] = lands
+	}
+	r.mu.Unlock()
+	return fmt.Sprintf("%d drones take off, landing in %v", n, time.Duration(a.For)), nil
 }
 
 type killAction struct {

@@ -56,8 +56,9 @@ type Drone struct {
 	FaultRate float64
 	// DrainFactor multiplies battery drain (builds that drain faster).
 	DrainFactor float64
-	// Grounded drones never take off.
+	// Grounded drones never take off (but for a scenario's Fly).
 	Grounded  bool
+	flyFor    time.Duration // the length of the flight Fly asked for
 	baseFault float64
 }
 
@@ -99,7 +100,9 @@ func (d *Drone) Read(now time.Time) proto.Sample {
 	defer d.mu.Unlock()
 	if d.last.IsZero() {
 		d.last = now
-		d.until = now.Add(time.Duration(d.rng.IntN(600)) * time.Second)
+		if d.state == proto.FlightLanded { // not a flight Fly started before the first reading
+			d.until = now.Add(time.Duration(d.rng.IntN(600)) * time.Second)
+		}
 	}
 	dt := now.Sub(d.last).Seconds()
 	if dt < 0 || dt > 3600 {
@@ -143,6 +146,9 @@ func (d *Drone) step(now time.Time, dt float64) {
 		if now.After(d.until) {
 			d.state = proto.FlightFlying
 			d.until = now.Add(time.Duration(5+d.rng.IntN(15)) * time.Minute)
+			if d.flyFor > 0 {
+				d.until, d.flyFor = now.Add(d.flyFor), 0
+			}
 		}
 	case proto.FlightFlying:
 		d.battery -= drainFlying * dt * d.DrainFactor
@@ -168,6 +174,15 @@ func (d *Drone) step(now time.Time, dt float64) {
 			d.errors++
 		}
 	}
+}
+
+// Fly makes the drone take off now (armed on the ground for a second)
+// and land after for, whatever its schedule: a scenario's flight.
+func (d *Drone) Fly(dur time.Duration) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	now := time.Now()
+	d.state, d.until, d.flyFor = proto.FlightArmed, now.Add(time.Second), dur
 }
 
 // Flight reports the drone's flight state and battery.

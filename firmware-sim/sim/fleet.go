@@ -23,6 +23,8 @@ import (
 
 	"github.com/hangarfleet/hangar/agent"
 	"github.com/hangarfleet/hangar/agent/clock"
+	"github.com/hangarfleet/hangar/agent/mavlink"
+	"github.com/hangarfleet/hangar/agent/mavlink/mavlinktest"
 	"github.com/hangarfleet/hangar/agent/transport/mqtt"
 	"github.com/hangarfleet/hangar/agent/transport/mqttlite"
 	"github.com/hangarfleet/hangar/agent/update"
@@ -113,6 +115,9 @@ type FleetOptions struct {
 	// source address has its own range of ephemeral ports towards the
 	// control plane, so more drones fit than one address allows.
 	SourceAddrs []string
+	// MAVLink gives every drone a simulated flight controller that its
+	// agent reads over MAVLink (loopback UDP), as hangar-agent --mavlink.
+	MAVLink bool
 	// Claims are labels every drone asserts about itself, over its
 	// hardware and base: enrolled fakes that pretend to be somewhere.
 	Claims map[string]string
@@ -146,13 +151,15 @@ type SimDrone struct {
 	bricked   bool
 	cancel    context.CancelFunc
 	done      chan struct{}
-	box       *memOutbox         // with FleetOptions.MemoryOutbox
-	factory   Firmware           // the build it left the factory with
-	rot       bool               // its flash decays (FleetOptions.CorruptBase)
-	clk       *skewClock         // the drone's clock (faults skew it)
-	runCancel context.CancelFunc // stops the running agent (power cut)
-	cutFor    time.Duration      // set by PowerCut and SwitchOff: how long the power stays off
-	cleanOff  bool               // SwitchOff: the agent's clean stop stands
+	box       *memOutbox           // with FleetOptions.MemoryOutbox
+	factory   Firmware             // the build it left the factory with
+	vehicle   *mavlinktest.Vehicle // its flight controller (FleetOptions.MAVLink)
+	mav       *mavlink.Source      // the current agent's reader of it
+	rot       bool                 // its flash decays (FleetOptions.CorruptBase)
+	clk       *skewClock           // the drone's clock (faults skew it)
+	runCancel context.CancelFunc   // stops the running agent (power cut)
+	cutFor    time.Duration        // set by PowerCut and SwitchOff: how long the power stays off
+	cleanOff  bool                 // SwitchOff: the agent's clean stop stands
 	link      link
 	flash     *installer // the simulated flash as of the last boot (the only writer of its file)
 }
@@ -406,6 +413,11 @@ func (f *Fleet) newDrone(i int) (*SimDrone, error) {
 	d := &SimDrone{ID: id, Labels: labels, Sensors: sensors, fleet: f, dir: filepath.Join(f.opts.StateRoot, id), hw: hw, done: make(chan struct{}),
 		factory: FactoryFirmware(version, f.opts.FactorySize), rot: hash01(id, "rot") < f.opts.CorruptBase,
 		clk: &skewClock{}, link: f.links[i%len(f.links)]}
+	if f.opts.MAVLink {
+		if err := d.startVehicle(); err != nil {
+			return nil, fmt.Errorf("drone %s: flight controller: %w", id, err)
+		}
+	}
 	// Boot the first agent now, so that it exists once Run returns from
 	// starting drones.
 	if _, err := d.boot(); err != nil {
@@ -433,7 +445,7 @@ func (d *SimDrone) boot() (Firmware, error) {
 		StateDir: d.dir, NoSync: true, OutboxMaxBytes: 256 << 10,
 		SampleInterval: o.SampleInterval, BatchSize: o.BatchSize, HeartbeatInterval: o.HeartbeatInterval,
 		BackoffMin: o.BackoffMin, BackoffMax: o.BackoffMax,
-		Sensors: d.Sensors, Logger: o.Logger, Clock: d.clk,
+		Sensors: agent.Sensors(d.Sensors), Logger: o.Logger, Clock: d.clk,
 		Transport: d.link.transport, HTTPClient: d.link.http, TLS: o.TLS,
 	}
 	if o.MemoryOutbox {
@@ -447,12 +459,20 @@ func (d *SimDrone) boot() (Firmware, error) {
 			Policy:     update.Policy{MinBattery: o.MinBattery},
 			Installers: map[string]update.Installer{proto.TargetAgent: in}}
 	}
+	var mav *mavlink.Source
+	if d.vehicle != nil {
+		if mav, err = d.mavSource(); err != nil {
+			return fw, err
+		}
+		opts.Sensors = mavSensors{drone: d.Sensors, src: mav}
+	}
 	a, err := agent.New(opts)
 	if err != nil {
 		return fw, err
 	}
 	d.mu.Lock()
 	d.agent = a
+	d.mav = mav
 	d.flash = in
 	d.boots++
 	d.mu.Unlock()
@@ -517,7 +537,9 @@ func (d *SimDrone) start(ctx context.Context, first bool) (a *agent.Agent, runCt
 	d.mu.Lock()
 	d.runCancel = cancel
 	a = d.agent
+	mav := d.mav
 	d.mu.Unlock()
+	runMAV(runCtx, mav)
 	return a, runCtx, cancel, crash, true
 }
 
