@@ -1,8 +1,11 @@
 package mavlink_test
 
 import (
+	"bytes"
 	"context"
+	"encoding/hex"
 	"fmt"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -220,4 +223,73 @@ func TestVehicleBatteries(t *testing.T) {
 	if smp.Ext["battery0_pct"] != 41 || smp.Ext["battery1_pct"] != 77 || smp.Ext["battery_faults"] != 4 {
 		t.Errorf("ext %v", smp.Ext)
 	}
+}
+
+// TestSourceDropsBadFrames: datagrams of line noise, a frame with a
+// wrong checksum and a frame cut short are dropped and counted; the
+// vehicle's frames around them are still read.
+func TestSourceDropsBadFrames(t *testing.T) {
+	s, _ := startSource(t)
+	newVehicle(t, s.Addr().String(), 1, mavlinktest.AutopilotPX4, mavlinktest.TypeQuadrotor)
+	waitState(t, s, "landed", is(proto.FlightLanded, ""))
+	c, err := net.Dial("udp", s.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	v2hb, _ := hex.DecodeString("fd09000001010100000000000404020c810403db7b") // node-mavlink: a PX4 heartbeat
+	badCRC := bytes.Clone(v2hb)
+	badCRC[len(badCRC)-1] ^= 0xff
+	for _, dg := range [][]byte{[]byte("\x00\x01\x02 line noise"), badCRC, v2hb[:7], bytes.Repeat([]byte{0xfd}, 300)} {
+		if _, err := c.Write(dg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "the bad frames counted", func() bool { _, bad, _, _ := s.Counters(); return bad >= 4 })
+	frames0, _, _, _ := s.Counters()
+	waitFor(t, "frames still read", func() bool { f, _, _, _ := s.Counters(); return f > frames0+10 })
+	waitState(t, s, "still landed", is(proto.FlightLanded, ""))
+}
+
+// TestSourceTCP: over tcp:// the source reads a stream of frames (here
+// node-mavlink's heartbeat of an armed PX4) and follows the vehicle, and
+// dials again when the connection drops.
+func TestSourceTCP(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	hb, _ := hex.DecodeString("fd09000001010100000000000404020c810403db7b")
+	accepted := make(chan int, 8)
+	go func() {
+		for n := 1; ; n++ {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- n
+			go func(c net.Conn, first bool) {
+				defer c.Close()
+				for i := 0; i < 40 || !first; i++ {
+					if _, err := c.Write(hb); err != nil {
+						return
+					}
+					time.Sleep(20 * time.Millisecond) // the vehicle's stream rate
+				}
+			}(c, n == 1)
+		}
+	}()
+	s, _ := startSource(t, func(o *mavlink.Options) { o.URL = "tcp://" + ln.Addr().String() })
+	waitState(t, s, "armed (the vectors' heartbeat is of an armed vehicle)", is(proto.FlightArmed, "armed"))
+	// The first connection ends after 40 frames: the source dials again.
+	waitFor(t, "a second connection", func() bool {
+		select {
+		case n := <-accepted:
+			return n >= 2
+		default:
+			return false
+		}
+	})
+	waitState(t, s, "armed again", is(proto.FlightArmed, "armed"))
 }
