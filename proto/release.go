@@ -106,7 +106,6 @@ func KeyID(pub ed25519.PublicKey) string {
 	return "ed25519:" + hex.EncodeToString(h[:8])
 }
 
-
 // ValidTarget reports whether t can name a target: agent, or a payload
 // name of letters, digits, '.', '_' and '-'.
 func ValidTarget(t string) bool {
