@@ -134,12 +134,15 @@ func (a *Agent) reportUpdate(r proto.UpdateReport, cmd string) {
 }
 
 func (a *Agent) conditions() update.Conditions {
+	s := a.latest.Load()
 	if fs, ok := a.opts.Sensors.(FlightSource); ok {
 		if f, why, battery, ok := fs.FlightNow(a.clk.Now()); ok {
+			if battery == nil && s != nil {
+				battery = s.Battery // the flight controller does not know it: the board might
+			}
 			return update.Conditions{Flight: f, Why: why, Battery: battery}
 		}
 	}
-	s := a.latest.Load()
 	if s == nil {
 		return update.Conditions{}
 	}

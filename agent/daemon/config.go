@@ -110,7 +110,7 @@ func newFlagSet(c *Config, w io.Writer) (*flag.FlagSet, *string, *string) {
 	fs.Int64Var(&c.OutboxMaxBytes, "outbox-max-bytes", 8<<20, "disk space for messages waiting for the link; oldest telemetry is dropped first")
 	fs.StringVar(&c.FlightInput, "flight-input", "unix:/run/hangar-agent/flight.sock",
 		"socket on which the flight stack sends battery, position and flight state (unix:PATH or udp:127.0.0.1:PORT; empty: none)")
-	fs.StringVar(&c.MAVLink, "mavlink", "", "the flight controller over MAVLink: udp://0.0.0.0:14540 (listen: what mavlink-router forwards), udp-client://HOST:PORT, tcp://HOST:PORT or serial:///dev/ttyS1:921600; it then gives the flight state, battery and position (empty: none)")
+	fs.StringVar(&c.MAVLink, "mavlink", "", "the flight controller over MAVLink: udp://127.0.0.1:14540 (listen: what mavlink-router forwards; keep it local), udp-client://HOST:PORT, tcp://HOST:PORT or serial:///dev/ttyS1:921600; it then gives the flight state, battery and position (empty: none)")
 	fs.UintVar(&c.MAVLinkSystemID, "mavlink-system-id", 0, "the vehicle's MAVLink system id (0: the first autopilot heard)")
 	fs.UintVar(&c.MAVLinkComponentID, "mavlink-component-id", 191, "the agent's own MAVLink component id (191: onboard computer)")
 	fs.DurationVar(&c.MAVLinkHeartbeatTimeout, "mavlink-heartbeat-timeout", 3*time.Second, "without a heartbeat of the flight controller for this long the flight state is unknown, and installs wait")

@@ -116,6 +116,9 @@ func RunWith(ctx context.Context, args []string, getenv func(string) string, std
 		if cfg.MAVLinkSystemID > 255 || cfg.MAVLinkComponentID == 0 || cfg.MAVLinkComponentID > 255 {
 			return fmt.Errorf("--mavlink-system-id and --mavlink-component-id are 0-255 and 1-255")
 		}
+		if cfg.MAVLinkHeartbeatTimeout < 100*time.Millisecond || cfg.MAVLinkHeartbeatTimeout > time.Minute {
+			return fmt.Errorf("--mavlink-heartbeat-timeout must be between 100ms and 1m, not %v", cfg.MAVLinkHeartbeatTimeout)
+		}
 		mav, err := mavlink.New(mavlink.Options{URL: cfg.MAVLink, SystemID: uint8(cfg.MAVLinkSystemID), OwnComponentID: uint8(cfg.MAVLinkComponentID),
 			HeartbeatTimeout: cfg.MAVLinkHeartbeatTimeout, Logger: log, Event: func(e proto.Event) {
 				if a := running.Load(); a != nil {

@@ -95,8 +95,10 @@ type Source struct {
 	asked     bool
 	lost      bool // the link was up, then its heartbeats stopped
 	pending   []proto.Event
+	textsFrom time.Time
+	texts     int
 
-	frames, parseErrors, linkLosses, ignored atomic.Uint64
+	frames, parseErrors, linkLosses, ignored, textsDropped atomic.Uint64
 }
 
 // Battery is one battery the vehicle reports (BATTERY_STATUS).
@@ -105,6 +107,7 @@ type Battery struct {
 	Voltage   uint16 // millivolts, the sum of its cells
 	Current   int16  // centiamperes (-1: unknown)
 	Faults    uint32 // MAV_BATTERY_FAULT bits
+	at        time.Time
 }
 
 type position struct {
@@ -251,6 +254,9 @@ func (s *Source) Run(ctx context.Context) error {
 // serve reads frames from conn and sends the agent's heartbeat on it
 // until it fails or ctx ends.
 func (s *Source) serve(ctx context.Context, conn io.ReadWriteCloser) error {
+	if s.udp == nil { // the listening socket outlives one serve
+		defer conn.Close()
+	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wmu sync.Mutex
@@ -353,25 +359,28 @@ func (s *Source) ownSystem() uint8 {
 func (s *Source) frame(sys, comp uint8, msg message.Message, now time.Time) (reply message.Message) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if hb, ok := msg.(*MessageHeartbeat); ok && s.sysID == 0 {
+	if hb, ok := msg.(*MessageHeartbeat); ok && isVehicle(hb) && (s.opts.SystemID == 0 || sys == s.opts.SystemID) &&
+		(s.sysID == 0 || (sys == s.sysID && comp == compAutopilot1 && s.compID != compAutopilot1)) {
 		// The vehicle is the configured system, or the first whose
-		// heartbeat comes from an autopilot (not a ground station, a
-		// camera, another onboard computer).
-		if hb.Autopilot != MAV_AUTOPILOT_INVALID && hb.Type != MAV_TYPE_GCS && (s.opts.SystemID == 0 || sys == s.opts.SystemID) {
-			s.sysID, s.compID = sys, comp
-			s.log.Info("following the vehicle", "system", sys, "component", comp, "autopilot", uint64(hb.Autopilot), "type", uint64(hb.Type))
-		}
+		// heartbeat is a vehicle's autopilot (not a ground station, a
+		// camera, a gimbal, another onboard computer). Of its components,
+		// the first autopilot (component 1) wins once it is heard.
+		s.sysID, s.compID = sys, comp
+		s.log.Info("following the vehicle", "system", sys, "component", comp, "autopilot", uint64(hb.Autopilot), "type", uint64(hb.Type))
 	}
 	if s.sysID == 0 || sys != s.sysID {
 		s.ignored.Add(1)
 		return nil
 	}
+	// Only the flight controller's word counts (a battery monitor's too,
+	// for BATTERY_STATUS): a camera or a gimbal of the same system may
+	// send a landed state or a battery of its own.
+	if _, battery := msg.(*MessageBatteryStatus); comp != s.compID && !(battery && comp == compBattery) {
+		s.ignored.Add(1)
+		return nil
+	}
 	switch m := msg.(type) {
 	case *MessageHeartbeat:
-		if comp != s.compID {
-			s.ignored.Add(1) // another component of the vehicle's system
-			return nil
-		}
 		s.hb = now
 		s.armed = m.BaseMode&MAV_MODE_FLAG_SAFETY_ARMED != 0
 		s.status = uint64(m.SystemStatus)
@@ -396,7 +405,8 @@ func (s *Source) frame(sys, comp uint8, msg message.Message, now time.Time) (rep
 		} else {
 			s.battery = nil
 		}
-		if m.VoltageBattery != 0 && m.VoltageBattery != 0xffff {
+		s.voltage = 0 // unknown, unless said
+		if m.VoltageBattery != 0xffff {
 			s.voltage = m.VoltageBattery
 		}
 		s.current, s.batAt = m.CurrentBattery, now
@@ -407,20 +417,23 @@ func (s *Source) frame(sys, comp uint8, msg message.Message, now time.Time) (rep
 				mv += uint32(c)
 			}
 		}
+		for _, c := range m.VoltagesExt { // cells 11 to 14; 0: none
+			if c != 0 && c != 0xffff {
+				mv += uint32(c)
+			}
+		}
 		b := Battery{Voltage: uint16(min(mv, 0xfffe)), Current: m.CurrentBattery, Faults: uint32(m.FaultBitmask)}
 		if m.BatteryRemaining >= 0 && m.BatteryRemaining <= 100 {
 			r := uint8(m.BatteryRemaining)
 			b.Remaining = &r
 		}
-		if len(s.batteries) < 16 || s.batteries[m.Id].Voltage != 0 {
+		b.at = now
+		if _, known := s.batteries[m.Id]; known || len(s.batteries) < 16 {
 			s.batteries[m.Id] = b
 		}
 		if m.Id == 0 {
 			// The main battery: what battery thresholds use.
-			s.battery, s.batAt, s.mainAt = b.Remaining, now, now
-			if b.Voltage != 0 {
-				s.voltage = b.Voltage
-			}
+			s.battery, s.batAt, s.mainAt, s.voltage, s.current = b.Remaining, now, now, b.Voltage, b.Current
 		}
 	case *MessageGlobalPositionInt:
 		s.pos, s.posAt = position{lat: m.Lat, lon: m.Lon, alt: m.RelativeAlt / 10}, now
@@ -433,7 +446,7 @@ func (s *Source) frame(sys, comp uint8, msg message.Message, now time.Time) (rep
 			go s.opts.Firmware(v)
 		}
 	case *MessageStatustext:
-		if m.Severity <= SeverityWarning {
+		if m.Severity <= SeverityWarning && s.textBudget(now) {
 			sev := proto.SevWarning
 			if m.Severity <= 2 { // emergency, alert, critical
 				sev = proto.SevCritical
@@ -442,6 +455,23 @@ func (s *Source) frame(sys, comp uint8, msg message.Message, now time.Time) (rep
 		}
 	}
 	return nil
+}
+
+// maxTexts bounds the STATUSTEXT events a minute: a flight controller
+// repeating a warning must not fill the outbox, where telemetry goes first.
+const maxTexts = 20
+
+// textBudget says whether another STATUSTEXT event fits this minute.
+func (s *Source) textBudget(now time.Time) bool {
+	if now.Sub(s.textsFrom) >= time.Minute {
+		s.textsFrom, s.texts = now, 0
+	}
+	s.texts++
+	if s.texts > maxTexts {
+		s.textsDropped.Add(1)
+		return false
+	}
+	return true
 }
 
 // flush hands the events noted under the lock to Options.Event, outside it.
@@ -453,6 +483,24 @@ func (s *Source) flush() {
 	for _, e := range evs {
 		s.opts.Event(e)
 	}
+}
+
+// MAV_COMPONENT ids the source treats apart.
+const (
+	compAutopilot1 = 1
+	compBattery    = 180
+)
+
+// vehicleTypes are the MAV_TYPEs of vehicles: what a flight controller's
+// heartbeat says. Not a ground station (6), an onboard computer (18), a
+// gimbal (26), an ADS-B receiver (27), a camera (30), a charging station,
+// a servo, a battery or any other peripheral.
+var vehicleTypes = map[MAV_TYPE]bool{1: true, 2: true, 3: true, 4: true, 7: true, 8: true, 9: true, 10: true, 11: true, 12: true,
+	13: true, 14: true, 15: true, 16: true, 17: true, 19: true, 20: true, 21: true, 22: true, 23: true, 24: true, 25: true, 28: true, 29: true, 35: true}
+
+// isVehicle says whether a heartbeat is a vehicle's flight controller.
+func isVehicle(hb *MessageHeartbeat) bool {
+	return hb.Autopilot != MAV_AUTOPILOT_INVALID && vehicleTypes[hb.Type]
 }
 
 // watch notices a vehicle that went quiet.
@@ -497,8 +545,12 @@ type State struct {
 
 // State is the vehicle's state now. It fails safe: only a fresh heartbeat
 // saying disarmed, with a landed state of on-ground where the vehicle
-// sends EXTENDED_SYS_STATE, is landed.
-func (s *Source) State(now time.Time) State {
+// sends EXTENDED_SYS_STATE, is landed. Freshness is measured on the
+// source's own clock (the one it stamped frames with), whatever the
+// caller's clock says: a device clock set back must not make an old
+// heartbeat fresh.
+func (s *Source) State(_ time.Time) State {
+	now := time.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var st State
@@ -550,7 +602,8 @@ func copyPtr(p *uint8) *uint8 {
 
 // Fill sets the sample's fields the vehicle reports: battery, voltage,
 // position and fix (fresh values only), and the flight state.
-func (s *Source) Fill(smp *proto.Sample, now time.Time) {
+func (s *Source) Fill(smp *proto.Sample, _ time.Time) {
+	now := time.Now() // see State
 	st := s.State(now)
 	smp.Flight = st.Flight
 	if st.Battery != nil {
@@ -585,6 +638,9 @@ func (s *Source) Fill(smp *proto.Sample, now time.Time) {
 	// several, and any fault bits.
 	var faults uint32
 	for id, b := range s.batteries {
+		if !fresh(b.at) {
+			continue // a battery no longer reported (removed, swapped)
+		}
 		faults |= b.Faults
 		if len(s.batteries) > 1 && b.Remaining != nil {
 			smp.Ext[fmt.Sprintf("battery%d_pct", id)] = float64(*b.Remaining)

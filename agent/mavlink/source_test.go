@@ -181,25 +181,57 @@ func TestVehicleHeartbeatLoss(t *testing.T) {
 	waitFor(t, "the link back", func() bool { return evs.has("fc_link_back", "") })
 }
 
-// TestVehicleNotTheGroundStation: a ground station's heartbeat on the
-// same link is not the vehicle's; nor is another vehicle's when the
-// source follows a system id; a vehicle that sends no EXTENDED_SYS_STATE
-// is landed when disarmed.
+// TestVehicleNotTheGroundStation: with no system id configured, a ground
+// station's heartbeat arriving first is not the vehicle's, nor is a
+// camera's of the vehicle's system (an autopilot field of GENERIC, type
+// CAMERA), nor do that camera's landed state and battery count; with a
+// system id, another vehicle is not followed; a vehicle that sends no
+// EXTENDED_SYS_STATE is landed when disarmed.
 func TestVehicleNotTheGroundStation(t *testing.T) {
-	s, _ := startSource(t, func(o *mavlink.Options) { o.SystemID = 2 })
+	s, _ := startSource(t)
 	addr := s.Addr().String()
-	newVehicle(t, addr, 255, mavlink.MAV_AUTOPILOT_INVALID, mavlink.MAV_TYPE_GCS)        // QGroundControl
-	other := newVehicle(t, addr, 1, mavlinktest.AutopilotPX4, mavlinktest.TypeQuadrotor) // another vehicle, flying
-	other.Set(func(v *mavlinktest.State) { v.Armed, v.Landed = true, mavlink.LandedInAir })
-	waitFor(t, "frames of the others", func() bool { _, _, ignored, _ := s.Counters(); return ignored > 20 })
-	if st := s.State(time.Now()); st.Flight != proto.FlightUnknown || !strings.Contains(st.Why, "no heartbeat") {
-		t.Fatalf("took another system for the vehicle: %+v", st)
+	newVehicle(t, addr, 255, mavlink.MAV_AUTOPILOT_INVALID, mavlink.MAV_TYPE_GCS) // QGroundControl
+	waitFor(t, "the ground station's heartbeats", func() bool { _, _, ignored, _ := s.Counters(); return ignored > 5 })
+	if st := s.State(time.Now()); st.Flight != proto.FlightUnknown {
+		t.Fatalf("took the ground station for the vehicle: %+v", st)
 	}
-	mine := newVehicle(t, addr, 2, mavlinktest.AutopilotPX4, mavlinktest.TypeQuadrotor)
+	camera, err := mavlinktest.Start(mavlinktest.Options{Addr: addr, SystemID: 1, ComponentID: 100, Autopilot: 0, Type: 30})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(camera.Close)
+	camera.Set(func(v *mavlinktest.State) { v.Peripheral, v.Landed, v.Battery = true, mavlink.LandedOnGround, 99 })
+	waitFor(t, "the camera's heartbeats", func() bool { _, _, ignored, _ := s.Counters(); return ignored > 20 })
+	if st := s.State(time.Now()); st.Flight != proto.FlightUnknown {
+		t.Fatalf("took the camera for the vehicle: %+v", st)
+	}
+	fc := newVehicle(t, addr, 1, mavlinktest.AutopilotPX4, mavlinktest.TypeQuadrotor)
+	fc.Set(func(v *mavlinktest.State) { v.Armed, v.Landed, v.Battery = true, mavlink.LandedInAir, 40 })
+	st := waitState(t, s, "the flight controller in the air, whatever the camera says", is(proto.FlightFlying, "in the air"))
+	if st.Battery == nil || *st.Battery != 40 {
+		t.Errorf("battery %v: the camera's?", st.Battery)
+	}
+	// It stops sending its landed state: unknown, not landed.
+	fc.Set(func(v *mavlinktest.State) { v.Armed, v.SendExt = false, false })
+	st = waitState(t, s, "the landed state gone stale", func(st mavlink.State) bool { return st.Flight == proto.FlightUnknown })
+	if !strings.Contains(st.Why, "no landed state") {
+		t.Errorf("why %q", st.Why)
+	}
+
+	// With a system id, only that vehicle; one that never sent a landed
+	// state goes by its armed flag.
+	s2, _ := startSource(t, func(o *mavlink.Options) { o.SystemID = 2 })
+	other := newVehicle(t, s2.Addr().String(), 1, mavlinktest.AutopilotPX4, mavlinktest.TypeQuadrotor)
+	other.Set(func(v *mavlinktest.State) { v.Armed, v.Landed = true, mavlink.LandedInAir })
+	waitFor(t, "the other vehicle's frames", func() bool { _, _, ignored, _ := s2.Counters(); return ignored > 20 })
+	if st := s2.State(time.Now()); st.Flight != proto.FlightUnknown {
+		t.Fatalf("followed system 1 with system 2 configured: %+v", st)
+	}
+	mine := newVehicle(t, s2.Addr().String(), 2, mavlinktest.AutopilotPX4, mavlinktest.TypeQuadrotor)
 	mine.Set(func(v *mavlinktest.State) { v.SendExt = false })
-	waitState(t, s, "its own vehicle, landed", is(proto.FlightLanded, ""))
+	waitState(t, s2, "its own vehicle, landed", is(proto.FlightLanded, ""))
 	mine.Set(func(v *mavlinktest.State) { v.Armed = true })
-	waitState(t, s, "armed", is(proto.FlightArmed, "armed"))
+	waitState(t, s2, "armed", is(proto.FlightArmed, "armed"))
 }
 
 // TestVehicleBatteries: BATTERY_STATUS of each battery is kept, the main
@@ -225,30 +257,40 @@ func TestVehicleBatteries(t *testing.T) {
 	}
 }
 
-// TestSourceDropsBadFrames: datagrams of line noise, a frame with a
-// wrong checksum and a frame cut short are dropped and counted; the
-// vehicle's frames around them are still read.
+// TestSourceDropsBadFrames: a heartbeat with a wrong checksum (of an
+// armed vehicle) is dropped and counted, not believed; a frame cut short
+// and line noise are counted; the good heartbeat after them is read.
 func TestSourceDropsBadFrames(t *testing.T) {
 	s, _ := startSource(t)
-	newVehicle(t, s.Addr().String(), 1, mavlinktest.AutopilotPX4, mavlinktest.TypeQuadrotor)
-	waitState(t, s, "landed", is(proto.FlightLanded, ""))
 	c, err := net.Dial("udp", s.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	v2hb, _ := hex.DecodeString("fd09000001010100000000000404020c810403db7b") // node-mavlink: a PX4 heartbeat
+	v2hb, _ := hex.DecodeString("fd09000001010100000000000404020c810403db7b") // node-mavlink: an armed PX4's heartbeat
 	badCRC := bytes.Clone(v2hb)
 	badCRC[len(badCRC)-1] ^= 0xff
-	for _, dg := range [][]byte{[]byte("\x00\x01\x02 line noise"), badCRC, v2hb[:7], bytes.Repeat([]byte{0xfd}, 300)} {
+	send := func(dg []byte) {
+		t.Helper()
 		if _, err := c.Write(dg); err != nil {
 			t.Fatal(err)
 		}
 	}
-	waitFor(t, "the bad frames counted", func() bool { _, bad, _, _ := s.Counters(); return bad >= 4 })
-	frames0, _, _, _ := s.Counters()
-	waitFor(t, "frames still read", func() bool { f, _, _, _ := s.Counters(); return f > frames0+10 })
-	waitState(t, s, "still landed", is(proto.FlightLanded, ""))
+	send(badCRC)
+	waitFor(t, "the bad checksum counted", func() bool { _, bad, _, _ := s.Counters(); return bad == 1 })
+	send(v2hb[:7])
+	waitFor(t, "the cut frame counted", func() bool { _, bad, _, _ := s.Counters(); return bad >= 2 })
+	if frames, _, _, _ := s.Counters(); frames != 0 {
+		t.Fatalf("%d frames read of bad ones", frames)
+	}
+	if st := s.State(time.Now()); st.Flight != proto.FlightUnknown {
+		t.Fatalf("a bad frame was believed: %+v", st)
+	}
+	bad0 := func() uint64 { _, b, _, _ := s.Counters(); return b }()
+	send([]byte("\x00\x01 line noise"))
+	waitFor(t, "the noise counted", func() bool { _, bad, _, _ := s.Counters(); return bad > bad0 })
+	send(v2hb)
+	waitState(t, s, "the good heartbeat read", is(proto.FlightArmed, "armed"))
 }
 
 // TestSourceTCP: over tcp:// the source reads a stream of frames (here

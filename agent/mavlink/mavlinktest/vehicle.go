@@ -29,6 +29,9 @@ type State struct {
 	Battery int8   // percent, -1 unknown
 	Beat    bool   // heartbeats (false: the link is silent)
 	Text    string // a STATUSTEXT warning to send once
+	// Peripheral: a component that is not the flight controller but
+	// sends a landed state and a battery of its own all the same.
+	Peripheral bool
 	// Batteries are sent as BATTERY_STATUS, one each.
 	Batteries []mavlink.MessageBatteryStatus
 }
@@ -51,18 +54,24 @@ type Vehicle struct {
 
 // Options of a Vehicle.
 type Options struct {
-	Addr      string // where the agent listens (udp://ADDR:PORT there); empty: the vehicle listens (Vehicle.Addr) and the agent connects (udp-client://)
-	SystemID  uint8  // default 1
-	Autopilot mavlink.MAV_AUTOPILOT
-	Type      mavlink.MAV_TYPE
-	Period    time.Duration // stream period (default 20 ms: 50 Hz)
-	V1        bool          // send MAVLink 1 frames
+	Addr     string // where the agent listens (udp://ADDR:PORT there); empty: the vehicle listens (Vehicle.Addr) and the agent connects (udp-client://)
+	SystemID uint8  // default 1
+	// ComponentID is its component (default 1, the first autopilot); a
+	// peripheral of the vehicle's system (a camera, 100) has its own.
+	ComponentID uint8
+	Autopilot   mavlink.MAV_AUTOPILOT
+	Type        mavlink.MAV_TYPE
+	Period      time.Duration // stream period (default 20 ms: 50 Hz)
+	V1          bool          // send MAVLink 1 frames
 }
 
 // Start connects a vehicle (disarmed, on the ground, battery 95 %).
 func Start(o Options) (*Vehicle, error) {
 	if o.SystemID == 0 {
 		o.SystemID = 1
+	}
+	if o.ComponentID == 0 {
+		o.ComponentID = 1
 	}
 	if o.Period <= 0 {
 		o.Period = 20 * time.Millisecond
@@ -86,7 +95,7 @@ func Start(o Options) (*Vehicle, error) {
 		Dialect:          mavlink.Dialect,
 		OutVersion:       ver,
 		OutSystemID:      o.SystemID,
-		OutComponentID:   1,
+		OutComponentID:   o.ComponentID,
 		HeartbeatDisable: true,
 	}
 	if err := v.node.Initialize(); err != nil {
@@ -159,7 +168,7 @@ func (v *Vehicle) stream(period time.Duration) {
 		if st.Beat {
 			v.node.WriteMessageAll(hb)
 		}
-		if v.autopilot == mavlink.MAV_AUTOPILOT_INVALID {
+		if v.autopilot == mavlink.MAV_AUTOPILOT_INVALID && !st.Peripheral {
 			continue // a ground station sends heartbeats only
 		}
 		if st.SendExt {
