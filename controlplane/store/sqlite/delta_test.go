@@ -2,17 +2,14 @@ package sqlite_test
 
 import (
 	"crypto/sha256"
-	"database/sql"
 	"encoding/hex"
 	"errors"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 	"unicode/utf8"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
-	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
 	"github.com/hangarfleet/hangar/proto"
 	"github.com/hangarfleet/hangar/proto/prototest"
 )
@@ -160,36 +157,13 @@ func TestDeviceUpdatePatchAndFallback(t *testing.T) {
 // A database made by the previous schema (9) opens: its releases have no
 // deltas, its devices no builds, its update reports were full downloads.
 func TestMigrationToDeltas(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "old.db")
-	raw, err := sql.Open("sqlite3", "file:"+path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	const previous = 9
-	for i, m := range sqlite.Migrations()[:previous] {
-		if _, err := raw.Exec(m); err != nil {
-			t.Fatalf("migration %d: %v", i+1, err)
-		}
-	}
-	for _, q := range []string{
-		`PRAGMA user_version = 9`,
+	db := openAtSchema(t, 9, /* the previous schema */
 		`INSERT INTO devices (id, hardware, labels, cred_hash, enrolled_at, payloads) VALUES ('d1', 'rev-b', '{"hw":"rev-b"}', x'0102', 1, '{"fc":"4.5"}')`,
 		`INSERT INTO releases (target, version, counter, size, sha256, hardware, arch, created, expires, key_id, notes, pushed_at, pushed_by, manifest, keys)
 			VALUES ('agent', '2.0.0', 20, 1000, x'abab', '["rev-b"]', '["arm64"]', 1, 2, 'k', '', 1, 'alice', x'01', x'02')`,
 		`INSERT INTO device_updates (dev, target, counter, version, state, reason, check_name, progress, rollout, boot, seq, updated, committed)
 			VALUES (1, 'agent', 20, '2.0.0', 'committed', '', '', 1000, 'r-1', 1, 1, 5, 5)`,
-	} {
-		if _, err := raw.Exec(q); err != nil {
-			t.Fatalf("%s: %v", q, err)
-		}
-	}
-	raw.Close()
-
-	db, err := sqlite.Open(path, sqlite.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
+	)
 	ctx := t.Context()
 	d, err := db.Device(ctx, "d1")
 	if err != nil || d.Builds != nil || d.DeltaMax != 0 || d.Payloads["fc"] != "4.5" {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"database/sql"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"testing"
 	"time"
@@ -250,22 +251,40 @@ func TestFutureSampleDoesNotPinLatest(t *testing.T) {
 	}
 }
 
-// A database made by the previous release (schema 3) opens with its
-// devices, credentials and rollouts; the labels that were in effect
-// become operator labels, what the devices reported is kept as reported.
-func TestMigrationFromPreviousRelease(t *testing.T) {
+// openAtSchema makes a database with the first schema migrations and
+// the rows an older release wrote, then opens it with this release's
+// store: an upgrade in place.
+func openAtSchema(t *testing.T, schema int, rows ...string) *sqlite.DB {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "old.db")
 	raw, err := sql.Open("sqlite3", "file:"+path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i, m := range sqlite.Migrations()[:3] {
+	for i, m := range sqlite.Migrations()[:schema] {
 		if _, err := raw.Exec(m); err != nil {
 			t.Fatalf("migration %d: %v", i+1, err)
 		}
 	}
-	for _, q := range []string{
-		`PRAGMA user_version = 3`,
+	for _, q := range append([]string{fmt.Sprintf("PRAGMA user_version = %d", schema)}, rows...) {
+		if _, err := raw.Exec(q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	raw.Close()
+	db, err := sqlite.Open(path, sqlite.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	return db
+}
+
+// A database made by the previous release (schema 3) opens with its
+// devices, credentials and rollouts; the labels that were in effect
+// become operator labels, what the devices reported is kept as reported.
+func TestMigrationFromPreviousRelease(t *testing.T) {
+	db := openAtSchema(t, 3,
 		`INSERT INTO devices (id, hardware, labels, op_labels, cred_hash, enrolled_at) VALUES
 			('d1', 'rev-b', '{"base":"zurich","hw":"rev-b"}', '{}', x'0102', 1),
 			('d2', 'rev-c', '{"base":"zurich","hw":"rev-c"}', '{"base":"bern"}', x'0304', 1),
@@ -274,18 +293,7 @@ func TestMigrationFromPreviousRelease(t *testing.T) {
 		`INSERT INTO rollouts (id, spec, state, status, created, created_by, updated) VALUES ('r-old', '{"id":"r-old"}', '{"status":"running"}', 'running', 1, 'admin', 1)`,
 		`INSERT INTO rollout_members (rollout, device, stage, offered) VALUES ('r-old', 'd1', 0, 5)`,
 		`INSERT INTO commands (id, dev, kind, body, rollout, created) VALUES ('r-old:d1:offer', 1, 'update', x'00', 'r-old', 5)`,
-	} {
-		if _, err := raw.Exec(q); err != nil {
-			t.Fatalf("%s: %v", q, err)
-		}
-	}
-	raw.Close()
-
-	db, err := sqlite.Open(path, sqlite.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
+	)
 	ctx := t.Context()
 	d1, _ := db.Device(ctx, "d1")
 	d2, _ := db.Device(ctx, "d2")
