@@ -18,7 +18,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/broker"
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
-	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
 	"github.com/hangarfleet/hangar/controlplane/throttle"
 	"github.com/hangarfleet/hangar/proto"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -61,7 +61,7 @@ func (f *fakeBus) Close() error   { return nil }
 
 type env struct {
 	srv    *httptest.Server
-	db     *sqlite.DB
+	db     *sqlstore.DB
 	bus    *fakeBus
 	admin  string
 	enroll string
@@ -69,7 +69,7 @@ type env struct {
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	db, err := sqlite.Open(filepath.Join(t.TempDir(), "h.db"), sqlite.Options{})
+	db, err := sqlstore.Open(filepath.Join(t.TempDir(), "h.db"), sqlstore.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -318,7 +318,7 @@ func TestEnrollNoTakeover(t *testing.T) {
 // A client that sends its enrollment body a byte at a time is cut off at
 // the body deadline instead of holding the connection.
 func TestSlowBodyCutOff(t *testing.T) {
-	db, err := sqlite.Open(filepath.Join(t.TempDir(), "h.db"), sqlite.Options{})
+	db, err := sqlstore.Open(filepath.Join(t.TempDir(), "h.db"), sqlstore.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -351,7 +351,7 @@ func firstLine(s string) string {
 // Enrollment attempts are limited per source address and per device id,
 // before anything is checked; other sources and ids are not affected.
 func TestEnrollThrottled(t *testing.T) {
-	db, err := sqlite.Open(filepath.Join(t.TempDir(), "h.db"), sqlite.Options{})
+	db, err := sqlstore.Open(filepath.Join(t.TempDir(), "h.db"), sqlstore.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -23,7 +23,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/client"
 	"github.com/hangarfleet/hangar/controlplane/delta"
 	"github.com/hangarfleet/hangar/controlplane/store"
-	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
 	"github.com/hangarfleet/hangar/controlplane/wire"
 	"github.com/hangarfleet/hangar/proto"
 )
@@ -51,7 +51,7 @@ func (f *fakeSender) last() proto.Command {
 
 type deltaEnv struct {
 	srv    *httptest.Server
-	db     *sqlite.DB
+	db     *sqlstore.DB
 	c      *client.Client
 	admin  string
 	send   *fakeSender
@@ -67,7 +67,7 @@ type deltaEnv struct {
 func newDeltaEnv(t *testing.T) *deltaEnv {
 	t.Helper()
 	dir := t.TempDir()
-	db, err := sqlite.Open(filepath.Join(dir, "h.db"), sqlite.Options{})
+	db, err := sqlstore.Open(filepath.Join(dir, "h.db"), sqlstore.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

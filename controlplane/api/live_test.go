@@ -14,7 +14,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/api"
 	"github.com/hangarfleet/hangar/controlplane/broker"
 	"github.com/hangarfleet/hangar/controlplane/store"
-	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
 	"github.com/hangarfleet/hangar/proto/prototest"
 )
 
@@ -74,7 +74,7 @@ func next(t *testing.T, ch <-chan sseMsg, event string) sseMsg {
 // topics changed with the new events in the message, and ends once its
 // token is revoked; one token cannot open more than its share.
 func TestLiveStream(t *testing.T) {
-	db, err := sqlite.Open(filepath.Join(t.TempDir(), "h.db"), sqlite.Options{})
+	db, err := sqlstore.Open(filepath.Join(t.TempDir(), "h.db"), sqlstore.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,7 +15,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/broker"
 	"github.com/hangarfleet/hangar/controlplane/rollout"
 	"github.com/hangarfleet/hangar/controlplane/store"
-	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
 )
 
 // noRollouts answers every rollout call with "not found": the role test
@@ -96,7 +96,7 @@ var openRoutes = map[string]bool{"GET /healthz": true, "POST /api/v1/enroll": tr
 type roleEnv struct {
 	srv    *httptest.Server
 	api    *api.API
-	db     *sqlite.DB
+	db     *sqlstore.DB
 	tokens map[string]string // role → secret
 	now    time.Time
 }
@@ -104,7 +104,7 @@ type roleEnv struct {
 func newRoleEnv(t *testing.T) *roleEnv {
 	t.Helper()
 	dir := t.TempDir()
-	db, err := sqlite.Open(filepath.Join(dir, "h.db"), sqlite.Options{})
+	db, err := sqlstore.Open(filepath.Join(dir, "h.db"), sqlstore.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -22,7 +22,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/devca"
 	"github.com/hangarfleet/hangar/controlplane/devcert"
 	"github.com/hangarfleet/hangar/controlplane/server"
-	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -303,7 +303,7 @@ func runBrokerConfig(ctx context.Context, g *globals, args []string) error {
 	if err != nil {
 		return err
 	}
-	db, err := sqlite.Open(filepath.Join(*data, server.DBFile), sqlite.Options{})
+	db, err := sqlstore.Open(filepath.Join(*data, server.DBFile), sqlstore.Options{})
 	if err != nil {
 		return err
 	}

@@ -10,7 +10,7 @@ import (
 
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
-	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
 	"github.com/hangarfleet/hangar/proto"
 	"github.com/hangarfleet/hangar/proto/prototest"
 )
@@ -47,7 +47,7 @@ func (b *bus) confirms() []proto.Command {
 // process) is confirmed when the dispatcher starts again, once.
 func TestTrialConfirmedAfterRestart(t *testing.T) {
 	ctx := t.Context()
-	db, err := sqlite.Open(filepath.Join(t.TempDir(), "hangar.db"), sqlite.Options{})
+	db, err := sqlstore.Open(filepath.Join(t.TempDir(), "hangar.db"), sqlstore.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -29,7 +29,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/rollout"
 	"github.com/hangarfleet/hangar/controlplane/store"
-	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
 	"github.com/hangarfleet/hangar/controlplane/throttle"
 	"github.com/hangarfleet/hangar/controlplane/web"
 	"github.com/hangarfleet/hangar/proto"
@@ -130,7 +130,7 @@ type Options struct {
 type Server struct {
 	opts    Options
 	log     *slog.Logger
-	db      *sqlite.DB
+	db      *sqlstore.DB
 	bus     broker.Bus
 	ingest  *ingest.Ingester
 	cmds    *commands.Dispatcher
@@ -185,7 +185,7 @@ func New(opts Options) (*Server, error) {
 	if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
-	db, err := sqlite.Open(filepath.Join(opts.DataDir, DBFile), sqlite.Options{OnlineTimeout: opts.OnlineTimeout})
+	db, err := sqlstore.Open(filepath.Join(opts.DataDir, DBFile), sqlstore.Options{OnlineTimeout: opts.OnlineTimeout})
 	if err != nil {
 		return nil, err
 	}
@@ -393,7 +393,7 @@ func (s *Server) MQTTAddr() string {
 }
 
 // Store exposes the store (tests, simulator).
-func (s *Server) Store() *sqlite.DB { return s.db }
+func (s *Server) Store() *sqlstore.DB { return s.db }
 
 // Bus exposes the broker.
 func (s *Server) Bus() broker.Bus { return s.bus }

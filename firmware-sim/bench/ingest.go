@@ -30,7 +30,7 @@ import (
 	"time"
 
 	"github.com/hangarfleet/hangar/agent/clock"
-	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -613,7 +613,7 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 // missing counts the acknowledged messages the store does not hold, by
 // each device's sequence numbers.
 func missing(ctx context.Context, data string, creds []credential, acks [][]uint64, boot uint64) (lost, checked int64, err error) {
-	db, err := sqlite.Open(filepath.Join(data, "hangar.db"), sqlite.Options{})
+	db, err := sqlstore.Open(filepath.Join(data, "hangar.db"), sqlstore.Options{})
 	if err != nil {
 		return 0, 0, err
 	}

@@ -16,7 +16,7 @@ func TestNoServerInternals(t *testing.T) {
 	}
 	for _, dep := range strings.Fields(string(out)) {
 		for _, bad := range []string{"github.com/hangarfleet/hangar/controlplane/server", "github.com/hangarfleet/hangar/controlplane/api",
-			"github.com/hangarfleet/hangar/controlplane/cli", "github.com/hangarfleet/hangar/controlplane/store/sqlite",
+			"github.com/hangarfleet/hangar/controlplane/cli", "github.com/hangarfleet/hangar/controlplane/store/sqlstore",
 			"github.com/hangarfleet/hangar/controlplane/broker", "github.com/hangarfleet/hangar/controlplane/ingest",
 			"github.com/hangarfleet/hangar/controlplane/web", "github.com/hangarfleet/hangar/controlplane/commands",
 			"github.com/labstack/echo", "github.com/mochi-mqtt"} {

@@ -29,7 +29,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/devca"
 	"github.com/hangarfleet/hangar/controlplane/devcert"
 	"github.com/hangarfleet/hangar/controlplane/server"
-	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -55,7 +55,7 @@ func TestMosquittoWithDeviceCertificates(t *testing.T) {
 		t.Fatal(err)
 	}
 	hangar(t, "ca", "init", "--data", data)
-	db, err := sqlite.Open(filepath.Join(data, server.DBFile), sqlite.Options{}) // the database broker-config reads
+	db, err := sqlstore.Open(filepath.Join(data, server.DBFile), sqlstore.Options{}) // the database broker-config reads
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package sqlite_test
+package sqlstore_test
 
 import (
 	"database/sql"
@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
-	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
 )
 
 // Each kind of tampering with the audit log's rows is found, at the entry
@@ -29,7 +29,7 @@ func TestAuditChainDetectsTampering(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "h.db")
-			db, err := sqlite.Open(path, sqlite.Options{})
+			db, err := sqlstore.Open(path, sqlstore.Options{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -54,7 +54,7 @@ func TestAuditChainDetectsTampering(t *testing.T) {
 				t.Fatal(err)
 			}
 			raw.Close()
-			db, err = sqlite.Open(path, sqlite.Options{})
+			db, err = sqlstore.Open(path, sqlstore.Options{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -72,7 +72,7 @@ func TestAuditChainDetectsTampering(t *testing.T) {
 // when the store opens, in order; later entries extend it.
 func TestAuditChainUpgrade(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "h.db")
-	db, err := sqlite.Open(path, sqlite.Options{})
+	db, err := sqlstore.Open(path, sqlstore.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,7 +86,7 @@ func TestAuditChainUpgrade(t *testing.T) {
 		t.Fatal(err)
 	}
 	raw.Close()
-	db, err = sqlite.Open(path, sqlite.Options{})
+	db, err = sqlstore.Open(path, sqlstore.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package sqlite
+package sqlstore
 
 // Migrations exposes the schema migrations to tests that build a database
 // as an earlier release left it.

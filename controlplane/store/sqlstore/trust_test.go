@@ -1,4 +1,4 @@
-package sqlite_test
+package sqlstore_test
 
 import (
 	"bytes"
@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
-	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
 	"github.com/hangarfleet/hangar/proto"
 	"github.com/hangarfleet/hangar/proto/prototest"
 )
@@ -119,7 +119,7 @@ func updateEvent(boot, seq uint64, state proto.UpdateState) proto.Event {
 	return e
 }
 
-func updateState(t *testing.T, db *sqlite.DB, id string) string {
+func updateState(t *testing.T, db *sqlstore.DB, id string) string {
 	t.Helper()
 	us, err := db.DeviceUpdates(t.Context(), id, "agent", 13)
 	if err != nil || len(us) != 1 {
@@ -254,14 +254,14 @@ func TestFutureSampleDoesNotPinLatest(t *testing.T) {
 // openAtSchema makes a database with the first schema migrations and
 // the rows an older release wrote, then opens it with this release's
 // store: an upgrade in place.
-func openAtSchema(t *testing.T, schema int, rows ...string) *sqlite.DB {
+func openAtSchema(t *testing.T, schema int, rows ...string) *sqlstore.DB {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "old.db")
 	raw, err := sql.Open("sqlite3", "file:"+path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i, m := range sqlite.Migrations()[:schema] {
+	for i, m := range sqlstore.Migrations()[:schema] {
 		if _, err := raw.Exec(m); err != nil {
 			t.Fatalf("migration %d: %v", i+1, err)
 		}
@@ -272,7 +272,7 @@ func openAtSchema(t *testing.T, schema int, rows ...string) *sqlite.DB {
 		}
 	}
 	raw.Close()
-	db, err := sqlite.Open(path, sqlite.Options{})
+	db, err := sqlstore.Open(path, sqlstore.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

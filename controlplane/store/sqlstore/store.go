@@ -1,7 +1,7 @@
 // Package sqlite is the control plane's default store: one SQLite file in
 // WAL mode. Writes go through a single connection (SQLite has one writer);
 // reads use a pool of read-only connections that WAL lets run beside it.
-package sqlite
+package sqlstore
 
 import (
 	"context"

@@ -1,4 +1,4 @@
-package sqlite_test
+package sqlstore_test
 
 import (
 	"context"
@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
-	"github.com/hangarfleet/hangar/controlplane/store/sqlite"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
 	"github.com/hangarfleet/hangar/proto"
 	"github.com/hangarfleet/hangar/proto/prototest"
 )
@@ -30,10 +30,10 @@ func (c *testClock) Add(d time.Duration) {
 	c.mu.Unlock()
 }
 
-func open(t *testing.T) (*sqlite.DB, *testClock) {
+func open(t *testing.T) (*sqlstore.DB, *testClock) {
 	t.Helper()
 	clk := &testClock{t: time.UnixMilli(prototest.Base)}
-	db, err := sqlite.Open(filepath.Join(t.TempDir(), "hangar.db"), sqlite.Options{Now: clk.Now, OnlineTimeout: time.Minute})
+	db, err := sqlstore.Open(filepath.Join(t.TempDir(), "hangar.db"), sqlstore.Options{Now: clk.Now, OnlineTimeout: time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,7 +42,7 @@ func open(t *testing.T) (*sqlite.DB, *testClock) {
 }
 
 // enroll enrolls a device with an enrollment profile giving it labels.
-func enroll(t *testing.T, db *sqlite.DB, id string, labels map[string]string) {
+func enroll(t *testing.T, db *sqlstore.DB, id string, labels map[string]string) {
 	t.Helper()
 	_, err := db.Enroll(t.Context(), store.Enrollment{ID: id, Hardware: "rev-b", Profile: labels, CredHash: []byte("h-" + id), Now: time.UnixMilli(prototest.Base)})
 	if err != nil {
