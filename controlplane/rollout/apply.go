@@ -46,6 +46,8 @@ type Rollout struct {
 	Created   time.Time `json:"created"`
 	CreatedBy string    `json:"created_by"`
 	Updated   time.Time `json:"updated"`
+	// rev is the stored revision this was read at.
+	rev int64
 }
 
 // StatusReport is a rollout with what its last plan measured.
@@ -194,7 +196,7 @@ func (a *Applier) StepAll(ctx context.Context) {
 }
 
 func rolloutOf(row store.RolloutRow) (Rollout, error) {
-	r := Rollout{Created: row.Created, CreatedBy: row.CreatedBy, Updated: row.Updated}
+	r := Rollout{Created: row.Created, CreatedBy: row.CreatedBy, Updated: row.Updated, rev: row.Rev}
 	if err := json.Unmarshal(row.Spec, &r.Spec); err != nil {
 		return r, fmt.Errorf("rollout %s spec: %w", row.ID, err)
 	}
@@ -379,6 +381,13 @@ func (a *Applier) Step(ctx context.Context, id string) error {
 	out := Plan(r.Spec, r.State, devs, now)
 	t2 := time.Now()
 	err = a.apply(ctx, r, out, now)
+	if errors.Is(err, store.ErrConflict) {
+		// Changed meanwhile (an operator's action through another
+		// replica): plan again from what is stored now.
+		a.log.Debug("rollout changed while planned, planning again", "rollout", id)
+		a.Poke()
+		return nil
+	}
 	a.log.Debug("rollout planned", "rollout", id, "devices", len(devs), "actions", len(out.Actions),
 		"observe", t1.Sub(t0), "plan", t2.Sub(t1), "apply", time.Since(t2))
 	return err
@@ -421,7 +430,7 @@ func (a *Applier) apply(ctx context.Context, r Rollout, out Outcome, now time.Ti
 		a.log.Info("rollout "+strings.TrimPrefix(action, "rollout."), "rollout", r.Spec.ID, "from", t.From, "to", t.To, "reason", t.Reason)
 	}
 	if err := a.opts.Store.ApplyRollout(ctx, store.RolloutChange{ID: r.Spec.ID, State: state, Status: string(out.State.Status),
-		Members: members, Commands: cmds, Withdraw: withdraw, Audits: audits, Now: now}); err != nil {
+		Members: members, Commands: cmds, Withdraw: withdraw, Audits: audits, Now: now, Rev: r.rev}); err != nil {
 		return err
 	}
 	if len(cmds) > 0 {
@@ -776,6 +785,22 @@ func stagesString(ss []Stage) string {
 func (a *Applier) Act(ctx context.Context, id string, op Op, actor, reason string) (Rollout, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	// Another replica's scheduler may store a plan between our read and
+	// our write: the write is then refused, and the action is applied
+	// again to what is stored.
+	for attempt := 0; ; attempt++ {
+		r, err := a.act(ctx, id, op, actor, reason)
+		if errors.Is(err, store.ErrConflict) && attempt < 10 {
+			continue
+		}
+		if err == nil {
+			a.Poke()
+		}
+		return r, err
+	}
+}
+
+func (a *Applier) act(ctx context.Context, id string, op Op, actor, reason string) (Rollout, error) {
 	row, err := a.opts.Store.Rollout(ctx, id)
 	if err != nil {
 		return Rollout{}, err
@@ -790,14 +815,14 @@ func (a *Applier) Act(ctx context.Context, id string, op Op, actor, reason strin
 		return r, err
 	}
 	state, _ := json.Marshal(next)
-	err = a.opts.Store.ApplyRollout(ctx, store.RolloutChange{ID: id, State: state, Status: string(next.Status), Now: now,
+	err = a.opts.Store.ApplyRollout(ctx, store.RolloutChange{ID: id, State: state, Status: string(next.Status), Now: now, Rev: r.rev,
 		Audits: []store.Audit{{Time: now, Actor: actor, Action: "rollout." + string(op), Target: id, Reason: reason,
 			Attrs: map[string]string{"from": tr.From, "to": tr.To, "stage": fmt.Sprint(next.Stage + 1)}}}})
 	if err != nil {
 		return r, err
 	}
 	r.State = next
-	a.Poke()
+	r.rev++
 	return r, nil
 }
 

@@ -5,6 +5,7 @@
 package store
 
 import (
+	"context"
 	"errors"
 	"strings"
 	"time"
@@ -21,7 +22,36 @@ var (
 	// ErrEnrolled: the device id is enrolled (and not revoked); its own
 	// enrollment may not re-key it unless an operator allowed it.
 	ErrEnrolled = errors.New("device already enrolled")
+	// ErrConflict: the record changed since it was read; read it again.
+	ErrConflict = errors.New("changed meanwhile")
+	// ErrFenced: the write was made under a lease that is no longer held.
+	ErrFenced = errors.New("lease lost: write refused")
 )
+
+// Lease is a named lease in the store: the replica holding it runs the
+// work it names (the rollout scheduler) until Expires. Token grows with
+// every new holder; writes made under the lease carry it (WithFence), and
+// the store refuses them once another holder has it or it lapsed.
+type Lease struct {
+	Name    string    `json:"name"`
+	Holder  string    `json:"holder"`
+	Token   int64     `json:"token"`
+	Expires time.Time `json:"expires"`
+}
+
+type fenceKey struct{}
+
+// WithFence marks writes made with ctx as made under lease l: each is
+// stored only if l is still held, by the store's clock.
+func WithFence(ctx context.Context, l Lease) context.Context {
+	return context.WithValue(ctx, fenceKey{}, l)
+}
+
+// FenceFrom returns the lease ctx writes under, if any.
+func FenceFrom(ctx context.Context) (Lease, bool) {
+	l, ok := ctx.Value(fenceKey{}).(Lease)
+	return l, ok
+}
 
 // Device is one drone as the control plane knows it. Its Labels are the
 // operators': selectors, rollout strata and budgets read them and nothing
@@ -347,6 +377,9 @@ type RolloutRow struct {
 	Created   time.Time
 	CreatedBy string
 	Updated   time.Time
+	// Rev counts the rollout's stored changes: a change planned from
+	// revision Rev is stored only if nothing was stored since.
+	Rev int64
 }
 
 // MemberRow is one device's place in a rollout (rollout.Member, as stored).
@@ -376,6 +409,11 @@ type RolloutChange struct {
 	Withdraw []string
 	Audits   []Audit
 	Now      time.Time
+	// Rev is the revision the change was planned from (RolloutRow.Rev):
+	// if another change was stored since (an operator on another replica,
+	// a scheduler that lost its lease), this one is refused with
+	// ErrConflict and nothing of it is written.
+	Rev int64
 }
 
 // Command is a command to a device, kept until the device acknowledges it.

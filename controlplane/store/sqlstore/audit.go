@@ -58,7 +58,7 @@ func canonicalAttrs(s string) string {
 
 // appendAudit adds an entry at the end of the chain, in tx (the single
 // writer connection serialises appends).
-func appendAudit(ctx context.Context, tx *sql.Tx, a store.Audit) (int64, error) {
+func appendAudit(ctx context.Context, tx *Tx, a store.Audit) (int64, error) {
 	attrs, _ := json.Marshal(orEmpty(a.Attrs))
 	var prev []byte
 	err := tx.QueryRowContext(ctx, `SELECT hash FROM audit ORDER BY id DESC LIMIT 1`).Scan(&prev)
@@ -101,7 +101,7 @@ func (db *DB) chainAudit(ctx context.Context) error {
 	if err := db.w.QueryRowContext(ctx, `SELECT count(*) FROM audit WHERE hash IS NULL`).Scan(&unchained); err != nil || unchained == 0 {
 		return err
 	}
-	tx, err := db.w.BeginTx(ctx, nil)
+	tx, err := db.begin(ctx)
 	if err != nil {
 		return fmt.Errorf("chain audit log: %w", err)
 	}

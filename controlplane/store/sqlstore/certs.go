@@ -86,7 +86,7 @@ func (db *DB) NoteAuth(ctx context.Context, id, method, serial string) error {
 // with neither the current nor the previous certificate (a stale
 // connection) is refused with store.ErrInvalid.
 func (db *DB) Renew(ctx context.Context, r store.Renewal) error {
-	tx, err := db.w.BeginTx(ctx, nil)
+	tx, err := db.begin(ctx)
 	if err != nil {
 		return fmt.Errorf("renew %s: %w", r.Device, err)
 	}
@@ -137,7 +137,7 @@ func (db *DB) Renew(ctx context.Context, r store.Renewal) error {
 // wants the second removes the first with a revocation), store.ErrRevoked
 // for a revoked device.
 func (db *DB) Pend(ctx context.Context, id, key, hardware, remote string, now time.Time) (store.Pending, error) {
-	tx, err := db.w.BeginTx(ctx, nil)
+	tx, err := db.begin(ctx)
 	if err != nil {
 		return store.Pending{}, fmt.Errorf("pend %s: %w", id, err)
 	}

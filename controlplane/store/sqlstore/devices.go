@@ -27,7 +27,7 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 	if err != nil {
 		return store.Device{}, fmt.Errorf("enroll %s: %w", e.ID, err)
 	}
-	tx, err := db.w.BeginTx(ctx, nil)
+	tx, err := db.begin(ctx)
 	if err != nil {
 		return store.Device{}, fmt.Errorf("enroll %s: %w", e.ID, err)
 	}
@@ -170,7 +170,7 @@ func (db *DB) AllowRekey(ctx context.Context, id string, until time.Time) error 
 // typo in an id is an error (store.ErrNotFound, naming it), and nothing is
 // changed then.
 func (db *DB) SetLabels(ctx context.Context, changes []store.LabelChange) error {
-	tx, err := db.w.BeginTx(ctx, nil)
+	tx, err := db.begin(ctx)
 	if err != nil {
 		return fmt.Errorf("set labels: %w", err)
 	}
@@ -217,7 +217,7 @@ func applyLabels(cur string, c store.LabelChange) (string, error) {
 // labels, no credential: their first enrollment takes the record) and
 // sets the labels of those that are. It reports how many it created.
 func (db *DB) Import(ctx context.Context, devices []store.LabelChange, now time.Time) (created int, err error) {
-	tx, err := db.w.BeginTx(ctx, nil)
+	tx, err := db.begin(ctx)
 	if err != nil {
 		return 0, fmt.Errorf("import: %w", err)
 	}

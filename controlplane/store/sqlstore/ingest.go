@@ -32,7 +32,7 @@ type devSeen struct {
 // devices are counted and dropped.
 func (db *DB) WriteIngest(ctx context.Context, items []store.IngestItem) (store.IngestResult, error) {
 	var res store.IngestResult
-	tx, err := db.w.BeginTx(ctx, nil)
+	tx, err := db.w.unlocked().BeginTx(ctx, nil)
 	if err != nil {
 		return res, fmt.Errorf("ingest: %w", err)
 	}
@@ -80,7 +80,7 @@ func (db *DB) mergeSeen(s *devSeen) {
 // SeenFlushInterval, not for every message, because at thousands of
 // messages a second these updates would cost more than the telemetry
 // itself. Drop counts are written at once. It returns the devices written.
-func (db *DB) flushSeenLocked(ctx context.Context, tx *sql.Tx, all bool) ([]int64, error) {
+func (db *DB) flushSeenLocked(ctx context.Context, tx *Tx, all bool) ([]int64, error) {
 	now := time.Now()
 	st := tx.StmtContext(ctx, db.seenStmt)
 	var done []int64
@@ -133,7 +133,7 @@ func (db *DB) Compact(ctx context.Context) (dups int64, err error) {
 	db.compactMu.Lock()
 	defer db.compactMu.Unlock()
 	db.lastCompact = time.Now()
-	tx, err := db.w.BeginTx(ctx, nil)
+	tx, err := db.begin(ctx)
 	if err != nil {
 		return 0, fmt.Errorf("compact: %w", err)
 	}
@@ -165,7 +165,7 @@ func (db *DB) FlushSeen(ctx context.Context) error {
 	if len(db.pending) == 0 {
 		return nil
 	}
-	tx, err := db.w.BeginTx(ctx, nil)
+	tx, err := db.begin(ctx)
 	if err != nil {
 		return fmt.Errorf("flush devices: %w", err)
 	}
@@ -183,7 +183,7 @@ func (db *DB) FlushSeen(ctx context.Context) error {
 
 type ingestTx struct {
 	db   *DB
-	tx   *sql.Tx
+	tx   *Tx
 	seen map[string]*devSeen
 	// statements prepared once on the writer connection, bound to tx
 	sample, event *sql.Stmt

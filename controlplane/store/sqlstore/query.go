@@ -180,7 +180,7 @@ func (db *DB) QueryEvents(ctx context.Context, f store.EventFilter) ([]store.Eve
 
 // AddAudit records something the control plane or an operator did.
 func (db *DB) AddAudit(ctx context.Context, a store.Audit) (int64, error) {
-	tx, err := db.w.BeginTx(ctx, nil)
+	tx, err := db.begin(ctx)
 	if err != nil {
 		return 0, fmt.Errorf("audit %s: %w", a.Action, err)
 	}
@@ -195,7 +195,7 @@ func (db *DB) AddAudit(ctx context.Context, a store.Audit) (int64, error) {
 	return id, nil
 }
 
-func addAudit(ctx context.Context, tx *sql.Tx, a store.Audit) error {
+func addAudit(ctx context.Context, tx *Tx, a store.Audit) error {
 	_, err := appendAudit(ctx, tx, a)
 	return err
 }

@@ -208,7 +208,7 @@ func (db *DB) AddCommandOnce(ctx context.Context, c store.Command, supersede boo
 }
 
 func (db *DB) addCommand(ctx context.Context, c store.Command, supersede, once bool) (bool, error) {
-	tx, err := db.w.BeginTx(ctx, nil)
+	tx, err := db.begin(ctx)
 	if err != nil {
 		return false, fmt.Errorf("add command: %w", err)
 	}
@@ -249,7 +249,7 @@ func (db *DB) addCommand(ctx context.Context, c store.Command, supersede, once b
 // MarkSentAll records that the commands were handed to the broker, in one
 // transaction.
 func (db *DB) MarkSentAll(ctx context.Context, ids []string, at time.Time) error {
-	tx, err := db.w.BeginTx(ctx, nil)
+	tx, err := db.begin(ctx)
 	if err != nil {
 		return fmt.Errorf("mark sent: %w", err)
 	}

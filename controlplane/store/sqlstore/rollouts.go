@@ -15,7 +15,7 @@ import (
 // CreateRollout stores a new rollout, its members and its audit entry in
 // one transaction.
 func (db *DB) CreateRollout(ctx context.Context, r store.RolloutRow, members []store.MemberRow, a store.Audit) error {
-	tx, err := db.w.BeginTx(ctx, nil)
+	tx, err := db.begin(ctx)
 	if err != nil {
 		return fmt.Errorf("create rollout: %w", err)
 	}
@@ -33,13 +33,13 @@ func (db *DB) CreateRollout(ctx context.Context, r store.RolloutRow, members []s
 	return tx.Commit()
 }
 
-const rolloutCols = `id, spec, state, status, created, created_by, updated`
+const rolloutCols = `id, spec, state, status, created, created_by, updated, rev`
 
 func scanRollout(r rowScanner) (store.RolloutRow, error) {
 	var row store.RolloutRow
 	var spec, state string
 	var created, updated int64
-	if err := r.Scan(&row.ID, &spec, &state, &row.Status, &created, &row.CreatedBy, &updated); err != nil {
+	if err := r.Scan(&row.ID, &spec, &state, &row.Status, &created, &row.CreatedBy, &updated, &row.Rev); err != nil {
 		return row, err
 	}
 	row.Spec, row.State = []byte(spec), []byte(state)
@@ -144,23 +144,45 @@ func toAny(ss []string) []any {
 // transitions in one transaction, with synchronous=FULL: once it returns, a
 // power cut keeps all of it, and nothing is sent before it returns.
 func (db *DB) ApplyRollout(ctx context.Context, c store.RolloutChange) error {
-	conn, err := db.w.Conn(ctx)
-	if err != nil {
-		return fmt.Errorf("apply rollout: %w", err)
-	}
-	defer conn.Close()
-	if _, err := conn.ExecContext(ctx, `PRAGMA synchronous = FULL`); err != nil {
-		return fmt.Errorf("apply rollout: %w", err)
-	}
-	defer conn.ExecContext(context.Background(), `PRAGMA synchronous = NORMAL`)
-	tx, err := conn.BeginTx(ctx, nil)
-	if err != nil {
-		return fmt.Errorf("apply rollout: %w", err)
+	var tx *Tx
+	if db.d == sqliteDialect {
+		// synchronous=FULL for this transaction only: its own connection.
+		conn, err := db.w.Conn(ctx)
+		if err != nil {
+			return fmt.Errorf("apply rollout: %w", err)
+		}
+		defer conn.Close()
+		if _, err := conn.ExecContext(ctx, `PRAGMA synchronous = FULL`); err != nil {
+			return fmt.Errorf("apply rollout: %w", err)
+		}
+		defer conn.ExecContext(context.Background(), `PRAGMA synchronous = NORMAL`)
+		raw, err := conn.BeginTx(ctx, nil)
+		if err != nil {
+			return fmt.Errorf("apply rollout: %w", err)
+		}
+		tx = &Tx{Tx: raw, d: db.d}
+		if f, ok := store.FenceFrom(ctx); ok {
+			if err := db.checkFence(ctx, tx, f); err != nil {
+				tx.Rollback()
+				return err
+			}
+		}
+	} else {
+		// PostgreSQL commits are durable (synchronous_commit on).
+		var err error
+		if tx, err = db.begin(ctx); err != nil {
+			return fmt.Errorf("apply rollout: %w", err)
+		}
 	}
 	defer tx.Rollback()
 	if c.State != nil {
-		if _, err := tx.ExecContext(ctx, `UPDATE rollouts SET state = ?, status = ?, updated = ? WHERE id = ?`, string(c.State), c.Status, ms(c.Now), c.ID); err != nil {
+		r, err := tx.ExecContext(ctx, `UPDATE rollouts SET state = ?, status = ?, updated = ?, rev = rev + 1 WHERE id = ? AND rev = ?`,
+			string(c.State), c.Status, ms(c.Now), c.ID, c.Rev)
+		if err != nil {
 			return fmt.Errorf("apply rollout: %w", err)
+		}
+		if n, _ := r.RowsAffected(); n == 0 {
+			return fmt.Errorf("apply rollout %s: %w", c.ID, store.ErrConflict)
 		}
 	}
 	if err := insertMembers(ctx, tx, c.ID, c.Members); err != nil {
@@ -223,8 +245,8 @@ func (db *DB) RolloutAcks(ctx context.Context, rollout string) (map[string]int64
 
 // SetRolloutState records an operator's change of a rollout (start, pause,
 // resume, abort, promote) with its audit entry.
-func (db *DB) SetRolloutState(ctx context.Context, id string, state []byte, status string, a store.Audit) error {
-	return db.ApplyRollout(ctx, store.RolloutChange{ID: id, State: state, Status: status, Audits: []store.Audit{a}, Now: a.Time})
+func (db *DB) SetRolloutState(ctx context.Context, id string, rev int64, state []byte, status string, a store.Audit) error {
+	return db.ApplyRollout(ctx, store.RolloutChange{ID: id, Rev: rev, State: state, Status: status, Audits: []store.Audit{a}, Now: a.Time})
 }
 
 type execer interface {
@@ -235,7 +257,7 @@ type execer interface {
 // first plan writes every member of the fleet, and one statement per row
 // costs a cgo round trip each. In key order, the B-tree insertions append
 // instead of splitting pages all over the tree.
-func insertMembers(ctx context.Context, tx *sql.Tx, rollout string, members []store.MemberRow) error {
+func insertMembers(ctx context.Context, tx *Tx, rollout string, members []store.MemberRow) error {
 	const memberRows = 300
 	members = slices.Clone(members)
 	slices.SortFunc(members, func(a, b store.MemberRow) int { return strings.Compare(a.Device, b.Device) })

@@ -53,8 +53,9 @@ const DefaultClockAllowance = time.Hour
 type DB struct {
 	opts Options
 	path string
-	w    *sql.DB // one connection: every write
-	r    *sql.DB // read-only pool
+	d    dialect
+	w    handle // SQLite: one connection, every write
+	r    handle // read-only pool (SQLite)
 
 	mu      sync.Mutex       // guards devNums
 	devNums map[string]int64 // device id -> row number, for ingest
@@ -125,17 +126,8 @@ func Open(path string, opts Options) (*DB, error) {
 		w.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
-	db := &DB{opts: opts, path: path, w: w, devNums: map[string]int64{},
-		pending: map[int64]*devSeen{}, flushedAt: map[int64]time.Time{}}
-	if err := db.migrate(context.Background()); err != nil {
-		w.Close()
-		return nil, err
-	}
-	if err := db.chainAudit(context.Background()); err != nil {
-		w.Close()
-		return nil, err
-	}
-	if err := db.prepare(); err != nil {
+	db := newDB(opts, path, handle{DB: w, d: sqliteDialect})
+	if err := db.init(); err != nil {
 		w.Close()
 		return nil, err
 	}
@@ -145,7 +137,7 @@ func Open(path string, opts Options) (*DB, error) {
 		return nil, fmt.Errorf("open store: %w", err)
 	}
 	r.SetMaxOpenConns(4)
-	db.r = r
+	db.r = handle{DB: r, d: sqliteDialect}
 	// The writer never checkpoints; a second connection does, off the
 	// ingest path.
 	if _, err := w.Exec(`PRAGMA wal_autocheckpoint = 0`); err != nil {
@@ -162,14 +154,38 @@ func Open(path string, opts Options) (*DB, error) {
 	return db, nil
 }
 
+func newDB(opts Options, path string, w handle) *DB {
+	return &DB{opts: opts, path: path, d: w.d, w: w, devNums: map[string]int64{},
+		pending: map[int64]*devSeen{}, flushedAt: map[int64]time.Time{}}
+}
+
+// init migrates the schema, chains the audit log and prepares the ingest
+// statements.
+func (db *DB) init() error {
+	if err := db.migrate(context.Background()); err != nil {
+		return err
+	}
+	if err := db.chainAudit(context.Background()); err != nil {
+		return err
+	}
+	return db.prepare()
+}
+
 func (db *DB) prepare() error {
+	sample := `INSERT INTO inbox (dev, ts, boot, seq, last_ts, samples, body) VALUES (?, ?, ?, ?, ?, ?, ?)`
+	if db.d == postgresDialect {
+		// No inbox: PostgreSQL appends to the partition of the batch's
+		// day, and a redelivery is skipped at once.
+		sample = `INSERT INTO telemetry (dev, ts, boot, seq, last_ts, samples, body) VALUES (?, ?, ?, ?, ?, ?, ?)
+			ON CONFLICT DO NOTHING`
+	}
 	for _, p := range []struct {
 		dst **sql.Stmt
 		q   string
 	}{
-		{&db.sampleStmt, `INSERT INTO inbox (dev, ts, boot, seq, last_ts, samples, body) VALUES (?, ?, ?, ?, ?, ?, ?)`},
-		{&db.eventStmt, `INSERT OR IGNORE INTO events (dev, boot, seq, ts, received, kind, severity, code, message, cmd, body)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`},
+		{&db.sampleStmt, sample},
+		{&db.eventStmt, `INSERT INTO events (dev, boot, seq, ts, received, kind, severity, code, message, cmd, body)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING`},
 		{&db.seenStmt, `UPDATE devices SET
 			last_seen = max(coalesce(last_seen, 0), ?1),
 			first_seen = coalesce(first_seen, ?1),
@@ -214,13 +230,15 @@ func (db *DB) Close() error {
 		errs = append(errs, err)
 		_, err = db.ckpt.Exec(`PRAGMA wal_checkpoint(TRUNCATE)`)
 		errs = append(errs, err, db.ckpt.Close())
+	} else if db.d == postgresDialect {
+		errs = append(errs, db.FlushSeen(context.Background()))
 	}
 	for _, s := range []*sql.Stmt{db.sampleStmt, db.eventStmt, db.seenStmt} {
 		if s != nil {
 			s.Close()
 		}
 	}
-	if db.r != nil {
+	if db.r.DB != nil && db.r.DB != db.w.DB {
 		errs = append(errs, db.r.Close())
 	}
 	errs = append(errs, db.w.Close())
@@ -468,6 +486,11 @@ var migrations = []string{
 	ALTER TABLE devices ADD COLUMN delta_max INTEGER NOT NULL DEFAULT 0;
 	ALTER TABLE device_updates ADD COLUMN patch INTEGER NOT NULL DEFAULT 0;
 	ALTER TABLE device_updates ADD COLUMN fallback TEXT NOT NULL DEFAULT '';`,
+	// Several replicas (lease.go): the lease the rollout scheduler runs
+	// under, and each rollout's revision, so that a change planned from a
+	// state that changed meanwhile is refused.
+	`CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, token INTEGER NOT NULL, expires INTEGER NOT NULL, acquired INTEGER NOT NULL);
+	ALTER TABLE rollouts ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;`,
 }
 
 func (db *DB) migrate(ctx context.Context) error {
@@ -479,7 +502,7 @@ func (db *DB) migrate(ctx context.Context) error {
 		return fmt.Errorf("migrate: database schema %d is newer than this build (%d)", v, len(migrations))
 	}
 	for i := v; i < len(migrations); i++ {
-		tx, err := db.w.BeginTx(ctx, nil)
+		tx, err := db.begin(ctx)
 		if err != nil {
 			return fmt.Errorf("migrate: %w", err)
 		}
