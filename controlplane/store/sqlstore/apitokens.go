@@ -5,7 +5,6 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
@@ -25,7 +24,7 @@ func (db *DB) CreateAPIToken(ctx context.Context, t store.APIToken) error {
 	_, err := db.w.ExecContext(ctx, `INSERT INTO api_tokens (name, role, hash, created, created_by, expires) VALUES (?, ?, ?, ?, ?, ?)`,
 		t.Name, t.Role, t.Hash, ms(t.Created), t.CreatedBy, nullMS(t.Expires))
 	if err != nil {
-		if strings.Contains(err.Error(), "UNIQUE") {
+		if isUnique(err) {
 			return fmt.Errorf("token %s: %w", t.Name, store.ErrExists)
 		}
 		return fmt.Errorf("create token %s: %w", t.Name, err)

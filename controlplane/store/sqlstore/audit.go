@@ -67,12 +67,13 @@ func appendAudit(ctx context.Context, tx *Tx, a store.Audit) (int64, error) {
 	}
 	ts := ms(a.Time)
 	h := auditHash(prev, ts, a.Actor, a.Action, a.Target, a.Reason, string(attrs))
-	r, err := tx.ExecContext(ctx, `INSERT INTO audit (ts, actor, action, target, reason, attrs, hash) VALUES (?, ?, ?, ?, ?, ?, ?)`,
-		ts, a.Actor, a.Action, a.Target, a.Reason, string(attrs), h)
+	var id int64
+	err = tx.QueryRowContext(ctx, `INSERT INTO audit (ts, actor, action, target, reason, attrs, hash) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id`,
+		ts, a.Actor, a.Action, a.Target, a.Reason, string(attrs), h).Scan(&id)
 	if err != nil {
 		return 0, fmt.Errorf("audit %s: %w", a.Action, err)
 	}
-	return r.LastInsertId()
+	return id, nil
 }
 
 // auditRow is an entry as the chain covers it.

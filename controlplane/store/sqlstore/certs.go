@@ -70,9 +70,9 @@ func (db *DB) NoteAuth(ctx context.Context, id, method, serial string) error {
 		_, err = db.w.ExecContext(ctx, `UPDATE devices SET auth = ?,
 			cred_hash = CASE WHEN cert_serial = ? THEN NULL ELSE cred_hash END,
 			cert_prev = CASE WHEN cert_serial = ? THEN NULL ELSE cert_prev END
-			WHERE id = ? AND NOT revoked`, method, serial, serial, id)
+			WHERE id = ? AND revoked = 0`, method, serial, serial, id)
 	} else {
-		_, err = db.w.ExecContext(ctx, `UPDATE devices SET auth = ? WHERE id = ? AND NOT revoked`, method, id)
+		_, err = db.w.ExecContext(ctx, `UPDATE devices SET auth = ? WHERE id = ? AND revoked = 0`, method, id)
 	}
 	if err != nil {
 		return fmt.Errorf("note auth %s: %w", id, err)
@@ -252,7 +252,7 @@ func (db *DB) SetPasswordAuth(ctx context.Context, on bool) error {
 // revocation list for a broker that reads one.
 func (db *DB) RevokedSerials(ctx context.Context, now time.Time) ([]string, error) {
 	rows, err := db.r.QueryContext(ctx, `SELECT c.serial FROM certs c LEFT JOIN devices d ON d.id = c.dev
-		WHERE c.not_after > ? AND (d.id IS NULL OR d.revoked OR (c.serial IS NOT d.cert_serial AND c.serial IS NOT d.cert_prev))
+		WHERE c.not_after > ? AND (d.id IS NULL OR d.revoked != 0 OR (c.serial IS DISTINCT FROM d.cert_serial AND c.serial IS DISTINCT FROM d.cert_prev))
 		ORDER BY c.serial`, ms(now))
 	if err != nil {
 		return nil, fmt.Errorf("revoked serials: %w", err)

@@ -10,7 +10,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/mattn/go-sqlite3"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/proto"
@@ -95,9 +94,9 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 		// what it reports now. A device that was not revoked keeps its
 		// connection and the order of its reports.
 		_, err = tx.ExecContext(ctx, `UPDATE devices SET labels = ?, cred_hash = coalesce(?, cred_hash), revoked = 0,
-			enrolled_at = CASE WHEN ? IS NULL THEN (CASE WHEN revoked THEN NULL ELSE enrolled_at END) ELSE ? END,
-			boot = CASE WHEN revoked THEN 0 ELSE boot END, conn = CASE WHEN revoked THEN 0 ELSE conn END,
-			reinstated = CASE WHEN revoked THEN ? ELSE reinstated END WHERE id = ?`,
+			enrolled_at = CASE WHEN CAST(? AS BIGINT) IS NULL THEN (CASE WHEN revoked != 0 THEN NULL ELSE enrolled_at END) ELSE ? END,
+			boot = CASE WHEN revoked != 0 THEN 0 ELSE boot END, conn = CASE WHEN revoked != 0 THEN 0 ELSE conn END,
+			reinstated = CASE WHEN revoked != 0 THEN ? ELSE reinstated END WHERE id = ?`,
 			string(opJSON), e.CredHash, enrolledAt, enrolledAt, ms(e.Now), e.ID)
 	default:
 		// The device's own enrollment: what it reports is kept as
@@ -127,7 +126,7 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 		// A password was issued: passwords are in use, so they stay on
 		// (until an operator turns them off) even when a device CA comes
 		// later.
-		_, err = tx.ExecContext(ctx, `INSERT OR IGNORE INTO meta (key, value) VALUES (?, 'on')`, metaPasswords)
+		_, err = tx.ExecContext(ctx, `INSERT INTO meta (key, value) VALUES (?, 'on') ON CONFLICT DO NOTHING`, metaPasswords)
 	}
 	if err != nil {
 		return store.Device{}, fmt.Errorf("enroll %s: %w", e.ID, err)
@@ -153,7 +152,7 @@ func certKeyOf(e store.Enrollment) string {
 // given time: an operator's answer to a device that lost its credential.
 // A revoked device is reinstated by an operator's add instead.
 func (db *DB) AllowRekey(ctx context.Context, id string, until time.Time) error {
-	res, err := db.w.ExecContext(ctx, `UPDATE devices SET rekey_until = ? WHERE id = ? AND NOT revoked`, ms(until), id)
+	res, err := db.w.ExecContext(ctx, `UPDATE devices SET rekey_until = ? WHERE id = ? AND revoked = 0`, ms(until), id)
 	if err != nil {
 		return fmt.Errorf("allow rekey %s: %w", id, err)
 	}
@@ -417,6 +416,11 @@ func (db *DB) deviceWhere(f store.DeviceFilter) (string, []any) {
 	var where []string
 	var args []any
 	for k, v := range f.Labels {
+		if db.d == postgresDialect {
+			where = append(where, `CAST(labels AS jsonb) ->> ? = ?`)
+			args = append(args, k, v)
+			continue
+		}
 		path := `$."` + strings.ReplaceAll(k, `"`, ``) + `"`
 		where = append(where, `json_extract(labels, ?) = ?`)
 		args = append(args, path, v)
@@ -434,16 +438,20 @@ func (db *DB) deviceWhere(f store.DeviceFilter) (string, []any) {
 		args = append(args, f.Version)
 	}
 	if f.Pending {
-		where = append(where, `pending_key IS NOT NULL AND NOT revoked`)
+		where = append(where, `pending_key IS NOT NULL AND revoked = 0`)
 	}
 	if f.Auth != "" {
-		where = append(where, `auth = ? AND NOT revoked`)
+		where = append(where, `auth = ? AND revoked = 0`)
 		args = append(args, f.Auth)
 	}
 	if len(f.IDs) > 0 {
 		// Through a JSON array: any number of ids, one bound parameter.
 		ids, _ := json.Marshal(f.IDs)
-		where = append(where, `id IN (SELECT value FROM json_each(?))`)
+		if db.d == postgresDialect {
+			where = append(where, `id IN (SELECT jsonb_array_elements_text(CAST(? AS jsonb)))`)
+		} else {
+			where = append(where, `id IN (SELECT value FROM json_each(?))`)
+		}
 		args = append(args, string(ids))
 	}
 	if f.Search != "" {
@@ -567,8 +575,7 @@ func (db *DB) SetProfile(ctx context.Context, name string, hash []byte, labels m
 		q += ` ON CONFLICT (name) DO UPDATE SET hash = excluded.hash, created = excluded.created, labels = excluded.labels`
 	}
 	_, err := db.w.ExecContext(ctx, q, profilePrefix+name, hash, ms(now), string(b))
-	var se sqlite3.Error
-	if errors.As(err, &se) && se.Code == sqlite3.ErrConstraint {
+	if isUnique(err) {
 		return fmt.Errorf("profile %s: %w", name, store.ErrExists)
 	}
 	if err != nil {

@@ -17,7 +17,7 @@ func (db *DB) RecordFleetHealth(ctx context.Context, h store.FleetHealth) error 
 	if err != nil {
 		return err
 	}
-	if _, err := db.w.ExecContext(ctx, `INSERT OR REPLACE INTO fleet_history (ts, body) VALUES (?, ?)`, ms(h.Time), string(b)); err != nil {
+	if _, err := db.w.ExecContext(ctx, `INSERT INTO fleet_history (ts, body) VALUES (?, ?) ON CONFLICT (ts) DO UPDATE SET body = excluded.body`, ms(h.Time), string(b)); err != nil {
 		return fmt.Errorf("record fleet health: %w", err)
 	}
 	return nil
@@ -39,7 +39,7 @@ func (db *DB) FleetHistory(ctx context.Context, from, to time.Time, points int) 
 	}
 	// Every step-th row by position, and always the newest.
 	rows, err := db.r.QueryContext(ctx, `SELECT body FROM (
-		SELECT body, ts, row_number() OVER (ORDER BY ts) - 1 AS i FROM fleet_history WHERE ts BETWEEN ? AND ?)
+		SELECT body, ts, row_number() OVER (ORDER BY ts) - 1 AS i FROM fleet_history WHERE ts BETWEEN ? AND ?) AS h
 		WHERE i % ? = 0 OR i = ? - 1 ORDER BY ts`, ms(from), ms(to), step, n)
 	if err != nil {
 		return nil, fmt.Errorf("fleet history: %w", err)
@@ -121,7 +121,7 @@ func (db *DB) TelemetryPoints(ctx context.Context, id string, from, to time.Time
 	}
 	step := max(1, (n+int64(points)-1)/int64(points))
 	rows, err := db.r.QueryContext(ctx, `SELECT boot, seq, body FROM (
-			SELECT boot, seq, body, row_number() OVER (ORDER BY ts) - 1 AS i FROM telemetry WHERE dev = ?1 AND ts >= ?2 AND ts < ?3)
+			SELECT boot, seq, body, row_number() OVER (ORDER BY ts) - 1 AS i FROM telemetry WHERE dev = ?1 AND ts >= ?2 AND ts < ?3) AS t
 		WHERE i % ?4 = 0
 		UNION ALL SELECT boot, seq, body FROM inbox WHERE dev = ?1 AND ts >= ?2 AND ts < ?3`, num, f, t, step)
 	if err != nil {

@@ -130,6 +130,9 @@ func (db *DB) CompactDue(ctx context.Context) (int64, error) {
 // and time, in one transaction. Batches already in telemetry (QoS1
 // redeliveries, whenever they came) are dropped and counted.
 func (db *DB) Compact(ctx context.Context) (dups int64, err error) {
+	if db.d == postgresDialect {
+		return 0, nil // no inbox
+	}
 	db.compactMu.Lock()
 	defer db.compactMu.Unlock()
 	db.lastCompact = time.Now()
@@ -270,7 +273,7 @@ func (w *ingestTx) applyState(ctx context.Context, num int64, it *store.IngestIt
 		arch = CASE WHEN ? != '' THEN ? ELSE arch END,
 		hardware = CASE WHEN ? != '' THEN ? ELSE hardware END,
 		release = ?, payloads = ?, builds = ?, delta_max = ?,
-		reported_labels = CASE WHEN ? THEN ? ELSE reported_labels END
+		reported_labels = CASE WHEN ? != 0 THEN ? ELSE reported_labels END
 		WHERE num = ? AND revoked = 0 AND NOT (boot = ? AND conn > ?)`,
 		s.Boot, s.Conn, s.Proto, s.Version, s.Version, s.Arch, s.Arch, s.Hardware, s.Hardware,
 		s.Release, string(payloads), string(builds), int64(min(s.Deltas, math.MaxInt64)), len(s.Labels) > 0, string(labels),
@@ -324,8 +327,15 @@ func (w *ingestTx) applyBatch(ctx context.Context, num int64, it *store.IngestIt
 			seen.sample, seen.sampleTS = s, ts
 		}
 	}
-	if _, err := w.stmt(ctx, &w.sample, w.db.sampleStmt).ExecContext(ctx, num, first, b.Boot, b.Seq, last, len(b.Samples), body); err != nil {
+	r, err := w.stmt(ctx, &w.sample, w.db.sampleStmt).ExecContext(ctx, num, first, b.Boot, b.Seq, last, len(b.Samples), body)
+	if err != nil {
 		return err
+	}
+	if n, _ := r.RowsAffected(); n == 0 {
+		// Stored already (PostgreSQL writes telemetry directly; SQLite's
+		// inbox finds duplicates when compacted).
+		res.Duplicates++
+		return nil
 	}
 	seen.dropped += b.Dropped
 	res.Samples += len(b.Samples)
@@ -391,7 +401,7 @@ func (w *ingestTx) applyUpdate(ctx context.Context, num int64, it *store.IngestI
 		progress, rollout, boot, seq, updated, committed, patch, fallback) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 		ON CONFLICT (dev, target, counter) DO UPDATE SET version = excluded.version, state = excluded.state,
 			reason = excluded.reason, check_name = excluded.check_name, progress = excluded.progress,
-			rollout = CASE WHEN excluded.rollout != '' THEN excluded.rollout ELSE rollout END,
+			rollout = CASE WHEN excluded.rollout != '' THEN excluded.rollout ELSE device_updates.rollout END,
 			boot = excluded.boot, seq = excluded.seq, updated = excluded.updated,
 			committed = coalesce(device_updates.committed, excluded.committed),
 			patch = excluded.patch, fallback = excluded.fallback

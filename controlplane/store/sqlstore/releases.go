@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/hangarfleet/hangar/controlplane/store"
@@ -27,7 +26,7 @@ func (db *DB) AddRelease(ctx context.Context, r store.Release) error {
 		key_id, notes, pushed_at, pushed_by, manifest, keys) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 		r.Target, r.Version, r.Counter, r.Size, sum, string(hw), string(arch), r.Created.Unix(), r.Expires.Unix(),
 		r.KeyID, r.Notes, ms(r.PushedAt), r.PushedBy, r.Manifest, r.Keys)
-	if err != nil && strings.Contains(err.Error(), "UNIQUE") {
+	if err != nil && isUnique(err) {
 		return fmt.Errorf("add release %s %s: %w (same version or counter)", r.Target, r.Version, store.ErrExists)
 	}
 	if err != nil {
@@ -143,7 +142,7 @@ func (db *DB) AddReleaseDelta(ctx context.Context, d store.ReleaseDelta) error {
 		SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM releases WHERE target = ? AND version = ?)`,
 		d.Target, d.Version, base, d.BaseSize, d.BaseVersion, patch, d.PatchSize, d.Manifest, ms(d.PushedAt), d.PushedBy,
 		d.Target, d.Version)
-	if err != nil && strings.Contains(err.Error(), "UNIQUE") {
+	if err != nil && isUnique(err) {
 		return fmt.Errorf("add release delta %s %s from %.12s: %w", d.Target, d.Version, d.BaseSHA256, store.ErrExists)
 	}
 	if err != nil {

@@ -77,24 +77,7 @@ type DB struct {
 // Open opens (creating if needed) the database at path and migrates it to
 // the current schema.
 func Open(path string, opts Options) (*DB, error) {
-	if opts.OnlineTimeout <= 0 {
-		opts.OnlineTimeout = DefaultOnlineTimeout
-	}
-	if opts.Now == nil {
-		opts.Now = time.Now
-	}
-	if opts.SeenFlushInterval == 0 {
-		opts.SeenFlushInterval = time.Second
-	}
-	if opts.CompactInterval <= 0 {
-		opts.CompactInterval = 2 * time.Second
-	}
-	if opts.CheckpointInterval <= 0 {
-		opts.CheckpointInterval = time.Second
-	}
-	if opts.ClockAllowance <= 0 {
-		opts.ClockAllowance = DefaultClockAllowance
-	}
+	opts = withDefaults(opts)
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("open store: %w", err)
 	}
@@ -154,6 +137,28 @@ func Open(path string, opts Options) (*DB, error) {
 	return db, nil
 }
 
+func withDefaults(opts Options) Options {
+	if opts.OnlineTimeout <= 0 {
+		opts.OnlineTimeout = DefaultOnlineTimeout
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.SeenFlushInterval == 0 {
+		opts.SeenFlushInterval = time.Second
+	}
+	if opts.CompactInterval <= 0 {
+		opts.CompactInterval = 2 * time.Second
+	}
+	if opts.CheckpointInterval <= 0 {
+		opts.CheckpointInterval = time.Second
+	}
+	if opts.ClockAllowance <= 0 {
+		opts.ClockAllowance = DefaultClockAllowance
+	}
+	return opts
+}
+
 func newDB(opts Options, path string, w handle) *DB {
 	return &DB{opts: opts, path: path, d: w.d, w: w, devNums: map[string]int64{},
 		pending: map[int64]*devSeen{}, flushedAt: map[int64]time.Time{}}
@@ -190,8 +195,8 @@ func (db *DB) prepare() error {
 			last_seen = max(coalesce(last_seen, 0), ?1),
 			first_seen = coalesce(first_seen, ?1),
 			dropped = dropped + ?2,
-			sample = CASE WHEN ?3 IS NOT NULL AND (?3 >= coalesce(sample_ts, 0) OR sample_ts > ?6) THEN ?4 ELSE sample END,
-			sample_ts = CASE WHEN ?3 IS NOT NULL AND (?3 >= coalesce(sample_ts, 0) OR sample_ts > ?6) THEN ?3 ELSE sample_ts END
+			sample = CASE WHEN CAST(?3 AS BIGINT) IS NOT NULL AND (?3 >= coalesce(sample_ts, 0) OR sample_ts > ?6) THEN ?4 ELSE sample END,
+			sample_ts = CASE WHEN CAST(?3 AS BIGINT) IS NOT NULL AND (?3 >= coalesce(sample_ts, 0) OR sample_ts > ?6) THEN ?3 ELSE sample_ts END
 			WHERE num = ?5 AND revoked = 0`},
 	} {
 		s, err := db.w.Prepare(p.q)
@@ -494,6 +499,9 @@ var migrations = []string{
 }
 
 func (db *DB) migrate(ctx context.Context) error {
+	if db.d == postgresDialect {
+		return db.migratePostgres(ctx)
+	}
 	var v int
 	if err := db.w.QueryRowContext(ctx, "PRAGMA user_version").Scan(&v); err != nil {
 		return fmt.Errorf("migrate: %w", err)
