@@ -440,6 +440,18 @@ func (db *DB) PruneTelemetry(ctx context.Context, cutoff time.Time) (int64, erro
 	if _, err := db.Compact(ctx); err != nil {
 		return 0, fmt.Errorf("prune: %w", err)
 	}
+	if db.d == postgresDialect {
+		// Whole days first; what is left before the cutoff (the day it
+		// falls in, the default partition) row by row below.
+		if err := db.MaintainPartitions(ctx); err != nil {
+			return 0, fmt.Errorf("prune: %w", err)
+		}
+		n, err := db.dropPartitions(ctx, c)
+		if err != nil {
+			return n, fmt.Errorf("prune: %w", err)
+		}
+		total += n
+	}
 	for _, num := range nums {
 		if err := ctx.Err(); err != nil {
 			return total, err

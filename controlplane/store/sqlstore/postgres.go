@@ -152,7 +152,7 @@ func (db *DB) MaintainPartitions(ctx context.Context) error {
 	if db.d != postgresDialect {
 		return nil
 	}
-	today := time.Now().UTC().Truncate(partitionDay)
+	today := db.opts.Now().UTC().Truncate(partitionDay)
 	for i := -1; i <= partitionsAhead; i++ {
 		day := today.Add(time.Duration(i) * partitionDay)
 		q := fmt.Sprintf(`CREATE TABLE IF NOT EXISTS %s PARTITION OF telemetry FOR VALUES FROM (%d) TO (%d)`,
