@@ -10,7 +10,6 @@ import (
 	"strings"
 	"time"
 
-
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/proto"
 )
