@@ -21,6 +21,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/brokerconfig"
 	"github.com/hangarfleet/hangar/controlplane/devca"
 	"github.com/hangarfleet/hangar/controlplane/devcert"
+	"github.com/hangarfleet/hangar/controlplane/leader"
 	"github.com/hangarfleet/hangar/controlplane/server"
 	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
 	"github.com/hangarfleet/hangar/proto"
@@ -30,6 +31,11 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	fs := g.newFlags("serve")
 	var o server.Options
 	fs.StringVar(&o.DataDir, "data", envOr(g, "HANGAR_DATA", server.DefaultDataDir), "data directory: SQLite database and token files (env HANGAR_DATA)")
+	fs.StringVar(&o.Store, "store", g.env.Getenv("HANGAR_STORE"), "where records are kept: a PostgreSQL URL (postgres://user@host/db; several replicas may share it) or a SQLite file (default DATA/hangar.db; env HANGAR_STORE)")
+	fs.StringVar(&o.Replica, "replica", g.env.Getenv("HANGAR_REPLICA"), "this control plane's name among replicas sharing a PostgreSQL store (default: host name and process id; env HANGAR_REPLICA)")
+	fs.DurationVar(&o.LeaseTTL, "lease-ttl", leader.DefaultTTL, "term of the scheduler lease: the replica holding it runs rollouts; another takes over this long after it dies")
+	fs.StringVar(&o.BrokerClientID, "broker-client-id", g.env.Getenv("HANGAR_BROKER_CLIENT_ID"), "this replica's MQTT client id on the external broker (default hangar:controlplane; distinct per replica, stable across restarts)")
+	fs.StringVar(&o.BrokerShare, "broker-share", g.env.Getenv("HANGAR_BROKER_SHARE"), "receive device messages through the shared subscription group $share/GROUP/...: replicas of one group split the ingest (external broker)")
 	fs.StringVar(&o.HTTPAddr, "http", envOr(g, "HANGAR_HTTP", server.DefaultHTTPAddr), "REST API and dashboard listen address (env HANGAR_HTTP)")
 	fs.StringVar(&o.MQTTAddr, "mqtt", envOr(g, "HANGAR_MQTT", server.DefaultMQTTAddr), "embedded MQTT broker listen address (env HANGAR_MQTT)")
 	fs.StringVar(&o.BrokerURL, "broker", g.env.Getenv("HANGAR_BROKER"), "use this external MQTT broker (tcp://host:port) instead of the embedded one (env HANGAR_BROKER)")
@@ -171,6 +177,9 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	}
 	abs, _ := filepath.Abs(o.DataDir)
 	fmt.Fprintf(w, "  data:              %s\n", abs)
+	if sqlstore.IsPostgresURL(o.Store) {
+		fmt.Fprintf(w, "  store:             PostgreSQL, replica %s\n", srv.Replica())
+	}
 	fmt.Fprintf(w, "  admin token:       %s\n", filepath.Join(abs, server.AdminTokenFile))
 	fmt.Fprintf(w, "  enrollment token:  %s\n", filepath.Join(abs, server.EnrollTokenFile))
 	if srv.AdminToken != "" {
@@ -283,6 +292,7 @@ func runBrokerConfig(ctx context.Context, g *globals, args []string) error {
 	user := fs.String("user", "", "account mosquitto runs as (default: mosquitto's own, \"mosquitto\")")
 	caCert := fs.String("device-ca-cert", "", "the device CA certificate, when hangar serve uses its own (--device-ca-cert)")
 	caKey := fs.String("device-ca-key", "", "its key")
+	storeURL := fs.String("store", g.env.Getenv("HANGAR_STORE"), "the control plane's store, where revocations are read (a PostgreSQL URL; default DATA/hangar.db)")
 	crlOnly := fs.Bool("crl-only", false, "only write the revocation list again (after revocations and renewals; restart the broker to load it)")
 	if _, err := parse(fs, args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -303,7 +313,10 @@ func runBrokerConfig(ctx context.Context, g *globals, args []string) error {
 	if err != nil {
 		return err
 	}
-	db, err := sqlstore.Open(filepath.Join(*data, server.DBFile), sqlstore.Options{})
+	if *storeURL == "" {
+		*storeURL = filepath.Join(*data, server.DBFile)
+	}
+	db, err := sqlstore.OpenURL(*storeURL, sqlstore.Options{})
 	if err != nil {
 		return err
 	}

@@ -167,10 +167,25 @@ func (d *Dispatcher) enqueue(ev deviceEvent) {
 }
 
 // Run reacts to devices and re-sends unacknowledged commands.
-func (d *Dispatcher) Run(ctx context.Context) {
+//
+// With several replicas every one runs it for the device messages it
+// ingested (acknowledgements, hellos, trials); the periodic sweep over the
+// whole fleet runs only where leading says so (the scheduler's lease
+// holder; nil: always), under the context leading returns.
+func (d *Dispatcher) Run(ctx context.Context, leading func() (context.Context, bool)) {
 	t := time.NewTicker(resendEvery)
 	defer t.Stop()
-	d.confirmTrials(ctx)
+	sweep := func() {
+		sctx, ok := ctx, true
+		if leading != nil {
+			sctx, ok = leading()
+		}
+		if ok {
+			d.confirmTrials(sctx)
+			d.resend(sctx, "", d.opts.Now().Add(-d.opts.ResendAfter))
+		}
+	}
+	sweep()
 	for {
 		select {
 		case <-ctx.Done():
@@ -178,8 +193,7 @@ func (d *Dispatcher) Run(ctx context.Context) {
 		case ev := <-d.events:
 			d.handle(ctx, ev)
 		case <-t.C:
-			d.confirmTrials(ctx)
-			d.resend(ctx, "", d.opts.Now().Add(-d.opts.ResendAfter))
+			sweep()
 		}
 	}
 }

@@ -74,7 +74,7 @@ func TestTrialConfirmedAfterRestart(t *testing.T) {
 	run := func() {
 		ctx, cancel := context.WithCancel(ctx)
 		done := make(chan struct{})
-		go func() { d.Run(ctx); close(done) }()
+		go func() { d.Run(ctx, nil); close(done) }()
 		time.Sleep(100 * time.Millisecond)
 		cancel()
 		<-done

@@ -26,6 +26,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/delivery"
 	"github.com/hangarfleet/hangar/controlplane/devcert"
 	"github.com/hangarfleet/hangar/controlplane/ingest"
+	"github.com/hangarfleet/hangar/controlplane/leader"
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/rollout"
 	"github.com/hangarfleet/hangar/controlplane/store"
@@ -59,6 +60,23 @@ type Options struct {
 	// for the console's charts (default DefaultHistoryInterval).
 	HistoryInterval time.Duration
 	DataDir         string
+	// Store is where the control plane keeps its records: a PostgreSQL
+	// URL (postgres://...), or a SQLite file (default DATA/hangar.db).
+	Store string
+	// Replica names this control plane among replicas sharing a
+	// PostgreSQL store (default: host name and process id). One of them,
+	// holding the scheduler lease, runs the rollout scheduler.
+	Replica string
+	// LeaseTTL is the scheduler lease's term (default leader.DefaultTTL):
+	// how long a leader that died holds up rollouts.
+	LeaseTTL time.Duration
+	// BrokerClientID is this replica's client id on the external broker
+	// (default broker.DefaultExternalClientID; distinct per replica).
+	BrokerClientID string
+	// BrokerShare subscribes to device messages through the shared
+	// subscription group $share/<BrokerShare>/...: replicas of one group
+	// split the ingest, each message stored by one of them.
+	BrokerShare string
 	HTTPAddr        string
 	MQTTAddr        string
 	// BrokerURL selects an external broker (tcp://host:port); empty runs
@@ -135,6 +153,8 @@ type Server struct {
 	ingest  *ingest.Ingester
 	cmds    *commands.Dispatcher
 	roll    *rollout.Applier
+	elector *leader.Elector
+	leadCh  chan struct{} // the elector's changes
 	api     *api.API
 	metrics *metrics.Metrics
 	httpLn  net.Listener
@@ -185,11 +205,28 @@ func New(opts Options) (*Server, error) {
 	if err := os.MkdirAll(opts.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
-	db, err := sqlstore.Open(filepath.Join(opts.DataDir, DBFile), sqlstore.Options{OnlineTimeout: opts.OnlineTimeout})
+	if opts.Store == "" {
+		opts.Store = filepath.Join(opts.DataDir, DBFile)
+		s.opts.Store = opts.Store
+	}
+	db, err := sqlstore.OpenURL(opts.Store, sqlstore.Options{OnlineTimeout: opts.OnlineTimeout})
 	if err != nil {
 		return nil, err
 	}
 	s.db = db
+	if opts.Replica == "" {
+		host, _ := os.Hostname()
+		opts.Replica = fmt.Sprintf("%s-%d", host, os.Getpid())
+		s.opts.Replica = opts.Replica
+	}
+	s.leadCh = make(chan struct{}, 1)
+	s.elector = leader.New(leader.Options{Store: db, Holder: opts.Replica, TTL: opts.LeaseTTL, Logger: opts.Logger,
+		OnChange: func(bool, store.Lease) {
+			select {
+			case s.leadCh <- struct{}{}:
+			default:
+			}
+		}})
 	if err := s.initTokens(); err != nil {
 		return nil, err
 	}
@@ -218,7 +255,7 @@ func New(opts Options) (*Server, error) {
 	} else {
 		x, err := broker.NewExternal(broker.ExternalOptions{
 			URL: opts.BrokerURL, Username: opts.BrokerUser, Password: opts.BrokerPassword, NoAccounts: opts.BrokerNoAccounts,
-			Metrics: s.metrics, Logger: opts.Logger,
+			Metrics: s.metrics, Logger: opts.Logger, ClientID: opts.BrokerClientID, Shared: opts.BrokerShare,
 		})
 		if err != nil {
 			return nil, err
@@ -432,10 +469,13 @@ func (s *Server) Run(ctx context.Context) error {
 	}()
 	wg.Add(1)
 	go func() { defer wg.Done(); s.retention(ctx) }()
+	s.elector.Campaign(ctx)
 	wg.Add(1)
-	go func() { defer wg.Done(); s.cmds.Run(ctx) }()
+	go func() { defer wg.Done(); s.elector.Run(ctx) }()
 	wg.Add(1)
-	go func() { defer wg.Done(); s.roll.Run(ctx) }()
+	go func() { defer wg.Done(); s.cmds.Run(ctx, s.elector.Leading) }()
+	wg.Add(1)
+	go func() { defer wg.Done(); s.schedule(ctx) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); releaseMemory(ctx, time.Minute) }()
 	wg.Add(1)
@@ -444,7 +484,8 @@ func (s *Server) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); s.history(ctx) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); s.deliveryGauges(ctx, 5*time.Minute) }()
-	s.log.Info("control plane running", "api", s.URL(), "mqtt", s.mqttURL, "data", s.opts.DataDir)
+	s.log.Info("control plane running", "api", s.URL(), "mqtt", s.mqttURL, "data", s.opts.DataDir,
+		"store", s.db.Engine(), "replica", s.opts.Replica)
 	var err error
 	select {
 	case <-ctx.Done():
@@ -459,6 +500,43 @@ func (s *Server) Run(ctx context.Context) error {
 	wg.Wait()
 	return err
 }
+
+// schedule runs the rollout scheduler for as long as this replica leads,
+// each term under the term's context: cancelled when it ends, its writes
+// fenced by its lease.
+func (s *Server) schedule(ctx context.Context) {
+	for {
+		if term, ok := s.elector.Leading(); ok {
+			tctx, cancel := context.WithCancel(ctx)
+			stop := context.AfterFunc(term, cancel)
+			s.roll.Run(store.WithFence(tctx, mustFence(term)))
+			stop()
+			cancel()
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.leadCh:
+		}
+	}
+}
+
+func mustFence(ctx context.Context) store.Lease {
+	l, _ := store.FenceFrom(ctx)
+	return l
+}
+
+// Replica is this control plane's name among replicas.
+func (s *Server) Replica() string { return s.opts.Replica }
+
+// Leading says whether this replica runs the scheduler now.
+func (s *Server) Leading() bool {
+	_, ok := s.elector.Leading()
+	return ok
+}
+
+// leadingNow is for the periodic chores one replica does for all.
+func (s *Server) leadingNow() bool { return s.Leading() }
 
 // deliveryGauges keeps the delivery metrics' gauges current.
 func (s *Server) deliveryGauges(ctx context.Context, every time.Duration) {
@@ -521,6 +599,15 @@ func (s *Server) history(ctx context.Context) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for n := 0; ; n++ {
+		if !s.leadingNow() {
+			// One replica keeps the history for all.
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				continue
+			}
+		}
 		h, err := s.db.FleetHealth(ctx)
 		if err == nil {
 			err = s.db.RecordFleetHealth(ctx, h)
