@@ -77,8 +77,8 @@ type Options struct {
 	// subscription group $share/<BrokerShare>/...: replicas of one group
 	// split the ingest, each message stored by one of them.
 	BrokerShare string
-	HTTPAddr        string
-	MQTTAddr        string
+	HTTPAddr    string
+	MQTTAddr    string
 	// BrokerURL selects an external broker (tcp://host:port); empty runs
 	// the embedded one.
 	BrokerURL string
