@@ -23,9 +23,19 @@ build: ## build hangar, hangar-agent, hangar-guard and hangar-sim into bin/
 run: build ## run the control plane (embedded broker, SQLite in ./data) and $(SIM_DEVICES) simulated drones
 	SIM_DEVICES=$(SIM_DEVICES) ./scripts/run.sh
 
+# The packages whose tests run again on PostgreSQL (a private server each
+# test binary starts from Debian's postgresql; skipped without it, except
+# under CI).
+STORE_PKGS := ./controlplane/store/... ./controlplane/api/ ./controlplane/commands/ ./controlplane/leader/
+
 .PHONY: test
-test: ## run the whole test suite with the race detector
+test: ## run the whole test suite with the race detector, then the store's users again on PostgreSQL
 	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...
+	$(MAKE) test-postgres
+
+.PHONY: test-postgres
+test-postgres: ## run the store tests (and the API's, the dispatcher's, the election's) on PostgreSQL
+	HANGAR_TEST_STORE=postgres $(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) $(STORE_PKGS)
 
 .PHONY: check
 check: ## gofmt, go vet, then the tests

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -19,6 +18,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlstore/sqlstoretest"
 	"github.com/hangarfleet/hangar/controlplane/throttle"
 	"github.com/hangarfleet/hangar/proto"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -69,11 +69,7 @@ type env struct {
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	db, err := sqlstore.Open(filepath.Join(t.TempDir(), "h.db"), sqlstore.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { db.Close() })
+	db := sqlstoretest.Open(t, sqlstore.Options{})
 	e := &env{db: db, bus: &fakeBus{}, admin: api.NewSecret("hga_"), enroll: api.NewSecret("hge_")}
 	ctx := context.Background()
 	db.SetToken(ctx, api.TokenAdmin, broker.HashPassword(e.admin), time.Now())
@@ -318,11 +314,7 @@ func TestEnrollNoTakeover(t *testing.T) {
 // A client that sends its enrollment body a byte at a time is cut off at
 // the body deadline instead of holding the connection.
 func TestSlowBodyCutOff(t *testing.T) {
-	db, err := sqlstore.Open(filepath.Join(t.TempDir(), "h.db"), sqlstore.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
+	db := sqlstoretest.Open(t, sqlstore.Options{})
 	srv := httptest.NewServer(api.New(api.Options{Store: db, Bus: &fakeBus{}, BodyTimeout: 300 * time.Millisecond,
 		MQTTURL: func(*http.Request) string { return "tcp://broker:1883" }}))
 	defer srv.Close()
@@ -351,11 +343,7 @@ func firstLine(s string) string {
 // Enrollment attempts are limited per source address and per device id,
 // before anything is checked; other sources and ids are not affected.
 func TestEnrollThrottled(t *testing.T) {
-	db, err := sqlstore.Open(filepath.Join(t.TempDir(), "h.db"), sqlstore.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
+	db := sqlstoretest.Open(t, sqlstore.Options{})
 	m := metrics.New(nil)
 	srv := httptest.NewServer(api.New(api.Options{Store: db, Bus: &fakeBus{}, Metrics: m,
 		EnrollSource: throttle.New(0.001, 20, 100), EnrollDevice: throttle.New(0.001, 3, 100),

@@ -24,6 +24,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/delta"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlstore/sqlstoretest"
 	"github.com/hangarfleet/hangar/controlplane/wire"
 	"github.com/hangarfleet/hangar/proto"
 )
@@ -67,11 +68,7 @@ type deltaEnv struct {
 func newDeltaEnv(t *testing.T) *deltaEnv {
 	t.Helper()
 	dir := t.TempDir()
-	db, err := sqlstore.Open(filepath.Join(dir, "h.db"), sqlstore.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { db.Close() })
+	db := sqlstoretest.Open(t, sqlstore.Options{})
 	rootPub, root, _ := ed25519.GenerateKey(rand.Reader)
 	relPub, key, _ := ed25519.GenerateKey(rand.Reader)
 	now := time.Now()

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +14,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/broker"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlstore/sqlstoretest"
 	"github.com/hangarfleet/hangar/proto/prototest"
 )
 
@@ -74,11 +74,7 @@ func next(t *testing.T, ch <-chan sseMsg, event string) sseMsg {
 // topics changed with the new events in the message, and ends once its
 // token is revoked; one token cannot open more than its share.
 func TestLiveStream(t *testing.T) {
-	db, err := sqlstore.Open(filepath.Join(t.TempDir(), "h.db"), sqlstore.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
+	db := sqlstoretest.Open(t, sqlstore.Options{})
 	ctx := context.Background()
 	admin := api.NewSecret("hga_")
 	db.SetToken(ctx, api.TokenAdmin, broker.HashPassword(admin), time.Now())

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -16,6 +15,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/rollout"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlstore/sqlstoretest"
 )
 
 // noRollouts answers every rollout call with "not found": the role test
@@ -104,11 +104,7 @@ type roleEnv struct {
 func newRoleEnv(t *testing.T) *roleEnv {
 	t.Helper()
 	dir := t.TempDir()
-	db, err := sqlstore.Open(filepath.Join(dir, "h.db"), sqlstore.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { db.Close() })
+	db := sqlstoretest.Open(t, sqlstore.Options{})
 	e := &roleEnv{db: db, tokens: map[string]string{}, now: time.Now()}
 	ctx := context.Background()
 	admin := api.NewSecret("hga_")

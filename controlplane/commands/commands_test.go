@@ -3,7 +3,6 @@ package commands
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -11,6 +10,7 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
+	"github.com/hangarfleet/hangar/controlplane/store/sqlstore/sqlstoretest"
 	"github.com/hangarfleet/hangar/proto"
 	"github.com/hangarfleet/hangar/proto/prototest"
 )
@@ -47,11 +47,7 @@ func (b *bus) confirms() []proto.Command {
 // process) is confirmed when the dispatcher starts again, once.
 func TestTrialConfirmedAfterRestart(t *testing.T) {
 	ctx := t.Context()
-	db, err := sqlstore.Open(filepath.Join(t.TempDir(), "hangar.db"), sqlstore.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
+	db := sqlstoretest.Open(t, sqlstore.Options{})
 	now := time.Now()
 	for _, id := range []string{"d1", "d2"} {
 		if _, err := db.Enroll(ctx, store.Enrollment{ID: id, Hardware: "rev-b", CredHash: []byte(id), Now: now}); err != nil {

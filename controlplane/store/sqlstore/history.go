@@ -82,7 +82,7 @@ func (db *DB) LiveMarks(ctx context.Context) (store.LiveMarks, error) {
 	if err != nil {
 		return m, fmt.Errorf("live marks: %w", err)
 	}
-	rows, err := db.r.QueryContext(ctx, `SELECT version, revoked, count(*), sum(connected = 1 AND coalesce(last_seen, 0) >= ?)
+	rows, err := db.r.QueryContext(ctx, `SELECT version, revoked, count(*), sum(CASE WHEN connected = 1 AND coalesce(last_seen, 0) >= ? THEN 1 ELSE 0 END)
 		FROM devices GROUP BY version, revoked ORDER BY version, revoked`, ms(db.onlineCutoff()))
 	if err != nil {
 		return m, fmt.Errorf("live marks: %w", err)
