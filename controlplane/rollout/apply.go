@@ -425,8 +425,13 @@ func (a *Applier) apply(ctx context.Context, r Rollout, out Outcome, now time.Ti
 		if t.Action != "" {
 			action = "rollout." + t.Action
 		}
+		attrs := map[string]string{"from": t.From, "to": t.To, "stage": fmt.Sprint(t.Stage + 1)}
+		if l, ok := store.FenceFrom(ctx); ok {
+			// Which replica decided, in which term of the scheduler lease.
+			attrs["replica"], attrs["term"] = l.Holder, fmt.Sprint(l.Token)
+		}
 		audits = append(audits, store.Audit{Time: now, Actor: "rollout-engine", Action: action, Target: r.Spec.ID,
-			Reason: t.Reason, Attrs: map[string]string{"from": t.From, "to": t.To, "stage": fmt.Sprint(t.Stage + 1)}})
+			Reason: t.Reason, Attrs: attrs})
 		a.log.Info("rollout "+strings.TrimPrefix(action, "rollout."), "rollout", r.Spec.ID, "from", t.From, "to", t.To, "reason", t.Reason)
 	}
 	if err := a.opts.Store.ApplyRollout(ctx, store.RolloutChange{ID: r.Spec.ID, State: state, Status: string(out.State.Status),
