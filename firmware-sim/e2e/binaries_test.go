@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"github.com/hangarfleet/hangar/internal/pgtest"
+
 	"fmt"
 	"os"
 	"os/exec"
@@ -20,6 +22,7 @@ var (
 // TestMain removes the binaries built for the tests.
 func TestMain(m *testing.M) {
 	code := m.Run()
+	pgtest.Stop()
 	if binDir != "" {
 		os.RemoveAll(binDir)
 	}

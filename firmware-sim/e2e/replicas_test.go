@@ -1,0 +1,550 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hangarfleet/hangar/controlplane/broker/mosquittotest"
+	"github.com/hangarfleet/hangar/controlplane/rollout"
+	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/firmware-sim/scenario"
+	"github.com/hangarfleet/hangar/firmware-sim/sim"
+	"github.com/hangarfleet/hangar/internal/pgtest"
+)
+
+// balancer is the load balancer in front of the replicas: each request
+// goes to the next replica in turn, and to the one after when a replica
+// does not answer (killed).
+type balancer struct {
+	srv      *http.Server
+	ln       net.Listener
+	backends []string
+	next     atomic.Uint64
+	dataDir  string
+}
+
+func newBalancer(t *testing.T, dataDir string, backends ...string) *balancer {
+	t.Helper()
+	b := &balancer{backends: backends, dataDir: dataDir, ln: listen(t)}
+	b.srv = &http.Server{Handler: http.HandlerFunc(b.serve)}
+	go b.srv.Serve(b.ln)
+	t.Cleanup(func() { b.srv.Close() })
+	return b
+}
+
+func (b *balancer) URL() string     { return "http://" + b.ln.Addr().String() }
+func (b *balancer) DataDir() string { return b.dataDir }
+
+func (b *balancer) serve(w http.ResponseWriter, r *http.Request) {
+	body, err := io.ReadAll(io.LimitReader(r.Body, 256<<20))
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadGateway)
+		return
+	}
+	start := b.next.Add(1)
+	for i := range len(b.backends) {
+		target := b.backends[(int(start)+i)%len(b.backends)]
+		// Only a replica that is up takes the request: a dial that fails
+		// goes to the next one, as a load balancer's health check would.
+		c, err := net.DialTimeout("tcp", strings.TrimPrefix(target, "http://"), time.Second)
+		if err != nil {
+			continue
+		}
+		c.Close()
+		u, _ := url.Parse(target)
+		rec := &bufferedResponse{header: http.Header{}}
+		p := httputil.NewSingleHostReverseProxy(u)
+		p.ErrorHandler = func(w http.ResponseWriter, _ *http.Request, err error) { rec.err = err }
+		req := r.Clone(r.Context())
+		req.Body = io.NopCloser(bytes.NewReader(body))
+		req.ContentLength = int64(len(body))
+		p.ServeHTTP(rec, req)
+		if rec.err != nil {
+			continue // killed while answering: the client's request goes elsewhere
+		}
+		for k, v := range rec.header {
+			w.Header()[k] = v
+		}
+		w.WriteHeader(rec.code)
+		w.Write(rec.body.Bytes())
+		return
+	}
+	http.Error(w, "no replica answers", http.StatusBadGateway)
+}
+
+type bufferedResponse struct {
+	header http.Header
+	code   int
+	body   bytes.Buffer
+	err    error
+}
+
+func (r *bufferedResponse) Header() http.Header { return r.header }
+func (r *bufferedResponse) Write(p []byte) (int, error) {
+	if r.code == 0 {
+		r.code = http.StatusOK
+	}
+	return r.body.Write(p)
+}
+func (r *bufferedResponse) WriteHeader(c int) { r.code = c }
+
+// cuttable is a TCP proxy between a replica and PostgreSQL whose link can
+// be cut (open connections dropped, new ones refused) and restored.
+type cuttable struct {
+	ln       net.Listener
+	upstream string
+	mu       sync.Mutex
+	cut      bool
+	conns    map[net.Conn]bool
+}
+
+func newCuttable(t *testing.T, upstream string) *cuttable {
+	t.Helper()
+	c := &cuttable{ln: listen(t), upstream: upstream, conns: map[net.Conn]bool{}}
+	go func() {
+		for {
+			in, err := c.ln.Accept()
+			if err != nil {
+				return
+			}
+			c.mu.Lock()
+			if c.cut {
+				c.mu.Unlock()
+				in.Close()
+				continue
+			}
+			out, err := net.Dial("tcp", upstream)
+			if err != nil {
+				c.mu.Unlock()
+				in.Close()
+				continue
+			}
+			c.conns[in], c.conns[out] = true, true
+			c.mu.Unlock()
+			go func() { io.Copy(out, in); out.Close(); in.Close() }()
+			go func() { io.Copy(in, out); in.Close(); out.Close() }()
+		}
+	}()
+	t.Cleanup(func() { c.ln.Close(); c.setCut(true) })
+	return c
+}
+
+func (c *cuttable) Addr() string { return c.ln.Addr().String() }
+
+func (c *cuttable) setCut(cut bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.cut = cut
+	if cut {
+		// Open connections are reset, new ones refused.
+		for conn := range c.conns {
+			if tc, ok := conn.(*net.TCPConn); ok {
+				tc.SetLinger(0)
+			}
+			conn.Close()
+		}
+		c.conns = map[net.Conn]bool{}
+	}
+}
+
+// replicaSet is three `hangar serve` processes on one PostgreSQL
+// database (each through its own cuttable link) and one data directory
+// (artifacts, token files: shared storage in a deployment), ingesting
+// from Mosquitto through one shared subscription group.
+type replicaSet struct {
+	t        *testing.T
+	names    []string
+	cps      map[string]*scenario.ControlPlane
+	links    map[string]*cuttable
+	db       *sql.DB // the test's own view of the database
+	lb       *balancer
+	kills    int
+	failover []time.Duration
+}
+
+func startReplicaSet(t *testing.T, kit *releaseKit, m *mosquittotest.Mosquitto, ttl time.Duration) *replicaSet {
+	t.Helper()
+	pgURL := pgtest.URL(t)
+	u, _ := url.Parse(pgURL)
+	dir := t.TempDir()
+	pw := filepath.Join(t.TempDir(), "broker-password")
+	if err := os.WriteFile(pw, []byte(m.AdminPassword+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rs := &replicaSet{t: t, cps: map[string]*scenario.ControlPlane{}, links: map[string]*cuttable{}}
+	var err error
+	if rs.db, err = sql.Open("pgx", pgURL); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rs.db.Close() })
+	var urls []string
+	for i := 1; i <= 3; i++ {
+		name := fmt.Sprintf("r%d", i)
+		link := newCuttable(t, u.Host)
+		lu := *u
+		lu.Host = link.Addr()
+		cp, err := scenario.NewControlPlane(buildServer(t), dir, "--store", lu.String(), "--replica", name,
+			"--lease-ttl", ttl.String(), "--broker", m.URL(), "--broker-user", m.AdminUser, "--broker-password-file", pw,
+			"--broker-share", "hangar", "--broker-client-id", "hangar:"+name, "--root-key", kit.rootPub,
+			"--rollout-interval", "250ms", "--log-level", "info")
+		if err != nil {
+			t.Fatal(err)
+		}
+		rs.names = append(rs.names, name)
+		rs.cps[name], rs.links[name] = cp, link
+		// One at a time: the first makes the token files the others use.
+		if err := cp.Start(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		urls = append(urls, cp.URL())
+	}
+	t.Cleanup(func() {
+		for _, name := range rs.names {
+			rs.cps[name].Stop()
+			if t.Failed() {
+				t.Logf("replica %s log:\n%s", name, tail(rs.cps[name].Log(), 3000))
+			}
+		}
+	})
+	rs.lb = newBalancer(t, dir, urls...)
+	return rs
+}
+
+// leader is the replica holding the scheduler lease (unexpired), by the
+// database.
+func (rs *replicaSet) leader() (name string, term int64) {
+	var expires, now int64
+	err := rs.db.QueryRow(`SELECT holder, token, expires, (extract(epoch from clock_timestamp()) * 1000)::bigint FROM leases WHERE name = 'scheduler'`).
+		Scan(&name, &term, &expires, &now)
+	if err != nil || expires <= now {
+		return "", 0
+	}
+	return name, term
+}
+
+// killLeader kills the leader with SIGKILL, waits for another replica to
+// take the lease, and starts the killed one again.
+func (rs *replicaSet) killLeader() {
+	t := rs.t
+	t.Helper()
+	var old string
+	var term int64
+	waitFor(t, 30*time.Second, "a leader", func() (bool, string) {
+		old, term = rs.leader()
+		return old != "", "none"
+	})
+	t0 := time.Now()
+	rs.cps[old].Kill()
+	rs.kills++
+	var next string
+	waitFor(t, 30*time.Second, "another replica leading", func() (bool, string) {
+		n, tm := rs.leader()
+		next = n
+		return n != "" && n != old && tm > term, fmt.Sprintf("%q term %d", n, tm)
+	})
+	rs.failover = append(rs.failover, time.Since(t0))
+	t.Logf("killed leader %s (term %d): %s leads after %v", old, term, next, time.Since(t0).Round(10*time.Millisecond))
+	if err := rs.cps[old].Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// transitions are a rollout's transitions as stored, in order, with the
+// replica and term that decided each.
+type transition struct {
+	To, Replica string
+	Term        int64
+}
+
+func (rs *replicaSet) transitions(id string) []transition {
+	rows, err := rs.db.Query(`SELECT attrs FROM audit WHERE target = $1 AND action = 'rollout.transition' ORDER BY id`, id)
+	if err != nil {
+		rs.t.Fatal(err)
+	}
+	defer rows.Close()
+	var out []transition
+	for rows.Next() {
+		var attrs string
+		rows.Scan(&attrs)
+		var a map[string]string
+		json.Unmarshal([]byte(attrs), &a)
+		term, _ := strconv.ParseInt(a["term"], 10, 64)
+		out = append(out, transition{To: a["to"], Replica: a["replica"], Term: term})
+	}
+	return out
+}
+
+// seqHoles counts, for each drone, the sequence numbers missing or
+// repeated in what the database holds of its telemetry and events, boot
+// by boot.
+func (rs *replicaSet) seqHoles(ids []string) (holes, repeats int, detail string) {
+	for _, id := range ids {
+		byBoot := map[int64][]int64{}
+		rows, err := rs.db.Query(`SELECT t.boot, t.seq FROM telemetry t JOIN devices d ON d.num = t.dev WHERE d.id = $1
+			UNION ALL SELECT e.boot, e.seq FROM events e JOIN devices d ON d.num = e.dev WHERE d.id = $1`, id)
+		if err != nil {
+			rs.t.Fatal(err)
+		}
+		for rows.Next() {
+			var b, s int64
+			rows.Scan(&b, &s)
+			byBoot[b] = append(byBoot[b], s)
+		}
+		rows.Close()
+		for boot, ss := range byBoot {
+			slices.Sort(ss)
+			for i := 1; i < len(ss); i++ {
+				switch d := ss[i] - ss[i-1]; {
+				case d == 0:
+					repeats++
+				case d > 1:
+					holes += int(d - 1)
+					if detail == "" {
+						detail = fmt.Sprintf("%s boot %d: %d..%d", id, boot, ss[i-1], ss[i])
+					}
+				}
+			}
+			if len(ss) > 0 && ss[0] != 1 {
+				holes += int(ss[0] - 1)
+				if detail == "" {
+					detail = fmt.Sprintf("%s boot %d starts at %d", id, boot, ss[0])
+				}
+			}
+		}
+	}
+	return holes, repeats, detail
+}
+
+// TestReplicasFailover: three control-plane replicas on PostgreSQL behind
+// a load balancer, with Mosquitto's shared subscriptions splitting the
+// ingest, roll releases out to a simulated fleet. The scheduler leader is
+// killed with SIGKILL several times during stage 2, and later cut off
+// from the database: each rollout ends as the uninterrupted one did (same
+// transitions, once each, same stages, every drone installing once);
+// decisions are made by one term at a time, in order (no write of an
+// older term after a newer one's); a replica cut off stops leading before
+// another starts; and no message a drone had acknowledged is missing from
+// the database.
+func TestReplicasFailover(t *testing.T) {
+	n := 500
+	if v := os.Getenv("HANGAR_TEST_REPLICA_DRONES"); v != "" {
+		n, _ = strconv.Atoi(v)
+	}
+	const ttl = 2 * time.Second
+	kit := newReleaseKit(t)
+	m := mosquittotest.Start(t)
+	rs := startReplicaSet(t, kit, m, ttl)
+	lb := rs.lb
+	fleet := newTestFleet(t, lb, n, func(o *sim.FleetOptions) {
+		o.Roots = []ed25519.PublicKey{kit.rootKey(t)}
+		o.Grounded = true
+		o.TrialSoak = 300 * time.Millisecond
+		o.TrialDeadline = 2 * time.Minute
+		o.SampleInterval, o.BatchSize = time.Second, 5
+		o.HeartbeatInterval = 10 * time.Second
+		o.BackoffMax = time.Second
+		o.StartRate = 200
+	})
+	kc := func(args ...string) string { return k(t, kit, lb, args...) }
+	waitFor(t, 3*time.Minute, "fleet online", func() (bool, string) {
+		var ds []store.Device
+		json.Unmarshal([]byte(kc("device", "ls", "--online", "true", "-o", "json", "--limit", "0")), &ds)
+		return len(ds) == n, fmt.Sprintf("%d online", len(ds))
+	})
+	if l, _ := rs.leader(); l == "" {
+		t.Fatal("no replica leads")
+	}
+	kit.simRelease(t, lb, sim.Firmware{Version: "1.1.0", Behaviour: sim.Good}, 110)
+	kit.simRelease(t, lb, sim.Firmware{Version: "1.2.0", Behaviour: sim.Good}, 120)
+	kit.simRelease(t, lb, sim.Firmware{Version: "1.3.0", Behaviour: sim.Good}, 130)
+
+	gates := []string{"--stages", "5%,30%,100%", "--min-canary", "5", "--soak", "12s", "--max-in-flight", "100",
+		"--device-timeout", "5m", "--health-margin", "1", "--start", "-o", "json"}
+	create := func(version string) string {
+		var r rollout.Rollout
+		out := kc(append([]string{"rollout", "create", "--release", version}, gates...)...)
+		if err := json.Unmarshal([]byte(out), &r); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		return r.Spec.ID
+	}
+	status := func(id string) rollout.StatusReport {
+		var rep rollout.StatusReport
+		json.Unmarshal([]byte(kc("rollout", "status", id, "-o", "json")), &rep)
+		return rep
+	}
+	finished := func(id string) func() (bool, string) {
+		return func() (bool, string) {
+			rep := status(id)
+			if rep.State.Status == rollout.StatusPaused || rep.State.Status == rollout.StatusAborted {
+				t.Fatalf("rollout %s: %s", rep.State.Status, rep.State.Reason)
+			}
+			return rep.State.Status.Final(), fmt.Sprintf("%s stage %d %v", rep.State.Status, rep.State.Stage+1, rep.Counts)
+		}
+	}
+	settled := func(id string) {
+		waitFor(t, 2*time.Minute, "every device's report in", func() (bool, string) {
+			for _, st := range status(id).Stages {
+				if st.States[rollout.MOffered] > 0 || st.States[rollout.MPending] > 0 {
+					return false, fmt.Sprint(st.States)
+				}
+			}
+			return true, ""
+		})
+	}
+	inStage := func(id string, stage int) {
+		waitFor(t, 2*time.Minute, fmt.Sprintf("stage %d", stage+1), func() (bool, string) {
+			rep := status(id)
+			return rep.State.Stage >= stage, fmt.Sprintf("stage %d", rep.State.Stage+1)
+		})
+	}
+	checkTerms := func(id string) []transition {
+		tr := rs.transitions(id)
+		for i := 1; i < len(tr); i++ {
+			if tr[i].Term < tr[i-1].Term {
+				t.Errorf("rollout %s: %q decided in term %d after %q in term %d: an older term wrote after a newer one", id, tr[i].To, tr[i].Term, tr[i-1].To, tr[i-1].Term)
+			}
+		}
+		for _, x := range tr {
+			if x.Term == 0 || x.Replica == "" {
+				t.Errorf("transition %+v carries no term", x)
+			}
+		}
+		return tr
+	}
+	tos := func(tr []transition) []string {
+		var out []string
+		for _, x := range tr {
+			out = append(out, x.To)
+		}
+		return out
+	}
+
+	// The uninterrupted run.
+	before := boots(fleet)
+	id := create("1.1.0")
+	waitFor(t, 4*time.Minute, "uninterrupted rollout finished", finished(id))
+	settled(id)
+	want := kit.outcome(t, lb, fleet, id, before)
+	if want.Status != rollout.StatusCompleted || want.Versions["1.1.0"] != n {
+		t.Fatalf("uninterrupted run: %+v", want)
+	}
+	checkTerms(id)
+	want.Versions = nil
+
+	// The leader killed three times during stage 2.
+	before = boots(fleet)
+	id = create("1.2.0")
+	inStage(id, 1)
+	for range 3 {
+		rs.killLeader()
+	}
+	waitFor(t, 4*time.Minute, "rollout finished after the kills", finished(id))
+	settled(id)
+	got := kit.outcome(t, lb, fleet, id, before)
+	if got.Versions["1.2.0"] != n {
+		t.Errorf("versions after the kills: %v", got.Versions)
+	}
+	got.Versions = nil
+	if g, w := fmt.Sprintf("%+v", got), fmt.Sprintf("%+v", want); g != w {
+		t.Errorf("outcome after %d leader kills differs from the uninterrupted run:\n got  %s\n want %s", rs.kills, g, w)
+	}
+	tr := checkTerms(id)
+	if !slices.Equal(tos(tr), []string{"stage 2", "stage 3", "completed"}) {
+		t.Errorf("transitions after the kills: %+v", tr)
+	}
+	t.Logf("failover after SIGKILL of the leader: %v (lease term %v)", rs.failover, ttl)
+
+	// The leader cut off from the database during stage 2: it stops
+	// leading (by its own clock) before another replica takes the lease,
+	// and nothing it still had under way is written.
+	before = boots(fleet)
+	id = create("1.3.0")
+	inStage(id, 1)
+	cut, term := rs.leader()
+	cutAt := time.Now()
+	rs.links[cut].setCut(true)
+	var next string
+	waitFor(t, 30*time.Second, "another replica leading", func() (bool, string) {
+		n, tm := rs.leader()
+		next = n
+		return n != "" && n != cut && tm > term, n
+	})
+	took := time.Since(cutAt)
+	// Give the cut-off replica time to try writing, then restore it.
+	time.Sleep(ttl)
+	rs.links[cut].setCut(false)
+	waitFor(t, 4*time.Minute, "rollout finished after the cut", finished(id))
+	settled(id)
+	got = kit.outcome(t, lb, fleet, id, before)
+	got.Versions = nil
+	if g, w := fmt.Sprintf("%+v", got), fmt.Sprintf("%+v", want); g != w {
+		t.Errorf("outcome after cutting the leader off differs from the uninterrupted run:\n got  %s\n want %s", g, w)
+	}
+	tr = checkTerms(id)
+	if !slices.Equal(tos(tr), []string{"stage 2", "stage 3", "completed"}) {
+		t.Errorf("transitions after the cut: %+v", tr)
+	}
+	for _, x := range tr {
+		if x.Replica == cut && x.Term == term && x.To != "stage 2" {
+			t.Errorf("the replica cut off (%s, term %d) decided %q", cut, term, x.To)
+		}
+	}
+	log := rs.cps[cut].Log()
+	stepped := strings.Index(log, "not leading any more")
+	if stepped < 0 {
+		t.Errorf("%s, cut off, never stopped leading:\n%s", cut, tail(log, 2000))
+	}
+	t.Logf("%s cut off from PostgreSQL: %s leads after %v", cut, next, took.Round(10*time.Millisecond))
+
+	// Nothing acknowledged is missing: every drone's sequence, boot by
+	// boot, is whole in the database once the backlog is in.
+	queued := map[string]uint64{}
+	for _, d := range fleet.Drones() {
+		queued[d.ID] = d.Agent().LastSeq()
+	}
+	ids := make([]string, 0, n)
+	for _, d := range fleet.Drones() {
+		ids = append(ids, d.ID)
+	}
+	waitFor(t, time.Minute, "backlog stored", func() (bool, string) {
+		var stored int
+		for _, d := range fleet.Drones() {
+			var max sql.NullInt64
+			rs.db.QueryRow(`SELECT max(seq) FROM (SELECT t.seq FROM telemetry t JOIN devices d ON d.num = t.dev WHERE d.id = $1 AND t.boot = $2
+				UNION ALL SELECT e.seq FROM events e JOIN devices d ON d.num = e.dev WHERE d.id = $1 AND e.boot = $2) s`, d.ID, d.Agent().Boot()).Scan(&max)
+			if uint64(max.Int64) >= queued[d.ID] {
+				stored++
+			}
+		}
+		return stored == n, fmt.Sprintf("%d of %d drones' backlog stored", stored, n)
+	})
+	fleet.stop()
+	holes, repeats, detail := rs.seqHoles(ids)
+	if holes != 0 || repeats != 0 {
+		t.Errorf("sequence holes %d, repeats %d in the database (%s)", holes, repeats, detail)
+	}
+	for _, name := range rs.names {
+		if l := rs.cps[name].Log(); strings.Contains(l, "panic") || strings.Contains(l, "DATA RACE") {
+			t.Errorf("replica %s:\n%s", name, tail(l, 4000))
+		}
+	}
+}
