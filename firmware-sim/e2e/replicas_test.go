@@ -395,7 +395,8 @@ func TestReplicasFailover(t *testing.T) {
 		return func() (bool, string) {
 			rep := status(id)
 			if rep.State.Status == rollout.StatusPaused || rep.State.Status == rollout.StatusAborted {
-				t.Fatalf("rollout %s: %s", rep.State.Status, rep.State.Reason)
+				t.Fatalf("rollout %s: %s\nfailed devices:\n%s", rep.State.Status, rep.State.Reason,
+					kc("rollout", "devices", id, "--state", string(rollout.MFailed)))
 			}
 			return rep.State.Status.Final(), fmt.Sprintf("%s stage %d %v", rep.State.Status, rep.State.Stage+1, rep.Counts)
 		}

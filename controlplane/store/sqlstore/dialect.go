@@ -238,6 +238,22 @@ func (t *Tx) PrepareContext(ctx context.Context, q string) (*sql.Stmt, error) {
 	return t.Tx.PrepareContext(ctx, t.d.rebind(q))
 }
 
+// forUpdate and forShare lock the rows a SELECT reads (PostgreSQL; SQLite
+// has one writer and no row locks).
+func (d dialect) forUpdate() string {
+	if d == postgresDialect {
+		return ` FOR UPDATE`
+	}
+	return ``
+}
+
+func (d dialect) forShare() string {
+	if d == postgresDialect {
+		return ` FOR SHARE`
+	}
+	return ``
+}
+
 // isUnique says whether err is a unique-constraint violation, on either
 // engine.
 func isUnique(err error) bool {

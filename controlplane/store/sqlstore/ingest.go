@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"time"
 	"unicode/utf8"
 
@@ -38,6 +39,16 @@ func (db *DB) WriteIngest(ctx context.Context, items []store.IngestItem) (store.
 	}
 	defer tx.Rollback()
 	w := ingestTx{db: db, tx: tx, seen: map[string]*devSeen{}}
+	if db.d == postgresDialect {
+		// Replicas ingest beside each other, often for the same devices
+		// (a shared subscription deals a device's messages to all of
+		// them): lock the device rows this transaction may update, in one
+		// order, so that two of them wait for each other instead of
+		// deadlocking.
+		if err := w.lockDevices(ctx, items); err != nil {
+			return res, fmt.Errorf("ingest: %w", err)
+		}
+	}
 	for i := range items {
 		if err := w.apply(ctx, &items[i], &res); err != nil {
 			return store.IngestResult{}, fmt.Errorf("ingest %s: %w", items[i].Device, err)
@@ -84,7 +95,13 @@ func (db *DB) flushSeenLocked(ctx context.Context, tx *Tx, all bool) ([]int64, e
 	now := time.Now()
 	st := tx.StmtContext(ctx, db.seenStmt)
 	var done []int64
-	for num, s := range db.pending {
+	nums := make([]int64, 0, len(db.pending))
+	for num := range db.pending {
+		nums = append(nums, num)
+	}
+	slices.Sort(nums) // one order of row locks for every writer
+	for _, num := range nums {
+		s := db.pending[num]
 		if !all && s.dropped == 0 && now.Sub(db.flushedAt[num]) < db.opts.SeenFlushInterval {
 			continue
 		}
@@ -198,6 +215,39 @@ func (w *ingestTx) stmt(ctx context.Context, p **sql.Stmt, prepared *sql.Stmt) *
 		*p = w.tx.StmtContext(ctx, prepared)
 	}
 	return *p
+}
+
+// lockDevices locks, in row order, the rows of the items' devices and of
+// those whose pending row updates this transaction may write.
+func (w *ingestTx) lockDevices(ctx context.Context, items []store.IngestItem) error {
+	set := map[int64]bool{}
+	for i := range items {
+		n, err := w.devNum(ctx, items[i].Device)
+		if err != nil {
+			return err
+		}
+		if n != 0 {
+			set[n] = true
+		}
+	}
+	w.db.seenMu.Lock()
+	for n := range w.db.pending {
+		set[n] = true
+	}
+	w.db.seenMu.Unlock()
+	if len(set) == 0 {
+		return nil
+	}
+	nums := make([]int64, 0, len(set))
+	for n := range set {
+		nums = append(nums, n)
+	}
+	slices.Sort(nums)
+	rows, err := w.tx.QueryContext(ctx, `SELECT num FROM devices WHERE num = ANY(?) ORDER BY num FOR UPDATE`, nums)
+	if err != nil {
+		return err
+	}
+	return rows.Close()
 }
 
 // devNum resolves a device id to its row number, caching hits. It returns 0

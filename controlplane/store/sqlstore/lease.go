@@ -29,24 +29,30 @@ func (db *DB) nowMS(ctx context.Context, q interface {
 // when its Holder is holder; a new holder gets a token above every earlier
 // one.
 func (db *DB) AcquireLease(ctx context.Context, name, holder string, ttl time.Duration) (store.Lease, error) {
-	tx, err := db.w.BeginTx(ctx, nil)
+	// Not under the store's write lock (a long write must not make the
+	// leader miss its renewal): the lease row's own lock orders renewals,
+	// takeovers and the fence checks of writes (checkFence).
+	tx, err := db.w.unlocked().BeginTx(ctx, nil)
 	if err != nil {
 		return store.Lease{}, fmt.Errorf("lease: %w", err)
 	}
 	defer tx.Rollback()
-	now, err := db.nowMS(ctx, tx)
-	if err != nil {
+	if _, err := tx.ExecContext(ctx, `INSERT INTO leases (name, holder, token, expires, acquired) VALUES (?, '', 0, 0, 0)
+		ON CONFLICT DO NOTHING`, name); err != nil {
 		return store.Lease{}, fmt.Errorf("lease: %w", err)
 	}
 	l := store.Lease{Name: name}
 	var expires int64
-	err = tx.QueryRowContext(ctx, `SELECT holder, token, expires FROM leases WHERE name = ?`, name).Scan(&l.Holder, &l.Token, &expires)
+	err = tx.QueryRowContext(ctx, `SELECT holder, token, expires FROM leases WHERE name = ?`+db.d.forUpdate(), name).Scan(&l.Holder, &l.Token, &expires)
+	if err != nil {
+		return store.Lease{}, fmt.Errorf("lease: %w", err)
+	}
+	// The clock is read once the row is ours.
+	now, err := db.nowMS(ctx, tx)
+	if err != nil {
+		return store.Lease{}, fmt.Errorf("lease: %w", err)
+	}
 	switch {
-	case errors.Is(err, sql.ErrNoRows):
-		l.Holder, l.Token, expires = holder, 1, now+ttl.Milliseconds()
-		_, err = tx.ExecContext(ctx, `INSERT INTO leases (name, holder, token, expires, acquired) VALUES (?, ?, ?, ?, ?)`,
-			name, holder, l.Token, expires, now)
-	case err != nil:
 	case l.Holder == holder && expires > now:
 		expires = now + ttl.Milliseconds()
 		_, err = tx.ExecContext(ctx, `UPDATE leases SET expires = ? WHERE name = ?`, expires, name)
@@ -118,7 +124,9 @@ func (db *DB) checkFence(ctx context.Context, tx *Tx, f store.Lease) error {
 	}
 	var holder string
 	var token, expires int64
-	err = tx.QueryRowContext(ctx, `SELECT holder, token, expires FROM leases WHERE name = ?`, f.Name).Scan(&holder, &token, &expires)
+	// FOR SHARE: a takeover waits for this write to commit; a write
+	// after the takeover sees the new term.
+	err = tx.QueryRowContext(ctx, `SELECT holder, token, expires FROM leases WHERE name = ?`+db.d.forShare(), f.Name).Scan(&holder, &token, &expires)
 	if errors.Is(err, sql.ErrNoRows) || (err == nil && (holder != f.Holder || token != f.Token || expires <= now)) {
 		return fmt.Errorf("%w (%s term %d of %s)", store.ErrFenced, f.Name, f.Token, f.Holder)
 	}
