@@ -254,7 +254,9 @@ func natsTopic(topic string) string {
 var natsDevPrefix = natsTopic(proto.TopicPrefix + "/dev/")
 
 // natsSubject is the NATS subject of a device topic.
-func natsSubject(device string, kind proto.Kind) string { return natsTopic(proto.DeviceTopic(device, kind)) }
+func natsSubject(device string, kind proto.Kind) string {
+	return natsTopic(proto.DeviceTopic(device, kind))
+}
 
 // Publish sends a command on core NATS; the device's MQTT subscription
 // gets it (the dispatcher resends until the device acknowledges).

@@ -105,7 +105,9 @@ func mqttDevice(t *testing.T, id, user, pass string, urls ...string) (paho.Clien
 	return c, nil
 }
 
-func mqttURL(c *natstest.Cluster, i int) string { return fmt.Sprintf("tcp://127.0.0.1:%d", c.Nodes[i].MQTT) }
+func mqttURL(c *natstest.Cluster, i int) string {
+	return fmt.Sprintf("tcp://127.0.0.1:%d", c.Nodes[i].MQTT)
+}
 
 func natsPublish(t *testing.T, c paho.Client, topic, payload string) {
 	t.Helper()

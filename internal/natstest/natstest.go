@@ -72,13 +72,13 @@ type Cluster struct {
 
 // Node is one server.
 type Node struct {
-	Name                       string
+	Name                      string
 	Client, MQTT, Route, HTTP int
-	conf, dir                  string
-	bin                        string
-	mu                         sync.Mutex
-	cmd                        *exec.Cmd
-	log                        *os.File
+	conf, dir                 string
+	bin                       string
+	mu                        sync.Mutex
+	cmd                       *exec.Cmd
+	log                       *os.File
 }
 
 // Start runs the cluster until the end of the test and waits until every
