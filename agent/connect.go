@@ -282,11 +282,16 @@ func (a *Agent) send(ctx context.Context, conn Conn, connID uint64, hello []byte
 }
 
 // tlsURL reports whether a broker URL speaks TLS.
+// tlsURL says whether every broker URL of u (a comma-separated list: the
+// nodes of a broker cluster) is a TLS one.
 func tlsURL(u string) bool {
-	scheme, _, _ := strings.Cut(u, "://")
-	switch scheme {
-	case "tls", "ssl", "tcps", "mqtts":
-		return true
+	for _, one := range strings.Split(u, ",") {
+		scheme, _, _ := strings.Cut(strings.TrimSpace(one), "://")
+		switch scheme {
+		case "tls", "ssl", "tcps", "mqtts":
+		default:
+			return false
+		}
 	}
-	return false
+	return u != ""
 }

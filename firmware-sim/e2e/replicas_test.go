@@ -439,9 +439,36 @@ func TestReplicasFailover(t *testing.T) {
 		return out
 	}
 
+	var current string // the rollout under way, for the diagnosis of a failure
+	t.Cleanup(func() {
+		if !t.Failed() || current == "" {
+			return
+		}
+		out := kc("rollout", "devices", current, "--state", string(rollout.MOffered))
+		t.Logf("rollout %s devices in progress:\n%s", current, out)
+		for _, line := range strings.Split(out, "\n")[1:] {
+			if f := strings.Fields(line); len(f) > 0 {
+				t.Logf("%s updates:\n%s", f[0], kc("device", "updates", f[0]))
+				t.Logf("%s events:\n%s", f[0], kc("device", "events", f[0]))
+				var cmds []map[string]any
+				rows, _ := rs.db.Query(`SELECT c.id, c.kind, c.created, coalesce(c.sent, 0), c.attempts, coalesce(c.acked, 0), coalesce(c.withdrawn, 0)
+					FROM commands c JOIN devices d ON d.num = c.dev WHERE d.id = $1 ORDER BY c.created`, f[0])
+				for rows != nil && rows.Next() {
+					var id, kind string
+					var created, sent, attempts, acked, withdrawn int64
+					rows.Scan(&id, &kind, &created, &sent, &attempts, &acked, &withdrawn)
+					cmds = append(cmds, map[string]any{"id": id, "kind": kind, "created": created, "sent": sent, "attempts": attempts, "acked": acked, "withdrawn": withdrawn})
+				}
+				t.Logf("%s commands: %v", f[0], cmds)
+				break
+			}
+		}
+	})
+
 	// The uninterrupted run.
 	before := boots(fleet)
 	id := create("1.1.0")
+	current = id
 	waitFor(t, 4*time.Minute, "uninterrupted rollout finished", finished(id))
 	settled(id)
 	want := kit.outcome(t, lb, fleet, id, before)
@@ -454,6 +481,7 @@ func TestReplicasFailover(t *testing.T) {
 	// The leader killed three times during stage 2.
 	before = boots(fleet)
 	id = create("1.2.0")
+	current = id
 	inStage(id, 1)
 	for range 3 {
 		rs.killLeader()
@@ -479,6 +507,7 @@ func TestReplicasFailover(t *testing.T) {
 	// and nothing it still had under way is written.
 	before = boots(fleet)
 	id = create("1.3.0")
+	current = id
 	inStage(id, 1)
 	cut, term := rs.leader()
 	cutAt := time.Now()

@@ -8,7 +8,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
+	"strings"
 	"sync"
 	"time"
 
@@ -43,7 +45,6 @@ func (t *Transport) Connect(ctx context.Context, p transport.ConnectParams) (tra
 	}
 	cn := &conn{done: make(chan struct{})}
 	o := paho.NewClientOptions().
-		AddBroker(p.URL).
 		SetClientID(p.ClientID).
 		SetUsername(p.Username).
 		SetPassword(p.Password).
@@ -55,6 +56,12 @@ func (t *Transport) Connect(ctx context.Context, p transport.ConnectParams) (tra
 		SetOrderMatters(false).
 		SetMessageChannelDepth(16).
 		SetConnectionLostHandler(func(paho.Client, error) { cn.lost() })
+	// The URL may list a broker cluster's nodes: this connection tries
+	// them from a random one on, so that a fleet spreads over them and a
+	// dead node costs one failed dial.
+	for _, u := range brokerOrder(p.URL, rand.IntN) {
+		o.AddBroker(u)
+	}
 	o.SetCustomOpenConnectionFn(t.openBounded)
 	if p.TLS != nil {
 		o.SetTLSConfig(p.TLS)
@@ -86,6 +93,22 @@ func (t *Transport) Connect(ctx context.Context, p transport.ConnectParams) (tra
 		return nil, fmt.Errorf("connect %s: %w", p.URL, err)
 	}
 	return cn, nil
+}
+
+// brokerOrder splits a comma-separated list of broker URLs and rotates it
+// to start at a random one (pick(n) in [0, n)).
+func brokerOrder(list string, pick func(int) int) []string {
+	var urls []string
+	for _, u := range strings.Split(list, ",") {
+		if u = strings.TrimSpace(u); u != "" {
+			urls = append(urls, u)
+		}
+	}
+	if len(urls) < 2 {
+		return urls
+	}
+	i := pick(len(urls))
+	return append(urls[i:], urls[:i]...)
 }
 
 func (c *conn) lost() { c.once.Do(func() { close(c.done) }) }
