@@ -41,6 +41,7 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 	fs.StringVar(&o.BrokerURL, "broker", g.env.Getenv("HANGAR_BROKER"), "use this external MQTT broker (tcp://host:port) instead of the embedded one (env HANGAR_BROKER)")
 	fs.StringVar(&o.BrokerUser, "broker-user", envOr(g, "HANGAR_BROKER_USER", "hangar-admin"), "control plane's account on the external broker")
 	brokerAccounts := fs.Bool("broker-accounts", true, "make and delete device accounts on the external broker (Mosquitto's dynamic security plugin); false for a broker that knows devices by certificate (hangar broker-config mosquitto)")
+	calloutSeedFile := fs.String("broker-callout-seed-file", g.env.Getenv("HANGAR_BROKER_CALLOUT_SEED_FILE"), "with a nats:// broker: file holding the account seed (SA...) the auth callout signs devices' authorizations with; its public key is the callout issuer in the NATS configuration")
 	brokerPassFile := fs.String("broker-password-file", g.env.Getenv("HANGAR_BROKER_PASSWORD_FILE"), "file holding that account's password (or env HANGAR_BROKER_PASSWORD)")
 	fs.StringVar(&o.MQTTAdvertise, "mqtt-advertise", g.env.Getenv("HANGAR_MQTT_ADVERTISE"), "broker URL handed to devices at enrollment (default: the broker's listen address; required when it listens on every address)")
 	fs.DurationVar(&o.Retention, "retention", server.DefaultRetention, "how long telemetry and device events are kept")
@@ -135,6 +136,13 @@ func runServe(ctx context.Context, g *globals, args []string) error {
 				return fmt.Errorf("broker password: %w", err)
 			}
 			o.BrokerPassword = string(trimNL(b))
+		}
+		if *calloutSeedFile != "" {
+			b, err := os.ReadFile(*calloutSeedFile)
+			if err != nil {
+				return fmt.Errorf("--broker-callout-seed-file: %w", err)
+			}
+			o.BrokerCalloutSeed = string(trimNL(b))
 		}
 	}
 	if *pprofAddr != "" {

@@ -17,6 +17,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -73,6 +74,9 @@ type Options struct {
 	// BrokerClientID is this replica's client id on the external broker
 	// (default broker.DefaultExternalClientID; distinct per replica).
 	BrokerClientID string
+	// BrokerCalloutSeed is the NATS account seed (SA...) the auth callout
+	// signs with (a nats:// broker).
+	BrokerCalloutSeed string
 	// BrokerShare subscribes to device messages through the shared
 	// subscription group $share/<BrokerShare>/...: replicas of one group
 	// split the ingest, each message stored by one of them.
@@ -252,6 +256,20 @@ func New(opts Options) (*Server, error) {
 		if err := db.MarkAllOffline(context.Background()); err != nil {
 			return nil, err
 		}
+	} else if strings.HasPrefix(opts.BrokerURL, "nats://") {
+		// A NATS cluster: devices on its MQTT listeners, which only
+		// --mqtt-advertise names.
+		if opts.MQTTAdvertise == "" {
+			return nil, errors.New("with a NATS broker, give the MQTT listeners devices connect to with --mqtt-advertise (tcp://n1:1883,tcp://n2:1883,...)")
+		}
+		first, _, _ := strings.Cut(opts.MQTTAdvertise, ",")
+		x, err := broker.NewNATS(broker.NATSOptions{URL: opts.BrokerURL, User: opts.BrokerUser, Password: opts.BrokerPassword,
+			CalloutSeed: opts.BrokerCalloutSeed, Credentials: db, MQTTURL: first, Metrics: s.metrics, Logger: opts.Logger, Now: opts.Now})
+		if err != nil {
+			return nil, err
+		}
+		s.bus = x
+		s.mqttURL = opts.MQTTAdvertise
 	} else {
 		x, err := broker.NewExternal(broker.ExternalOptions{
 			URL: opts.BrokerURL, Username: opts.BrokerUser, Password: opts.BrokerPassword, NoAccounts: opts.BrokerNoAccounts,
