@@ -41,6 +41,7 @@ func commands() []command {
 	return []command{
 		{"serve", "[flags]", "run the control plane (embedded MQTT broker and SQLite by default)", runServe, nil},
 		grouped("device", "list, inspect, pre-provision, approve, label, revoke and update devices", "", deviceVerbs()),
+		{"backup", "--out FILE", "write a consistent copy of the SQLite store while the control plane runs", runBackup, nil},
 		{"ca", "init", "make the built-in device certificate authority in the data directory", runCA, nil},
 		{"broker-config", "mosquitto --out DIR --host HOST", "write a Mosquitto configuration for devices with certificates (mutual TLS, ACLs by certificate)", runBrokerConfig, nil},
 		grouped("token", "named API tokens with a role (viewer, operator, admin)", tokenAbout, tokenVerbs()),

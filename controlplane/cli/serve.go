@@ -258,6 +258,31 @@ func deviceCA(o *server.Options, certFile, keyFile string, on bool) error {
 	return nil
 }
 
+func runBackup(ctx context.Context, g *globals, args []string) error {
+	fs := g.newFlags("backup")
+	data := fs.String("data", envOr(g, "HANGAR_DATA", server.DefaultDataDir), "data directory of the control plane (env HANGAR_DATA)")
+	storeURL := fs.String("store", g.env.Getenv("HANGAR_STORE"), "the store, when not DATA/hangar.db")
+	out := fs.String("out", "", "the copy to write (a new file)")
+	if _, err := parse(fs, args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	if *out == "" {
+		return fmt.Errorf("%w: --out FILE is required", ErrUsage)
+	}
+	if *storeURL == "" {
+		*storeURL = filepath.Join(*data, server.DBFile)
+	}
+	if err := sqlstore.Backup(ctx, *storeURL, *out); err != nil {
+		return err
+	}
+	st, _ := os.Stat(*out)
+	fmt.Fprintf(g.env.Stdout, "backed up %s to %s (%d bytes); restore: stop hangar serve, put it in place of %s\n", *storeURL, *out, st.Size(), server.DBFile)
+	return nil
+}
+
 func runCA(ctx context.Context, g *globals, args []string) error {
 	if len(args) == 0 || args[0] != "init" {
 		return fmt.Errorf("%w: hangar ca init [--data DIR]", ErrUsage)

@@ -295,13 +295,13 @@ func (rs *replicaSet) transitions(id string) []transition {
 // seqHoles counts, for each drone, the sequence numbers missing or
 // repeated in what the database holds of its telemetry and events, boot
 // by boot.
-func (rs *replicaSet) seqHoles(ids []string) (holes, repeats int, detail string) {
+func seqHoles(t *testing.T, db *sql.DB, ids []string) (holes, repeats int, detail string) {
 	for _, id := range ids {
 		byBoot := map[int64][]int64{}
-		rows, err := rs.db.Query(`SELECT t.boot, t.seq FROM telemetry t JOIN devices d ON d.num = t.dev WHERE d.id = $1
+		rows, err := db.Query(`SELECT t.boot, t.seq FROM telemetry t JOIN devices d ON d.num = t.dev WHERE d.id = $1
 			UNION ALL SELECT e.boot, e.seq FROM events e JOIN devices d ON d.num = e.dev WHERE d.id = $1`, id)
 		if err != nil {
-			rs.t.Fatal(err)
+			t.Fatal(err)
 		}
 		for rows.Next() {
 			var b, s int64
@@ -331,6 +331,17 @@ func (rs *replicaSet) seqHoles(ids []string) (holes, repeats int, detail string)
 		}
 	}
 	return holes, repeats, detail
+}
+
+// maxSeq is the greatest sequence number of boot stored for a device.
+func maxSeq(t *testing.T, db *sql.DB, id string, boot uint64) uint64 {
+	var max sql.NullInt64
+	err := db.QueryRow(`SELECT max(seq) FROM (SELECT t.seq FROM telemetry t JOIN devices d ON d.num = t.dev WHERE d.id = $1 AND t.boot = $2
+		UNION ALL SELECT e.seq FROM events e JOIN devices d ON d.num = e.dev WHERE d.id = $1 AND e.boot = $2) s`, id, int64(boot)).Scan(&max)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return uint64(max.Int64)
 }
 
 // TestReplicasFailover: three control-plane replicas on PostgreSQL behind
@@ -558,17 +569,14 @@ func TestReplicasFailover(t *testing.T) {
 	waitFor(t, time.Minute, "backlog stored", func() (bool, string) {
 		var stored int
 		for _, d := range fleet.Drones() {
-			var max sql.NullInt64
-			rs.db.QueryRow(`SELECT max(seq) FROM (SELECT t.seq FROM telemetry t JOIN devices d ON d.num = t.dev WHERE d.id = $1 AND t.boot = $2
-				UNION ALL SELECT e.seq FROM events e JOIN devices d ON d.num = e.dev WHERE d.id = $1 AND e.boot = $2) s`, d.ID, d.Agent().Boot()).Scan(&max)
-			if uint64(max.Int64) >= queued[d.ID] {
+			if maxSeq(t, rs.db, d.ID, d.Agent().Boot()) >= queued[d.ID] {
 				stored++
 			}
 		}
 		return stored == n, fmt.Sprintf("%d of %d drones' backlog stored", stored, n)
 	})
 	fleet.stop()
-	holes, repeats, detail := rs.seqHoles(ids)
+	holes, repeats, detail := seqHoles(t, rs.db, ids)
 	if holes != 0 || repeats != 0 {
 		t.Errorf("sequence holes %d, repeats %d in the database (%s)", holes, repeats, detail)
 	}

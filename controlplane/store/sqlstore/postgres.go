@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"time"
 
@@ -390,3 +391,36 @@ func OpenURL(loc string, opts Options) (*DB, error) {
 
 // Engine is "sqlite" or "postgres".
 func (db *DB) Engine() string { return db.d.String() }
+
+// Backup writes a consistent copy of the SQLite store at path to out (a
+// new file, mode 0600), beside a running control plane: one read
+// transaction (VACUUM INTO), so writers go on. A PostgreSQL store is
+// backed up with PostgreSQL's own tools (pg_dump, pg_basebackup).
+func Backup(ctx context.Context, path, out string) error {
+	if IsPostgresURL(path) {
+		return errors.New("backup: a PostgreSQL store is backed up with pg_dump or pg_basebackup (docs/operations.md)")
+	}
+	if _, err := os.Stat(path); err != nil {
+		return fmt.Errorf("backup: %w", err)
+	}
+	if _, err := os.Stat(out); err == nil {
+		return fmt.Errorf("backup: %s exists", out)
+	}
+	db, err := sql.Open("sqlite3", "file:"+path+"?mode=ro&_busy_timeout=10000")
+	if err != nil {
+		return fmt.Errorf("backup: %w", err)
+	}
+	defer db.Close()
+	// Made private before SQLite writes into it: it holds credential
+	// hashes.
+	f, err := os.OpenFile(out, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return fmt.Errorf("backup: %w", err)
+	}
+	f.Close()
+	if _, err := db.ExecContext(ctx, `VACUUM INTO ?`, out); err != nil {
+		os.Remove(out)
+		return fmt.Errorf("backup: %w", err)
+	}
+	return nil
+}
