@@ -310,11 +310,13 @@ func (w *ingestTx) applyState(ctx context.Context, num int64, it *store.IngestIt
 		_, err := w.tx.ExecContext(ctx, `UPDATE devices SET connected = 0 WHERE num = ? AND boot = ? AND conn = ?`, num, s.Boot, s.Conn)
 		return err
 	}
-	// A hello is what the device sends first on a new connection, and
-	// waits for, so the order hellos arrive in is the order of the
-	// device's connections: the latest one received is the current one,
-	// whatever boot epoch it claims. Within one boot, connection numbers
-	// grow, and an older one arriving late changes nothing.
+	// The device's current connection is its latest: boot epochs only
+	// grow on a device, and within one boot connection numbers do. So a
+	// hello of an older boot, or an older connection, arriving late (held
+	// by a replica that died, with several ingesting) changes nothing. An
+	// epoch beyond the clock allowance is no reason to refuse the next
+	// hello, though: a device whose clock ran far ahead once is followed
+	// again as soon as it connects with its real epoch.
 	labels, _ := json.Marshal(orEmpty(s.Labels))
 	payloads, _ := json.Marshal(orEmpty(s.Payloads))
 	builds, _ := json.Marshal(buildDigests(s.Builds))
@@ -324,11 +326,17 @@ func (w *ingestTx) applyState(ctx context.Context, num int64, it *store.IngestIt
 		hardware = CASE WHEN ? != '' THEN ? ELSE hardware END,
 		release = ?, payloads = ?, builds = ?, delta_max = ?,
 		reported_labels = CASE WHEN ? != 0 THEN ? ELSE reported_labels END
-		WHERE num = ? AND revoked = 0 AND NOT (boot = ? AND conn > ?)`,
+		WHERE num = ? AND revoked = 0 AND NOT (boot = ? AND conn > ?) AND NOT (boot > ? AND boot <= ?)`,
 		s.Boot, s.Conn, s.Proto, s.Version, s.Version, s.Arch, s.Arch, s.Hardware, s.Hardware,
 		s.Release, string(payloads), string(builds), int64(min(s.Deltas, math.MaxInt64)), len(s.Labels) > 0, string(labels),
-		num, s.Boot, s.Conn)
+		num, s.Boot, s.Conn, s.Boot, w.db.plausibleBoot(it.Received))
 	return err
+}
+
+// plausibleBoot is the latest boot epoch (unix seconds) a device can have
+// started at by the time received, within the clock allowance.
+func (db *DB) plausibleBoot(received time.Time) int64 {
+	return received.Add(db.opts.ClockAllowance).Unix()
 }
 
 // maxFallbackText bounds the fallback reason a device reports.
@@ -423,9 +431,12 @@ func (w *ingestTx) applyEvent(ctx context.Context, num int64, it *store.IngestIt
 // are bounded by what the control plane saw itself: the boot epoch of the
 // device's current connection (its latest hello). A report from a boot
 // above that, beyond the clock allowance, is refused; a stored report from
-// a boot above the current one (the device claimed an epoch it no longer
-// runs) is beaten by any report. So a report with an epoch far ahead pins
-// nothing past the device's next connection.
+// a boot above the current one and still ahead of the control plane's
+// clock (the device claimed an epoch it no longer runs) is beaten by any
+// report. So a report with an epoch far ahead pins nothing past the
+// device's next connection, while a genuine report of a new boot whose
+// hello is not in yet (replicas ingest a device's messages in any order)
+// keeps its place.
 func (w *ingestTx) applyUpdate(ctx context.Context, num int64, it *store.IngestItem, res *store.IngestResult) error {
 	e, u := it.Event, it.Event.Update
 	var current uint64
@@ -455,10 +466,10 @@ func (w *ingestTx) applyUpdate(ctx context.Context, num int64, it *store.IngestI
 			boot = excluded.boot, seq = excluded.seq, updated = excluded.updated,
 			committed = coalesce(device_updates.committed, excluded.committed),
 			patch = excluded.patch, fallback = excluded.fallback
-		WHERE device_updates.boot > ? OR device_updates.updated < ? OR excluded.boot > device_updates.boot
+		WHERE (device_updates.boot > ? AND device_updates.boot > ?) OR device_updates.updated < ? OR excluded.boot > device_updates.boot
 			OR (excluded.boot = device_updates.boot AND excluded.seq > device_updates.seq)`,
 		num, u.Target, u.Counter, u.Version, string(u.State), u.Reason, u.Check, u.Progress, u.Rollout, e.Boot, e.Seq, ms(it.Received),
-		committed, int64(min(u.Patch, math.MaxInt64)), truncateText(u.Fallback, maxFallbackText), current, reinstated)
+		committed, int64(min(u.Patch, math.MaxInt64)), truncateText(u.Fallback, maxFallbackText), current, it.Received.Unix(), reinstated)
 	return err
 }
 

@@ -356,3 +356,43 @@ func TestWithdrawnCommands(t *testing.T) {
 		t.Fatalf("members %+v", ms)
 	}
 }
+
+// Replicas ingest a device's messages in any order (a shared subscription
+// deals them out; one held by a replica that died arrives late). The
+// device's latest boot and its latest report still win: a new boot's
+// report stored before its hello keeps its place against the old boot's
+// reports, and the old boot's hello arriving late does not take the
+// device back.
+func TestIngestOutOfOrder(t *testing.T) {
+	db, clk := open(t)
+	ctx := t.Context()
+	enroll(t, db, "d1", nil)
+	now := clk.Now()
+	b1, b2 := uint64(now.Unix())-100, uint64(now.Unix())
+	write := func(items ...store.IngestItem) {
+		t.Helper()
+		if _, err := db.WriteIngest(ctx, items); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h1 := prototest.State()
+	h1.Boot, h1.Conn = b1, 1
+	write(store.IngestItem{Device: "d1", Kind: store.IngestState, State: &h1, Received: now})
+	// The new build's commit, from its new boot, before that boot's hello.
+	committed := updateEvent(b2, 4, proto.UpdateCommitted)
+	write(store.IngestItem{Device: "d1", Kind: store.IngestEvent, Event: &committed, Received: now})
+	// The old boot's "installing", delivered late.
+	installing := updateEvent(b1, 22, proto.UpdateInstalling)
+	write(store.IngestItem{Device: "d1", Kind: store.IngestEvent, Event: &installing, Received: now.Add(time.Second)})
+	if got := updateState(t, db, "d1"); got != string(proto.UpdateCommitted) {
+		t.Fatalf("state %s: a late report of the old boot beat the new boot's", got)
+	}
+	h2 := h1
+	h2.Boot, h2.Conn = b2, 1
+	write(store.IngestItem{Device: "d1", Kind: store.IngestState, State: &h2, Received: now.Add(2 * time.Second)})
+	// The old boot's hello, late: the device stays on its new boot.
+	write(store.IngestItem{Device: "d1", Kind: store.IngestState, State: &h1, Received: now.Add(3 * time.Second)})
+	if d, _ := db.Device(ctx, "d1"); d.Boot != b2 {
+		t.Fatalf("boot %d after the old boot's hello came late, want %d", d.Boot, b2)
+	}
+}
