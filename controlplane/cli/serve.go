@@ -18,6 +18,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/nkeys"
+
+	"github.com/hangarfleet/hangar/controlplane/api"
 	"github.com/hangarfleet/hangar/controlplane/brokerconfig"
 	"github.com/hangarfleet/hangar/controlplane/devca"
 	"github.com/hangarfleet/hangar/controlplane/devcert"
@@ -283,6 +286,81 @@ func runBackup(ctx context.Context, g *globals, args []string) error {
 	return nil
 }
 
+// runBrokerConfigNATS writes a NATS cluster's configuration for hangar:
+// one file per node, the auth callout's account seed and the control
+// plane's password.
+func runBrokerConfigNATS(g *globals, args []string) error {
+	fs := g.newFlags("broker-config nats")
+	out := fs.String("out", "", "directory to write the files into (nats-NAME.conf per node, callout.seed, control.password)")
+	var hosts []string
+	fs.Func("node", "a node's host name or address, as the others and the control plane reach it (repeat: three for a cluster)", func(v string) error {
+		hosts = append(hosts, v)
+		return nil
+	})
+	clientPort := fs.Int("client-port", 4222, "NATS clients' port (the control plane)")
+	mqttPort := fs.Int("mqtt-port", 1883, "the devices' MQTT port")
+	routePort := fs.Int("route-port", 6222, "the cluster's route port")
+	httpPort := fs.Int("http-port", 8222, "monitoring port (/healthz; 0: none)")
+	storeDir := fs.String("store-dir", "/var/lib/nats/jetstream", "JetStream's directory on each node")
+	user := fs.String("user", "hangar", "the control plane's account")
+	if _, err := parse(fs, args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	if *out == "" || len(hosts) == 0 {
+		return fmt.Errorf("%w: --out DIR and --node HOST (for each node) are required", ErrUsage)
+	}
+	if err := os.MkdirAll(*out, 0o700); err != nil {
+		return err
+	}
+	akp, err := nkeys.CreateAccount()
+	if err != nil {
+		return err
+	}
+	seed, _ := akp.Seed()
+	pub, _ := akp.PublicKey()
+	pass := strings.TrimPrefix(api.NewSecret(""), "_")
+	c := brokerconfig.NATSCluster{User: *user, Password: pass, CalloutIssuer: pub}
+	for i, h := range hosts {
+		c.Nodes = append(c.Nodes, brokerconfig.NATSNode{Name: fmt.Sprintf("n%d", i+1), Host: h, ClientPort: *clientPort,
+			MQTTPort: *mqttPort, RoutePort: *routePort, HTTPPort: *httpPort, StoreDir: *storeDir})
+	}
+	var nats, mqtt []string
+	for i, n := range c.Nodes {
+		p := filepath.Join(*out, "nats-"+n.Name+".conf")
+		if err := os.WriteFile(p, []byte(brokerconfig.NATSConfig(c, i)), 0o600); err != nil {
+			return err
+		}
+		nats = append(nats, fmt.Sprintf("nats://%s:%d", n.Host, n.ClientPort))
+		mqtt = append(mqtt, fmt.Sprintf("tcp://%s:%d", n.Host, n.MQTTPort))
+	}
+	for name, secret := range map[string][]byte{"callout.seed": seed, "control.password": []byte(pass)} {
+		if err := writeSecretFile(filepath.Join(*out, name), secret); err != nil {
+			return err
+		}
+	}
+	w := g.env.Stdout
+	fmt.Fprintf(w, "wrote %d node configurations, callout.seed and control.password to %s\n", len(c.Nodes), *out)
+	fmt.Fprintf(w, "on each node:  nats-server -c nats-NAME.conf\n")
+	fmt.Fprintf(w, "control plane: hangar serve --broker %s --broker-user %s \\\n    --broker-password-file %s --broker-callout-seed-file %s \\\n    --mqtt-advertise %s\n",
+		strings.Join(nats, ","), *user, filepath.Join(*out, "control.password"), filepath.Join(*out, "callout.seed"), strings.Join(mqtt, ","))
+	return nil
+}
+
+func writeSecretFile(path string, b []byte) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(append(b, '\n'))
+	if err2 := f.Close(); err == nil {
+		err = err2
+	}
+	return err
+}
+
 func runCA(ctx context.Context, g *globals, args []string) error {
 	if len(args) == 0 || args[0] != "init" {
 		return fmt.Errorf("%w: hangar ca init [--data DIR]", ErrUsage)
@@ -306,8 +384,11 @@ func runCA(ctx context.Context, g *globals, args []string) error {
 }
 
 func runBrokerConfig(ctx context.Context, g *globals, args []string) error {
+	if len(args) > 0 && args[0] == "nats" {
+		return runBrokerConfigNATS(g, args[1:])
+	}
 	if len(args) == 0 || args[0] != "mosquitto" {
-		return fmt.Errorf("%w: hangar broker-config mosquitto --out DIR --host HOST [flags]", ErrUsage)
+		return fmt.Errorf("%w: hangar broker-config mosquitto --out DIR --host HOST [flags] | nats --out DIR --node HOST... [flags]", ErrUsage)
 	}
 	fs := g.newFlags("broker-config mosquitto")
 	data := fs.String("data", envOr(g, "HANGAR_DATA", server.DefaultDataDir), "data directory of the control plane: its device CA, development TLS CA and database (env HANGAR_DATA)")

@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hangarfleet/hangar/controlplane/brokerconfig"
 	"github.com/hangarfleet/hangar/internal/freeport"
 )
 
@@ -103,27 +104,16 @@ func Start(t testing.TB, opts Options) *Cluster {
 		n.dir = filepath.Join(dir, n.Name)
 		c.Nodes = append(c.Nodes, n)
 	}
-	var routes []string
+	cluster := brokerconfig.NATSCluster{User: opts.User, Password: opts.Password, CalloutIssuer: opts.CalloutIssuer, MaxFileStore: "4GB"}
 	for _, n := range c.Nodes {
-		routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", n.Route))
+		cluster.Nodes = append(cluster.Nodes, brokerconfig.NATSNode{Name: n.Name, Host: "127.0.0.1", ClientPort: n.Client,
+			MQTTPort: n.MQTT, RoutePort: n.Route, HTTPPort: n.HTTP, StoreDir: filepath.Join(n.dir, "js")})
 	}
-	for _, n := range c.Nodes {
+	for i, n := range c.Nodes {
 		if err := os.MkdirAll(n.dir, 0o700); err != nil {
 			t.Fatal(err)
 		}
-		conf := fmt.Sprintf(`server_name: %s
-listen: 127.0.0.1:%d
-http: 127.0.0.1:%d
-jetstream { store_dir: %q, max_mem_store: 256MB, max_file_store: 4GB }
-cluster { name: hangar, listen: 127.0.0.1:%d, routes: [%s] }
-mqtt { listen: 127.0.0.1:%d, stream_replicas: %d, ack_wait: "30s" }
-authorization {
-  timeout: 5s
-  users: [ { user: %q, password: %q } ]
-  auth_callout { issuer: %q, auth_users: [ %q ] }
-}
-`, n.Name, n.Client, n.HTTP, filepath.Join(n.dir, "js"), n.Route, strings.Join(routes, ", "), n.MQTT, min(3, opts.Nodes),
-			opts.User, opts.Password, opts.CalloutIssuer, opts.User)
+		conf := brokerconfig.NATSConfig(cluster, i)
 		n.conf = filepath.Join(n.dir, "nats.conf")
 		if err := os.WriteFile(n.conf, []byte(conf), 0o600); err != nil {
 			t.Fatal(err)
