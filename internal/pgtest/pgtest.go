@@ -1,45 +1,29 @@
 // Package pgtest gives tests a PostgreSQL database of their own on a
-// server this process starts: Debian's postgresql binaries, a throwaway
-// data directory, loopback only. HANGAR_TEST_POSTGRES_URL names a server to
-// use instead (its URL with a role that may create databases).
+// server this process starts (internal/pgserver): Debian's postgresql
+// binaries, a throwaway data directory, loopback only.
+// HANGAR_TEST_POSTGRES_URL names a server to use instead (its URL with a
+// role that may create databases).
 //
 // Without PostgreSQL, tests that need it skip; under CI (CI=true) they
 // fail.
 package pgtest
 
 import (
-	"context"
-	"database/sql"
 	"fmt"
-	"net"
-	"net/url"
 	"os"
-	"os/exec"
-	"os/user"
-	"path/filepath"
-	"sort"
-	"strconv"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
-	"time"
 
-	_ "github.com/jackc/pgx/v5/stdlib"
+	"github.com/hangarfleet/hangar/internal/pgserver"
 )
 
 var (
 	once    sync.Once
-	srv     *server
+	srv     *pgserver.Server
 	srvErr  error
 	counter atomic.Int64
 )
-
-type server struct {
-	admin string // URL of the postgres database, as a superuser
-	cmd   *exec.Cmd
-	dir   string
-}
 
 // Main runs the tests, then stops the server if one was started.
 func Main(m *testing.M) {
@@ -49,24 +33,17 @@ func Main(m *testing.M) {
 }
 
 // Stop stops the server this process started (if any).
-func Stop() {
-	if srv != nil && srv.cmd != nil {
-		_ = srv.cmd.Process.Signal(syscall.SIGINT) // fast shutdown
-		done := make(chan struct{})
-		go func() { _ = srv.cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(20 * time.Second):
-			_ = srv.cmd.Process.Kill()
-		}
-		_ = os.RemoveAll(srv.dir)
-		srv.cmd = nil
-	}
-}
+func Stop() { srv.Stop() }
 
 // Available says whether PostgreSQL can be had (starting it if needed).
 func Available() error {
-	once.Do(func() { srv, srvErr = start() })
+	once.Do(func() {
+		if u := os.Getenv("HANGAR_TEST_POSTGRES_URL"); u != "" {
+			srv, srvErr = pgserver.FromURL(u)
+			return
+		}
+		srv, srvErr = pgserver.Start()
+	})
 	return srvErr
 }
 
@@ -81,136 +58,10 @@ func URL(t testing.TB) string {
 		t.Skipf("PostgreSQL not available: %v", err)
 	}
 	name := fmt.Sprintf("hangar_t%d_%d", os.Getpid(), counter.Add(1))
-	db, err := sql.Open("pgx", srv.admin)
+	u, err := srv.CreateDatabase(name)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer db.Close()
-	if _, err := db.Exec(`CREATE DATABASE ` + name); err != nil {
-		t.Fatalf("create database: %v", err)
-	}
-	t.Cleanup(func() {
-		db, err := sql.Open("pgx", srv.admin)
-		if err == nil {
-			_, _ = db.Exec(`DROP DATABASE IF EXISTS ` + name + ` WITH (FORCE)`)
-			db.Close()
-		}
-	})
-	u, _ := url.Parse(srv.admin)
-	u.Path = "/" + name
-	return u.String()
-}
-
-// Admin is the superuser URL of the server (for tests that cut a role off).
-func Admin(t testing.TB) string {
-	t.Helper()
-	if err := Available(); err != nil {
-		t.Skipf("PostgreSQL not available: %v", err)
-	}
-	return srv.admin
-}
-
-func start() (*server, error) {
-	if u := os.Getenv("HANGAR_TEST_POSTGRES_URL"); u != "" {
-		return &server{admin: u}, ping(u, 10*time.Second)
-	}
-	bin, err := binDir()
-	if err != nil {
-		return nil, err
-	}
-	dir, err := os.MkdirTemp("", "hangar-pg-")
-	if err != nil {
-		return nil, err
-	}
-	data := filepath.Join(dir, "data")
-	// PostgreSQL refuses to run as root: as root, run it as postgres
-	// (set in the child itself, so that it dies with this process).
-	var cred *syscall.Credential
-	if os.Geteuid() == 0 {
-		pg, err := user.Lookup("postgres")
-		if err != nil {
-			return nil, fmt.Errorf("running as root and no postgres user: %w", err)
-		}
-		uid, _ := strconv.Atoi(pg.Uid)
-		gid, _ := strconv.Atoi(pg.Gid)
-		if err := os.Chown(dir, uid, gid); err != nil {
-			return nil, err
-		}
-		cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
-	}
-	command := func(name string, args ...string) *exec.Cmd {
-		c := exec.Command(filepath.Join(bin, name), args...)
-		c.SysProcAttr = &syscall.SysProcAttr{Credential: cred, Pdeathsig: syscall.SIGKILL}
-		return c
-	}
-	if out, err := command("initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync").CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("initdb: %v: %s", err, out)
-	}
-	port, err := freePort()
-	if err != nil {
-		return nil, err
-	}
-	cmd := command("postgres", "-D", data, "-p", strconv.Itoa(port), "-k", dir, "-c", "listen_addresses=127.0.0.1",
-		// A test server: durability against power loss is not what is
-		// tested, and fsync would make every commit a disk flush.
-		"-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=300",
-		"-c", "shared_buffers=64MB", "-c", "log_min_messages=warning")
-	logf, _ := os.Create(filepath.Join(dir, "postgres.log"))
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start postgres: %w", err)
-	}
-	s := &server{admin: fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", port), cmd: cmd, dir: dir}
-	if err := ping(s.admin, 60*time.Second); err != nil {
-		_ = cmd.Process.Kill()
-		log, _ := os.ReadFile(filepath.Join(dir, "postgres.log"))
-		return nil, fmt.Errorf("postgres did not start: %v: %s", err, log)
-	}
-	return s, nil
-}
-
-// binDir finds the newest PostgreSQL server binaries Debian installed.
-func binDir() (string, error) {
-	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
-	sort.Slice(dirs, func(i, j int) bool {
-		vi, _ := strconv.Atoi(filepath.Base(filepath.Dir(dirs[i])))
-		vj, _ := strconv.Atoi(filepath.Base(filepath.Dir(dirs[j])))
-		return vi > vj
-	})
-	for _, d := range dirs {
-		if _, err := os.Stat(filepath.Join(d, "postgres")); err == nil {
-			return d, nil
-		}
-	}
-	if p, err := exec.LookPath("postgres"); err == nil {
-		return filepath.Dir(p), nil
-	}
-	return "", fmt.Errorf("no PostgreSQL server binaries (apt-get install postgresql)")
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
-
-func ping(u string, within time.Duration) error {
-	db, err := sql.Open("pgx", u)
-	if err != nil {
-		return err
-	}
-	defer db.Close()
-	deadline := time.Now().Add(within)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		err = db.PingContext(ctx)
-		cancel()
-		if err == nil || time.Now().After(deadline) {
-			return err
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	t.Cleanup(func() { srv.DropDatabase(name) })
+	return u
 }
