@@ -89,7 +89,8 @@ type NATSOptions struct {
 	// (DefaultNATSUserTTL).
 	UserTTL time.Duration
 	// AckWait is how long a message given to a replica waits for its
-	// acknowledgement before another replica gets it (default 30 s).
+	// acknowledgement before another replica gets it (default 10 s: a
+	// replica that dies holds its messages this long).
 	AckWait time.Duration
 	Metrics *metrics.Metrics
 	Logger  *slog.Logger
@@ -106,7 +107,7 @@ func NewNATS(opts NATSOptions) (*NATS, error) {
 		opts.UserTTL = DefaultNATSUserTTL
 	}
 	if opts.AckWait <= 0 {
-		opts.AckWait = 30 * time.Second
+		opts.AckWait = 10 * time.Second
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -179,7 +180,9 @@ func (n *NATS) Start(ctx context.Context, h Handler) error {
 		case <-time.After(250 * time.Millisecond):
 		}
 	}
-	n.cc, err = cons.Consume(func(m jetstream.Msg) { n.deliver(h, m) }, jetstream.PullMaxMessages(1000))
+	// A few hundred in hand: what a replica that dies holds back for the
+	// ack wait.
+	n.cc, err = cons.Consume(func(m jetstream.Msg) { n.deliver(h, m) }, jetstream.PullMaxMessages(500))
 	if err != nil {
 		return fmt.Errorf("nats: consume: %w", err)
 	}

@@ -22,6 +22,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -31,6 +32,7 @@ import (
 
 	"github.com/hangarfleet/hangar/agent/clock"
 	"github.com/hangarfleet/hangar/controlplane/store/sqlstore"
+	"github.com/hangarfleet/hangar/internal/pgserver"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -41,7 +43,11 @@ type IngestOptions struct {
 	Rate      float64       // messages per second per drone
 	Warmup    time.Duration // load before measuring
 	Duration  time.Duration // measured load
-	Broker    string        // "embedded" or "mosquitto"
+	// Broker is the setup: "embedded", "embedded-mtls", "mosquitto"
+	// (SQLite), "mosquitto-pg" (one replica on PostgreSQL) or
+	// "mosquitto-pg3" (three replicas on PostgreSQL sharing the ingest
+	// through a shared subscription).
+	Broker string
 	Inflight  int           // QoS1 messages awaiting PUBACK per connection
 	Samples   int           // samples per message
 	LogWriter io.Writer     // the control plane's log (nil: discarded)
@@ -51,6 +57,8 @@ type IngestOptions struct {
 // IngestResult is what one run measured.
 type IngestResult struct {
 	Broker         string  `json:"broker"`
+	Replicas       int     `json:"replicas"`
+	Store          string  `json:"store"`
 	Devices        int     `json:"devices"`
 	Connected      int     `json:"connected"`
 	OfferedRate    float64 `json:"offered_msgs_per_s"`
@@ -396,7 +404,25 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 	}
 	var extra, env []string
 	var mosq *Mosquitto
-	if o.Broker == "mosquitto" {
+	replicas, storeLoc := 1, filepath.Join(dir, "data", "hangar.db")
+	res.Store = "sqlite"
+	if strings.HasPrefix(o.Broker, "mosquitto-pg") {
+		pg, err := pgserver.Start()
+		if err != nil {
+			return res, fmt.Errorf("postgres: %w", err)
+		}
+		defer pg.Stop()
+		if storeLoc, err = pg.CreateDatabase("hangar_bench"); err != nil {
+			return res, err
+		}
+		extra = append(extra, "--store", storeLoc)
+		res.Store = "postgres"
+		if o.Broker == "mosquitto-pg3" {
+			replicas = 3
+		}
+	}
+	res.Replicas = replicas
+	if strings.HasPrefix(o.Broker, "mosquitto") {
 		mosq, err = StartMosquitto(filepath.Join(dir, "mosquitto"), o.LogWriter)
 		if err != nil {
 			return res, err
@@ -413,11 +439,24 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 	}
 	extra = append(extra, o.ServeArgs...)
 	secure := o.Broker == "embedded-mtls"
-	cp, err := startControlPlaneTLS(o.Hangar, filepath.Join(dir, "data"), extra, env, o.LogWriter, secure)
-	if err != nil {
-		return res, fmt.Errorf("control plane: %w", err)
+	// Replicas share the data directory (the first makes the tokens) and
+	// the ingest.
+	var cps replicaSet
+	for r := range replicas {
+		args := extra
+		if res.Store == "postgres" {
+			args = append(slices.Clone(extra), "--replica", fmt.Sprintf("r%d", r+1),
+				"--broker-share", "hangar", "--broker-client-id", fmt.Sprintf("hangar:r%d", r+1))
+		}
+		c, err := startControlPlaneTLS(o.Hangar, filepath.Join(dir, "data"), args, env, o.LogWriter, secure)
+		if err != nil {
+			cps.stop()
+			return res, fmt.Errorf("control plane: %w", err)
+		}
+		cps = append(cps, c)
 	}
-	defer cp.stop()
+	defer cps.stop()
+	cp := cps[0]
 	creds, err := cp.enrollAll(ctx, "bench-", o.Devices)
 	if err != nil {
 		return res, err
@@ -434,7 +473,7 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 			latMu.Unlock()
 		}
 	}
-	baseRSS := rssMB(cp.cmd.Process.Pid)
+	baseRSS := cps.rss()
 	conns := make([]*loadConn, len(creds))
 	t0 := time.Now()
 	for i, c := range creds {
@@ -525,14 +564,14 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 		wg.Wait()
 		return res, ctx.Err()
 	}
-	before, hBefore, err := cp.scrape()
+	before, hBefore, err := cps.scrape()
 	if err != nil {
 		return res, err
 	}
 	measuring.Store(true)
 	tm := time.Now()
 	selfCPU := cpuSeconds(os.Getpid())
-	serverCPU := cpuSeconds(cp.cmd.Process.Pid)
+	serverCPU := cps.cpu()
 	var brokerCPU float64
 	if mosq != nil {
 		brokerCPU = cpuSeconds(mosq.Pid())
@@ -541,7 +580,7 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 	measuring.Store(false)
 	elapsed := time.Since(tm).Seconds()
 	res.LoadCPU = (cpuSeconds(os.Getpid()) - selfCPU) / elapsed
-	res.ServerCPU = (cpuSeconds(cp.cmd.Process.Pid) - serverCPU) / elapsed
+	res.ServerCPU = (cps.cpu() - serverCPU) / elapsed
 	if mosq != nil {
 		res.BrokerCPU = (cpuSeconds(mosq.Pid()) - brokerCPU) / elapsed
 	}
@@ -565,7 +604,7 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 	var hAfter []bucket
 	drainStart := time.Now()
 	for last, still := -1.0, time.Now(); ; {
-		if after, hAfter, err = cp.scrape(); err != nil {
+		if after, hAfter, err = cps.scrape(); err != nil {
 			return res, err
 		}
 		stored := after["hangar_ingest_samples_total"] - before["hangar_ingest_samples_total"]
@@ -578,7 +617,7 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 		time.Sleep(250 * time.Millisecond)
 	}
 	res.DrainSeconds = time.Since(drainStart).Seconds()
-	res.ServerRSSMB = rssMB(cp.cmd.Process.Pid)
+	res.ServerRSSMB = cps.rss()
 	if mosq != nil {
 		res.BrokerRSSMB = rssMB(mosq.Pid())
 	}
@@ -595,8 +634,8 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 	for i, c := range conns {
 		acks[i] = c.acknowledged()
 	}
-	cp.stop()
-	if res.Lost, res.Checked, err = missing(ctx, filepath.Join(dir, "data"), creds, acks, boot); err != nil {
+	cps.stop()
+	if res.Lost, res.Checked, err = missing(ctx, storeLoc, creds, acks, boot); err != nil {
 		return res, err
 	}
 	res.Rate = float64(res.Stored) / elapsed
@@ -612,8 +651,8 @@ func RunIngest(ctx context.Context, o IngestOptions) (IngestResult, error) {
 
 // missing counts the acknowledged messages the store does not hold, by
 // each device's sequence numbers.
-func missing(ctx context.Context, data string, creds []credential, acks [][]uint64, boot uint64) (lost, checked int64, err error) {
-	db, err := sqlstore.Open(filepath.Join(data, "hangar.db"), sqlstore.Options{})
+func missing(ctx context.Context, store string, creds []credential, acks [][]uint64, boot uint64) (lost, checked int64, err error) {
+	db, err := sqlstore.OpenURL(store, sqlstore.Options{})
 	if err != nil {
 		return 0, 0, err
 	}
@@ -637,6 +676,55 @@ func missing(ctx context.Context, data string, creds []credential, acks [][]uint
 		}
 	}
 	return lost, checked, nil
+}
+
+// replicaSet is the control planes of one run.
+type replicaSet []*controlPlane
+
+func (rs replicaSet) stop() {
+	for _, c := range rs {
+		c.stop()
+	}
+}
+
+func (rs replicaSet) cpu() (sum float64) {
+	for _, c := range rs {
+		sum += cpuSeconds(c.cmd.Process.Pid)
+	}
+	return sum
+}
+
+func (rs replicaSet) rss() (sum float64) {
+	for _, c := range rs {
+		sum += rssMB(c.cmd.Process.Pid)
+	}
+	return sum
+}
+
+// scrape sums the replicas' counters and commit-delay histograms.
+func (rs replicaSet) scrape() (map[string]float64, []bucket, error) {
+	vals := map[string]float64{}
+	var hist []bucket
+	for i, c := range rs {
+		v, h, err := c.scrape()
+		if err != nil {
+			return nil, nil, err
+		}
+		for k, x := range v {
+			vals[k] += x
+		}
+		if i == 0 {
+			hist = h
+			continue
+		}
+		if len(h) != len(hist) {
+			return nil, nil, errors.New("replicas' histograms differ")
+		}
+		for j := range h {
+			hist[j].count += h[j].count
+		}
+	}
+	return vals, hist, nil
 }
 
 // sleepCtx waits d, or less when ctx ends first (then false).

@@ -32,7 +32,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	samples := fs.Int("samples", 1, "telemetry samples per message")
 	warmup := fs.Duration("warmup", 5*time.Second, "load before measuring")
 	duration := fs.Duration("duration", 20*time.Second, "measured load")
-	brokers := fs.String("brokers", "embedded,mosquitto", "broker setups to measure, in order; the first is the baseline: embedded (plain TCP), embedded-mtls (TLS, device certificates), mosquitto")
+	brokers := fs.String("brokers", "embedded,mosquitto", "broker setups to measure, in order; the first is the baseline: embedded (plain TCP), embedded-mtls (TLS, device certificates), mosquitto (SQLite), mosquitto-pg (PostgreSQL, one replica), mosquitto-pg3 (PostgreSQL, three replicas on a shared subscription)")
 	jsonOut := fs.String("json", "", "also write the results as JSON to this file")
 	verbose := fs.Bool("v", false, "show the control plane's log")
 	serveArgs := fs.String("serve-args", "", "extra flags for hangar serve, space separated (e.g. --pprof 127.0.0.1:6060)")

@@ -98,14 +98,16 @@ func TestNATSClusterFleet(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	waitFor(t, 2*time.Minute, "backlog stored", func() (bool, string) {
+	// What the stopped replica had in hand comes back after the ack wait.
+	waitFor(t, 2*time.Minute, "backlog stored, every sequence whole", func() (bool, string) {
 		stored := 0
 		for _, d := range fleet.Drones() {
 			if maxSeq(t, db, d.ID, d.Agent().Boot()) >= queued[d.ID] {
 				stored++
 			}
 		}
-		return stored == n, fmt.Sprintf("%d of %d drones' backlog stored", stored, n)
+		holes, _, detail := seqHoles(t, db, ids)
+		return stored == n && holes == 0, fmt.Sprintf("%d of %d drones' backlog stored, %d holes (%s)", stored, n, holes, detail)
 	})
 	fleet.stop()
 	holes, repeats, detail := seqHoles(t, db, ids)
