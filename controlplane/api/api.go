@@ -101,6 +101,11 @@ type Options struct {
 	// LiveKeepAlive is how often a live stream sends a keep-alive and
 	// checks its token again (default 15 s).
 	LiveKeepAlive time.Duration
+	// Replica names this control plane among replicas, and Leading says
+	// whether it runs the rollout scheduler now (for /healthz; nil: one
+	// process, always).
+	Replica string
+	Leading func() bool
 	// Version of the control plane, for /healthz.
 	Version string
 	// Releases turns on release hosting and device updates (nil: off).
@@ -325,7 +330,8 @@ func NewSecret(prefix string) string {
 }
 
 func (a *API) healthz(c echo.Context) error {
-	return c.JSON(http.StatusOK, map[string]string{"status": "ok", "version": a.opts.Version})
+	leading := a.opts.Leading == nil || a.opts.Leading()
+	return c.JSON(http.StatusOK, map[string]any{"status": "ok", "version": a.opts.Version, "replica": a.opts.Replica, "leading": leading})
 }
 
 // SmallBodyTimeout is how long a request with a small body (everything

@@ -314,7 +314,7 @@ func New(opts Options) (*Server, error) {
 		Releases: &api.ReleaseOptions{Store: db, Send: s.cmds, Roots: opts.RootKeys,
 			Dir: filepath.Join(opts.DataDir, "artifacts"), MaxArtifact: opts.MaxArtifact},
 		Rollouts: s.roll, DeviceCA: opts.DeviceCA, Now: opts.Now, CertTTL: opts.CertTTL, Approval: opts.Approval,
-		NoPasswords: opts.BrokerNoAccounts,
+		NoPasswords: opts.BrokerNoAccounts, Replica: opts.Replica, Leading: func() bool { return s.Leading() },
 	})
 	s.renewals = throttle.New(1.0/600, 3, 100_000)
 	s.invites = throttle.New(1.0/3600, 1, 100_000)

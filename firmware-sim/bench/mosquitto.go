@@ -4,7 +4,7 @@ import (
 	"io"
 	"os"
 
-	"github.com/hangarfleet/hangar/controlplane/broker/mosquitto"
+	"github.com/hangarfleet/hangar/internal/mosquitto"
 )
 
 // Mosquitto is the external broker of the benchmark.

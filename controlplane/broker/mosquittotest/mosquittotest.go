@@ -8,7 +8,7 @@ import (
 	"os"
 	"testing"
 
-	"github.com/hangarfleet/hangar/controlplane/broker/mosquitto"
+	"github.com/hangarfleet/hangar/internal/mosquitto"
 	"github.com/hangarfleet/hangar/internal/freeport"
 )
 
