@@ -59,7 +59,7 @@ func (db *DB) WriteIngest(ctx context.Context, items []store.IngestItem) (store.
 	for _, s := range w.seen {
 		db.mergeSeen(s)
 	}
-	flushed, err := db.flushSeenLocked(ctx, tx, false)
+	flushed, err := db.flushSeenLocked(ctx, tx, false, w.locked)
 	if err != nil {
 		return store.IngestResult{}, fmt.Errorf("ingest: %w", err)
 	}
@@ -91,7 +91,10 @@ func (db *DB) mergeSeen(s *devSeen) {
 // SeenFlushInterval, not for every message, because at thousands of
 // messages a second these updates would cost more than the telemetry
 // itself. Drop counts are written at once. It returns the devices written.
-func (db *DB) flushSeenLocked(ctx context.Context, tx *Tx, all bool) ([]int64, error) {
+//
+// With locked (PostgreSQL's ingest), only the rows this transaction locked
+// are written; the others wait for a later one.
+func (db *DB) flushSeenLocked(ctx context.Context, tx *Tx, all bool, locked map[int64]bool) ([]int64, error) {
 	now := time.Now()
 	st := tx.StmtContext(ctx, db.seenStmt)
 	var done []int64
@@ -102,6 +105,9 @@ func (db *DB) flushSeenLocked(ctx context.Context, tx *Tx, all bool) ([]int64, e
 	slices.Sort(nums) // one order of row locks for every writer
 	for _, num := range nums {
 		s := db.pending[num]
+		if locked != nil && !locked[num] {
+			continue
+		}
 		if !all && s.dropped == 0 && now.Sub(db.flushedAt[num]) < db.opts.SeenFlushInterval {
 			continue
 		}
@@ -190,7 +196,7 @@ func (db *DB) FlushSeen(ctx context.Context) error {
 		return fmt.Errorf("flush devices: %w", err)
 	}
 	defer tx.Rollback()
-	done, err := db.flushSeenLocked(ctx, tx, true)
+	done, err := db.flushSeenLocked(ctx, tx, true, nil)
 	if err != nil {
 		return fmt.Errorf("flush devices: %w", err)
 	}
@@ -205,6 +211,8 @@ type ingestTx struct {
 	db   *DB
 	tx   *Tx
 	seen map[string]*devSeen
+	// locked are the device rows locked for this transaction (PostgreSQL).
+	locked map[int64]bool
 	// statements prepared once on the writer connection, bound to tx
 	sample, event *sql.Stmt
 }
@@ -217,24 +225,40 @@ func (w *ingestTx) stmt(ctx context.Context, p **sql.Stmt, prepared *sql.Stmt) *
 	return *p
 }
 
-// lockDevices locks, in row order, the rows of the items' devices and of
-// those whose pending row updates this transaction may write.
+// lockDevices locks, in row order, the device rows this transaction will
+// update: those of its hellos and goodbyes, and those whose latest-seen
+// update is due (a device's first message here, or one a flush interval
+// after the last). Rows it did not lock it leaves for a later one.
 func (w *ingestTx) lockDevices(ctx context.Context, items []store.IngestItem) error {
 	set := map[int64]bool{}
+	now := time.Now()
+	w.db.seenMu.Lock()
+	due := func(n int64) bool {
+		p := w.db.pending[n]
+		return (p != nil && p.dropped > 0) || now.Sub(w.db.flushedAt[n]) >= w.db.opts.SeenFlushInterval
+	}
+	for n := range w.db.pending {
+		if due(n) {
+			set[n] = true
+		}
+	}
+	w.db.seenMu.Unlock()
 	for i := range items {
 		n, err := w.devNum(ctx, items[i].Device)
 		if err != nil {
 			return err
 		}
-		if n != 0 {
+		if n == 0 {
+			continue
+		}
+		w.db.seenMu.Lock()
+		d := due(n) || (items[i].Batch != nil && items[i].Batch.Dropped > 0)
+		w.db.seenMu.Unlock()
+		if items[i].Kind == store.IngestState || d {
 			set[n] = true
 		}
 	}
-	w.db.seenMu.Lock()
-	for n := range w.db.pending {
-		set[n] = true
-	}
-	w.db.seenMu.Unlock()
+	w.locked = set
 	if len(set) == 0 {
 		return nil
 	}
