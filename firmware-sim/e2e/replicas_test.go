@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"crypto/ed25519"
 	"database/sql"
@@ -9,8 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
-	"net/http/httputil"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -18,7 +15,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -27,84 +23,28 @@ import (
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/firmware-sim/scenario"
 	"github.com/hangarfleet/hangar/firmware-sim/sim"
+	balancerpkg "github.com/hangarfleet/hangar/internal/balancer"
 	"github.com/hangarfleet/hangar/internal/pgtest"
 )
 
-// balancer is the load balancer in front of the replicas: each request
-// goes to the next replica in turn, and to the one after when a replica
-// does not answer (killed).
+// balancer is the load balancer in front of the replicas, as an
+// endpoint of the tests.
 type balancer struct {
-	srv      *http.Server
-	ln       net.Listener
-	backends []string
-	next     atomic.Uint64
-	dataDir  string
+	*balancerpkg.Balancer
+	dataDir string
 }
 
 func newBalancer(t *testing.T, dataDir string, backends ...string) *balancer {
 	t.Helper()
-	b := &balancer{backends: backends, dataDir: dataDir, ln: listen(t)}
-	b.srv = &http.Server{Handler: http.HandlerFunc(b.serve)}
-	go b.srv.Serve(b.ln)
-	t.Cleanup(func() { b.srv.Close() })
-	return b
-}
-
-func (b *balancer) URL() string     { return "http://" + b.ln.Addr().String() }
-func (b *balancer) DataDir() string { return b.dataDir }
-
-func (b *balancer) serve(w http.ResponseWriter, r *http.Request) {
-	body, err := io.ReadAll(io.LimitReader(r.Body, 256<<20))
+	b, err := balancerpkg.Start(backends...)
 	if err != nil {
-		http.Error(w, err.Error(), http.StatusBadGateway)
-		return
+		t.Fatal(err)
 	}
-	start := b.next.Add(1)
-	for i := range len(b.backends) {
-		target := b.backends[(int(start)+i)%len(b.backends)]
-		// Only a replica that is up takes the request: a dial that fails
-		// goes to the next one, as a load balancer's health check would.
-		c, err := net.DialTimeout("tcp", strings.TrimPrefix(target, "http://"), time.Second)
-		if err != nil {
-			continue
-		}
-		c.Close()
-		u, _ := url.Parse(target)
-		rec := &bufferedResponse{header: http.Header{}}
-		p := httputil.NewSingleHostReverseProxy(u)
-		p.ErrorHandler = func(w http.ResponseWriter, _ *http.Request, err error) { rec.err = err }
-		req := r.Clone(r.Context())
-		req.Body = io.NopCloser(bytes.NewReader(body))
-		req.ContentLength = int64(len(body))
-		p.ServeHTTP(rec, req)
-		if rec.err != nil {
-			continue // killed while answering: the client's request goes elsewhere
-		}
-		for k, v := range rec.header {
-			w.Header()[k] = v
-		}
-		w.WriteHeader(rec.code)
-		w.Write(rec.body.Bytes())
-		return
-	}
-	http.Error(w, "no replica answers", http.StatusBadGateway)
+	t.Cleanup(func() { b.Close() })
+	return &balancer{Balancer: b, dataDir: dataDir}
 }
 
-type bufferedResponse struct {
-	header http.Header
-	code   int
-	body   bytes.Buffer
-	err    error
-}
-
-func (r *bufferedResponse) Header() http.Header { return r.header }
-func (r *bufferedResponse) Write(p []byte) (int, error) {
-	if r.code == 0 {
-		r.code = http.StatusOK
-	}
-	return r.body.Write(p)
-}
-func (r *bufferedResponse) WriteHeader(c int) { r.code = c }
+func (b *balancer) DataDir() string { return b.dataDir }
 
 // cuttable is a TCP proxy between a replica and PostgreSQL whose link can
 // be cut (open connections dropped, new ones refused) and restored.
