@@ -38,20 +38,20 @@ import (
 
 // IngestOptions describe one ingest run.
 type IngestOptions struct {
-	Hangar    string        // path of the hangar binary
-	Devices   int           // simulated drones, each with its own connection
-	Rate      float64       // messages per second per drone
-	Warmup    time.Duration // load before measuring
-	Duration  time.Duration // measured load
+	Hangar   string        // path of the hangar binary
+	Devices  int           // simulated drones, each with its own connection
+	Rate     float64       // messages per second per drone
+	Warmup   time.Duration // load before measuring
+	Duration time.Duration // measured load
 	// Broker is the setup: "embedded", "embedded-mtls", "mosquitto"
 	// (SQLite), "mosquitto-pg" (one replica on PostgreSQL) or
 	// "mosquitto-pg3" (three replicas on PostgreSQL sharing the ingest
 	// through a shared subscription).
-	Broker string
-	Inflight  int           // QoS1 messages awaiting PUBACK per connection
-	Samples   int           // samples per message
-	LogWriter io.Writer     // the control plane's log (nil: discarded)
-	ServeArgs []string      // extra flags for hangar serve
+	Broker    string
+	Inflight  int       // QoS1 messages awaiting PUBACK per connection
+	Samples   int       // samples per message
+	LogWriter io.Writer // the control plane's log (nil: discarded)
+	ServeArgs []string  // extra flags for hangar serve
 }
 
 // IngestResult is what one run measured.
