@@ -23,6 +23,7 @@ func runScenario(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	var o scenario.Options
 	fs.StringVar(&o.Server, "server", "", "use this control plane instead of starting one")
 	fs.StringVar(&o.Hangar, "hangar", "", "hangar binary to start the control plane with (default: next to hangar-sim, or in PATH)")
+	fs.StringVar(&o.NATSServer, "nats-server", "", "nats-server binary for scenarios on a NATS cluster (default: next to hangar, or in PATH)")
 	fs.StringVar(&o.TokenFile, "token-file", "", "with --server: admin token file")
 	fs.StringVar(&o.EnrollToken, "enroll-token", "", "with --server: fleet enrollment token, or a file holding it")
 	fs.StringVar(&o.ReleaseKey, "release-key", "", "with --server: release private key (PEM) the server's root trusts")

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/hangarfleet/hangar/firmware-sim/scenario"
+	"github.com/hangarfleet/hangar/internal/natstest"
 )
 
 // TestScenarios plays every shipped scenario (firmware-sim/scenarios) at
@@ -29,6 +30,7 @@ func TestScenarios(t *testing.T) {
 		t.Fatal("no scenarios")
 	}
 	bin := buildServer(t)
+	natsServer := natstest.Binary(t) // for the scenarios on a NATS cluster
 	for _, f := range files {
 		name := strings.TrimSuffix(filepath.Base(f), ".yaml")
 		t.Run(name, func(t *testing.T) {
@@ -38,7 +40,7 @@ func TestScenarios(t *testing.T) {
 				t.Fatal(err)
 			}
 			var progress bytes.Buffer
-			rep, err := scenario.Run(context.Background(), s, scenario.Options{Hangar: bin, Devices: n, WorkDir: t.TempDir(),
+			rep, err := scenario.Run(context.Background(), s, scenario.Options{Hangar: bin, NATSServer: natsServer, Devices: n, WorkDir: t.TempDir(),
 				Logger: testLogger(t), Progress: &progress})
 			if err != nil {
 				t.Fatalf("%v\n%s", err, progress.String())

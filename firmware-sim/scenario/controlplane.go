@@ -19,6 +19,7 @@ import (
 // ControlPlane is `hangar serve` run as a child process on
 // fixed ports, so that it can be killed and started again on its data.
 type ControlPlane struct {
+	name       string // the replica's (clustered runs)
 	bin, dir   string
 	http, mqtt string
 	args       []string

@@ -6,7 +6,8 @@ import (
 	"fmt"
 	"path/filepath"
 
-	_ "github.com/mattn/go-sqlite3" // the control plane's database, read only
+	_ "github.com/jackc/pgx/v5/stdlib" // or PostgreSQL's (clustered runs)
+	_ "github.com/mattn/go-sqlite3"    // the control plane's database, read only
 )
 
 // GapReport says whether every message the drones sent (and so, with
@@ -20,20 +21,24 @@ type GapReport struct {
 	Dropped        int64 `json:"dropped"`         // samples the agents reported dropping (outbox full)
 }
 
-// gaps reads the control plane's SQLite file (read only, beside the
-// running control plane) and looks for holes in each device boot's
+// gaps reads the control plane's database (its SQLite file read only,
+// beside the running control plane, or the run's PostgreSQL database) and looks for holes in each device boot's
 // sequence numbers: batches and events share one counter from 1.
 func (r *runner) gaps(ctx context.Context) (*GapReport, error) {
 	if r.cp == nil {
 		return nil, fmt.Errorf("needs the control plane this run starts")
 	}
-	db, err := sql.Open("sqlite3", "file:"+filepath.Join(r.cp.dir, "hangar.db")+"?mode=ro&_busy_timeout=10000")
+	driver, dsn := "sqlite3", "file:"+filepath.Join(r.cp.dir, "hangar.db")+"?mode=ro&_busy_timeout=10000"
+	if r.cluster != nil && r.cluster.pgURL != "" {
+		driver, dsn = "pgx", r.cluster.pgURL
+	}
+	db, err := sql.Open(driver, dsn)
 	if err != nil {
 		return nil, err
 	}
 	defer db.Close()
 	rows, err := db.QueryContext(ctx, `SELECT dev, boot, count(*), max(seq) FROM (
-			SELECT dev, boot, seq FROM telemetry UNION SELECT dev, boot, seq FROM inbox UNION SELECT dev, boot, seq FROM events)
+			SELECT dev, boot, seq FROM telemetry UNION SELECT dev, boot, seq FROM inbox UNION SELECT dev, boot, seq FROM events) AS s
 		GROUP BY dev, boot`)
 	if err != nil {
 		return nil, fmt.Errorf("gaps: %w", err)

@@ -127,6 +127,12 @@ type Figures struct {
 	// PeakConnectRate: most connections the broker accepted in one second
 	// while drones reconnected after a restart.
 	PeakConnectRate int `json:"peak_connect_rate,omitempty"`
+	// LeaderFailovers: for each kill of the scheduler's leader (several
+	// replicas), seconds until another replica led.
+	LeaderFailovers []float64 `json:"leader_failovers_s,omitempty"`
+	// BrokerNodeReconnects: for each broker node killed, seconds until
+	// every drone was connected again.
+	BrokerNodeReconnects []float64 `json:"broker_node_reconnects_s,omitempty"`
 }
 
 // Write writes report.json and report.html into dir.
@@ -265,6 +271,8 @@ th, td { text-align: left; padding: .25rem .6rem; border-bottom: 1px solid #e4e7
 <tr><td>simulator RSS</td><td>{{.RSS}} ({{.PerDrone}} per drone; peak {{.Peak}})</td></tr>
 <tr><td>power cuts</td><td>{{.R.Figures.PowerCuts}}</td></tr>
 <tr><td>control plane killed</td><td>{{.R.Figures.ControlPlaneKills}} times</td></tr>
+{{if .R.Figures.LeaderFailovers}}<tr><td>leader failovers</td><td>{{range .R.Figures.LeaderFailovers}}{{printf "%.2f" .}} s {{end}}</td></tr>{{end}}
+{{if .R.Figures.BrokerNodeReconnects}}<tr><td>every drone back after a broker node died</td><td>{{range .R.Figures.BrokerNodeReconnects}}{{printf "%.2f" .}} s {{end}}</td></tr>{{end}}
 <tr><td>reconnect after each restart</td><td>{{.R.Figures.Reconnects}} s (at most {{.R.Figures.PeakConnectRate}} connections in a second)</td></tr>
 <tr><td>connections cut or refused</td><td>{{.R.Figures.LinkCuts}}</td></tr>
 {{with .R.Gaps}}<tr><td>messages stored</td><td>{{.Messages}} from {{.Devices}} devices; missing {{.Missing}} ({{.DevicesMissing}} devices); samples dropped by full outboxes {{.Dropped}}</td></tr>{{end}}

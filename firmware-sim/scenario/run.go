@@ -50,7 +50,10 @@ type Options struct {
 	// WorkDir holds keys, artifacts, the control plane's data and the
 	// drones' state (default: a temporary directory, removed after).
 	WorkDir string
-	Logger  *slog.Logger
+	// NATSServer is the nats-server binary for a scenario on NATS
+	// (default: next to hangar, then PATH).
+	NATSServer string
+	Logger     *slog.Logger
 	// Progress gets a line per step and transition.
 	Progress io.Writer
 }
@@ -95,10 +98,12 @@ type runner struct {
 
 	s       Scenario
 	o       Options
-	cp      *ControlPlane // nil with Options.Server
-	url     string        // the control plane, for operator actions
-	tok     string        // admin token file
-	rssLast int64         // the simulator's RSS at the last sample
+	cp      *ControlPlane // nil with Options.Server; the first replica
+	cps     []*ControlPlane
+	cluster *cluster // the PostgreSQL server, the NATS cluster, the balancer
+	url     string   // the control plane, for operator actions
+	tok     string   // admin token file
+	rssLast int64    // the simulator's RSS at the last sample
 
 	droneURL             string     // where the drones reach it
 	enroll               string     // the fleet enrollment token
@@ -133,9 +138,10 @@ func (r *runner) progress(format string, args ...any) {
 func (r *runner) run(ctx context.Context) error {
 	// Whatever setUp got to start is stopped, also when it fails halfway.
 	defer func() {
-		if r.cp != nil {
-			r.cp.Stop()
+		for _, cp := range r.cps {
+			cp.Stop()
 		}
+		r.cluster.stop()
 		for _, p := range []*linkProxy{r.mqttProxy, r.httpProxy} {
 			if p != nil {
 				p.Close()
@@ -193,7 +199,7 @@ func (r *runner) run(ctx context.Context) error {
 }
 
 func (r *runner) setUp(ctx context.Context) error {
-	fl := r.s.Fleet
+	// (the fleet is made by setUpFleet)
 	if r.o.Server != "" {
 		server := r.o.Server
 		if !strings.Contains(server, "://") {
@@ -216,40 +222,65 @@ func (r *runner) setUp(ctx context.Context) error {
 				return err
 			}
 		}
-		cp, err := NewControlPlane(bin, filepath.Join(r.o.WorkDir, "controlplane"), append([]string{"--root-key", r.rootPub}, r.s.ControlPlane.Args...)...)
-		if err != nil {
-			return err
-		}
-		// With link faults in the timeline, the drones reach it through
-		// link proxies (the faults are injected there; the broker address
-		// handed out at enrollment is the proxy's). Without, directly: a
-		// proxied connection costs the simulator two more descriptors.
-		r.droneURL = cp.URL()
-		if r.s.linkFaults() {
-			if r.mqttProxy, err = newLinkProxy(cp.mqtt, fl.Seed); err != nil {
+		args := append([]string{"--root-key", r.rootPub}, r.s.ControlPlane.Args...)
+		var err error
+		if r.s.clustered() {
+			if r.s.linkFaults() {
+				return errors.New("link faults are not rehearsed with a clustered control plane")
+			}
+			if enroll, err = r.setUpCluster(ctx, bin, args); err != nil {
 				return err
 			}
-			if r.httpProxy, err = newLinkProxy(cp.http, fl.Seed+1); err != nil {
-				return err
-			}
-			cp.args = append(cp.args, "--mqtt-advertise", "tcp://"+r.mqttProxy.Addr())
-			r.droneURL = "http://" + r.httpProxy.Addr()
-		}
-		r.cp = cp
-		if err := cp.Start(ctx); err != nil {
+		} else if enroll, err = r.setUpOne(ctx, bin, args); err != nil {
 			return err
 		}
-		r.url, r.tok = cp.URL(), filepath.Join(cp.dir, "admin.token")
-		b, err := os.ReadFile(filepath.Join(cp.dir, "enroll.token"))
-		if err != nil {
-			return err
-		}
-		enroll = strings.TrimSpace(string(b))
-		r.progress("control plane %s (data %s)", r.url, cp.dir)
 	} else if b, err := os.ReadFile(enroll); err == nil {
 		enroll = strings.TrimSpace(string(b))
 	}
 	r.enroll = enroll
+	return r.setUpFleet(ctx)
+}
+
+// setUpOne starts the control plane as one child process and returns the
+// fleet's enrollment token.
+func (r *runner) setUpOne(ctx context.Context, bin string, args []string) (string, error) {
+	fl := r.s.Fleet
+	cp, err := NewControlPlane(bin, filepath.Join(r.o.WorkDir, "controlplane"), args...)
+	if err != nil {
+		return "", err
+	}
+	r.cps = []*ControlPlane{cp}
+	// With link faults in the timeline, the drones reach it through
+	// link proxies (the faults are injected there; the broker address
+	// handed out at enrollment is the proxy's). Without, directly: a
+	// proxied connection costs the simulator two more descriptors.
+	r.droneURL = cp.URL()
+	if r.s.linkFaults() {
+		if r.mqttProxy, err = newLinkProxy(cp.mqtt, fl.Seed); err != nil {
+			return "", err
+		}
+		if r.httpProxy, err = newLinkProxy(cp.http, fl.Seed+1); err != nil {
+			return "", err
+		}
+		cp.args = append(cp.args, "--mqtt-advertise", "tcp://"+r.mqttProxy.Addr())
+		r.droneURL = "http://" + r.httpProxy.Addr()
+	}
+	r.cp = cp
+	if err := cp.Start(ctx); err != nil {
+		return "", err
+	}
+	r.url, r.tok = cp.URL(), filepath.Join(cp.dir, "admin.token")
+	b, err := os.ReadFile(filepath.Join(cp.dir, "enroll.token"))
+	if err != nil {
+		return "", err
+	}
+	r.progress("control plane %s (data %s)", r.url, cp.dir)
+	return strings.TrimSpace(string(b)), nil
+}
+
+// setUpFleet makes the simulated fleet and imports its inventory.
+func (r *runner) setUpFleet(ctx context.Context) error {
+	fl := r.s.Fleet
 	pemRoot, err := os.ReadFile(r.rootPub)
 	if err != nil {
 		return err
@@ -264,7 +295,7 @@ func (r *runner) setUp(ctx context.Context) error {
 		hw = append(hw, sim.Weighted{Value: k, Weight: fl.Hardware[k]})
 	}
 	r.fleet, err = sim.NewFleet(sim.FleetOptions{
-		ServerURL: r.droneURL, EnrollToken: enroll, Devices: fl.Devices, Prefix: "drone-",
+		ServerURL: r.droneURL, EnrollToken: r.enroll, Devices: fl.Devices, Prefix: "drone-",
 		StateRoot: filepath.Join(r.o.WorkDir, "drones"), Hardware: hw, Version: fl.Version, Versions: versionMix(fl.Versions),
 		FactorySize: r.factorySize(), CorruptBase: fl.CorruptBase,
 		SampleInterval: time.Duration(fl.SampleInterval), BatchSize: fl.BatchSize, HeartbeatInterval: 5 * time.Second,

@@ -25,6 +25,17 @@ type Scenario struct {
 	ControlPlane struct {
 		// Args are more `hangar serve` flags, e.g. [--connect-rate, "500"].
 		Args []string `yaml:"args" json:"args,omitempty"`
+		// Replicas runs this many control planes behind a load balancer
+		// (default 1); more than one needs store postgres and broker nats.
+		// kill_control_plane and restart_control_plane then act on the
+		// scheduler's leader.
+		Replicas int `yaml:"replicas" json:"replicas,omitempty"`
+		// Store: sqlite (default) or postgres (a private PostgreSQL
+		// server the run starts).
+		Store string `yaml:"store" json:"store,omitempty"`
+		// Broker: embedded (default) or nats (a three-node NATS cluster
+		// the run starts: the drones connect to any node).
+		Broker string `yaml:"broker" json:"broker,omitempty"`
 	} `yaml:"control_plane" json:"control_plane"`
 	Builds   []Build       `yaml:"builds" json:"builds"`
 	Timeline []Step        `yaml:"timeline" json:"timeline"`
@@ -139,6 +150,11 @@ type Step struct {
 	// every connection) and starts it again after Down; the run waits
 	// until every drone is connected again and records how long it took.
 	RestartControlPlane *Kill `yaml:"restart_control_plane" json:"restart_control_plane,omitempty"`
+	// KillBrokerNode kills a node of the NATS cluster (control_plane.broker:
+	// nats) with SIGKILL, waits until every drone is connected again
+	// (through the other nodes; the time is recorded) and starts the node
+	// again after Down.
+	KillBrokerNode *Kill `yaml:"kill_broker_node" json:"kill_broker_node,omitempty"`
 	// LinkLoss cuts Percent of the drones' connections (MQTT and
 	// downloads) every Flap, and refuses that share of new ones, For long.
 	LinkLoss *LinkLoss `yaml:"link_loss" json:"link_loss,omitempty"`
@@ -412,6 +428,9 @@ func (s Scenario) Validate() error {
 	}
 	if c := s.Fleet.MQTTClient; c != "" && c != "paho" && c != "lite" {
 		errs = append(errs, fmt.Errorf("fleet.mqtt_client %q: paho or lite", c))
+	}
+	if err := s.checkControlPlane(); err != nil {
+		errs = append(errs, err)
 	}
 	builds := map[string]bool{}
 	for _, b := range s.Builds {

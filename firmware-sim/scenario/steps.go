@@ -48,6 +48,7 @@ func (st *Step) actions() []action {
 	add(st.Offline != nil, powerAction{st.Offline, true})
 	add(st.KillControlPlane != nil, killAction{st.KillControlPlane})
 	add(st.RestartControlPlane != nil, restartAction{st.RestartControlPlane})
+	add(st.KillBrokerNode != nil, brokerNodeAction{st.KillBrokerNode})
 	add(st.LinkLoss != nil, linkLossAction{st.LinkLoss})
 	add(st.SlowLink != nil, slowLinkAction{st.SlowLink})
 	add(st.ClockSkew != nil, clockSkewAction{st.ClockSkew})
@@ -272,18 +273,36 @@ func (a killAction) run(ctx context.Context, r *runner, rng *rand.Rand) (string,
 	if r.cp == nil {
 		return what, errors.New("the control plane was not started by this run (--server)")
 	}
-	r.cp.Kill()
-	if !sleepCtx(ctx, time.Duration(a.Kill.Down)) {
+	cp, err := r.target(ctx)
+	if err != nil {
+		return what, err
+	}
+	killed := time.Now()
+	cp.Kill()
+	var failover string
+	if len(r.cps) > 1 {
+		// Another replica takes the scheduler over by itself.
+		what = fmt.Sprintf("kill -9 the scheduler's leader (%s), restart it after %v", cp.name, time.Duration(a.Kill.Down))
+		took, err := r.awaitSuccessor(ctx, cp, killed)
+		if err != nil {
+			return what, err
+		}
+		r.mu.Lock()
+		r.rep.Figures.LeaderFailovers = append(r.rep.Figures.LeaderFailovers, took.Seconds())
+		r.mu.Unlock()
+		failover = fmt.Sprintf(", another replica leading %d ms after the kill", took.Milliseconds())
+	}
+	if !sleepCtx(ctx, time.Duration(a.Kill.Down)-time.Since(killed)) {
 		return what, ctx.Err()
 	}
 	t := time.Now()
-	if err := r.cp.Start(ctx); err != nil {
+	if err := cp.Start(ctx); err != nil {
 		return what, err
 	}
 	r.mu.Lock()
 	r.rep.Figures.ControlPlaneKills++
 	r.mu.Unlock()
-	return what + fmt.Sprintf(" (answering again %d ms after its start)", time.Since(t).Milliseconds()), nil
+	return what + fmt.Sprintf(" (answering again %d ms after its start%s)", time.Since(t).Milliseconds(), failover), nil
 }
 
 type restartAction struct {
@@ -309,6 +328,9 @@ func (a restartAction) run(ctx context.Context, r *runner, rng *rand.Rand) (stri
 	what := fmt.Sprintf("restart the control plane and its broker (down %v)", time.Duration(a.Kill.Down))
 	if r.cp == nil {
 		return what, errors.New("the control plane was not started by this run (--server)")
+	}
+	if len(r.cps) > 1 {
+		return what, errors.New("restart_control_plane restarts the embedded broker: not with replicas (kill_control_plane, kill_broker_node)")
 	}
 	r.cp.Stop()
 	if !sleepCtx(ctx, time.Duration(a.Kill.Down)) {
