@@ -80,8 +80,15 @@ func (a *API) requireDeviceOrViewer(next echo.HandlerFunc) echo.HandlerFunc {
 		}
 		if user, pass, ok := c.Request().BasicAuth(); ok {
 			if proto.ValidateDeviceID(user) == nil {
-				if h, err := a.rel.Store.Credential(c.Request().Context(), user); err == nil && broker.CheckPassword(h, pass) && !a.certsOnly(c.Request().Context()) {
+				h, err := a.rel.Store.Credential(c.Request().Context(), user)
+				if err == nil && broker.CheckPassword(h, pass) && !a.certsOnly(c.Request().Context()) {
 					return next(c)
+				}
+				if err != nil && !errors.Is(err, store.ErrNotFound) && !errors.Is(err, store.ErrRevoked) {
+					// The store is out of reach (this replica cut off from
+					// its database): the device tries again, here or
+					// through another replica.
+					return echo.NewHTTPError(http.StatusServiceUnavailable, "store unavailable")
 				}
 			}
 			c.Response().Header().Set("WWW-Authenticate", `Basic realm="hangar"`)

@@ -18,6 +18,7 @@ import (
 
 	"github.com/hangarfleet/hangar/controlplane/metrics"
 	"github.com/hangarfleet/hangar/controlplane/store"
+	"github.com/hangarfleet/hangar/controlplane/throttle"
 	"github.com/hangarfleet/hangar/proto"
 )
 
@@ -50,7 +51,7 @@ type NATS struct {
 	nc      *nats.Conn
 	cc      jetstream.ConsumeContext
 	authSub *nats.Subscription
-	authSem chan struct{}
+	authQ   chan *nats.Msg
 	closed  atomic.Bool
 	ctx     context.Context
 	cancel  context.CancelFunc
@@ -96,7 +97,19 @@ type NATSOptions struct {
 	Logger  *slog.Logger
 	// Now is the clock of the authorizations (default time.Now).
 	Now func() time.Time
+	// FailedAuthSource and FailedAuthDevice count failed authentications
+	// per source address and per device id; past them a CONNECT is
+	// refused unchecked (nil: no limit), as on the embedded broker.
+	FailedAuthSource, FailedAuthDevice *throttle.Limiter
 }
+
+// natsAuthWorkers answer callouts at once; natsAuthQueue wait beyond them,
+// and past that a CONNECT is refused at once ("busy": the device tries
+// again) rather than left to time out.
+const (
+	natsAuthWorkers = 8
+	natsAuthQueue   = 4096
+)
 
 // NewNATS connects to the cluster.
 func NewNATS(opts NATSOptions) (*NATS, error) {
@@ -125,7 +138,7 @@ func NewNATS(opts NATSOptions) (*NATS, error) {
 	if pub, _ := kp.PublicKey(); !nkeys.IsValidPublicAccountKey(pub) {
 		return nil, errors.New("nats: the auth callout seed must be an account seed (SA...)")
 	}
-	n := &NATS{opts: opts, log: opts.Logger.With("component", "broker", "broker", "nats"), issuer: kp, authSem: make(chan struct{}, 8)}
+	n := &NATS{opts: opts, log: opts.Logger.With("component", "broker", "broker", "nats"), issuer: kp, authQ: make(chan *nats.Msg, natsAuthQueue)}
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	n.nc, err = nats.Connect(opts.URL, nats.UserInfo(opts.User, opts.Password), nats.Name("hangar control plane"),
 		nats.MaxReconnects(-1), nats.ReconnectWait(250*time.Millisecond), nats.RetryOnFailedConnect(true),
@@ -144,6 +157,20 @@ func NewNATS(opts NATSOptions) (*NATS, error) {
 // Start answers the auth callout and consumes device messages into h.
 func (n *NATS) Start(ctx context.Context, h Handler) error {
 	var err error
+	for range natsAuthWorkers {
+		n.wg.Add(1)
+		go func() {
+			defer n.wg.Done()
+			for {
+				select {
+				case <-n.ctx.Done():
+					return
+				case m := <-n.authQ:
+					n.answer(m, false)
+				}
+			}
+		}()
+	}
 	// Every replica answers, one per request.
 	if n.authSub, err = n.nc.QueueSubscribe(natsAuthSubject, "hangar-auth", n.authorize); err != nil {
 		return fmt.Errorf("nats: auth callout: %w", err)
@@ -226,7 +253,13 @@ func (n *NATS) deliver(h Handler, m jetstream.Msg) {
 		_ = m.Term()
 		return
 	}
-	h(n.ctx, Message{Device: id, Kind: kind, Payload: m.Data(), Received: time.Now()}, func(err error) {
+	// Received when NATS stored it (a backlog redelivered later is not
+	// "seen now").
+	received := time.Now()
+	if md, err := m.Metadata(); err == nil && !md.Timestamp.IsZero() && md.Timestamp.Before(received) {
+		received = md.Timestamp
+	}
+	h(n.ctx, Message{Device: id, Kind: kind, Payload: m.Data(), Received: received}, func(err error) {
 		if err != nil {
 			// Stored nowhere: JetStream offers it again (to any replica).
 			_ = m.NakWithDelay(time.Second)
@@ -305,27 +338,39 @@ func (n *NATS) Close() error {
 // user allowed only its own topics, if its credential is good.
 func (n *NATS) authorize(m *nats.Msg) {
 	select {
-	case n.authSem <- struct{}{}:
+	case n.authQ <- m:
 	default:
-		// Busy: no answer; the server refuses this CONNECT after its
-		// timeout and the device tries again.
-		return
+		n.answer(m, true) // refused at once: busy
 	}
-	n.wg.Add(1)
-	go func() {
-		defer n.wg.Done()
-		defer func() { <-n.authSem }()
-		n.answer(m)
-	}()
 }
 
-func (n *NATS) answer(m *nats.Msg) {
+func (n *NATS) answer(m *nats.Msg, busy bool) {
 	req, err := jwt.DecodeAuthorizationRequestClaims(string(m.Data))
 	if err != nil {
 		n.log.Warn("auth callout: not a request from a server", "err", err)
 		return
 	}
-	id, reason := n.check(req)
+	var id, reason string
+	switch src, dev := req.ClientInformation.Host, req.ConnectOptions.Username; {
+	case busy:
+		id, reason = dev, "busy"
+	case n.opts.FailedAuthSource != nil && n.opts.FailedAuthSource.Spent(src):
+		id, reason = dev, "throttled_source"
+	case n.opts.FailedAuthDevice != nil && n.opts.FailedAuthDevice.Spent(dev):
+		id, reason = dev, "throttled_device"
+	default:
+		if id, reason = n.check(req); reason != "" {
+			// Counted, as on the embedded broker: a source that keeps
+			// failing, or a device id tried too often, is refused
+			// unchecked for a while.
+			if l := n.opts.FailedAuthSource; l != nil {
+				l.Allow(src)
+			}
+			if l := n.opts.FailedAuthDevice; l != nil && proto.ValidateDeviceID(dev) == nil {
+				l.Allow(dev)
+			}
+		}
+	}
 	resp := jwt.NewAuthorizationResponseClaims(req.UserNkey)
 	resp.Audience = req.Server.ID
 	if reason != "" {

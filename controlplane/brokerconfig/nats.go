@@ -27,6 +27,9 @@ type NATSCluster struct {
 	CalloutIssuer string
 	// MaxFileStore bounds JetStream's disk use per node (default 16GB).
 	MaxFileStore string
+	// RoutePassword, when set, is what the nodes authenticate their
+	// routes with: nothing else joins the cluster.
+	RoutePassword string
 }
 
 // NATSConfig is the configuration of node i: JetStream, the MQTT
@@ -36,8 +39,12 @@ type NATSCluster struct {
 func NATSConfig(c NATSCluster, i int) string {
 	n := c.Nodes[i]
 	var routes []string
+	cred := ""
+	if c.RoutePassword != "" {
+		cred = "route:" + c.RoutePassword + "@"
+	}
 	for _, o := range c.Nodes {
-		routes = append(routes, fmt.Sprintf("nats-route://%s:%d", o.Host, o.RoutePort))
+		routes = append(routes, fmt.Sprintf("nats-route://%s%s:%d", cred, o.Host, o.RoutePort))
 	}
 	store := c.MaxFileStore
 	if store == "" {
@@ -50,7 +57,11 @@ func NATSConfig(c NATSCluster, i int) string {
 		fmt.Fprintf(&b, "http: %s:%d\n", n.Host, n.HTTPPort)
 	}
 	fmt.Fprintf(&b, "jetstream { store_dir: %q, max_mem_store: 256MB, max_file_store: %s }\n", n.StoreDir, store)
-	fmt.Fprintf(&b, "cluster { name: hangar, listen: %s:%d, routes: [%s] }\n", n.Host, n.RoutePort, strings.Join(routes, ", "))
+	routeAuth := ""
+	if c.RoutePassword != "" {
+		routeAuth = fmt.Sprintf(", authorization { user: route, password: %q }", c.RoutePassword)
+	}
+	fmt.Fprintf(&b, "cluster { name: hangar, listen: %s:%d%s, routes: [%s] }\n", n.Host, n.RoutePort, routeAuth, strings.Join(routes, ", "))
 	// ack_wait: how long a command delivered to a device waits for its
 	// PUBACK before NATS sends it again.
 	fmt.Fprintf(&b, "mqtt { listen: %s:%d, stream_replicas: %d, ack_wait: \"30s\" }\n", n.Host, n.MQTTPort, min(3, len(c.Nodes)))

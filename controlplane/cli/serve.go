@@ -322,7 +322,7 @@ func runBrokerConfigNATS(g *globals, args []string) error {
 	seed, _ := akp.Seed()
 	pub, _ := akp.PublicKey()
 	pass := strings.TrimPrefix(api.NewSecret(""), "_")
-	c := brokerconfig.NATSCluster{User: *user, Password: pass, CalloutIssuer: pub}
+	c := brokerconfig.NATSCluster{User: *user, Password: pass, CalloutIssuer: pub, RoutePassword: strings.TrimPrefix(api.NewSecret(""), "_")}
 	for i, h := range hosts {
 		c.Nodes = append(c.Nodes, brokerconfig.NATSNode{Name: fmt.Sprintf("n%d", i+1), Host: h, ClientPort: *clientPort,
 			MQTTPort: *mqttPort, RoutePort: *routePort, HTTPPort: *httpPort, StoreDir: *storeDir})
@@ -343,7 +343,8 @@ func runBrokerConfigNATS(g *globals, args []string) error {
 	}
 	w := g.env.Stdout
 	fmt.Fprintf(w, "wrote %d node configurations, callout.seed and control.password to %s\n", len(c.Nodes), *out)
-	fmt.Fprintf(w, "on each node:  nats-server -c nats-NAME.conf\n")
+	fmt.Fprintf(w, "on each node:  nats-server -c nats-NAME.conf   (the files hold secrets: keep them 0600)\n")
+	fmt.Fprintf(w, "the routes authenticate with a password, but client, MQTT and route traffic is plain TCP: add tls blocks (docs/operations.md) off a private network\n")
 	fmt.Fprintf(w, "control plane: hangar serve --broker %s --broker-user %s \\\n    --broker-password-file %s --broker-callout-seed-file %s \\\n    --mqtt-advertise %s\n",
 		strings.Join(nats, ","), *user, filepath.Join(*out, "control.password"), filepath.Join(*out, "callout.seed"), strings.Join(mqtt, ","))
 	return nil

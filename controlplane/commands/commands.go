@@ -266,6 +266,9 @@ func (d *Dispatcher) resend(ctx context.Context, device string, sentBefore time.
 		return
 	}
 	for _, c := range cmds {
+		if ctx.Err() != nil {
+			return // no longer leading (or stopping): the next leader resends
+		}
 		d.Publish(ctx, c)
 	}
 }

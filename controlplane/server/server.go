@@ -264,7 +264,8 @@ func New(opts Options) (*Server, error) {
 		}
 		first, _, _ := strings.Cut(opts.MQTTAdvertise, ",")
 		x, err := broker.NewNATS(broker.NATSOptions{URL: opts.BrokerURL, User: opts.BrokerUser, Password: opts.BrokerPassword,
-			CalloutSeed: opts.BrokerCalloutSeed, Credentials: db, MQTTURL: first, Metrics: s.metrics, Logger: opts.Logger, Now: opts.Now})
+			CalloutSeed: opts.BrokerCalloutSeed, Credentials: db, MQTTURL: first, Metrics: s.metrics, Logger: opts.Logger, Now: opts.Now,
+			FailedAuthSource: limiter(opts.AuthFailRate), FailedAuthDevice: throttle.New(0.1, 10, 100_000)})
 		if err != nil {
 			return nil, err
 		}
@@ -668,6 +669,15 @@ func (s *Server) retention(ctx context.Context) {
 	t := time.NewTicker(time.Hour)
 	defer t.Stop()
 	for {
+		if !s.leadingNow() {
+			// One replica prunes for all.
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				continue
+			}
+		}
 		n, err := s.db.PruneTelemetry(ctx, time.Now().Add(-s.opts.Retention))
 		if err != nil && ctx.Err() == nil {
 			s.log.Error("telemetry retention failed", "err", err)

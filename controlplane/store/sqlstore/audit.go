@@ -68,7 +68,11 @@ func appendAudit(ctx context.Context, tx *Tx, a store.Audit) (int64, error) {
 	ts := ms(a.Time)
 	h := auditHash(prev, ts, a.Actor, a.Action, a.Target, a.Reason, string(attrs))
 	var id int64
-	err = tx.QueryRowContext(ctx, `INSERT INTO audit (ts, actor, action, target, reason, attrs, hash) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id`,
+	// The id is the last one plus one (the write lock makes it safe): a
+	// gap in the ids is a deleted entry, so none may come from a
+	// sequence that skips (PostgreSQL's, after a rollback or a crash).
+	err = tx.QueryRowContext(ctx, `INSERT INTO audit (id, ts, actor, action, target, reason, attrs, hash)
+		VALUES ((SELECT coalesce(max(id), 0) + 1 FROM audit), ?, ?, ?, ?, ?, ?, ?) RETURNING id`,
 		ts, a.Actor, a.Action, a.Target, a.Reason, string(attrs), h).Scan(&id)
 	if err != nil {
 		return 0, fmt.Errorf("audit %s: %w", a.Action, err)

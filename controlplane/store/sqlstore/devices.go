@@ -111,12 +111,17 @@ func (db *DB) Enroll(ctx context.Context, e store.Enrollment) (store.Device, err
 		}
 		opJSON, _ := json.Marshal(op)
 		// A new key replaces every credential the device had: the old
-		// password and certificates stop working at once.
+		// password and certificates stop working at once. It is a new
+		// device as far as its numbers go (replaced hardware, a wiped
+		// state directory: its boot epochs start again from its clock),
+		// so its reports start a new history, as a reinstated device's.
 		_, err = tx.ExecContext(ctx, `UPDATE devices SET reported_labels = ?, labels = ?, cred_hash = ?, enrolled_at = ?, rekey_until = NULL,
+			boot = CASE WHEN enrolled_at IS NOT NULL THEN 0 ELSE boot END, conn = CASE WHEN enrolled_at IS NOT NULL THEN 0 ELSE conn END,
+			reinstated = CASE WHEN enrolled_at IS NOT NULL THEN ? ELSE reinstated END,
 			hardware = CASE WHEN ? != '' THEN ? ELSE hardware END,
 			cert_serial = nullif(?, ''), cert_prev = NULL, cert_not_after = ?, cert_key = nullif(?, ''), auth = ?,
 			pending_key = NULL, pending_at = NULL, pending_remote = '', approved = 0 WHERE id = ?`,
-			string(labels), string(opJSON), e.CredHash, ms(e.Now), e.Hardware, e.Hardware, e.CertSerial, certNotAfter, certKeyOf(e), auth, e.ID)
+			string(labels), string(opJSON), e.CredHash, ms(e.Now), ms(e.Now), e.Hardware, e.Hardware, e.CertSerial, certNotAfter, certKeyOf(e), auth, e.ID)
 	}
 	if err == nil && e.CertSerial != "" {
 		_, err = tx.ExecContext(ctx, `INSERT INTO certs (serial, dev, issued, not_after) VALUES (?, ?, ?, ?)`, e.CertSerial, e.ID, ms(e.Now), certNotAfter)
@@ -173,6 +178,9 @@ func (db *DB) SetLabels(ctx context.Context, changes []store.LabelChange) error 
 		return fmt.Errorf("set labels: %w", err)
 	}
 	defer tx.Rollback()
+	if err := db.lockByID(ctx, tx, changes); err != nil {
+		return fmt.Errorf("set labels: %w", err)
+	}
 	for _, c := range changes {
 		var cur string
 		err := tx.QueryRowContext(ctx, `SELECT labels FROM devices WHERE id = ?`, c.Device).Scan(&cur)
@@ -194,6 +202,24 @@ func (db *DB) SetLabels(ctx context.Context, changes []store.LabelChange) error 
 		return fmt.Errorf("set labels: %w", err)
 	}
 	return nil
+}
+
+// lockByID locks the device rows of changes in row order, the order
+// ingest locks them in (PostgreSQL), so that a bulk change and ingest
+// wait for each other instead of deadlocking.
+func (db *DB) lockByID(ctx context.Context, tx *Tx, changes []store.LabelChange) error {
+	if db.d != postgresDialect || len(changes) == 0 {
+		return nil
+	}
+	ids := make([]string, len(changes))
+	for i, c := range changes {
+		ids[i] = c.Device
+	}
+	rows, err := tx.QueryContext(ctx, `SELECT num FROM devices WHERE id = ANY(?) ORDER BY num FOR UPDATE`, ids)
+	if err != nil {
+		return err
+	}
+	return rows.Close()
 }
 
 // applyLabels applies a label change to stored labels and checks the
@@ -220,6 +246,9 @@ func (db *DB) Import(ctx context.Context, devices []store.LabelChange, now time.
 		return 0, fmt.Errorf("import: %w", err)
 	}
 	defer tx.Rollback()
+	if err := db.lockByID(ctx, tx, devices); err != nil {
+		return 0, fmt.Errorf("import: %w", err)
+	}
 	for _, c := range devices {
 		var cur string
 		switch err := tx.QueryRowContext(ctx, `SELECT labels FROM devices WHERE id = ?`, c.Device).Scan(&cur); {
@@ -498,8 +527,8 @@ func (db *DB) Devices(ctx context.Context, f store.DeviceFilter) ([]store.Device
 		q += fmt.Sprintf(` LIMIT %d`, f.Limit)
 	}
 	if f.Offset > 0 {
-		if f.Limit <= 0 {
-			q += ` LIMIT -1`
+		if f.Limit <= 0 && db.d == sqliteDialect {
+			q += ` LIMIT -1` // SQLite needs a LIMIT before OFFSET
 		}
 		q += fmt.Sprintf(` OFFSET %d`, f.Offset)
 	}

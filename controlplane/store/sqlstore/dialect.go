@@ -6,6 +6,7 @@ import (
 	"errors"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/mattn/go-sqlite3"
@@ -35,7 +36,12 @@ func (d dialect) String() string {
 }
 
 // rebinds caches the PostgreSQL form of each query.
-var rebinds sync.Map // string -> string
+var (
+	rebinds     sync.Map // string -> string
+	rebindCount atomic.Int64
+)
+
+const maxRebinds = 4096
 
 // rebind returns q in the dialect's form.
 func (d dialect) rebind(q string) string {
@@ -46,7 +52,11 @@ func (d dialect) rebind(q string) string {
 		return v.(string)
 	}
 	out := toPostgres(q)
-	rebinds.Store(q, out)
+	// The store's queries are a few hundred; a bound keeps a caller that
+	// builds many (none should) from growing the cache.
+	if rebindCount.Add(1) <= maxRebinds {
+		rebinds.Store(q, out)
+	}
 	return out
 }
 
@@ -220,6 +230,19 @@ func (h handle) unlocked() handle { h.lock = false; return h }
 type Tx struct {
 	*sql.Tx
 	d dialect
+	// beforeCommit runs last in the transaction; its error rolls it back.
+	beforeCommit func() error
+}
+
+// Commit runs beforeCommit, then commits.
+func (t *Tx) Commit() error {
+	if t.beforeCommit != nil {
+		if err := t.beforeCommit(); err != nil {
+			t.Tx.Rollback()
+			return err
+		}
+	}
+	return t.Tx.Commit()
 }
 
 func (t *Tx) ExecContext(ctx context.Context, q string, args ...any) (sql.Result, error) {

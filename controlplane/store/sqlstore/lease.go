@@ -108,13 +108,18 @@ func (db *DB) begin(ctx context.Context) (*Tx, error) {
 	if err != nil {
 		return nil, err
 	}
-	if f, ok := store.FenceFrom(ctx); ok {
-		if err := db.checkFence(ctx, tx, f); err != nil {
-			tx.Rollback()
-			return nil, err
-		}
-	}
+	db.fence(ctx, tx)
 	return tx, nil
+}
+
+// fence makes tx check, last before it commits, that the lease ctx
+// writes under (if any) still holds: a takeover either is seen by the
+// check or waits for the commit, and the lease row is locked only for
+// that last moment (a long write does not hold up the renewal).
+func (db *DB) fence(ctx context.Context, tx *Tx) {
+	if f, ok := store.FenceFrom(ctx); ok {
+		tx.beforeCommit = func() error { return db.checkFence(ctx, tx, f) }
+	}
 }
 
 func (db *DB) checkFence(ctx context.Context, tx *Tx, f store.Lease) error {

@@ -161,12 +161,7 @@ func (db *DB) ApplyRollout(ctx context.Context, c store.RolloutChange) error {
 			return fmt.Errorf("apply rollout: %w", err)
 		}
 		tx = &Tx{Tx: raw, d: db.d}
-		if f, ok := store.FenceFrom(ctx); ok {
-			if err := db.checkFence(ctx, tx, f); err != nil {
-				tx.Rollback()
-				return err
-			}
-		}
+		db.fence(ctx, tx)
 	} else {
 		// PostgreSQL commits are durable (synchronous_commit on).
 		var err error
