@@ -87,7 +87,7 @@ func (a *Agent) setupUpdater() error {
 		Dir: filepath.Join(stateDir, "staging"), Clock: a.clk, HTTP: &dl, BaseURL: a.opts.ServerURL,
 		Auth: a.authorize, Installers: installers, Report: a.reportUpdate, Conditions: a.conditions,
 		Policy: uo.Policy, NoDelta: uo.NoDelta, SelfTest: a.selfTest, TrialDeadline: uo.TrialDeadline, TrialSoak: uo.TrialSoak, MaxTrialBoots: uo.MaxTrialBoots,
-		Logger: a.opts.Logger,
+		Logger: a.opts.Logger.With("device", a.opts.DeviceID),
 	})
 	if err != nil {
 		return err
