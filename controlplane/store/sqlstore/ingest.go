@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -53,6 +54,9 @@ func (db *DB) WriteIngest(ctx context.Context, items []store.IngestItem) (store.
 		if err := w.apply(ctx, &items[i], &res); err != nil {
 			return store.IngestResult{}, fmt.Errorf("ingest %s: %w", items[i].Device, err)
 		}
+	}
+	if err := w.insertBatches(ctx, &res); err != nil {
+		return store.IngestResult{}, fmt.Errorf("ingest: %w", err)
 	}
 	db.seenMu.Lock()
 	defer db.seenMu.Unlock()
@@ -213,6 +217,8 @@ type ingestTx struct {
 	seen map[string]*devSeen
 	// locked are the device rows locked for this transaction (PostgreSQL).
 	locked map[int64]bool
+	// batches wait to be inserted together (PostgreSQL).
+	batches []pendingBatch
 	// statements prepared once on the writer connection, bound to tx
 	sample, event *sql.Stmt
 }
@@ -409,6 +415,13 @@ func (w *ingestTx) applyBatch(ctx context.Context, num int64, it *store.IngestIt
 			seen.sample, seen.sampleTS = s, ts
 		}
 	}
+	if w.db.d == postgresDialect {
+		// Written with the group's other batches, many rows a statement:
+		// a statement is a round trip to the server.
+		w.batches = append(w.batches, pendingBatch{num: num, boot: b.Boot, seq: b.Seq, first: first, last: last,
+			samples: len(b.Samples), body: body, dropped: b.Dropped, seen: seen})
+		return nil
+	}
 	r, err := w.stmt(ctx, &w.sample, w.db.sampleStmt).ExecContext(ctx, num, first, b.Boot, b.Seq, last, len(b.Samples), body)
 	if err != nil {
 		return err
@@ -421,6 +434,68 @@ func (w *ingestTx) applyBatch(ctx context.Context, num int64, it *store.IngestIt
 	}
 	seen.dropped += b.Dropped
 	res.Samples += len(b.Samples)
+	return nil
+}
+
+// pendingBatch is a telemetry batch of a group, not inserted yet.
+type pendingBatch struct {
+	num, first, last int64
+	boot, seq        uint64
+	samples          int
+	body             []byte
+	dropped          uint64
+	seen             *devSeen
+}
+
+// batchRows is how many batches one INSERT carries (7 parameters each,
+// far below PostgreSQL's 65,535).
+const batchRows = 500
+
+// insertBatches inserts the group's batches, batchRows a statement, and
+// counts those already stored (the key drops them; RETURNING names the
+// rows that went in).
+func (w *ingestTx) insertBatches(ctx context.Context, res *store.IngestResult) error {
+	type key struct {
+		num       int64
+		boot, seq uint64
+	}
+	for len(w.batches) > 0 {
+		chunk := w.batches[:min(batchRows, len(w.batches))]
+		w.batches = w.batches[len(chunk):]
+		q := `INSERT INTO telemetry (dev, ts, boot, seq, last_ts, samples, body) VALUES ` +
+			strings.TrimSuffix(strings.Repeat(`(?, ?, ?, ?, ?, ?, ?),`, len(chunk)), `,`) +
+			` ON CONFLICT DO NOTHING RETURNING dev, boot, seq`
+		args := make([]any, 0, 7*len(chunk))
+		for _, b := range chunk {
+			args = append(args, b.num, b.first, b.boot, b.seq, b.last, b.samples, b.body)
+		}
+		rows, err := w.tx.QueryContext(ctx, q, args...)
+		if err != nil {
+			return err
+		}
+		in := map[key]bool{}
+		for rows.Next() {
+			var k key
+			if err := rows.Scan(&k.num, &k.boot, &k.seq); err != nil {
+				rows.Close()
+				return err
+			}
+			in[k] = true
+		}
+		if err := rows.Close(); err != nil {
+			return err
+		}
+		for _, b := range chunk {
+			k := key{b.num, b.boot, b.seq}
+			if !in[k] {
+				res.Duplicates++ // stored before, or twice in this group
+				continue
+			}
+			delete(in, k)
+			b.seen.dropped += b.dropped
+			res.Samples += b.samples
+		}
+	}
 	return nil
 }
 
