@@ -8,8 +8,8 @@ import (
 	"os"
 	"testing"
 
-	"github.com/hangarfleet/hangar/internal/mosquitto"
 	"github.com/hangarfleet/hangar/internal/freeport"
+	"github.com/hangarfleet/hangar/internal/mosquitto"
 )
 
 // Names of the account and role the broker is created with.
