@@ -554,9 +554,6 @@ func (s *Server) Leading() bool {
 	return ok
 }
 
-// leadingNow is for the periodic chores one replica does for all.
-func (s *Server) leadingNow() bool { return s.Leading() }
-
 // deliveryGauges keeps the delivery metrics' gauges current.
 func (s *Server) deliveryGauges(ctx context.Context, every time.Duration) {
 	t := time.NewTicker(every)
@@ -618,7 +615,7 @@ func (s *Server) history(ctx context.Context) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for n := 0; ; n++ {
-		if !s.leadingNow() {
+		if !s.Leading() {
 			// One replica keeps the history for all.
 			select {
 			case <-ctx.Done():
@@ -669,7 +666,7 @@ func (s *Server) retention(ctx context.Context) {
 	t := time.NewTicker(time.Hour)
 	defer t.Stop()
 	for {
-		if !s.leadingNow() {
+		if !s.Leading() {
 			// One replica prunes for all.
 			select {
 			case <-ctx.Done():
