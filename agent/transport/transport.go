@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"strings"
 	"time"
 )
 
@@ -54,3 +55,21 @@ type Token interface {
 // ErrNotAuthorized is returned by Connect when the broker refuses the
 // credential: the agent then enrolls again.
 var ErrNotAuthorized = errors.New("broker refused the credential")
+
+// BrokerURLs splits ConnectParams.URL, which may list a broker cluster's
+// nodes (comma-separated), and rotates the list to start at a random one
+// (pick(n) in [0, n)): a fleet spreads over the nodes, and a connection
+// tries the next when one is down.
+func BrokerURLs(list string, pick func(int) int) []string {
+	var urls []string
+	for _, u := range strings.Split(list, ",") {
+		if u = strings.TrimSpace(u); u != "" {
+			urls = append(urls, u)
+		}
+	}
+	if len(urls) < 2 {
+		return urls
+	}
+	i := pick(len(urls))
+	return append(urls[i:], urls[:i]...)
+}

@@ -442,3 +442,43 @@ func TestConnectHonoursContext(t *testing.T) {
 		}
 	})
 }
+
+// A broker URL may list a cluster's nodes: a connection gets through while
+// one is down, whichever it tries first; with none up it fails.
+func TestBrokerList(t *testing.T) {
+	forEach(t, func(t *testing.T, tr transport.Transport) {
+		url := startBroker(t)
+		for range 4 { // the start is random: both orders come up
+			c, err := tr.Connect(context.Background(), params("tcp://127.0.0.1:1,"+url, "dev-1"))
+			if err != nil {
+				t.Fatalf("a list with one node down: %v", err)
+			}
+			c.Close()
+		}
+		if _, err := tr.Connect(context.Background(), params("tcp://127.0.0.1:1, tcp://127.0.0.1:2", "dev-1")); err == nil {
+			t.Fatal("connected with every node down")
+		}
+	})
+}
+
+func TestBrokerURLs(t *testing.T) {
+	list := "tcp://a:1883, tcp://b:1883,tcp://c:1883,"
+	for start, want := range [][]string{
+		{"tcp://a:1883", "tcp://b:1883", "tcp://c:1883"},
+		{"tcp://b:1883", "tcp://c:1883", "tcp://a:1883"},
+		{"tcp://c:1883", "tcp://a:1883", "tcp://b:1883"},
+	} {
+		got := transport.BrokerURLs(list, func(n int) int {
+			if n != 3 {
+				t.Fatalf("picked among %d", n)
+			}
+			return start
+		})
+		if !slices.Equal(got, want) {
+			t.Errorf("start %d: %v, want %v", start, got, want)
+		}
+	}
+	if got := transport.BrokerURLs("tls://one:8883", nil); !slices.Equal(got, []string{"tls://one:8883"}) {
+		t.Errorf("one broker: %v", got)
+	}
+}

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
-	"strings"
 	"sync"
 	"time"
 
@@ -59,7 +58,7 @@ func (t *Transport) Connect(ctx context.Context, p transport.ConnectParams) (tra
 	// The URL may list a broker cluster's nodes: this connection tries
 	// them from a random one on, so that a fleet spreads over them and a
 	// dead node costs one failed dial.
-	for _, u := range brokerOrder(p.URL, rand.IntN) {
+	for _, u := range transport.BrokerURLs(p.URL, rand.IntN) {
 		o.AddBroker(u)
 	}
 	o.SetCustomOpenConnectionFn(t.openBounded)
@@ -93,22 +92,6 @@ func (t *Transport) Connect(ctx context.Context, p transport.ConnectParams) (tra
 		return nil, fmt.Errorf("connect %s: %w", p.URL, err)
 	}
 	return cn, nil
-}
-
-// brokerOrder splits a comma-separated list of broker URLs and rotates it
-// to start at a random one (pick(n) in [0, n)).
-func brokerOrder(list string, pick func(int) int) []string {
-	var urls []string
-	for _, u := range strings.Split(list, ",") {
-		if u = strings.TrimSpace(u); u != "" {
-			urls = append(urls, u)
-		}
-	}
-	if len(urls) < 2 {
-		return urls
-	}
-	i := pick(len(urls))
-	return append(urls[i:], urls[:i]...)
 }
 
 func (c *conn) lost() { c.once.Do(func() { close(c.done) }) }

@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/url"
 	"sync"
@@ -48,8 +49,27 @@ var _ transport.Transport = (*Transport)(nil)
 // ErrClosed completes the tokens of a connection that was lost or closed.
 var ErrClosed = errors.New("mqtt: connection closed")
 
-// Connect dials once, sends CONNECT and waits for the CONNACK.
+// Connect dials once, sends CONNECT and waits for the CONNACK. When the
+// URL lists a cluster's nodes, it tries them from a random one on until
+// one answers (a refused credential is not a dead node: it ends there).
 func (t *Transport) Connect(ctx context.Context, p transport.ConnectParams) (transport.Conn, error) {
+	urls := transport.BrokerURLs(p.URL, rand.IntN)
+	if len(urls) == 0 {
+		return nil, errors.New("connect: no broker URL")
+	}
+	var err error
+	for _, u := range urls {
+		one := p
+		one.URL = u
+		var c transport.Conn
+		if c, err = t.connect(ctx, one); err == nil || errors.Is(err, transport.ErrNotAuthorized) || ctx.Err() != nil {
+			return c, err
+		}
+	}
+	return nil, err
+}
+
+func (t *Transport) connect(ctx context.Context, p transport.ConnectParams) (transport.Conn, error) {
 	timeout := t.ConnectTimeout
 	if timeout <= 0 {
 		timeout = 30 * time.Second
