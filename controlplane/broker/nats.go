@@ -107,7 +107,7 @@ type NATSOptions struct {
 // and past that a CONNECT is refused at once ("busy": the device tries
 // again) rather than left to time out.
 const (
-	natsAuthWorkers = 8
+	natsAuthWorkers = 32
 	natsAuthQueue   = 4096
 )
 
@@ -393,7 +393,6 @@ func (n *NATS) answer(m *nats.Msg, busy bool) {
 			n.log.Error("auth callout: sign user", "err", err)
 			return
 		}
-		_ = n.opts.Credentials.NoteAuth(n.ctx, id, store.AuthPassword, "")
 	}
 	tok, err := resp.Encode(n.issuer)
 	if err != nil {
@@ -431,6 +430,19 @@ func (n *NATS) check(req *jwt.AuthorizationRequestClaims) (id, reason string) {
 		return id, "no_password"
 	case !CheckPassword(a.PasswordHash, co.Password):
 		return id, "bad_password"
+	}
+	if a.Auth != store.AuthPassword {
+		// A change in how the device authenticates is recorded off the
+		// callout's path (a reconnect storm must not queue on row locks).
+		n.wg.Add(1)
+		go func() {
+			defer n.wg.Done()
+			ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
+			defer cancel()
+			if err := n.opts.Credentials.NoteAuth(ctx, id, store.AuthPassword, ""); err != nil && n.ctx.Err() == nil {
+				n.log.Warn("recording how a device authenticated", "device", id, "err", err)
+			}
+		}()
 	}
 	return id, ""
 }
