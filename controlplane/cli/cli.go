@@ -43,7 +43,7 @@ func commands() []command {
 		grouped("device", "list, inspect, pre-provision, approve, label, revoke and update devices", "", deviceVerbs()),
 		{"backup", "--out FILE", "write a consistent copy of the SQLite store while the control plane runs", runBackup, nil},
 		{"ca", "init", "make the built-in device certificate authority in the data directory", runCA, nil},
-		{"broker-config", "mosquitto --out DIR --host HOST", "write a Mosquitto configuration for devices with certificates (mutual TLS, ACLs by certificate)", runBrokerConfig, nil},
+		{"broker-config", "mosquitto|nats --out DIR ...", "write a broker's configuration: Mosquitto for devices with certificates (mutual TLS, ACLs by certificate), or a NATS cluster's (JetStream, MQTT, hangar's auth callout)", runBrokerConfig, nil},
 		grouped("token", "named API tokens with a role (viewer, operator, admin)", tokenAbout, tokenVerbs()),
 		grouped("enroll-profile", "enrollment tokens that give their devices labels", profileAbout, profileVerbs()),
 		grouped("release", "sign releases offline, push and list them", "", releaseVerbs()),

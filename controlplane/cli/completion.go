@@ -27,8 +27,8 @@ func subcommands(c command) []string {
 }
 
 func isVerb(s string) bool {
-	if s == "" || s == "..." {
-		return false
+	if s == "" || s == "..." || strings.HasPrefix(s, "-") {
+		return false // a flag, not a verb
 	}
 	for _, r := range s {
 		if (r < 'a' || r > 'z') && r != '-' {
