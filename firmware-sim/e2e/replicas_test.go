@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"github.com/nats-io/nkeys"
+
 	"context"
 	"crypto/ed25519"
 	"database/sql"
@@ -18,12 +20,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hangarfleet/hangar/controlplane/broker/mosquittotest"
 	"github.com/hangarfleet/hangar/controlplane/rollout"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/firmware-sim/scenario"
 	"github.com/hangarfleet/hangar/firmware-sim/sim"
 	balancerpkg "github.com/hangarfleet/hangar/internal/balancer"
+	"github.com/hangarfleet/hangar/internal/natstest"
 	"github.com/hangarfleet/hangar/internal/pgtest"
 )
 
@@ -107,8 +109,11 @@ func (c *cuttable) setCut(cut bool) {
 
 // replicaSet is three `hangar serve` processes on one PostgreSQL
 // database (each through its own cuttable link) and one data directory
-// (artifacts, token files: shared storage in a deployment), ingesting
-// from Mosquitto through one shared subscription group.
+// (artifacts, token files: shared storage in a deployment), the drones
+// on a three-node NATS cluster whose MQTT stream the replicas consume
+// together. (Mosquitto's shared subscriptions lose the messages in flight
+// to a subscriber that is killed, eclipse-mosquitto/mosquitto#2662: a
+// replica killed with reports in flight left a rollout waiting for them.)
 type replicaSet struct {
 	t        *testing.T
 	names    []string
@@ -120,17 +125,28 @@ type replicaSet struct {
 	failover []time.Duration
 }
 
-func startReplicaSet(t *testing.T, kit *releaseKit, m *mosquittotest.Mosquitto, ttl time.Duration) *replicaSet {
+func startReplicaSet(t *testing.T, kit *releaseKit, ttl time.Duration) *replicaSet {
 	t.Helper()
 	pgURL := pgtest.URL(t)
 	u, _ := url.Parse(pgURL)
 	dir := t.TempDir()
 	pw := filepath.Join(t.TempDir(), "broker-password")
-	if err := os.WriteFile(pw, []byte(m.AdminPassword+"\n"), 0o600); err != nil {
+	akp, err := nkeys.CreateAccount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seed, _ := akp.Seed()
+	pub, _ := akp.PublicKey()
+	const cpPass = "cp-secret"
+	c := natstest.Start(t, natstest.Options{User: "hangar", Password: cpPass, CalloutIssuer: pub})
+	seedFile := filepath.Join(t.TempDir(), "callout.seed")
+	if err := os.WriteFile(seedFile, seed, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(pw, []byte(cpPass+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	rs := &replicaSet{t: t, cps: map[string]*scenario.ControlPlane{}, links: map[string]*cuttable{}}
-	var err error
 	if rs.db, err = sql.Open("pgx", pgURL); err != nil {
 		t.Fatal(err)
 	}
@@ -142,8 +158,8 @@ func startReplicaSet(t *testing.T, kit *releaseKit, m *mosquittotest.Mosquitto, 
 		lu := *u
 		lu.Host = link.Addr()
 		cp, err := scenario.NewControlPlane(buildServer(t), dir, "--store", lu.String(), "--replica", name,
-			"--lease-ttl", ttl.String(), "--broker", m.URL(), "--broker-user", m.AdminUser, "--broker-password-file", pw,
-			"--broker-share", "hangar", "--broker-client-id", "hangar:"+name, "--root-key", kit.rootPub,
+			"--lease-ttl", ttl.String(), "--broker", c.URLs(), "--broker-user", "hangar", "--broker-password-file", pw,
+			"--broker-callout-seed-file", seedFile, "--mqtt-advertise", c.MQTTURLs(), "--root-key", kit.rootPub,
 			"--rollout-interval", "250ms", "--log-level", "info")
 		if err != nil {
 			t.Fatal(err)
@@ -285,8 +301,8 @@ func maxSeq(t *testing.T, db *sql.DB, id string, boot uint64) uint64 {
 }
 
 // TestReplicasFailover: three control-plane replicas on PostgreSQL behind
-// a load balancer, with Mosquitto's shared subscriptions splitting the
-// ingest, roll releases out to a simulated fleet. The scheduler leader is
+// a load balancer, with the drones on a NATS cluster and the replicas
+// sharing its ingest, roll releases out to a simulated fleet. The scheduler leader is
 // killed with SIGKILL several times during stage 2, and later cut off
 // from the database: each rollout ends as the uninterrupted one did (same
 // transitions, once each, same stages, every drone installing once);
@@ -301,8 +317,7 @@ func TestReplicasFailover(t *testing.T) {
 	}
 	const ttl = 2 * time.Second
 	kit := newReleaseKit(t)
-	m := mosquittotest.Start(t)
-	rs := startReplicaSet(t, kit, m, ttl)
+	rs := startReplicaSet(t, kit, ttl)
 	lb := rs.lb
 	fleet := newTestFleet(t, lb, n, func(o *sim.FleetOptions) {
 		o.Roots = []ed25519.PublicKey{kit.rootKey(t)}
