@@ -87,6 +87,28 @@ func (e *natsEnv) waitReceived(t *testing.T, device string, kind proto.Kind, pay
 // that order, moving on when one is down).
 func mqttDevice(t *testing.T, id, user, pass string, urls ...string) (paho.Client, error) {
 	t.Helper()
+	return mqttDial(t, id, user, pass, urls...)
+}
+
+// mqttDeviceUp connects a device that must get in, trying again as an
+// agent does when the connection drops before the CONNACK (a loaded
+// machine: the cluster's first sessions, a callout answered late).
+func mqttDeviceUp(t *testing.T, id, user, pass string, urls ...string) paho.Client {
+	t.Helper()
+	var err error
+	for attempt := 0; attempt < 10; attempt++ {
+		var c paho.Client
+		if c, err = mqttDial(t, id, user, pass, urls...); err == nil {
+			return c
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	t.Fatalf("%s could not connect: %v", id, err)
+	return nil
+}
+
+func mqttDial(t *testing.T, id, user, pass string, urls ...string) (paho.Client, error) {
+	t.Helper()
 	o := paho.NewClientOptions().SetClientID(id).SetUsername(user).SetPassword(pass).SetProtocolVersion(4).
 		SetCleanSession(true).SetConnectTimeout(10 * time.Second).SetAutoReconnect(true).SetMaxReconnectInterval(500 * time.Millisecond).
 		SetConnectRetry(false)
@@ -145,14 +167,8 @@ func TestNATSACLMatrix(t *testing.T) {
 		t.Error("a NATS (not MQTT) connection with a device's credential was let in")
 	}
 
-	d1, err := mqttDevice(t, "d1", "d1", "pw1", mqttURL(c, 1))
-	if err != nil {
-		t.Fatal(err)
-	}
-	d2, err := mqttDevice(t, "d2", "d2", "pw2", mqttURL(c, 2))
-	if err != nil {
-		t.Fatal(err)
-	}
+	d1 := mqttDeviceUp(t, "d1", "d1", "pw1", mqttURL(c, 1))
+	d2 := mqttDeviceUp(t, "d2", "d2", "pw2", mqttURL(c, 2))
 	// Its own topics: stored as its own.
 	for _, k := range []proto.Kind{proto.KindState, proto.KindTelemetry, proto.KindEvent} {
 		natsPublish(t, d1, proto.DeviceTopic("d1", k), "own-"+string(k))
@@ -238,10 +254,7 @@ func TestNATSACLMatrix(t *testing.T) {
 func TestNATSNodeDies(t *testing.T) {
 	env := startNATS(t, fakeCreds{"d1": "pw1"})
 	c := env.cluster
-	d1, err := mqttDevice(t, "d1", "d1", "pw1", mqttURL(c, 0), mqttURL(c, 1), mqttURL(c, 2))
-	if err != nil {
-		t.Fatal(err)
-	}
+	d1 := mqttDeviceUp(t, "d1", "d1", "pw1", mqttURL(c, 0), mqttURL(c, 1), mqttURL(c, 2))
 	// Not stored the first two times: JetStream gives it again.
 	env.fail.Store(2)
 	natsPublish(t, d1, proto.DeviceTopic("d1", proto.KindTelemetry), "retried")
