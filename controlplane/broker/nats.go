@@ -107,7 +107,7 @@ type NATSOptions struct {
 // and past that a CONNECT is refused at once ("busy": the device tries
 // again) rather than left to time out.
 const (
-	natsAuthWorkers = 32
+	natsAuthWorkers = 8
 	natsAuthQueue   = 4096
 )
 

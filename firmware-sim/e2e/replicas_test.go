@@ -1,6 +1,9 @@
 package e2e
 
 import (
+	"bytes"
+
+	"github.com/hangarfleet/hangar/controlplane/cli"
 	"github.com/nats-io/nkeys"
 
 	"context"
@@ -330,9 +333,22 @@ func TestReplicasFailover(t *testing.T) {
 		o.StartRate = 200
 	})
 	kc := func(args ...string) string { return k(t, kit, lb, args...) }
+	// poll is the CLI for the waits: a request a replica fails under the
+	// load of a fleet enrolling (a 500, a 503) is asked again, as an
+	// operator's script would, instead of ending the test.
+	poll := func(args ...string) string {
+		var out, errb bytes.Buffer
+		env := map[string]string{"HANGAR_SERVER": lb.URL()}
+		all := append(args, "--token-file", adminTokenFile(lb))
+		if err := cli.Run(context.Background(), all, cli.Env{Stdout: &out, Stderr: &errb, Getenv: func(s string) string { return env[s] }}); err != nil {
+			t.Logf("hangar %s: %v (asking again)", strings.Join(args, " "), err)
+			return ""
+		}
+		return out.String()
+	}
 	waitFor(t, 3*time.Minute, "fleet online", func() (bool, string) {
 		var ds []store.Device
-		json.Unmarshal([]byte(kc("device", "ls", "--online", "true", "-o", "json", "--limit", "0")), &ds)
+		json.Unmarshal([]byte(poll("device", "ls", "--online", "true", "-o", "json", "--limit", "0")), &ds)
 		return len(ds) == n, fmt.Sprintf("%d online", len(ds))
 	})
 	if l, _ := rs.leader(); l == "" {
@@ -354,7 +370,7 @@ func TestReplicasFailover(t *testing.T) {
 	}
 	status := func(id string) rollout.StatusReport {
 		var rep rollout.StatusReport
-		json.Unmarshal([]byte(kc("rollout", "status", id, "-o", "json")), &rep)
+		json.Unmarshal([]byte(poll("rollout", "status", id, "-o", "json")), &rep)
 		return rep
 	}
 	finished := func(id string) func() (bool, string) {
@@ -369,7 +385,11 @@ func TestReplicasFailover(t *testing.T) {
 	}
 	settled := func(id string) {
 		waitFor(t, 2*time.Minute, "every device's report in", func() (bool, string) {
-			for _, st := range status(id).Stages {
+			rep := status(id)
+			if len(rep.Stages) == 0 {
+				return false, "no status"
+			}
+			for _, st := range rep.Stages {
 				if st.States[rollout.MOffered] > 0 || st.States[rollout.MPending] > 0 {
 					return false, fmt.Sprint(st.States)
 				}
