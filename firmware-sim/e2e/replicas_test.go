@@ -314,7 +314,13 @@ func maxSeq(t *testing.T, db *sql.DB, id string, boot uint64) uint64 {
 // another starts; and no message a drone had acknowledged is missing from
 // the database.
 func TestReplicasFailover(t *testing.T) {
+	// 500 drones; 200 under the race detector, which slows the drones,
+	// the three replicas and the NATS cluster on the same cores several
+	// times over (HANGAR_TEST_REPLICA_DRONES sets it).
 	n := 500
+	if raceEnabled {
+		n = 200
+	}
 	if v := os.Getenv("HANGAR_TEST_REPLICA_DRONES"); v != "" {
 		n, _ = strconv.Atoi(v)
 	}
@@ -455,7 +461,7 @@ func TestReplicasFailover(t *testing.T) {
 	before := boots(fleet)
 	id := create("1.1.0")
 	current = id
-	waitFor(t, 4*time.Minute, "uninterrupted rollout finished", finished(id))
+	waitFor(t, 8*time.Minute, "uninterrupted rollout finished", finished(id))
 	settled(id)
 	want := kit.outcome(t, lb, fleet, id, before)
 	if want.Status != rollout.StatusCompleted || want.Versions["1.1.0"] != n {
@@ -472,7 +478,7 @@ func TestReplicasFailover(t *testing.T) {
 	for range 3 {
 		rs.killLeader()
 	}
-	waitFor(t, 4*time.Minute, "rollout finished after the kills", finished(id))
+	waitFor(t, 8*time.Minute, "rollout finished after the kills", finished(id))
 	settled(id)
 	got := kit.outcome(t, lb, fleet, id, before)
 	if got.Versions["1.2.0"] != n {
@@ -508,7 +514,7 @@ func TestReplicasFailover(t *testing.T) {
 	// Give the cut-off replica time to try writing, then restore it.
 	time.Sleep(ttl)
 	rs.links[cut].setCut(false)
-	waitFor(t, 4*time.Minute, "rollout finished after the cut", finished(id))
+	waitFor(t, 8*time.Minute, "rollout finished after the cut", finished(id))
 	settled(id)
 	got = kit.outcome(t, lb, fleet, id, before)
 	got.Versions = nil
