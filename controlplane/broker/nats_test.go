@@ -11,7 +11,6 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nkeys"
 
 	"github.com/hangarfleet/hangar/controlplane/broker"
 	"github.com/hangarfleet/hangar/internal/natstest"
@@ -29,15 +28,9 @@ type natsEnv struct {
 
 func startNATS(t *testing.T, creds broker.Credentials) *natsEnv {
 	t.Helper()
-	akp, err := nkeys.CreateAccount()
-	if err != nil {
-		t.Fatal(err)
-	}
-	seed, _ := akp.Seed()
-	pub, _ := akp.PublicKey()
-	c := natstest.Start(t, natstest.Options{User: "hangar", Password: "cp-secret", CalloutIssuer: pub})
+	c, co := natstest.StartForHangar(t)
 	env := &natsEnv{cluster: c}
-	bus, err := broker.NewNATS(broker.NATSOptions{URL: c.URLs(), User: "hangar", Password: "cp-secret", CalloutSeed: string(seed),
+	bus, err := broker.NewNATS(broker.NATSOptions{URL: c.URLs(), User: co.User, Password: co.Password, CalloutSeed: co.Seed,
 		Credentials: creds, MQTTURL: fmt.Sprintf("tcp://127.0.0.1:%d", c.Nodes[0].MQTT), AckWait: 2 * time.Second})
 	if err != nil {
 		t.Fatal(err)

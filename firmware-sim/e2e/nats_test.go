@@ -9,8 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nkeys"
-
 	"github.com/hangarfleet/hangar/controlplane/server"
 	"github.com/hangarfleet/hangar/controlplane/store"
 	"github.com/hangarfleet/hangar/firmware-sim/sim"
@@ -29,19 +27,12 @@ func TestNATSClusterFleet(t *testing.T) {
 	if v := os.Getenv("HANGAR_TEST_NATS_DRONES"); v != "" {
 		n, _ = strconv.Atoi(v)
 	}
-	akp, err := nkeys.CreateAccount()
-	if err != nil {
-		t.Fatal(err)
-	}
-	seed, _ := akp.Seed()
-	pub, _ := akp.PublicKey()
-	const cpPass = "cp-secret"
-	c := natstest.Start(t, natstest.Options{User: "hangar", Password: cpPass, CalloutIssuer: pub})
+	c, co := natstest.StartForHangar(t)
 	pgURL := pgtest.URL(t)
 	dir := t.TempDir()
 	replica := func(name string) *controlPlane {
 		return startControlPlane(t, server.Options{Store: pgURL, DataDir: dir, Replica: name, BrokerURL: c.URLs(),
-			BrokerUser: "hangar", BrokerPassword: cpPass, BrokerCalloutSeed: string(seed), MQTTAdvertise: c.MQTTURLs()})
+			BrokerUser: co.User, BrokerPassword: co.Password, BrokerCalloutSeed: co.Seed, MQTTAdvertise: c.MQTTURLs()})
 	}
 	r1 := replica("r1")
 	r2 := replica("r2")

@@ -4,7 +4,6 @@ import (
 	"bytes"
 
 	"github.com/hangarfleet/hangar/controlplane/cli"
-	"github.com/nats-io/nkeys"
 
 	"context"
 	"crypto/ed25519"
@@ -134,21 +133,15 @@ func startReplicaSet(t *testing.T, kit *releaseKit, ttl time.Duration) *replicaS
 	u, _ := url.Parse(pgURL)
 	dir := t.TempDir()
 	pw := filepath.Join(t.TempDir(), "broker-password")
-	akp, err := nkeys.CreateAccount()
-	if err != nil {
-		t.Fatal(err)
-	}
-	seed, _ := akp.Seed()
-	pub, _ := akp.PublicKey()
-	const cpPass = "cp-secret"
-	c := natstest.Start(t, natstest.Options{User: "hangar", Password: cpPass, CalloutIssuer: pub})
+	c, co := natstest.StartForHangar(t)
 	seedFile := filepath.Join(t.TempDir(), "callout.seed")
-	if err := os.WriteFile(seedFile, seed, 0o600); err != nil {
+	if err := os.WriteFile(seedFile, []byte(co.Seed), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(pw, []byte(cpPass+"\n"), 0o600); err != nil {
+	if err := os.WriteFile(pw, []byte(co.Password+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	var err error
 	rs := &replicaSet{t: t, cps: map[string]*scenario.ControlPlane{}, links: map[string]*cuttable{}}
 	if rs.db, err = sql.Open("pgx", pgURL); err != nil {
 		t.Fatal(err)
@@ -161,7 +154,7 @@ func startReplicaSet(t *testing.T, kit *releaseKit, ttl time.Duration) *replicaS
 		lu := *u
 		lu.Host = link.Addr()
 		cp, err := scenario.NewControlPlane(buildServer(t), dir, "--store", lu.String(), "--replica", name,
-			"--lease-ttl", ttl.String(), "--broker", c.URLs(), "--broker-user", "hangar", "--broker-password-file", pw,
+			"--lease-ttl", ttl.String(), "--broker", c.URLs(), "--broker-user", co.User, "--broker-password-file", pw,
 			"--broker-callout-seed-file", seedFile, "--mqtt-advertise", c.MQTTURLs(), "--root-key", kit.rootPub,
 			"--rollout-interval", "250ms", "--log-level", "info")
 		if err != nil {

@@ -14,6 +14,8 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/nats-io/nkeys"
+
 	"github.com/hangarfleet/hangar/internal/natscluster"
 )
 
@@ -69,4 +71,24 @@ func Start(t testing.TB, opts Options) *Cluster {
 		}
 	})
 	return c
+}
+
+// Callout is what the control plane needs to run on a cluster from
+// StartForHangar: its account and the auth callout's account seed.
+type Callout struct {
+	User, Password, Seed string
+}
+
+// StartForHangar runs a cluster whose device logins go to hangar's auth
+// callout, signed with a fresh account key, until the end of the test.
+func StartForHangar(t testing.TB) (*Cluster, Callout) {
+	t.Helper()
+	akp, err := nkeys.CreateAccount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seed, _ := akp.Seed()
+	pub, _ := akp.PublicKey()
+	co := Callout{User: "hangar", Password: "cp-secret", Seed: string(seed)}
+	return Start(t, Options{User: co.User, Password: co.Password, CalloutIssuer: pub}), co
 }
